@@ -1,0 +1,114 @@
+"""Causal core attention on torch `scaled_dot_product_attention`, with context parallelism.
+
+megatron-core's own core attentions are CUDA-only (`DotProductAttention`) or need Transformer
+Engine (`TEDotProductAttention`, the only one it allows with context parallelism). This one
+runs on CPU and GPU and plugs into megatron's `SelfAttention` through the layer spec.
+
+Context parallelism (all-gather flavour): each CP rank holds chunks r and 2*CP-1-r of the
+sequence (load-balanced causal work). Keys and values are all-gathered over the CP group with
+`torch.distributed.nn.functional.all_gather`, whose backward reduce-scatters gradients to their
+owners; each local query chunk c then attends to the keys of chunks 0..c with a causal mask
+aligned to the lower right (the chunk's last query sees every gathered key). SDPA's flash and
+memory-efficient kernels take that mask without materialising it on GPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed.nn.functional as dist_fn
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+from torch.nn.attention.bias import causal_lower_right
+
+
+class SdpaCoreAttention(MegatronModule):
+    """Signature-compatible with megatron's `DotProductAttention`; inputs [s, b, heads, d]."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        cp_comm_type: str | None = None,
+        pg_collection=None,
+    ) -> None:
+        super().__init__(config=config)
+        if attn_mask_type not in (AttnMaskType.causal, AttnMaskType.no_mask):
+            raise ValueError(f"SdpaCoreAttention supports causal attention only, got {attn_mask_type}")
+        self.causal = attn_mask_type == AttnMaskType.causal
+        self.softmax_scale = softmax_scale or config.softmax_scale or 1.0 / math.sqrt(config.kv_channels)
+        self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.cp_group = pg_collection.cp if pg_collection is not None and hasattr(pg_collection, "cp") else None
+
+    def _cp_group(self):
+        if self.cp_group is None:
+            self.cp_group = parallel_state.get_context_parallel_group()
+        return self.cp_group
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        attn_mask_type: AttnMaskType | None = None,
+        attention_bias: torch.Tensor | None = None,
+        packed_seq_params=None,
+    ) -> torch.Tensor:
+        if packed_seq_params is not None or attention_bias is not None:
+            raise NotImplementedError("packed sequences and attention bias need the 'te' attention backend")
+        # [s, b, h, d] -> [b, h, s, d]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        cp_group = self._cp_group()
+        cp_size = cp_group.size()
+        if cp_size == 1:
+            out = self._sdpa(q, k, v, causal_mask=self.causal)
+        else:
+            out = self._context_parallel(q, k, v, cp_group, cp_size)
+        batch, heads, seq, dim = out.shape
+        return out.permute(2, 0, 1, 3).reshape(seq, batch, heads * dim)  # [s, b, h*d]
+
+    def _sdpa(self, q, k, v, causal_mask) -> torch.Tensor:
+        kwargs = {"attn_mask": causal_mask} if not isinstance(causal_mask, bool) else {"is_causal": causal_mask}
+        return F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            dropout_p=self.dropout if self.training else 0.0,
+            scale=self.softmax_scale,
+            enable_gqa=q.size(1) != k.size(1),
+            **kwargs,
+        )
+
+    def _context_parallel(self, q, k, v, cp_group, cp_size: int) -> torch.Tensor:
+        cp_rank = torch.distributed.get_rank(cp_group)
+        chunk = q.size(2) // 2
+        global_k = _gather_chunks(k, cp_group, cp_size)  # [b, h, S, d] in sequence order
+        global_v = _gather_chunks(v, cp_group, cp_size)
+        outputs = []
+        for half, chunk_index in enumerate((cp_rank, 2 * cp_size - 1 - cp_rank)):
+            q_chunk = q[:, :, half * chunk : (half + 1) * chunk]
+            visible = (chunk_index + 1) * chunk
+            mask = causal_lower_right(chunk, visible) if self.causal else False
+            outputs.append(self._sdpa(q_chunk, global_k[:, :, :visible], global_v[:, :, :visible], mask))
+        return torch.cat(outputs, dim=2)
+
+
+def _gather_chunks(local: torch.Tensor, cp_group, cp_size: int) -> torch.Tensor:
+    """All-gather [b, h, 2*chunk, d] halves from every CP rank and put the 2*CP chunks in
+    sequence order: rank r contributed chunks r and 2*CP-1-r."""
+    gathered = dist_fn.all_gather(local.contiguous(), group=cp_group)
+    chunks: list[torch.Tensor | None] = [None] * (2 * cp_size)
+    for rank, part in enumerate(gathered):
+        first, second = part.chunk(2, dim=2)
+        chunks[rank] = first
+        chunks[2 * cp_size - 1 - rank] = second
+    return torch.cat(chunks, dim=2)

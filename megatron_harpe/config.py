@@ -1,0 +1,336 @@
+"""One strict, typed configuration tree for training, conversion and evaluation.
+
+YAML in, dataclasses out:
+
+    cfg = load_config("configs/demo_cpu.yaml", overrides=["train.lr=1e-4", "parallel.context=2"])
+
+An unknown key, a value of the wrong type or an impossible combination raises `ValueError`
+naming the key and the fix, before any process group starts. The resolved tree (with the
+per-head bases written out) is what gets saved next to every checkpoint, so a model never
+silently falls back to default bases.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from megatron_harpe.position.config import PositionConfig
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """A Llama-style decoder: RMSNorm, SwiGLU, no biases, rotary positions."""
+
+    num_layers: int = 2
+    """Transformer layers."""
+    hidden_size: int = 128
+    num_attention_heads: int = 4
+    """Query heads."""
+    ffn_hidden_size: int = 344
+    """SwiGLU inner size (Llama2-7B: 11008)."""
+    vocab_size: int = 32000
+    num_query_groups: int | None = None
+    """k/v heads; None (or equal to num_attention_heads) is multi-head attention, fewer is GQA."""
+    max_position_embeddings: int = 4096
+    """The context length the base model was pretrained at (YaRN and PI scale from it)."""
+    norm_epsilon: float = 1e-5
+    init_method_std: float = 0.02
+    tie_word_embeddings: bool = False
+    attention_backend: str = "sdpa"
+    """`sdpa`: torch scaled_dot_product_attention with our context parallelism (CPU and GPU);
+    `te`: Transformer Engine attention and its context parallelism (GPU only)."""
+
+    @property
+    def kv_groups(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def validate(self) -> None:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"model.hidden_size={self.hidden_size} is not divisible by "
+                f"model.num_attention_heads={self.num_attention_heads}: pick sizes with an integer head dim"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head dim {self.head_dim} is odd: rotary encoding needs an even head dim")
+        if self.num_attention_heads % self.kv_groups:
+            raise ValueError(
+                f"model.num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"model.num_query_groups={self.kv_groups}: every k/v group needs the same number of query heads"
+            )
+        if self.attention_backend not in ("sdpa", "te"):
+            raise ValueError(f"model.attention_backend={self.attention_backend!r}: choose 'sdpa' or 'te'")
+
+
+@dataclasses.dataclass
+class ParallelConfig:
+    tensor: int = 1
+    """Tensor-parallel size: attention heads and MLP columns split across this many ranks."""
+    context: int = 1
+    """Context-parallel size: each sequence split into 2*context chunks, two per rank."""
+
+
+@dataclasses.dataclass
+class DataConfig:
+    prefixes: list[str] = dataclasses.field(default_factory=list)
+    """Megatron dataset prefixes (path without .bin/.idx)."""
+    weights: list[float] | None = None
+    """Blend weights, one per prefix (None: proportional to size)."""
+    tokenizer: str | None = None
+    """sentencepiece .model or tokenizer.json; used for EOD id and for evaluation."""
+    seq_length: int = 512
+    """Tokens per training sequence (before context-parallel splitting)."""
+    demo_workdir: str | None = None
+    """If set and `prefixes` is empty: build the offline demo corpus, tokenizer and dataset here."""
+    reset_position_ids: bool = False
+    reset_attention_mask: bool = False
+    eod_mask_loss: bool = False
+    seed: int = 1234
+
+
+@dataclasses.dataclass
+class StageConfig:
+    """One stage of a multi-stage schedule (e.g. 32k -> 64k -> 128k with growing ABF bases)."""
+
+    seq_length: int = 512
+    tokens: int = 0
+    """Training tokens in this stage."""
+    position: PositionConfig = dataclasses.field(default_factory=PositionConfig)
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    micro_batch_size: int = 1
+    global_batch_size: int = 8
+    """Sequences per optimizer step = micro_batch_size x accumulation x data-parallel size."""
+    train_tokens: int = 0
+    """Training tokens of the single stage (ignored when `stages` is given)."""
+    lr: float = 2e-5
+    min_lr: float = 0.0
+    lr_schedule: str = "constant"
+    """constant | cosine"""
+    warmup_steps: int = 0
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    seed: int = 1234
+    precision: str = "auto"
+    """auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16"""
+    recompute: str = "none"
+    """none | selective (core attention) | full (whole layers)"""
+    on_nonfinite: str = "stop"
+    """stop | skip: what to do when the loss or gradient norm is NaN/inf."""
+
+
+@dataclasses.dataclass
+class CheckpointConfig:
+    save: str | None = None
+    """Directory for checkpoints; a run resumes from its latest checkpoint automatically."""
+    save_interval: int = 0
+    """Save every N steps (0: only at the end)."""
+    keep_last: int | None = 2
+    pretrained: str | None = None
+    """Weights-only start (continual pretraining): fresh optimizer, schedule and step count."""
+
+
+@dataclasses.dataclass
+class LoggingConfig:
+    log_interval: int = 10
+    tensorboard_dir: str | None = None
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    interval: int = 0
+    """Evaluate every N steps during training (0: never)."""
+    tasks: list[str] = dataclasses.field(default_factory=lambda: ["passkey"])
+    lengths: list[int] = dataclasses.field(default_factory=list)
+    samples: int = 4
+
+
+@dataclasses.dataclass
+class Config:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    position: PositionConfig = dataclasses.field(default_factory=PositionConfig)
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    stages: list[StageConfig] = dataclasses.field(default_factory=list)
+    """Multi-stage schedule; empty means one stage from data.seq_length, position and train.train_tokens."""
+
+    def resolved_stages(self) -> list[StageConfig]:
+        if self.stages:
+            return self.stages
+        return [StageConfig(self.data.seq_length, self.train.train_tokens, self.position)]
+
+    def validate(self, world_size: int | None = None) -> "Config":
+        """Check every cross-field constraint; resolve base strategies into explicit bases."""
+        self.model.validate()
+        tp, cp = self.parallel.tensor, self.parallel.context
+        if tp < 1 or cp < 1:
+            raise ValueError("parallel.tensor and parallel.context must be >= 1")
+        if self.model.num_attention_heads % tp or self.model.kv_groups % tp:
+            raise ValueError(
+                f"parallel.tensor={tp} does not divide model.num_attention_heads="
+                f"{self.model.num_attention_heads} and k/v groups={self.model.kv_groups}: "
+                "choose a tensor-parallel size that divides both"
+            )
+        if self.model.vocab_size % tp:
+            raise ValueError(
+                f"model.vocab_size={self.model.vocab_size} is not divisible by parallel.tensor={tp}: "
+                "pad the vocabulary to a multiple of the tensor-parallel size"
+            )
+        if self.stages and self.train.train_tokens:
+            raise ValueError("give train.train_tokens or stages[*].tokens, not both")
+        self.position.resolve(self.model)
+        for index, stage in enumerate(self.resolved_stages()):
+            stage.position.resolve(self.model)
+            if stage.seq_length % (2 * cp) and cp > 1:
+                raise ValueError(
+                    f"sequence length {stage.seq_length} (stage {index}) is not divisible by "
+                    f"2 x parallel.context = {2 * cp}: context parallelism splits each sequence into "
+                    "2*CP equal chunks; change data.seq_length/stages[].seq_length or parallel.context"
+                )
+            if stage.tokens <= 0:
+                raise ValueError(
+                    f"stage {index} has no training tokens: set train.train_tokens (one stage) or "
+                    "stages[].tokens"
+                )
+        train = self.train
+        _choice("train.lr_schedule", train.lr_schedule, ("constant", "cosine"))
+        _choice("train.precision", train.precision, ("auto", "fp32", "bf16"))
+        _choice("train.recompute", train.recompute, ("none", "selective", "full"))
+        _choice("train.on_nonfinite", train.on_nonfinite, ("stop", "skip"))
+        if world_size is not None:
+            if world_size % (tp * cp):
+                raise ValueError(
+                    f"{world_size} processes cannot be split into tensor={tp} x context={cp} groups: "
+                    f"launch a multiple of {tp * cp} processes"
+                )
+            dp = world_size // (tp * cp)
+            if train.global_batch_size % (train.micro_batch_size * dp):
+                raise ValueError(
+                    f"train.global_batch_size={train.global_batch_size} is not a multiple of "
+                    f"train.micro_batch_size={train.micro_batch_size} x data-parallel size {dp}: "
+                    "adjust the batch sizes or the number of processes"
+                )
+        if self.data.weights is not None and len(self.data.weights) != len(self.data.prefixes):
+            raise ValueError("data.weights needs one weight per entry of data.prefixes")
+        if not self.data.prefixes and not self.data.demo_workdir:
+            raise ValueError("no training data: set data.prefixes (Megatron .bin/.idx prefixes) or data.demo_workdir")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check a YAML value against a dataclass field type, building nested dataclasses."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ValueError as error:
+                errors.append(str(error))
+        raise ValueError(errors[0])
+    if dataclasses.is_dataclass(annotation):
+        if isinstance(value, annotation):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"{key} must be a mapping, got {value!r}")
+        return from_dict(annotation, value, prefix=key)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{key} must be a list, got {value!r}")
+        (item_type,) = typing.get_args(annotation)
+        return [_coerce(item, item_type, f"{key}[{i}]") for i, item in enumerate(value)]
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ValueError(f"{key} must be an integer, got {value!r}")
+        return value
+    if annotation in (str, bool):
+        if not isinstance(value, annotation):
+            raise ValueError(f"{key} must be a {annotation.__name__}, got {value!r}")
+        return value
+    raise AssertionError(f"unsupported config type {annotation} for {key}")
+
+
+def from_dict(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass `cls` from a mapping, rejecting unknown keys by name."""
+    hints = typing.get_type_hints(cls)
+    names = [field.name for field in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        where = prefix or "the top level"
+        raise ValueError(
+            f"unknown config key(s) {', '.join(unknown)} in {where}; valid keys: {', '.join(names)}"
+        )
+    kwargs = {
+        name: _coerce(value, hints[name], f"{prefix}.{name}" if prefix else name)
+        for name, value in values.items()
+    }
+    return cls(**kwargs)
+
+
+def apply_override(tree: dict[str, Any], override: str) -> None:
+    """Apply `section.key=value` (value parsed as YAML) to a nested dict."""
+    if "=" not in override:
+        raise ValueError(f"override {override!r} must look like section.key=value")
+    dotted, raw = override.split("=", 1)
+    value = yaml.safe_load(raw)
+    keys = dotted.lstrip("-").split(".")
+    node = tree
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {override!r}: {key} is not a section")
+    node[keys[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config, apply `section.key=value` overrides, return a strict `Config`."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        text = Path(path).read_text()
+        tree = yaml.safe_load(text) or {}
+        if not isinstance(tree, dict):
+            raise ValueError(f"{path} must hold a YAML mapping of sections")
+    for override in overrides or []:
+        apply_override(tree, override)
+    return from_dict(Config, tree)
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

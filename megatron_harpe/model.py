@@ -1,0 +1,148 @@
+"""The one place our config meets megatron-core: a Llama-style GPTModel with per-head RoPE.
+
+    ctx = parallel.initialize(tensor_parallel=2, context_parallel=1)
+    model = build_model(cfg.model, cfg.position)           # cfg.position.resolve(cfg.model) first
+    logits = model(tokens, position_ids, attention_mask=None)   # [b, s_local, vocab / tp]
+
+What is swapped in megatron-core's GPTModel, and why:
+- core attention: `SdpaCoreAttention` (attention.py) instead of the CUDA-only local
+  `DotProductAttention`; it also carries context parallelism without Transformer Engine.
+  With `model.attention_backend: te` the Transformer Engine layer spec is used instead.
+- `rotary_pos_emb`: `HeadwiseRotaryEmbedding` (position/rotary.py) returning per-head (q, k)
+  angle tables for this rank's heads and positions; RoPE fusion stays off because TE's fused
+  kernel takes one frequency row for all heads.
+- self attention: under `gqa_bases: per_query_head`, keys and values are expanded to one head
+  per query head before rotation (`KeyExpandingSelfAttention`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.attention import SelfAttention
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_harpe.attention import SdpaCoreAttention
+from megatron_harpe.config import ModelConfig
+from megatron_harpe.position.config import PositionConfig
+from megatron_harpe.position.rotary import HeadwiseRotaryEmbedding
+
+
+class KeyExpandingSelfAttention(SelfAttention):
+    """Self attention whose keys/values are repeated per query head before RoPE, so each query
+    head can rotate its own copy of a shared key with its own base (GQA + per-query-head bases)."""
+
+    def get_query_key_value_tensors(self, hidden_states, key_value_states=None, output_gate=False, split_qkv=True):
+        outputs = super().get_query_key_value_tensors(hidden_states, key_value_states, output_gate, split_qkv)
+        query, key, value, *rest = outputs
+        repeats = query.size(2) // key.size(2)
+        key = key.repeat_interleave(repeats, dim=2)  # [s, b, groups, d] -> [s, b, heads, d]
+        value = value.repeat_interleave(repeats, dim=2)
+        return (query, key, value, *rest)
+
+
+def transformer_config(
+    model: ModelConfig,
+    position: PositionConfig,
+    *,
+    params_dtype: torch.dtype = torch.float32,
+    initialize: bool = True,
+    recompute: str = "none",
+) -> TransformerConfig:
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    cp = parallel_state.get_context_parallel_world_size()
+    on_gpu = torch.cuda.is_available()
+    recompute_kwargs = {}
+    if recompute == "full":
+        recompute_kwargs = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    elif recompute == "selective":
+        recompute_kwargs = dict(recompute_granularity="selective", recompute_modules=["core_attn"])
+    config = TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.kv_groups,
+        ffn_hidden_size=model.ffn_hidden_size,
+        kv_channels=model.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=model.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=model.init_method_std,
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        use_cpu_initialization=not on_gpu,
+        perform_initialization=initialize,
+        tensor_model_parallel_size=tp,
+        context_parallel_size=cp,
+        apply_rope_fusion=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        cp_comm_type="p2p" if model.attention_backend == "te" and cp > 1 else None,
+        **recompute_kwargs,
+    )
+    if position.type == "yarn":
+        # megatron's attention multiplies cos/sin by the YaRN attention factor when this is set.
+        config.yarn_rotary_scaling_factor = position.scaling_factor
+    return config
+
+
+def layer_spec(model: ModelConfig, position: PositionConfig) -> ModuleSpec:
+    if model.attention_backend == "te":
+        from megatron_harpe.te_backend import te_layer_spec
+
+        spec = te_layer_spec()
+    else:
+        spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+        spec.submodules.self_attention.submodules.core_attention = SdpaCoreAttention
+    if position.expands_keys(model):
+        spec.submodules.self_attention.module = KeyExpandingSelfAttention
+    return spec
+
+
+def build_model(
+    model: ModelConfig,
+    position: PositionConfig,
+    *,
+    params_dtype: torch.dtype = torch.float32,
+    initialize: bool = True,
+    recompute: str = "none",
+) -> GPTModel:
+    """Build this rank's shard of the model. Needs `parallel.initialize()` first and a
+    resolved `position` (explicit bases)."""
+    config = transformer_config(
+        model, position, params_dtype=params_dtype, initialize=initialize, recompute=recompute
+    )
+    gpt = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(model, position),
+        vocab_size=model.vocab_size,
+        max_sequence_length=model.max_position_embeddings,
+        share_embeddings_and_output_weights=model.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=10000,  # replaced below by the per-head rotary
+    )
+    gpt.rotary_pos_emb = HeadwiseRotaryEmbedding(
+        position,
+        query_bases=position.query_head_bases(model),
+        key_bases=position.key_head_bases(model),
+        head_dim=model.head_dim,
+        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+        tp_size=parallel_state.get_tensor_model_parallel_world_size(),
+        cp_rank=parallel_state.get_context_parallel_rank(),
+        cp_size=parallel_state.get_context_parallel_world_size(),
+    )
+    if torch.cuda.is_available():
+        gpt = gpt.to(torch.cuda.current_device())
+    return gpt

@@ -1,0 +1,185 @@
+"""Process groups, device and seeding for tensor (TP), context (CP) and data (DP) parallelism.
+
+One place decides the backend: NCCL when CUDA is available, gloo otherwise, so the same
+training and test code runs on a GPU cluster and on a CPU laptop. Groups are created by
+megatron-core's `parallel_state` (its layers read them from there) with pipeline size 1.
+
+`run_on_ranks` starts N local processes wired as one gloo world; tests and the CPU demo use it
+to exercise TP/CP/DP without torchrun.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import socket
+import traceback
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from megatron.core import parallel_state
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelContext:
+    """What a rank needs to know about its place in the TP x CP x DP grid."""
+
+    rank: int
+    world_size: int
+    tp_rank: int
+    tp_size: int
+    cp_rank: int
+    cp_size: int
+    dp_rank: int
+    dp_size: int
+    device: torch.device
+
+    @property
+    def tp_group(self) -> dist.ProcessGroup:
+        return parallel_state.get_tensor_model_parallel_group()
+
+    @property
+    def cp_group(self) -> dist.ProcessGroup:
+        return parallel_state.get_context_parallel_group()
+
+    @property
+    def dp_group(self) -> dist.ProcessGroup:
+        return parallel_state.get_data_parallel_group()
+
+    @property
+    def dp_cp_group(self) -> dist.ProcessGroup:
+        """Ranks holding identical weights: gradients are averaged over this group."""
+        return parallel_state.get_data_parallel_group(with_context_parallel=True)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def initialize(tensor_parallel: int = 1, context_parallel: int = 1) -> ParallelContext:
+    """Join (or create) the process group and build megatron's TP/CP/DP groups.
+
+    Reads RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT as set by torchrun; a plain
+    `python script.py` becomes a world of one.
+    """
+    device = default_device()
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    world_size = dist.get_world_size()
+    model_parallel = tensor_parallel * context_parallel
+    if world_size % model_parallel:
+        raise ValueError(
+            f"world size {world_size} is not divisible by tensor_parallel x context_parallel = "
+            f"{tensor_parallel} x {context_parallel}: launch a multiple of {model_parallel} processes "
+            "or change parallel.tensor / parallel.context"
+        )
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_parallel,
+        context_parallel_size=context_parallel,
+        create_gloo_process_groups=False,
+    )
+    return ParallelContext(
+        rank=dist.get_rank(),
+        world_size=world_size,
+        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+        tp_size=tensor_parallel,
+        cp_rank=parallel_state.get_context_parallel_rank(),
+        cp_size=context_parallel,
+        dp_rank=parallel_state.get_data_parallel_rank(),
+        dp_size=parallel_state.get_data_parallel_world_size(),
+        device=device,
+    )
+
+
+def shutdown() -> None:
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch identically on every rank (weights are then replicated
+    before TP sharding, which keeps a TP run comparable to the TP=1 run)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+        model_parallel_cuda_manual_seed(seed)
+
+
+def _rank_entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+    )
+    torch.set_num_threads(1)
+    try:
+        result = fn(*args)
+        queue.put((rank, "ok", result))
+    except BaseException:  # report any failure to the parent, including SystemExit
+        queue.put((rank, "error", traceback.format_exc()))
+    finally:
+        shutdown()
+
+
+def run_on_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 600) -> list:
+    """Run `fn(*args)` in `world_size` fresh processes forming one gloo world.
+
+    `fn` must be importable (module level). Returns the per-rank results ordered by rank;
+    raises RuntimeError with the failing rank's traceback if any rank fails.
+    """
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    port = free_port()
+    procs = [
+        ctx.Process(target=_rank_entry, args=(rank, world_size, port, fn, args, queue))
+        for rank in range(world_size)
+    ]
+    for proc in procs:
+        proc.start()
+    results: dict[int, Any] = {}
+    errors: list[str] = []
+    for _ in range(world_size):
+        rank, status, payload = queue.get()
+        if status == "ok":
+            results[rank] = payload
+        else:
+            errors.append(f"rank {rank} failed:\n{payload}")
+            break
+    for proc in procs:
+        proc.join(timeout=5 if errors else timeout)
+        if proc.is_alive():
+            proc.kill()
+    if errors:
+        raise RuntimeError("\n".join(errors))
+    return [results[r] for r in range(world_size)]

@@ -1,0 +1,152 @@
+"""Per-head rotary angles for the heads and positions one rank owns.
+
+HARPE gives head h its own base b_h: theta_{h,i} = b_h ** (-2i/d). megatron-core's unfused
+`apply_rotary_pos_emb` already broadcasts an angle table of shape [s, 1, heads, d] against
+q/k of shape [s, b, heads, d], so per-head bases need only a different table: this module
+replaces GPTModel's `rotary_pos_emb` and returns a (query table, key table) pair, which
+megatron's attention applies to q and k respectively.
+
+Memory: a rank builds angles only for
+  - its own heads (tensor parallelism gives rank r a contiguous block of k/v groups and their
+    query heads), and
+  - its own positions (context parallelism gives rank r chunks r and 2*CP-1-r of the sequence),
+so for Llama2-7B at 131072 tokens with TP=8, CP=4 a rank holds 1/32 of the full table. Tables
+are cached per sequence length, across layers and steps.
+
+PI divides positions by its factor; YaRN blends interpolated and original frequencies per
+dimension with megatron-core's own YaRN ramp (its attention applies the YaRN logit scale
+when `yarn_rotary_scaling_factor` is set on the TransformerConfig, see model.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
+    _yarn_find_correction_range,
+    _yarn_linear_ramp_mask,
+)
+
+from megatron_harpe.position.config import PositionConfig
+
+
+def inverse_frequencies(base: float, head_dim: int) -> torch.Tensor:
+    """RoPE inverse frequencies base ** (-2i/d), i = 0 .. d/2-1, in float64 for exactness."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim
+    return base ** (-exponents)
+
+
+def yarn_inverse_frequencies(
+    base: float, head_dim: int, factor: float, original_max_position: int, beta_fast: float, beta_slow: float
+) -> torch.Tensor:
+    """YaRN: interpolate low frequencies by `factor`, keep high ones, ramp in between."""
+    original = inverse_frequencies(base, head_dim)
+    low, high = _yarn_find_correction_range(beta_fast, beta_slow, head_dim, base, original_max_position)
+    keep_original = 1.0 - _yarn_linear_ramp_mask(low, high, head_dim // 2, device="cpu").double()
+    return original / factor * (1 - keep_original) + original * keep_original
+
+
+def head_inverse_frequencies(position: PositionConfig, bases: list[float], head_dim: int) -> torch.Tensor:
+    """[heads, d/2] inverse frequencies, with PI's position scaling folded in."""
+    rows = []
+    for base in bases:
+        if position.type == "yarn":
+            rows.append(
+                yarn_inverse_frequencies(
+                    base,
+                    head_dim,
+                    position.scaling_factor,
+                    position.original_max_position,
+                    position.yarn_beta_fast,
+                    position.yarn_beta_slow,
+                )
+            )
+        elif position.type == "pi":
+            rows.append(inverse_frequencies(base, head_dim) / position.scaling_factor)
+        else:
+            rows.append(inverse_frequencies(base, head_dim))
+    return torch.stack(rows)
+
+
+def context_parallel_positions(seq_length: int, cp_rank: int, cp_size: int, offset: int = 0) -> torch.Tensor:
+    """Global positions held by a CP rank: chunks r and 2*CP-1-r of 2*CP equal chunks."""
+    if cp_size == 1:
+        return torch.arange(offset, offset + seq_length, dtype=torch.float64)
+    chunk = seq_length // (2 * cp_size)
+    assert chunk * 2 * cp_size == seq_length, "sequence must split into 2*CP equal chunks"
+    first = torch.arange(cp_rank * chunk, (cp_rank + 1) * chunk)
+    second_start = (2 * cp_size - 1 - cp_rank) * chunk
+    second = torch.arange(second_start, second_start + chunk)
+    return torch.cat([first, second]).to(torch.float64) + offset
+
+
+def local_head_slice(num_heads: int, tp_rank: int, tp_size: int) -> slice:
+    per_rank = num_heads // tp_size
+    return slice(tp_rank * per_rank, (tp_rank + 1) * per_rank)
+
+
+class HeadwiseRotaryEmbedding(torch.nn.Module):
+    """Drop-in for megatron's `RotaryEmbedding` returning per-head (q, k) angle tables.
+
+    Output tables are [s_local, 1, heads_local, d] in float32: angles, not cos/sin, since
+    megatron's `apply_rotary_pos_emb` takes angles.
+    """
+
+    def __init__(
+        self,
+        position: PositionConfig,
+        query_bases: list[float],
+        key_bases: list[float],
+        head_dim: int,
+        tp_rank: int = 0,
+        tp_size: int = 1,
+        cp_rank: int = 0,
+        cp_size: int = 1,
+    ) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.cp_rank, self.cp_size = cp_rank, cp_size
+        query_local = query_bases[local_head_slice(len(query_bases), tp_rank, tp_size)]
+        key_local = key_bases[local_head_slice(len(key_bases), tp_rank, tp_size)]
+        self.query_bases, self.key_bases = query_local, key_local
+        self.register_buffer(
+            "query_inv_freq", head_inverse_frequencies(position, query_local, head_dim), persistent=False
+        )
+        # Under MHA keys and queries rotate alike: one table serves both.
+        self.shared_tables = query_local == key_local
+        self.register_buffer(
+            "key_inv_freq",
+            self.query_inv_freq if self.shared_tables else head_inverse_frequencies(position, key_local, head_dim),
+            persistent=False,
+        )
+        self._cache: dict[tuple[int, int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _angles(self, inv_freq: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        angles = positions[:, None, None] * inv_freq[None, :, :]  # [s, heads, d/2], float64
+        angles = torch.cat([angles, angles], dim=-1)  # rotate-half layout pairs i and i + d/2
+        return angles.unsqueeze(1).float()  # [s, 1, heads, d]
+
+    def forward(self, max_seq_len: int, offset: int = 0, **_unused) -> tuple[torch.Tensor, torch.Tensor]:
+        """Angle tables for this rank's positions of a sequence of `max_seq_len` tokens."""
+        device = self.query_inv_freq.device
+        key = (max_seq_len, offset, device)
+        if key not in self._cache:
+            positions = context_parallel_positions(max_seq_len, self.cp_rank, self.cp_size, offset).to(device)
+            query_table = self._angles(self.query_inv_freq, positions)
+            key_table = query_table if self.shared_tables else self._angles(self.key_inv_freq, positions)
+            self._cache[key] = (query_table, key_table)
+        return self._cache[key]
+
+    def get_rotary_seq_len(self, inference_context, transformer, transformer_input, transformer_config, packed_seq_params=None) -> int:
+        """Full (pre-CP-split) sequence length, the signature GPTModel calls."""
+        if inference_context is not None:
+            return inference_context.max_sequence_length
+        seq_len = transformer_input.size(0) if transformer_input is not None else transformer.input_tensor.size(0)
+        if transformer_config.sequence_parallel:
+            seq_len *= transformer_config.tensor_model_parallel_size
+        return seq_len * self.cp_size
+
+    def table_bytes(self, seq_length: int) -> int:
+        """Bytes of the (q, k) angle tables this rank holds for a sequence (for the benchmark)."""
+        local_positions = seq_length // self.cp_size
+        heads = len(self.query_bases) + (0 if self.shared_tables else len(self.key_bases))
+        return local_positions * heads * self.head_dim * 4
