@@ -1,0 +1,250 @@
+"""One tokenizer interface over sentencepiece models and Hugging Face `tokenizer.json` files.
+
+The data pipeline, the training loader (EOD id) and the evaluation tools all go through this:
+
+    from megatron_harpe.data.tokenizer import load_tokenizer, train_sentencepiece
+    tok = load_tokenizer("llama2/tokenizer.model")      # or tokenizer.json, or an HF model dir
+    ids = tok.encode("Hello world")                      # no BOS/EOS added
+    assert tok.decode(ids) == "Hello world"
+
+    # a small deterministic sentencepiece model, e.g. for the offline demo corpus
+    model_path = train_sentencepiece(texts, "work/demo_sp", vocab_size=4000)
+
+A `Tokenizer` pickles as its path (and is re-loaded on unpickling), so it can be handed to
+multiprocessing workers without shipping native objects across processes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import sentencepiece
+
+SENTENCEPIECE_FILE_SUFFIX = ".model"
+HF_TOKENIZER_FILE = "tokenizer.json"
+
+# Special tokens guessed for a bare tokenizer.json without a tokenizer_config.json next to it.
+_HF_BOS_CANDIDATES = ("<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>", "[CLS]")
+_HF_EOS_CANDIDATES = ("</s>", "<|end_of_text|>", "<|endoftext|>", "<eos>", "[SEP]")
+_HF_PAD_CANDIDATES = ("<pad>", "<|pad|>", "[PAD]")
+
+
+class Tokenizer:
+    """A loaded tokenizer: either a sentencepiece `.model` or a Hugging Face `tokenizer.json`.
+
+    `encode` never adds BOS/EOS; the caller decides (see `bos_id`, `eos_id`). `decode` drops
+    special tokens (BOS/EOS/PAD), so `decode(encode(text))` round-trips the text itself.
+    """
+
+    path: str
+    kind: str
+    vocab_size: int
+    bos_id: int | None
+    eos_id: int | None
+    pad_id: int | None
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        self._load()
+
+    def _load(self) -> None:
+        if self.path.endswith(SENTENCEPIECE_FILE_SUFFIX):
+            self._load_sentencepiece()
+        else:
+            self._load_huggingface()
+
+    def _load_sentencepiece(self) -> None:
+        processor = sentencepiece.SentencePieceProcessor()
+        try:
+            processor.Load(self.path)
+        except (OSError, RuntimeError) as error:
+            raise ValueError(f"cannot read sentencepiece model {self.path}: {error}") from error
+        self.kind = "sentencepiece"
+        self._sp = processor
+        self._hf = None
+        self.vocab_size = processor.GetPieceSize()
+        self.bos_id = _none_if_negative(processor.bos_id())
+        self.eos_id = _none_if_negative(processor.eos_id())
+        self.pad_id = _none_if_negative(processor.pad_id())
+
+    def _load_huggingface(self) -> None:
+        import tokenizers
+
+        try:
+            hf_tokenizer = tokenizers.Tokenizer.from_file(self.path)
+        except Exception as error:  # tokenizers raises its own Exception subclass
+            raise ValueError(f"cannot read Hugging Face tokenizer {self.path}: {error}") from error
+        self.kind = "huggingface"
+        self._sp = None
+        self._hf = hf_tokenizer
+        self.vocab_size = hf_tokenizer.get_vocab_size(with_added_tokens=True)
+        configured = _special_tokens_from_config(Path(self.path).parent)
+        self.bos_id = self._hf_special_id(configured.get("bos_token"), _HF_BOS_CANDIDATES)
+        self.eos_id = self._hf_special_id(configured.get("eos_token"), _HF_EOS_CANDIDATES)
+        self.pad_id = self._hf_special_id(configured.get("pad_token"), _HF_PAD_CANDIDATES)
+
+    def _hf_special_id(self, configured: str | None, candidates: tuple[str, ...]) -> int | None:
+        assert self._hf is not None
+        for token in ((configured,) if configured else ()) + candidates:
+            token_id = self._hf.token_to_id(token)
+            if token_id is not None:
+                return token_id
+            if configured:  # an explicit config that names an unknown token means "none"
+                return None
+        return None
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, without BOS/EOS."""
+        if self._sp is not None:
+            return self._sp.EncodeAsIds(text)
+        return self._hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """`encode` for many texts in one native call (faster than a Python loop)."""
+        if self._sp is not None:
+            return self._sp.Encode(list(texts), out_type=int)
+        return [encoding.ids for encoding in self._hf.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of `ids`; BOS/EOS/PAD are dropped."""
+        ids = [int(token_id) for token_id in ids]
+        if self._sp is not None:
+            return self._sp.DecodeIds(ids)
+        return self._hf.decode(ids, skip_special_tokens=True)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.path = state["path"]
+        self._load()
+
+    def __repr__(self) -> str:
+        return (
+            f"Tokenizer({self.path!r}, kind={self.kind}, vocab_size={self.vocab_size}, "
+            f"bos_id={self.bos_id}, eos_id={self.eos_id}, pad_id={self.pad_id})"
+        )
+
+
+def _none_if_negative(token_id: int) -> int | None:
+    return token_id if token_id >= 0 else None
+
+
+def _special_tokens_from_config(directory: Path) -> dict[str, str]:
+    """bos/eos/pad token strings from an HF `tokenizer_config.json` next to tokenizer.json."""
+    config_path = directory / "tokenizer_config.json"
+    if not config_path.is_file():
+        return {}
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+    tokens: dict[str, str] = {}
+    for key in ("bos_token", "eos_token", "pad_token"):
+        value = config.get(key)
+        if isinstance(value, dict):  # AddedToken serialized as {"content": ...}
+            value = value.get("content")
+        if isinstance(value, str):
+            tokens[key] = value
+    return tokens
+
+
+def resolve_tokenizer_path(path: str | Path) -> Path:
+    """The tokenizer file `path` designates: a `.model`, a `tokenizer.json`, or a directory
+    holding one of them (tokenizer.json preferred, as in HF model directories)."""
+    path = Path(path)
+    if path.is_dir():
+        for candidate in (path / HF_TOKENIZER_FILE, path / "tokenizer.model"):
+            if candidate.is_file():
+                return candidate
+        models = sorted(path.glob("*" + SENTENCEPIECE_FILE_SUFFIX))
+        if len(models) == 1:
+            return models[0]
+        raise ValueError(
+            f"no tokenizer found in directory {path}: expected tokenizer.json, tokenizer.model "
+            "or exactly one *.model sentencepiece file"
+        )
+    if not path.is_file():
+        raise ValueError(
+            f"tokenizer {path} does not exist: pass a sentencepiece .model file, a Hugging Face "
+            "tokenizer.json, or a directory holding one"
+        )
+    if path.suffix not in (SENTENCEPIECE_FILE_SUFFIX, ".json"):
+        raise ValueError(
+            f"tokenizer {path} is neither a sentencepiece .model nor a tokenizer .json file"
+        )
+    return path
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Load a sentencepiece `.model`, a `tokenizer.json`, or a directory holding either."""
+    return Tokenizer(resolve_tokenizer_path(path))
+
+
+def _lines_for_training(texts: Iterable[str], max_line_chars: int) -> Iterator[str]:
+    """Sentencepiece trains on lines; split documents at newlines and cut very long lines."""
+    for text in texts:
+        for line in text.split("\n"):
+            line = line.rstrip()
+            for start in range(0, len(line), max_line_chars):
+                piece = line[start : start + max_line_chars]
+                if piece.strip():
+                    yield piece
+
+
+def train_sentencepiece(
+    texts: Iterable[str],
+    output_prefix: str | Path,
+    vocab_size: int,
+    *,
+    model_type: str = "bpe",
+    character_coverage: float = 0.9995,
+    max_training_lines: int = 200_000,
+) -> Path:
+    """Train a Llama-style sentencepiece model on `texts` and return the `.model` path.
+
+    Llama2 conventions: unk=0, bos=1 (`<s>`), eos=2 (`</s>`), no pad id, byte fallback (any
+    text round-trips), digits split, whitespace kept as is (identity normalization). Training
+    is single-threaded over unshuffled lines, so the same texts give the same model bytes.
+    `output_prefix.model` appears only once training succeeded.
+    """
+    if vocab_size < 300:
+        raise ValueError(f"vocab_size={vocab_size} is too small: byte fallback alone needs 259 ids")
+    output_prefix = Path(output_prefix)
+    output_prefix.parent.mkdir(parents=True, exist_ok=True)
+    model_path = Path(str(output_prefix) + SENTENCEPIECE_FILE_SUFFIX)
+    # Written through model_writer: with model_prefix, sentencepiece stores that (temporary)
+    # path inside the model and two identical trainings would differ in their bytes.
+    model_bytes = io.BytesIO()
+    try:
+        sentencepiece.SentencePieceTrainer.Train(
+            sentence_iterator=_lines_for_training(texts, max_line_chars=4000),
+            model_writer=model_bytes,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            character_coverage=character_coverage,
+            byte_fallback=True,
+            split_digits=True,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=True,
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=-1,
+            input_sentence_size=max_training_lines,
+            shuffle_input_sentence=False,
+            max_sentence_length=16384,
+            num_threads=1,
+            minloglevel=2,
+        )
+    except RuntimeError as error:
+        raise ValueError(f"sentencepiece training failed for {output_prefix}: {error}") from error
+    temporary_path = model_path.with_name(f"{model_path.name}.tmp-{os.getpid()}")
+    temporary_path.write_bytes(model_bytes.getvalue())
+    os.replace(temporary_path, model_path)
+    return model_path
