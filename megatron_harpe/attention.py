@@ -5,9 +5,8 @@ Engine (`TEDotProductAttention`, the only one it allows with context parallelism
 runs on CPU and GPU and plugs into megatron's `SelfAttention` through the layer spec.
 
 Context parallelism (all-gather flavour): each CP rank holds chunks r and 2*CP-1-r of the
-sequence (load-balanced causal work). Keys and values are all-gathered over the CP group with
-`torch.distributed.nn.functional.all_gather`, whose backward reduce-scatters gradients to their
-owners; each local query chunk c then attends to the keys of chunks 0..c with a causal mask
+sequence (load-balanced causal work). Keys and values are all-gathered over the CP group by an
+autograd function whose backward reduce-scatters gradients to their owners; each local query chunk c then attends to the keys of chunks 0..c with a causal mask
 aligned to the lower right (the chunk's last query sees every gathered key). SDPA's flash and
 memory-efficient kernels take that mask without materialising it on GPU.
 """
@@ -17,7 +16,7 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed.nn.functional as dist_fn
+import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.transformer.enums import AttnMaskType
@@ -105,10 +104,35 @@ class SdpaCoreAttention(MegatronModule):
 def _gather_chunks(local: torch.Tensor, cp_group, cp_size: int) -> torch.Tensor:
     """All-gather [b, h, 2*chunk, d] halves from every CP rank and put the 2*CP chunks in
     sequence order: rank r contributed chunks r and 2*CP-1-r."""
-    gathered = dist_fn.all_gather(local.contiguous(), group=cp_group)
+    gathered = _AllGather.apply(local.contiguous(), cp_group)  # [cp, b, h, 2*chunk, d]
     chunks: list[torch.Tensor | None] = [None] * (2 * cp_size)
-    for rank, part in enumerate(gathered):
+    for rank, part in enumerate(gathered.unbind(0)):
         first, second = part.chunk(2, dim=2)
         chunks[rank] = first
         chunks[2 * cp_size - 1 - rank] = second
     return torch.cat(chunks, dim=2)
+
+
+class _AllGather(torch.autograd.Function):
+    """All-gather along a new leading dim; backward sums gradients over the group and returns
+    each rank its own part. (torch.distributed.nn's all_gather backward breaks on gloo
+    subgroups: its gloo all-to-all passes group ranks where global ranks are expected.)"""
+
+    @staticmethod
+    def forward(ctx, local: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        parts = [torch.empty_like(local) for _ in range(group.size())]
+        dist.all_gather(parts, local, group=group)
+        return torch.stack(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        group = ctx.group
+        rank = dist.get_rank(group)
+        if dist.get_backend(group) == "nccl":
+            local = torch.empty_like(grad[rank])
+            dist.reduce_scatter_tensor(local, grad.contiguous(), group=group)
+            return local, None
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=group)  # gloo has no reduce-scatter
+        return grad[rank], None
