@@ -1,0 +1,10 @@
+"""Long-context evaluation: RULER NIAH tasks, passkey, needle grid and sliding-window perplexity
+over interchangeable model backends. CLI: `python tools/evaluate.py --help`.
+
+    from megatron_harpe.eval import load_backend, run_eval_suite, scalars_for_logging
+"""
+
+from megatron_harpe.eval.backends import ModelBackend, Tokenizer, load_backend
+from megatron_harpe.eval.suite import expand_tasks, run_eval_suite, scalars_for_logging
+
+__all__ = ["ModelBackend", "Tokenizer", "expand_tasks", "load_backend", "run_eval_suite", "scalars_for_logging"]

@@ -1,0 +1,182 @@
+"""RULER's eight needle-in-a-haystack tasks (SPEC.md section 4), generated for any tokenizer.
+
+    from megatron_harpe.eval.niah import NIAH_TASKS, build_niah_sample
+    sample = build_niah_sample(NIAH_TASKS["niah_multikey_2"], tokenizer, length=8192, index=0, seed=42)
+
+| task            | haystack          | key / value     | needles                         |
+|-----------------|-------------------|-----------------|---------------------------------|
+| niah_single_1   | noise             | word / number   | 1                               |
+| niah_single_2   | prose             | word / number   | 1                               |
+| niah_single_3   | prose             | word / uuid     | 1                               |
+| niah_multikey_1 | prose             | word / number   | 4 keys, 1 asked                 |
+| niah_multikey_2 | distractor needles| word / number   | 1 (every haystack unit a needle)|
+| niah_multikey_3 | distractor needles| uuid / uuid     | 1 (every haystack unit a needle)|
+| niah_multivalue | prose             | word / number   | 4 values of one key, all asked  |
+| niah_multiquery | prose             | word / number   | 4 keys, all asked               |
+
+Prompts follow RULER's base-model template with its answer prefix, in the singular wording
+when exactly one value is expected. Choices where RULER differs or is silent:
+- Every haystack type places needles at depths drawn from the 40 even points (RULER does this
+  for prose only and picks random positions in noise / needle haystacks).
+- Distractor needles never reuse a key or value of the sample (RULER does not check).
+- Prose units are joined by spaces, noise paragraphs and distractor needles by newlines (as
+  RULER does); the prose starts at its first sentence for every sample (as RULER does).
+- The answer budget (tokens reserved after the prompt) is the generation limit, 128.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from megatron_harpe.eval.backends import Tokenizer, encode_prompt
+from megatron_harpe.eval.haystack import NOISE_PARAGRAPH, NeedleVocabulary, cycled, load_prose_sentences
+from megatron_harpe.eval.samples import (
+    DEPTHS,
+    EvalSample,
+    answer_continuation,
+    fit_units,
+    insert_at_depths,
+    join_values,
+    sample_rng,
+)
+
+NIAH_ANSWER_BUDGET = 128
+
+PLURAL_TEMPLATE = (
+    "Some special magic {kind} are hidden within the following text. Make sure to memorize it. "
+    "I will quiz you about the {kind} afterwards.\n{context}\n"
+    "What are all the special magic {kind} for {query} mentioned in the provided text? "
+    "The special magic {kind} for {query} mentioned in the provided text are"
+)
+SINGULAR_TEMPLATE = (
+    "A special magic {kind} is hidden within the following text. Make sure to memorize it. "
+    "I will quiz you about the {kind} afterwards.\n{context}\n"
+    "What is the special magic {kind} for {query} mentioned in the provided text? "
+    "The special magic {kind} for {query} mentioned in the provided text is"
+)
+NEEDLE_TEMPLATE = "One of the special magic {kind} for {key} is: {value}."
+
+
+@dataclasses.dataclass(frozen=True)
+class NiahTask:
+    name: str
+    haystack: str  # "noise" | "prose" | "needles"
+    key_kind: str  # "words" | "uuids"
+    value_kind: str  # "numbers" | "uuids"
+    num_keys: int = 1
+    num_values: int = 1
+    num_queries: int = 1
+
+    @property
+    def expected_values(self) -> int:
+        return self.num_queries * self.num_values
+
+
+NIAH_TASKS: dict[str, NiahTask] = {
+    task.name: task
+    for task in (
+        NiahTask("niah_single_1", "noise", "words", "numbers"),
+        NiahTask("niah_single_2", "prose", "words", "numbers"),
+        NiahTask("niah_single_3", "prose", "words", "uuids"),
+        NiahTask("niah_multikey_1", "prose", "words", "numbers", num_keys=4),
+        NiahTask("niah_multikey_2", "needles", "words", "numbers"),
+        NiahTask("niah_multikey_3", "needles", "uuids", "uuids"),
+        NiahTask("niah_multivalue", "prose", "words", "numbers", num_values=4),
+        NiahTask("niah_multiquery", "prose", "words", "numbers", num_keys=4, num_queries=4),
+    )
+}
+
+
+def format_prompt(task: NiahTask, context: str, queries: list[str]) -> str:
+    if task.expected_values == 1:
+        return SINGULAR_TEMPLATE.format(kind=task.value_kind[:-1], context=context, query=queries[0])
+    return PLURAL_TEMPLATE.format(kind=task.value_kind, context=context, query=join_values(queries))
+
+
+def build_niah_sample(
+    task: NiahTask,
+    tokenizer: Tokenizer,
+    length: int,
+    index: int,
+    seed: int,
+    answer_budget: int = NIAH_ANSWER_BUDGET,
+    prose: tuple[str, ...] | None = None,
+    fixed_depth: int | None = None,
+    haystack_units: int | None = None,
+) -> EvalSample:
+    """One sample of `task` whose prompt plus `answer_budget` tokens fits `length` as tightly as
+    the haystack units allow. `fixed_depth` (percent) replaces the random depth of a
+    single-needle task (the length x depth grid uses it); `haystack_units` forces the haystack
+    size instead of fitting it (the same sample otherwise)."""
+    rng = sample_rng(seed, task.name if fixed_depth is None else f"{task.name}@{fixed_depth}", length, index)
+    vocabulary = NeedleVocabulary(rng)
+    keys = [vocabulary.draw(task.key_kind) for _ in range(task.num_keys)]
+    values = [[vocabulary.draw(task.value_kind) for _ in range(task.num_values)] for _ in keys]
+    needles = [
+        NEEDLE_TEMPLATE.format(kind=task.value_kind, key=key, value=value)
+        for key, key_values in zip(keys, values)
+        for value in key_values
+    ]
+    rng.shuffle(needles)
+    if fixed_depth is not None:
+        if len(needles) != 1 or not 0 <= fixed_depth <= 100:
+            raise ValueError("fixed_depth needs a single-needle task and a depth in [0, 100]")
+        depths = [fixed_depth]
+    else:
+        depths = sorted(rng.sample(DEPTHS, len(needles)))
+    queries = [keys[i] for i in rng.sample(range(task.num_keys), task.num_queries)]
+    # expected order: queried keys in question order, each key's values in document order
+    appearance = {needle: position for position, needle in enumerate(needles)}
+    answers = [
+        value
+        for query in queries
+        for value in sorted(
+            values[keys.index(query)],
+            key=lambda v: appearance[NEEDLE_TEMPLATE.format(kind=task.value_kind, key=query, value=v)],
+        )
+    ]
+
+    if task.haystack == "prose":
+        sentences = prose if prose is not None else load_prose_sentences()
+        units_of = lambda n: cycled(sentences, n)  # noqa: E731
+        separator = " "
+    elif task.haystack == "noise":
+        units_of = lambda n: [NOISE_PARAGRAPH] * n  # noqa: E731
+        separator = "\n"
+    elif task.haystack == "needles":
+        distractors: list[str] = []  # grows in order, so probing order never changes the sample
+
+        def units_of(n: int) -> list[str]:
+            while len(distractors) < n:
+                distractors.append(NEEDLE_TEMPLATE.format(
+                    kind=task.value_kind,
+                    key=vocabulary.draw(task.key_kind),
+                    value=vocabulary.draw(task.value_kind),
+                ))
+            return distractors[:n]
+
+        separator = "\n"
+    else:
+        raise ValueError(f"unknown haystack type {task.haystack!r}")
+
+    def prompt_for(n: int) -> str:
+        context = separator.join(insert_at_depths(units_of(n), needles, depths))
+        return format_prompt(task, context, queries)
+
+    budget = length - answer_budget
+    units = haystack_units
+    if units is None:
+        units = fit_units(lambda n: len(encode_prompt(tokenizer, prompt_for(n))), budget, max_units=max(budget, 0))
+    prompt = prompt_for(units)
+    return EvalSample(
+        task=task.name,
+        length=length,
+        index=index,
+        prompt=prompt,
+        prompt_ids=encode_prompt(tokenizer, prompt),
+        answers=answers,
+        continuation=answer_continuation(answers),
+        depths=depths,
+        haystack_units=units,
+        answer_budget=answer_budget,
+    )

@@ -1,0 +1,62 @@
+"""Passkey retrieval (Mohtashami & Jaggi 2023): a 5-digit key hidden in repeated filler text.
+
+    from megatron_harpe.eval.passkey import build_passkey_sample
+    sample = build_passkey_sample(tokenizer, length=16384, index=0, seed=42)
+
+The filler is RULER's noise paragraph repeated; the key sentence goes between two repeats at a
+depth drawn from the same 40 even points as the NIAH tasks. The prompt ends with
+"The pass key is", so a base model answers by continuing it. 32 tokens are reserved for the
+answer (and generated at most): a 5-digit key needs under 10 tokens in any common tokenizer.
+"""
+
+from __future__ import annotations
+
+from megatron_harpe.eval.backends import Tokenizer, encode_prompt
+from megatron_harpe.eval.haystack import NOISE_PARAGRAPH
+from megatron_harpe.eval.samples import DEPTHS, EvalSample, answer_continuation, fit_units, insert_at_depths, sample_rng
+
+PASSKEY_ANSWER_BUDGET = 32
+PASSKEY_TEMPLATE = (
+    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+    "I will quiz you about the important information there.\n{context}\n"
+    "What is the pass key? The pass key is"
+)
+PASSKEY_NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
+
+
+def build_passkey_sample(
+    tokenizer: Tokenizer,
+    length: int,
+    index: int,
+    seed: int,
+    answer_budget: int = PASSKEY_ANSWER_BUDGET,
+    haystack_units: int | None = None,
+) -> EvalSample:
+    """One passkey prompt that leaves room for `answer_budget` tokens and no more than one filler
+    paragraph besides; `haystack_units` forces the number of filler paragraphs instead."""
+    rng = sample_rng(seed, "passkey", length, index)
+    key = str(rng.randint(10000, 99999))
+    depth = rng.choice(DEPTHS)
+    needle = PASSKEY_NEEDLE.format(key=key)
+
+    def prompt_for(n: int) -> str:
+        context = " ".join(insert_at_depths([NOISE_PARAGRAPH] * n, [needle], [depth]))
+        return PASSKEY_TEMPLATE.format(context=context)
+
+    budget = length - answer_budget
+    units = haystack_units
+    if units is None:
+        units = fit_units(lambda n: len(encode_prompt(tokenizer, prompt_for(n))), budget, max_units=max(budget, 0))
+    prompt = prompt_for(units)
+    return EvalSample(
+        task="passkey",
+        length=length,
+        index=index,
+        prompt=prompt,
+        prompt_ids=encode_prompt(tokenizer, prompt),
+        answers=[key],
+        continuation=answer_continuation([key]),
+        depths=[depth],
+        haystack_units=units,
+        answer_budget=answer_budget,
+    )

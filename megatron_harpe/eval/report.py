@@ -1,0 +1,159 @@
+"""Turn `run_eval_suite` results into files: JSON, a Markdown table and PNG plots.
+
+    from megatron_harpe.eval.report import write_report
+    paths = write_report(results, "eval_out/")   # results.json, results.md, *.png
+
+Every file is written under a temporary name and renamed when complete, so an interrupted or
+failed run never leaves a half-written result next to good ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _atomic_target(path: str) -> str:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=".tmp_", suffix=os.path.splitext(path)[1], dir=directory)
+    os.close(handle)
+    return temporary
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    temporary = _atomic_target(path)
+    try:
+        with open(temporary, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def save_figure_atomic(figure: Any, path: str) -> None:
+    temporary = _atomic_target(path)
+    try:
+        figure.savefig(temporary, format="png", dpi=120, bbox_inches="tight")
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+    finally:
+        plt.close(figure)
+
+
+def _length_label(length: int | str) -> str:
+    length = int(length)
+    return f"{length // 1024}k" if length % 1024 == 0 else str(length)
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """Retrieval scores (task x length, with the per-length mean and overall), the needle grid
+    and perplexity, as GitHub Markdown."""
+    lengths = [str(length) for length in results["lengths"]]
+    header = "| " + " | ".join(_length_label(length) for length in lengths) + " |"
+    rule = "|---" * (len(lengths) + 1) + "|"
+    lines = [f"Model: `{results['model']}`, {results['samples']} samples per cell, seed {results['seed']}, "
+             f"scoring: {results['scoring']}", ""]
+    if results.get("tasks"):
+        lines += ["| task " + header + " mean |", rule + "---|"]
+        for task, by_length in results["tasks"].items():
+            scores = [by_length[length]["score"] for length in lengths]
+            row = " | ".join(f"{score:.2f}" for score in scores)
+            lines.append(f"| {task} | {row} | {sum(scores) / len(scores):.2f} |")
+        per_length = " | ".join(f"**{results['per_length'][length]:.2f}**" for length in lengths)
+        lines += [f"| **mean** | {per_length} | **{results['overall']:.2f}** |", ""]
+    if "needle_grid" in results:
+        grid = results["needle_grid"]
+        lines += [f"Needle grid ({grid['task']}, score by depth x length):", "",
+                  "| depth % " + header, rule]
+        for depth, row in zip(grid["depths"], grid["scores"]):
+            lines.append(f"| {depth} | " + " | ".join(f"{score:.0f}" for score in row) + " |")
+        lines.append("")
+    if "perplexity" in results:
+        lines += ["Perplexity (sliding window):", "", "| " + header, rule]
+        cells = []
+        for length in lengths:
+            value = results["perplexity"][length]
+            cells.append("n/a" if value["ppl"] is None else f"{value['ppl']:.3f} ({value['documents']} docs)")
+        lines += ["| ppl | " + " | ".join(cells) + " |", ""]
+    return "\n".join(lines)
+
+
+def plot_retrieval(results: dict[str, Any], path: str) -> None:
+    lengths = [int(length) for length in results["lengths"]]
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for task, by_length in results["tasks"].items():
+        axis.plot(lengths, [by_length[str(length)]["score"] for length in lengths], marker="o", alpha=0.6, label=task)
+    axis.plot(lengths, [results["per_length"][str(length)] for length in lengths], marker="s", color="black",
+              linewidth=2.5, label="mean")
+    axis.set_xscale("log", base=2)
+    axis.set_xticks(lengths, [_length_label(length) for length in lengths])
+    axis.set_ylim(-3, 103)
+    axis.set_xlabel("context length (tokens)")
+    axis.set_ylabel("score")
+    axis.set_title(f"Retrieval ({results['scoring']}) - {os.path.basename(str(results['model']).rstrip('/'))}")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7, ncol=2)
+    save_figure_atomic(figure, path)
+
+
+def plot_needle_grid(results: dict[str, Any], path: str) -> None:
+    grid = results["needle_grid"]
+    figure, axis = plt.subplots(figsize=(1.2 + 0.9 * len(grid["lengths"]), 5))
+    image = axis.imshow(grid["scores"], cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
+    axis.set_xticks(range(len(grid["lengths"])), [_length_label(length) for length in grid["lengths"]])
+    axis.set_yticks(range(len(grid["depths"])), [str(depth) for depth in grid["depths"]])
+    axis.set_xlabel("context length (tokens)")
+    axis.set_ylabel("needle depth (%)")
+    axis.set_title("Single needle: score by length x depth")
+    figure.colorbar(image, ax=axis, label="score")
+    save_figure_atomic(figure, path)
+
+
+def plot_perplexity(results: dict[str, Any], path: str) -> None:
+    points = [(int(length), value["ppl"]) for length, value in results["perplexity"].items() if value["ppl"]]
+    figure, axis = plt.subplots(figsize=(6, 4))
+    if points:
+        axis.plot([p[0] for p in points], [p[1] for p in points], marker="o")
+        axis.set_xscale("log", base=2)
+        axis.set_xticks([p[0] for p in points], [_length_label(p[0]) for p in points])
+    axis.set_xlabel("context length (tokens)")
+    axis.set_ylabel("perplexity")
+    axis.set_title("Sliding-window perplexity")
+    axis.grid(alpha=0.3)
+    save_figure_atomic(figure, path)
+
+
+def write_report(results: dict[str, Any], output_dir: str) -> dict[str, str]:
+    """Write results.json, results.md and the plots that apply; returns {kind: path}."""
+    os.makedirs(output_dir, exist_ok=True)
+    paths: dict[str, str] = {}
+    records = results.get("records")
+    summary = {key: value for key, value in results.items() if key != "records"}
+    if records is not None:
+        paths["predictions"] = os.path.join(output_dir, "predictions.jsonl")
+        write_text_atomic(paths["predictions"], "".join(json.dumps(record) + "\n" for record in records))
+    paths["json"] = os.path.join(output_dir, "results.json")
+    write_text_atomic(paths["json"], json.dumps(summary, indent=2) + "\n")
+    paths["markdown"] = os.path.join(output_dir, "results.md")
+    write_text_atomic(paths["markdown"], markdown_table(summary) + "\n")
+    if summary.get("tasks"):
+        paths["retrieval_plot"] = os.path.join(output_dir, "retrieval.png")
+        plot_retrieval(summary, paths["retrieval_plot"])
+    if "needle_grid" in summary:
+        paths["needle_grid_plot"] = os.path.join(output_dir, "needle_grid.png")
+        plot_needle_grid(summary, paths["needle_grid_plot"])
+    if "perplexity" in summary:
+        paths["perplexity_plot"] = os.path.join(output_dir, "perplexity.png")
+        plot_perplexity(summary, paths["perplexity_plot"])
+    return paths

@@ -1,0 +1,108 @@
+"""Evaluate a model on long-context retrieval and perplexity (SPEC.md section 4).
+
+    python tools/evaluate.py --model exports/harpe_hf --trust-remote-code \
+        --task niah,passkey --lengths 4096,8192,16384 --samples 10 --output-dir eval_out
+    python tools/evaluate.py --model exports/harpe_hf --task needle_grid --lengths 1024,2048,4096
+    python tools/evaluate.py --model exports/harpe_hf --task ppl --lengths 4096,8192 \
+        --ppl-data data/long_docs.jsonl --ppl-stride 256
+    python tools/evaluate.py --model oracle --tokenizer exports/harpe_hf --task niah --lengths 4096
+
+--model takes a Hugging Face directory, a megatron_harpe checkpoint directory, or the synthetic
+"oracle" / "random" backends (harness checks: they must score 100 and about 0). Writes
+results.json, results.md and PNG plots to --output-dir and prints the Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from megatron_harpe.eval.backends import load_backend
+from megatron_harpe.eval.perplexity import DEFAULT_STRIDE, load_documents
+from megatron_harpe.eval.report import markdown_table, write_report
+from megatron_harpe.eval.suite import ALL_TASKS, DEFAULT_GRID_DEPTHS, SCORING_METHODS, expand_tasks, run_eval_suite
+
+
+def _int_list(text: str) -> list[int]:
+    """'4096,8192' or '4k,8k' (k = 1024) -> [4096, 8192]."""
+    values = []
+    for part in (piece.strip().lower() for piece in text.split(",")):
+        if not part:
+            continue
+        try:
+            values.append(int(part[:-1]) * 1024 if part.endswith("k") else int(part))
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(f"expected integers like 4096,8192 or 4k,8k, got {text!r}") from error
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one value")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="HF model dir, megatron_harpe checkpoint dir, 'oracle' or 'random'")
+    parser.add_argument("--task", required=True,
+                        help=f"comma-separated: niah (all 8), {', '.join(ALL_TASKS)}")
+    parser.add_argument("--lengths", required=True, type=_int_list, help="context lengths in tokens: 4096,8192 or 4k,8k")
+    parser.add_argument("--samples", type=int, default=10, help="samples per task and length (per grid cell)")
+    parser.add_argument("--seed", type=int, default=42, help="seed of the generated samples")
+    parser.add_argument("--output-dir", default="eval_results", help="where results.json/.md and plots go")
+    parser.add_argument("--scoring", choices=SCORING_METHODS, default="auto",
+                        help="generate (greedy decoding + string match), teacher_forcing, or auto "
+                             "(generate when the backend can)")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="answer budget and generation limit (default: 128 for NIAH, 32 for passkey/grid)")
+    parser.add_argument("--haystack-file", default=None, help="UTF-8 prose replacing the default haystack")
+    parser.add_argument("--grid-depths", type=_int_list, default=list(DEFAULT_GRID_DEPTHS),
+                        help="needle depths in percent for needle_grid")
+    parser.add_argument("--ppl-data", default=None, help="documents for ppl: .jsonl[.zst], .txt or Megatron prefix")
+    parser.add_argument("--ppl-text-key", default="text", help="jsonl field holding the text")
+    parser.add_argument("--ppl-stride", type=int, default=DEFAULT_STRIDE, help="sliding-window stride in tokens")
+    parser.add_argument("--ppl-max-documents", type=int, default=20, help="documents read for ppl")
+    parser.add_argument("--ppl-document-tokens", type=int, default=None,
+                        help="score up to this many tokens per document (default: the length itself)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer path (required for oracle/random)")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (HARPE export)")
+    parser.add_argument("--device", default="cpu", help="torch device of the HF backend")
+    parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (HF backend)")
+    parser.add_argument("--tensor-parallel", type=int, default=1, help="megatron backend: TP size")
+    parser.add_argument("--context-parallel", type=int, default=1, help="megatron backend: CP size")
+    parser.add_argument("--save-predictions", action="store_true", help="also write predictions.jsonl")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        tasks = expand_tasks([name.strip() for name in args.task.split(",") if name.strip()])
+        backend = load_backend(
+            args.model, tokenizer=args.tokenizer, trust_remote_code=args.trust_remote_code, device=args.device,
+            dtype=args.dtype, seed=args.seed, tensor_parallel=args.tensor_parallel,
+            context_parallel=args.context_parallel,
+        )
+        documents = None
+        if "ppl" in tasks:
+            if not args.ppl_data:
+                raise ValueError("--task ppl needs --ppl-data (a .jsonl, .txt or Megatron dataset prefix)")
+            documents = load_documents(args.ppl_data, backend.tokenizer, args.ppl_text_key,
+                                       args.ppl_max_documents, min_tokens=min(args.lengths))
+        results = run_eval_suite(
+            backend, tasks, args.lengths, samples=args.samples, seed=args.seed, scoring=args.scoring,
+            max_new_tokens=args.max_new_tokens, haystack_file=args.haystack_file,
+            grid_depths=tuple(args.grid_depths), ppl_documents=documents, ppl_stride=args.ppl_stride,
+            ppl_document_tokens=args.ppl_document_tokens, keep_records=args.save_predictions,
+            progress=not args.no_progress,
+        )
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    paths = write_report(results, args.output_dir)
+    print(markdown_table(results))
+    print("\nwrote " + ", ".join(os.path.relpath(path) for path in paths.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
