@@ -196,9 +196,9 @@ class Config:
             )
         if self.stages and self.train.train_tokens:
             raise ValueError("give train.train_tokens or stages[*].tokens, not both")
-        self.position.resolve(self.model)
+        self.position.resolve(self.model, self.data.seq_length)
         for index, stage in enumerate(self.resolved_stages()):
-            stage.position.resolve(self.model)
+            stage.position.resolve(self.model, stage.seq_length)
             if stage.seq_length % (2 * cp) and cp > 1:
                 raise ValueError(
                     f"sequence length {stage.seq_length} (stage {index}) is not divisible by "

@@ -92,9 +92,6 @@ def transformer_config(
         cp_comm_type="p2p" if model.attention_backend == "te" and cp > 1 else None,
         **recompute_kwargs,
     )
-    if position.type == "yarn":
-        # megatron's attention multiplies cos/sin by the YaRN attention factor when this is set.
-        config.yarn_rotary_scaling_factor = position.scaling_factor
     return config
 
 
@@ -133,6 +130,21 @@ def build_model(
         position_embedding_type="rope",
         rotary_base=10000,  # replaced below by the per-head rotary
     )
+    set_position_encoding(gpt, model, position)
+    if torch.cuda.is_available():
+        gpt = gpt.to(torch.cuda.current_device())
+    return gpt
+
+
+def set_position_encoding(gpt: GPTModel, model: ModelConfig, position: PositionConfig) -> None:
+    """Install the rotary tables of `position` (at build time, and between the stages of a
+    multi-stage schedule, whose bases or scaling change while the weights carry on)."""
+    current = getattr(gpt.rotary_pos_emb, "position", None)
+    if current == position:
+        return
+    if current is not None and position.expands_keys(model) != current.expands_keys(model):
+        raise ValueError("position.gqa_bases cannot change between stages: it changes the attention layout")
+    device = next(gpt.parameters()).device
     gpt.rotary_pos_emb = HeadwiseRotaryEmbedding(
         position,
         query_bases=position.query_head_bases(model),
@@ -142,7 +154,10 @@ def build_model(
         tp_size=parallel_state.get_tensor_model_parallel_world_size(),
         cp_rank=parallel_state.get_context_parallel_rank(),
         cp_size=parallel_state.get_context_parallel_world_size(),
-    )
-    if torch.cuda.is_available():
-        gpt = gpt.to(torch.cuda.current_device())
-    return gpt
+    ).to(device)
+    # megatron's attention multiplies cos/sin by the YaRN attention factor when this is set
+    # (the config object is shared by every layer).
+    if position.type == "yarn":
+        gpt.config.yarn_rotary_scaling_factor = position.scaling_factor
+    elif hasattr(gpt.config, "yarn_rotary_scaling_factor"):
+        del gpt.config.yarn_rotary_scaling_factor

@@ -87,8 +87,8 @@ def local_head_slice(num_heads: int, tp_rank: int, tp_size: int) -> slice:
 class HeadwiseRotaryEmbedding(torch.nn.Module):
     """Drop-in for megatron's `RotaryEmbedding` returning per-head (q, k) angle tables.
 
-    Output tables are [s_local, 1, heads_local, d] in float32: angles, not cos/sin, since
-    megatron's `apply_rotary_pos_emb` takes angles.
+    Tables are [s_local, 1, heads_local, d] float32 angles (megatron's `apply_rotary_pos_emb`
+    takes angles, not cos/sin); heads_local is 1 when all local heads share one base.
     """
 
     def __init__(
@@ -103,19 +103,25 @@ class HeadwiseRotaryEmbedding(torch.nn.Module):
         cp_size: int = 1,
     ) -> None:
         super().__init__()
+        self.position = position
         self.head_dim = head_dim
         self.cp_rank, self.cp_size = cp_rank, cp_size
         query_local = query_bases[local_head_slice(len(query_bases), tp_rank, tp_size)]
         key_local = key_bases[local_head_slice(len(key_bases), tp_rank, tp_size)]
         self.query_bases, self.key_bases = query_local, key_local
+        # One base for every head (abf, pi, yarn): a single row broadcasts over heads, exactly
+        # like megatron's stock [s, 1, 1, d] table.
+        query_rows = query_local[:1] if len(set(query_local)) == 1 else query_local
         self.register_buffer(
-            "query_inv_freq", head_inverse_frequencies(position, query_local, head_dim), persistent=False
+            "query_inv_freq", head_inverse_frequencies(position, query_rows, head_dim), persistent=False
         )
         # Under MHA keys and queries rotate alike: one table serves both.
         self.shared_tables = query_local == key_local
         self.register_buffer(
             "key_inv_freq",
-            self.query_inv_freq if self.shared_tables else head_inverse_frequencies(position, key_local, head_dim),
+            self.query_inv_freq
+            if self.shared_tables
+            else head_inverse_frequencies(position, key_local[:1] if len(set(key_local)) == 1 else key_local, head_dim),
             persistent=False,
         )
         self._cache: dict[tuple[int, int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -148,5 +154,5 @@ class HeadwiseRotaryEmbedding(torch.nn.Module):
     def table_bytes(self, seq_length: int) -> int:
         """Bytes of the (q, k) angle tables this rank holds for a sequence (for the benchmark)."""
         local_positions = seq_length // self.cp_size
-        heads = len(self.query_bases) + (0 if self.shared_tables else len(self.key_bases))
+        heads = self.query_inv_freq.size(0) + (0 if self.shared_tables else self.key_inv_freq.size(0))
         return local_positions * heads * self.head_dim * 4

@@ -50,7 +50,7 @@ def test_equal_bases_match_megatron_stock_rope():
     freqs = stock.get_freqs_non_repeated(seq)  # what stock get_emb builds before moving to CUDA
     stock_table = torch.cat([freqs, freqs], dim=-1)[:, None, None, :]
     query_table, key_table = rotary_for([base] * 4)(seq)
-    assert query_table.shape == (seq, 1, 4, HEAD_DIM)
+    assert query_table.shape == stock_table.shape == (seq, 1, 1, HEAD_DIM)  # one base: one shared row
     x = torch.randn(seq, 2, 4, HEAD_DIM)
     torch.testing.assert_close(rotate(x, query_table), rotate(x, stock_table), atol=1e-5, rtol=1e-5)
 

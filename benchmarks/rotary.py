@@ -1,0 +1,92 @@
+"""HARPE's cost over plain RoPE, and the rotary memory one rank holds, measured side by side.
+
+    python benchmarks/rotary.py                 # 4 layers, hidden 512, 8 heads, seq 4096
+    python benchmarks/rotary.py --seq 1024 --repeats 3
+
+Prints (1) forward+backward time of the same small model with `harpe` (8 distinct bases) and
+with `abf` (one base: megatron's [s, 1, 1, d] table), interleaved run by run so machine noise
+hits both alike, and their ratio (goal: <= 1.05); (2) the bytes of rotary tables one rank
+builds for Llama2-7B at 131072 tokens under TP=8, CP=4 against the naive full table
+(goal: exactly 1/32).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from megatron_harpe import parallel
+from megatron_harpe.config import ModelConfig
+from megatron_harpe.model import build_model
+from megatron_harpe.position.config import PositionConfig
+from megatron_harpe.position.rotary import HeadwiseRotaryEmbedding
+
+
+def time_step(model, tokens, positions) -> float:
+    start = time.perf_counter()
+    loss = model(tokens, positions, None, labels=tokens).mean()
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+def compare_speed(args) -> None:
+    model_cfg = ModelConfig(
+        num_layers=4, hidden_size=512, num_attention_heads=8, ffn_hidden_size=1376, vocab_size=4096
+    )
+    encodings = {
+        "harpe": PositionConfig(type="harpe", strategy="uniform", base_min=1e4, base_max=5e5),
+        "abf": PositionConfig(type="abf", base=5e5),
+    }
+    models = {}
+    for name, position in encodings.items():
+        parallel.seed_everything(0)
+        models[name] = build_model(model_cfg, position.resolve(model_cfg, args.seq))
+    tokens = torch.randint(0, model_cfg.vocab_size, (1, args.seq))
+    positions = torch.arange(args.seq)[None]
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for name, model in models.items():  # warm-up (and table caching) outside the measurement
+        time_step(model, tokens, positions)
+    for _ in range(args.repeats):
+        for name, model in models.items():
+            times[name].append(time_step(model, tokens, positions))
+    median = {name: statistics.median(values) for name, values in times.items()}
+    print(f"forward+backward, 4 layers x hidden 512 x 8 heads, seq {args.seq}, {args.repeats} interleaved runs:")
+    for name, value in median.items():
+        print(f"  {name:6s} median {value:.3f} s  (runs: {', '.join(f'{t:.3f}' for t in times[name])})")
+    print(f"  harpe / abf time ratio: {median['harpe'] / median['abf']:.3f}  (goal <= 1.05)")
+
+
+def compare_memory() -> None:
+    llama = ModelConfig(num_layers=32, hidden_size=4096, num_attention_heads=32, ffn_hidden_size=11008)
+    position = PositionConfig(type="harpe", strategy="paper").resolve(llama)
+    seq, tp, cp = 131072, 8, 4
+    naive = seq * llama.num_attention_heads * llama.head_dim * 4
+    rotary = HeadwiseRotaryEmbedding(
+        position, position.query_head_bases(llama), position.key_head_bases(llama), llama.head_dim,
+        tp_rank=0, tp_size=tp, cp_rank=0, cp_size=cp,
+    )
+    query_table, key_table = rotary(seq)
+    held = query_table.numel() * 4 + (0 if key_table is query_table else key_table.numel() * 4)
+    print(f"Llama2-7B rotary tables at {seq} tokens, TP={tp}, CP={cp}:")
+    print(f"  naive full fp32 table: {naive / 2**30:.3f} GiB")
+    print(f"  held by one rank:      {held / 2**20:.1f} MiB = 1/{naive / held:.0f} of naive (goal 1/{tp * cp})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seq", type=int, default=4096)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    parallel.initialize(1, 1)
+    compare_memory()
+    compare_speed(args)
+    parallel.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""Training batches for one rank: megatron datasets per stage, this DP rank's samples, this
+CP rank's two chunks of every sequence.
+
+The demo corpus (offline, built from the local Python installation) is prepared by rank 0 on
+first use when the config names `data.demo_workdir` and no dataset prefixes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_harpe.config import Config
+from megatron_harpe.data.loader import build_gpt_dataset, micro_batches, slice_for_context_parallel
+from megatron_harpe.data.tokenizer import load_tokenizer
+from megatron_harpe.parallel import ParallelContext
+
+
+class StageData:
+    """The sequences of one stage, iterated from any step (resume is exact by consumed samples)."""
+
+    def __init__(self, dataset, cfg: Config, ctx: ParallelContext) -> None:
+        self.dataset = dataset
+        self.cfg = cfg
+        self.ctx = ctx
+
+    def consumed_samples(self, steps: int) -> int:
+        return steps * self.cfg.train.global_batch_size
+
+    def micro_batches(self, consumed_steps: int) -> Iterator[dict[str, torch.Tensor]]:
+        train = self.cfg.train
+        for batch in micro_batches(
+            self.dataset,
+            micro_batch_size=train.micro_batch_size,
+            global_batch_size=train.global_batch_size,
+            dp_rank=self.ctx.dp_rank,
+            dp_size=self.ctx.dp_size,
+            consumed_samples=self.consumed_samples(consumed_steps),
+        ):
+            yield slice_for_context_parallel(batch, self.ctx.cp_rank, self.ctx.cp_size)
+
+
+def prepare_training_data(cfg: Config, ctx: ParallelContext, total_samples: list[int]) -> list[StageData]:
+    """One `StageData` per stage (stages differ in sequence length)."""
+    if not cfg.data.prefixes:
+        _prepare_demo_data(cfg, ctx)
+    if cfg.data.tokenizer is None:
+        raise ValueError("data.tokenizer is needed for the end-of-document id: set it to the dataset's tokenizer")
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ValueError(
+            f"the tokenizer {cfg.data.tokenizer} has {tokenizer.vocab_size} tokens but model.vocab_size is "
+            f"{cfg.model.vocab_size}: use the model's own tokenizer or a larger model.vocab_size"
+        )
+    stages = []
+    for stage, samples in zip(cfg.resolved_stages(), total_samples):
+        dataset = build_gpt_dataset(
+            cfg.data.prefixes,
+            cfg.data.weights,
+            seq_length=stage.seq_length,
+            num_samples=samples,
+            seed=cfg.data.seed,
+            tokenizer=tokenizer,
+            reset_position_ids=cfg.data.reset_position_ids,
+            reset_attention_mask=cfg.data.reset_attention_mask,
+            eod_mask_loss=cfg.data.eod_mask_loss,
+        )
+        stages.append(StageData(dataset, cfg, ctx))
+    return stages
+
+
+def _prepare_demo_data(cfg: Config, ctx: ParallelContext) -> None:
+    from megatron_harpe.data.demo import prepare_demo_data
+
+    workdir = Path(cfg.data.demo_workdir)
+    if ctx.is_main:
+        prepare_demo_data(workdir)
+    dist.barrier()
+    demo = prepare_demo_data(workdir)  # every step is already done: returns the paths
+    cfg.data.prefixes = [str(demo.prefix)]
+    cfg.data.tokenizer = str(demo.tokenizer)

@@ -1,0 +1,217 @@
+"""The training loop: continual pretraining with one or several stages, read top to bottom.
+
+    torchrun --nproc-per-node 2 pretrain_harpe.py --config configs/demo_cpu.yaml
+
+One optimizer step = global_batch_size sequences = micro_batch_size x accumulation x DP.
+The loss is token-weighted: every micro-batch's summed token loss is divided by the number of
+loss tokens of the whole step on all DP x CP ranks, and gradients are then summed over DP x CP,
+so the update is the same for any split of the batch or the sequence.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from megatron_harpe import parallel
+from megatron_harpe.config import Config, StageConfig
+from megatron_harpe.model import build_model, set_position_encoding
+from megatron_harpe.parallel import ParallelContext
+from megatron_harpe.training import checkpoint
+from megatron_harpe.training.data import StageData, prepare_training_data
+from megatron_harpe.training.grads import allreduce_gradients, clip_grad_norm, global_token_count
+from megatron_harpe.training.monitor import TrainingMonitor, check_loss_finite
+from megatron_harpe.training.optimizer import build_optimizer
+from megatron_harpe.training.schedule import LearningRateSchedule
+
+
+@dataclasses.dataclass
+class StagePlan:
+    index: int
+    config: StageConfig
+    steps: int
+    first_step: int
+    """Global step count before this stage starts."""
+
+
+@dataclasses.dataclass
+class TrainState:
+    iteration: int = 0
+    stage: int = 0
+    stage_step: int = 0
+    consumed_tokens: int = 0
+
+
+def plan_stages(cfg: Config) -> list[StagePlan]:
+    """Steps per stage: ceil(stage tokens / tokens per step)."""
+    plans, first = [], 0
+    for index, stage in enumerate(cfg.resolved_stages()):
+        steps = math.ceil(stage.tokens / (cfg.train.global_batch_size * stage.seq_length))
+        plans.append(StagePlan(index, stage, steps, first))
+        first += steps
+    return plans
+
+
+def train(cfg: Config) -> list[float]:
+    """Run the whole schedule; returns the loss of every step run here (for tests)."""
+    # Process groups and seeds: TP x CP x DP from the config and the launcher's world size.
+    ctx = parallel.initialize(cfg.parallel.tensor, cfg.parallel.context)
+    cfg.validate(world_size=ctx.world_size)
+    parallel.seed_everything(cfg.train.seed)
+    plans = plan_stages(cfg)
+    total_steps = plans[-1].first_step + plans[-1].steps
+    log = _rank0_print(ctx)
+    log("resolved config:\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+    # Data: the demo corpus is prepared on first use; each stage reads sequences of its length.
+    training_data = prepare_training_data(cfg, ctx, total_samples=_samples_per_stage(cfg, plans))
+
+    # Model, optimizer, learning-rate schedule.
+    params_dtype = _params_dtype(cfg, ctx)
+    model = build_model(
+        cfg.model, plans[0].config.position, params_dtype=params_dtype, recompute=cfg.train.recompute
+    )
+    optimizer = build_optimizer(
+        model,
+        lr=cfg.train.lr,
+        weight_decay=cfg.train.weight_decay,
+        betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
+        eps=cfg.train.adam_eps,
+    )
+    schedule = LearningRateSchedule(
+        peak_lr=cfg.train.lr,
+        warmup_steps=cfg.train.warmup_steps,
+        total_steps=total_steps,
+        style=cfg.train.lr_schedule,
+        min_lr=cfg.train.min_lr,
+    )
+
+    # Resume from our own latest checkpoint, or start from pretrained weights only.
+    state = _restore(cfg, model, optimizer, schedule, log)
+    monitor = TrainingMonitor(
+        total_steps=total_steps,
+        log_every=cfg.logging.log_interval,
+        log_dir=cfg.logging.tensorboard_dir,
+        enabled=ctx.is_main,
+        start_step=state.iteration,
+    )
+    log(f"training {total_steps} steps in {len(plans)} stage(s); starting at step {state.iteration}")
+
+    losses: list[float] = []
+    for plan in plans[state.stage :]:
+        if state.stage != plan.index:
+            state.stage, state.stage_step = plan.index, 0
+        set_position_encoding(model, cfg.model, plan.config.position)
+        batches = training_data[plan.index].micro_batches(consumed_steps=state.stage_step)
+        while state.stage_step < plan.steps:
+            loss, grad_norm, tokens, skipped = train_step(cfg, ctx, model, optimizer, batches, state.iteration + 1)
+            lr = schedule.current_lr()
+            schedule.step(optimizer)
+            state.iteration += 1
+            state.stage_step += 1
+            state.consumed_tokens += tokens
+            losses.append(loss)
+            monitor.log_step(state.iteration, loss=loss, lr=lr, grad_norm=grad_norm, tokens=tokens, skipped=skipped)
+            if _should_save(cfg, state.iteration, total_steps):
+                _save(cfg, model, optimizer, schedule, state, training_data[plan.index])
+    monitor.close()
+    return losses
+
+
+def train_step(cfg: Config, ctx: ParallelContext, model, optimizer, batches, step: int):
+    """One optimizer step over this rank's micro-batches. Returns (global mean loss, grad norm,
+    tokens in the step over the whole job, skipped)."""
+    micro_batches = [next(batches) for _ in range(_accumulation(cfg, ctx))]
+    loss_tokens = global_token_count([b["loss_mask"] for b in micro_batches], ctx.dp_cp_group)
+    model.train()
+    step_loss = torch.zeros((), dtype=torch.float64)
+    autocast = _autocast(cfg, ctx)
+    for batch in micro_batches:
+        batch = {k: v.to(ctx.device) for k, v in batch.items()}
+        with autocast:
+            token_losses = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        loss = (token_losses.float() * batch["loss_mask"]).sum() / loss_tokens
+        loss.backward()
+        step_loss += loss.detach().double().cpu()
+    allreduce_gradients(model, ctx.dp_cp_group)
+    dist.all_reduce(step_loss, group=ctx.dp_cp_group) if ctx.dp_size * ctx.cp_size > 1 else None
+    grad_norm = clip_grad_norm(model, cfg.train.clip_grad, ctx.tp_group)
+    finite = check_loss_finite(step_loss.item(), step, cfg.train.on_nonfinite) and check_loss_finite(
+        grad_norm, step, cfg.train.on_nonfinite, what="gradient norm"
+    )
+    if finite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    tokens = cfg.train.global_batch_size * micro_batches[0]["tokens"].size(1) * ctx.cp_size
+    return step_loss.item(), grad_norm, tokens, not finite
+
+
+def _accumulation(cfg: Config, ctx: ParallelContext) -> int:
+    return cfg.train.global_batch_size // (cfg.train.micro_batch_size * ctx.dp_size)
+
+
+def _samples_per_stage(cfg: Config, plans: list[StagePlan]) -> list[int]:
+    return [plan.steps * cfg.train.global_batch_size for plan in plans]
+
+
+def _params_dtype(cfg: Config, ctx: ParallelContext) -> torch.dtype:
+    if cfg.train.precision == "bf16" and ctx.device.type == "cpu":
+        raise ValueError("train.precision=bf16 needs a GPU; use fp32 (or auto) on CPU")
+    return torch.float32  # bf16 runs as autocast over fp32 master weights (see _autocast)
+
+
+def _autocast(cfg: Config, ctx: ParallelContext):
+    wants_bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and ctx.device.type == "cuda")
+    if wants_bf16:
+        return torch.autocast(device_type=ctx.device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _restore(cfg: Config, model, optimizer, schedule, log) -> TrainState:
+    latest = checkpoint.find_latest_checkpoint(cfg.checkpoint.save) if cfg.checkpoint.save else None
+    if latest is not None:
+        saved = checkpoint.load_checkpoint(latest, model=model, optimizer=optimizer)
+        schedule.load_state_dict(saved["schedule"])
+        log(f"resumed from {latest} at step {saved['iteration']}")
+        return TrainState(saved["iteration"], saved["stage"], saved["stage_step"], saved["consumed_tokens"])
+    if cfg.checkpoint.pretrained:
+        checkpoint.load_checkpoint(cfg.checkpoint.pretrained, model=model, weights_only=True, load_rng=False)
+        log(f"continual pretraining from the weights of {cfg.checkpoint.pretrained} (fresh optimizer and schedule)")
+    return TrainState()
+
+
+def _should_save(cfg: Config, iteration: int, total_steps: int) -> bool:
+    if not cfg.checkpoint.save:
+        return False
+    interval = cfg.checkpoint.save_interval
+    return iteration == total_steps or (interval > 0 and iteration % interval == 0)
+
+
+def _save(cfg: Config, model, optimizer, schedule, state: TrainState, data: StageData) -> None:
+    train_state = dataclasses.asdict(state) | {
+        "schedule": schedule.state_dict(),
+        "consumed_samples_in_stage": data.consumed_samples(state.stage_step),
+    }
+    checkpoint.save_checkpoint(
+        cfg.checkpoint.save,
+        state.iteration,
+        model=model,
+        config=cfg.to_dict(),
+        train_state=train_state,
+        optimizer=optimizer,
+        keep_last=cfg.checkpoint.keep_last,
+    )
+
+
+def _rank0_print(ctx: ParallelContext):
+    def log(message: str) -> None:
+        if ctx.is_main:
+            print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+    return log
