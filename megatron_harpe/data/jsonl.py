@@ -1,0 +1,247 @@
+"""Reading jsonl corpora (plain, gzip or zstd; one or many files) and accounting for bad lines.
+
+Every stage of `tools/prepare_data.py` reads its input through here:
+
+    files = expand_inputs(["data/train/", "extra.jsonl.zst"])     # directories, globs, files
+    for chunk in read_line_chunks(files, chunk_lines=512): ...    # raw lines with file and line
+    record = parse_line(raw, fields, location)                     # -> Document or a Problem
+
+Bad input (malformed JSON, missing or non-string fields, empty documents, non-UTF-8 bytes) is a
+`Problem` carrying the file and line; `ProblemLog` counts problems per kind, prints the first
+few and, with `strict=True`, turns the first one into a `ValueError`. Outputs are written with
+`atomic_output`, which renames a temporary file into place only when writing succeeded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import glob
+import gzip
+import io
+import json
+import os
+import sys
+from pathlib import Path
+from typing import IO, Any, Iterator
+
+import zstandard
+
+JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst", ".jsonl.zstd")
+_GZIP_MAGIC = b"\x1f\x8b"
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+@dataclasses.dataclass(frozen=True)
+class FieldSpec:
+    """Where the text and the source label live in a record; dotted paths reach nested keys
+    (SlimPajama: `source_field="meta.redpajama_set_name"`). `source_field=None`: no sources."""
+
+    text_field: str = "text"
+    source_field: str | None = "source"
+
+
+@dataclasses.dataclass(frozen=True)
+class Document:
+    text: str
+    source: str | None
+    line_number: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    kind: str
+    path: str
+    line_number: int
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line_number}: {self.kind}: {self.message}"
+
+
+PROBLEM_KINDS = (
+    "malformed_json",
+    "missing_field",
+    "empty_document",
+    "invalid_utf8",
+    "token_out_of_vocabulary",
+)
+
+
+class ProblemLog:
+    """Counts skipped lines per kind; prints the first `max_printed`; strict mode raises."""
+
+    def __init__(self, strict: bool = False, max_printed: int = 20, stream: IO[str] | None = None) -> None:
+        self.strict = strict
+        self.max_printed = max_printed
+        self.stream = stream if stream is not None else sys.stderr
+        self.counts: dict[str, int] = {kind: 0 for kind in PROBLEM_KINDS}
+        self.examples: list[str] = []
+
+    def add(self, problem: Problem) -> None:
+        if self.strict:
+            raise ValueError(f"{problem} (input rejected because of --strict; fix the line or drop --strict to skip it)")
+        self.counts[problem.kind] = self.counts.get(problem.kind, 0) + 1
+        if len(self.examples) < self.max_printed:
+            self.examples.append(str(problem))
+            print(f"skipped {problem}", file=self.stream)
+
+    def merge(self, other: "ProblemLog") -> None:
+        for kind, count in other.counts.items():
+            self.counts[kind] = self.counts.get(kind, 0) + count
+        self.examples.extend(other.examples[: max(0, self.max_printed - len(self.examples))])
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def summary(self) -> dict[str, Any]:
+        return {"skipped_total": self.total, "skipped_by_kind": dict(self.counts), "examples": list(self.examples)}
+
+
+def expand_inputs(inputs: list[str | Path]) -> list[Path]:
+    """Files named by `inputs`: files as given, directories searched recursively for jsonl
+    files (sorted), glob patterns expanded (sorted). Raises ValueError if nothing matches."""
+    files: list[Path] = []
+    for entry in inputs:
+        entry_path = Path(entry)
+        if entry_path.is_dir():
+            found = sorted(p for p in entry_path.rglob("*") if p.is_file() and p.name.endswith(JSONL_SUFFIXES))
+            if not found:
+                raise ValueError(f"input directory {entry_path} holds no {'/'.join(JSONL_SUFFIXES)} files")
+            files.extend(found)
+        elif entry_path.is_file():
+            files.append(entry_path)
+        elif glob.has_magic(str(entry)):
+            matched = sorted(Path(p) for p in glob.glob(str(entry), recursive=True) if Path(p).is_file())
+            if not matched:
+                raise ValueError(f"input pattern {entry} matches no files")
+            files.extend(matched)
+        else:
+            raise ValueError(f"input {entry} does not exist")
+    if not files:
+        raise ValueError("no input files given")
+    return files
+
+
+def open_binary(path: Path) -> IO[bytes]:
+    """Open a plain, gzip or zstd file for binary reading (format from its magic bytes)."""
+    raw = open(path, "rb")
+    magic = raw.read(4)
+    raw.seek(0)
+    if magic.startswith(_GZIP_MAGIC):
+        return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
+    if magic.startswith(_ZSTD_MAGIC):
+        reader = zstandard.ZstdDecompressor().stream_reader(raw, closefd=True)
+        return io.BufferedReader(reader)  # type: ignore[arg-type]
+    return raw
+
+
+@dataclasses.dataclass
+class LineChunk:
+    """Consecutive raw lines of one file, the unit of work sent to tokenizer processes."""
+
+    file_index: int
+    path: str
+    first_line_number: int
+    lines: list[bytes]
+
+
+def read_line_chunks(files: list[Path], chunk_lines: int = 512, chunk_bytes: int = 4 << 20) -> Iterator[LineChunk]:
+    """Raw lines of `files` in order, grouped into chunks of at most `chunk_lines` lines or
+    about `chunk_bytes` bytes. Line numbers start at 1."""
+    for file_index, path in enumerate(files):
+        try:
+            stream = open_binary(path)
+        except OSError as error:
+            raise ValueError(f"cannot open input {path}: {error}") from error
+        with stream:
+            lines: list[bytes] = []
+            size = 0
+            first = 1
+            try:
+                for line_number, line in enumerate(stream, start=1):
+                    if not lines:
+                        first = line_number
+                    lines.append(line)
+                    size += len(line)
+                    if len(lines) >= chunk_lines or size >= chunk_bytes:
+                        yield LineChunk(file_index, str(path), first, lines)
+                        lines, size = [], 0
+            except (OSError, EOFError, zstandard.ZstdError) as error:
+                raise ValueError(f"cannot read {path} (corrupt or truncated compressed file?): {error}") from error
+            if lines:
+                yield LineChunk(file_index, str(path), first, lines)
+
+
+def _lookup(record: Any, dotted: str) -> Any:
+    value = record
+    for key in dotted.split("."):
+        if not isinstance(value, dict) or key not in value:
+            raise KeyError(dotted)
+        value = value[key]
+    return value
+
+
+def parse_line(raw: bytes, fields: FieldSpec, path: str, line_number: int) -> Document | Problem | None:
+    """One jsonl line -> Document, or Problem for bad input, or None for a blank line."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        return Problem("invalid_utf8", path, line_number, f"bytes are not UTF-8 ({error.reason} at byte {error.start})")
+    if not line.strip():
+        return None
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        return Problem("malformed_json", path, line_number, f"{error.msg} at column {error.colno}")
+    if not isinstance(record, dict):
+        return Problem("malformed_json", path, line_number, f"expected a JSON object, got {type(record).__name__}")
+    try:
+        text = _lookup(record, fields.text_field)
+    except KeyError:
+        return Problem("missing_field", path, line_number, f"no text field {fields.text_field!r}")
+    if not isinstance(text, str):
+        return Problem("missing_field", path, line_number, f"text field {fields.text_field!r} is not a string")
+    source: str | None = None
+    if fields.source_field is not None:
+        try:
+            source = _lookup(record, fields.source_field)
+        except KeyError:
+            return Problem("missing_field", path, line_number, f"no source field {fields.source_field!r}")
+        if not isinstance(source, str) or not source:
+            return Problem("missing_field", path, line_number, f"source field {fields.source_field!r} is not a non-empty string")
+    if not text.strip():
+        return Problem("empty_document", path, line_number, "text is empty or whitespace only")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # json "\ud800"-style escapes decode to lone surrogates
+        return Problem("invalid_utf8", path, line_number, "text holds unpaired surrogate escapes (not valid Unicode)")
+    return Document(text, source, line_number)
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; rename it to `path` if the block succeeds,
+    delete it if the block raises. Refuses to replace an existing file unless `overwrite`."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise ValueError(f"output {path} already exists: pass --overwrite to replace it or choose another path")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+
+
+def open_compressed_writer(path: Path, final_name: str) -> IO[bytes]:
+    """A binary writer on `path`, compressing by the suffix of `final_name` (.gz, .zst/.zstd)."""
+    name = final_name
+    if name.endswith(".gz"):
+        return gzip.open(path, "wb", compresslevel=6)  # type: ignore[return-value]
+    if name.endswith((".zst", ".zstd")):
+        return zstandard.ZstdCompressor(level=3).stream_writer(open(path, "wb"), closefd=True)  # type: ignore[return-value]
+    return open(path, "wb")

@@ -1,0 +1,307 @@
+"""The stages of data preparation as functions: upsample, tokenize (+ shards and merge), both
+fused (`prepare`), and a length report. `tools/prepare_data.py` is a thin CLI over these.
+
+    summary = upsample_corpus(["raw/"], "work/upsampled.jsonl.zst", UpsampleConfig(total_tokens=10**9),
+                              tokenizer="tokenizer.model")
+    summary = tokenize_corpus(["work/upsampled.jsonl.zst"], "work/train", tokenizer="tokenizer.model")
+    summary = prepare(["raw/"], "work/train", UpsampleConfig(total_tokens=10**9), tokenizer="tokenizer.model")
+
+Every stage writes `<output>.summary.json` and `<output>.report.png` next to its output (tokens
+per source, share of tokens in long documents, skipped lines by kind) and returns the summary.
+Outputs appear under their final names only when complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from megatron_harpe.data import report as reporting
+from megatron_harpe.data.encoding import LLAMA_CHARS_PER_TOKEN, ChunkResult, EncodeOptions, encode_chunks
+from megatron_harpe.data.indexed import DatasetWriter, check_output_prefix, dataset_exists, token_dtype
+from megatron_harpe.data.jsonl import FieldSpec, ProblemLog, atomic_output, expand_inputs, open_compressed_writer, read_line_chunks
+from megatron_harpe.data.tokenizer import load_tokenizer
+from megatron_harpe.data.upsample import LengthUpsampler, UpsampleConfig
+
+LENGTH_MEASURES = ("tokens", "chars")
+_OUTPUT_SUFFIXES = (".jsonl.zst", ".jsonl.zstd", ".jsonl.gz", ".jsonl", ".json")
+
+
+def default_workers() -> int:
+    return max(1, (os.cpu_count() or 1))
+
+
+def report_prefix(output: str | Path) -> str:
+    """`work/up.jsonl.zst` -> `work/up`; a dataset prefix stays as is."""
+    name = str(output)
+    for suffix in _OUTPUT_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _finish_report(summary: dict[str, Any], stages: dict[str, dict], output: str | Path, title: str, threshold: int) -> dict[str, Any]:
+    prefix = report_prefix(output)
+    summary["summary_json"] = f"{prefix}.summary.json"
+    summary["report_png"] = reporting.plot_report(stages, f"{prefix}.report.png", title, threshold).as_posix()
+    reporting.write_json(summary, summary["summary_json"])
+    print(reporting.format_table(stages))
+    return summary
+
+
+def _lengths(result: ChunkResult, measure: str) -> np.ndarray:
+    if measure == "tokens":
+        assert result.text_tokens is not None
+        return result.text_tokens.astype(np.float64)
+    return result.chars / LLAMA_CHARS_PER_TOKEN
+
+
+def _check_measure(measure: str, tokenizer: str | None) -> None:
+    if measure not in LENGTH_MEASURES:
+        raise ValueError(f"length measure {measure!r} is unknown: choose tokens or chars")
+    if measure == "tokens" and tokenizer is None:
+        raise ValueError("measuring lengths in tokens needs --tokenizer (or pass --length-estimate chars)")
+
+
+def _selected(results: Iterator[ChunkResult], sampler: LengthUpsampler, measure: str, problems: ProblemLog,
+              before: reporting.LengthStats, after: reporting.LengthStats) -> Iterator[tuple[ChunkResult, np.ndarray]]:
+    """Apply the sampler to every document; yield each chunk with its boolean keep mask."""
+    for result in results:
+        for problem in result.problems:
+            problems.add(problem)
+        lengths = _lengths(result, measure)
+        keep = np.zeros(result.num_documents, dtype=bool)
+        for index, (source, length) in enumerate(zip(result.sources, lengths.tolist())):
+            before.add(source, length)
+            if sampler.offer(source, length):
+                keep[index] = True
+                after.add(source, length)
+            if sampler.finished:
+                break
+        yield result, keep
+        if sampler.finished:
+            return
+
+
+def upsample_corpus(inputs: list[str | Path], output: str | Path, config: UpsampleConfig, *, tokenizer: str | None = None,
+                    length_measure: str = "tokens", fields: FieldSpec = FieldSpec(), workers: int | None = None,
+                    strict: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    """Select documents by the length-upsampling rule and write their original jsonl lines to
+    `output` (compressed by suffix: .gz, .zst)."""
+    _check_measure(length_measure, tokenizer)
+    sampler = LengthUpsampler(config)
+    files = expand_inputs(inputs)
+    options = EncodeOptions(fields=fields, tokenizer_path=tokenizer if length_measure == "tokens" else None, keep_ids=False, keep_raw_lines=True)
+    problems = ProblemLog(strict=strict)
+    before, after = reporting.LengthStats(config.length_threshold), reporting.LengthStats(config.length_threshold)
+    started = time.perf_counter()
+    kept = 0
+    output = Path(output)
+    with atomic_output(output, overwrite=overwrite) as temporary:
+        with open_compressed_writer(temporary, output.name) as stream:
+            results = encode_chunks(read_line_chunks(files), options, workers if workers is not None else default_workers())
+            with contextlib.closing(results):
+                for result, keep in _selected(results, sampler, length_measure, problems, before, after):
+                    assert result.raw_lines is not None
+                    for raw, take in zip(result.raw_lines, keep.tolist()):
+                        if take:
+                            stream.write(raw if raw.endswith(b"\n") else raw + b"\n")
+                            kept += 1
+    summary = {
+        "stage": "upsample",
+        "inputs": [str(path) for path in files],
+        "output": str(output),
+        "upsample": dataclasses.asdict(config),
+        "length_measure": length_measure,
+        "tokenizer": tokenizer,
+        "documents_kept": kept,
+        "budgets": sampler.budget_report(),
+        "finished_by_budget": sampler.finished,
+        "seconds": round(time.perf_counter() - started, 3),
+        "problems": problems.summary(),
+        "before": before.to_dict(),
+        "after": after.to_dict(),
+    }
+    stages = {"before upsampling": summary["before"], "after upsampling": summary["after"]}
+    return _finish_report(summary, stages, output, f"upsample ({config.mode}, lengths in {length_measure})", config.length_threshold)
+
+
+def _write_documents(results: Iterator[ChunkResult], writer: DatasetWriter, problems: ProblemLog, stats: reporting.LengthStats) -> None:
+    with contextlib.closing(results):
+        for result in results:
+            for problem in result.problems:
+                problems.add(problem)
+            if result.num_documents:
+                assert result.ids is not None and result.doc_lengths is not None and result.text_tokens is not None
+                writer.add_documents(result.ids, result.doc_lengths)
+                stats.add_many(result.sources, result.text_tokens)
+
+
+def _shard_settings(path: Path, options: EncodeOptions) -> dict[str, Any]:
+    status = path.stat()
+    return {"input": str(path.resolve()), "input_bytes": status.st_size, "input_mtime_ns": status.st_mtime_ns,
+            "options": json.loads(json.dumps(dataclasses.asdict(options)))}
+
+
+def _tokenize_shards(files: list[Path], shard_dir: Path, options: EncodeOptions, vocab_size: int, workers: int,
+                     problems: ProblemLog, stats: reporting.LengthStats, overwrite: bool) -> list[str]:
+    """One shard dataset per input file, each with a `.shard.json` sidecar (settings, counts).
+    A shard whose sidecar matches the current settings is reused, so a rerun resumes at the
+    first unfinished file."""
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    prefixes = []
+    for index, path in enumerate(files):
+        prefix = shard_dir / f"shard-{index:05d}"
+        sidecar = Path(f"{prefix}.shard.json")
+        settings = _shard_settings(path, options)
+        if dataset_exists(prefix) and sidecar.is_file() and not overwrite:
+            recorded = json.loads(sidecar.read_text())
+            if recorded.get("settings") != settings:
+                raise ValueError(f"shard {prefix} was written from other input or settings: delete {shard_dir} or pass --overwrite")
+            problems.merge(_problem_log_from(recorded["problems"]))
+            stats.merge_state(recorded["lengths"])
+        else:
+            shard_problems = ProblemLog(strict=problems.strict, stream=problems.stream)
+            shard_stats = reporting.LengthStats(stats.long_threshold)
+            if sidecar.exists():
+                sidecar.unlink()
+            with DatasetWriter(prefix, vocab_size, overwrite=True) as writer:
+                _write_documents(encode_chunks(read_line_chunks([path]), options, workers), writer, shard_problems, shard_stats)
+            reporting.write_json({"settings": settings, "problems": shard_problems.counts, "lengths": shard_stats.state()}, sidecar)
+            problems.merge(shard_problems)
+            stats.merge_state(shard_stats.state())
+        prefixes.append(str(prefix))
+    return prefixes
+
+
+def _problem_log_from(counts: dict[str, int]) -> ProblemLog:
+    log = ProblemLog()
+    log.counts.update(counts)
+    return log
+
+
+def tokenize_corpus(inputs: list[str | Path], output_prefix: str | Path, tokenizer: str, *, fields: FieldSpec = FieldSpec(source_field=None),
+                    add_bos: bool = True, add_eos: bool = True, vocab_size: int | None = None, workers: int | None = None,
+                    strict: bool = False, overwrite: bool = False, shard_dir: str | Path | None = None,
+                    long_threshold: int = 4096) -> dict[str, Any]:
+    """Tokenize jsonl documents into the Megatron dataset `output_prefix.bin/.idx`, one
+    document per line in input order, BOS/EOS per document as asked. With `shard_dir`, each
+    input file becomes its own shard dataset first (reused on a rerun), then shards are merged."""
+    check_output_prefix(output_prefix, overwrite)
+    files = expand_inputs(inputs)
+    loaded = load_tokenizer(tokenizer)
+    limit = vocab_size or loaded.vocab_size
+    if limit < loaded.vocab_size:
+        print(f"note: ids >= --vocab-size {limit} (tokenizer has {loaded.vocab_size}) are reported as out of vocabulary")
+    options = EncodeOptions(fields=fields, tokenizer_path=loaded.path, add_bos=add_bos, add_eos=add_eos, vocab_limit=limit)
+    workers = workers if workers is not None else default_workers()
+    problems = ProblemLog(strict=strict)
+    stats = reporting.LengthStats(long_threshold)
+    started = time.perf_counter()
+    with DatasetWriter(output_prefix, limit, overwrite=overwrite) as writer:
+        if shard_dir is not None:
+            for shard in _tokenize_shards(files, Path(shard_dir), options, limit, workers, problems, stats, overwrite):
+                writer.add_dataset(shard)
+        else:
+            _write_documents(encode_chunks(read_line_chunks(files), options, workers), writer, problems, stats)
+    seconds = time.perf_counter() - started
+    summary = {
+        "stage": "tokenize",
+        "inputs": [str(path) for path in files],
+        "output_prefix": str(output_prefix),
+        "tokenizer": loaded.path,
+        "vocab_size": limit,
+        "dtype": np.dtype(token_dtype(limit)).name,
+        "add_bos": add_bos,
+        "add_eos": add_eos,
+        "documents": writer.documents,
+        "tokens": writer.tokens,
+        "seconds": round(seconds, 3),
+        "tokens_per_second": round(writer.tokens / seconds) if seconds > 0 else None,
+        "workers": workers,
+        "problems": problems.summary(),
+        "lengths": stats.to_dict(),
+    }
+    return _finish_report(summary, {"written": summary["lengths"]}, output_prefix, "tokenized dataset", long_threshold)
+
+
+def prepare(inputs: list[str | Path], output_prefix: str | Path, config: UpsampleConfig, tokenizer: str, *,
+            fields: FieldSpec = FieldSpec(), length_measure: str = "tokens", add_bos: bool = True, add_eos: bool = True,
+            vocab_size: int | None = None, workers: int | None = None, strict: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    """Upsample and tokenize in one pass: every document is tokenized once, the rule decides on
+    its length, and kept documents go straight into `output_prefix.bin/.idx`."""
+    _check_measure(length_measure, tokenizer)
+    check_output_prefix(output_prefix, overwrite)
+    sampler = LengthUpsampler(config)
+    files = expand_inputs(inputs)
+    loaded = load_tokenizer(tokenizer)
+    limit = vocab_size or loaded.vocab_size
+    options = EncodeOptions(fields=fields, tokenizer_path=loaded.path, add_bos=add_bos, add_eos=add_eos, vocab_limit=limit)
+    problems = ProblemLog(strict=strict)
+    before, after = reporting.LengthStats(config.length_threshold), reporting.LengthStats(config.length_threshold)
+    started = time.perf_counter()
+    workers = workers if workers is not None else default_workers()
+    with DatasetWriter(output_prefix, limit, overwrite=overwrite) as writer:
+        results = encode_chunks(read_line_chunks(files), options, workers)
+        with contextlib.closing(results):
+            for result, keep in _selected(results, sampler, length_measure, problems, before, after):
+                if keep.any():
+                    assert result.ids is not None and result.doc_lengths is not None
+                    document_of_token = np.repeat(np.arange(result.num_documents), result.doc_lengths)
+                    writer.add_documents(result.ids[keep[document_of_token]], result.doc_lengths[keep])
+    summary = {
+        "stage": "prepare",
+        "inputs": [str(path) for path in files],
+        "output_prefix": str(output_prefix),
+        "upsample": dataclasses.asdict(config),
+        "length_measure": length_measure,
+        "tokenizer": loaded.path,
+        "vocab_size": limit,
+        "add_bos": add_bos,
+        "add_eos": add_eos,
+        "documents": writer.documents,
+        "tokens": writer.tokens,
+        "budgets": sampler.budget_report(),
+        "finished_by_budget": sampler.finished,
+        "seconds": round(time.perf_counter() - started, 3),
+        "workers": workers,
+        "problems": problems.summary(),
+        "before": before.to_dict(),
+        "after": after.to_dict(),
+    }
+    stages = {"before upsampling": summary["before"], "after upsampling": summary["after"]}
+    return _finish_report(summary, stages, output_prefix, f"prepare ({config.mode}, lengths in {length_measure})", config.length_threshold)
+
+
+def corpus_report(inputs: list[str | Path], output_prefix: str | Path, *, compare: list[str | Path] | None = None,
+                  tokenizer: str | None = None, length_measure: str = "tokens", fields: FieldSpec = FieldSpec(),
+                  long_threshold: int = 4096, workers: int | None = None) -> dict[str, Any]:
+    """Length statistics per source of a corpus (and optionally a second one, e.g. its
+    upsampled version) as `output_prefix.summary.json` and `.report.png`."""
+    _check_measure(length_measure, tokenizer)
+    options = EncodeOptions(fields=fields, tokenizer_path=tokenizer if length_measure == "tokens" else None, keep_ids=False)
+    stages: dict[str, dict] = {}
+    problem_summaries = {}
+    for label, corpus in (("input", inputs), ("compare", compare)):
+        if not corpus:
+            continue
+        stats, problems = reporting.LengthStats(long_threshold), ProblemLog()
+        results = encode_chunks(read_line_chunks(expand_inputs(corpus)), options, workers if workers is not None else default_workers())
+        with contextlib.closing(results):
+            for result in results:
+                for problem in result.problems:
+                    problems.add(problem)
+                stats.add_many(result.sources, _lengths(result, length_measure))
+        stages[label] = stats.to_dict()
+        problem_summaries[label] = problems.summary()
+    summary = {"stage": "report", "inputs": [str(p) for p in inputs], "compare": [str(p) for p in compare or []],
+               "length_measure": length_measure, "tokenizer": tokenizer, "long_threshold": long_threshold,
+               "problems": problem_summaries, "stages": stages}
+    return _finish_report(summary, stages, output_prefix, f"corpus lengths (in {length_measure})", long_threshold)
