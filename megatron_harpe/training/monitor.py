@@ -1,0 +1,207 @@
+"""Watching a training run: periodic log lines, TensorBoard scalars and the NaN/inf policy.
+
+`TrainingMonitor` is driven by the loop once per optimizer step. It measures the wall time
+between consecutive calls itself, and every `log_every` steps (and at the last step) prints::
+
+    step 120/5000 | loss 2.3456 | lr 1.50e-05 | grad norm 0.812 | 12,345 tok/s | elapsed 0:12:34 | left 8:19:10
+
+tokens/s covers the steps since the previous line; "left" (ETA) is the mean duration of the
+last `eta_window` steps times the steps remaining, so a slow first step (warm-up, allocator)
+fades out. With a `log_dir` it also writes TensorBoard scalars (``train/loss``, ``train/lr``,
+``train/grad_norm`` every step; ``train/tokens_per_second`` at each log line) and
+`add_scalars` records anything else (eval results). Only the main rank should log: build it
+with ``enabled=ctx.is_main``; a disabled monitor does nothing.
+
+`check_loss_finite` implements ``train.on_nonfinite``: ``"skip"`` logs a warning and returns
+False (the loop skips that optimizer step), ``"stop"`` raises `NonFiniteLossError`. Pass the
+loss reduced over all ranks, so every rank takes the same decision.
+
+Usage::
+
+    monitor = TrainingMonitor(total_steps=5000, log_every=cfg.logging.log_interval,
+                              log_dir=cfg.logging.tensorboard_dir, enabled=ctx.is_main)
+    for step in range(start, total):
+        ...
+        if check_loss_finite(loss, step + 1, cfg.train.on_nonfinite):
+            lr = schedule.step(optimizer); optimizer.step()
+        monitor.log_step(step + 1, loss=loss, lr=lr, grad_norm=norm, tokens=tokens_per_step)
+    monitor.close()
+
+Read the scalars with ``tensorboard --logdir <log_dir>``.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import logging
+import math
+import time
+from typing import Callable, Mapping
+
+logger = logging.getLogger(__name__)
+
+NONFINITE_POLICIES = ("skip", "stop")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss (or gradient norm) became NaN or infinite and the policy is "stop"."""
+
+
+def check_loss_finite(loss: float, step: int, policy: str, *, what: str = "loss") -> bool:
+    """True if `loss` is finite. Otherwise apply `policy`: "skip" warns and returns False,
+    "stop" raises NonFiniteLossError. `what` names the quantity ("loss", "gradient norm")."""
+    if policy not in NONFINITE_POLICIES:
+        raise ValueError(
+            f"unknown non-finite policy {policy!r}: set train.on_nonfinite to one of {NONFINITE_POLICIES}"
+        )
+    if math.isfinite(loss):
+        return True
+    if policy == "skip":
+        logger.warning(
+            "step %d: %s is %s; skipping this optimizer step (train.on_nonfinite=skip)", step, what, loss
+        )
+        return False
+    raise NonFiniteLossError(
+        f"step {step}: {what} is {loss}. Training stopped (train.on_nonfinite=stop). Try a lower "
+        "learning rate (train.lr) or longer warm-up (train.warmup_steps), check the data for "
+        "corrupt or empty documents, or set train.on_nonfinite=skip to skip such steps."
+    )
+
+
+def format_duration(seconds: float) -> str:
+    """Seconds as H:MM:SS (days folded into hours); "?" when unknown."""
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    return str(datetime.timedelta(seconds=round(seconds)))
+
+
+class TrainingMonitor:
+    """Rank-0 progress lines, TensorBoard scalars, throughput and ETA; see module docstring."""
+
+    def __init__(
+        self,
+        *,
+        total_steps: int,
+        log_every: int = 10,
+        log_dir: str | None = None,
+        enabled: bool = True,
+        start_step: int = 0,
+        eta_window: int = 50,
+        clock: Callable[[], float] = time.perf_counter,
+        emit: Callable[[str], None] | None = None,
+    ) -> None:
+        """`start_step`: steps already done (resume). `clock` and `emit` (default: print) are
+        injectable for tests and custom sinks."""
+        if log_every < 1:
+            raise ValueError(f"logging.log_interval must be >= 1, got {log_every}")
+        if total_steps < 1:
+            raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+        if eta_window < 1:
+            raise ValueError(f"eta_window must be >= 1, got {eta_window}")
+        self.total_steps = total_steps
+        self.log_every = log_every
+        self.enabled = enabled
+        self._clock = clock
+        self._emit = emit or (lambda line: print(line, flush=True))
+        self._start_time = clock()
+        self._last_time = self._start_time
+        self._recent_step_seconds: collections.deque[float] = collections.deque(maxlen=eta_window)
+        self._tokens_since_line = 0
+        self._seconds_since_line = 0.0
+        self._skipped_steps = 0
+        self._last_step = start_step
+        self._writer = None
+        if enabled and log_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=log_dir)
+
+    def reset_clock(self) -> None:
+        """Restart step timing now (call after setup work that should not count as a step)."""
+        self._start_time = self._last_time = self._clock()
+
+    def eta_seconds(self, step: int) -> float:
+        """Estimated seconds until `total_steps`, from the recent measured step times."""
+        if not self._recent_step_seconds:
+            return math.nan
+        mean_step = sum(self._recent_step_seconds) / len(self._recent_step_seconds)
+        return mean_step * max(0, self.total_steps - step)
+
+    def log_step(
+        self,
+        step: int,
+        *,
+        loss: float,
+        lr: float,
+        grad_norm: float,
+        tokens: int,
+        skipped: bool = False,
+    ) -> str | None:
+        """Record the step just finished (`step` counts from 1; `tokens`: processed by the whole
+        job in this step). Returns the log line when one is printed, else None."""
+        now = self._clock()
+        step_seconds = now - self._last_time
+        self._last_time = now
+        # steps since the previous call (normally 1) share the measured time
+        steps_done = max(1, step - self._last_step)
+        self._last_step = step
+        self._recent_step_seconds.extend([step_seconds / steps_done] * steps_done)
+        self._tokens_since_line += tokens
+        self._seconds_since_line += step_seconds
+        self._skipped_steps += int(skipped)
+        if not self.enabled:
+            return None
+        if self._writer is not None:
+            self._writer.add_scalar("train/loss", loss, step)
+            self._writer.add_scalar("train/lr", lr, step)
+            self._writer.add_scalar("train/grad_norm", grad_norm, step)
+        if step % self.log_every and step != self.total_steps:
+            return None
+        tokens_per_second = (
+            self._tokens_since_line / self._seconds_since_line if self._seconds_since_line > 0 else math.nan
+        )
+        fields = [
+            f"step {step}/{self.total_steps}",
+            f"loss {loss:.4f}",
+            f"lr {lr:.2e}",
+            f"grad norm {grad_norm:.3f}",
+            f"{tokens_per_second:,.0f} tok/s" if math.isfinite(tokens_per_second) else "? tok/s",
+            f"elapsed {format_duration(now - self._start_time)}",
+            f"left {format_duration(self.eta_seconds(step))}",
+        ]
+        if self._skipped_steps:
+            fields.append(f"skipped {self._skipped_steps}")
+        line = " | ".join(fields)
+        self._emit(line)
+        if self._writer is not None:
+            if math.isfinite(tokens_per_second):
+                self._writer.add_scalar("train/tokens_per_second", tokens_per_second, step)
+            self._writer.flush()
+        self._tokens_since_line = 0
+        self._seconds_since_line = 0.0
+        return line
+
+    def add_scalars(self, step: int, scalars: Mapping[str, float], prefix: str = "eval") -> None:
+        """Write `scalars` (e.g. eval results) to TensorBoard as ``prefix/name`` and log them."""
+        if not self.enabled:
+            return
+        self._emit(
+            f"step {step} {prefix}: " + ", ".join(f"{name} {value:.4g}" for name, value in scalars.items())
+        )
+        if self._writer is not None:
+            for name, value in scalars.items():
+                self._writer.add_scalar(f"{prefix}/{name}", float(value), step)
+            self._writer.flush()
+
+    def close(self) -> None:
+        """Flush and close the TensorBoard writer."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def __enter__(self) -> TrainingMonitor:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
