@@ -187,7 +187,7 @@ def build_demo_corpus(output_jsonl: str | Path, seed: int = DEMO_SEED, overwrite
 class DemoData:
     corpus: Path
     tokenizer: Path
-    dataset_prefix: str
+    prefix: str
     """Megatron dataset prefix (`.bin`/`.idx`), upsampled with the demo shares."""
     summary: Path
 
@@ -233,4 +233,4 @@ def prepare_demo_data(workdir: str | Path, vocab_size: int = DEMO_VOCAB_SIZE, wo
             config = UpsampleConfig(mode="per_source", total_tokens=DEMO_TOTAL_TOKENS, shares=dict(DEMO_SHARES),
                                     length_threshold=DEMO_LENGTH_THRESHOLD, seed=DEMO_SEED)
             prepare([corpus], dataset_prefix, config, str(tokenizer), workers=workers, overwrite=dataset_exists(dataset_prefix))
-    return DemoData(corpus=corpus, tokenizer=tokenizer, dataset_prefix=dataset_prefix, summary=Path(f"{dataset_prefix}.summary.json"))
+    return DemoData(corpus=corpus, tokenizer=tokenizer, prefix=dataset_prefix, summary=Path(f"{dataset_prefix}.summary.json"))

@@ -143,9 +143,11 @@ def merge_datasets(shard_prefixes: Iterable[str | Path], output_prefix: str | Pa
 
 
 def read_documents(prefix: str | Path) -> list[np.ndarray]:
-    """Every document of a dataset as an array of token ids, read with megatron-core."""
+    """Every document of a dataset as an array of token ids, read with megatron-core.
+    (Copies: megatron's arrays view a memory map that closes with the dataset.)"""
     dataset = IndexedDataset(str(prefix), mmap=True)
     documents = []
-    for start, end in zip(dataset.document_indices[:-1], dataset.document_indices[1:]):
-        documents.append(np.concatenate([dataset[i] for i in range(start, end)]) if end > start else np.array([], dtype=np.int64))
+    for start, end in zip(dataset.document_indices[:-1].tolist(), dataset.document_indices[1:].tolist()):
+        parts = [np.array(dataset[i], dtype=np.int64) for i in range(start, end)]
+        documents.append(np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64))
     return documents
