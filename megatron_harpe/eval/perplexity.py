@@ -6,7 +6,8 @@
 
 Protocol (the one of the YaRN / LongLoRA evaluations the paper compares with): at context
 length L, every document with at least L tokens is cut to its first `max(L, document_tokens)`
-tokens and scored with windows of L tokens that move by `stride`; each token is scored once,
+tokens and scored with windows of L tokens that move by `stride` (capped at L - 1, so no token
+is left without context); each token after the first is scored once,
 by the first window that reaches it, so after the first window every token sees at least
 L - stride tokens of context. With the default document_tokens = L this is one window of L
 tokens per document. Perplexity = exp(total negative log likelihood / scored tokens), pooled
@@ -36,9 +37,10 @@ def sliding_window_nll(backend: ModelBackend, ids: list[int], window: int, strid
     """(sum of -log p over scored tokens, number of scored tokens) for one document."""
     if window < 2:
         raise ValueError(f"window {window} is too small: it must hold at least two tokens")
-    if not 1 <= stride <= window:
-        raise ValueError(f"stride {stride} must be between 1 and the window ({window}), "
-                         "otherwise tokens between windows would never be scored")
+    if not 1 <= stride < window:
+        raise ValueError(f"stride {stride} must be at least 1 and smaller than the window ({window}): "
+                         "otherwise the first token of each later window would have no context and "
+                         "never be scored")
     total, scored, previous_end = 0.0, 0, 0
     for begin in range(0, len(ids), stride):
         end = min(begin + window, len(ids))
@@ -50,6 +52,7 @@ def sliding_window_nll(backend: ModelBackend, ids: list[int], window: int, strid
         previous_end = end
         if end == len(ids):
             break
+    assert scored == len(ids) - 1, "every token after the first is scored exactly once"
     return total, scored
 
 
@@ -139,10 +142,11 @@ def perplexity_by_length(
     results: dict[int, dict] = {}
     for length in lengths:
         scope = max(length, document_tokens or length)
+        effective_stride = min(stride, length - 1)
         eligible = [ids for ids in documents if len(ids) >= length]
         total, scored = 0.0, 0
         for ids in tqdm(eligible, desc=f"ppl @ {length}", disable=not progress, leave=False):
-            nll, count = sliding_window_nll(backend, ids[:scope], window=length, stride=min(stride, length))
+            nll, count = sliding_window_nll(backend, ids[:scope], window=length, stride=effective_stride)
             total += nll
             scored += count
         results[length] = {
@@ -150,7 +154,7 @@ def perplexity_by_length(
             "nll": total / scored if scored else None,
             "tokens": scored,
             "documents": len(eligible),
-            "stride": min(stride, length),
+            "stride": effective_stride,
             "document_tokens": scope,
         }
     return results
