@@ -99,14 +99,13 @@ class LearningRateSchedule:
         progress = min(1.0, (step - self.warmup_steps) / decay_steps)
         return self.min_lr + (self.peak_lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
-    @property
     def current_lr(self) -> float:
         """The rate the next update will use."""
         return self.lr_at(self.completed_steps)
 
     def step(self, optimizer: torch.optim.Optimizer) -> float:
         """Set the next update's rate on every group of `optimizer`, advance, return the rate."""
-        lr = self.current_lr
+        lr = self.current_lr()
         for group in optimizer.param_groups:
             group["lr"] = lr
         self.completed_steps += 1

@@ -58,7 +58,7 @@ def test_step_sets_every_group_and_advances() -> None:
     assert schedule.step(optimizer) == pytest.approx(0.5)
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.5, 0.5])
     assert schedule.completed_steps == 1
-    assert schedule.current_lr == pytest.approx(1.0)
+    assert schedule.current_lr() == pytest.approx(1.0)
 
 
 def test_state_round_trip_resumes_same_sequence() -> None:
