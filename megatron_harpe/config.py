@@ -228,6 +228,11 @@ class Config:
                     f"train.micro_batch_size={train.micro_batch_size} x data-parallel size {dp}: "
                     "adjust the batch sizes or the number of processes"
                 )
+        if self.data.reset_position_ids or self.data.reset_attention_mask:
+            raise ValueError(
+                "data.reset_position_ids / data.reset_attention_mask are not supported by the trainer yet: "
+                "sequences are packed across document boundaries (as in the paper's data recipe); set both to false"
+            )
         if self.data.weights is not None and len(self.data.weights) != len(self.data.prefixes):
             raise ValueError("data.weights needs one weight per entry of data.prefixes")
         if not self.data.prefixes and not self.data.demo_workdir:

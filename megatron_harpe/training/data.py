@@ -73,7 +73,7 @@ def prepare_training_data(cfg: Config, ctx: ParallelContext, total_samples: list
 
 
 def _prepare_demo_data(cfg: Config, ctx: ParallelContext) -> None:
-    from megatron_harpe.data.demo import prepare_demo_data
+    from megatron_harpe.data.demo_corpus import prepare_demo_data
 
     workdir = Path(cfg.data.demo_workdir)
     if ctx.is_main:

@@ -110,9 +110,9 @@ def train(cfg: Config) -> list[float]:
         set_position_encoding(model, cfg.model, plan.config.position)
         batches = training_data[plan.index].micro_batches(consumed_steps=state.stage_step)
         while state.stage_step < plan.steps:
-            loss, grad_norm, tokens, skipped = train_step(cfg, ctx, model, optimizer, batches, state.iteration + 1)
-            lr = schedule.current_lr()
-            schedule.step(optimizer)
+            loss, grad_norm, lr, tokens, skipped = train_step(
+                cfg, ctx, model, optimizer, schedule, batches, state.iteration + 1
+            )
             state.iteration += 1
             state.stage_step += 1
             state.consumed_tokens += tokens
@@ -124,9 +124,9 @@ def train(cfg: Config) -> list[float]:
     return losses
 
 
-def train_step(cfg: Config, ctx: ParallelContext, model, optimizer, batches, step: int):
+def train_step(cfg: Config, ctx: ParallelContext, model, optimizer, schedule, batches, step: int):
     """One optimizer step over this rank's micro-batches. Returns (global mean loss, grad norm,
-    tokens in the step over the whole job, skipped)."""
+    learning rate, tokens in the step over the whole job, skipped)."""
     micro_batches = [next(batches) for _ in range(_accumulation(cfg, ctx))]
     loss_tokens = global_token_count([b["loss_mask"] for b in micro_batches], ctx.dp_cp_group)
     model.train()
@@ -145,11 +145,13 @@ def train_step(cfg: Config, ctx: ParallelContext, model, optimizer, batches, ste
     finite = check_loss_finite(step_loss.item(), step, cfg.train.on_nonfinite) and check_loss_finite(
         grad_norm, step, cfg.train.on_nonfinite, what="gradient norm"
     )
-    if finite:
+    lr = schedule.current_lr()
+    if finite:  # a skipped update does not advance the schedule
+        lr = schedule.step(optimizer)
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     tokens = cfg.train.global_batch_size * micro_batches[0]["tokens"].size(1) * ctx.cp_size
-    return step_loss.item(), grad_norm, tokens, not finite
+    return step_loss.item(), grad_norm, lr, tokens, not finite
 
 
 def _accumulation(cfg: Config, ctx: ParallelContext) -> int:

@@ -1,0 +1,112 @@
+"""Evaluate a megatron_harpe checkpoint directly, sharded with TP and CP.
+
+    python tools/evaluate.py --task passkey --model runs/demo_cpu/checkpoints --lengths 512,1024
+    torchrun --nproc-per-node 8 tools/evaluate.py --task niah --model ckpt/harpe \\
+        --tensor-parallel 4 --context-parallel 2 --lengths 131072
+
+Every rank runs the same evaluation (prompts are generated from the same seed) and takes part
+in each forward pass; each forward is collective and its logits are gathered so every rank sees
+the same argmax. Sequences are padded at the end to a multiple of 2*CP: causal attention keeps
+padding from influencing the real positions.
+
+Generation recomputes the whole sequence for every new token (no KV cache): fine for the short
+answers of needle tasks at moderate lengths. With context parallelism (the 128k case) the
+backend defaults to scoring by teacher forcing (`supports_generation=False`), and the tasks
+record that method with their results.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+from megatron_harpe import parallel
+from megatron_harpe.config import Config, from_dict
+from megatron_harpe.model import build_model
+from megatron_harpe.position.rotary import context_parallel_positions
+from megatron_harpe.training import checkpoint
+
+
+class MegatronBackend:
+    """`ModelBackend` over a megatron_harpe GPTModel shard."""
+
+    def __init__(self, model, config: Config, tokenizer, name: str, generation: bool) -> None:
+        self.model = model.eval()
+        self.config = config
+        self.tokenizer = tokenizer
+        self.name = name
+        self.supports_generation = generation
+        self.cp_size = parallel_state.get_context_parallel_world_size()
+        self.cp_rank = parallel_state.get_context_parallel_rank()
+        self.device = next(model.parameters()).device
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str,
+        tensor_parallel: int = 1,
+        context_parallel: int = 1,
+        tokenizer: str | None = None,
+        generation: bool | None = None,
+        **_unused,
+    ) -> "MegatronBackend":
+        from megatron_harpe.eval.backends import load_tokenizer_any
+
+        config = from_dict(Config, checkpoint.read_checkpoint_config(path))
+        config.position.resolve(config.model)
+        tokenizer_path = tokenizer or config.data.tokenizer
+        if not tokenizer_path or not os.path.exists(tokenizer_path):
+            raise ValueError(
+                f"no tokenizer for {path}: its config names {config.data.tokenizer!r}; pass --tokenizer PATH"
+            )
+        parallel.initialize(tensor_parallel, context_parallel)
+        model = build_model(config.model, config.position, initialize=False)
+        checkpoint.load_checkpoint(path, model=model, weights_only=True, load_rng=False)
+        name = f"megatron:{Path(path).name}"
+        return cls(model, config, load_tokenizer_any(tokenizer_path), name, generation if generation is not None else context_parallel == 1)
+
+    @torch.no_grad()
+    def logits(self, ids: list[int]) -> torch.Tensor:
+        """[len(ids), vocab] fp32 logits of the whole sequence, identical on every rank."""
+        length = len(ids)
+        multiple = 2 * self.cp_size if self.cp_size > 1 else 1
+        padded = length + (-length) % multiple
+        tokens = torch.tensor(ids + [0] * (padded - length), device=self.device)[None]
+        local_positions = context_parallel_positions(padded, self.cp_rank, self.cp_size).long().to(self.device)
+        local_tokens = tokens[:, local_positions]
+        local_logits = self.model(local_tokens, local_positions[None], None)  # [1, s_local, vocab/tp]
+        local_logits = gather_from_tensor_model_parallel_region(local_logits.float())
+        if self.cp_size == 1:
+            return local_logits[0, :length]
+        cp_group = parallel_state.get_context_parallel_group()
+        parts = [torch.empty_like(local_logits) for _ in range(self.cp_size)]
+        dist.all_gather(parts, local_logits.contiguous(), group=cp_group)
+        full = torch.empty(padded, local_logits.size(-1), device=self.device)
+        for rank, part in enumerate(parts):
+            full[context_parallel_positions(padded, rank, self.cp_size).long()] = part[0]
+        return full[:length]
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+        generated: list[int] = []
+        for _ in range(max_new_tokens):
+            next_id = int(self.logits(prompt_ids + generated)[-1].argmax())
+            if next_id == self.tokenizer.eos_id:
+                break
+            generated.append(next_id)
+        return generated
+
+    def teacher_forced_match(self, prompt_ids: list[int], answer_ids: list[int]) -> list[int]:
+        if not answer_ids:
+            return []
+        logits = self.logits(prompt_ids + answer_ids[:-1])
+        return logits[len(prompt_ids) - 1 :].argmax(dim=-1).tolist()
+
+    def token_logprobs(self, ids: list[int]) -> torch.Tensor:
+        logprobs = torch.log_softmax(self.logits(ids)[:-1], dim=-1)
+        targets = torch.tensor(ids[1:], device=logprobs.device)
+        return logprobs.gather(1, targets[:, None])[:, 0].cpu()
