@@ -8,7 +8,7 @@ keeps document boundaries for the loader (EOD resets, per-document statistics).
         writer.add_documents(flat_ids, lengths)                      # many documents at once
     # now out/corpus.bin and out/corpus.idx exist; on an exception neither does
 
-    merge_datasets(["shards/a", "shards/b"], "out/all", vocab_size=32000)
+    merge_datasets(["shards/a", "shards/b"], "out/all")
     docs = read_documents("out/all")                                 # list of numpy arrays
 """
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 from megatron.core.datasets.indexed_dataset import (
@@ -67,13 +67,16 @@ class DatasetWriter:
     """Context manager writing `prefix.bin/.idx` under temporary names, renamed on success.
 
     `vocab_size` fixes the token dtype (as megatron-core expects for it) and is the bound
-    every written id is checked against.
+    every written id is checked against; `dtype` alone (for merging) bounds ids by the dtype.
     """
 
-    def __init__(self, prefix: str | Path, vocab_size: int, overwrite: bool = False) -> None:
+    def __init__(self, prefix: str | Path, vocab_size: int | None = None, overwrite: bool = False,
+                 dtype: type[np.number] | None = None) -> None:
+        if (vocab_size is None) == (dtype is None):
+            raise ValueError("DatasetWriter needs exactly one of vocab_size and dtype")
         self.prefix = str(prefix)
-        self.vocab_size = vocab_size
-        self.dtype = token_dtype(vocab_size)
+        self.dtype = token_dtype(vocab_size) if vocab_size is not None else dtype
+        self.vocab_size = vocab_size if vocab_size is not None else int(np.iinfo(self.dtype).max) + 1
         self.overwrite = overwrite
         self.temporary_prefix = f"{self.prefix}.tmp-{os.getpid()}"
         self.documents = 0
@@ -134,9 +137,18 @@ class DatasetWriter:
                     os.remove(leftover)
 
 
-def merge_datasets(shard_prefixes: Iterable[str | Path], output_prefix: str | Path, vocab_size: int, overwrite: bool = False) -> tuple[int, int]:
-    """Concatenate shard datasets in the given order into one; returns (documents, tokens)."""
-    with DatasetWriter(output_prefix, vocab_size, overwrite=overwrite) as writer:
+def merge_datasets(shard_prefixes: Sequence[str | Path], output_prefix: str | Path, overwrite: bool = False) -> tuple[int, int]:
+    """Concatenate shard datasets in the given order into one (all must share a token dtype);
+    returns (documents, tokens)."""
+    if not shard_prefixes:
+        raise ValueError("no datasets to merge")
+    for shard in shard_prefixes:
+        if not (os.path.exists(get_bin_path(str(shard))) and os.path.exists(get_idx_path(str(shard)))):
+            raise ValueError(f"dataset {shard}.bin/.idx not found")
+    first = IndexedDataset(str(shard_prefixes[0]), mmap=True)
+    dtype = first.index.dtype
+    del first
+    with DatasetWriter(output_prefix, overwrite=overwrite, dtype=dtype) as writer:
         for shard in shard_prefixes:
             writer.add_dataset(shard)
     return writer.documents, writer.tokens

@@ -154,17 +154,17 @@ def _tokenize_shards(files: list[Path], shard_dir: Path, options: EncodeOptions,
                      problems: ProblemLog, stats: reporting.LengthStats, overwrite: bool) -> list[str]:
     """One shard dataset per input file, each with a `.shard.json` sidecar (settings, counts).
     A shard whose sidecar matches the current settings is reused, so a rerun resumes at the
-    first unfinished file."""
+    first unfinished file; one made with other settings is an error unless `overwrite`."""
     shard_dir.mkdir(parents=True, exist_ok=True)
     prefixes = []
     for index, path in enumerate(files):
         prefix = shard_dir / f"shard-{index:05d}"
         sidecar = Path(f"{prefix}.shard.json")
         settings = _shard_settings(path, options)
-        if dataset_exists(prefix) and sidecar.is_file() and not overwrite:
-            recorded = json.loads(sidecar.read_text())
-            if recorded.get("settings") != settings:
-                raise ValueError(f"shard {prefix} was written from other input or settings: delete {shard_dir} or pass --overwrite")
+        recorded = json.loads(sidecar.read_text()) if dataset_exists(prefix) and sidecar.is_file() else None
+        if recorded is not None and recorded.get("settings") != settings and not overwrite:
+            raise ValueError(f"shard {prefix} was written from other input or settings: delete {shard_dir} or pass --overwrite")
+        if recorded is not None and recorded.get("settings") == settings:
             problems.merge(_problem_log_from(recorded["problems"]))
             stats.merge_state(recorded["lengths"])
         else:
