@@ -180,6 +180,10 @@ class Config:
     def validate(self, world_size: int | None = None) -> "Config":
         """Check every cross-field constraint; resolve base strategies into explicit bases."""
         self.model.validate()
+        if self.model.attention_backend == "te":
+            from megatron_harpe.te_backend import require_transformer_engine
+
+            require_transformer_engine()
         tp, cp = self.parallel.tensor, self.parallel.context
         if tp < 1 or cp < 1:
             raise ValueError("parallel.tensor and parallel.context must be >= 1")
