@@ -280,6 +280,11 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         (item_type,) = typing.get_args(annotation)
         return [_coerce(item, item_type, f"{key}[{i}]") for i, item in enumerate(value)]
     if annotation is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{key} must be a number, got {value!r}")
         return float(value)
