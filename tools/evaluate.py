@@ -9,7 +9,9 @@
 
 --model takes a Hugging Face directory, a megatron_harpe checkpoint directory, or the synthetic
 "oracle" / "random" backends (harness checks: they must score 100 and about 0). Writes
-results.json, results.md and PNG plots to --output-dir and prints the Markdown table.
+results.json, results.md and PNG plots to --output-dir and prints the Markdown table. Under
+torchrun (a checkpoint sharded with --tensor-parallel / --context-parallel) every rank evaluates
+and rank 0 writes the results.
 """
 
 from __future__ import annotations
@@ -37,6 +39,12 @@ def _int_list(text: str) -> list[int]:
     if not values:
         raise argparse.ArgumentTypeError("expected at least one value")
     return values
+
+
+def is_main_process() -> bool:
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,11 +101,13 @@ def main(argv: list[str] | None = None) -> int:
             max_new_tokens=args.max_new_tokens, haystack_file=args.haystack_file,
             grid_depths=tuple(args.grid_depths), ppl_documents=documents, ppl_stride=args.ppl_stride,
             ppl_document_tokens=args.ppl_document_tokens, keep_records=args.save_predictions,
-            progress=not args.no_progress,
+            progress=not args.no_progress and is_main_process(),
         )
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if not is_main_process():  # under torchrun every rank evaluates; rank 0 reports
+        return 0
     paths = write_report(results, args.output_dir)
     print(markdown_table(results))
     print("\nwrote " + ", ".join(os.path.relpath(path) for path in paths.values()))

@@ -27,6 +27,9 @@ when exactly one value is expected. Choices where RULER differs or is silent:
 from __future__ import annotations
 
 import dataclasses
+import functools
+import itertools
+from typing import Callable
 
 from megatron_harpe.eval.backends import Tokenizer, encode_prompt
 from megatron_harpe.eval.haystack import NOISE_PARAGRAPH, NeedleVocabulary, cycled, load_prose_sentences
@@ -87,6 +90,24 @@ NIAH_TASKS: dict[str, NiahTask] = {
 }
 
 
+@functools.lru_cache(maxsize=8)
+def _sentence_token_prefix(tokenizer: Tokenizer, sentences: tuple[str, ...]) -> tuple[int, ...]:
+    """prefix[i] = tokens of the first i sentences, each tokenized alone (a cheap size model)."""
+    counts = [len(tokenizer.encode(sentence)) for sentence in sentences]
+    return tuple(itertools.accumulate(counts, initial=0))
+
+
+def prose_cost_model(tokenizer: Tokenizer, sentences: tuple[str, ...]) -> Callable[[int], float]:
+    """Approximate tokens of the first n sentences of the cycled prose, for `fit_units`."""
+    prefix = _sentence_token_prefix(tokenizer, sentences)
+
+    def cost(n: int) -> float:
+        cycles, remainder = divmod(n, len(sentences))
+        return float(cycles * prefix[-1] + prefix[remainder])
+
+    return cost
+
+
 def format_prompt(task: NiahTask, context: str, queries: list[str]) -> str:
     if task.expected_values == 1:
         return SINGULAR_TEMPLATE.format(kind=task.value_kind[:-1], context=context, query=queries[0])
@@ -136,10 +157,12 @@ def build_niah_sample(
         )
     ]
 
+    cost_model = None
     if task.haystack == "prose":
         sentences = prose if prose is not None else load_prose_sentences()
         units_of = lambda n: cycled(sentences, n)  # noqa: E731
         separator = " "
+        cost_model = prose_cost_model(tokenizer, sentences)
     elif task.haystack == "noise":
         units_of = lambda n: [NOISE_PARAGRAPH] * n  # noqa: E731
         separator = "\n"
@@ -163,17 +186,23 @@ def build_niah_sample(
         context = separator.join(insert_at_depths(units_of(n), needles, depths))
         return format_prompt(task, context, queries)
 
+    encoded: dict[int, list[int]] = {}  # haystack units -> prompt ids, reused for the result
+
+    def prompt_tokens(n: int) -> int:
+        encoded[n] = encode_prompt(tokenizer, prompt_for(n))
+        return len(encoded[n])
+
     budget = length - answer_budget
     units = haystack_units
     if units is None:
-        units = fit_units(lambda n: len(encode_prompt(tokenizer, prompt_for(n))), budget, max_units=max(budget, 0))
+        units = fit_units(prompt_tokens, budget, max_units=max(budget, 0), cumulative_cost=cost_model)
     prompt = prompt_for(units)
     return EvalSample(
         task=task.name,
         length=length,
         index=index,
         prompt=prompt,
-        prompt_ids=encode_prompt(tokenizer, prompt),
+        prompt_ids=encoded[units] if units in encoded else encode_prompt(tokenizer, prompt),
         answers=answers,
         continuation=answer_continuation(answers),
         depths=depths,

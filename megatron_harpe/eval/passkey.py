@@ -43,17 +43,23 @@ def build_passkey_sample(
         context = " ".join(insert_at_depths([NOISE_PARAGRAPH] * n, [needle], [depth]))
         return PASSKEY_TEMPLATE.format(context=context)
 
+    encoded: dict[int, list[int]] = {}  # filler paragraphs -> prompt ids, reused for the result
+
+    def prompt_tokens(n: int) -> int:
+        encoded[n] = encode_prompt(tokenizer, prompt_for(n))
+        return len(encoded[n])
+
     budget = length - answer_budget
     units = haystack_units
     if units is None:
-        units = fit_units(lambda n: len(encode_prompt(tokenizer, prompt_for(n))), budget, max_units=max(budget, 0))
+        units = fit_units(prompt_tokens, budget, max_units=max(budget, 0))
     prompt = prompt_for(units)
     return EvalSample(
         task="passkey",
         length=length,
         index=index,
         prompt=prompt,
-        prompt_ids=encode_prompt(tokenizer, prompt),
+        prompt_ids=encoded[units] if units in encoded else encode_prompt(tokenizer, prompt),
         answers=[key],
         continuation=answer_continuation([key]),
         depths=[depth],

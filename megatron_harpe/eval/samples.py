@@ -82,10 +82,21 @@ def answer_continuation(values: list[str]) -> str:
     return f" {join_values(values)}."
 
 
-def fit_units(prompt_tokens: Callable[[int], int], budget: int, max_units: int) -> int:
+def fit_units(
+    prompt_tokens: Callable[[int], int],
+    budget: int,
+    max_units: int,
+    cumulative_cost: Callable[[int], float] | None = None,
+) -> int:
     """Largest n in [0, max_units] with prompt_tokens(n) <= budget, for a non-decreasing
-    prompt_tokens. Interpolates from the measured token counts (a handful of full
-    tokenizations even at 128k), then bisects the remaining bracket exactly."""
+    prompt_tokens (one full tokenization per call, the expensive part).
+
+    `cumulative_cost(n)` is an optional cheap, non-decreasing model of the tokens of the first n
+    units (e.g. prefix sums of per-sentence counts); without it every unit costs the same. The
+    search interpolates in that cost space between exact measurements, then closes the bracket
+    exactly: about five full tokenizations at 128k tokens.
+    """
+    cost = cumulative_cost or float
     memo: dict[int, int] = {}
 
     def measure(n: int) -> int:
@@ -93,31 +104,42 @@ def fit_units(prompt_tokens: Callable[[int], int], budget: int, max_units: int) 
             memo[n] = prompt_tokens(n)
         return memo[n]
 
+    def units_within(target_cost: float) -> int:
+        """Largest n in [0, max_units] with cost(n) <= target_cost."""
+        low_n, high_n = 0, max_units
+        while low_n < high_n:
+            middle = (low_n + high_n + 1) // 2
+            if cost(middle) <= target_cost:
+                low_n = middle
+            else:
+                high_n = middle - 1
+        return low_n
+
     if measure(0) > budget:
         raise ValueError(
             f"the prompt without any haystack already needs {measure(0)} tokens, more than the "
             f"{budget} available: evaluate at a longer length or reduce the answer budget"
         )
     low, high = 0, None  # measure(low) <= budget; measure(high) > budget (None: not found yet)
-    probe = min(max_units, 16)
-    while high is None:
-        if probe <= low:
-            break
-        if measure(probe) <= budget:
-            low = probe
-            if probe == max_units:
-                return max_units
-            per_unit = max((measure(probe) - measure(0)) / probe, 1e-9)
-            estimate = int((budget - measure(0)) / per_unit)
-            probe = min(max_units, max(estimate + max(2, estimate // 200), low * 2, low + 1))
-        else:
+    probe, overshoot = min(max_units, 16), 0.005
+    while probe > low:
+        if measure(probe) > budget:
             high = probe
+            break
+        low = probe
+        if probe == max_units:
+            return max_units
+        # extrapolate the measured tokens per unit of cost, aiming a little past the budget
+        tokens_per_cost = max((measure(low) - measure(0)) / max(cost(low) - cost(0), 1e-9), 1e-9)
+        target = cost(low) + (budget - measure(low)) / tokens_per_cost
+        probe = min(max_units, max(units_within(target * (1 + overshoot)) + 1, low + 1))
+        overshoot *= 4
     if high is None:
         return low
     while high - low > 1:
         width = high - low
-        span_tokens = max(measure(high) - measure(low), 1)
-        guess = low + int((budget - measure(low)) * width / span_tokens)
+        tokens_per_cost = max(measure(high) - measure(low), 1) / max(cost(high) - cost(low), 1e-9)
+        guess = units_within(cost(low) + (budget - measure(low)) / tokens_per_cost)
         guess = min(max(guess, low + 1), high - 1)
         # probe the interpolated guess and its neighbour: the bracket usually closes here
         neighbour = guess + 1 if measure(guess) <= budget else guess - 1

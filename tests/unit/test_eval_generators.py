@@ -163,18 +163,26 @@ def test_prompt_too_long_for_length_is_a_clear_error(tokenizer):
         build_niah_sample(NIAH_TASKS["niah_multiquery"], tokenizer, 200, index=0, seed=0)
 
 
-def test_fit_units_finds_the_exact_maximum_with_few_measurements():
+@pytest.mark.parametrize("with_cost_model", [False, True])
+def test_fit_units_finds_the_exact_maximum_with_few_measurements(with_cost_model):
     rng = random.Random(0)
+    most_calls = 0
     for _ in range(300):
         costs = [rng.choice([0, 1, 2, 3, 40]) for _ in range(rng.randint(0, 2000))]
         totals = [10]
         for cost in costs:
             totals.append(totals[-1] + cost)
+        # a cost model that is right up to a few percent of noise per unit
+        approximate = [0.0]
+        for cost in costs:
+            approximate.append(approximate[-1] + cost * rng.uniform(0.95, 1.05))
         budget = rng.randint(10, totals[-1] + 5)
         calls: list[int] = []
-        found = fit_units(lambda n: calls.append(n) or totals[n], budget, max_units=len(costs))
+        found = fit_units(lambda n: calls.append(n) or totals[n], budget, max_units=len(costs),
+                          cumulative_cost=approximate.__getitem__ if with_cost_model else None)
         assert found == max(n for n, total in enumerate(totals) if total <= budget)
-        assert len(set(calls)) <= 40
+        most_calls = max(most_calls, len(set(calls)))
+    assert most_calls <= (12 if with_cost_model else 30)
 
 
 def test_sentence_splitting_keeps_abbreviations():
