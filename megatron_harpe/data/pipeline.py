@@ -144,6 +144,13 @@ def _write_documents(results: Iterator[ChunkResult], writer: DatasetWriter, prob
                 stats.add_many(result.sources, result.text_tokens)
 
 
+def _refuse_empty(writer: DatasetWriter, problems: ProblemLog) -> None:
+    """An empty dataset only fails later, in training: stop here (nothing is written)."""
+    if writer.documents == 0:
+        raise ValueError(f"no documents to write to {writer.prefix} ({problems.total} lines skipped as bad input; "
+                         f"first: {problems.examples[:1]}): check --text-field / --source-field and the input files")
+
+
 def _shard_settings(path: Path, options: EncodeOptions) -> dict[str, Any]:
     status = path.stat()
     return {"input": str(path.resolve()), "input_bytes": status.st_size, "input_mtime_ns": status.st_mtime_ns,
@@ -211,6 +218,7 @@ def tokenize_corpus(inputs: list[str | Path], output_prefix: str | Path, tokeniz
                 writer.add_dataset(shard)
         else:
             _write_documents(encode_chunks(read_line_chunks(files), options, workers), writer, problems, stats)
+        _refuse_empty(writer, problems)
     seconds = time.perf_counter() - started
     summary = {
         "stage": "tokenize",
@@ -256,6 +264,7 @@ def prepare(inputs: list[str | Path], output_prefix: str | Path, config: Upsampl
                     assert result.ids is not None and result.doc_lengths is not None
                     document_of_token = np.repeat(np.arange(result.num_documents), result.doc_lengths)
                     writer.add_documents(result.ids[keep[document_of_token]], result.doc_lengths[keep])
+        _refuse_empty(writer, problems)
     summary = {
         "stage": "prepare",
         "inputs": [str(path) for path in files],

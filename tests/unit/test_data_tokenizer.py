@@ -1,0 +1,104 @@
+"""Tokenizer wrapper: sentencepiece and HF tokenizer.json round trips, special ids, pickling,
+deterministic sentencepiece training, clear errors.
+
+    pytest tests/unit/test_data_tokenizer.py
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+from pydoc_data.topics import topics
+
+from megatron_harpe.data.tokenizer import load_tokenizer, train_sentencepiece
+
+TRAINING_TEXTS = [topics[key] for key in sorted(topics)][:40]
+AWKWARD_TEXTS = [
+    "Hello  world\n\n    indented\tline = 12345",
+    " leading and trailing spaces ",
+    "émoji 😀, 中文, Ελληνικά, and a rare glyph 𝔘",
+    "x",
+    "line one\r\nline two\n",
+]
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_model(tmp_path_factory) -> Path:
+    return train_sentencepiece(TRAINING_TEXTS, tmp_path_factory.mktemp("sp") / "demo", vocab_size=600)
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer_dir(tmp_path_factory) -> Path:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=["<|begin|>", "<|end|>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(TRAINING_TEXTS, trainer)
+    directory = tmp_path_factory.mktemp("hf")
+    tokenizer.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|begin|>", "eos_token": {"content": "<|end|>"}}))
+    return directory
+
+
+def test_sentencepiece_round_trip_and_llama_special_ids(sentencepiece_model):
+    tokenizer = load_tokenizer(sentencepiece_model)
+    assert (tokenizer.kind, tokenizer.vocab_size) == ("sentencepiece", 600)
+    assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id) == (1, 2, None)
+    for text in AWKWARD_TEXTS + TRAINING_TEXTS[:5]:
+        ids = tokenizer.encode(text)
+        assert tokenizer.bos_id not in ids and tokenizer.eos_id not in ids
+        assert max(ids) < tokenizer.vocab_size
+        assert tokenizer.decode(ids) == text
+    assert tokenizer.encode_batch(AWKWARD_TEXTS) == [tokenizer.encode(text) for text in AWKWARD_TEXTS]
+    assert tokenizer.decode([tokenizer.bos_id, *tokenizer.encode("abc"), tokenizer.eos_id]) == "abc"
+
+
+def test_sentencepiece_training_is_deterministic(sentencepiece_model, tmp_path):
+    again = train_sentencepiece(TRAINING_TEXTS, tmp_path / "again", vocab_size=600)
+    assert again.read_bytes() == sentencepiece_model.read_bytes()
+    assert not list(tmp_path.glob("*.tmp-*"))
+    other = train_sentencepiece(TRAINING_TEXTS[:20], tmp_path / "other", vocab_size=600)
+    assert other.read_bytes() != sentencepiece_model.read_bytes()
+
+
+def test_hf_tokenizer_json_round_trip_and_configured_special_ids(hf_tokenizer_dir):
+    tokenizer = load_tokenizer(hf_tokenizer_dir)  # a directory, as in HF model folders
+    assert tokenizer.kind == "huggingface" and tokenizer.path.endswith("tokenizer.json")
+    assert tokenizer.vocab_size == 500
+    assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id) == (0, 1, 2)
+    for text in AWKWARD_TEXTS:
+        ids = tokenizer.encode(text)
+        assert 0 not in ids and 1 not in ids
+        assert tokenizer.decode(ids) == text
+    assert tokenizer.encode_batch(AWKWARD_TEXTS) == [tokenizer.encode(text) for text in AWKWARD_TEXTS]
+
+
+def test_pickled_tokenizer_reloads_by_path(sentencepiece_model, hf_tokenizer_dir):
+    for path in (sentencepiece_model, hf_tokenizer_dir / "tokenizer.json"):
+        tokenizer = load_tokenizer(path)
+        payload = pickle.dumps(tokenizer)
+        assert len(payload) < 500  # the path, not the model
+        clone = pickle.loads(payload)
+        assert clone.encode(AWKWARD_TEXTS[2]) == tokenizer.encode(AWKWARD_TEXTS[2])
+        assert (clone.vocab_size, clone.bos_id, clone.eos_id) == (tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id)
+
+
+def test_bad_tokenizer_paths_name_the_problem(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        load_tokenizer(tmp_path / "missing.model")
+    with pytest.raises(ValueError, match="no tokenizer found in directory"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "broken.model").write_bytes(b"not a model")
+    with pytest.raises(ValueError, match="cannot read sentencepiece model"):
+        load_tokenizer(tmp_path / "broken.model")
+    (tmp_path / "vocab.txt").write_text("a b c")
+    with pytest.raises(ValueError, match="neither a sentencepiece"):
+        load_tokenizer(tmp_path / "vocab.txt")
+    with pytest.raises(ValueError, match="too small"):
+        train_sentencepiece(["abc"], tmp_path / "tiny", vocab_size=100)
