@@ -3,9 +3,10 @@
 Prose haystack ("essays" in RULER). RULER uses Paul Graham's essays, which are copyrighted and
 not shipped. The default here is real English prose that every CPython installation carries:
 the paragraphs of the Python Language Reference in the standard library's
-`pydoc_data/topics.py` (Copyright Python Software Foundation, PSF License Agreement; see
-assets/HAYSTACK_LICENSE.md). Code listings and grammar rules are dropped, leaving about 27k
-words (about 40k Llama-2 tokens) of sentences; longer haystacks cycle through them again.
+`pydoc_data/topics.py` (Copyright Python Software Foundation, distributed under the PSF License
+Agreement; nothing is copied into this repository, the text is read from the running Python).
+Code listings and grammar rules are dropped, leaving about 27k words (roughly 40k Llama-2
+tokens) of sentences; longer haystacks cycle through them again.
 Any UTF-8 text file can replace it (`load_prose_sentences(path)`, `--haystack-file`), e.g. the
 essays if you hold a copy.
 

@@ -11,6 +11,8 @@ models whose logits are post-processed (soft-capping, logit scaling) use the ful
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any
 
 import torch
@@ -43,6 +45,19 @@ class HFTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.hf_tokenizer.decode(list(ids), skip_special_tokens=True)
+
+
+def needs_remote_code(path: str) -> bool:
+    """True when the directory's config.json maps to modeling code shipped with it (`auto_map`)
+    for a model type transformers does not know natively."""
+    from transformers import CONFIG_MAPPING
+
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as handle:
+            config = json.load(handle)
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"cannot read {path}/config.json: {error}") from error
+    return "auto_map" in config and config.get("model_type") not in CONFIG_MAPPING
 
 
 class HFBackend:
@@ -79,15 +94,11 @@ class HFBackend:
 
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r} is not supported: choose one of {sorted(DTYPES)}")
-        try:
-            model = AutoModelForCausalLM.from_pretrained(
-                path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
-            )
-        except ValueError as error:
-            if not trust_remote_code and "trust_remote_code" in str(error):
-                raise ValueError(f"{path!r} ships its own modeling code (our HARPE export does): "
-                                 "rerun with --trust-remote-code") from error
-            raise
+        if not trust_remote_code and needs_remote_code(path):
+            # checked here: transformers would otherwise ask on an interactive terminal
+            raise ValueError(f"{path!r} ships its own modeling code (our HARPE export does): "
+                             "rerun with --trust-remote-code")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
         model.to(torch.device(device))
         tokenizer = HFTokenizer.from_pretrained(tokenizer_path or path)
         return cls(model, tokenizer, name=path)

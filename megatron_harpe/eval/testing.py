@@ -3,6 +3,7 @@
     from megatron_harpe.eval.testing import save_tiny_tokenizer, save_tiny_llama
     save_tiny_tokenizer("/tmp/tiny")          # byte-level BPE trained on the haystack prose
     save_tiny_llama("/tmp/tiny", seed=0)      # random 2-layer Llama using that tokenizer
+    save_tiny_harpe_llama("/tmp/harpe", bases=[1e4, 1e4, 5e5, 5e5])  # our export format (tokenizer saved first)
     python tools/evaluate.py --model /tmp/tiny --task passkey --lengths 512
 
 The tokenizer is byte-level, so decode(encode(text)) == text for any text (the oracle backend
@@ -59,3 +60,41 @@ def save_tiny_llama(directory: str, seed: int = 0, layers: int = 2, hidden: int 
     )
     torch.manual_seed(seed)
     LlamaForCausalLM(config).save_pretrained(directory)
+
+
+def save_tiny_harpe_llama(directory: str, bases: list[float], seed: int = 0, layers: int = 2, hidden: int = 64) -> None:
+    """A random HARPE Llama (one RoPE base per query head) saved like our export: weights,
+    config.json with `auto_map`, and the modeling files, loadable with trust_remote_code=True."""
+    import os
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    import megatron_harpe.convert.hf_harpe as hf_harpe
+    from megatron_harpe.convert.hf_harpe import HarpeLlamaConfig, HarpeLlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    heads = len(bases)
+    config = HarpeLlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads // 2,
+        rope_bases=list(bases),
+        max_position_embeddings=131072,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    config.auto_map = {
+        "AutoConfig": "configuration_harpe_llama.HarpeLlamaConfig",
+        "AutoModelForCausalLM": "modeling_harpe_llama.HarpeLlamaForCausalLM",
+    }
+    torch.manual_seed(seed)
+    HarpeLlamaForCausalLM(config).save_pretrained(directory)
+    source = os.path.dirname(hf_harpe.__file__)
+    for name in ("configuration_harpe_llama.py", "modeling_harpe_llama.py"):
+        shutil.copy(os.path.join(source, name), directory)

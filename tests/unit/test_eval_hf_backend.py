@@ -13,7 +13,7 @@ import torch
 from megatron_harpe.eval.backends import ModelBackend, encode_prompt, is_megatron_checkpoint, load_backend
 from megatron_harpe.eval.hf_backend import HFBackend
 from megatron_harpe.eval.synthetic_backends import OracleBackend, RandomBackend
-from megatron_harpe.eval.testing import save_tiny_llama, save_tiny_tokenizer
+from megatron_harpe.eval.testing import save_tiny_harpe_llama, save_tiny_llama, save_tiny_tokenizer
 
 TEXT = "The grass is green. The sky is blue. One of the special magic numbers for calm-river is: 1234567."
 
@@ -100,3 +100,29 @@ def test_factory_routes_paths(model_dir, tmp_path):
             load_backend(str(checkpoint))
     with pytest.raises(ValueError, match="dtype"):
         load_backend(model_dir, dtype="float8")
+
+
+def test_harpe_export_needs_trust_remote_code_and_keeps_its_bases(tmp_path):
+    directory = str(tmp_path / "harpe")
+    save_tiny_tokenizer(directory)
+    bases = [1e4, 1e4, 1e6, 1e6]
+    save_tiny_harpe_llama(directory, bases=bases, seed=2)
+    with pytest.raises(ValueError, match="--trust-remote-code"):
+        load_backend(directory)
+    harpe = load_backend(directory, trust_remote_code=True)
+    assert harpe.model.config.rope_bases == bases
+    ids = encode_prompt(harpe.tokenizer, TEXT * 4)
+    from megatron_harpe.convert.hf_harpe import HarpeLlamaForCausalLM
+
+    reference = HarpeLlamaForCausalLM.from_pretrained(directory).eval()
+    with torch.no_grad():
+        direct = torch.log_softmax(reference(torch.tensor([ids])).logits[0, :-1], -1)
+    expected = direct.gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+    torch.testing.assert_close(harpe.token_logprobs(ids), expected, rtol=1e-5, atol=1e-5)
+    # the bases reach the model: the same weights with one shared base score differently
+    reference.config.rope_bases = [1e4] * 4
+    single_base = HarpeLlamaForCausalLM(reference.config)
+    single_base.load_state_dict(reference.state_dict())
+    with torch.no_grad():
+        other = torch.log_softmax(single_base.eval()(torch.tensor([ids])).logits[0, :-1], -1)
+    assert not torch.allclose(other.gather(1, torch.tensor(ids[1:])[:, None])[:, 0], expected, atol=1e-4)
