@@ -131,6 +131,9 @@ class TrainConfig:
     """none | selective (core attention) | full (whole layers)"""
     on_nonfinite: str = "stop"
     """stop | skip: what to do when the loss or gradient norm is NaN/inf."""
+    exit_after_steps: int = 0
+    """Stop this launch after N steps, saving a checkpoint first (e.g. to fit a job's time
+    limit; the next launch resumes). 0: run to the end."""
 
 
 @dataclasses.dataclass

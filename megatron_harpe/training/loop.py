@@ -58,8 +58,9 @@ def plan_stages(cfg: Config) -> list[StagePlan]:
     return plans
 
 
-def train(cfg: Config) -> list[float]:
-    """Run the whole schedule; returns the loss of every step run here (for tests)."""
+def train(cfg: Config) -> list[dict[str, float]]:
+    """Run the schedule (to the end, or for train.exit_after_steps steps); returns the loss,
+    gradient norm and learning rate of every step run in this launch."""
     # Process groups and seeds: TP x CP x DP from the config and the launcher's world size.
     ctx = parallel.initialize(cfg.parallel.tensor, cfg.parallel.context)
     cfg.validate(world_size=ctx.world_size)
@@ -103,7 +104,7 @@ def train(cfg: Config) -> list[float]:
     )
     log(f"training {total_steps} steps in {len(plans)} stage(s); starting at step {state.iteration}")
 
-    losses: list[float] = []
+    history: list[dict[str, float]] = []
     for plan in plans[state.stage :]:
         if state.stage != plan.index:
             state.stage, state.stage_step = plan.index, 0
@@ -116,12 +117,17 @@ def train(cfg: Config) -> list[float]:
             state.iteration += 1
             state.stage_step += 1
             state.consumed_tokens += tokens
-            losses.append(loss)
+            history.append({"step": state.iteration, "loss": loss, "grad_norm": grad_norm, "lr": lr})
             monitor.log_step(state.iteration, loss=loss, lr=lr, grad_norm=grad_norm, tokens=tokens, skipped=skipped)
-            if _should_save(cfg, state.iteration, total_steps):
+            exiting = cfg.train.exit_after_steps and len(history) == cfg.train.exit_after_steps
+            if _should_save(cfg, state.iteration, total_steps) or (exiting and cfg.checkpoint.save):
                 _save(cfg, model, optimizer, schedule, state, training_data[plan.index])
+            if exiting:
+                log(f"stopping after {len(history)} steps (train.exit_after_steps); the next launch resumes")
+                monitor.close()
+                return history
     monitor.close()
-    return losses
+    return history
 
 
 def train_step(cfg: Config, ctx: ParallelContext, model, optimizer, schedule, batches, step: int):
