@@ -47,6 +47,10 @@ class PositionConfig:
     """uniform: ascending | descending over heads."""
     max_distance: int | None = None
     """peak_valley: distances searched (default: the training sequence length)."""
+    peak_window: int | None = None
+    """peak_valley: half-width of the peak/valley picking window (see position/waveform.py)."""
+    smoothing: float | None = None
+    """peak_valley: width of the Gaussian the waveform is smoothed with before picking."""
     gqa_bases: str = "per_group"
     """per_group | per_query_head (see module docstring)."""
     scaling_factor: float = 1.0
@@ -100,6 +104,8 @@ class PositionConfig:
                 value=self.base,
                 head_dim=model.head_dim,
                 max_distance=self.max_distance or seq_length,
+                peak_window=self.peak_window,
+                smoothing=self.smoothing,
             )
         elif (
             self.gqa_bases == "per_group"
