@@ -17,7 +17,6 @@ and rank 0 writes the results.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from megatron_harpe.eval.backends import load_backend
@@ -110,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     paths = write_report(results, args.output_dir)
     print(markdown_table(results))
-    print("\nwrote " + ", ".join(os.path.relpath(path) for path in paths.values()))
+    print("\nwrote " + ", ".join(paths.values()))
     return 0
 
 

@@ -71,7 +71,8 @@ def markdown_table(results: dict[str, Any]) -> str:
             row = " | ".join(f"{score:.2f}" for score in scores)
             lines.append(f"| {task} | {row} | {sum(scores) / len(scores):.2f} |")
         per_length = " | ".join(f"**{results['per_length'][length]:.2f}**" for length in lengths)
-        lines += [f"| **mean** | {per_length} | **{results['overall']:.2f}** |", ""]
+        label = "mean" if len(results["mean_over"]) == len(results["tasks"]) else "mean (NIAH)"
+        lines += [f"| **{label}** | {per_length} | **{results['overall']:.2f}** |", ""]
     if "needle_grid" in results:
         grid = results["needle_grid"]
         lines += [f"Needle grid ({grid['task']}, score by depth x length):", "",
@@ -94,8 +95,9 @@ def plot_retrieval(results: dict[str, Any], path: str) -> None:
     figure, axis = plt.subplots(figsize=(7, 4.5))
     for task, by_length in results["tasks"].items():
         axis.plot(lengths, [by_length[str(length)]["score"] for length in lengths], marker="o", alpha=0.6, label=task)
+    label = "mean" if len(results["mean_over"]) == len(results["tasks"]) else "mean (NIAH)"
     axis.plot(lengths, [results["per_length"][str(length)] for length in lengths], marker="s", color="black",
-              linewidth=2.5, label="mean")
+              linewidth=2.5, label=label)
     axis.set_xscale("log", base=2)
     axis.set_xticks(lengths, [_length_label(length) for length in lengths])
     axis.set_ylim(-3, 103)
@@ -113,6 +115,10 @@ def plot_needle_grid(results: dict[str, Any], path: str) -> None:
     image = axis.imshow(grid["scores"], cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
     axis.set_xticks(range(len(grid["lengths"])), [_length_label(length) for length in grid["lengths"]])
     axis.set_yticks(range(len(grid["depths"])), [str(depth) for depth in grid["depths"]])
+    if len(grid["depths"]) * len(grid["lengths"]) <= 200:  # small grids: print each score
+        for row, scores in enumerate(grid["scores"]):
+            for column, score in enumerate(scores):
+                axis.text(column, row, f"{score:.0f}", ha="center", va="center", fontsize=8)
     axis.set_xlabel("context length (tokens)")
     axis.set_ylabel("needle depth (%)")
     axis.set_title("Single needle: score by length x depth")

@@ -37,6 +37,7 @@ def results(oracle) -> dict:
 def test_results_structure(results, oracle):
     assert results["tasks"]["passkey"]["1024"]["scores"] == [100.0, 100.0]
     assert results["per_length"] == {"512": 100.0, "1024": 100.0} and results["overall"] == 100.0
+    assert results["mean_over"] == ["niah_single_1"]
     assert results["needle_grid"]["scores"] == [[100.0, 100.0]] * 3
     assert results["perplexity"]["512"]["ppl"] == pytest.approx(oracle.tokenizer.vocab_size)
     assert len(results["records"]) == 2 * 2 * 2 + 3 * 2 * 2
@@ -55,7 +56,7 @@ def test_write_report_creates_complete_files(results, tmp_path):
     assert not [name for name in os.listdir(tmp_path / "out") if name.startswith(".tmp_")]
     table = open(paths["markdown"], encoding="utf-8").read()
     assert "| niah_single_1 | 100.00 | 100.00 | 100.00 |" in table
-    assert "| **mean** | **100.00** | **100.00** | **100.00** |" in table
+    assert "| **mean (NIAH)** | **100.00** | **100.00** | **100.00** |" in table
     assert "| 50 | 100 | 100 |" in table
 
 
@@ -65,6 +66,7 @@ def test_markdown_shows_each_score_in_its_cell():
         "tasks": {"passkey": {"4096": {"score": 90.0}, "8192": {"score": 40.0}}},
         "per_length": {"4096": 90.0, "8192": 40.0}, "overall": 65.0,
     }
+    results["mean_over"] = ["passkey"]
     table = markdown_table(results)
     assert "| task | 4k | 8k | mean |" in table
     assert "| passkey | 90.00 | 40.00 | 65.00 |" in table
@@ -87,3 +89,18 @@ def test_task_names_and_options_are_checked(oracle):
         run_eval_suite(oracle, ["ppl"], [512], progress=False)
     with pytest.raises(ValueError, match="samples"):
         run_eval_suite(oracle, ["passkey"], [512], samples=0, progress=False)
+
+
+def test_headline_mean_averages_niah_tasks_only(oracle):
+    class ForgetsPasskeys(OracleBackend):
+        def generate(self, prompt_ids, max_new_tokens):
+            if "What is the pass key?" in self.tokenizer.decode(prompt_ids):
+                return []
+            return super().generate(prompt_ids, max_new_tokens)
+
+    backend = ForgetsPasskeys(oracle.tokenizer)
+    mixed = run_eval_suite(backend, ["passkey", "niah_single_2"], [512], samples=1, progress=False)
+    assert mixed["tasks"]["passkey"]["512"]["score"] == 0.0
+    assert mixed["overall"] == 100.0 and mixed["mean_over"] == ["niah_single_2"]
+    alone = run_eval_suite(backend, ["passkey"], [512], samples=1, progress=False)
+    assert alone["overall"] == 0.0 and alone["mean_over"] == ["passkey"]
