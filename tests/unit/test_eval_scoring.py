@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 
 from megatron_harpe.eval.backends import encode_continuation
+from megatron_harpe.eval.haystack import load_prose_sentences
 from megatron_harpe.eval.hf_backend import HFTokenizer
 from megatron_harpe.eval.samples import answer_continuation, join_values
 from megatron_harpe.eval.scoring import string_match_all, teacher_forced_score, value_token_spans
@@ -22,6 +23,15 @@ def tokenizer(tmp_path_factory) -> HFTokenizer:
     directory = str(tmp_path_factory.mktemp("tiny_tokenizer"))
     save_tiny_tokenizer(directory)
     return HFTokenizer.from_pretrained(directory)
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_tokenizer(tmp_path_factory):
+    """The project's own tokenizer type (Llama-style sentencepiece, as in the CPU demo)."""
+    from megatron_harpe.data.tokenizer import load_tokenizer, train_sentencepiece
+
+    directory = tmp_path_factory.mktemp("sentencepiece")
+    return load_tokenizer(train_sentencepiece(load_prose_sentences(), directory / "sp", vocab_size=1000))
 
 
 @pytest.mark.parametrize(
@@ -51,7 +61,9 @@ def test_answer_formatting():
     assert answer_continuation(["1234567"]) == " 1234567."
 
 
-def test_teacher_forced_score_counts_values_whose_tokens_are_all_right(tokenizer):
+@pytest.mark.parametrize("tokenizer_kind", ["byte_level_bpe", "sentencepiece"])
+def test_teacher_forced_score_counts_values_whose_tokens_are_all_right(request, tokenizer_kind):
+    tokenizer = request.getfixturevalue("tokenizer" if tokenizer_kind == "byte_level_bpe" else "sentencepiece_tokenizer")
     values = ["1234567", "7654321", "5550123"]
     prompt = "What are the numbers? The numbers are"
     answer_ids = encode_continuation(tokenizer, prompt, answer_continuation(values))
@@ -86,8 +98,10 @@ def test_oracle_reads_answers_from_hand_written_prompts():
     assert read_answers_from_prompt("no question here") == []
 
 
+@pytest.mark.parametrize("tokenizer_kind", ["byte_level_bpe", "sentencepiece"])
 @pytest.mark.parametrize("scoring", ["generate", "teacher_forcing"])
-def test_oracle_scores_100_on_every_retrieval_task(tokenizer, scoring):
+def test_oracle_scores_100_on_every_retrieval_task(request, tokenizer_kind, scoring):
+    tokenizer = request.getfixturevalue("tokenizer" if tokenizer_kind == "byte_level_bpe" else "sentencepiece_tokenizer")
     results = run_eval_suite(OracleBackend(tokenizer), ["niah", "passkey"], [1024, 2048], samples=2, seed=3,
                              scoring=scoring, progress=False)
     assert set(results["tasks"]) == set(RETRIEVAL_TASKS)
