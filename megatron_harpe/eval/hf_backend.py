@@ -11,6 +11,7 @@ models whose logits are post-processed (soft-capping, logit scaling) use the ful
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from typing import Any
@@ -75,6 +76,7 @@ class HFBackend:
             getattr(config, attribute, None) not in (None, 1.0)
             for attribute in ("final_logit_softcapping", "logit_scale")
         )
+        self._accepts_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         self._chunked_logprobs = (
             not post_processed
             and hasattr(model, "get_decoder")
@@ -134,7 +136,11 @@ class HFBackend:
             return []
         ids = prompt_ids + answer_ids
         # logits at positions len(prompt)-1 .. len(ids)-2 predict the answer tokens
-        logits = self.model(self._tensor(ids), logits_to_keep=len(answer_ids) + 1).logits
+        keep = len(answer_ids) + 1
+        if self._accepts_logits_to_keep:
+            logits = self.model(self._tensor(ids), logits_to_keep=keep).logits
+        else:  # older remote code: full logits
+            logits = self.model(self._tensor(ids)).logits[:, -keep:]
         return logits[0, :-1].argmax(dim=-1).tolist()
 
     @torch.no_grad()

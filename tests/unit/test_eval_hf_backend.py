@@ -60,7 +60,9 @@ def test_generate_is_greedy_argmax_decoding(backend):
     assert generated == expected and len(generated) > 0
 
 
-def test_teacher_forced_match_is_argmax_at_answer_positions(backend):
+@pytest.mark.parametrize("logits_to_keep", [True, False])
+def test_teacher_forced_match_is_argmax_at_answer_positions(backend, logits_to_keep, monkeypatch):
+    monkeypatch.setattr(backend, "_accepts_logits_to_keep", logits_to_keep)
     prompt = encode_prompt(backend.tokenizer, TEXT[:40])
     answer = backend.tokenizer.encode(TEXT[40:70])
     predictions = backend.teacher_forced_match(prompt, answer)
