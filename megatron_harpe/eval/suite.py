@@ -60,18 +60,25 @@ def resolve_scoring(backend: ModelBackend, scoring: str) -> str:
     return scoring
 
 
+def decode_output(backend: ModelBackend, ids: list[int]) -> str:
+    """Text of model output ids. Ids beyond the tokenizer (a model vocabulary padded for
+    tensor parallelism) spell nothing and are dropped instead of crashing the decoder."""
+    vocab_size = backend.tokenizer.vocab_size
+    return backend.tokenizer.decode([token for token in ids if 0 <= token < vocab_size])
+
+
 def score_sample(backend: ModelBackend, sample: EvalSample, method: str) -> tuple[float, str]:
     """(score 0..100, what the model answered) for one sample."""
     tokenizer = backend.tokenizer
     if method == "generate":
-        output = tokenizer.decode(backend.generate(sample.prompt_ids, max_new_tokens=sample.answer_budget))
+        output = decode_output(backend, backend.generate(sample.prompt_ids, max_new_tokens=sample.answer_budget))
         return string_match_all(output, sample.answers), output
     answer_ids = encode_continuation(tokenizer, sample.prompt, sample.continuation)
     if len(answer_ids) > sample.answer_budget:
         raise ValueError(f"the expected answer of {sample.task} needs {len(answer_ids)} tokens, more "
                          f"than its budget of {sample.answer_budget}: raise --max-new-tokens")
     predictions = backend.teacher_forced_match(sample.prompt_ids, answer_ids)
-    return teacher_forced_score(tokenizer, answer_ids, predictions, sample.answers), tokenizer.decode(predictions)
+    return teacher_forced_score(tokenizer, answer_ids, predictions, sample.answers), decode_output(backend, predictions)
 
 
 def _sample_factory(

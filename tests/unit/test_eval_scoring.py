@@ -131,3 +131,14 @@ def test_oracle_with_a_truncated_answer_loses_points(tokenizer):
     results = run_eval_suite(FirstTokensOracle(tokenizer), ["niah_multivalue"], [1024], samples=2, seed=0,
                              progress=False)
     assert results["overall"] < 50.0
+
+
+def test_output_ids_beyond_the_tokenizer_are_dropped(tokenizer):
+    """Megatron pads its vocabulary for TP; an untrained padded id must not crash decoding."""
+
+    class PaddedVocabularyOracle(OracleBackend):
+        def generate(self, prompt_ids, max_new_tokens):
+            return [self.tokenizer.vocab_size + 5] + super().generate(prompt_ids, max_new_tokens)
+
+    results = run_eval_suite(PaddedVocabularyOracle(tokenizer), ["passkey"], [512], samples=1, progress=False)
+    assert results["overall"] == 100.0
