@@ -48,10 +48,12 @@ def is_main_process() -> bool:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="HF model dir, megatron_harpe checkpoint dir, 'oracle' or 'random'")
+    parser.add_argument("--model", required=True,
+                        help="HF model dir, megatron_harpe checkpoint dir, 'oracle' or 'random'")
     parser.add_argument("--task", required=True,
                         help=f"comma-separated: niah (all 8), {', '.join(ALL_TASKS)}")
-    parser.add_argument("--lengths", required=True, type=_int_list, help="context lengths in tokens: 4096,8192 or 4k,8k")
+    parser.add_argument("--lengths", required=True, type=_int_list,
+                        help="context lengths in tokens: 4096,8192 or 4k,8k")
     parser.add_argument("--samples", type=int, default=10, help="samples per task and length (per grid cell)")
     parser.add_argument("--seed", type=int, default=42, help="seed of the generated samples")
     parser.add_argument("--output-dir", default="eval_results", help="where results.json/.md and plots go")

@@ -18,6 +18,9 @@ from megatron_harpe.eval.synthetic_backends import OracleBackend, RandomBackend,
 from megatron_harpe.eval.testing import save_tiny_tokenizer
 
 
+TOKENIZER_FIXTURES = {"byte_level_bpe": "tokenizer", "sentencepiece": "sentencepiece_tokenizer"}
+
+
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory) -> HFTokenizer:
     directory = str(tmp_path_factory.mktemp("tiny_tokenizer"))
@@ -63,7 +66,7 @@ def test_answer_formatting():
 
 @pytest.mark.parametrize("tokenizer_kind", ["byte_level_bpe", "sentencepiece"])
 def test_teacher_forced_score_counts_values_whose_tokens_are_all_right(request, tokenizer_kind):
-    tokenizer = request.getfixturevalue("tokenizer" if tokenizer_kind == "byte_level_bpe" else "sentencepiece_tokenizer")
+    tokenizer = request.getfixturevalue(TOKENIZER_FIXTURES[tokenizer_kind])
     values = ["1234567", "7654321", "5550123"]
     prompt = "What are the numbers? The numbers are"
     answer_ids = encode_continuation(tokenizer, prompt, answer_continuation(values))
@@ -93,7 +96,8 @@ def test_oracle_reads_answers_from_hand_written_prompts():
     assert read_answers_from_prompt(prompt) == ["1111111", "3333333"]
     multi = prompt.replace("for quiet-harbor mentioned", "for bold-lemon and quiet-harbor mentioned")
     assert read_answers_from_prompt(multi) == ["2222222", "1111111", "3333333"]
-    passkey = "Find it.\nThe pass key is 48213. Remember it. 48213 is the pass key.\nWhat is the pass key? The pass key is"
+    passkey = ("Find it.\nThe pass key is 48213. Remember it. 48213 is the pass key.\n"
+               "What is the pass key? The pass key is")
     assert read_answers_from_prompt(passkey) == ["48213"]
     assert read_answers_from_prompt("no question here") == []
 
@@ -101,7 +105,7 @@ def test_oracle_reads_answers_from_hand_written_prompts():
 @pytest.mark.parametrize("tokenizer_kind", ["byte_level_bpe", "sentencepiece"])
 @pytest.mark.parametrize("scoring", ["generate", "teacher_forcing"])
 def test_oracle_scores_100_on_every_retrieval_task(request, tokenizer_kind, scoring):
-    tokenizer = request.getfixturevalue("tokenizer" if tokenizer_kind == "byte_level_bpe" else "sentencepiece_tokenizer")
+    tokenizer = request.getfixturevalue(TOKENIZER_FIXTURES[tokenizer_kind])
     results = run_eval_suite(OracleBackend(tokenizer), ["niah", "passkey"], [1024, 2048], samples=2, seed=3,
                              scoring=scoring, progress=False)
     assert set(results["tasks"]) == set(RETRIEVAL_TASKS)
