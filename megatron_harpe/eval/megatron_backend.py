@@ -71,30 +71,30 @@ class MegatronBackend:
         return cls(model, config, load_tokenizer_any(tokenizer_path), name, generation if generation is not None else context_parallel == 1)
 
     @torch.no_grad()
-    def logits(self, ids: list[int]) -> torch.Tensor:
-        """[len(ids), vocab] fp32 logits of the whole sequence, identical on every rank."""
+    def logits(self, ids: list[int], last: int | None = None) -> torch.Tensor:
+        """fp32 logits of the last `last` positions (all if None), [n, tokenizer vocab], the
+        same on every rank. Only those rows are gathered: at 128k the full table would not fit."""
         length = len(ids)
+        last = length if last is None else min(last, length)
         multiple = 2 * self.cp_size if self.cp_size > 1 else 1
         padded = length + (-length) % multiple
         tokens = torch.tensor(ids + [0] * (padded - length), device=self.device)[None]
         local_positions = context_parallel_positions(padded, self.cp_rank, self.cp_size).long().to(self.device)
-        local_tokens = tokens[:, local_positions]
-        local_logits = self.model(local_tokens, local_positions[None], None)  # [1, s_local, vocab/tp]
-        local_logits = gather_from_tensor_model_parallel_region(local_logits.float())
+        local_logits = self.model(tokens[:, local_positions], local_positions[None], None)[0]  # [s_local, vocab/tp]
+        wanted = (local_positions >= length - last) & (local_positions < length)
+        rows = gather_from_tensor_model_parallel_region(local_logits[wanted].float())
         if self.cp_size == 1:
-            return local_logits[0, :length]
-        cp_group = parallel_state.get_context_parallel_group()
-        parts = [torch.empty_like(local_logits) for _ in range(self.cp_size)]
-        dist.all_gather(parts, local_logits.contiguous(), group=cp_group)
-        full = torch.empty(padded, local_logits.size(-1), device=self.device)
-        for rank, part in enumerate(parts):
-            full[context_parallel_positions(padded, rank, self.cp_size).long()] = part[0]
-        return full[:length]
+            return rows[:, : self.tokenizer.vocab_size]
+        # each CP rank fills the rows it holds; a sum over the CP group assembles them
+        result = torch.zeros(last, rows.size(-1), device=self.device)
+        result[local_positions[wanted] - (length - last)] = rows
+        dist.all_reduce(result, group=parallel_state.get_context_parallel_group())
+        return result[:, : self.tokenizer.vocab_size]
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
         generated: list[int] = []
         for _ in range(max_new_tokens):
-            next_id = int(self.logits(prompt_ids + generated)[-1].argmax())
+            next_id = int(self.logits(prompt_ids + generated, last=1)[-1].argmax())
             if next_id == self.tokenizer.eos_id:
                 break
             generated.append(next_id)
@@ -103,8 +103,8 @@ class MegatronBackend:
     def teacher_forced_match(self, prompt_ids: list[int], answer_ids: list[int]) -> list[int]:
         if not answer_ids:
             return []
-        logits = self.logits(prompt_ids + answer_ids[:-1])
-        return logits[len(prompt_ids) - 1 :].argmax(dim=-1).tolist()
+        logits = self.logits(prompt_ids + answer_ids[:-1], last=len(answer_ids))
+        return logits.argmax(dim=-1).tolist()
 
     def token_logprobs(self, ids: list[int]) -> torch.Tensor:
         logprobs = torch.log_softmax(self.logits(ids)[:-1], dim=-1)

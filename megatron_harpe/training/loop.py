@@ -119,6 +119,8 @@ def train(cfg: Config) -> list[dict[str, float]]:
             state.consumed_tokens += tokens
             history.append({"step": state.iteration, "loss": loss, "grad_norm": grad_norm, "lr": lr})
             monitor.log_step(state.iteration, loss=loss, lr=lr, grad_norm=grad_norm, tokens=tokens, skipped=skipped)
+            if cfg.eval.interval and state.iteration % cfg.eval.interval == 0:
+                _evaluate(cfg, model, monitor, state.iteration, plan.config.seq_length)
             exiting = cfg.train.exit_after_steps and len(history) == cfg.train.exit_after_steps
             if _should_save(cfg, state.iteration, total_steps) or (exiting and cfg.checkpoint.save):
                 _save(cfg, model, optimizer, schedule, state, training_data[plan.index])
@@ -215,6 +217,22 @@ def _save(cfg: Config, model, optimizer, schedule, state: TrainState, data: Stag
         optimizer=optimizer,
         keep_last=cfg.checkpoint.keep_last,
     )
+
+
+def _evaluate(cfg: Config, model, monitor: TrainingMonitor, step: int, seq_length: int) -> None:
+    """The configured eval tasks on the model being trained (every rank takes part)."""
+    from megatron_harpe.eval.backends import load_tokenizer_any
+    from megatron_harpe.eval.megatron_backend import MegatronBackend
+    from megatron_harpe.eval.suite import run_eval_suite, scalars_for_logging
+
+    generation = cfg.parallel.context == 1
+    backend = MegatronBackend(model, cfg, load_tokenizer_any(cfg.data.tokenizer), f"step {step}", generation)
+    results = run_eval_suite(
+        backend, cfg.eval.tasks, cfg.eval.lengths or [seq_length], cfg.eval.samples, seed=cfg.train.seed, progress=False
+    )
+    scalars = {name.removeprefix("eval/"): value for name, value in scalars_for_logging(results).items()}
+    monitor.add_scalars(step, scalars, prefix="eval")
+    model.train()
 
 
 def _rank0_print(ctx: ParallelContext):
