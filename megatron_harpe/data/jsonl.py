@@ -3,7 +3,7 @@
 Every stage of `tools/prepare_data.py` reads its input through here:
 
     files = expand_inputs(["data/train/", "extra.jsonl.zst"])     # directories, globs, files
-    for chunk in read_line_chunks(files, chunk_lines=512): ...    # raw lines with file and line
+    for chunk in read_line_chunks(files): ...                   # raw lines with file and line
     record = parse_line(raw, fields, location)                     # -> Document or a Problem
 
 Bad input (malformed JSON, missing or non-string fields, empty documents, non-UTF-8 bytes) is a
@@ -148,7 +148,7 @@ class LineChunk:
     lines: list[bytes]
 
 
-def read_line_chunks(files: list[Path], chunk_lines: int = 512, chunk_bytes: int = 4 << 20) -> Iterator[LineChunk]:
+def read_line_chunks(files: list[Path], chunk_lines: int = 128, chunk_bytes: int = 1 << 20) -> Iterator[LineChunk]:
     """Raw lines of `files` in order, grouped into chunks of at most `chunk_lines` lines or
     about `chunk_bytes` bytes. Line numbers start at 1."""
     for file_index, path in enumerate(files):

@@ -197,10 +197,11 @@ def _problem_log_from(counts: dict[str, int]) -> ProblemLog:
 def tokenize_corpus(inputs: list[str | Path], output_prefix: str | Path, tokenizer: str, *, fields: FieldSpec = FieldSpec(source_field=None),
                     add_bos: bool = True, add_eos: bool = True, vocab_size: int | None = None, workers: int | None = None,
                     strict: bool = False, overwrite: bool = False, shard_dir: str | Path | None = None,
-                    long_threshold: int = 4096) -> dict[str, Any]:
+                    long_threshold: int = 4096, write_report: bool = True) -> dict[str, Any]:
     """Tokenize jsonl documents into the Megatron dataset `output_prefix.bin/.idx`, one
     document per line in input order, BOS/EOS per document as asked. With `shard_dir`, each
-    input file becomes its own shard dataset first (reused on a rerun), then shards are merged."""
+    input file becomes its own shard dataset first (reused on a rerun), then shards are merged.
+    `write_report=False` skips the summary files (the summary is still returned)."""
     check_output_prefix(output_prefix, overwrite)
     files = expand_inputs(inputs)
     loaded = load_tokenizer(tokenizer)
@@ -237,6 +238,8 @@ def tokenize_corpus(inputs: list[str | Path], output_prefix: str | Path, tokeniz
         "problems": problems.summary(),
         "lengths": stats.to_dict(),
     }
+    if not write_report:
+        return summary
     return _finish_report(summary, {"written": summary["lengths"]}, output_prefix, "tokenized dataset", long_threshold)
 
 

@@ -12,11 +12,18 @@ The data pipeline, the training loader (EOD id) and the evaluation tools all go 
 
 A `Tokenizer` pickles as its path (and is re-loaded on unpickling), so it can be handed to
 multiprocessing workers without shipping native objects across processes.
+
+Long texts and sentencepiece: its BPE/unigram encoders cost more per token on long inputs (a
+heap / lattice over the whole text), so long texts are cut at spaces no vocabulary piece can
+span and the pieces encoded separately. The ids are identical to encoding the whole text (the
+dropped space comes back as the piece's dummy prefix); the cut is used only when the model's
+own settings make that exact (`_safe_cut_context`), which holds for Llama2's tokenizer.
 """
 
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 from pathlib import Path
@@ -31,6 +38,10 @@ HF_TOKENIZER_FILE = "tokenizer.json"
 _HF_BOS_CANDIDATES = ("<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>", "[CLS]")
 _HF_EOS_CANDIDATES = ("</s>", "<|end_of_text|>", "<|endoftext|>", "<eos>", "[SEP]")
 _HF_PAD_CANDIDATES = ("<pad>", "<|pad|>", "[PAD]")
+
+SEGMENT_CHARS = 1024
+"""Texts longer than twice this are encoded in pieces of at least this many characters."""
+_SPACE_SYMBOL = "\u2581"  # sentencepiece's visible space
 
 
 class Tokenizer:
@@ -66,6 +77,7 @@ class Tokenizer:
         self.kind = "sentencepiece"
         self._sp = processor
         self._hf = None
+        self._unsafe_before_space = _safe_cut_context(Path(self.path).read_bytes())
         self.vocab_size = processor.GetPieceSize()
         self.bos_id = _none_if_negative(processor.bos_id())
         self.eos_id = _none_if_negative(processor.eos_id())
@@ -81,6 +93,7 @@ class Tokenizer:
         self.kind = "huggingface"
         self._sp = None
         self._hf = hf_tokenizer
+        self._unsafe_before_space = None
         self.vocab_size = hf_tokenizer.get_vocab_size(with_added_tokens=True)
         configured = _special_tokens_from_config(Path(self.path).parent)
         self.bos_id = self._hf_special_id(configured.get("bos_token"), _HF_BOS_CANDIDATES)
@@ -100,14 +113,29 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, without BOS/EOS."""
         if self._sp is not None:
-            return self._sp.EncodeAsIds(text)
+            return self.encode_batch([text])[0]
         return self._hf.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """`encode` for many texts in one native call (faster than a Python loop)."""
-        if self._sp is not None:
+        if self._sp is None:
+            return [encoding.ids for encoding in self._hf.encode_batch(list(texts), add_special_tokens=False)]
+        if self._unsafe_before_space is None:
             return self._sp.Encode(list(texts), out_type=int)
-        return [encoding.ids for encoding in self._hf.encode_batch(list(texts), add_special_tokens=False)]
+        pieces: list[str] = []
+        counts: list[int] = []
+        for text in texts:
+            parts = _cut_at_safe_spaces(text, self._unsafe_before_space)
+            pieces.extend(parts)
+            counts.append(len(parts))
+        encoded = self._sp.Encode(pieces, out_type=int)
+        if len(encoded) == len(texts):
+            return encoded
+        result, position = [], 0
+        for count in counts:
+            result.append(encoded[position] if count == 1 else list(itertools.chain.from_iterable(encoded[position : position + count])))
+            position += count
+        return result
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of `ids`; BOS/EOS/PAD are dropped."""
@@ -132,6 +160,60 @@ class Tokenizer:
 
 def _none_if_negative(token_id: int) -> int | None:
     return token_id if token_id >= 0 else None
+
+
+def _safe_cut_context(model_bytes: bytes) -> frozenset[str] | None:
+    """Characters after which a space must not be cut, or None if this sentencepiece model
+    cannot be cut exactly at all.
+
+    Cutting `...c x...` into `...c` and `x...` is exact when: normalization is the identity
+    and adds a dummy prefix (the dropped space returns as the second piece's leading space)
+    without collapsing whitespace, whitespace is a prefix (not a suffix) of pieces, and no
+    vocabulary piece holds `c` followed by a space: then no merge (BPE) and no lattice path
+    (unigram) crosses the cut, and both halves are encoded as they would be in place.
+    """
+    try:
+        from sentencepiece import sentencepiece_model_pb2
+    except ImportError:  # protobuf missing: encode whole texts
+        return None
+    model = sentencepiece_model_pb2.ModelProto()
+    model.ParseFromString(model_bytes)
+    normalizer, trainer = model.normalizer_spec, model.trainer_spec
+    exact = (
+        normalizer.name == "identity"
+        and not normalizer.precompiled_charsmap
+        and normalizer.escape_whitespaces
+        and normalizer.add_dummy_prefix
+        and not normalizer.remove_extra_whitespaces
+        and not trainer.treat_whitespace_as_suffix
+        and trainer.model_type in (sentencepiece_model_pb2.TrainerSpec.UNIGRAM, sentencepiece_model_pb2.TrainerSpec.BPE)
+    )
+    if not exact:
+        return None
+    unsafe = {" ", _SPACE_SYMBOL}
+    for entry in model.pieces:
+        piece = entry.piece
+        for index in range(1, len(piece)):
+            if piece[index] == _SPACE_SYMBOL and piece[index - 1] != _SPACE_SYMBOL:
+                unsafe.add(piece[index - 1])
+    return frozenset(unsafe)
+
+
+def _cut_at_safe_spaces(text: str, unsafe_before: frozenset[str]) -> list[str]:
+    """`text` cut at single spaces (dropped) after safe characters, pieces >= SEGMENT_CHARS."""
+    if len(text) <= 2 * SEGMENT_CHARS:
+        return [text]
+    pieces, start = [], 0
+    while len(text) - start > 2 * SEGMENT_CHARS:
+        cut = text.find(" ", start + SEGMENT_CHARS)
+        while cut != -1 and (text[cut - 1] in unsafe_before or cut + 1 >= len(text) or text[cut + 1] == " "):
+            cut = text.find(" ", cut + 1)
+        if cut == -1:
+            break
+        pieces.append(text[start:cut])
+        start = cut + 1
+    pieces.append(text[start:])
+    return pieces
 
 
 def _special_tokens_from_config(directory: Path) -> dict[str, str]:

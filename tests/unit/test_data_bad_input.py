@@ -115,13 +115,13 @@ def test_token_ids_beyond_the_vocabulary_are_reported(tmp_path, tokenizer_path):
 def test_existing_output_is_refused_unless_overwrite(tmp_path, tokenizer_path):
     corpus = tmp_path / "c.jsonl"
     corpus.write_bytes(good_line(0) + good_line(1))
-    tokenize_corpus([corpus], tmp_path / "out", tokenizer_path, workers=0)
+    tokenize_corpus([corpus], tmp_path / "out", tokenizer_path, workers=0, write_report=False)
     before = (tmp_path / "out.bin").read_bytes()
     corpus.write_bytes(good_line(2))
     with pytest.raises(ValueError, match=r"already holds a dataset: pass --overwrite"):
-        tokenize_corpus([corpus], tmp_path / "out", tokenizer_path, workers=0)
+        tokenize_corpus([corpus], tmp_path / "out", tokenizer_path, workers=0, write_report=False)
     assert (tmp_path / "out.bin").read_bytes() == before
-    tokenize_corpus([corpus], tmp_path / "out", tokenizer_path, workers=0, overwrite=True)
+    tokenize_corpus([corpus], tmp_path / "out", tokenizer_path, workers=0, overwrite=True, write_report=False)
     assert len(read_documents(tmp_path / "out")) == 1
     (tmp_path / "up.jsonl").write_text("keep me")
     with pytest.raises(ValueError, match="already exists: pass --overwrite"):

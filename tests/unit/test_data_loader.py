@@ -110,7 +110,7 @@ def packed(tmp_path_factory):
     tokenizer = train_sentencepiece(texts, directory / "sp", vocab_size=700)
     for name, part in (("first", texts[:40]), ("second", texts[40:])):
         (directory / f"{name}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in part))
-        tokenize_corpus([directory / f"{name}.jsonl"], directory / name, str(tokenizer), workers=0)
+        tokenize_corpus([directory / f"{name}.jsonl"], directory / name, str(tokenizer), workers=0, write_report=False)
     return directory, load_tokenizer(tokenizer)
 
 

@@ -69,8 +69,8 @@ def test_round_trip_over_compressed_split_input(tmp_path, tokenizer_path, split_
 
 
 def test_bos_eos_flags_and_uint16_tokens(tmp_path, tokenizer_path, split_corpus):
-    tokenize_corpus(split_corpus[:1], tmp_path / "bare", tokenizer_path, add_bos=False, add_eos=False, workers=0)
-    tokenize_corpus(split_corpus[:1], tmp_path / "eos", tokenizer_path, add_bos=False, add_eos=True, workers=0)
+    tokenize_corpus(split_corpus[:1], tmp_path / "bare", tokenizer_path, add_bos=False, add_eos=False, workers=0, write_report=False)
+    tokenize_corpus(split_corpus[:1], tmp_path / "eos", tokenizer_path, add_bos=False, add_eos=True, workers=0, write_report=False)
     tokenizer = load_tokenizer(tokenizer_path)
     bare, eos = read_documents(tmp_path / "bare"), read_documents(tmp_path / "eos")
     for plain, with_eos, row in zip(bare, eos, records()):
@@ -80,9 +80,10 @@ def test_bos_eos_flags_and_uint16_tokens(tmp_path, tokenizer_path, split_corpus)
 
 
 def test_workers_and_shards_give_identical_datasets(tmp_path, tokenizer_path, split_corpus):
-    tokenize_corpus(split_corpus, tmp_path / "inline", tokenizer_path, workers=0)
-    tokenize_corpus(split_corpus, tmp_path / "pool", tokenizer_path, workers=2)
-    first = tokenize_corpus(split_corpus, tmp_path / "sharded", tokenizer_path, workers=2, shard_dir=tmp_path / "shards")
+    quiet = {"write_report": False}
+    tokenize_corpus(split_corpus, tmp_path / "inline", tokenizer_path, workers=0, **quiet)
+    tokenize_corpus(split_corpus, tmp_path / "pool", tokenizer_path, workers=2, **quiet)
+    first = tokenize_corpus(split_corpus, tmp_path / "sharded", tokenizer_path, workers=2, shard_dir=tmp_path / "shards", **quiet)
     expected = (tmp_path / "inline.bin").read_bytes()
     assert (tmp_path / "pool.bin").read_bytes() == expected
     assert (tmp_path / "sharded.bin").read_bytes() == expected
@@ -90,17 +91,18 @@ def test_workers_and_shards_give_identical_datasets(tmp_path, tokenizer_path, sp
     assert len(list((tmp_path / "shards").glob("shard-*.bin"))) == 3
     # a rerun reuses finished shards (a redone shard would be a new file, renamed into place)
     inodes = {path.name: path.stat().st_ino for path in (tmp_path / "shards").glob("shard-*")}
-    again = tokenize_corpus(split_corpus, tmp_path / "sharded", tokenizer_path, workers=0, shard_dir=tmp_path / "shards", overwrite=True)
+    again = tokenize_corpus(split_corpus, tmp_path / "sharded", tokenizer_path, workers=0, shard_dir=tmp_path / "shards",
+                            overwrite=True, **quiet)
     assert {path.name: path.stat().st_ino for path in (tmp_path / "shards").glob("shard-*")} == inodes
     assert again["lengths"] == first["lengths"] and (tmp_path / "sharded.bin").read_bytes() == expected
     with pytest.raises(ValueError, match="other input or settings"):
-        tokenize_corpus(split_corpus, tmp_path / "other", tokenizer_path, add_eos=False, workers=0, shard_dir=tmp_path / "shards")
+        tokenize_corpus(split_corpus, tmp_path / "other", tokenizer_path, add_eos=False, workers=0, shard_dir=tmp_path / "shards", **quiet)
 
 
 def test_gpt_dataset_reads_the_packed_documents(tmp_path, tokenizer_path, split_corpus):
     from megatron_harpe.data.loader import build_gpt_dataset
 
-    tokenize_corpus(split_corpus, tmp_path / "out", tokenizer_path, workers=0)
+    tokenize_corpus(split_corpus, tmp_path / "out", tokenizer_path, workers=0, write_report=False)
     tokenizer = load_tokenizer(tokenizer_path)
     stream = np.concatenate(read_documents(tmp_path / "out"))
     dataset = build_gpt_dataset([str(tmp_path / "out")], None, seq_length=256, num_samples=50, seed=3,
@@ -125,7 +127,7 @@ def test_prepare_equals_upsample_then_tokenize(tmp_path, tokenizer_path, split_c
     config = UpsampleConfig(mode="per_source", total_tokens=60_000, shares={"Reference": 2, "Manual": 1, "Github": 1},
                             length_threshold=2000, seed=5)
     upsampled = upsample_corpus(split_corpus, tmp_path / "up.jsonl.zst", config, tokenizer=tokenizer_path, fields=fields, workers=2)
-    tokenize_corpus([tmp_path / "up.jsonl.zst"], tmp_path / "two_pass", tokenizer_path, workers=0)
+    tokenize_corpus([tmp_path / "up.jsonl.zst"], tmp_path / "two_pass", tokenizer_path, workers=0, write_report=False)
     fused = prepare(split_corpus, tmp_path / "one_pass", config, tokenizer_path, fields=fields, workers=2)
     assert (tmp_path / "one_pass.bin").read_bytes() == (tmp_path / "two_pass.bin").read_bytes()
     assert fused["after"] == upsampled["after"] and fused["before"] == upsampled["before"]

@@ -6,13 +6,16 @@ deterministic sentencepiece training, clear errors.
 
 from __future__ import annotations
 
+import io
 import json
 import pickle
 from pathlib import Path
 
 import pytest
+import sentencepiece
 from pydoc_data.topics import topics
 
+from megatron_harpe.data import tokenizer as tokenizer_module
 from megatron_harpe.data.tokenizer import load_tokenizer, train_sentencepiece
 
 TRAINING_TEXTS = [topics[key] for key in sorted(topics)][:40]
@@ -102,3 +105,50 @@ def test_bad_tokenizer_paths_name_the_problem(tmp_path):
         load_tokenizer(tmp_path / "vocab.txt")
     with pytest.raises(ValueError, match="too small"):
         train_sentencepiece(["abc"], tmp_path / "tiny", vocab_size=100)
+
+
+def _train_raw(tmp_path: Path, name: str, **options) -> Path:
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.Train(sentence_iterator=iter(TRAINING_TEXTS), model_writer=model, vocab_size=500,
+                                             minloglevel=2, num_threads=1, **options)
+    path = tmp_path / f"{name}.model"
+    path.write_bytes(model.getvalue())
+    return path
+
+
+CUT_EDGE_CASES = [
+    "a  b   c    d " * 40,  # runs of spaces, trailing space
+    "   leading spaces then words " * 30,
+    "literal \u2581 marks \u2581\u2581 and x\u2581y " * 30,
+    "tabs\tand\nnew lines\n    indented code = 1\n" * 30,
+    "nospacesatall" * 200,
+    "end with a space ",
+    "x " * 500,
+]
+
+
+@pytest.mark.parametrize("kind", ["bpe", "unigram", "llama_like_whitespace_pieces"])
+def test_long_texts_cut_at_safe_spaces_encode_exactly_like_whole_texts(kind, tmp_path, monkeypatch):
+    options = {"model_type": "unigram" if kind == "unigram" else "bpe", "normalization_rule_name": "identity",
+               "remove_extra_whitespaces": False, "byte_fallback": True}
+    if kind == "llama_like_whitespace_pieces":
+        options.update(allow_whitespace_only_pieces=True, split_digits=True, user_defined_symbols=["x\u2581y"])
+    tokenizer = load_tokenizer(_train_raw(tmp_path, kind, **options))
+    assert tokenizer._unsafe_before_space is not None
+    if kind == "llama_like_whitespace_pieces":
+        assert "x" in tokenizer._unsafe_before_space  # a piece spans "x y": never cut there
+    texts = TRAINING_TEXTS + CUT_EDGE_CASES
+    whole = tokenizer._sp.Encode(texts, out_type=int)
+    for segment_chars in (1024, 16, 1):
+        monkeypatch.setattr(tokenizer_module, "SEGMENT_CHARS", segment_chars)
+        assert tokenizer.encode_batch(texts) == whole
+        assert [tokenizer.encode(text) for text in CUT_EDGE_CASES] == whole[len(TRAINING_TEXTS):]
+    assert len(tokenizer_module._cut_at_safe_spaces(TRAINING_TEXTS[0] * 3, tokenizer._unsafe_before_space)) > 1
+
+
+def test_models_whose_normalizer_could_move_a_cut_are_never_cut(tmp_path):
+    nfkc = load_tokenizer(_train_raw(tmp_path, "nfkc", model_type="bpe"))  # default nmt_nfkc normalizer
+    collapsing = load_tokenizer(_train_raw(tmp_path, "collapse", model_type="bpe", normalization_rule_name="identity"))
+    assert nfkc._unsafe_before_space is None and collapsing._unsafe_before_space is None  # remove_extra_whitespaces
+    text = CUT_EDGE_CASES[0]
+    assert nfkc.encode(text) == nfkc._sp.EncodeAsIds(text)
