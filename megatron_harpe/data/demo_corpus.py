@@ -64,12 +64,17 @@ def _stdlib_dir() -> Path:
 
 def _stdlib_modules(stdlib: Path) -> list[tuple[str, Path]]:
     """(dotted module name, path) of stdlib .py files outside the excluded packages, sorted."""
+    paths = []
+    for directory, subdirectories, files in os.walk(stdlib):
+        relative = Path(directory).relative_to(stdlib)
+        # prune before descending: site-packages alone can hold hundreds of thousands of files
+        subdirectories[:] = [name for name in subdirectories if name not in ("tests", "test", "__pycache__")
+                             and not (relative == Path(".") and name in _EXCLUDED_TOP_LEVEL)]
+        paths += [Path(directory) / name for name in files if name.endswith(".py")
+                  and not (relative == Path(".") and name in _EXCLUDED_TOP_LEVEL)]
     modules = []
-    for path in sorted(stdlib.rglob("*.py")):
-        relative = path.relative_to(stdlib)
-        if relative.parts[0] in _EXCLUDED_TOP_LEVEL or any(part in ("tests", "test", "__pycache__") for part in relative.parts):
-            continue
-        name = ".".join(relative.with_suffix("").parts).removesuffix(".__init__")
+    for path in sorted(paths):
+        name = ".".join(path.relative_to(stdlib).with_suffix("").parts).removesuffix(".__init__")
         modules.append((name, path))
     return modules
 
