@@ -1,0 +1,99 @@
+"""megatron_harpe checkpoint (any TP/CP layout) -> Hugging Face model directory.
+
+    convert_megatron_to_hf("runs/demo_cpu/checkpoints", "runs/demo_cpu/hf")
+
+What the export is depends on the position encoding the checkpoint was trained with (for a
+multi-stage schedule: the stage it was saved in):
+- abf (plain RoPE with any base): stock `LlamaForCausalLM`, `rope_theta` = the base;
+- pi: `rope_parameters: {rope_type: linear, factor}`;
+- yarn: `rope_parameters: {rope_type: yarn, factor, original_max_position_embeddings, beta_fast, beta_slow}`
+  (transformers' YaRN uses the same ramp and attention factor 0.1 ln(s) + 1 as megatron-core);
+- harpe: `HarpeLlamaForCausalLM` with `rope_bases` (one per query head) in config.json and its
+  configuration/modeling files in the directory (`auto_map`), loaded with
+  `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`.
+
+Tokenizer files come from `tokenizer=` (a HF tokenizer dir, a sentencepiece .model or a
+tokenizer.json), else from `hf_source/` next to a converted checkpoint, else from the config's
+`data.tokenizer` or the demo's `<data.demo_workdir>/tokenizer.model`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from transformers import GenerationConfig
+
+import megatron_harpe.convert.hf_harpe as hf_harpe_package
+from megatron_harpe.convert.hf_config import hf_config_for, token_ids_from
+from megatron_harpe.convert.hf_files import check_output_directory, copy_tokenizer_files, staging_directory, write_safetensors
+from megatron_harpe.convert.hf_to_megatron import HF_SOURCE_DIR
+from megatron_harpe.convert.keymap import megatron_names, megatron_to_hf_tensors
+from megatron_harpe.convert.megatron_side import CheckpointSpec, load_megatron_model, read_checkpoint_spec, stored_dtype
+
+HARPE_CODE_FILES = ("configuration_harpe_llama.py", "modeling_harpe_llama.py")
+
+
+def find_tokenizer(checkpoint: str | Path, spec: CheckpointSpec, explicit: str | Path | None) -> Path | None:
+    if explicit is not None:
+        return Path(explicit)
+    for root in (Path(checkpoint), spec.path.parent):
+        if (root / HF_SOURCE_DIR).is_dir():
+            return root / HF_SOURCE_DIR
+    data = spec.config.data
+    if data.tokenizer:
+        return Path(data.tokenizer)
+    if data.demo_workdir and (Path(data.demo_workdir) / "tokenizer.model").is_file():
+        return Path(data.demo_workdir) / "tokenizer.model"
+    return None
+
+
+def _hf_tensors(gpt: torch.nn.Module, spec: CheckpointSpec, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    params = dict(gpt.named_parameters())
+    for name in megatron_names(spec.model):
+        yield from megatron_to_hf_tensors(name, params[name].detach().to(dtype), spec.model)
+
+
+def convert_megatron_to_hf(
+    checkpoint: str | Path,
+    output_dir: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    tokenizer: str | Path | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+) -> Path:
+    """Export the checkpoint (a save dir: its latest iteration; or an iteration dir) to
+    `output_dir`, which appears only when complete. `dtype` defaults to the saved dtype."""
+    spec = read_checkpoint_spec(checkpoint)
+    check_output_directory(output_dir)
+    tokenizer_source = find_tokenizer(checkpoint, spec, tokenizer)
+    if tokenizer_source is not None and not tokenizer_source.exists():
+        raise FileNotFoundError(f"tokenizer {tokenizer_source} does not exist: pass --tokenizer")
+    token_ids = token_ids_from(tokenizer_source if tokenizer_source and tokenizer_source.is_dir() else None)
+
+    model, spec = load_megatron_model(spec.path, dtype=stored_dtype(spec.path))
+    out_dtype = dtype or stored_dtype(spec.path)
+    hf_config = hf_config_for(
+        spec.model,
+        spec.position,
+        max_position_embeddings=max(spec.model.max_position_embeddings, spec.trained_length),
+        token_ids=token_ids,
+        dtype=str(out_dtype).removeprefix("torch."),
+    )
+    with staging_directory(output_dir) as staging:
+        write_safetensors(_hf_tensors(model, spec, out_dtype), staging, max_shard_bytes=max_shard_bytes)
+        hf_config.save_pretrained(staging)
+        if spec.position.type == "harpe":
+            package_dir = Path(hf_harpe_package.__file__).parent
+            for name in HARPE_CODE_FILES:
+                shutil.copy2(package_dir / name, staging / name)
+        if tokenizer_source is not None:
+            copy_tokenizer_files(tokenizer_source, staging)
+        else:
+            warnings.warn(f"no tokenizer found for {checkpoint}: the export has none (pass tokenizer=...)")
+        if not (staging / "generation_config.json").is_file():
+            GenerationConfig.from_model_config(hf_config).save_pretrained(staging)
+    return Path(output_dir)
