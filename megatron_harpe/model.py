@@ -11,6 +11,9 @@ What is swapped in megatron-core's GPTModel, and why:
 - `rotary_pos_emb`: `HeadwiseRotaryEmbedding` (position/rotary.py) returning per-head (q, k)
   angle tables for this rank's heads and positions; RoPE fusion stays off because TE's fused
   kernel takes one frequency row for all heads.
+- activation recomputation: torch.utils.checkpoint around whole layers (`full`) or core
+  attention (`selective`); megatron's own recompute saves CUDA RNG states and so cannot run
+  on CPU, and with dropout off there is no RNG to track.
 - self attention: under `gqa_bases: per_query_head`, keys and values are expanded to one head
   per query head before rotation (`KeyExpandingSelfAttention`).
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -51,16 +55,10 @@ def transformer_config(
     *,
     params_dtype: torch.dtype = torch.float32,
     initialize: bool = True,
-    recompute: str = "none",
 ) -> TransformerConfig:
     tp = parallel_state.get_tensor_model_parallel_world_size()
     cp = parallel_state.get_context_parallel_world_size()
     on_gpu = torch.cuda.is_available()
-    recompute_kwargs = {}
-    if recompute == "full":
-        recompute_kwargs = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
-    elif recompute == "selective":
-        recompute_kwargs = dict(recompute_granularity="selective", recompute_modules=["core_attn"])
     config = TransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -90,7 +88,6 @@ def transformer_config(
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
         cp_comm_type="p2p" if model.attention_backend == "te" and cp > 1 else None,
-        **recompute_kwargs,
     )
     return config
 
@@ -118,9 +115,7 @@ def build_model(
 ) -> GPTModel:
     """Build this rank's shard of the model. Needs `parallel.initialize()` first and a
     resolved `position` (explicit bases)."""
-    config = transformer_config(
-        model, position, params_dtype=params_dtype, initialize=initialize, recompute=recompute
-    )
+    config = transformer_config(model, position, params_dtype=params_dtype, initialize=initialize)
     gpt = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(model, position),
@@ -131,6 +126,7 @@ def build_model(
         rotary_base=10000,  # replaced below by the per-head rotary
     )
     set_position_encoding(gpt, model, position)
+    apply_recompute(gpt, recompute)
     if torch.cuda.is_available():
         gpt = gpt.to(torch.cuda.current_device())
     return gpt
@@ -161,3 +157,24 @@ def set_position_encoding(gpt: GPTModel, model: ModelConfig, position: PositionC
         gpt.config.yarn_rotary_scaling_factor = position.scaling_factor
     elif hasattr(gpt.config, "yarn_rotary_scaling_factor"):
         del gpt.config.yarn_rotary_scaling_factor
+
+
+def apply_recompute(gpt: GPTModel, mode: str) -> None:
+    """Recompute activations in backward: `full` (each transformer layer keeps only its input)
+    or `selective` (core attention only)."""
+    if mode == "none":
+        return
+    if mode not in ("full", "selective"):
+        raise ValueError(f"train.recompute={mode!r}: choose none, selective or full")
+    for layer in gpt.decoder.layers:
+        module = layer if mode == "full" else layer.self_attention.core_attention
+        module.forward = _checkpointed(module.forward)
+
+
+def _checkpointed(forward):
+    def run(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    return run

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pickle
 import random
 import socket
 import traceback
@@ -144,7 +145,9 @@ def _rank_entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple
     )
     torch.set_num_threads(1)
     try:
-        result = fn(*args)
+        # Plain pickle copies tensors by value; the queue's own pickler would share them through
+        # file descriptors that vanish when this process exits before the parent reads them.
+        result = pickle.dumps(fn(*args))
         queue.put((rank, "ok", result))
     except BaseException:  # report any failure to the parent, including SystemExit
         queue.put((rank, "error", traceback.format_exc()))
@@ -172,7 +175,7 @@ def run_on_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: f
     for _ in range(world_size):
         rank, status, payload = queue.get()
         if status == "ok":
-            results[rank] = payload
+            results[rank] = pickle.loads(payload)
         else:
             errors.append(f"rank {rank} failed:\n{payload}")
             break

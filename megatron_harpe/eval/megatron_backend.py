@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
 from megatron_harpe import parallel
 from megatron_harpe.config import Config, from_dict
@@ -82,7 +81,7 @@ class MegatronBackend:
         local_positions = context_parallel_positions(padded, self.cp_rank, self.cp_size).long().to(self.device)
         local_logits = self.model(tokens[:, local_positions], local_positions[None], None)[0]  # [s_local, vocab/tp]
         wanted = (local_positions >= length - last) & (local_positions < length)
-        rows = gather_from_tensor_model_parallel_region(local_logits[wanted].float())
+        rows = _gather_vocabulary(local_logits[wanted].float().contiguous())
         if self.cp_size == 1:
             return rows[:, : self.tokenizer.vocab_size]
         # each CP rank fills the rows it holds; a sum over the CP group assembles them
@@ -110,3 +109,13 @@ class MegatronBackend:
         logprobs = torch.log_softmax(self.logits(ids)[:-1], dim=-1)
         targets = torch.tensor(ids[1:], device=logprobs.device)
         return logprobs.gather(1, targets[:, None])[:, 0].cpu()
+
+
+def _gather_vocabulary(local: torch.Tensor) -> torch.Tensor:
+    """Concatenate the TP ranks' vocabulary shards (megatron's own gather allocates on CUDA)."""
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    if tp_size == 1:
+        return local
+    parts = [torch.empty_like(local) for _ in range(tp_size)]
+    dist.all_gather(parts, local, group=parallel_state.get_tensor_model_parallel_group())
+    return torch.cat(parts, dim=-1)

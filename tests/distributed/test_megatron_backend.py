@@ -29,7 +29,7 @@ def trained(demo_data, tmp_path_factory):
         "train": {"micro_batch_size": 2, "global_batch_size": 2, "train_tokens": 2 * 2 * 64, "lr": 1e-2},
         "checkpoint": {"save": str(root / "ckpt")},
         "logging": {"tensorboard_dir": str(root / "tb")},
-        "eval": {"interval": 2, "tasks": ["passkey"], "lengths": [96], "samples": 2},
+        "eval": {"interval": 2, "tasks": ["passkey"], "lengths": [192], "samples": 2},
     }
     parallel.run_on_ranks(_train, 1, tree)
     return root
