@@ -33,7 +33,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 from megatron_harpe.data.demo_corpus import prepare_demo_data
 from megatron_harpe.data.indexed import token_dtype
 from megatron_harpe.data.pipeline import tokenize_corpus
-from megatron_harpe.data.tokenizer import Tokenizer, load_tokenizer
+from megatron_harpe.data.tokenizer import load_tokenizer
 
 
 class _ReferenceEncoder:

@@ -130,11 +130,7 @@ def _encode_chunk(chunk: LineChunk) -> ChunkResult:
 def _concatenate_with_specials(encoded: list[list[int]], tokenizer: Tokenizer, options: EncodeOptions) -> tuple[np.ndarray, np.ndarray]:
     prefix = [tokenizer.bos_id] if options.add_bos else []
     suffix = [tokenizer.eos_id] if options.add_eos else []
-    if None in prefix or None in suffix:
-        raise ValueError(
-            f"tokenizer {tokenizer.path} has no {'BOS' if None in prefix else 'EOS'} token: "
-            "disable it (--no-bos / --no-eos) or use a tokenizer that defines it"
-        )
+    assert None not in prefix + suffix, "encode_chunks checks BOS/EOS exist before starting workers"
     extra = len(prefix) + len(suffix)
     lengths = np.fromiter((len(doc_ids) + extra for doc_ids in encoded), dtype=np.int64, count=len(encoded))
     flat = np.empty(int(lengths.sum()), dtype=np.int64)

@@ -173,11 +173,12 @@ def micro_batches(
     consumed_samples: int = 0,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """This DP rank's micro-batches (`{tokens, labels, loss_mask, position_ids}`, each
-    [micro_batch_size, seq]) in training order from `consumed_samples` on; see `SampleSchedule`."""
+    [micro_batch_size, seq]) in training order from `consumed_samples` on; see `SampleSchedule`.
+    (Other sample entries, such as a blend's `dataset_id`, are left out.)"""
     schedule = SampleSchedule(micro_batch_size, global_batch_size, dp_rank, dp_size, consumed_samples)
     for indices in schedule.indices(len(dataset)):
         samples = [dataset[index] for index in indices]
-        yield {key: torch.stack([sample[key] for sample in samples]) for key in samples[0]}
+        yield {key: torch.stack([sample[key] for sample in samples]) for key in SEQUENCE_KEYS}
 
 
 def context_parallel_indices(seq_length: int, cp_rank: int, cp_size: int) -> np.ndarray:

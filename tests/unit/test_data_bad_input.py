@@ -144,3 +144,18 @@ def test_truncated_compressed_input_and_missing_inputs(tmp_path, tokenizer_path)
     with pytest.raises(ValueError, match="no documents to write.*3 lines skipped.*--text-field"):
         tokenize_corpus([tmp_path / "only_bad.jsonl"], tmp_path / "out", tokenizer_path, workers=0)
     assert no_outputs_left(tmp_path)
+
+
+def test_tokenizer_without_bos_or_eos_needs_them_turned_off(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    bare = Tokenizer(models.BPE())
+    bare.pre_tokenizer = pre_tokenizers.ByteLevel()
+    bare.train_from_iterator(GOOD_TEXTS, trainers.BpeTrainer(vocab_size=300, show_progress=False))
+    bare.save(str(tmp_path / "tokenizer.json"))
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_bytes(good_line(0))
+    with pytest.raises(ValueError, match=r"has no BOS token: disable it \(--no-bos\)"):
+        tokenize_corpus([corpus], tmp_path / "out", str(tmp_path), workers=0)
+    summary = tokenize_corpus([corpus], tmp_path / "out", str(tmp_path), add_bos=False, add_eos=False, workers=0, write_report=False)
+    assert summary["documents"] == 1

@@ -134,6 +134,8 @@ def test_blends_follow_weights_and_default_to_token_counts(packed):
     blend = build_gpt_dataset(prefixes, [0.25, 0.75], seq_length=64, num_samples=400, seed=1, tokenizer=tokenizer.eos_id)
     counts = np.bincount(np.asarray(blend.dataset_index[:400]), minlength=2)
     assert counts[1] / 400 == pytest.approx(0.75, abs=0.02)
+    batch = next(micro_batches(blend, micro_batch_size=2, global_batch_size=4, dp_rank=1, dp_size=2))
+    assert sorted(batch) == ["labels", "loss_mask", "position_ids", "tokens"] and batch["tokens"].shape == (2, 64)
     by_size = build_gpt_dataset(prefixes, None, seq_length=64, num_samples=5000, seed=1, tokenizer=tokenizer)
     assert len(by_size) >= 5000  # more than one epoch of the data: repeated, not truncated
     sizes = [len(np.fromfile(p + ".bin", dtype=np.uint16)) for p in prefixes]

@@ -146,3 +146,13 @@ def test_character_estimate_needs_no_tokenizer(tmp_path, split_corpus):
     assert all(json.dumps(row, ensure_ascii=False) in lines for row in long_rows)
     with pytest.raises(ValueError, match="needs --tokenizer"):
         upsample_corpus(split_corpus, tmp_path / "x.jsonl", config, length_measure="tokens")
+
+
+def test_reading_stops_once_every_budget_is_met(tmp_path, tokenizer_path):
+    corpus = write_jsonl(tmp_path / "big.jsonl", records() * 40)
+    config = UpsampleConfig(mode="per_source", total_tokens=60_000, shares={"Reference": 2, "Manual": 1, "Github": 1},
+                            length_threshold=2000, seed=5)
+    summary = prepare([corpus], tmp_path / "out", config, tokenizer_path, fields=FieldSpec(source_field="meta.redpajama_set_name"), workers=2)
+    assert summary["finished_by_budget"] and all(budget["met"] for budget in summary["budgets"].values())
+    assert summary["before"]["(all)"]["documents"] < len(records()) * 4  # the pool was stopped early
+    assert summary["documents"] == len(read_documents(tmp_path / "out"))
