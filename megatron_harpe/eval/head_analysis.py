@@ -4,9 +4,7 @@
     from megatron_harpe.eval.head_analysis import analyze_heads
     backend = load_backend("runs/demo_cpu/checkpoints")           # or a Hugging Face directory
     analysis = analyze_heads(backend, documents, length=512, thresholds=(64, 256))
-    analysis.to_dict()["correlation"]                              # base vs mean attended distance
-
-The command-line front end is tools/analyze_heads.py (JSON + plots).
+    analysis.to_dict()["correlation"]        # base vs mean distance; CLI: tools/analyze_heads.py
 
 The measure, for a causal attention-probability row p(q, .) of query position q:
   attended distance   sum_k p(q, k) * (q - k)
@@ -309,15 +307,11 @@ class HeadAnalysis:
 
     def to_dict(self) -> dict[str, Any]:
         layers, heads = self.mean_distance.shape
-        cells = [
-            {
-                "layer": layer, "head": head, "base": self.bases[head],
-                "mean_distance": float(self.mean_distance[layer, head]),
-                "share_beyond": {str(t): float(share[layer, head]) for t, share in self.share_beyond.items()},
-                "first_token_mass": float(self.first_token_mass[layer, head]),
-            }
-            for layer in range(layers) for head in range(heads)
-        ]
+        cells = [{"layer": layer, "head": head, "base": self.bases[head],
+                  "mean_distance": float(self.mean_distance[layer, head]),
+                  "share_beyond": {str(t): float(share[layer, head]) for t, share in self.share_beyond.items()},
+                  "first_token_mass": float(self.first_token_mass[layer, head])}
+                 for layer in range(layers) for head in range(heads)]
         return {
             "model": self.model, "position": self.position, "length": self.length, "documents": self.documents,
             "min_query_position": self.min_query_position,
@@ -346,6 +340,18 @@ def _hf_description(backend: Any) -> tuple[int, int, list[float], str]:
     return config.num_hidden_layers, heads, [float(theta)] * heads, str(parameters.get("rope_type", "default"))
 
 
+def check_request(length: int, min_query_position: int | None, thresholds: Sequence[int]) -> int:
+    """Validate the analysis options; returns the first query position that counts."""
+    if length < 2:
+        raise ValueError(f"--length {length} is too short: attention distances need at least 2 tokens")
+    min_query_position = length // 2 if min_query_position is None else min_query_position
+    if not 0 <= min_query_position < length:
+        raise ValueError(f"--min-query-position {min_query_position} must lie in 0..{length - 1} (the length is {length})")
+    if any(t < 0 for t in thresholds):
+        raise ValueError(f"--thresholds {list(thresholds)} must be non-negative distances in tokens")
+    return min_query_position
+
+
 def analyze_heads(
     backend: Any, documents: Sequence[Sequence[int]], length: int, thresholds: Sequence[int] = DEFAULT_THRESHOLDS,
     min_query_position: int | None = None, max_elements: int = DEFAULT_CHUNK_ELEMENTS, progress: bool = False,
@@ -356,13 +362,7 @@ def analyze_heads(
 
     from megatron_harpe.eval.hf_backend import HFBackend
 
-    if length < 2:
-        raise ValueError(f"--length {length} is too short: attention distances need at least 2 tokens")
-    min_query_position = length // 2 if min_query_position is None else min_query_position
-    if not 0 <= min_query_position < length:
-        raise ValueError(f"--min-query-position {min_query_position} must lie in 0..{length - 1} (the length is {length})")
-    if any(t < 0 for t in thresholds):
-        raise ValueError(f"--thresholds {list(thresholds)} must be non-negative distances in tokens")
+    min_query_position = check_request(length, min_query_position, thresholds)
     short = [len(ids) for ids in documents if len(ids) < length]
     if not documents or short:
         raise ValueError(f"every document needs at least {length} tokens ({len(short)} of {len(documents)} are "
@@ -388,11 +388,10 @@ def analyze_heads(
             else:
                 with contextlib.suppress(_DecoderDone):
                     backend.model(tokens, torch.arange(length, device=backend.device)[None], None)
-    if not is_hf:
+    if not is_hf and backend.model.config.tensor_model_parallel_size > 1:
         from megatron.core import parallel_state
 
-        if parallel_state.get_tensor_model_parallel_world_size() > 1:
-            accumulator.all_reduce(parallel_state.get_tensor_model_parallel_group())
+        accumulator.all_reduce(parallel_state.get_tensor_model_parallel_group())
     means = accumulator.means()
     return HeadAnalysis(
         model=backend.name, position=position, bases=bases, thresholds=accumulator.thresholds, length=length,
