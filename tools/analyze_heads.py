@@ -122,7 +122,7 @@ def reachable_threshold(analysis: HeadAnalysis) -> int | None:
 def correlation_text(analysis: HeadAnalysis) -> str:
     correlation = analysis.correlation()
     if correlation["spearman"] is None:
-        return f"correlation base vs mean distance: undefined (one base for all heads, or constant distances)"
+        return "correlation base vs mean distance: undefined (one base for all heads, or constant distances)"
     return (f"correlation base vs mean distance over {correlation['points']} (layer, head) points: "
             f"Pearson (log10 base) {correlation['pearson_log_base']:+.3f}, Spearman {correlation['spearman']:+.3f}")
 
