@@ -7,7 +7,8 @@
         --position.type harpe --position.strategy uniform --position.base_min 1e4 --position.base_max 1e5 --verify
 
     # megatron (any TP/CP layout) -> HF; HARPE exports load with trust_remote_code=True
-    python tools/convert_checkpoint.py megatron-to-hf --input runs/demo_cpu/checkpoints --output runs/demo_cpu/hf --verify
+    python tools/convert_checkpoint.py megatron-to-hf --input runs/demo_cpu/checkpoints --output runs/demo_cpu/hf \
+        --verify
 
     # compare logits and greedy continuations of a checkpoint and an HF model
     python tools/convert_checkpoint.py verify --megatron runs/demo_cpu/checkpoints --hf runs/demo_cpu/hf
@@ -58,9 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     to_hf = commands.add_parser("megatron-to-hf", help="megatron_harpe checkpoint -> HF model dir")
     to_hf.add_argument("--input", required=True, help="checkpoint save dir (latest iteration) or an iter_* dir")
     to_hf.add_argument("--output", required=True, help="new HF directory (must not exist or be empty)")
-    to_hf.add_argument("--dtype", choices=DTYPES, help="weight dtype (default: the checkpoint's)")
+    to_hf.add_argument("--dtype", choices=DTYPES, help="weight dtype (default: the HF source's, else the checkpoint's)")
     to_hf.add_argument("--tokenizer", help="HF tokenizer dir, sentencepiece .model or tokenizer.json to copy")
-    to_hf.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors shard")
+    to_hf.add_argument("--max-shard-gb", type=float, default=2.0, help="largest safetensors shard")
     to_hf.add_argument("--verify", action="store_true", help="load the export and compare afterwards")
 
     verify = commands.add_parser("verify", help="compare a megatron checkpoint and an HF model")

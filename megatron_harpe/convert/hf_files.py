@@ -176,7 +176,9 @@ def copy_tokenizer_files(source: str | Path, out_dir: Path) -> list[str]:
         config = {"tokenizer_class": "PreTrainedTokenizerFast"}
         written = ["tokenizer.json"]
     else:
-        raise ValueError(f"tokenizer {source}: give a HF tokenizer directory, a sentencepiece .model or a tokenizer.json")
+        raise ValueError(
+            f"tokenizer {source}: give a HF tokenizer directory, a sentencepiece .model or a tokenizer.json"
+        )
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     return written + ["tokenizer_config.json"]
 

@@ -35,7 +35,11 @@ DIRECT: dict[str, str] = {
     "decoder.layers.{}.mlp.linear_fc2.weight": "model.layers.{}.mlp.down_proj.weight",
 }
 QKV = "decoder.layers.{}.self_attention.linear_qkv.weight"
-QKV_PARTS = ("model.layers.{}.self_attn.q_proj.weight", "model.layers.{}.self_attn.k_proj.weight", "model.layers.{}.self_attn.v_proj.weight")
+QKV_PARTS = (
+    "model.layers.{}.self_attn.q_proj.weight",
+    "model.layers.{}.self_attn.k_proj.weight",
+    "model.layers.{}.self_attn.v_proj.weight",
+)
 FC1 = "decoder.layers.{}.mlp.linear_fc1.weight"
 FC1_PARTS = ("model.layers.{}.mlp.gate_proj.weight", "model.layers.{}.mlp.up_proj.weight")
 FUSED: dict[str, tuple[str, ...]] = {QKV: QKV_PARTS, FC1: FC1_PARTS}

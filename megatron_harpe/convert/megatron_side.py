@@ -43,7 +43,9 @@ class CheckpointSpec:
 def read_checkpoint_spec(path: str | Path) -> CheckpointSpec:
     found = find_latest_checkpoint(path)
     if found is None:
-        raise FileNotFoundError(f"no megatron_harpe checkpoint in {path} (no latest_checkpointed_iteration.txt or iter_*/)")
+        raise FileNotFoundError(
+            f"no megatron_harpe checkpoint in {path} (no latest_checkpointed_iteration.txt or iter_*/)"
+        )
     config = from_dict(Config, read_checkpoint_config(found))
     state = read_train_state(found)
     stages = config.resolved_stages()

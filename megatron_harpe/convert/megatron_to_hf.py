@@ -19,6 +19,7 @@ tokenizer.json), else from `hf_source/` next to a converted checkpoint, else fro
 
 from __future__ import annotations
 
+import json
 import shutil
 import warnings
 from collections.abc import Iterator
@@ -29,7 +30,12 @@ from transformers import GenerationConfig
 
 import megatron_harpe.convert.hf_harpe as hf_harpe_package
 from megatron_harpe.convert.hf_config import hf_config_for, token_ids_from
-from megatron_harpe.convert.hf_files import check_output_directory, copy_tokenizer_files, staging_directory, write_safetensors
+from megatron_harpe.convert.hf_files import (
+    check_output_directory,
+    copy_tokenizer_files,
+    staging_directory,
+    write_safetensors,
+)
 from megatron_harpe.convert.hf_to_megatron import HF_SOURCE_DIR
 from megatron_harpe.convert.keymap import megatron_names, megatron_to_hf_tensors
 from megatron_harpe.convert.megatron_side import CheckpointSpec, load_megatron_model, read_checkpoint_spec, stored_dtype
@@ -51,6 +57,16 @@ def find_tokenizer(checkpoint: str | Path, spec: CheckpointSpec, explicit: str |
     return None
 
 
+def source_dtype(hf_source: Path | None) -> torch.dtype | None:
+    """The dtype of the HF model a checkpoint was converted from (a bf16 Llama exports as bf16
+    even though training keeps fp32 weights), if known."""
+    if hf_source is None or not (hf_source / "config.json").is_file():
+        return None
+    source = json.loads((hf_source / "config.json").read_text())
+    dtype = getattr(torch, str(source.get("dtype") or source.get("torch_dtype")), None)
+    return dtype if isinstance(dtype, torch.dtype) else None
+
+
 def _hf_tensors(gpt: torch.nn.Module, spec: CheckpointSpec, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
     params = dict(gpt.named_parameters())
     for name in megatron_names(spec.model):
@@ -63,10 +79,12 @@ def convert_megatron_to_hf(
     *,
     dtype: torch.dtype | None = None,
     tokenizer: str | Path | None = None,
-    max_shard_bytes: int = 5 * 2**30,
+    max_shard_bytes: int = 2 * 2**30,
 ) -> Path:
     """Export the checkpoint (a save dir: its latest iteration; or an iteration dir) to
-    `output_dir`, which appears only when complete. `dtype` defaults to the saved dtype."""
+    `output_dir`, which appears only when complete. `dtype` defaults to the dtype of the HF
+    model the checkpoint was converted from, else to the saved dtype. Peak memory: the model in
+    its saved dtype plus one shard (`max_shard_bytes`)."""
     spec = read_checkpoint_spec(checkpoint)
     check_output_directory(output_dir)
     tokenizer_source = find_tokenizer(checkpoint, spec, tokenizer)
@@ -75,7 +93,7 @@ def convert_megatron_to_hf(
     token_ids = token_ids_from(tokenizer_source if tokenizer_source and tokenizer_source.is_dir() else None)
 
     model, spec = load_megatron_model(spec.path, dtype=stored_dtype(spec.path))
-    out_dtype = dtype or stored_dtype(spec.path)
+    out_dtype = dtype or source_dtype(tokenizer_source) or stored_dtype(spec.path)
     hf_config = hf_config_for(
         spec.model,
         spec.position,

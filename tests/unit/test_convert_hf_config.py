@@ -46,7 +46,10 @@ def test_model_config_from_both_formats() -> None:
         (_legacy(), PositionConfig(type="abf", base=10000.0)),
         (_legacy(rope_scaling={"type": "linear", "factor": 4.0}), PositionConfig(type="pi", scaling_factor=4.0)),
         (
-            _legacy(rope_theta=5e5, rope_scaling={"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 64}),
+            _legacy(
+                rope_theta=5e5,
+                rope_scaling={"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 64},
+            ),
             PositionConfig(type="yarn", base=5e5, scaling_factor=8.0, original_max_position=64),
         ),
         (
@@ -127,5 +130,7 @@ def test_transformers_rope_matches_our_megatron_tables(position: PositionConfig)
     hf_inv_freq, hf_attention_factor = ROPE_INIT_FUNCTIONS[exported.rope_parameters["rope_type"]](exported)
     ours = head_inverse_frequencies(position, [position.base], model.head_dim)[0]
     torch.testing.assert_close(hf_inv_freq.double(), ours, rtol=2e-7, atol=0)
-    megatron_factor = _yarn_get_concentration_factor(position.scaling_factor, None, None) if position.type == "yarn" else 1.0
+    megatron_factor = 1.0
+    if position.type == "yarn":
+        megatron_factor = _yarn_get_concentration_factor(position.scaling_factor, None, None)
     assert hf_attention_factor == pytest.approx(megatron_factor, rel=1e-12)

@@ -136,7 +136,9 @@ def test_conversion_config_takes_model_from_hf_and_position_from_yaml(hf_dir: Pa
             }
         )
     )
-    config = build_conversion_config(hf, config_path=run_yaml, overrides=["position.order=descending"], tensor_parallel=2)
+    config = build_conversion_config(
+        hf, config_path=run_yaml, overrides=["position.order=descending"], tensor_parallel=2
+    )
     assert config.position.bases == [4e4, 1e4]  # resolved: one base per k/v group, saved explicitly
     assert config.parallel.tensor == 2 and config.train.lr == 1e-5 and config.model.max_position_embeddings == 1024
 
@@ -170,7 +172,8 @@ def test_bad_sources_and_destinations(hf_dir: Path, tmp_path: Path) -> None:
     mistral = tmp_path / "mistral"
     mistral.mkdir()
     config = json.loads((hf_dir / "config.json").read_text())
-    (mistral / "config.json").write_text(json.dumps({**config, "model_type": "mistral", "architectures": ["MistralForCausalLM"]}))
+    config.update(model_type="mistral", architectures=["MistralForCausalLM"])
+    (mistral / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="unsupported architecture"):
         convert_hf_to_megatron(mistral, tmp_path / "out")
     assert not (tmp_path / "out").exists()
