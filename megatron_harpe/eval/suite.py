@@ -5,7 +5,8 @@ shared by `tools/evaluate.py` and evaluation during training.
     results = run_eval_suite(backend, ["niah", "passkey"], [4096, 8192], samples=10, seed=42)
     writer.add_scalars(scalars_for_logging(results))   # {"eval/niah_single_1/4096": 100.0, ...}
 
-Tasks: the eight RULER NIAH tasks (each by name, or all as "niah"), "passkey", "needle_grid"
+Tasks: the eight RULER NIAH tasks (each by name, or all as "niah"), "passkey", "synthetic_kv"
+(word-level key/value retrieval of the CPU replication, see synthetic_kv.py), "needle_grid"
 (single needle over lengths x depths) and "ppl" (needs `ppl_documents`). Retrieval scores are
 0..100: mean over samples per task and length, `per_length` = mean over the retrieval tasks
 run (the NIAH ones only when any ran: passkey is reported but not averaged in), `overall` =
@@ -27,8 +28,10 @@ from megatron_harpe.eval.passkey import PASSKEY_ANSWER_BUDGET, build_passkey_sam
 from megatron_harpe.eval.perplexity import DEFAULT_STRIDE, perplexity_by_length
 from megatron_harpe.eval.samples import EvalSample
 from megatron_harpe.eval.scoring import mean, string_match_all, teacher_forced_score
+from megatron_harpe.eval.synthetic_kv import ANSWER_BUDGET as SYNTHETIC_KV_BUDGET
+from megatron_harpe.eval.synthetic_kv import build_synthetic_kv_sample
 
-RETRIEVAL_TASKS = (*NIAH_TASKS, "passkey")
+RETRIEVAL_TASKS = (*NIAH_TASKS, "passkey", "synthetic_kv")
 TASK_GROUPS = {"niah": tuple(NIAH_TASKS)}
 ALL_TASKS = (*RETRIEVAL_TASKS, "needle_grid", "ppl")
 SCORING_METHODS = ("auto", "generate", "teacher_forcing")
@@ -88,6 +91,9 @@ def _sample_factory(
     if task == "passkey":
         budget = max_new_tokens or PASSKEY_ANSWER_BUDGET
         return lambda length, index: build_passkey_sample(tokenizer, length, index, seed, budget)
+    if task == "synthetic_kv":  # the CPU replication's word-level task (eval/synthetic_kv.py)
+        kv_budget = max_new_tokens or SYNTHETIC_KV_BUDGET
+        return lambda length, index: build_synthetic_kv_sample(tokenizer, length, index, seed, answer_budget=kv_budget)
     niah_task = NIAH_TASKS[task]
     kwargs: dict[str, Any] = {"prose": prose}
     if max_new_tokens:

@@ -1,0 +1,105 @@
+"""Synthetic long-context corpora of the CPU replication, written as jsonl and tokenized into
+Megatron .bin/.idx through `tools/prepare_data.py` (the entry point users run at scale).
+
+    python experiments/replicate/corpus.py --output runs/replicate_data --base-length 128 \\
+        --target-length 1024 --base-tokens 3000000 --extension-tokens 600000
+
+Documents follow the grammar of `megatron_harpe.eval.synthetic_kv` (filler cycle, `set KEY to
+D D D .` needles, `get KEY ans D D D .` queries). Every document is exactly as many tokens as
+the sequence it is meant to fill (BOS + words + EOS), so packed training windows of that
+length hold one whole document. The extension corpus mixes in short documents (a share of its
+tokens at 1/8..1/2 of the target length): short-context retrieval keeps being trained while the
+context grows, and the multi-stage schedule's shorter windows still see whole short documents.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from megatron_harpe.eval.synthetic_kv import training_document, write_tokenizer  # noqa: E402
+
+SPECIAL_TOKENS_PER_DOCUMENT = 2  # BOS and EOS added by prepare_data.py
+
+
+def document_lengths(total_tokens: int, full_length: int, short_share: float, rng: random.Random) -> list[int]:
+    """Token lengths of the documents of one corpus: `short_share` of the tokens in documents of
+    full_length / 8, / 4 or / 2 (whole multiples of full_length in total, so packing stays
+    aligned), the rest at full_length."""
+    if full_length < 16 or total_tokens < full_length:
+        raise ValueError(f"need full_length >= 16 and total_tokens >= full_length, got {full_length}, {total_tokens}")
+    windows = total_tokens // full_length
+    short_windows = round(windows * short_share)
+    lengths: list[int] = []
+    for _ in range(short_windows):  # one full-length window cut into equal short documents
+        divisor = rng.choice((8, 4, 2)) if full_length >= 128 else 2
+        lengths.extend([full_length // divisor] * divisor)
+    lengths.extend([full_length] * (windows - short_windows))
+    rng.shuffle(lengths)
+    return lengths
+
+
+def write_jsonl(path: Path, lengths: list[int], seed: int) -> Path:
+    """One {"text": ...} per document, written to a temporary name and renamed."""
+    rng = random.Random(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    with temporary.open("w") as handle:
+        for length in lengths:
+            handle.write(json.dumps({"text": training_document(length - SPECIAL_TOKENS_PER_DOCUMENT, rng)}) + "\n")
+    temporary.replace(path)
+    return path
+
+
+def tokenize_command(jsonl: Path, tokenizer: Path, prefix: Path) -> list[str]:
+    """The prepare_data.py call that turns one jsonl into a Megatron dataset (BOS + EOS per document)."""
+    return [
+        sys.executable, str(REPO / "tools" / "prepare_data.py"), "tokenize", "--inputs", str(jsonl),
+        "--tokenizer", str(tokenizer), "--output-prefix", str(prefix), "--bos", "--eos", "--workers", "0",
+        "--overwrite",
+    ]
+
+
+def write_corpus(
+    output: Path, name: str, total_tokens: int, full_length: int, short_share: float, seed: int, tokenizer: Path,
+) -> tuple[Path, list[str]]:
+    """Write the jsonl of one corpus (unless its dataset exists); returns (dataset prefix, the
+    prepare_data.py command that tokenizes it)."""
+    prefix = output / f"{name}_text_document"
+    jsonl = output / f"{name}.jsonl"
+    if not (prefix.with_suffix(".bin").exists() and prefix.with_suffix(".idx").exists()):
+        lengths = document_lengths(total_tokens, full_length, short_share, random.Random(seed))
+        write_jsonl(jsonl, lengths, seed)
+    return prefix, tokenize_command(jsonl, tokenizer, prefix)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", required=True, type=Path)
+    parser.add_argument("--base-length", type=int, default=128)
+    parser.add_argument("--target-length", type=int, default=1024)
+    parser.add_argument("--base-tokens", type=int, default=3_000_000)
+    parser.add_argument("--extension-tokens", type=int, default=600_000)
+    parser.add_argument("--short-share", type=float, default=0.25)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    tokenizer = write_tokenizer(args.output / "tokenizer.json")
+    for name, tokens, length, share, seed in (
+        ("base", args.base_tokens, args.base_length, 0.0, args.seed),
+        ("extension", args.extension_tokens, args.target_length, args.short_share, args.seed + 1),
+    ):
+        _, command = write_corpus(args.output, name, tokens, length, share, seed, tokenizer)
+        subprocess.run(command, check=True, cwd=REPO)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""The scale of the CPU replication and the configs of its runs: the base model and every
+context-extension method, as plain `pretrain_harpe.py` config trees (written to YAML by run.py).
+
+The paper extends Llama2-7B from 4k to 128k with bases in [1e6, 5e6]. Here a tiny model goes
+from `base_length` to `target_length` (8x) and every base of the paper is multiplied by
+target_length / 131072 (the same ratio of target length to base range):
+
+| method           | position block                                  | schedule                      |
+|------------------|-------------------------------------------------|-------------------------------|
+| harpe            | per-head bases, peak-valley search in [1e6, 5e6] x r (stride 3e4 x r) | one stage at target |
+| abf              | one base 5e6 x r                                | one stage at target           |
+| abf_multistage   | base 1e6 x r, 2e6 x r, 5e6 x r                  | target/4, /2, /1; tokens split in thirds |
+| pi               | base 10000, positions / (target / base_length)  | one stage at target           |
+| none             | base 10000 (unchanged)                          | one stage at target           |
+
+Every method trains on the same extension corpus for the same number of tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+PAPER_TARGET_LENGTH = 131072
+ORIGINAL_BASE = 10000.0
+METHODS = ("harpe", "abf", "abf_multistage", "pi", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class Scale:
+    """Everything that sets the size of the experiment (full run and --smoke differ only here)."""
+
+    base_length: int = 128
+    target_length: int = 1024
+    num_layers: int = 4
+    hidden_size: int = 128
+    num_attention_heads: int = 8
+    ffn_hidden_size: int = 344
+    base_tokens: int = 3_000_000
+    extension_tokens: int = 400_000
+    short_share: float = 0.2
+    base_batch: int = 32
+    extension_batch: int = 8
+    base_lr: float = 3e-3
+    extension_lr: float = 1e-3
+    seeds: tuple[int, ...] = (1, 2, 3)
+    eval_lengths: tuple[int, ...] = (128, 256, 512, 1024, 2048)
+    eval_samples: int = 200
+
+    @property
+    def ratio(self) -> float:
+        """Multiplier of the paper's bases: target length / 131072."""
+        return self.target_length / PAPER_TARGET_LENGTH
+
+    def validate(self) -> None:
+        if self.target_length % 4 or self.target_length <= self.base_length:
+            raise ValueError(f"target_length={self.target_length} must exceed base_length and be divisible by 4")
+        if not self.seeds:
+            raise ValueError("give at least one seed")
+
+
+FULL = Scale()
+SMOKE = Scale(
+    base_length=64, target_length=512, num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64,
+    base_tokens=8192, extension_tokens=12288, base_batch=8, extension_batch=2, seeds=(1,),
+    eval_lengths=(64, 512), eval_samples=4,
+)
+
+
+def warmup_steps(total_steps: int, wanted: int) -> int:
+    """`wanted` warm-up steps, or a tenth of a short run."""
+    return max(0, min(wanted, total_steps // 10))
+
+
+def model_block(scale: Scale, vocab_size: int) -> dict[str, Any]:
+    return {
+        "num_layers": scale.num_layers, "hidden_size": scale.hidden_size,
+        "num_attention_heads": scale.num_attention_heads, "ffn_hidden_size": scale.ffn_hidden_size,
+        "vocab_size": vocab_size, "max_position_embeddings": scale.base_length,
+    }
+
+
+def position_block(method: str, scale: Scale) -> dict[str, Any]:
+    """The position encoding of one single-stage method at the target length."""
+    r = scale.ratio
+    if method == "harpe":
+        return {"type": "harpe", "strategy": "peak_valley", "base_min": 1e6 * r, "base_max": 5e6 * r,
+                "stride": 3e4 * r, "max_distance": scale.target_length}
+    if method == "abf":
+        return {"type": "abf", "base": 5e6 * r}
+    if method == "pi":
+        return {"type": "pi", "base": ORIGINAL_BASE, "scaling_factor": scale.target_length / scale.base_length}
+    if method == "none":
+        return {"type": "abf", "base": ORIGINAL_BASE}
+    raise ValueError(f"unknown method {method!r}: choose from {', '.join(METHODS)}")
+
+
+def base_config(scale: Scale, data: dict[str, Any], checkpoint_dir: str, seed: int = 0) -> dict[str, Any]:
+    """Pretraining of the base model at base_length with RoPE base 10000."""
+    return {
+        "model": model_block(scale, data["vocab_size"]),
+        "position": {"type": "abf", "base": ORIGINAL_BASE},
+        "data": {"prefixes": [data["base_prefix"]], "tokenizer": data["tokenizer"],
+                 "seq_length": scale.base_length, "seed": seed},
+        "train": {"micro_batch_size": scale.base_batch, "global_batch_size": scale.base_batch,
+                  "train_tokens": scale.base_tokens, "lr": scale.base_lr, "min_lr": scale.base_lr / 10,
+                  "lr_schedule": "cosine", "weight_decay": 0.01, "seed": seed,
+                  "warmup_steps": warmup_steps(scale.base_tokens // (scale.base_batch * scale.base_length), 30)},
+        "checkpoint": {"save": checkpoint_dir, "save_interval": 100, "keep_last": 1},
+        "logging": {"log_interval": 10},
+    }
+
+
+def extension_config(
+    method: str, scale: Scale, data: dict[str, Any], base_checkpoint: str, checkpoint_dir: str, seed: int
+) -> dict[str, Any]:
+    """Continual pretraining of the base model to target_length with one method; `seed` sets
+    the data order and the training seed."""
+    config: dict[str, Any] = {
+        "model": model_block(scale, data["vocab_size"]),
+        "data": {"prefixes": [data["extension_prefix"]], "tokenizer": data["tokenizer"],
+                 "seq_length": scale.target_length, "seed": seed},
+        "train": {"micro_batch_size": scale.extension_batch, "global_batch_size": scale.extension_batch,
+                  "lr": scale.extension_lr, "min_lr": scale.extension_lr / 10, "lr_schedule": "cosine",
+                  "weight_decay": 0.01, "seed": seed,
+                  "warmup_steps": warmup_steps(scale.extension_tokens // (scale.extension_batch * scale.target_length), 10)},
+        "checkpoint": {"save": checkpoint_dir, "pretrained": base_checkpoint, "save_interval": 0, "keep_last": 1},
+        "logging": {"log_interval": 10},
+    }
+    if method == "abf_multistage":
+        r, lengths = scale.ratio, (scale.target_length // 4, scale.target_length // 2, scale.target_length)
+        thirds = [scale.extension_tokens // 3] * 2 + [scale.extension_tokens - 2 * (scale.extension_tokens // 3)]
+        config["stages"] = [
+            {"seq_length": length, "tokens": tokens, "position": {"type": "abf", "base": base * r}}
+            for length, tokens, base in zip(lengths, thirds, (1e6, 2e6, 5e6))
+        ]
+        config["position"] = config["stages"][-1]["position"]
+    else:
+        config["position"] = position_block(method, scale)
+        config["train"]["train_tokens"] = scale.extension_tokens
+    return config

@@ -1,0 +1,167 @@
+"""Results of the CPU replication: aggregate the `tools/evaluate.py` outputs of every run into a
+table (mean and spread over seeds, per method and length), accuracy by needle depth, a plot,
+and a JSON summary.
+
+    python experiments/replicate/report.py --eval-dir runs/replicate/eval --output experiments/replicate/results
+
+Spread is the sample standard deviation over extension seeds (one base model is shared by
+all seeds; the seed sets the extension data order and training seed). Depth bins pool the
+samples of all seeds of a method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+DEPTH_BINS = ((0, 25), (25, 50), (50, 75), (75, 101))
+BASE_ROW = "base (no extension)"
+
+
+def load_run(eval_dir: Path, name: str) -> dict[str, Any] | None:
+    """results.json and the per-sample records of one evaluated model (None if missing)."""
+    results_path = eval_dir / name / "results.json"
+    if not results_path.exists():
+        return None
+    results = json.loads(results_path.read_text())
+    predictions = eval_dir / name / "predictions.jsonl"
+    records = [json.loads(line) for line in predictions.read_text().splitlines()] if predictions.exists() else []
+    return {"scores": {int(length): cell["score"] for length, cell in results["tasks"]["synthetic_kv"].items()},
+            "records": records}
+
+
+def mean_and_spread(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summarize(eval_dir: Path, methods: list[str], runs: list[tuple[str, int]], lengths: tuple[int, ...]) -> dict:
+    """{row: {"per_seed": {seed: {length: score}}, "mean": {length: m}, "spread": {length: s},
+    "depth": {length: {bin label: accuracy}}}} for the base model and every method."""
+    rows: dict[str, dict[str, Any]] = {}
+    groups: dict[str, list[tuple[int, str]]] = {BASE_ROW: [(0, "base")]}
+    for method, seed in runs:
+        groups.setdefault(method, []).append((seed, f"{method}_seed{seed}"))
+    for row, members in groups.items():
+        if row != BASE_ROW and row not in methods:
+            continue
+        loaded = {seed: run for seed, name in members if (run := load_run(eval_dir, name)) is not None}
+        if not loaded:
+            continue
+        per_seed = {seed: run["scores"] for seed, run in loaded.items()}
+        stats = {length: mean_and_spread([scores[length] for scores in per_seed.values() if length in scores])
+                 for length in lengths if any(length in scores for scores in per_seed.values())}
+        records = [record for run in loaded.values() for record in run["records"]]
+        rows[row] = {"per_seed": per_seed, "mean": {k: v[0] for k, v in stats.items()},
+                     "spread": {k: v[1] for k, v in stats.items()}, "depth": depth_table(records, lengths)}
+    return rows
+
+
+def depth_table(records: list[dict[str, Any]], lengths: tuple[int, ...]) -> dict[int, dict[str, float]]:
+    table: dict[int, dict[str, float]] = {}
+    for length in lengths:
+        at_length = [r for r in records if r["length"] == length]
+        cells = {}
+        for low, high in DEPTH_BINS:
+            scores = [r["score"] for r in at_length if low <= r["depths"][0] < high]
+            if scores:
+                cells[f"{low}-{min(high, 100)}%"] = statistics.fmean(scores)
+        if cells:
+            table[length] = cells
+    return table
+
+
+def markdown(rows: dict, lengths: tuple[int, ...], scale: Any) -> str:
+    lines = [f"Accuracy (%) of `synthetic_kv` retrieval, mean ± std over {len(scale.seeds)} extension seed(s), "
+             f"{scale.eval_samples} samples per length and model; base length {scale.base_length}, "
+             f"target {scale.target_length}.", ""]
+    header = "| method | " + " | ".join(str(length) for length in lengths) + " | mean |"
+    lines += [header, "|---" * (len(lengths) + 2) + "|"]
+    for row, data in rows.items():
+        cells = [f"{data['mean'][k]:.1f} ± {data['spread'][k]:.1f}" if k in data["mean"] else "-" for k in lengths]
+        overall = statistics.fmean(data["mean"].values()) if data["mean"] else float("nan")
+        lines.append(f"| {row} | " + " | ".join(cells) + f" | {overall:.1f} |")
+    lines += ["", "Per seed:", "", "| method | seed | " + " | ".join(str(k) for k in lengths) + " |",
+              "|---" * (len(lengths) + 2) + "|"]
+    for row, data in rows.items():
+        for seed, scores in sorted(data["per_seed"].items()):
+            lines.append(f"| {row} | {seed} | " + " | ".join(f"{scores.get(k, float('nan')):.1f}" for k in lengths) + " |")
+    bins = [f"{low}-{min(high, 100)}%" for low, high in DEPTH_BINS]
+    for length in [k for k in lengths if k >= scale.target_length]:
+        lines += ["", f"Accuracy by depth of the queried needle at length {length} (all seeds pooled):", "",
+                  "| method | " + " | ".join(bins) + " |", "|---" * (len(bins) + 1) + "|"]
+        for row, data in rows.items():
+            cells = data["depth"].get(length, {})
+            lines.append(f"| {row} | " + " | ".join(f"{cells[b]:.1f}" if b in cells else "-" for b in bins) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: dict, lengths: tuple[int, ...], scale: Any, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for row, data in rows.items():
+        xs = [k for k in lengths if k in data["mean"]]
+        axis.errorbar(xs, [data["mean"][k] for k in xs], yerr=[data["spread"][k] for k in xs], marker="o",
+                      capsize=3, label=row, linestyle="--" if row == BASE_ROW else "-")
+    for x, label in ((scale.base_length, "base length"), (scale.target_length, "target length")):
+        axis.axvline(x, color="grey", linewidth=0.8, linestyle=":")
+        axis.text(x, 102, label, fontsize=8, ha="center")
+    axis.set_xscale("log", base=2)
+    axis.set_xticks(list(lengths), [str(k) for k in lengths])
+    axis.set_ylim(-2, 108)
+    axis.set_xlabel("evaluation length (tokens)")
+    axis.set_ylabel("key/value retrieval accuracy (%)")
+    axis.set_title(f"CPU replication: {scale.base_length} -> {scale.target_length} tokens, mean ± std over seeds")
+    axis.legend(fontsize=8, loc="lower left")
+    figure.tight_layout()
+    temporary = path.with_name(path.stem + ".tmp.png")
+    figure.savefig(temporary, dpi=120)
+    plt.close(figure)
+    temporary.replace(path)
+    return path
+
+
+def write_report(eval_dir: Path, output: Path, scale: Any, methods: list[str], runs: list[tuple[str, int]],
+                 log: Callable[[str], None] = print) -> list[Path]:
+    """results.md, results.png and summary.json in `output`; returns their paths."""
+    rows = summarize(eval_dir, methods, runs, scale.eval_lengths)
+    if not rows:
+        raise ValueError(f"no evaluation results under {eval_dir}: run the eval phase first")
+    output.mkdir(parents=True, exist_ok=True)
+    table = output / "results.md"
+    table.with_name("results.md.tmp").write_text(markdown(rows, scale.eval_lengths, scale))
+    table.with_name("results.md.tmp").replace(table)
+    summary = output / "summary.json"
+    serializable = {row: {key: value for key, value in data.items()} for row, data in rows.items()}
+    summary.with_name("summary.json.tmp").write_text(json.dumps(serializable, indent=2, default=str))
+    summary.with_name("summary.json.tmp").replace(summary)
+    figure = plot(rows, scale.eval_lengths, scale, output / "results.png")
+    log(f"report: {len(rows)} rows ({', '.join(rows)})")
+    return [table, figure, summary]
+
+
+def main(argv: list[str] | None = None) -> int:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from methods import FULL, METHODS, SMOKE
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--eval-dir", required=True, type=Path)
+    parser.add_argument("--output", required=True, type=Path)
+    parser.add_argument("--smoke", action="store_true")
+    args = parser.parse_args(argv)
+    scale = SMOKE if args.smoke else FULL
+    runs = [(method, seed) for seed in scale.seeds for method in METHODS]
+    for path in write_report(args.eval_dir, args.output, scale, list(METHODS), runs):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""The CPU replication (experiments/replicate) end to end at smoke scale, and its task format.
+
+Run: pytest tests/e2e/test_replicate_smoke.py -m slow   (the smoke run; ~30-90 s on 2 cores)
+     pytest tests/e2e/test_replicate_smoke.py           (the fast checks of the task only)
+
+The smoke run goes through the real entry points (prepare_data.py, pretrain_harpe.py,
+evaluate.py) with a tiny model, one seed and a few steps, and checks that every method
+trained for its planned steps with its own position encoding and was evaluated at every length.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from megatron_harpe.data.tokenizer import load_tokenizer
+from megatron_harpe.eval.synthetic_kv import (
+    ANSWER_BUDGET,
+    KEYS,
+    build_synthetic_kv_sample,
+    training_document,
+    write_tokenizer,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+RUN = REPO / "experiments" / "replicate" / "run.py"
+METHODS = ("harpe", "abf", "abf_multistage", "pi", "none")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return load_tokenizer(write_tokenizer(tmp_path_factory.mktemp("kv") / "tokenizer.json"))
+
+
+def latest_value(words: list[str], key: str, before: int) -> list[str]:
+    """What a perfect reader answers: the digits after the last `set KEY` before `before`."""
+    starts = [i for i in range(before) if words[i] == "set" and words[i + 1] == key]
+    assert starts, f"{key} was never set"
+    return words[starts[-1] + 2 : starts[-1] + 5]
+
+
+@pytest.mark.parametrize("length", [64, 300, 1024])
+def test_prompt_fills_the_length_and_the_answer_is_the_needle(tokenizer, length):
+    for index in range(5):
+        sample = build_synthetic_kv_sample(tokenizer, length, index, seed=7)
+        assert len(sample.prompt_ids) + ANSWER_BUDGET == length
+        assert sample.prompt_ids[0] == tokenizer.bos_id
+        words = sample.prompt.split()
+        assert words[-2] == "get" and words[-1] in KEYS
+        assert latest_value(words, words[-1], len(words) - 2) == sample.answers[0].split()
+        assert sum(word == "set" for word in words) == 6  # the queried needle and five distractors
+        assert tokenizer.decode(tokenizer.encode(sample.prompt)) == sample.prompt
+
+
+def test_depth_places_the_queried_needle(tokenizer):
+    shallow = build_synthetic_kv_sample(tokenizer, 1024, 0, seed=1, fixed_depth=0).prompt.split()
+    deep = build_synthetic_kv_sample(tokenizer, 1024, 0, seed=1, fixed_depth=100).prompt.split()
+    for words, expect_early in ((shallow, True), (deep, False)):
+        key = words[-1]
+        position = words.index(key)  # first occurrence: the needle
+        assert (position < len(words) * 0.1) == expect_early, (position, len(words))
+
+
+def test_samples_are_reproducible_and_differ_by_index(tokenizer):
+    first = build_synthetic_kv_sample(tokenizer, 256, 3, seed=5)
+    again = build_synthetic_kv_sample(tokenizer, 256, 3, seed=5)
+    other = build_synthetic_kv_sample(tokenizer, 256, 4, seed=5)
+    assert first.prompt == again.prompt and first.prompt != other.prompt
+
+
+def test_too_short_length_names_the_minimum(tokenizer):
+    with pytest.raises(ValueError, match="evaluate at length >="):
+        build_synthetic_kv_sample(tokenizer, 30, 0, seed=0)
+
+
+def test_training_documents_answer_queries_with_the_latest_value():
+    rng = random.Random(0)
+    for words_wanted in (126, 1022):
+        words = training_document(words_wanted, rng).split()
+        assert len(words) == words_wanted
+        queries = [i for i in range(len(words) - 4) if words[i] == "get"]
+        assert queries, "a document should hold queries"
+        for i in queries:
+            assert words[i + 2 : i + 5] == latest_value(words, words[i + 1], i)
+
+
+@pytest.mark.slow
+def test_smoke_run_trains_and_evaluates_every_method(tmp_path):
+    output, workdir = tmp_path / "results", tmp_path / "work"
+    environment = dict(os.environ, OMP_NUM_THREADS="2", PYTHONWARNINGS="ignore")
+    command = [sys.executable, str(RUN), "--output", str(output), "--workdir", str(workdir), "--smoke", "--jobs", "0"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=environment, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    scale = json.loads((output / "scale.json").read_text())
+    target, base_length = scale["target_length"], scale["base_length"]
+
+    for method in METHODS:
+        config = yaml.safe_load((output / "configs" / f"{method}_seed1.yaml").read_text())
+        checkpoint = workdir / "checkpoints" / f"{method}_seed1"
+        steps = int((checkpoint / "latest_checkpointed_iteration.txt").read_text())
+        stages = config.get("stages") or [{"seq_length": target, "tokens": config["train"]["train_tokens"]}]
+        batch = config["train"]["global_batch_size"]
+        assert steps == sum(-(-stage["tokens"] // (batch * stage["seq_length"])) for stage in stages) > 0
+        assert config["checkpoint"]["pretrained"] == str(workdir / "checkpoints" / "base")
+        log = (workdir / "logs" / f"{method}_seed1.log").read_text()
+        assert "continual pretraining from the weights of" in log and f"step {steps}/{steps}" in log
+
+        results = json.loads((workdir / "eval" / f"{method}_seed1" / "results.json").read_text())
+        cells = results["tasks"]["synthetic_kv"]
+        assert sorted(int(length) for length in cells) == sorted(scale["eval_lengths"])
+        assert all(len(cell["scores"]) == scale["eval_samples"] for cell in cells.values())
+
+    ratio = target / 131072
+    harpe = yaml.safe_load((output / "configs" / "harpe_seed1.yaml").read_text())["position"]
+    assert harpe["type"] == "harpe" and harpe["base_min"] == pytest.approx(1e6 * ratio)
+    assert yaml.safe_load((output / "configs" / "abf_seed1.yaml").read_text())["position"]["base"] == pytest.approx(5e6 * ratio)
+    pi = yaml.safe_load((output / "configs" / "pi_seed1.yaml").read_text())["position"]
+    assert pi["type"] == "pi" and pi["scaling_factor"] == target / base_length == 8
+    stages = yaml.safe_load((output / "configs" / "abf_multistage_seed1.yaml").read_text())["stages"]
+    assert [s["seq_length"] for s in stages] == [target // 4, target // 2, target]
+    assert [s["position"]["base"] for s in stages] == pytest.approx([1e6 * ratio, 2e6 * ratio, 5e6 * ratio])
+    # the trained HARPE checkpoint carries its per-head bases
+    saved = yaml.safe_load(next((workdir / "checkpoints" / "harpe_seed1").glob("iter_*/config.yaml")).read_text())
+    bases = saved["position"]["bases"]
+    assert len(bases) == scale["num_attention_heads"] and len(set(bases)) == len(bases)
+    assert min(bases) >= 1e6 * ratio - 1e-6 and max(bases) <= 5e6 * ratio + 1e-6
+
+    table = (output / "results.md").read_text()
+    for row in ("base (no extension)", *METHODS):
+        assert f"| {row} |" in table
+    assert (output / "results.png").stat().st_size > 1000
+    commands = (output / "commands.md").read_text()
+    assert commands.count("pretrain_harpe.py --config") == 1 + len(METHODS)
+    assert commands.count("tools/evaluate.py --model") == 1 + len(METHODS)
+    assert commands.count("tools/prepare_data.py tokenize") == 2
