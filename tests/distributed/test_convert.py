@@ -115,16 +115,23 @@ GQA_BASES = [300.0, 30000.0]  # one per k/v group, far apart
 GQA_OVERRIDES = ["position.type=harpe", f"position.bases={GQA_BASES}"]
 
 
+PER_QUERY_HEAD = ["position.type=harpe", "position.gqa_bases=per_query_head", "position.bases=[1e2, 1e3, 1e4, 1e5]"]
+
+
 def _convert_run_export(hf_dir: str, root: str, tokens: torch.Tensor) -> tuple:
     logits, greedy = _convert_and_run(hf_dir, f"{root}/megatron", GQA_OVERRIDES, tokens)
     convert_megatron_to_hf(f"{root}/megatron", f"{root}/hf")
-    return logits, greedy
+    # keys rotated per query head (k/v expanded): megatron's KeyExpandingSelfAttention vs our HF model
+    per_query_head = _convert_export_each(hf_dir, root, {"per_query_head": PER_QUERY_HEAD}, tokens)
+    return logits, greedy, per_query_head["per_query_head"]
 
 
 def test_gqa_harpe_round_trip(tmp_path: Path) -> None:
     source = make_hf_model(tmp_path / "source", kv_heads=2)
     tokens = _tokens(96)
-    (megatron, megatron_tokens), = parallel.run_on_ranks(_convert_run_export, 1, str(source), str(tmp_path), tokens)
+    (megatron, megatron_tokens, per_query_head), = parallel.run_on_ranks(
+        _convert_run_export, 1, str(source), str(tmp_path), tokens
+    )
 
     model_config = model_config_from_hf(read_hf_config(source))
     reference = load_hf_model(source, hf_config_for(model_config, PositionConfig(type="harpe", bases=GQA_BASES)))
@@ -140,6 +147,11 @@ def test_gqa_harpe_round_trip(tmp_path: Path) -> None:
     with torch.no_grad():
         assert (exported(tokens).logits - megatron).abs().max() < ATOL
     assert hf_greedy(exported, tokens[:1], NEW_TOKENS) == megatron_tokens
+
+    expanded = AutoModelForCausalLM.from_pretrained(tmp_path / "per_query_head" / "hf", trust_remote_code=True).eval()
+    assert expanded.model.layers[0].self_attn.keys_per_query_head
+    with torch.no_grad():
+        assert (expanded(tokens).logits - per_query_head).abs().max() < ATOL
 
 
 @pytest.mark.slow
