@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_checkpoint import CONFIG, _build, _snapshot, _train
+from test_checkpoint_io import CONFIG, _build, _snapshot, _train
 
 from megatron_harpe import parallel
 from megatron_harpe.training import checkpoint

@@ -1,6 +1,6 @@
 """Checkpoints: reload under another tensor-parallel size, keep_last, and crash safety.
 
-    python -m pytest tests/distributed/test_checkpoint.py -q            (add -m slow for TP=1 -> TP=2)
+    python -m pytest tests/distributed/test_checkpoint_io.py -q            (add -m slow for TP=1 -> TP=2)
 
 Ranks are spawned gloo processes (megatron_harpe.parallel.run_on_ranks); each rank returns its
 weights and Adam moments, which the test puts back together in TP=1 shapes.

@@ -1,7 +1,7 @@
 """Checkpoint directory logic that needs no process group: finding the latest complete
 checkpoint, pruning old iterations, cleaning crash debris.
 
-    python -m pytest tests/unit/test_checkpoint.py -q
+    python -m pytest tests/unit/test_checkpoint_layout.py -q
 
 Saving and loading real weights is tested in tests/distributed/test_checkpoint*.py.
 """
