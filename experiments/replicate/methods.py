@@ -37,7 +37,12 @@ class Scale:
     num_attention_heads: int = 8
     ffn_hidden_size: int = 344
     base_tokens: int = 3_000_000
-    extension_tokens: int = 400_000
+    base_rounds: int = 2
+    """The base model trains `base_rounds` runs of base_tokens, each from the previous one's weights
+    (fresh optimizer, warm-up and cosine schedule, another data order)."""
+    base_processes: int = 2
+    """Data-parallel processes (torchrun) of the base runs; 1 runs them in the worker."""
+    extension_tokens: int = 500_000
     short_share: float = 0.2
     base_batch: int = 32
     extension_batch: int = 8
@@ -62,7 +67,7 @@ class Scale:
 FULL = Scale()
 SMOKE = Scale(
     base_length=64, target_length=512, num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64,
-    base_tokens=8192, extension_tokens=12288, base_batch=8, extension_batch=2, seeds=(1,),
+    base_tokens=8192, base_rounds=1, base_processes=1, extension_tokens=12288, base_batch=8, extension_batch=2, seeds=(1,),
     eval_lengths=(64, 512), eval_samples=4,
 )
 
@@ -95,18 +100,21 @@ def position_block(method: str, scale: Scale) -> dict[str, Any]:
     raise ValueError(f"unknown method {method!r}: choose from {', '.join(METHODS)}")
 
 
-def base_config(scale: Scale, data: dict[str, Any], checkpoint_dir: str, seed: int = 0) -> dict[str, Any]:
-    """Pretraining of the base model at base_length with RoPE base 10000."""
+def base_config(
+    scale: Scale, data: dict[str, Any], checkpoint_dir: str, seed: int = 0, pretrained: str | None = None
+) -> dict[str, Any]:
+    """Pretraining of the base model at base_length with RoPE base 10000 (one round; a later
+    round starts from the weights in `pretrained`)."""
     return {
         "model": model_block(scale, data["vocab_size"]),
         "position": {"type": "abf", "base": ORIGINAL_BASE},
         "data": {"prefixes": [data["base_prefix"]], "tokenizer": data["tokenizer"],
                  "seq_length": scale.base_length, "seed": seed},
-        "train": {"micro_batch_size": scale.base_batch, "global_batch_size": scale.base_batch,
+        "train": {"micro_batch_size": scale.base_batch // scale.base_processes, "global_batch_size": scale.base_batch,
                   "train_tokens": scale.base_tokens, "lr": scale.base_lr, "min_lr": scale.base_lr / 10,
                   "lr_schedule": "cosine", "weight_decay": 0.01, "seed": seed,
                   "warmup_steps": warmup_steps(scale.base_tokens // (scale.base_batch * scale.base_length), 30)},
-        "checkpoint": {"save": checkpoint_dir, "save_interval": 100, "keep_last": 1},
+        "checkpoint": {"save": checkpoint_dir, "save_interval": 100, "keep_last": 1, "pretrained": pretrained},
         "logging": {"log_interval": 10},
     }
 

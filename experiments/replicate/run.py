@@ -8,7 +8,8 @@ interrupted run resumes where it stopped):
 
 1. data: the word-level tokenizer and two synthetic key/value corpora (base length and
    target length, see corpus.py), tokenized by `tools/prepare_data.py tokenize`;
-2. base: `pretrain_harpe.py` trains a tiny model at the base length with RoPE base 10000;
+2. base: `pretrain_harpe.py` (under torchrun, 2 data-parallel processes) trains a tiny model
+   at the base length with RoPE base 10000, in rounds (each from the previous weights);
 3. extend: `pretrain_harpe.py` continues it to the 8x target length with every method of
    methods.py (HARPE, ABF, multi-stage ABF, PI, no change), each seed, at equal tokens;
 4. eval: `tools/evaluate.py --task synthetic_kv` scores the base model and every extended
@@ -150,7 +151,10 @@ def prepare_data(runner: Runner, scale: Scale) -> dict:
             "vocab_size": -(-vocab // MODEL_VOCAB_MULTIPLE) * MODEL_VOCAB_MULTIPLE}
 
 
-def train_command(config_path: Path) -> list[str]:
+def train_command(config_path: Path, processes: int = 1) -> list[str]:
+    if processes > 1:
+        return ["torchrun", "--nproc-per-node", str(processes), str(REPO / "pretrain_harpe.py"), "--config",
+                str(config_path)]
     return [sys.executable, str(REPO / "pretrain_harpe.py"), "--config", str(config_path)]
 
 
@@ -192,11 +196,17 @@ def main(argv: list[str] | None = None) -> int:
     data = prepare_data(runner, scale)
 
     # 2. base model at the base length (then evaluated)
-    base_dir = workdir / "checkpoints" / "base"
-    base_yaml = write_yaml(base_config(scale, data, str(base_dir)), output / "configs" / "base.yaml")
-    runner.run_all("base", [[("base", train_command(base_yaml), base_dir / "DONE"),
-                             ("eval_base", eval_command(base_dir, workdir / "eval" / "base", scale),
-                              workdir / "eval" / "base" / "DONE")]])
+    base_chain, previous = [], None
+    for round_index in range(scale.base_rounds):
+        name = "base" if round_index == 0 else f"base_round{round_index + 1}"
+        base_dir = workdir / "checkpoints" / name
+        tree = base_config(scale, data, str(base_dir), seed=round_index, pretrained=previous)
+        command = train_command(write_yaml(tree, output / "configs" / f"{name}.yaml"), scale.base_processes)
+        base_chain.append((name, command, base_dir / "DONE"))
+        previous = str(base_dir)
+    base_chain.append(("eval_base", eval_command(base_dir, workdir / "eval" / "base", scale),
+                       workdir / "eval" / "base" / "DONE"))
+    runner.run_all("base", [base_chain])
 
     # 3+4. extension with every method and seed, each model evaluated as soon as it is trained
     runs = [(method, seed) for seed in scale.seeds for method in methods]

@@ -5,7 +5,8 @@ Python process, so torch and megatron-core are imported once instead of once per
     python experiments/replicate/worker.py jobs.json
 
 jobs.json: a list of {"name", "command" (the argv a user would type, starting with the python
-executable and the script), "log", "marker"}. Each job's output goes to its log; its marker
+executable and the script; a command starting with anything else, e.g. torchrun, runs as its
+own process), "log", "marker"}. Each job's output goes to its log; its marker
 file is written when it succeeds; jobs whose marker exists are skipped. The exit status is 1
 if any job failed (the others still run). A progress line per job goes to stdout.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import subprocess
 import sys
 import time
 import traceback
@@ -35,6 +37,14 @@ def load_script(path: Path) -> ModuleType:
 
 
 def run_job(job: dict, scripts: dict[str, ModuleType]) -> bool:
+    if job["command"][0] != sys.executable:  # a launcher (torchrun): run it as its own process
+        Path(job["log"]).parent.mkdir(parents=True, exist_ok=True)
+        with open(job["log"], "w") as log:
+            ok = subprocess.run(job["command"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT).returncode == 0
+        if ok:
+            Path(job["marker"]).parent.mkdir(parents=True, exist_ok=True)
+            Path(job["marker"]).touch()
+        return ok
     script = Path(job["command"][1])
     module = scripts.setdefault(str(script), load_script(script))
     Path(job["log"]).parent.mkdir(parents=True, exist_ok=True)
