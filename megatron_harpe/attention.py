@@ -7,8 +7,9 @@ runs on CPU and GPU and plugs into megatron's `SelfAttention` through the layer 
 Context parallelism (all-gather flavour): each CP rank holds chunks r and 2*CP-1-r of the
 sequence (load-balanced causal work). Keys and values are all-gathered over the CP group by an
 autograd function whose backward reduce-scatters gradients to their owners; each local query chunk c then attends to the keys of chunks 0..c with a causal mask
-aligned to the lower right (the chunk's last query sees every gathered key). SDPA's flash and
-memory-efficient kernels take that mask without materialising it on GPU.
+aligned to the lower right (the chunk's last query sees every gathered key). On GPU, SDPA's
+kernels take that mask without materialising it; on CPU the queries are left-padded instead
+(see `_context_parallel`), trading up to 2x attention compute for memory linear in the sequence.
 """
 
 from __future__ import annotations
@@ -96,8 +97,18 @@ class SdpaCoreAttention(MegatronModule):
         for half, chunk_index in enumerate((cp_rank, 2 * cp_size - 1 - cp_rank)):
             q_chunk = q[:, :, half * chunk : (half + 1) * chunk]
             visible = (chunk_index + 1) * chunk
-            mask = causal_lower_right(chunk, visible) if self.causal else False
-            outputs.append(self._sdpa(q_chunk, global_k[:, :, :visible], global_v[:, :, :visible], mask))
+            keys, values = global_k[:, :, :visible], global_v[:, :, :visible]
+            if not self.causal:
+                outputs.append(self._sdpa(q_chunk, keys, values, False))
+            elif q_chunk.device.type == "cuda":
+                outputs.append(self._sdpa(q_chunk, keys, values, causal_lower_right(chunk, visible)))
+            else:
+                # CPU kernels turn a lower-right causal mask into a dense float [chunk, visible]
+                # tensor kept for backward (memory quadratic in the sequence). Left-padding the
+                # queries with zeros to the key length makes it plain causal attention, which the
+                # CPU flash kernel runs without any mask; the padded rows are dropped.
+                padded = F.pad(q_chunk, (0, 0, visible - chunk, 0))
+                outputs.append(self._sdpa(padded, keys, values, True)[:, :, visible - chunk :])
         return torch.cat(outputs, dim=2)
 
 

@@ -15,6 +15,7 @@ import os
 import pickle
 import random
 import socket
+import time
 import traceback
 from typing import Any, Callable
 
@@ -172,13 +173,19 @@ def run_on_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: f
         proc.start()
     results: dict[int, Any] = {}
     errors: list[str] = []
-    for _ in range(world_size):
-        rank, status, payload = queue.get()
-        if status == "ok":
-            results[rank] = pickle.loads(payload)
-        else:
-            errors.append(f"rank {rank} failed:\n{payload}")
-            break
+    deadline = time.monotonic() + timeout
+    while len(results) < world_size and not errors:
+        if queue._reader.poll(1.0):  # SimpleQueue has no timeout of its own
+            rank, status, payload = queue.get()
+            if status == "ok":
+                results[rank] = pickle.loads(payload)
+            else:
+                errors.append(f"rank {rank} failed:\n{payload}")
+        elif any(proc.exitcode not in (None, 0) for proc in procs):
+            dead = [rank for rank, proc in enumerate(procs) if proc.exitcode not in (None, 0)]
+            errors.append(f"rank(s) {dead} died without reporting (exit codes {[procs[r].exitcode for r in dead]})")
+        elif time.monotonic() > deadline:
+            errors.append(f"no result from ranks {sorted(set(range(world_size)) - set(results))} in {timeout:.0f} s")
     for proc in procs:
         proc.join(timeout=5 if errors else timeout)
         if proc.is_alive():

@@ -70,7 +70,7 @@ def _read_jsonl_texts(path: str, text_key: str) -> Iterator[str]:
                 continue
             record = json.loads(line)
             if text_key not in record:
-                raise ValueError(f"{path}:{line_number} has no {text_key!r} field: pass --ppl-text-key "
+                raise ValueError(f"{path}:{line_number} has no {text_key!r} field: choose the text field with the tool's text-key option "
                                  f"with one of {sorted(record)}")
             yield record[text_key]
 
