@@ -83,3 +83,7 @@ def test_resume_continues_exactly(demo_data, reference, tmp_path):
     second = run(1, tiny_config(demo_data, checkpoint=save))
     assert [h["step"] for h in second] == [4, 5, 6]
     assert_same_history(first + second, reference)
+    import yaml
+
+    saved = yaml.safe_load((tmp_path / "ckpt" / "iter_0000006" / "config.yaml").read_text())
+    assert saved["position"]["bases"] == [300.0, 30000.0]  # the bases travel with the checkpoint

@@ -1,0 +1,54 @@
+"""pretrain_harpe.py's command line: every preset validates and plans, and bad configs exit
+with a message naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import pretrain_harpe
+
+CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+def test_every_preset_dry_runs(config, capsys):
+    world_size = 32 if config.stem.startswith("llama2") else 2
+    assert pretrain_harpe.main(["--config", str(config), "--dry-run", "--world-size", str(world_size)]) == 0
+    out = capsys.readouterr().out
+    assert f"world size {world_size}" in out and "total:" in out
+
+
+def test_llama2_7b_harpe_plan_numbers(capsys):
+    config = Path(__file__).parents[2] / "configs" / "llama2_7b_128k_harpe.yaml"
+    assert pretrain_harpe.main(["--config", str(config), "--dry-run", "--world-size", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "tensor 4 x context 4 x data 2" in out
+    assert "6.738B parameters" in out  # Llama2-7B
+    assert "32 bases 1e+06..4.54e+06" in out
+    assert "4,194,304 tokens/step x 1,431 steps" in out
+
+
+def test_multistage_plan_has_three_stages(capsys):
+    config = Path(__file__).parents[2] / "configs" / "llama2_7b_128k_abf_multistage.yaml"
+    assert pretrain_harpe.main(["--config", str(config), "--dry-run", "--world-size", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "stage 0: seq 32768" in out and "stage 2: seq 131072" in out and "base 5e+06" in out
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["--parallel.context", "3"], "2 x parallel.context"),
+        (["--parallel.tensor", "3"], "parallel.tensor=3 does not divide"),
+        (["--train.global_batch_size", "5"], "train.global_batch_size=5"),
+        (["--model.attention_backend", "te"], "Transformer Engine"),
+        (["--trian.lr", "1"], "unknown config key"),
+    ],
+)
+def test_config_errors_exit_before_anything_starts(overrides, message, capsys):
+    config = Path(__file__).parents[2] / "configs" / "llama2_7b_128k_harpe.yaml"
+    code = pretrain_harpe.main(["--config", str(config), "--dry-run", "--world-size", "32", *overrides])
+    assert code == 2
+    assert message in capsys.readouterr().err
