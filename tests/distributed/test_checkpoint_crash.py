@@ -1,6 +1,6 @@
 """A process killed while writing a checkpoint leaves the previous one as the loadable latest.
 
-    python -m pytest tests/distributed/test_checkpoint_crash.py -q
+    python -m pytest tests/distributed/test_checkpoint_crash.py -q -m slow
 
 A subprocess saves iteration 1, then dies (os._exit, no cleanup) after its tensor files of
 iteration 2 are written but before the checkpoint metadata is. A fresh process then loads the
@@ -24,7 +24,8 @@ from megatron_harpe import parallel
 from megatron_harpe.training import checkpoint
 from megatron_harpe.training.checkpoint import load_checkpoint, save_checkpoint
 
-pytestmark = pytest.mark.distributed
+# slow: the default suite covers crash points with raised exceptions (test_checkpoint_io.py)
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 KILLED = 17
 
 
