@@ -17,7 +17,7 @@ import argparse
 import os
 import sys
 
-from megatron_harpe.config import Config, load_config
+from megatron_harpe.config import Config, load_config, parse_overrides
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -28,26 +28,10 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         "--world-size", type=int, default=None, help="with --dry-run: the number of processes to plan for"
     )
     args, rest = parser.parse_known_args(argv)
-    return args, overrides_from(rest)
-
-
-def overrides_from(rest: list[str]) -> list[str]:
-    """`--section.key value` and `section.key=value` both become `section.key=value`."""
-    overrides, index = [], 0
-    while index < len(rest):
-        item = rest[index]
-        if item.startswith("--") and "=" not in item:
-            if index + 1 >= len(rest):
-                raise SystemExit(f"error: {item} needs a value")
-            overrides.append(f"{item[2:]}={rest[index + 1]}")
-            index += 2
-        else:
-            overrides.append(item.removeprefix("--"))
-            index += 1
-    for override in overrides:
-        if "." not in override.split("=", 1)[0]:
-            raise SystemExit(f"error: unrecognised argument {override!r}; overrides look like --train.lr 1e-5")
-    return overrides
+    try:
+        return args, parse_overrides(rest)
+    except ValueError as error:
+        parser.error(str(error))
 
 
 def main(argv: list[str] | None = None) -> int:

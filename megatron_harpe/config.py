@@ -336,6 +336,26 @@ def apply_override(tree: dict[str, Any], override: str) -> None:
     node[keys[-1]] = value
 
 
+def parse_overrides(arguments: list[str]) -> list[str]:
+    """Command-line overrides: `--section.key value` and `section.key=value` both become
+    `section.key=value`; anything else is a ValueError."""
+    overrides, index = [], 0
+    while index < len(arguments):
+        item = arguments[index]
+        if item.startswith("--") and "=" not in item:
+            if index + 1 >= len(arguments):
+                raise ValueError(f"{item} needs a value")
+            overrides.append(f"{item[2:]}={arguments[index + 1]}")
+            index += 2
+        else:
+            overrides.append(item.removeprefix("--"))
+            index += 1
+    for override in overrides:
+        if "." not in override.split("=", 1)[0]:
+            raise ValueError(f"unrecognised argument {override!r}; config overrides look like --train.lr 1e-5")
+    return overrides
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read a YAML config, apply `section.key=value` overrides, return a strict `Config`."""
     tree: dict[str, Any] = {}

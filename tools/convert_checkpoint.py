@@ -22,26 +22,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from megatron_harpe.config import parse_overrides
+
 DTYPES = ("fp32", "bf16", "fp16")
-
-
-def overrides_from(rest: list[str]) -> list[str]:
-    """`--section.key value` and `section.key=value` both become `section.key=value`."""
-    overrides, index = [], 0
-    while index < len(rest):
-        item = rest[index]
-        if item.startswith("--") and "=" not in item:
-            if index + 1 >= len(rest):
-                raise ValueError(f"{item} needs a value")
-            overrides.append(f"{item[2:]}={rest[index + 1]}")
-            index += 2
-        else:
-            overrides.append(item.removeprefix("--"))
-            index += 1
-    for override in overrides:
-        if "." not in override.split("=", 1)[0]:
-            raise ValueError(f"unrecognised argument {override!r}; config overrides look like --position.type harpe")
-    return overrides
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,7 +116,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     args, rest = build_parser().parse_known_args(sys.argv[1:] if argv is None else argv)
     try:
-        return run(args, overrides_from(rest))
+        return run(args, parse_overrides(rest))
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_harpe import parallel
-from megatron_harpe.config import Config, from_dict
+from megatron_harpe.config import Config
 from megatron_harpe.model import build_model
 from megatron_harpe.position.rotary import context_parallel_positions
 from megatron_harpe.training import checkpoint
@@ -56,8 +56,11 @@ class MegatronBackend:
     ) -> "MegatronBackend":
         from megatron_harpe.eval.backends import load_tokenizer_any
 
-        config = from_dict(Config, checkpoint.read_checkpoint_config(path))
-        config.position.resolve(config.model)
+        from megatron_harpe.convert.megatron_side import read_checkpoint_spec
+
+        spec = read_checkpoint_spec(path)  # a multi-stage run: the encoding of the stage saved in
+        config = spec.config
+        config.position = spec.position
         tokenizer_path = tokenizer or config.data.tokenizer
         if not tokenizer_path or not os.path.exists(tokenizer_path):
             raise ValueError(
