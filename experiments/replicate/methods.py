@@ -38,14 +38,16 @@ class Scale:
     ffn_hidden_size: int = 344
     base_tokens: int = 3_000_000
     base_rounds: int = 2
-    """The base model trains `base_rounds` runs of base_tokens, each from the previous one's weights
-    (fresh optimizer, warm-up and cosine schedule, another data order)."""
+    """The base model trains `base_rounds` runs, each from the previous one's weights (fresh
+    optimizer, warm-up and cosine schedule, another data order): base_tokens, then
+    later_round_tokens per further round."""
+    later_round_tokens: int = 1_200_000
     base_processes: int = 2
     """Data-parallel processes (torchrun) of the base runs; 1 runs them in the worker."""
-    extension_tokens: int = 500_000
+    extension_tokens: int = 300_000
     short_share: float = 0.2
     base_batch: int = 32
-    extension_batch: int = 8
+    extension_batch: int = 4
     base_lr: float = 3e-3
     extension_lr: float = 1e-3
     seeds: tuple[int, ...] = (1, 2, 3)
@@ -67,7 +69,7 @@ class Scale:
 FULL = Scale()
 SMOKE = Scale(
     base_length=64, target_length=512, num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64,
-    base_tokens=8192, base_rounds=1, base_processes=1, extension_tokens=12288, base_batch=8, extension_batch=2, seeds=(1,),
+    base_tokens=8192, later_round_tokens=8192, base_rounds=1, base_processes=1, extension_tokens=12288, base_batch=8, extension_batch=2, seeds=(1,),
     eval_lengths=(64, 512), eval_samples=4,
 )
 
@@ -105,15 +107,16 @@ def base_config(
 ) -> dict[str, Any]:
     """Pretraining of the base model at base_length with RoPE base 10000 (one round; a later
     round starts from the weights in `pretrained`)."""
+    tokens = scale.base_tokens if pretrained is None else scale.later_round_tokens
     return {
         "model": model_block(scale, data["vocab_size"]),
         "position": {"type": "abf", "base": ORIGINAL_BASE},
         "data": {"prefixes": [data["base_prefix"]], "tokenizer": data["tokenizer"],
                  "seq_length": scale.base_length, "seed": seed},
         "train": {"micro_batch_size": scale.base_batch // scale.base_processes, "global_batch_size": scale.base_batch,
-                  "train_tokens": scale.base_tokens, "lr": scale.base_lr, "min_lr": scale.base_lr / 10,
+                  "train_tokens": tokens, "lr": scale.base_lr, "min_lr": scale.base_lr / 10,
                   "lr_schedule": "cosine", "weight_decay": 0.01, "seed": seed,
-                  "warmup_steps": warmup_steps(scale.base_tokens // (scale.base_batch * scale.base_length), 30)},
+                  "warmup_steps": warmup_steps(tokens // (scale.base_batch * scale.base_length), 30)},
         "checkpoint": {"save": checkpoint_dir, "save_interval": 100, "keep_last": 1, "pretrained": pretrained},
         "logging": {"log_interval": 10},
     }
