@@ -167,14 +167,19 @@ def write_report(eval_dir: Path, output: Path, scale: Any, methods: list[str], r
 
 def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from methods import FULL, METHODS, SMOKE
+    from methods import FULL, METHODS, SMOKE, Scale
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--eval-dir", required=True, type=Path)
-    parser.add_argument("--output", required=True, type=Path)
+    parser.add_argument("--output", required=True, type=Path, help="results folder (its scale.json, if any, is used)")
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args(argv)
     scale = SMOKE if args.smoke else FULL
+    saved_scale = args.output / "scale.json"
+    if saved_scale.exists():  # the scale the run actually used (run.py writes it, flags included)
+        fields = json.loads(saved_scale.read_text())
+        fields.pop("ratio", None)
+        scale = Scale(**{key: tuple(value) if isinstance(value, list) else value for key, value in fields.items()})
     runs = [(method, seed) for seed in scale.seeds for method in METHODS]
     for path in write_report(args.eval_dir, args.output, scale, list(METHODS), runs):
         print(path)

@@ -173,11 +173,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=None, help="number of extension seeds (default 3; smoke 1)")
     parser.add_argument("--jobs", type=int, default=2,
                         help="worker processes running in parallel (one core each); 0 runs everything in this process")
+    parser.add_argument("--extension-tokens", type=int, default=None, help="tokens per extension run (scale down)")
+    parser.add_argument("--eval-samples", type=int, default=None, help="samples per length and model (scale down)")
+    parser.add_argument("--eval-lengths", default=None, help="comma-separated evaluation lengths")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
     args = parser.parse_args(argv)
     scale = SMOKE if args.smoke else FULL
+    changes: dict = {}
     if args.seeds is not None:
-        scale = Scale(**{**scale.__dict__, "seeds": tuple(range(1, args.seeds + 1))})
+        changes["seeds"] = tuple(range(1, args.seeds + 1))
+    if args.extension_tokens is not None:
+        changes["extension_tokens"] = args.extension_tokens
+    if args.eval_samples is not None:
+        changes["eval_samples"] = args.eval_samples
+    if args.eval_lengths is not None:
+        changes["eval_lengths"] = tuple(int(part) for part in args.eval_lengths.split(",") if part.strip())
+    scale = Scale(**{**scale.__dict__, **changes})
     scale.validate()
     methods = [name.strip() for name in args.methods.split(",") if name.strip()]
     unknown = sorted(set(methods) - set(METHODS))
@@ -222,9 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     runner.run_all("extend+eval", chains)
 
     # 5. report
+    (output / "scale.json").write_text(json.dumps({**scale.__dict__, "ratio": scale.ratio}, indent=2))
     paths = write_report(workdir / "eval", output, scale, methods, runs, runner.progress)
     runner.progress("report: " + ", ".join(str(path) for path in paths))
-    (output / "scale.json").write_text(json.dumps({**scale.__dict__, "ratio": scale.ratio}, indent=2))
     return 0
 
 
