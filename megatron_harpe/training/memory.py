@@ -1,0 +1,399 @@
+"""Per-GPU memory, FLOPs and step time of a config under a parallel layout, computed from
+formulas without building anything (`tools/plan_memory.py` prints and ranks them).
+
+    cfg = load_config("configs/llama2_7b_128k_harpe.yaml").validate()
+    memory = estimate_memory(cfg, Layout(tensor=4, context=4, data=2, recompute="full"))
+    step = estimate_step(cfg, Layout(tensor=4, context=4, data=2, recompute="full"), Hardware())
+    plans = rank_layouts(cfg, Hardware(memory_gib=80), gpus=32)   # layouts that fit, fastest first
+
+Where the numbers come from (s = tokens per CP rank, b = micro-batch, h = hidden, a and g =
+query and k/v heads per TP rank, d = head dim, f = FFN size / TP, V = vocabulary / TP, e = bytes
+per activation element, L = layers; all per micro-batch and per rank):
+
+- Parameters per rank: `plan.parameters_per_rank` (exact for megatron-core's sharding). Bytes
+  per parameter follow the trainer: fp32 weights, fp32 gradients and AdamW's two fp32 moments
+  (16 B); under bf16 autocast the bf16 weight copies live from forward to backward (+2 B).
+  `bf16` is megatron's mixed precision (bf16 weights 2 + fp32 grads 4 + fp32 master and moments
+  12); optimizer sharding (megatron's distributed optimizer) divides the optimizer states by
+  DP x CP (CP ranks hold the same weights).
+- Activations: the tensors autograd keeps for backward, counted per layer for this model
+  (RMSNorm, SwiGLU, no biases, no dropout), in the spirit of Korthikanti et al. 2022 ("Reducing
+  Activation Recomputation in Large Transformer Models", sbh(34 + 5as/h) for GPT): their 34 and
+  their s^2 score term do not apply to a SwiGLU model on flash/SDPA attention, which keeps no
+  [s, s] scores. Per layer: norms 3sbh each with torch's composite RMSNorm (input, normalised,
+  output; 2sbh with TE's fused norm + linear) -- replicated over TP unless sequence parallelism;
+  the fused QKV output sb(a+2g)d (kept alive by the value view attention saves), rotated q and k
+  sb(a+g)d, attention output sbad, softmax statistics 4sba bytes; SwiGLU 5sbf (fc1 output 2f,
+  silu f, the linear half + offset f, their product f); and HARPE's per-head cos/sin tables
+  2s(rows_q + rows_k)d (megatron's unfused RoPE computes them per layer; rows are 1 when all local
+  heads share a base). After the last layer: final norm and the fp32 softmax of the loss 4sbV.
+  Our sdpa backend under CP keeps the all-gathered keys and values of the whole sequence S for
+  backward (2Sbgd per layer; on CPU also the left-padded queries and their outputs). Recompute
+  `full` keeps each layer's input sbh plus one layer's activations during its backward;
+  `selective` re-runs core attention (drops the softmax statistics and, with our CP, the
+  gathered keys/values). The sdpa terms match what autograd saves on CPU tensor by tensor
+  (benchmarks/plan_memory_check.py); the TE terms follow megatron/TE's code, unmeasured here.
+- Transient buffers (one layer at a time): CP keys/values in flight (all-gather staging 2Sbgd e;
+  TE p2p double buffers 2 x 2sbgd e; a2a the local q/k/v), and logits in the activation dtype
+  next to the fp32 softmax while the loss is computed.
+- FLOPs per token (forward): 2 x matmul parameters (QKV, output projection, SwiGLU, logits) +
+  causal attention 2 x S x a x d per layer (QK^T and AV over S/2 keys on average). Training is 3x
+  forward; full recomputation adds one forward, selective the attention part.
+- Step time = tokens per step x executed FLOPs per token / (GPUs x peak x utilisation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from megatron_harpe.config import Config, StageConfig
+from megatron_harpe.training.plan import parameters_per_rank
+
+GIB = 2**30
+RECOMPUTE_CHOICES = ("none", "selective", "full")
+CP_COMM_CHOICES = ("all_gather", "p2p", "a2a")
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """A parallel layout and the memory-saving switches that go with it."""
+
+    tensor: int = 1
+    context: int = 1
+    data: int = 1
+    micro_batch: int = 1
+    recompute: str = "none"
+    sequence_parallel: bool = False
+    """TE backend only: norms and residual activations split over TP."""
+    optimizer_sharding: bool = False
+    """Optimizer states split over DP x CP (megatron's distributed optimizer)."""
+    cp_comm: str = "all_gather"
+    """How keys/values travel over CP: all_gather (our sdpa backend), or TE's p2p / a2a."""
+
+    @property
+    def gpus(self) -> int:
+        return self.tensor * self.context * self.data
+
+
+@dataclasses.dataclass(frozen=True)
+class Precision:
+    name: str
+    weight_bytes: float
+    """Per parameter, during a step (autocast copies included)."""
+    grad_bytes: float
+    optimizer_bytes: float
+    """Per parameter, shardable over DP x CP."""
+    activation_bytes: int
+
+
+PRECISIONS = {
+    "fp32": Precision("fp32", 4, 4, 8, 4),
+    "autocast": Precision("autocast (fp32 weights, bf16 compute)", 6, 4, 8, 2),
+    "bf16": Precision("bf16 (megatron mixed precision)", 2, 4, 12, 2),
+}
+
+
+def trainer_precision(cfg: Config, device: str = "gpu") -> Precision:
+    """What this project's trainer does for `train.precision` on `device`."""
+    if cfg.train.precision == "fp32" or device == "cpu":
+        return PRECISIONS["fp32"]
+    return PRECISIONS["autocast"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Hardware:
+    memory_gib: float = 80.0
+    peak_tflops: float = 989.0
+    """Dense bf16 peak per GPU (H100 SXM: 989, A100: 312)."""
+    utilization: float = 0.4
+    """Fraction of peak sustained on the executed FLOPs (recomputation included)."""
+    gpus_per_node: int = 8
+    usable_fraction: float = 0.9
+    """Memory left for the model after the CUDA context, NCCL buffers and fragmentation."""
+
+
+@dataclasses.dataclass
+class MemoryEstimate:
+    layout: Layout
+    precision: Precision
+    parameters: int
+    weights: int
+    gradients: int
+    optimizer: int
+    optimizer_unsharded: int
+    optimizer_sharded: int
+    activations: int
+    activations_by_recompute: dict[str, int]
+    activation_breakdown: dict[str, int]
+    rotary_tables: int
+    transient: dict[str, int]
+
+    @property
+    def total(self) -> int:
+        peak_transient = max(self.transient.values(), default=0)
+        return self.weights + self.gradients + self.optimizer + self.activations + self.rotary_tables + peak_transient
+
+
+def longest_stage(cfg: Config) -> StageConfig:
+    return max(cfg.resolved_stages(), key=lambda stage: stage.seq_length)
+
+
+def _local_base_rows(bases: list[float], tp: int) -> int:
+    """Rows of a rank's cos/sin table: its heads, or 1 when they all share a base (worst rank)."""
+    per_rank = len(bases) // tp
+    blocks = [bases[r * per_rank : (r + 1) * per_rank] for r in range(tp)]
+    return max(1 if len(set(block)) == 1 else len(block) for block in blocks)
+
+
+def activation_breakdown(
+    cfg: Config,
+    layout: Layout,
+    seq_length: int,
+    position,
+    element_bytes: int,
+    backend: str | None = None,
+    device: str = "gpu",
+    recompute: str | None = None,
+) -> dict[str, int]:
+    """Bytes kept for backward by one micro-batch on one rank, by kind (see module docstring)."""
+    model = cfg.model
+    backend = backend or model.attention_backend
+    recompute = recompute or layout.recompute
+    tp, cp, e = layout.tensor, layout.context, element_bytes
+    s, full_s, b = seq_length // cp, seq_length, layout.micro_batch
+    h, d = model.hidden_size, model.head_dim
+    a = model.num_attention_heads // tp
+    expands = position.expands_keys(model)
+    g = a if expands else model.kv_groups // tp
+    f, vocab = model.ffn_hidden_size // tp, model.vocab_size // tp
+    sp_split = tp if layout.sequence_parallel else 1
+    norm_tensors = 2 if backend == "te" else 3
+    gathers_kv = backend == "sdpa" and cp > 1
+
+    rows_q = _local_base_rows(position.query_head_bases(model), tp)
+    rows_k = _local_base_rows(position.key_head_bases(model), tp)
+    layer = {
+        "norms": 2 * norm_tensors * s * b * h * e // sp_split,
+        "rotary cos/sin": 2 * (rows_q + rows_k) * s * d * e,
+        "mlp": 5 * s * b * f * e,
+    }
+    qkv_output = 0 if expands else s * b * (model.num_attention_heads + 2 * model.kv_groups) // tp * d * e
+    rotated_qk = s * b * (a + g) * d * e + (s * b * g * d * e if expands else 0)  # + expanded values
+    if recompute == "selective":  # core attention re-runs: its inputs and output stay
+        layer["attention q/k/v"] = qkv_output + rotated_qk
+        layer["attention output"] = s * b * a * d * e
+    elif gathers_kv:  # local k/v feed the all-gather only; the gathered ones are kept
+        layer["cp gathered k/v"] = 2 * full_s * b * g * d * e
+        if device == "cpu":
+            # attention.py left-pads each query chunk to its visible key length on CPU: the two
+            # chunks of a rank see 2*CP+1 chunks of keys together, padded queries and outputs alike.
+            padded = (2 * cp + 1) * (s // 2)
+            layer["cpu padded queries"] = padded * b * a * d * e
+            layer["attention output"] = padded * b * a * d * e + s * b * a * d * e
+            layer["softmax statistics"] = 4 * padded * b * a
+        else:
+            layer["attention q/k/v"] = s * b * a * d * e
+            layer["attention output"] = 2 * s * b * a * d * e  # per-chunk outputs and their concatenation
+            layer["softmax statistics"] = 4 * s * b * a
+    else:
+        layer["attention q/k/v"] = qkv_output + rotated_qk
+        layer["attention output"] = s * b * a * d * e
+        layer["softmax statistics"] = 4 * s * b * a
+    final = {
+        "final norm": norm_tensors * s * b * h * e // sp_split,
+        "logits (fp32 softmax)": 4 * s * b * vocab,
+    }
+    layers = model.num_layers
+    if recompute == "full":  # each layer keeps its input; one layer is rebuilt at a time
+        breakdown = {"layer inputs (recompute)": layers * s * b * h * e // sp_split}
+        breakdown.update({f"{kind} (1 layer)": value for kind, value in layer.items()})
+    else:
+        breakdown = {kind: layers * value for kind, value in layer.items()}
+    breakdown.update(final)
+    return breakdown
+
+
+def transient_buffers(
+    cfg: Config, layout: Layout, seq_length: int, position, element_bytes: int, backend: str | None = None
+) -> dict[str, int]:
+    """The largest short-lived buffers (one layer at a time), by kind."""
+    model = cfg.model
+    backend = backend or model.attention_backend
+    tp, cp, e, b = layout.tensor, layout.context, element_bytes, layout.micro_batch
+    s = seq_length // cp
+    d = model.head_dim
+    g = (model.num_attention_heads if position.expands_keys(model) else model.kv_groups) // tp
+    buffers = {}
+    if cp > 1:
+        local_kv = 2 * s * b * g * d * e
+        if backend == "sdpa" or layout.cp_comm == "all_gather":
+            buffers["cp k/v all-gather"] = cp * local_kv
+        elif layout.cp_comm == "p2p":
+            buffers["cp k/v ring (double-buffered)"] = 2 * local_kv
+        else:
+            buffers["cp all-to-all q/k/v"] = s * b * (model.num_attention_heads // tp + 2 * g) * d * e
+    if e < 4:
+        buffers["logits before fp32 loss"] = s * b * (model.vocab_size // tp) * e
+    return buffers
+
+
+def rotary_table_bytes(cfg: Config, position, seq_length: int, layout: Layout) -> int:
+    """The angle tables HeadwiseRotaryEmbedding caches (its own `table_bytes`), worst TP rank."""
+    from megatron_harpe.position.rotary import HeadwiseRotaryEmbedding
+
+    model = cfg.model
+    query_bases, key_bases = position.query_head_bases(model), position.key_head_bases(model)
+    return max(
+        HeadwiseRotaryEmbedding(position, query_bases, key_bases, model.head_dim, tp_rank=rank,
+                                tp_size=layout.tensor, cp_size=layout.context).table_bytes(seq_length)
+        for rank in range(layout.tensor)
+    )  # fmt: skip
+
+
+def estimate_memory(cfg: Config, layout: Layout, precision: Precision | None = None, *, stage: StageConfig | None = None,
+                    backend: str | None = None, device: str = "gpu") -> MemoryEstimate:  # fmt: skip
+    """Peak memory of one rank: weights, gradients, optimizer states, one micro-batch of
+    activations, rotary tables and the largest transient buffer (an upper bound: gradients
+    fill up while activations drain during backward)."""
+    precision = precision or trainer_precision(cfg, device)
+    stage = stage or longest_stage(cfg)
+    position, seq_length, e = stage.position, stage.seq_length, precision.activation_bytes
+    params = parameters_per_rank(cfg.model, layout.tensor)
+    unsharded = int(params * precision.optimizer_bytes)
+    sharded = math.ceil(unsharded / (layout.data * layout.context))
+    by_recompute = {
+        mode: sum(activation_breakdown(cfg, layout, seq_length, position, e, backend, device, mode).values())
+        for mode in RECOMPUTE_CHOICES
+    }
+    return MemoryEstimate(
+        layout=layout,
+        precision=precision,
+        parameters=params,
+        weights=int(params * precision.weight_bytes),
+        gradients=int(params * precision.grad_bytes),
+        optimizer=sharded if layout.optimizer_sharding else unsharded,
+        optimizer_unsharded=unsharded,
+        optimizer_sharded=sharded,
+        activations=by_recompute[layout.recompute],
+        activations_by_recompute=by_recompute,
+        activation_breakdown=activation_breakdown(cfg, layout, seq_length, position, e, backend, device),
+        rotary_tables=rotary_table_bytes(cfg, position, seq_length, layout),
+        transient=transient_buffers(cfg, layout, seq_length, position, e, backend),
+    )
+
+
+@dataclasses.dataclass
+class StepEstimate:
+    tokens_per_step: int
+    model_flops_per_token: float
+    """Forward + backward, no recomputation (what MFU counts)."""
+    executed_flops_per_token: float
+    step_seconds: float
+    communication_bytes: dict[str, float]
+    """Bytes each GPU sends per optimizer step, by parallel dimension."""
+
+
+def forward_flops_per_token(cfg: Config, seq_length: int) -> tuple[float, float]:
+    """(matmul FLOPs, causal attention FLOPs) of one token's forward pass."""
+    model = cfg.model
+    h, d, heads, groups = model.hidden_size, model.head_dim, model.num_attention_heads, model.kv_groups
+    per_layer = h * (heads + 2 * groups) * d + heads * d * h + 3 * h * model.ffn_hidden_size
+    matmul = 2.0 * (model.num_layers * per_layer + h * model.vocab_size)
+    attention = 2.0 * seq_length * heads * d * model.num_layers
+    return matmul, attention
+
+
+def estimate_step(cfg: Config, layout: Layout, hardware: Hardware, precision: Precision | None = None,
+                  *, stage: StageConfig | None = None, backend: str | None = None) -> StepEstimate:  # fmt: skip
+    precision = precision or trainer_precision(cfg)
+    stage = stage or longest_stage(cfg)
+    backend = backend or cfg.model.attention_backend
+    seq_length, model = stage.seq_length, cfg.model
+    matmul, attention = forward_flops_per_token(cfg, seq_length)
+    model_flops = 3 * (matmul + attention)
+    extra = {"none": 0.0, "selective": attention, "full": matmul + attention}[layout.recompute]
+    executed = model_flops + extra
+    tokens = cfg.train.global_batch_size * seq_length
+    seconds = tokens * executed / (layout.gpus * hardware.peak_tflops * 1e12 * hardware.utilization)
+
+    tp, cp, e = layout.tensor, layout.context, precision.activation_bytes
+    s, b = seq_length // cp, layout.micro_batch
+    micro_batches = cfg.train.global_batch_size // (layout.micro_batch * layout.data)
+    forward_passes = 2 if layout.recompute == "full" else 1
+    comm: dict[str, float] = {}
+    if tp > 1:  # two all-reduces per layer per pass (attention and MLP outputs), ring volume
+        per_layer = (2 * forward_passes + 2) * 2 * (tp - 1) / tp * s * b * model.hidden_size * e
+        comm["tensor"] = per_layer * model.num_layers * micro_batches
+    if cp > 1:
+        g = (model.num_attention_heads if stage.position.expands_keys(model) else model.kv_groups) // tp
+        local_kv = 2 * s * b * g * model.head_dim * e
+        rounds = forward_passes + (2 if layout.cp_comm == "p2p" and backend == "te" else 1)
+        comm["context"] = rounds * (cp - 1) * local_kv * model.num_layers * micro_batches
+    replicas = layout.data * cp
+    if replicas > 1:
+        params = parameters_per_rank(model, tp)
+        comm["data"] = 2 * (replicas - 1) / replicas * params * precision.grad_bytes
+    return StepEstimate(tokens, model_flops, executed, seconds, comm)
+
+
+@dataclasses.dataclass
+class LayoutPlan:
+    layout: Layout
+    memory: MemoryEstimate
+    step: StepEstimate
+
+    def fits(self, hardware: Hardware) -> bool:
+        return self.memory.total <= hardware.memory_gib * GIB * hardware.usable_fraction
+
+
+def candidate_layouts(cfg: Config, gpus: int, gpus_per_node: int, *, backend: str | None = None,
+                      optimizer_sharding: bool = False, sequence_parallel: bool = False,
+                      cp_comm: str | None = None) -> list[Layout]:  # fmt: skip
+    """Every TP x CP x DP x micro-batch x recompute combination the config and GPU count allow.
+    Tensor parallelism stays inside a node (its all-reduces are on the critical path)."""
+    model, train = cfg.model, cfg.train
+    backend = backend or model.attention_backend
+    cp_comm = cp_comm or ("p2p" if backend == "te" else "all_gather")
+    seq_length = longest_stage(cfg).seq_length
+    layouts = []
+    for tp in _divisors(gpus):
+        if tp > gpus_per_node or model.num_attention_heads % tp or model.kv_groups % tp or model.vocab_size % tp:
+            continue
+        for cp in _divisors(gpus // tp):
+            if cp > 1 and any(stage.seq_length % (2 * cp) for stage in cfg.resolved_stages()):
+                continue
+            if cp_comm == "a2a" and (model.kv_groups // tp) % cp:
+                continue
+            dp = gpus // (tp * cp)
+            for micro in sorted({1, train.micro_batch_size}):
+                if train.global_batch_size % (micro * dp) or seq_length // cp < 1:
+                    continue
+                for recompute in RECOMPUTE_CHOICES:
+                    layouts.append(
+                        Layout(tp, cp, dp, micro, recompute, sequence_parallel and tp > 1, optimizer_sharding, cp_comm)
+                    )
+    return layouts
+
+
+def rank_layouts(cfg: Config, hardware: Hardware, gpus: int, precision: Precision | None = None,
+                 device: str = "gpu", **options) -> list[LayoutPlan]:  # fmt: skip
+    """Layouts that fit in memory, fastest first (ties: less communication, less memory)."""
+    backend = options.get("backend")
+    precision = precision or trainer_precision(cfg, device)
+    plans = [
+        LayoutPlan(layout, estimate_memory(cfg, layout, precision, backend=backend, device=device),
+                   estimate_step(cfg, layout, hardware, precision, backend=backend))
+        for layout in candidate_layouts(cfg, gpus, hardware.gpus_per_node, **options)
+        if device == "gpu" or layout.recompute == "none"  # megatron's recompute needs CUDA's RNG tracker
+    ]  # fmt: skip
+    fitting = [plan for plan in plans if plan.fits(hardware)]
+    return sorted(
+        fitting,
+        key=lambda plan: (round(plan.step.step_seconds, 6), sum(plan.step.communication_bytes.values()),
+                          plan.memory.total),
+    )  # fmt: skip
+
+
+def _divisors(n: int) -> list[int]:
+    return [k for k in range(1, n + 1) if n % k == 0]

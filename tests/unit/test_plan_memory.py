@@ -1,0 +1,157 @@
+"""The memory/FLOPs planner against figures computed by hand for Llama2-7B at 131072 tokens,
+and the planner's CLI.
+
+    python -m pytest tests/unit/test_plan_memory.py -q
+
+Hand figures (Llama2-7B: h 4096, 32 layers, 32 heads of 128, FFN 11008, vocabulary 32000):
+- parameters 6,738,415,616 (the published count); per layer 4h^2 + 3*h*11008 = 202,375,168
+  matmul weights + 2h norm weights. At TP 4: 32 * (202,375,168/4 + 8192) + 2*32000*4096/4 + 4096
+  = 1,684,803,584 per GPU.
+- FLOPs per token, forward: matmuls 2*(32*202,375,168 + 4096*32000) = 13,214,154,752; causal
+  attention 2*131072*4096*32 = 34,359,738,368. Training 3x: 142,721,679,360; full recompute 4x.
+- Activations at TP 4 x CP 4, micro-batch 1, bf16 (2 bytes), sdpa backend, per layer (s = 32768
+  tokens per rank): norms 2*3*s*4096*2 = 1,610,612,736; SwiGLU 5*s*2752*2 = 901,775,360; HARPE
+  cos/sin 2*(8+8)*s*128*2 = 268,435,456; gathered k/v 2*131072*8*128*2 = 536,870,912; q
+  s*8*128*2 = 67,108,864; outputs 2x that; softmax statistics 4*s*8 = 1,048,576.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatron_harpe.config import load_config
+from megatron_harpe.training.memory import (
+    GIB,
+    PRECISIONS,
+    Hardware,
+    Layout,
+    candidate_layouts,
+    estimate_memory,
+    estimate_step,
+    forward_flops_per_token,
+    rank_layouts,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+LLAMA = REPO / "configs" / "llama2_7b_128k_harpe.yaml"
+PAPER_LAYOUT = Layout(tensor=4, context=4, data=2, micro_batch=1)
+PER_LAYER = {
+    "norms": 1_610_612_736,
+    "mlp": 901_775_360,
+    "rotary cos/sin": 268_435_456,
+    "cp gathered k/v": 536_870_912,
+    "attention q/k/v": 67_108_864,
+    "attention output": 134_217_728,
+    "softmax statistics": 1_048_576,
+}
+FINAL_NORM = 3 * 32768 * 4096 * 2
+LOGITS = 4 * 32768 * 8000
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return load_config(LLAMA).validate(world_size=32)
+
+
+def test_parameters_and_their_bytes(llama) -> None:
+    assert estimate_memory(llama, Layout()).parameters == 6_738_415_616
+    memory = estimate_memory(llama, PAPER_LAYOUT)  # the trainer: fp32 weights + bf16 autocast copies
+    assert memory.parameters == 1_684_803_584
+    assert memory.weights == 6 * 1_684_803_584
+    assert memory.gradients == 4 * 1_684_803_584
+    assert memory.optimizer == memory.optimizer_unsharded == 8 * 1_684_803_584
+    assert memory.optimizer_sharded == 8 * 1_684_803_584 // 8  # over DP 2 x CP 4
+
+    megatron = estimate_memory(llama, Layout(4, 4, 2, optimizer_sharding=True), PRECISIONS["bf16"])
+    assert megatron.weights == 2 * 1_684_803_584
+    assert megatron.optimizer == 12 * 1_684_803_584 // 8
+
+
+def test_flops_per_token(llama) -> None:
+    matmul, attention = forward_flops_per_token(llama, 131072)
+    assert (matmul, attention) == (13_214_154_752, 34_359_738_368)
+    step = estimate_step(llama, PAPER_LAYOUT, Hardware())
+    assert step.model_flops_per_token == 142_721_679_360
+    assert step.executed_flops_per_token == step.model_flops_per_token
+    full = estimate_step(llama, Layout(4, 4, 2, recompute="full"), Hardware(peak_tflops=989, utilization=0.4))
+    assert full.executed_flops_per_token == 4 * (13_214_154_752 + 34_359_738_368)
+    assert full.tokens_per_step == 32 * 131072
+    assert full.step_seconds == pytest.approx(32 * 131072 * 190_295_572_480 / (32 * 989e12 * 0.4))
+
+
+def test_activations_without_recomputation(llama) -> None:
+    memory = estimate_memory(llama, PAPER_LAYOUT)
+    breakdown = memory.activation_breakdown
+    for kind, per_layer in PER_LAYER.items():
+        assert breakdown[kind] == 32 * per_layer, kind
+    assert breakdown["final norm"] == FINAL_NORM
+    assert breakdown["logits (fp32 softmax)"] == LOGITS
+    assert memory.activations == 32 * sum(PER_LAYER.values()) + FINAL_NORM + LOGITS == 114_496_110_592
+
+
+def test_activations_with_full_recomputation(llama) -> None:
+    memory = estimate_memory(llama, Layout(4, 4, 2, recompute="full"))
+    layer_inputs = 32 * 32768 * 4096 * 2  # 8 GiB: each layer keeps its bf16 input
+    assert memory.activations == layer_inputs + sum(PER_LAYER.values()) + FINAL_NORM + LOGITS
+    assert memory.activations_by_recompute["none"] == 114_496_110_592
+    assert memory.activations_by_recompute["full"] < memory.activations_by_recompute["selective"]
+
+
+def test_selective_recomputation_drops_the_gathered_keys_and_values(llama) -> None:
+    selective = estimate_memory(llama, Layout(4, 4, 2, recompute="selective")).activation_breakdown
+    assert "cp gathered k/v" not in selective and "softmax statistics" not in selective
+    local_qkv = 32768 * (8 + 2 * 8) * 128 * 2  # the fused QKV output the value view keeps alive
+    rotated_qk = 32768 * (8 + 8) * 128 * 2
+    assert selective["attention q/k/v"] == 32 * (local_qkv + rotated_qk)
+
+
+def test_rotary_tables_are_one_sixteenth_of_the_full_table(llama) -> None:
+    # SPEC.md: 128k x 32 heads x 128 dims in fp32 is 2 GiB; a TP4 x CP4 rank holds 1/16 of it.
+    assert estimate_memory(llama, PAPER_LAYOUT).rotary_tables == 2 * GIB // 16
+
+
+def test_sequence_parallelism_splits_the_norms(llama) -> None:
+    te = estimate_memory(llama, Layout(4, 4, 2, sequence_parallel=True, cp_comm="p2p"), backend="te")
+    assert te.activation_breakdown["norms"] == 32 * 2 * 2 * 32768 * 4096 * 2 // 4  # fused norm: 2 tensors, /TP
+    assert "cp gathered k/v" not in te.activation_breakdown  # TE keeps local k/v; the ring is transient
+    assert te.transient["cp k/v ring (double-buffered)"] == 2 * 2 * 32768 * 8 * 128 * 2
+
+
+def test_layouts_that_fit_are_ranked(llama) -> None:
+    hardware = Hardware(memory_gib=80)
+    plans = rank_layouts(llama, hardware, gpus=32)
+    assert plans, "the paper's run fits 32 x 80 GB"
+    assert all(plan.fits(hardware) and plan.layout.gpus == 32 for plan in plans)
+    times = [plan.step.step_seconds for plan in plans]
+    assert times == sorted(times)
+    assert any(plan.layout == Layout(4, 4, 2, 1, "full") for plan in plans)
+    assert all(plan.layout.recompute == "full" for plan in plans), "no recomputation needs > 80 GB here"
+    eight = rank_layouts(llama, hardware, gpus=8)
+    assert eight and all(p.layout.tensor * p.layout.context == 8 for p in eight)  # 128k on one 8-GPU node
+    assert rank_layouts(llama, Hardware(memory_gib=24), gpus=1) == []
+
+
+def test_candidate_layouts_respect_the_model(llama) -> None:
+    layouts = candidate_layouts(llama, gpus=64, gpus_per_node=8)
+    assert layouts and all(layout.gpus == 64 and layout.tensor <= 8 for layout in layouts)
+    assert {layout.tensor for layout in layouts} == {1, 2, 4, 8}
+    a2a = candidate_layouts(llama, gpus=64, gpus_per_node=8, backend="te", cp_comm="a2a")
+    assert all((32 // layout.tensor) % layout.context == 0 for layout in a2a)  # k/v heads split over CP
+
+
+def test_cli_plans_the_paper_run(capsys) -> None:
+    sys.path.insert(0, str(REPO / "tools"))
+    import plan_memory
+
+    assert plan_memory.main(["--config", str(LLAMA), "--gpus", "32", "--gpu-memory", "80", "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "6.738B parameters" in out and "4,194,304 tokens per step" in out
+    assert "tensor 4 x context 4 x data 2" in out and ": fits" in out
+    assert "layouts that fit, fastest first" in out
+
+    assert plan_memory.main(["--config", str(LLAMA), "--gpus", "1", "--gpu-memory", "24"]) == 1
+    assert "no layout fits" in capsys.readouterr().out
+    assert plan_memory.main(["--config", str(LLAMA), "--gpus", "32", "--tensor", "3"]) == 2

@@ -1,0 +1,217 @@
+"""Plan a run before asking for GPUs: per-GPU memory, FLOPs per token, step time, and the
+parallel layouts that fit, fastest first.
+
+    # the paper's run: Llama2-7B at 131072 tokens on 32 x 80 GB
+    python tools/plan_memory.py --config configs/llama2_7b_128k_harpe.yaml --gpus 32 --gpu-memory 80
+
+    # 8 GPUs of one node, the Transformer Engine path with sequence parallelism, bf16 mixed precision
+    python tools/plan_memory.py --config configs/llama2_7b_128k_harpe.yaml --gpus 8 --backend te \\
+        --sequence-parallel --precision bf16 --optimizer-sharding
+
+    # detail one layout, with config overrides as for pretrain_harpe.py
+    python tools/plan_memory.py --config configs/demo_cpu.yaml --gpus 2 --gpu-memory 16 \\
+        --tensor 1 --context 2 --train.micro_batch_size 2
+
+Memory is an upper bound for one rank at its peak (weights, gradients, optimizer states, one
+micro-batch of activations, rotary tables, the largest transient buffer); see the formulas and
+their sources in megatron_harpe/training/memory.py. `--precision trainer` (default) is what
+pretrain_harpe.py does today: fp32 weights with bf16 autocast on GPU, and no optimizer sharding
+(`--optimizer-sharding` shows what megatron's distributed optimizer would save).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")  # megatron-core's CPU import notes
+
+from megatron_harpe.config import Config, load_config  # noqa: E402
+from megatron_harpe.training.memory import (  # noqa: E402
+    CP_COMM_CHOICES,
+    GIB,
+    PRECISIONS,
+    RECOMPUTE_CHOICES,
+    Hardware,
+    Layout,
+    LayoutPlan,
+    estimate_memory,
+    estimate_step,
+    longest_stage,
+    rank_layouts,
+    trainer_precision,
+)
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--gpus", type=int, required=True, help="GPUs for the whole job")
+    parser.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU (default 80)")
+    parser.add_argument("--gpus-per-node", type=int, default=8)
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak per GPU (H100: 989)")
+    parser.add_argument("--utilization", type=float, default=0.4, help="fraction of peak sustained (default 0.4)")
+    parser.add_argument("--precision", choices=["trainer", *PRECISIONS], default="trainer")
+    parser.add_argument("--cpu", action="store_true", help="plan CPU processes (fp32, the CPU attention path)")
+    parser.add_argument("--backend", choices=["sdpa", "te"], default=None, help="default: model.attention_backend")
+    parser.add_argument("--cp-comm", choices=CP_COMM_CHOICES, default=None, help="te: p2p (default) | a2a | all_gather")
+    parser.add_argument("--sequence-parallel", action="store_true", help="te backend: split norms over TP")
+    parser.add_argument("--optimizer-sharding", action="store_true", help="rank layouts with a distributed optimizer")
+    parser.add_argument("--tensor", type=int, default=None, help="layout to detail (default: parallel.tensor)")
+    parser.add_argument("--context", type=int, default=None, help="layout to detail (default: parallel.context)")
+    parser.add_argument("--micro-batch", type=int, default=None, help="default: train.micro_batch_size")
+    parser.add_argument("--recompute", choices=RECOMPUTE_CHOICES, default=None, help="default: train.recompute")
+    parser.add_argument("--top", type=int, default=10, help="how many fitting layouts to list")
+    args, rest = parser.parse_known_args(argv)
+    overrides = []
+    index = 0
+    while index < len(rest):  # `--section.key value` -> `section.key=value`, as pretrain_harpe.py takes them
+        item = rest[index]
+        if item.startswith("--") and "=" not in item and "." in item and index + 1 < len(rest):
+            overrides.append(f"{item[2:]}={rest[index + 1]}")
+            index += 2
+        elif "." in item.split("=", 1)[0]:
+            overrides.append(item.removeprefix("--"))
+            index += 1
+        else:
+            parser.error(f"unrecognised argument {item!r}")
+    return args, overrides
+
+
+def gib(value: float) -> str:
+    if value < GIB:
+        return f"{value / 2**20:8.1f} MiB"
+    return f"{value / GIB:8.2f} GiB"
+
+
+def detailed_layout(args: argparse.Namespace, cfg: Config) -> Layout:
+    """The layout to detail: the config's own, with --tensor/--context/--micro-batch applied,
+    checked by the config's own validation (heads, vocabulary, sequence and batch divisibility)."""
+    cfg.parallel.tensor = args.tensor or cfg.parallel.tensor
+    cfg.parallel.context = args.context or cfg.parallel.context
+    cfg.train.micro_batch_size = args.micro_batch or cfg.train.micro_batch_size
+    cfg.validate(world_size=args.gpus)
+    tp, cp = cfg.parallel.tensor, cfg.parallel.context
+    backend = args.backend or cfg.model.attention_backend
+    return Layout(
+        tensor=tp,
+        context=cp,
+        data=args.gpus // (tp * cp),
+        micro_batch=cfg.train.micro_batch_size,
+        recompute=args.recompute or cfg.train.recompute,
+        sequence_parallel=args.sequence_parallel and tp > 1,
+        optimizer_sharding=args.optimizer_sharding,
+        cp_comm=args.cp_comm or ("p2p" if backend == "te" else "all_gather"),
+    )
+
+
+def describe(cfg: Config, plan: LayoutPlan, hardware: Hardware, backend: str) -> list[str]:
+    memory, step, layout = plan.memory, plan.step, plan.layout
+    unsharded_note = f"with sharding over DP x CP = {layout.data * layout.context}: {gib(memory.optimizer_sharded).strip()}"
+    lines = [
+        f"layout: tensor {layout.tensor} x context {layout.context} x data {layout.data}, micro-batch "
+        f"{layout.micro_batch}, recompute {layout.recompute}, backend {backend}"
+        + (f" (cp {layout.cp_comm})" if layout.context > 1 else "")
+        + (", sequence parallel" if layout.sequence_parallel else ""),
+        f"  weights           {gib(memory.weights)}   {memory.parameters / 1e9:.3f}B parameters per GPU, {memory.precision.name}",
+        f"  gradients         {gib(memory.gradients)}",
+        f"  optimizer states  {gib(memory.optimizer)}   "
+        + (f"(without sharding: {gib(memory.optimizer_unsharded).strip()})" if layout.optimizer_sharding else f"({unsharded_note})"),
+        f"  activations       {gib(memory.activations)}   recompute none {gib(memory.activations_by_recompute['none']).strip()}, "
+        f"selective {gib(memory.activations_by_recompute['selective']).strip()}, full {gib(memory.activations_by_recompute['full']).strip()}",
+    ]  # fmt: skip
+    for kind, value in sorted(memory.activation_breakdown.items(), key=lambda item: -item[1]):
+        lines.append(f"      {kind:28s} {gib(value)}")
+    lines.append(f"  rotary tables     {gib(memory.rotary_tables)}")
+    for kind, value in memory.transient.items():
+        lines.append(f"  transient         {gib(value)}   {kind}")
+    usable = hardware.memory_gib * hardware.usable_fraction
+    verdict = "fits" if plan.fits(hardware) else "DOES NOT FIT"
+    lines.append(f"  total             {gib(memory.total)}   of {usable:.1f} usable ({hardware.memory_gib:g} GiB x "
+                 f"{hardware.usable_fraction:g}): {verdict}")  # fmt: skip
+    comm = ", ".join(f"{dim} {volume / GIB:.1f}" for dim, volume in step.communication_bytes.items()) or "0"
+    model_utilization = hardware.utilization * step.model_flops_per_token / step.executed_flops_per_token
+    lines.append(f"  step time         {step.step_seconds:8.2f} s    at {hardware.utilization:.0%} of "
+                 f"{hardware.peak_tflops:g} TFLOP/s (model FLOPs utilisation {model_utilization:.0%})")  # fmt: skip
+    lines.append(f"  sent per GPU      {comm} GiB per step")
+    return lines
+
+
+def total_hours(cfg: Config, layout: Layout, hardware: Hardware, precision, backend: str) -> float:
+    seconds = 0.0
+    for stage in cfg.resolved_stages():
+        steps = math.ceil(stage.tokens / (cfg.train.global_batch_size * stage.seq_length))
+        seconds += steps * estimate_step(cfg, layout, hardware, precision, stage=stage, backend=backend).step_seconds
+    return seconds / 3600
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = load_config(args.config, overrides).validate()
+    except ValueError as error:
+        print(f"config error: {error}", file=sys.stderr)
+        return 2
+    try:
+        layout = detailed_layout(args, cfg)
+    except ValueError as error:
+        if args.tensor or args.context or args.micro_batch:
+            print(f"layout error: {error}", file=sys.stderr)
+            return 2
+        print(f"note: the config's own layout does not suit {args.gpus} GPUs ({error}); detailing the fastest "
+              "layout that fits instead\n")  # fmt: skip
+        layout = None
+    backend = args.backend or cfg.model.attention_backend
+    hardware = Hardware(args.gpu_memory, args.peak_tflops, args.utilization, args.gpus_per_node)
+    device = "cpu" if args.cpu else "gpu"
+    precision = trainer_precision(cfg, device) if args.precision == "trainer" else PRECISIONS[args.precision]
+    plans = rank_layouts(
+        cfg, hardware, args.gpus, precision, backend=backend, device=device,
+        optimizer_sharding=args.optimizer_sharding, sequence_parallel=args.sequence_parallel, cp_comm=args.cp_comm,
+    )  # fmt: skip
+    if layout is None:
+        if not plans:
+            print("no layout fits: add GPUs, shorten the sequence, or try --optimizer-sharding / --backend te "
+                  "--sequence-parallel")  # fmt: skip
+            return 1
+        layout = plans[0].layout
+    stage = longest_stage(cfg)
+    model = cfg.model
+    step = estimate_step(cfg, layout, hardware, precision, backend=backend)
+    print(
+        f"model: {model.num_layers} layers, hidden {model.hidden_size}, {model.num_attention_heads} heads / "
+        f"{model.kv_groups} k/v groups, vocabulary {model.vocab_size}: "
+        f"{estimate_memory(cfg, Layout(), precision).parameters / 1e9:.3f}B parameters\n"
+        f"sequence {stage.seq_length:,} tokens x global batch {cfg.train.global_batch_size} = "
+        f"{step.tokens_per_step:,} tokens per step\n"
+        f"FLOPs per token (forward + backward): {step.model_flops_per_token:.3e} "
+        f"(executed with recompute {layout.recompute}: {step.executed_flops_per_token:.3e})\n"
+        f"{args.gpus} GPUs x {args.gpu_memory:g} GiB, {args.gpus_per_node} per node\n"
+    )
+    detail = LayoutPlan(layout, estimate_memory(cfg, layout, precision, backend=backend, device=device), step)
+    print("\n".join(describe(cfg, detail, hardware, backend)))
+    print(f"  whole schedule    {total_hours(cfg, layout, hardware, precision, backend):8.1f} h\n")
+
+    if not plans:
+        print("no layout fits: add GPUs, shorten the sequence, or try --optimizer-sharding / --backend te "
+              "--sequence-parallel")  # fmt: skip
+        return 1
+    print(f"layouts that fit, fastest first ({len(plans)} of them; top {min(args.top, len(plans))}):")
+    print(f"  {'#':>2s} {'TP':>3s} {'CP':>3s} {'DP':>3s} {'mbs':>3s} {'recompute':>9s} {'memory/GPU':>11s} "
+          f"{'step s':>8s} {'hours':>7s} {'sent/GPU/step':>13s}")  # fmt: skip
+    for index, plan in enumerate(plans[: args.top], 1):
+        item = plan.layout
+        sent = sum(plan.step.communication_bytes.values()) / GIB
+        hours = total_hours(cfg, item, hardware, precision, backend)
+        print(f"  {index:2d} {item.tensor:3d} {item.context:3d} {item.data:3d} {item.micro_batch:3d} "
+              f"{item.recompute:>9s} {gib(plan.memory.total):>11s} {plan.step.step_seconds:8.2f} {hours:7.1f} "
+              f"{sent:9.1f} GiB")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
