@@ -38,25 +38,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from megatron_harpe.eval.head_analysis import DEFAULT_CHUNK_ELEMENTS, DEFAULT_THRESHOLDS, HeadAnalysis  # noqa: E402
-
-
-def token_counts(text: str) -> list[int]:
-    """'4096,32768' or '4k,32k' (k = 1024) -> [4096, 32768]."""
-    values = []
-    for part in (piece.strip().lower() for piece in text.split(",")):
-        if not part:
-            continue
-        try:
-            values.append(int(part[:-1]) * 1024 if part.endswith("k") else int(part))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected token counts like 4096,32768 or 4k,32k, got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one value")
-    return values
+from megatron_harpe.eval.suite import parse_token_counts  # noqa: E402
 
 
 def single_count(text: str) -> int:
-    values = token_counts(text)
+    values = parse_token_counts(text)
     if len(values) != 1:
         raise argparse.ArgumentTypeError(f"expected one token count, got {text!r}")
     return values[0]
@@ -68,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--documents", required=True, help=".jsonl[.zst], .txt or Megatron dataset prefix")
     parser.add_argument("--length", type=single_count, default=2048, help="tokens per document analysed (2048, 32k)")
     parser.add_argument("--num-documents", type=int, default=4, help="documents with at least --length tokens")
-    parser.add_argument("--thresholds", type=token_counts, default=list(DEFAULT_THRESHOLDS),
+    parser.add_argument("--thresholds", type=parse_token_counts, default=list(DEFAULT_THRESHOLDS),
                         help="report the attention share further back than these distances (e.g. 64,256 for "
                              "short demo contexts; default 4096,32768)")
     parser.add_argument("--min-query-position", type=int, default=None,

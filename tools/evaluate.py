@@ -22,22 +22,14 @@ import sys
 from megatron_harpe.eval.backends import load_backend
 from megatron_harpe.eval.perplexity import DEFAULT_STRIDE, load_documents
 from megatron_harpe.eval.report import markdown_table, write_report
-from megatron_harpe.eval.suite import ALL_TASKS, DEFAULT_GRID_DEPTHS, SCORING_METHODS, expand_tasks, run_eval_suite
-
-
-def _int_list(text: str) -> list[int]:
-    """'4096,8192' or '4k,8k' (k = 1024) -> [4096, 8192]."""
-    values = []
-    for part in (piece.strip().lower() for piece in text.split(",")):
-        if not part:
-            continue
-        try:
-            values.append(int(part[:-1]) * 1024 if part.endswith("k") else int(part))
-        except ValueError as error:
-            raise argparse.ArgumentTypeError(f"expected integers like 4096,8192 or 4k,8k, got {text!r}") from error
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one value")
-    return values
+from megatron_harpe.eval.suite import (
+    ALL_TASKS,
+    DEFAULT_GRID_DEPTHS,
+    SCORING_METHODS,
+    expand_tasks,
+    parse_token_counts,
+    run_eval_suite,
+)
 
 
 def is_main_process() -> bool:
@@ -52,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="HF model dir, megatron_harpe checkpoint dir, 'oracle' or 'random'")
     parser.add_argument("--task", required=True,
                         help=f"comma-separated: niah (all 8), {', '.join(ALL_TASKS)}")
-    parser.add_argument("--lengths", required=True, type=_int_list,
+    parser.add_argument("--lengths", required=True, type=parse_token_counts,
                         help="context lengths in tokens: 4096,8192 or 4k,8k")
     parser.add_argument("--samples", type=int, default=10, help="samples per task and length (per grid cell)")
     parser.add_argument("--seed", type=int, default=42, help="seed of the generated samples")
@@ -63,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=int, default=None,
                         help="answer budget and generation limit (default: 128 for NIAH, 32 for passkey/grid)")
     parser.add_argument("--haystack-file", default=None, help="UTF-8 prose replacing the default haystack")
-    parser.add_argument("--grid-depths", type=_int_list, default=list(DEFAULT_GRID_DEPTHS),
+    parser.add_argument("--grid-depths", type=parse_token_counts, default=list(DEFAULT_GRID_DEPTHS),
                         help="needle depths in percent for needle_grid")
     parser.add_argument("--ppl-data", default=None, help="documents for ppl: .jsonl[.zst], .txt or Megatron prefix")
     parser.add_argument("--ppl-text-key", default="text", help="jsonl field holding the text")

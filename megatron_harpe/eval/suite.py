@@ -200,3 +200,20 @@ def scalars_for_logging(results: dict[str, Any], prefix: str = "eval") -> dict[s
         if value["ppl"] is not None:
             scalars[f"{prefix}/ppl/{length}"] = float(value["ppl"])
     return scalars
+
+
+def parse_token_counts(text: str) -> list[int]:
+    """'4096,8192' or '4k,8k' (k = 1024) -> [4096, 8192]; an argparse `type` for the CLIs."""
+    import argparse
+
+    values = []
+    for part in (piece.strip().lower() for piece in text.split(",")):
+        if not part:
+            continue
+        try:
+            values.append(int(part[:-1]) * 1024 if part.endswith("k") else int(part))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected token counts like 4096,8192 or 4k,8k, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one value")
+    return values
