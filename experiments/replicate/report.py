@@ -55,9 +55,11 @@ def summarize(eval_dir: Path, methods: list[str], runs: list[tuple[str, int]], l
         stats = {length: mean_and_spread([scores[length] for scores in per_seed.values() if length in scores])
                  for length in lengths if any(length in scores for scores in per_seed.values())}
         records = [record for run in loaded.values() for record in run["records"]]
+        digits_per_seed = [digit_accuracy(run["records"], lengths) for run in loaded.values()]
         rows[row] = {"per_seed": per_seed, "mean": {k: v[0] for k, v in stats.items()},
                      "spread": {k: v[1] for k, v in stats.items()}, "depth": depth_table(records, lengths),
-                     "digits": digit_accuracy(records, lengths)}
+                     "digits": {k: mean_and_spread([seed[k] for seed in digits_per_seed if k in seed])
+                                for k in lengths if any(k in seed for seed in digits_per_seed)}}
     return rows
 
 
@@ -102,11 +104,13 @@ def markdown(rows: dict, lengths: tuple[int, ...], scale: Any) -> str:
     for row, data in rows.items():
         for seed, scores in sorted(data["per_seed"].items()):
             lines.append(f"| {row} | {seed} | " + " | ".join(f"{scores.get(k, float('nan')):.1f}" for k in lengths) + " |")
-    lines += ["", "Digit accuracy (%): value digits predicted right, all seeds pooled (chance 10%):", "",
+    lines += ["", "Digit accuracy (%): value digits predicted right (teacher forced), mean ± std over seeds "
+              "(chance 10%):", "",
               "| method | " + " | ".join(str(k) for k in lengths) + " |", "|---" * (len(lengths) + 1) + "|"]
     for row, data in rows.items():
-        lines.append(f"| {row} | " + " | ".join(f"{data['digits'][k]:.1f}" if k in data["digits"] else "-"
-                                              for k in lengths) + " |")
+        lines.append(f"| {row} | " + " | ".join(
+            f"{data['digits'][k][0]:.1f} ± {data['digits'][k][1]:.1f}" if k in data["digits"] else "-"
+            for k in lengths) + " |")
     bins = [f"{low}-{min(high, 100)}%" for low, high in DEPTH_BINS]
     for length in [k for k in lengths if k >= scale.target_length]:
         lines += ["", f"Accuracy by depth of the queried needle at length {length} (all seeds pooled):", "",
@@ -123,21 +127,28 @@ def plot(rows: dict, lengths: tuple[int, ...], scale: Any, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(7, 4.5))
-    for row, data in rows.items():
-        xs = [k for k in lengths if k in data["mean"]]
-        axis.errorbar(xs, [data["mean"][k] for k in xs], yerr=[data["spread"][k] for k in xs], marker="o",
-                      capsize=3, label=row, linestyle="--" if row == BASE_ROW else "-")
-    for x, label in ((scale.base_length, "base length"), (scale.target_length, "target length")):
-        axis.axvline(x, color="grey", linewidth=0.8, linestyle=":")
-        axis.text(x, 102, label, fontsize=8, ha="center")
-    axis.set_xscale("log", base=2)
-    axis.set_xticks(list(lengths), [str(k) for k in lengths])
-    axis.set_ylim(-2, 108)
-    axis.set_xlabel("evaluation length (tokens)")
-    axis.set_ylabel("key/value retrieval accuracy (%)")
-    axis.set_title(f"CPU replication: {scale.base_length} -> {scale.target_length} tokens, mean ± std over seeds")
-    axis.legend(fontsize=8, loc="lower left")
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    panels = (("mean", "spread", "exact-match retrieval accuracy (%)", (-2, 108)),
+              ("digits", None, "value digits predicted right (%), chance 10", None))
+    for axis, (key, spread_key, label, limits) in zip(axes, panels):
+        for row, data in rows.items():
+            xs = [k for k in lengths if k in data[key]]
+            if key == "digits":
+                ys, errors = [data[key][k][0] for k in xs], [data[key][k][1] for k in xs]
+            else:
+                ys, errors = [data[key][k] for k in xs], [data[spread_key][k] for k in xs]
+            axis.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, label=row,
+                          linestyle="--" if row == BASE_ROW else "-")
+        for x in (scale.base_length, scale.target_length):
+            axis.axvline(x, color="grey", linewidth=0.8, linestyle=":")
+        axis.set_xscale("log", base=2)
+        axis.set_xticks(list(lengths), [str(k) for k in lengths])
+        if limits:
+            axis.set_ylim(*limits)
+        axis.set_xlabel("evaluation length (tokens); dotted: base and target length")
+        axis.set_ylabel(label)
+    axes[0].legend(fontsize=8, loc="upper right")
+    figure.suptitle(f"CPU replication: {scale.base_length} -> {scale.target_length} tokens, mean ± std over seeds")
     figure.tight_layout()
     temporary = path.with_name(path.stem + ".tmp.png")
     figure.savefig(temporary, dpi=120)
