@@ -74,3 +74,27 @@ def test_evaluation_during_training_is_logged(trained):
     passkey = [tag for tag in tags if tag.startswith("eval/passkey")]
     assert passkey, tags
     assert [event.step for event in events.Scalars(passkey[0])] == [2]
+
+
+def _perplexities(path, export_dir, documents):
+    from megatron_harpe.convert.megatron_to_hf import convert_megatron_to_hf
+    from megatron_harpe.eval.backends import load_backend
+    from megatron_harpe.eval.perplexity import perplexity_by_length
+
+    megatron = load_backend(path)
+    convert_megatron_to_hf(path, export_dir)  # fp32, as trained
+    hf = load_backend(export_dir, trust_remote_code=True)
+    return [
+        perplexity_by_length(backend, documents, [48, 96], stride=16, progress=False)
+        for backend in (megatron, hf)
+    ]
+
+
+def test_megatron_checkpoint_and_its_hf_export_give_the_same_perplexity(trained, tmp_path):
+    generator = torch.Generator().manual_seed(2)
+    documents = [torch.randint(5, 4000, (120,), generator=generator).tolist() for _ in range(2)]
+    megatron, hf = parallel.run_on_ranks(_perplexities, 1, str(trained / "ckpt"), str(tmp_path / "hf"), documents)[0]
+    for length in (48, 96):
+        assert megatron[length]["tokens"] == hf[length]["tokens"] > 0
+        assert megatron[length]["ppl"] == pytest.approx(hf[length]["ppl"], rel=1e-4)
+    assert megatron[48]["ppl"] != pytest.approx(megatron[96]["ppl"], rel=1e-6)  # lengths really differ
