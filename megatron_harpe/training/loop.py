@@ -148,7 +148,8 @@ def train_step(cfg: Config, ctx: ParallelContext, model, optimizer, schedule, ba
         loss.backward()
         step_loss += loss.detach().double().cpu()
     allreduce_gradients(model, ctx.dp_cp_group)
-    dist.all_reduce(step_loss, group=ctx.dp_cp_group) if ctx.dp_size * ctx.cp_size > 1 else None
+    if ctx.dp_size * ctx.cp_size > 1:
+        dist.all_reduce(step_loss, group=ctx.dp_cp_group)
     grad_norm = clip_grad_norm(model, cfg.train.clip_grad, ctx.tp_group)
     finite = check_loss_finite(step_loss.item(), step, cfg.train.on_nonfinite) and check_loss_finite(
         grad_norm, step, cfg.train.on_nonfinite, what="gradient norm"
