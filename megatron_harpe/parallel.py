@@ -62,6 +62,23 @@ class ParallelContext:
         return self.rank == 0
 
 
+def context_parallel_indices(seq_length: int, cp_rank: int, cp_size: int) -> torch.Tensor:
+    """Sequence positions a CP rank holds, in megatron's load-balanced layout: chunks r and
+    2*CP-1-r of 2*CP equal chunks, in that order (all positions when CP is 1)."""
+    if cp_size < 1 or not 0 <= cp_rank < cp_size:
+        raise ValueError(f"context-parallel rank {cp_rank} is outside [0, {cp_size})")
+    if cp_size == 1:
+        return torch.arange(seq_length)
+    if seq_length % (2 * cp_size):
+        raise ValueError(
+            f"sequence length {seq_length} is not divisible by 2 x parallel.context = {2 * cp_size}: "
+            "change the sequence length or parallel.context"
+        )
+    chunk = seq_length // (2 * cp_size)
+    first, second = cp_rank * chunk, (2 * cp_size - 1 - cp_rank) * chunk
+    return torch.cat([torch.arange(first, first + chunk), torch.arange(second, second + chunk)])
+
+
 def default_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))

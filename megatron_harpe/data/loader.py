@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterator
 
-import numpy as np
 import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
@@ -28,6 +27,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_harpe.data.indexed import dataset_exists
 from megatron_harpe.data.tokenizer import Tokenizer
+from megatron_harpe.parallel import context_parallel_indices
 
 SEQUENCE_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 
@@ -181,20 +181,6 @@ def micro_batches(
         yield {key: torch.stack([sample[key] for sample in samples]) for key in SEQUENCE_KEYS}
 
 
-def context_parallel_indices(seq_length: int, cp_rank: int, cp_size: int) -> np.ndarray:
-    """Positions rank `cp_rank` holds: chunks r and 2*cp-1-r of 2*cp equal chunks, in that order."""
-    if cp_size < 1 or not 0 <= cp_rank < cp_size:
-        raise ValueError(f"context-parallel rank {cp_rank} is outside [0, {cp_size})")
-    if seq_length % (2 * cp_size):
-        raise ValueError(
-            f"sequence length {seq_length} is not divisible by 2 x parallel.context = {2 * cp_size}: "
-            "change the sequence length or parallel.context"
-        )
-    chunk = seq_length // (2 * cp_size)
-    first, second = cp_rank * chunk, (2 * cp_size - 1 - cp_rank) * chunk
-    return np.concatenate([np.arange(first, first + chunk), np.arange(second, second + chunk)])
-
-
 def slice_for_context_parallel(batch: dict[str, torch.Tensor], cp_rank: int, cp_size: int, seq_dim: int = 1) -> dict[str, torch.Tensor]:
     """This CP rank's part of every sequence tensor (tokens, labels, loss_mask, position_ids);
     other entries pass through. With cp_size 1 the batch is returned as is."""
@@ -205,5 +191,5 @@ def slice_for_context_parallel(batch: dict[str, torch.Tensor], cp_rank: int, cp_
         if key in batch:
             tensor = batch[key]
             positions = context_parallel_indices(tensor.size(seq_dim), cp_rank, cp_size)
-            sliced[key] = tensor.index_select(seq_dim, torch.from_numpy(positions).to(tensor.device))
+            sliced[key] = tensor.index_select(seq_dim, positions.to(tensor.device))
     return sliced

@@ -26,6 +26,7 @@ from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
     _yarn_linear_ramp_mask,
 )
 
+from megatron_harpe.parallel import context_parallel_indices
 from megatron_harpe.position.config import PositionConfig
 
 
@@ -68,15 +69,8 @@ def head_inverse_frequencies(position: PositionConfig, bases: list[float], head_
 
 
 def context_parallel_positions(seq_length: int, cp_rank: int, cp_size: int, offset: int = 0) -> torch.Tensor:
-    """Global positions held by a CP rank: chunks r and 2*CP-1-r of 2*CP equal chunks."""
-    if cp_size == 1:
-        return torch.arange(offset, offset + seq_length, dtype=torch.float64)
-    chunk = seq_length // (2 * cp_size)
-    assert chunk * 2 * cp_size == seq_length, "sequence must split into 2*CP equal chunks"
-    first = torch.arange(cp_rank * chunk, (cp_rank + 1) * chunk)
-    second_start = (2 * cp_size - 1 - cp_rank) * chunk
-    second = torch.arange(second_start, second_start + chunk)
-    return torch.cat([first, second]).to(torch.float64) + offset
+    """Global positions held by a CP rank (see `parallel.context_parallel_indices`), as float64."""
+    return context_parallel_indices(seq_length, cp_rank, cp_size).to(torch.float64) + offset
 
 
 def local_head_slice(num_heads: int, tp_rank: int, tp_size: int) -> slice:
