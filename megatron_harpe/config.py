@@ -85,6 +85,9 @@ class DataConfig:
     """Megatron dataset prefixes (path without .bin/.idx)."""
     weights: list[float] | None = None
     """Blend weights, one per prefix (None: proportional to size)."""
+    loss_mask_prefixes: list[str] | None = None
+    """Loss-mask datasets, one per prefix, with the same documents: loss only on tokens marked 1
+    (e.g. the answers of a retrieval task). None: loss on every token."""
     tokenizer: str | None = None
     """sentencepiece .model or tokenizer.json; used for EOD id and for evaluation."""
     seq_length: int = 512
@@ -242,6 +245,8 @@ class Config:
             )
         if self.data.weights is not None and len(self.data.weights) != len(self.data.prefixes):
             raise ValueError("data.weights needs one weight per entry of data.prefixes")
+        if self.data.loss_mask_prefixes is not None and len(self.data.loss_mask_prefixes) != len(self.data.prefixes):
+            raise ValueError("data.loss_mask_prefixes needs one loss-mask dataset per entry of data.prefixes")
         if not self.data.prefixes and not self.data.demo_workdir:
             raise ValueError("no training data: set data.prefixes (Megatron .bin/.idx prefixes) or data.demo_workdir")
         return self

@@ -38,6 +38,20 @@ def dataset_exists(prefix: str | Path) -> bool:
     return os.path.exists(get_bin_path(prefix)) or os.path.exists(get_idx_path(prefix))
 
 
+def mask_prefix_problem(prefix: str, dataset: IndexedDataset, mask_prefix: str, mask: IndexedDataset) -> str | None:
+    """Why `mask_prefix` cannot be the loss mask of `prefix` (None if it can): both must hold
+    the same documents with the same lengths."""
+    if len(mask.sequence_lengths) != len(dataset.sequence_lengths):
+        return (f"loss-mask dataset {mask_prefix} has {len(mask.sequence_lengths)} documents but {prefix} has "
+                f"{len(dataset.sequence_lengths)}: write the mask from the same tokenized dataset")
+    if not np.array_equal(mask.sequence_lengths, dataset.sequence_lengths):
+        first = int(np.flatnonzero(mask.sequence_lengths != dataset.sequence_lengths)[0])
+        return (f"loss-mask dataset {mask_prefix} does not match {prefix}: document {first} has "
+                f"{mask.sequence_lengths[first]} mask values for {dataset.sequence_lengths[first]} tokens; "
+                "write the mask from the same tokenized dataset")
+    return None
+
+
 def check_output_prefix(prefix: str | Path, overwrite: bool) -> None:
     """Refuse to replace an existing dataset unless asked to."""
     if dataset_exists(prefix) and not overwrite:

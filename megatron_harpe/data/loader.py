@@ -13,19 +13,26 @@ restart after every end-of-document token, `eod_mask_loss` drops the loss on it.
 EOS per document in the data (`tools/prepare_data.py` adds one by default). No dense
 attention mask is built (`create_attention_mask=False`): attention is causal, and document
 boundaries are visible to the model through `position_ids` when they are reset.
+
+A loss-mask dataset (`loss_mask_prefixes`, one per token dataset) restricts the loss to chosen
+tokens, e.g. the answers of a retrieval task: it holds the same documents with the same lengths,
+and its value at a token (0 or 1) says whether predicting that token carries loss. Write one
+with `megatron_harpe.data.indexed.DatasetWriter(prefix, vocab_size=2)`.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Iterator
 
+import numpy
 import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from megatron_harpe.data.indexed import dataset_exists
+from megatron_harpe.data.indexed import dataset_exists, mask_prefix_problem
 from megatron_harpe.data.tokenizer import Tokenizer
 from megatron_harpe.parallel import context_parallel_indices
 
@@ -57,6 +64,40 @@ def _special_ids(tokenizer: Tokenizer | int, needs_eod: bool) -> _SpecialIds:
     return _SpecialIds(eod=tokenizer.eos_id if tokenizer.eos_id is not None else -1, vocab_size=tokenizer.vocab_size)
 
 
+@dataclasses.dataclass
+class _LossMaskedConfig(GPTDatasetConfig):
+    loss_mask_prefixes: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Token dataset prefix -> its loss-mask dataset prefix."""
+
+
+class LossMaskedGPTDataset(GPTDataset):
+    """megatron-core's GPTDataset whose loss mask is also multiplied by a loss-mask dataset.
+
+    The mask is read through a shallow copy of this dataset whose low-level dataset is the
+    mask's: the copy shares the document, sample and shuffle indices, so every sample reads
+    the same documents at the same offsets from both files (megatron has no hook for this).
+    """
+
+    def __init__(self, indexed_dataset, dataset_path, indexed_indices, num_samples, index_split, config) -> None:
+        super().__init__(indexed_dataset, dataset_path, indexed_indices, num_samples, index_split, config)
+        mask_prefix = config.loss_mask_prefixes[dataset_path]
+        mask_dataset = IndexedDataset(mask_prefix)
+        problem = mask_prefix_problem(dataset_path, indexed_dataset, mask_prefix, mask_dataset)
+        if problem:
+            raise ValueError(problem)
+        self._mask_view = copy.copy(self)
+        self._mask_view.dataset = mask_dataset
+
+    def __getitem__(self, idx: int | None) -> dict[str, torch.Tensor]:
+        sample = super().__getitem__(idx)
+        values, _ = self._mask_view._query_document_sample_shuffle_indices(0 if idx is None else idx)
+        label_values = values[1:]  # labels are the tokens shifted by one: mask what is predicted
+        if not self.config.add_extra_token_to_sequence:
+            label_values = numpy.append(label_values, 0)
+        sample["loss_mask"] = sample["loss_mask"] * torch.from_numpy(label_values > 0).to(sample["loss_mask"].dtype)
+        return sample
+
+
 def _token_count(prefix: str) -> float:
     dataset = IndexedDataset(prefix)  # must outlive the read: its __del__ unmaps the index
     return float(dataset.sequence_lengths.sum())
@@ -73,6 +114,7 @@ def build_gpt_dataset(
     reset_position_ids: bool = False,
     reset_attention_mask: bool = False,
     eod_mask_loss: bool = False,
+    loss_mask_prefixes: list[str] | None = None,
     cache_dir: str | None = None,
 ) -> torch.utils.data.Dataset:
     """megatron-core's GPTDataset (one prefix) or BlendedDataset (several) with at least
@@ -80,6 +122,7 @@ def build_gpt_dataset(
 
     `tokenizer` gives the end-of-document id (its EOS) and vocabulary size; an int is taken as
     the end-of-document id itself. `weights` are blend weights (None: by token count).
+    `loss_mask_prefixes` (one per prefix) restrict the loss to the tokens marked 1 there.
     `cache_dir` keeps megatron's sample indices between runs (None: rebuilt in memory).
     """
     if not prefixes:
@@ -87,6 +130,15 @@ def build_gpt_dataset(
     for prefix in prefixes:
         if not dataset_exists(prefix):
             raise ValueError(f"dataset {prefix}.bin/.idx not found: prepare it with tools/prepare_data.py")
+    if loss_mask_prefixes is not None:
+        if len(loss_mask_prefixes) != len(prefixes):
+            raise ValueError(
+                f"data.loss_mask_prefixes has {len(loss_mask_prefixes)} entries for {len(prefixes)} prefixes: "
+                "give one loss-mask dataset per prefix"
+            )
+        for prefix in loss_mask_prefixes:
+            if not dataset_exists(prefix):
+                raise ValueError(f"loss-mask dataset {prefix}.bin/.idx not found: write it next to its token dataset")
     if weights is not None and len(weights) != len(prefixes):
         raise ValueError(f"data.weights has {len(weights)} entries for {len(prefixes)} prefixes: give one weight per prefix")
     if weights is not None and (any(w < 0 for w in weights) or sum(weights) <= 0):
@@ -98,7 +150,8 @@ def build_gpt_dataset(
         # megatron blends unweighted datasets over a single epoch only; weighting by token count
         # gives the same proportions and lets it repeat data up to num_samples
         weights = [_token_count(prefix) for prefix in prefixes]
-    config = GPTDatasetConfig(
+    masked = loss_mask_prefixes is not None
+    config = (_LossMaskedConfig if masked else GPTDatasetConfig)(
         random_seed=seed,
         sequence_length=seq_length,
         blend=(list(prefixes), list(weights) if weights is not None else None),
@@ -109,8 +162,10 @@ def build_gpt_dataset(
         reset_attention_mask=reset_attention_mask,
         eod_mask_loss=eod_mask_loss,
         create_attention_mask=False,
+        **({"loss_mask_prefixes": dict(zip(prefixes, loss_mask_prefixes))} if masked else {}),
     )
-    builder = BlendedMegatronDatasetBuilder(GPTDataset, [num_samples, 0, 0], lambda: True, config)
+    dataset_class = LossMaskedGPTDataset if masked else GPTDataset
+    builder = BlendedMegatronDatasetBuilder(dataset_class, [num_samples, 0, 0], lambda: True, config)
     train, _, _ = builder.build()
     if train is None or len(train) < num_samples:
         raise ValueError(f"could not build {num_samples} samples of {seq_length} tokens from {prefixes}: is the data too small?")

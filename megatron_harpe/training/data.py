@@ -67,6 +67,7 @@ def prepare_training_data(cfg: Config, ctx: ParallelContext, total_samples: list
             reset_position_ids=cfg.data.reset_position_ids,
             reset_attention_mask=cfg.data.reset_attention_mask,
             eod_mask_loss=cfg.data.eod_mask_loss,
+            loss_mask_prefixes=cfg.data.loss_mask_prefixes,
         )
         stages.append(StageData(dataset, cfg, ctx))
     return stages

@@ -149,3 +149,40 @@ def test_build_gpt_dataset_errors_name_the_fix(packed, tmp_path):
         build_gpt_dataset([str(tmp_path / "missing")], None, 64, 10, 1, tokenizer)
     with pytest.raises(ValueError, match="one weight per prefix"):
         build_gpt_dataset([str(directory / "first")], [0.5, 0.5], 64, 10, 1, tokenizer)
+
+
+def _write_parity_mask(prefix: str, mask_prefix: str) -> None:
+    """A loss-mask dataset marking the odd token ids of `prefix`'s documents."""
+    from megatron_harpe.data.indexed import DatasetWriter, read_documents
+
+    documents = read_documents(prefix)
+    with DatasetWriter(mask_prefix, vocab_size=2) as writer:
+        for document in documents:
+            writer.add_document((np.asarray(document) % 2).tolist())
+
+
+def test_loss_mask_dataset_marks_the_same_tokens_in_every_sample_of_a_blend(packed, tmp_path):
+    directory, tokenizer = packed
+    prefixes = [str(directory / "first"), str(directory / "second")]
+    masks = [str(tmp_path / "first_mask"), str(tmp_path / "second_mask")]
+    for prefix, mask in zip(prefixes, masks):
+        _write_parity_mask(prefix, mask)
+    plain = build_gpt_dataset(prefixes, [0.5, 0.5], seq_length=64, num_samples=200, seed=3, tokenizer=tokenizer)
+    masked = build_gpt_dataset(prefixes, [0.5, 0.5], seq_length=64, num_samples=200, seed=3, tokenizer=tokenizer,
+                               loss_mask_prefixes=masks)
+    for index in range(200):
+        a, b = plain[index], masked[index]
+        assert torch.equal(a["tokens"], b["tokens"]) and torch.equal(a["labels"], b["labels"])
+        assert torch.equal(b["loss_mask"], a["loss_mask"] * (a["labels"] % 2).float())
+    assert 0 < float(masked[0]["loss_mask"].sum()) < 64
+
+
+def test_loss_mask_dataset_must_match_its_token_dataset(packed, tmp_path):
+    directory, tokenizer = packed
+    _write_parity_mask(str(directory / "second"), str(tmp_path / "wrong_mask"))
+    with pytest.raises(ValueError, match="documents but .*write the mask from the same tokenized dataset"):
+        build_gpt_dataset([str(directory / "first")], None, 64, 10, 1, tokenizer, loss_mask_prefixes=[str(tmp_path / "wrong_mask")])
+    with pytest.raises(ValueError, match="one loss-mask dataset per prefix"):
+        build_gpt_dataset([str(directory / "first")], None, 64, 10, 1, tokenizer, loss_mask_prefixes=[])
+    with pytest.raises(ValueError, match="loss-mask dataset .* not found"):
+        build_gpt_dataset([str(directory / "first")], None, 64, 10, 1, tokenizer, loss_mask_prefixes=[str(tmp_path / "none")])
