@@ -108,6 +108,9 @@ class StageConfig:
     tokens: int = 0
     """Training tokens in this stage."""
     position: PositionConfig = dataclasses.field(default_factory=PositionConfig)
+    global_batch_size: int = 0
+    """Sequences per optimizer step in this stage (0: train.global_batch_size). Scale it
+    inversely with seq_length to keep the tokens per step, and so the steps per token, equal."""
 
 
 @dataclasses.dataclass
@@ -179,9 +182,11 @@ class Config:
     """Multi-stage schedule; empty means one stage from data.seq_length, position and train.train_tokens."""
 
     def resolved_stages(self) -> list[StageConfig]:
+        """The stages to run, each with its global batch size filled in."""
         if self.stages:
-            return self.stages
-        return [StageConfig(self.data.seq_length, self.train.train_tokens, self.position)]
+            return [dataclasses.replace(stage, global_batch_size=stage.global_batch_size or self.train.global_batch_size)
+                    for stage in self.stages]
+        return [StageConfig(self.data.seq_length, self.train.train_tokens, self.position, self.train.global_batch_size)]
 
     def validate(self, world_size: int | None = None) -> "Config":
         """Check every cross-field constraint; resolve base strategies into explicit bases."""
@@ -215,6 +220,8 @@ class Config:
                     f"2 x parallel.context = {2 * cp}: context parallelism splits each sequence into "
                     "2*CP equal chunks; change data.seq_length/stages[].seq_length or parallel.context"
                 )
+            if stage.global_batch_size < 1:
+                raise ValueError(f"stages[{index}].global_batch_size={stage.global_batch_size} must be positive (or 0 for train's)")
             if stage.tokens <= 0:
                 raise ValueError(
                     f"stage {index} has no training tokens: set train.train_tokens (one stage) or "
@@ -232,12 +239,14 @@ class Config:
                     f"launch a multiple of {tp * cp} processes"
                 )
             dp = world_size // (tp * cp)
-            if train.global_batch_size % (train.micro_batch_size * dp):
-                raise ValueError(
-                    f"train.global_batch_size={train.global_batch_size} is not a multiple of "
-                    f"train.micro_batch_size={train.micro_batch_size} x data-parallel size {dp}: "
-                    "adjust the batch sizes or the number of processes"
-                )
+            for index, stage in enumerate(self.resolved_stages()):
+                if stage.global_batch_size % (train.micro_batch_size * dp):
+                    where = f"stages[{index}].global_batch_size" if self.stages else "train.global_batch_size"
+                    raise ValueError(
+                        f"{where}={stage.global_batch_size} is not a multiple of "
+                        f"train.micro_batch_size={train.micro_batch_size} x data-parallel size {dp}: "
+                        "adjust the batch sizes or the number of processes"
+                    )
         if self.data.reset_position_ids or self.data.reset_attention_mask:
             raise ValueError(
                 "data.reset_position_ids / data.reset_attention_mask are not supported by the trainer yet: "

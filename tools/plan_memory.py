@@ -144,7 +144,7 @@ def describe(cfg: Config, plan: LayoutPlan, hardware: Hardware, backend: str) ->
 def total_hours(cfg: Config, layout: Layout, hardware: Hardware, precision, backend: str) -> float:
     seconds = 0.0
     for stage in cfg.resolved_stages():
-        steps = math.ceil(stage.tokens / (cfg.train.global_batch_size * stage.seq_length))
+        steps = math.ceil(stage.tokens / (stage.global_batch_size * stage.seq_length))
         seconds += steps * estimate_step(cfg, layout, hardware, precision, stage=stage, backend=backend).step_seconds
     return seconds / 3600
 
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         f"model: {model.num_layers} layers, hidden {model.hidden_size}, {model.num_attention_heads} heads / "
         f"{model.kv_groups} k/v groups, vocabulary {model.vocab_size}: "
         f"{estimate_memory(cfg, Layout(), precision).parameters / 1e9:.3f}B parameters\n"
-        f"sequence {stage.seq_length:,} tokens x global batch {cfg.train.global_batch_size} = "
+        f"sequence {stage.seq_length:,} tokens x global batch {stage.global_batch_size} = "
         f"{step.tokens_per_step:,} tokens per step\n"
         f"FLOPs per token (forward + backward): {step.model_flops_per_token:.3e} "
         f"(executed with recompute {layout.recompute}: {step.executed_flops_per_token:.3e})\n"

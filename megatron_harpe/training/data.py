@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_harpe.config import Config
+from megatron_harpe.config import Config, StageConfig
 from megatron_harpe.data.loader import build_gpt_dataset, micro_batches, slice_for_context_parallel
 from megatron_harpe.data.tokenizer import load_tokenizer
 from megatron_harpe.parallel import ParallelContext
@@ -22,20 +22,20 @@ from megatron_harpe.parallel import ParallelContext
 class StageData:
     """The sequences of one stage, iterated from any step (resume is exact by consumed samples)."""
 
-    def __init__(self, dataset, cfg: Config, ctx: ParallelContext) -> None:
+    def __init__(self, dataset, cfg: Config, stage: StageConfig, ctx: ParallelContext) -> None:
         self.dataset = dataset
         self.cfg = cfg
+        self.stage = stage
         self.ctx = ctx
 
     def consumed_samples(self, steps: int) -> int:
-        return steps * self.cfg.train.global_batch_size
+        return steps * self.stage.global_batch_size
 
     def micro_batches(self, consumed_steps: int) -> Iterator[dict[str, torch.Tensor]]:
-        train = self.cfg.train
         for batch in micro_batches(
             self.dataset,
-            micro_batch_size=train.micro_batch_size,
-            global_batch_size=train.global_batch_size,
+            micro_batch_size=self.cfg.train.micro_batch_size,
+            global_batch_size=self.stage.global_batch_size,
             dp_rank=self.ctx.dp_rank,
             dp_size=self.ctx.dp_size,
             consumed_samples=self.consumed_samples(consumed_steps),
@@ -69,7 +69,7 @@ def prepare_training_data(cfg: Config, ctx: ParallelContext, total_samples: list
             eod_mask_loss=cfg.data.eod_mask_loss,
             loss_mask_prefixes=cfg.data.loss_mask_prefixes,
         )
-        stages.append(StageData(dataset, cfg, ctx))
+        stages.append(StageData(dataset, cfg, stage, ctx))
     return stages
 
 

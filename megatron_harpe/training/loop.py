@@ -52,7 +52,7 @@ def plan_stages(cfg: Config) -> list[StagePlan]:
     """Steps per stage: ceil(stage tokens / tokens per step)."""
     plans, first = [], 0
     for index, stage in enumerate(cfg.resolved_stages()):
-        steps = math.ceil(stage.tokens / (cfg.train.global_batch_size * stage.seq_length))
+        steps = math.ceil(stage.tokens / (stage.global_batch_size * stage.seq_length))
         plans.append(StagePlan(index, stage, steps, first))
         first += steps
     return plans
@@ -112,7 +112,7 @@ def train(cfg: Config) -> list[dict[str, float]]:
         batches = training_data[plan.index].micro_batches(consumed_steps=state.stage_step)
         while state.stage_step < plan.steps:
             loss, grad_norm, lr, tokens, skipped = train_step(
-                cfg, ctx, model, optimizer, schedule, batches, state.iteration + 1
+                cfg, ctx, plan.config, model, optimizer, schedule, batches, state.iteration + 1
             )
             state.iteration += 1
             state.stage_step += 1
@@ -132,10 +132,11 @@ def train(cfg: Config) -> list[dict[str, float]]:
     return history
 
 
-def train_step(cfg: Config, ctx: ParallelContext, model, optimizer, schedule, batches, step: int):
-    """One optimizer step over this rank's micro-batches. Returns (global mean loss, grad norm,
-    learning rate, tokens in the step over the whole job, skipped)."""
-    micro_batches = [next(batches) for _ in range(_accumulation(cfg, ctx))]
+def train_step(cfg: Config, ctx: ParallelContext, stage: StageConfig, model, optimizer, schedule, batches, step: int):
+    """One optimizer step of `stage` over this rank's micro-batches. Returns (global mean loss,
+    grad norm, learning rate, tokens in the step over the whole job, skipped)."""
+    accumulation = stage.global_batch_size // (cfg.train.micro_batch_size * ctx.dp_size)
+    micro_batches = [next(batches) for _ in range(accumulation)]
     loss_tokens = global_token_count([b["loss_mask"] for b in micro_batches], ctx.dp_cp_group)
     model.train()
     step_loss = torch.zeros((), dtype=torch.float64)
@@ -159,16 +160,12 @@ def train_step(cfg: Config, ctx: ParallelContext, model, optimizer, schedule, ba
         lr = schedule.step(optimizer)
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    tokens = cfg.train.global_batch_size * micro_batches[0]["tokens"].size(1) * ctx.cp_size
+    tokens = stage.global_batch_size * micro_batches[0]["tokens"].size(1) * ctx.cp_size
     return step_loss.item(), grad_norm, lr, tokens, not finite
 
 
-def _accumulation(cfg: Config, ctx: ParallelContext) -> int:
-    return cfg.train.global_batch_size // (cfg.train.micro_batch_size * ctx.dp_size)
-
-
 def _samples_per_stage(cfg: Config, plans: list[StagePlan]) -> list[int]:
-    return [plan.steps * cfg.train.global_batch_size for plan in plans]
+    return [plan.steps * plan.config.global_batch_size for plan in plans]
 
 
 def _params_dtype(cfg: Config, ctx: ParallelContext) -> torch.dtype:

@@ -314,12 +314,12 @@ def estimate_step(cfg: Config, layout: Layout, hardware: Hardware, precision: Pr
     model_flops = 3 * (matmul + attention)
     extra = {"none": 0.0, "selective": attention, "full": matmul + attention}[layout.recompute]
     executed = model_flops + extra
-    tokens = cfg.train.global_batch_size * seq_length
+    tokens = stage.global_batch_size * seq_length
     seconds = tokens * executed / (layout.gpus * hardware.peak_tflops * 1e12 * hardware.utilization)
 
     tp, cp, e = layout.tensor, layout.context, precision.activation_bytes
     s, b = seq_length // cp, layout.micro_batch
-    micro_batches = cfg.train.global_batch_size // (layout.micro_batch * layout.data)
+    micro_batches = stage.global_batch_size // (layout.micro_batch * layout.data)
     forward_passes = 2 if layout.recompute == "full" else 1
     comm: dict[str, float] = {}
     if tp > 1:  # two all-reduces per layer per pass (attention and MLP outputs), ring volume

@@ -38,7 +38,7 @@ def describe_plan(cfg: Config, world_size: int) -> str:
     ]
     total_steps = 0
     for index, stage in enumerate(cfg.resolved_stages()):
-        tokens_per_step = train.global_batch_size * stage.seq_length
+        tokens_per_step = stage.global_batch_size * stage.seq_length
         steps = math.ceil(stage.tokens / tokens_per_step)
         total_steps += steps
         position = stage.position
@@ -50,6 +50,7 @@ def describe_plan(cfg: Config, world_size: int) -> str:
         )
         lines.append(
             f"stage {index}: seq {stage.seq_length} ({stage.seq_length // cp} tokens per CP rank), {encoding}; "
+            f"global batch {stage.global_batch_size}, "
             f"{tokens_per_step:,} tokens/step x {steps:,} steps = {steps * tokens_per_step:,} tokens"
         )
     lines.append(f"total: {total_steps:,} optimizer steps")

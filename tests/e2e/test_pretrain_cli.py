@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 import pretrain_harpe
 
@@ -35,6 +36,17 @@ def test_multistage_plan_has_three_stages(capsys):
     assert pretrain_harpe.main(["--config", str(config), "--dry-run", "--world-size", "32"]) == 0
     out = capsys.readouterr().out
     assert "stage 0: seq 32768" in out and "stage 2: seq 131072" in out and "base 5e+06" in out
+    # every stage keeps 4.2M tokens per step through its own global batch, so equal tokens are equal steps
+    for stage, batch in ((0, 128), (1, 64), (2, 32)):
+        assert f"global batch {batch}, 4,194,304 tokens/step x 477 steps" in out.split(f"stage {stage}:")[1].splitlines()[0]
+
+
+def test_stage_batch_size_must_split_over_data_parallel_ranks(tmp_path, capsys):
+    tree = yaml.safe_load((Path(__file__).parents[2] / "configs" / "llama2_7b_128k_abf_multistage.yaml").read_text())
+    tree["stages"][1]["global_batch_size"] = 63
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(tree))
+    assert pretrain_harpe.main(["--config", str(tmp_path / "bad.yaml"), "--dry-run", "--world-size", "32"]) == 2
+    assert "stages[1].global_batch_size=63 is not a multiple" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
