@@ -10,7 +10,13 @@ the sequence it is meant to fill (BOS + words + EOS), so packed training windows
 length hold one whole document. The extension corpus mixes in short documents (a share of its
 tokens at 1/8..1/2 of the target length): short-context retrieval keeps being trained while the
 context grows, and the multi-stage schedule's shorter windows still see whole short documents.
+
+Next to each tokenized corpus goes a loss-mask dataset (`<name>_answer_mask`, read by the
+trainer through `data.loss_mask_prefixes`) marking the answer digits of every query, so the
+loss falls on retrieval only: the random needle keys and values and the filler gaps carry
+no learnable signal and would only add noise to the gradient.
 """
+
 
 from __future__ import annotations
 
@@ -25,7 +31,8 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from megatron_harpe.eval.synthetic_kv import training_document, write_tokenizer  # noqa: E402
+from megatron_harpe.data.indexed import DatasetWriter, dataset_exists, read_documents  # noqa: E402
+from megatron_harpe.eval.synthetic_kv import answer_mask, training_document, write_tokenizer  # noqa: E402
 
 SPECIAL_TOKENS_PER_DOCUMENT = 2  # BOS and EOS added by prepare_data.py
 
@@ -81,6 +88,21 @@ def write_corpus(
     return prefix, tokenize_command(jsonl, tokenizer, prefix)
 
 
+def answer_mask_prefix(prefix: Path) -> Path:
+    return prefix.with_name(prefix.name.replace("_text_document", "") + "_answer_mask")
+
+
+def write_answer_mask(prefix: Path) -> Path:
+    """The loss-mask dataset of a tokenized corpus (answer digits 1, every other token 0),
+    written atomically by the framework's DatasetWriter; kept if it already exists."""
+    mask_prefix = answer_mask_prefix(prefix)
+    if not dataset_exists(mask_prefix):
+        with DatasetWriter(mask_prefix, vocab_size=2) as writer:
+            for document in read_documents(prefix):
+                writer.add_document(answer_mask(document))
+    return mask_prefix
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", required=True, type=Path)
@@ -96,8 +118,9 @@ def main(argv: list[str] | None = None) -> int:
         ("base", args.base_tokens, args.base_length, 0.0, args.seed),
         ("extension", args.extension_tokens, args.target_length, args.short_share, args.seed + 1),
     ):
-        _, command = write_corpus(args.output, name, tokens, length, share, seed, tokenizer)
+        prefix, command = write_corpus(args.output, name, tokens, length, share, seed, tokenizer)
         subprocess.run(command, check=True, cwd=REPO)
+        write_answer_mask(prefix)
     return 0
 
 

@@ -9,11 +9,13 @@ target_length / 131072 (the same ratio of target length to base range):
 |------------------|-------------------------------------------------|-------------------------------|
 | harpe            | per-head bases, peak-valley search in [1e6, 5e6] x r (stride 3e4 x r) | one stage at target |
 | abf              | one base 5e6 x r                                | one stage at target           |
-| abf_multistage   | base 1e6 x r, 2e6 x r, 5e6 x r                  | target/4, /2, /1; tokens split in thirds |
+| abf_multistage   | base 1e6 x r, 2e6 x r, 5e6 x r                  | target/4, /2, /1; tokens split in thirds, batch 4x, 2x, 1x |
 | pi               | base 10000, positions / (target / base_length)  | one stage at target           |
 | none             | base 10000 (unchanged)                          | one stage at target           |
 
-Every method trains on the same extension corpus for the same number of tokens.
+Every method trains on the same extension corpus for the same number of tokens and optimizer
+steps (multi-stage ABF's shorter stages take proportionally more sequences per step), with the
+loss on the answer digits only (the corpus's loss-mask datasets).
 """
 
 from __future__ import annotations
@@ -36,17 +38,17 @@ class Scale:
     hidden_size: int = 128
     num_attention_heads: int = 8
     ffn_hidden_size: int = 344
-    base_tokens: int = 3_000_000
-    base_rounds: int = 2
+    base_tokens: int = 7_000_000
+    base_rounds: int = 1
     """The base model trains `base_rounds` runs, each from the previous one's weights (fresh
     optimizer, warm-up and cosine schedule, another data order): base_tokens, then
     later_round_tokens per further round."""
     later_round_tokens: int = 1_200_000
-    base_processes: int = 2
+    base_processes: int = 1
     """Data-parallel processes (torchrun) of the base runs; 1 runs them in the worker."""
-    extension_tokens: int = 300_000
+    extension_tokens: int = 400_000
     short_share: float = 0.2
-    base_batch: int = 32
+    base_batch: int = 16
     extension_batch: int = 4
     base_lr: float = 3e-3
     extension_lr: float = 1e-3
@@ -111,14 +113,14 @@ def base_config(
     return {
         "model": model_block(scale, data["vocab_size"]),
         "position": {"type": "abf", "base": ORIGINAL_BASE},
-        "data": {"prefixes": [data["base_prefix"]], "tokenizer": data["tokenizer"],
-                 "seq_length": scale.base_length, "seed": seed},
+        "data": {"prefixes": [data["base_prefix"]], "loss_mask_prefixes": [data["base_mask"]],
+                 "tokenizer": data["tokenizer"], "seq_length": scale.base_length, "seed": seed},
         "train": {"micro_batch_size": scale.base_batch // scale.base_processes, "global_batch_size": scale.base_batch,
                   "train_tokens": tokens, "lr": scale.base_lr, "min_lr": scale.base_lr / 10,
                   "lr_schedule": "cosine", "weight_decay": 0.01, "seed": seed,
-                  "warmup_steps": warmup_steps(tokens // (scale.base_batch * scale.base_length), 30)},
-        "checkpoint": {"save": checkpoint_dir, "save_interval": 100, "keep_last": 1, "pretrained": pretrained},
-        "logging": {"log_interval": 10},
+                  "warmup_steps": warmup_steps(tokens // (scale.base_batch * scale.base_length), 50)},
+        "checkpoint": {"save": checkpoint_dir, "save_interval": 500, "keep_last": 1, "pretrained": pretrained},
+        "logging": {"log_interval": 50},
     }
 
 
@@ -129,8 +131,8 @@ def extension_config(
     the data order and the training seed."""
     config: dict[str, Any] = {
         "model": model_block(scale, data["vocab_size"]),
-        "data": {"prefixes": [data["extension_prefix"]], "tokenizer": data["tokenizer"],
-                 "seq_length": scale.target_length, "seed": seed},
+        "data": {"prefixes": [data["extension_prefix"]], "loss_mask_prefixes": [data["extension_mask"]],
+                 "tokenizer": data["tokenizer"], "seq_length": scale.target_length, "seed": seed},
         "train": {"micro_batch_size": scale.extension_batch, "global_batch_size": scale.extension_batch,
                   "lr": scale.extension_lr, "min_lr": scale.extension_lr / 10, "lr_schedule": "cosine",
                   "weight_decay": 0.01, "seed": seed,
@@ -141,8 +143,9 @@ def extension_config(
     if method == "abf_multistage":
         r, lengths = scale.ratio, (scale.target_length // 4, scale.target_length // 2, scale.target_length)
         thirds = [scale.extension_tokens // 3] * 2 + [scale.extension_tokens - 2 * (scale.extension_tokens // 3)]
-        config["stages"] = [
-            {"seq_length": length, "tokens": tokens, "position": {"type": "abf", "base": base * r}}
+        config["stages"] = [  # the batch grows as the sequences shrink: equal tokens per step, so equal steps
+            {"seq_length": length, "tokens": tokens, "position": {"type": "abf", "base": base * r},
+             "global_batch_size": scale.extension_batch * scale.target_length // length}
             for length, tokens, base in zip(lengths, thirds, (1e6, 2e6, 5e6))
         ]
         config["position"] = config["stages"][-1]["position"]

@@ -4,9 +4,9 @@ and a JSON summary.
 
     python experiments/replicate/report.py --eval-dir runs/replicate/eval --output experiments/replicate/results
 
-Spread is the sample standard deviation over extension seeds (one base model is shared by
-all seeds; the seed sets the extension data order and training seed). Depth bins pool the
-samples of all seeds of a method.
+Spread is the sample standard deviation over seeds (each seed has its own base model, data
+order and initialisation, and its own extensions). Depth bins pool the samples of all seeds
+of a method.
 """
 
 from __future__ import annotations
@@ -42,8 +42,10 @@ def summarize(eval_dir: Path, methods: list[str], runs: list[tuple[str, int]], l
     """{row: {"per_seed": {seed: {length: score}}, "mean": {length: m}, "spread": {length: s},
     "depth": {length: {bin label: accuracy}}}} for the base model and every method."""
     rows: dict[str, dict[str, Any]] = {}
-    groups: dict[str, list[tuple[int, str]]] = {BASE_ROW: [(0, "base")]}
+    groups: dict[str, list[tuple[int, str]]] = {BASE_ROW: []}
     for method, seed in runs:
+        if (seed, f"base_seed{seed}") not in groups[BASE_ROW]:
+            groups[BASE_ROW].append((seed, f"base_seed{seed}"))
         groups.setdefault(method, []).append((seed, f"{method}_seed{seed}"))
     for row, members in groups.items():
         if row != BASE_ROW and row not in methods:
@@ -90,7 +92,7 @@ def depth_table(records: list[dict[str, Any]], lengths: tuple[int, ...]) -> dict
 
 
 def markdown(rows: dict, lengths: tuple[int, ...], scale: Any) -> str:
-    lines = [f"Accuracy (%) of `synthetic_kv` retrieval, mean ± std over {len(scale.seeds)} extension seed(s), "
+    lines = [f"Accuracy (%) of `synthetic_kv` retrieval, mean ± std over {len(scale.seeds)} seed(s), "
              f"{scale.eval_samples} samples per length and model; base length {scale.base_length}, "
              f"target {scale.target_length}.", ""]
     header = "| method | " + " | ".join(str(length) for length in lengths) + " | mean |"

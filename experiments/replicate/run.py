@@ -8,10 +8,10 @@ interrupted run resumes where it stopped):
 
 1. data: the word-level tokenizer and two synthetic key/value corpora (base length and
    target length, see corpus.py), tokenized by `tools/prepare_data.py tokenize`;
-2. base: `pretrain_harpe.py` (under torchrun, 2 data-parallel processes) trains a tiny model
-   at the base length with RoPE base 10000, in rounds (each from the previous weights);
-3. extend: `pretrain_harpe.py` continues it to the 8x target length with every method of
-   methods.py (HARPE, ABF, multi-stage ABF, PI, no change), each seed, at equal tokens;
+2. base: `pretrain_harpe.py` trains a tiny model per seed at the base length with RoPE base
+   10000 (optionally in rounds, each from the previous weights);
+3. extend: `pretrain_harpe.py` continues each seed's base model to the 8x target length with
+   every method of methods.py (HARPE, ABF, multi-stage ABF, PI, no change) at equal tokens;
 4. eval: `tools/evaluate.py --task synthetic_kv` scores the base model and every extended
    model at lengths from the base length to twice the target (teacher forcing), each model
    right after it is trained, so an interrupted run keeps the results it has;
@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import yaml  # noqa: E402
 
-from corpus import write_corpus  # noqa: E402
+from corpus import write_answer_mask, write_corpus  # noqa: E402
 from methods import FULL, METHODS, SMOKE, Scale, base_config, extension_config  # noqa: E402
 from report import write_report  # noqa: E402
 from worker import run_job  # noqa: E402
@@ -148,6 +148,7 @@ def prepare_data(runner: Runner, scale: Scale) -> dict:
                             [("tokenize_extension", extension_command, data_dir / "extension.DONE")]])
     vocab = len(vocabulary())
     return {"tokenizer": str(tokenizer), "base_prefix": str(base_prefix), "extension_prefix": str(extension_prefix),
+            "base_mask": str(write_answer_mask(base_prefix)), "extension_mask": str(write_answer_mask(extension_prefix)),
             "vocab_size": -(-vocab // MODEL_VOCAB_MULTIPLE) * MODEL_VOCAB_MULTIPLE}
 
 
@@ -170,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True, type=Path, help="results folder (small files only)")
     parser.add_argument("--workdir", type=Path, default=None, help="data, checkpoints, logs (default runs/replicate)")
     parser.add_argument("--smoke", action="store_true", help="tiny model, one seed, a few steps")
-    parser.add_argument("--seeds", type=int, default=None, help="number of extension seeds (default 3; smoke 1)")
+    parser.add_argument("--seeds", type=int, default=None, help="number of seeds, each a base model and its extensions (default 3; smoke 1)")
     parser.add_argument("--jobs", type=int, default=2,
                         help="worker processes running in parallel (one core each); 0 runs everything in this process")
     parser.add_argument("--extension-tokens", type=int, default=None, help="tokens per extension run (scale down)")
@@ -206,26 +207,32 @@ def main(argv: list[str] | None = None) -> int:
     runner.progress("data: tokenizer and synthetic corpora")
     data = prepare_data(runner, scale)
 
-    # 2. base model at the base length (then evaluated)
-    base_chain, previous = [], None
-    for round_index in range(scale.base_rounds):
-        name = "base" if round_index == 0 else f"base_round{round_index + 1}"
-        base_dir = workdir / "checkpoints" / name
-        tree = base_config(scale, data, str(base_dir), seed=round_index, pretrained=previous)
-        command = train_command(write_yaml(tree, output / "configs" / f"{name}.yaml"), scale.base_processes)
-        base_chain.append((name, command, base_dir / "DONE"))
-        previous = str(base_dir)
-    base_chain.append(("eval_base", eval_command(base_dir, workdir / "eval" / "base", scale),
-                       workdir / "eval" / "base" / "DONE"))
-    runner.run_all("base", [base_chain])
+    # 2. one base model per seed at the base length (then evaluated): the spread over seeds
+    #    covers pretraining as well as extension
+    base_chains, base_dirs = [], {}
+    for seed in scale.seeds:
+        chain, previous = [], None
+        for round_index in range(scale.base_rounds):
+            name = f"base_seed{seed}" if round_index == 0 else f"base_seed{seed}_round{round_index + 1}"
+            base_dir = workdir / "checkpoints" / name
+            tree = base_config(scale, data, str(base_dir), seed=100 * seed + round_index, pretrained=previous)
+            command = train_command(write_yaml(tree, output / "configs" / f"{name}.yaml"), scale.base_processes)
+            chain.append((name, command, base_dir / "DONE"))
+            previous = str(base_dir)
+        eval_dir = workdir / "eval" / f"base_seed{seed}"
+        chain.append((f"eval_base_seed{seed}", eval_command(base_dir, eval_dir, scale), eval_dir / "DONE"))
+        base_chains.append(chain)
+        base_dirs[seed] = base_dir
+    runner.run_all("base", base_chains)
 
-    # 3+4. extension with every method and seed, each model evaluated as soon as it is trained
+    # 3+4. extension with every method and seed (from that seed's base model), each model
+    #      evaluated as soon as it is trained
     runs = [(method, seed) for seed in scale.seeds for method in methods]
     chains = []
     for method, seed in runs:
         name = f"{method}_seed{seed}"
         checkpoint = workdir / "checkpoints" / name
-        tree = extension_config(method, scale, data, str(base_dir), str(checkpoint), seed)
+        tree = extension_config(method, scale, data, str(base_dirs[seed]), str(checkpoint), seed)
         chains.append([
             (name, train_command(write_yaml(tree, output / "configs" / f"{name}.yaml")), checkpoint / "DONE"),
             (f"eval_{name}", eval_command(checkpoint, workdir / "eval" / name, scale), workdir / "eval" / name / "DONE"),

@@ -30,6 +30,8 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
+
 from megatron_harpe.eval.backends import Tokenizer, encode_prompt
 from megatron_harpe.eval.samples import DEPTHS, EvalSample, sample_rng
 
@@ -71,6 +73,18 @@ def write_tokenizer(path: str | Path) -> Path:
     config_path.with_name(config_path.name + ".tmp").write_text(json.dumps(config, indent=2))
     config_path.with_name(config_path.name + ".tmp").replace(config_path)
     return path
+
+
+def answer_mask(ids: np.ndarray) -> np.ndarray:
+    """1 at the value digits that answer a query (`get KEY D D D`), 0 elsewhere: the loss mask
+    that trains retrieval only (ids in the `vocabulary()` order)."""
+    ids = np.asarray(ids)
+    mask = np.zeros(ids.shape, dtype=np.int64)
+    digits = np.isin(ids, [vocabulary().index(digit) for digit in DIGITS])
+    for query in np.flatnonzero(ids == vocabulary().index("get")):
+        answer = np.arange(query + QUERY_TOKENS, min(query + QUERY_TOKENS + VALUE_DIGITS, ids.size))
+        mask[answer[digits[answer]]] = 1
+    return mask
 
 
 def random_value(rng: random.Random) -> list[str]:

@@ -24,6 +24,7 @@ from megatron_harpe.data.tokenizer import load_tokenizer
 from megatron_harpe.eval.synthetic_kv import (
     ANSWER_BUDGET,
     KEYS,
+    answer_mask,
     build_synthetic_kv_sample,
     training_document,
     write_tokenizer,
@@ -91,6 +92,16 @@ def test_training_documents_answer_queries_with_the_latest_value():
             assert words[i + 2 : i + 5] == latest_value(words, words[i + 1], i)
 
 
+def test_answer_mask_marks_exactly_the_answer_digits(tokenizer):
+    words = training_document(1022, random.Random(1)).split()
+    ids = tokenizer.encode(" ".join(words))
+    mask = answer_mask(ids)
+    queries = [i for i in range(len(words)) if words[i] == "get"]
+    marked = {i + k for i in queries for k in (2, 3, 4) if i + k < len(words)}
+    assert set(map(int, mask.nonzero()[0])) == marked and len(marked) >= 3 * (len(queries) - 1)
+    assert all(words[i].isdigit() for i in marked)
+
+
 def test_smoke_run_trains_and_evaluates_every_method(tmp_path):
     output, workdir = tmp_path / "results", tmp_path / "work"
     environment = dict(os.environ, OMP_NUM_THREADS="2", PYTHONWARNINGS="ignore")
@@ -100,14 +111,18 @@ def test_smoke_run_trains_and_evaluates_every_method(tmp_path):
     scale = json.loads((output / "scale.json").read_text())
     target, base_length = scale["target_length"], scale["base_length"]
 
+    steps_per_method = {}
     for method in METHODS:
         config = yaml.safe_load((output / "configs" / f"{method}_seed1.yaml").read_text())
         checkpoint = workdir / "checkpoints" / f"{method}_seed1"
         steps = int((checkpoint / "latest_checkpointed_iteration.txt").read_text())
         stages = config.get("stages") or [{"seq_length": target, "tokens": config["train"]["train_tokens"]}]
         batch = config["train"]["global_batch_size"]
-        assert steps == sum(-(-stage["tokens"] // (batch * stage["seq_length"])) for stage in stages) > 0
-        assert config["checkpoint"]["pretrained"] == str(workdir / "checkpoints" / "base")
+        assert steps == sum(
+            -(-stage["tokens"] // (stage.get("global_batch_size", batch) * stage["seq_length"])) for stage in stages) > 0
+        steps_per_method[method] = steps
+        assert config["data"]["loss_mask_prefixes"] == [str(workdir / "data" / "extension_answer_mask")]
+        assert config["checkpoint"]["pretrained"] == str(workdir / "checkpoints" / "base_seed1")
         log = (workdir / "logs" / f"{method}_seed1.log").read_text()
         assert "continual pretraining from the weights of" in log and f"step {steps}/{steps}" in log
 
@@ -116,6 +131,7 @@ def test_smoke_run_trains_and_evaluates_every_method(tmp_path):
         assert sorted(int(length) for length in cells) == sorted(scale["eval_lengths"])
         assert all(len(cell["scores"]) == scale["eval_samples"] for cell in cells.values())
 
+    assert len(set(steps_per_method.values())) == 1, steps_per_method  # equal tokens in equal optimizer steps
     ratio = target / 131072
     harpe = yaml.safe_load((output / "configs" / "harpe_seed1.yaml").read_text())["position"]
     assert harpe["type"] == "harpe" and harpe["base_min"] == pytest.approx(1e6 * ratio)
