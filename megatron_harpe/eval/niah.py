@@ -37,10 +37,10 @@ from megatron_harpe.eval.samples import (
     DEPTHS,
     EvalSample,
     answer_continuation,
-    fit_units,
     insert_at_depths,
     join_values,
     sample_rng,
+    sized_prompt,
 )
 
 NIAH_ANSWER_BUDGET = 128
@@ -186,23 +186,15 @@ def build_niah_sample(
         context = separator.join(insert_at_depths(units_of(n), needles, depths))
         return format_prompt(task, context, queries)
 
-    encoded: dict[int, list[int]] = {}  # haystack units -> prompt ids, reused for the result
-
-    def prompt_tokens(n: int) -> int:
-        encoded[n] = encode_prompt(tokenizer, prompt_for(n))
-        return len(encoded[n])
-
-    budget = length - answer_budget
-    units = haystack_units
-    if units is None:
-        units = fit_units(prompt_tokens, budget, max_units=max(budget, 0), cumulative_cost=cost_model)
-    prompt = prompt_for(units)
+    units, prompt, prompt_ids = sized_prompt(
+        prompt_for, functools.partial(encode_prompt, tokenizer), length - answer_budget, haystack_units, cost_model
+    )
     return EvalSample(
         task=task.name,
         length=length,
         index=index,
         prompt=prompt,
-        prompt_ids=encoded[units] if units in encoded else encode_prompt(tokenizer, prompt),
+        prompt_ids=prompt_ids,
         answers=answers,
         continuation=answer_continuation(answers),
         depths=depths,

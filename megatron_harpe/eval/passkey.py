@@ -11,9 +11,11 @@ answer (and generated at most): a 5-digit key needs under 10 tokens in any commo
 
 from __future__ import annotations
 
+import functools
+
 from megatron_harpe.eval.backends import Tokenizer, encode_prompt
 from megatron_harpe.eval.haystack import NOISE_PARAGRAPH
-from megatron_harpe.eval.samples import DEPTHS, EvalSample, answer_continuation, fit_units, insert_at_depths, sample_rng
+from megatron_harpe.eval.samples import DEPTHS, EvalSample, answer_continuation, insert_at_depths, sample_rng, sized_prompt
 
 PASSKEY_ANSWER_BUDGET = 32
 PASSKEY_TEMPLATE = (
@@ -43,23 +45,15 @@ def build_passkey_sample(
         context = " ".join(insert_at_depths([NOISE_PARAGRAPH] * n, [needle], [depth]))
         return PASSKEY_TEMPLATE.format(context=context)
 
-    encoded: dict[int, list[int]] = {}  # filler paragraphs -> prompt ids, reused for the result
-
-    def prompt_tokens(n: int) -> int:
-        encoded[n] = encode_prompt(tokenizer, prompt_for(n))
-        return len(encoded[n])
-
-    budget = length - answer_budget
-    units = haystack_units
-    if units is None:
-        units = fit_units(prompt_tokens, budget, max_units=max(budget, 0))
-    prompt = prompt_for(units)
+    units, prompt, prompt_ids = sized_prompt(
+        prompt_for, functools.partial(encode_prompt, tokenizer), length - answer_budget, haystack_units
+    )
     return EvalSample(
         task="passkey",
         length=length,
         index=index,
         prompt=prompt,
-        prompt_ids=encoded[units] if units in encoded else encode_prompt(tokenizer, prompt),
+        prompt_ids=prompt_ids,
         answers=[key],
         continuation=answer_continuation([key]),
         depths=[depth],

@@ -82,6 +82,28 @@ def answer_continuation(values: list[str]) -> str:
     return f" {join_values(values)}."
 
 
+def sized_prompt(
+    prompt_for: Callable[[int], str],
+    encode: Callable[[str], list[int]],
+    budget: int,
+    units: int | None = None,
+    cumulative_cost: Callable[[int], float] | None = None,
+) -> tuple[int, str, list[int]]:
+    """(n, prompt, prompt ids) of the prompt with `n` haystack units: the largest n whose
+    encoding fits `budget` tokens (see `fit_units`), or the given `units`. The encoding
+    measured while searching is reused."""
+    encoded: dict[int, list[int]] = {}
+
+    def prompt_tokens(n: int) -> int:
+        encoded[n] = encode(prompt_for(n))
+        return len(encoded[n])
+
+    if units is None:
+        units = fit_units(prompt_tokens, budget, max_units=max(budget, 0), cumulative_cost=cumulative_cost)
+    prompt = prompt_for(units)
+    return units, prompt, encoded[units] if units in encoded else encode(prompt)
+
+
 def fit_units(
     prompt_tokens: Callable[[int], int],
     budget: int,
