@@ -151,6 +151,10 @@ class CheckpointConfig:
     keep_last: int | None = 2
     pretrained: str | None = None
     """Weights-only start (continual pretraining): fresh optimizer, schedule and step count."""
+    stop_file: str | None = None
+    """Save and exit when this file appears (checked after every step), then delete it: the
+    Slurm scripts create it on USR1 before the time limit, so a requeued job loses no steps.
+    (Without checkpoint.save the trainer just exits.)"""
 
 
 @dataclasses.dataclass

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import time
 
 import torch
@@ -121,11 +122,15 @@ def train(cfg: Config) -> list[dict[str, float]]:
             monitor.log_step(state.iteration, loss=loss, lr=lr, grad_norm=grad_norm, tokens=tokens, skipped=skipped)
             if cfg.eval.interval and state.iteration % cfg.eval.interval == 0:
                 _evaluate(cfg, model, monitor, state.iteration, plan.config.seq_length)
-            exiting = cfg.train.exit_after_steps and len(history) == cfg.train.exit_after_steps
+            stop_requested = _stop_requested(cfg, ctx)
+            exiting = stop_requested or (cfg.train.exit_after_steps and len(history) == cfg.train.exit_after_steps)
             if _should_save(cfg, state.iteration, total_steps) or (exiting and cfg.checkpoint.save):
                 _save(cfg, model, optimizer, schedule, state, training_data[plan.index])
             if exiting:
-                log(f"stopping after {len(history)} steps (train.exit_after_steps); the next launch resumes")
+                reason = f"{cfg.checkpoint.stop_file} appeared" if stop_requested else "train.exit_after_steps"
+                log(f"stopping after step {state.iteration} ({reason}); the next launch resumes")
+                if stop_requested and ctx.is_main:
+                    os.remove(cfg.checkpoint.stop_file)  # after the save: a requeued run must not stop again
                 monitor.close()
                 return history
     monitor.close()
@@ -192,6 +197,17 @@ def _restore(cfg: Config, model, optimizer, schedule, log) -> TrainState:
         checkpoint.load_checkpoint(cfg.checkpoint.pretrained, model=model, weights_only=True, load_rng=False)
         log(f"continual pretraining from the weights of {cfg.checkpoint.pretrained} (fresh optimizer and schedule)")
     return TrainState()
+
+
+def _stop_requested(cfg: Config, ctx: ParallelContext) -> bool:
+    """Whether the stop file exists, agreed by all ranks (a shared filesystem can show it to
+    some ranks a step before others; all must stop after the same step)."""
+    if not cfg.checkpoint.stop_file:
+        return False
+    seen = torch.tensor(float(os.path.exists(cfg.checkpoint.stop_file)), device=ctx.device)
+    if ctx.world_size > 1:
+        dist.all_reduce(seen, op=dist.ReduceOp.MAX)
+    return bool(seen.item())
 
 
 def _should_save(cfg: Config, iteration: int, total_steps: int) -> bool:

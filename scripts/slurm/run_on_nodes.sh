@@ -9,6 +9,8 @@
 #   GPUS_PER_NODE    processes per node            (default: SLURM_GPUS_ON_NODE, else 8)
 #   PYTHON           interpreter with megatron_harpe installed (default: python)
 #   CONTAINER_IMAGE  run inside this image with pyxis/enroot, e.g. an image built from ./Dockerfile
+#   STOP_GRACE       seconds the trainer gets to save and exit after USR1 before the job is
+#                    requeued anyway (default 480; keep it below the --signal lead time)
 #   NCCL_*           anything below can be overridden from the submitting shell
 set -euo pipefail
 CONFIG=${1:?usage: run_on_nodes.sh CONFIG.yaml [--section.key value ...]}
@@ -38,29 +40,50 @@ echo "[slurm] job ${SLURM_JOB_ID:-?} (${SLURM_JOB_NAME:-?}) restart ${SLURM_REST
      "${SLURM_NNODES:-1} node(s) x ${GPUS_PER_NODE} GPU(s) on ${SLURM_JOB_NODELIST:-?}; config $CONFIG"
 
 # ---- preemption: `#SBATCH --signal=B:USR1@<seconds>` sends USR1 to this shell that long before the
-# time limit. Requeue the job; Slurm then stops the step and starts the job again later, with the
-# same id and SLURM_RESTART_COUNT+1, and the trainer resumes from its latest complete checkpoint
-# (work since the last `checkpoint.save_interval` step is redone). Preemption by the scheduler
-# itself requeues without this handler, thanks to `#SBATCH --requeue`.
-requeue() {
+# time limit. The shell creates the trainer's stop file (checkpoint.stop_file): every rank saves a
+# checkpoint after its current step, the trainer deletes the file and exits, and the job is
+# requeued. Slurm starts it again later (same id, SLURM_RESTART_COUNT+1) and the trainer resumes
+# from that checkpoint, so no step is redone. If the trainer has not exited STOP_GRACE seconds
+# after USR1, the job is requeued anyway and resumes from its latest complete checkpoint.
+# Preemption by the scheduler itself requeues without this handler, thanks to `#SBATCH --requeue`.
+STOP_FILE="$PWD/.harpe_stop_${SLURM_JOB_ID:-$$}"
+STOP_GRACE=${STOP_GRACE:-480}
+rm -f "$STOP_FILE"  # left over from a run that was killed before it could delete it
+stop_and_requeue() {
     interrupted=1
-    echo "[slurm] time limit near: requeueing job ${SLURM_JOB_ID}"
-    scontrol requeue "${SLURM_JOB_ID}"
+    echo "[slurm] time limit near: asking the trainer to save and exit (${STOP_FILE})"
+    touch "$STOP_FILE"
+    ( trap 'kill "$SLEEPER" 2>/dev/null; exit 0' TERM  # the watchdog is cancelled when the trainer exits in time
+      sleep "$STOP_GRACE" >/dev/null 2>&1 & SLEEPER=$!
+      wait "$SLEEPER"
+      echo "[slurm] trainer still running ${STOP_GRACE}s after USR1: requeueing job ${SLURM_JOB_ID} now"
+      scontrol requeue "${SLURM_JOB_ID}" ) &
+    WATCHDOG_PID=$!
 }
 interrupted=0
-trap requeue USR1
+stopping=0
+trap stop_and_requeue USR1
 
 srun --nodes="${SLURM_NNODES:-1}" --ntasks-per-node=1 --gpus-per-node="$GPUS_PER_NODE" \
      --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" --kill-on-bad-exit=1 ${CONTAINER_ARGS[@]+"${CONTAINER_ARGS[@]}"} \
      "$PYTHON" -m megatron_harpe.launch --nproc-per-node "$GPUS_PER_NODE" -- \
-     pretrain_harpe.py --config "$CONFIG" "$@" &
+     pretrain_harpe.py --config "$CONFIG" --checkpoint.stop_file "$STOP_FILE" "$@" &
 SRUN_PID=$!
 # A trapped signal makes `wait` return early: wait again for srun's own exit status.
 status=0
 wait "$SRUN_PID" || status=$?
 while (( interrupted )); do
     interrupted=0
+    stopping=1
     status=0
     wait "$SRUN_PID" || status=$?
 done
+if (( stopping )); then
+    kill "$WATCHDOG_PID" 2>/dev/null || true
+    if [[ "$status" == 0 && ! -e "$STOP_FILE" ]]; then  # the trainer saved, deleted the file and exited
+        echo "[slurm] trainer saved and exited: requeueing job ${SLURM_JOB_ID}"
+        scontrol requeue "${SLURM_JOB_ID}"
+    fi
+    rm -f "$STOP_FILE"  # still there: training finished (or failed) before it saw the file
+fi
 exit "$status"

@@ -87,3 +87,15 @@ def test_resume_continues_exactly(demo_data, reference, tmp_path):
 
     saved = yaml.safe_load((tmp_path / "ckpt" / "iter_0000006" / "config.yaml").read_text())
     assert saved["position"]["bases"] == [300.0, 30000.0]  # the bases travel with the checkpoint
+
+
+def test_stop_file_saves_and_exits_then_the_next_launch_continues(demo_data, reference, tmp_path):
+    stop_file = tmp_path / "STOP"
+    stop_file.touch()  # as if the Slurm script had seen USR1 before the first step ended
+    save = {"save": str(tmp_path / "ckpt"), "save_interval": 0, "stop_file": str(stop_file)}
+    first = run(2, tiny_config(demo_data, checkpoint=save))
+    assert [h["step"] for h in first] == [1]
+    assert (tmp_path / "ckpt" / "iter_0000001").is_dir() and not stop_file.exists()
+    second = run(2, tiny_config(demo_data, checkpoint=save))
+    assert [h["step"] for h in second] == [2, 3, 4, 5, 6]
+    assert_same_history(first + second, reference)

@@ -3,7 +3,9 @@
     python -m pytest tests/unit/test_launch_sbatch.py -q
 
 Checks what the scripts hand to srun (one launcher per node, the config and overrides passed
-through, srun's exit status returned), that a USR1 before the time limit requeues the job, and
+through, srun's exit status returned), that a USR1 before the time limit makes the trainer save
+and exit through its stop file and then requeues the job (or requeues it anyway after a grace
+period), and
 that the paper's example asks Slurm for exactly the processes its config's layout needs.
 """
 
@@ -27,6 +29,14 @@ SLURM_DIR = REPO / "scripts" / "slurm"
 FAKE_SRUN = """#!/usr/bin/env bash
 printf '%s\\0' "$@" > "$FAKE_DIR/srun.args"
 echo $$ > "$FAKE_DIR/srun.pid"
+if [[ -n "${FAKE_SRUN_TRAINER:-}" ]]; then  # a trainer that saves and exits when its stop file appears
+    args=("$@")
+    for i in "${!args[@]}"; do [[ "${args[$i]}" == --checkpoint.stop_file ]] && stop_file=${args[$((i + 1))]}; done
+    while [[ ! -e "$stop_file" ]]; do sleep 0.05; done
+    rm "$stop_file"
+    echo "fake trainer: saved and exited"
+    exit 0
+fi
 if [[ -n "${FAKE_SRUN_BLOCK:-}" ]]; then
     trap 'kill $SLEEPER 2>/dev/null; exit 143' TERM
     sleep 60 & SLEEPER=$!
@@ -37,7 +47,7 @@ exit "${FAKE_SRUN_EXIT:-0}"
 # Slurm stops the job's steps when it requeues it: the fake does the same to the fake srun.
 FAKE_SCONTROL = """#!/usr/bin/env bash
 echo "$@" >> "$FAKE_DIR/scontrol.log"
-kill -TERM "$(cat "$FAKE_DIR/srun.pid")"
+kill -TERM "$(cat "$FAKE_DIR/srun.pid")" 2>/dev/null || true
 """
 
 
@@ -76,7 +86,8 @@ def test_train_sbatch_runs_one_launcher_per_node(fake_slurm: dict[str, str], tmp
     assert {"--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=4", "--cpus-per-task=16"} <= set(args)
     launcher = args.index("-m")
     assert args[launcher : launcher + 5] == ["-m", "megatron_harpe.launch", "--nproc-per-node", "4", "--"]
-    assert args[launcher + 5 :] == ["pretrain_harpe.py", "--config", "configs/demo_cpu.yaml", "--train.lr", "1e-4"]
+    assert args[launcher + 5 :] == ["pretrain_harpe.py", "--config", "configs/demo_cpu.yaml", "--checkpoint.stop_file",
+                                    str(REPO / ".harpe_stop_777"), "--train.lr", "1e-4"]
     assert "2 node(s) x 4 GPU(s)" in result.stdout
 
 
@@ -98,8 +109,8 @@ def test_container_image_goes_to_pyxis(fake_slurm: dict[str, str], tmp_path: Pat
     assert "--container-image=registry#megatron_harpe:gpu" in _srun_args(fake_slurm["FAKE_DIR"])
 
 
-def test_usr1_before_the_time_limit_requeues(fake_slurm: dict[str, str], tmp_path: Path) -> None:
-    fake_slurm["FAKE_SRUN_BLOCK"] = "1"
+def _start_and_signal(fake_slurm: dict[str, str], tmp_path: Path) -> tuple[str, int]:
+    """Run the paper's sbatch script, send USR1 once srun runs; (output, exit status)."""
     job = subprocess.Popen(
         ["bash", str(SLURM_DIR / "llama2_7b_128k_harpe.sbatch")],
         env=fake_slurm, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -111,9 +122,24 @@ def test_usr1_before_the_time_limit_requeues(fake_slurm: dict[str, str], tmp_pat
     assert pid_file.exists(), "srun was never started"
     job.send_signal(signal.SIGUSR1)  # what `#SBATCH --signal=B:USR1@600` delivers
     output, _ = job.communicate(timeout=30)
+    return output, job.returncode
+
+
+def test_usr1_before_the_time_limit_saves_then_requeues(fake_slurm: dict[str, str], tmp_path: Path) -> None:
+    fake_slurm["FAKE_SRUN_TRAINER"] = "1"
+    output, status = _start_and_signal(fake_slurm, tmp_path)
+    assert "fake trainer: saved and exited" in output and "trainer saved and exited: requeueing job 777" in output
     assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "777"]
-    assert "requeueing job 777" in output
-    assert job.returncode == 143, "the batch script ends with the stopped step's status"
+    assert status == 0 and not (REPO / ".harpe_stop_777").exists()
+
+
+def test_a_trainer_that_does_not_stop_in_time_is_requeued_anyway(fake_slurm: dict[str, str], tmp_path: Path) -> None:
+    fake_slurm.update(FAKE_SRUN_BLOCK="1", STOP_GRACE="1")
+    output, status = _start_and_signal(fake_slurm, tmp_path)
+    assert "still running 1s after USR1: requeueing job 777 now" in output
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "777"]
+    assert status == 143, "the batch script ends with the stopped step's status"
+    assert not (REPO / ".harpe_stop_777").exists()
 
 
 def _sbatch_directives(path: Path) -> dict[str, str]:
