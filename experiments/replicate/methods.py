@@ -141,12 +141,16 @@ def extension_config(
         "logging": {"log_interval": 10},
     }
     if method == "abf_multistage":
+        # the batch grows as the sequences shrink (equal tokens per step) and the single stage's
+        # steps are split in thirds, so both schedules run exactly the same tokens and steps
         r, lengths = scale.ratio, (scale.target_length // 4, scale.target_length // 2, scale.target_length)
-        thirds = [scale.extension_tokens // 3] * 2 + [scale.extension_tokens - 2 * (scale.extension_tokens // 3)]
-        config["stages"] = [  # the batch grows as the sequences shrink: equal tokens per step, so equal steps
-            {"seq_length": length, "tokens": tokens, "position": {"type": "abf", "base": base * r},
-             "global_batch_size": scale.extension_batch * scale.target_length // length}
-            for length, tokens, base in zip(lengths, thirds, (1e6, 2e6, 5e6))
+        tokens_per_step = scale.extension_batch * scale.target_length
+        steps = -(-scale.extension_tokens // tokens_per_step)
+        thirds = [steps // 3 + (index < steps % 3) for index in range(3)]
+        config["stages"] = [
+            {"seq_length": length, "tokens": stage_steps * tokens_per_step, "position": {"type": "abf", "base": base * r},
+             "global_batch_size": tokens_per_step // length}
+            for length, stage_steps, base in zip(lengths, thirds, (1e6, 2e6, 5e6))
         ]
         config["position"] = config["stages"][-1]["position"]
     else:

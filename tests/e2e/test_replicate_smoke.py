@@ -102,6 +102,20 @@ def test_answer_mask_marks_exactly_the_answer_digits(tokenizer):
     assert all(words[i].isdigit() for i in marked)
 
 
+def test_multistage_runs_the_tokens_and_steps_of_one_stage_at_full_scale():
+    sys.path.insert(0, str(REPO / "experiments" / "replicate"))
+    from methods import FULL, extension_config
+
+    data = {"extension_prefix": "x", "extension_mask": "m", "tokenizer": "t", "vocab_size": 128}
+    single = extension_config("abf", FULL, data, "base", "out", seed=1)["train"]
+    tokens_per_step = single["global_batch_size"] * FULL.target_length
+    steps = -(-single["train_tokens"] // tokens_per_step)
+    stages = extension_config("abf_multistage", FULL, data, "base", "out", seed=1)["stages"]
+    assert all(stage["global_batch_size"] * stage["seq_length"] == tokens_per_step for stage in stages)
+    assert sum(stage["tokens"] for stage in stages) == steps * tokens_per_step
+    assert sum(stage["tokens"] // tokens_per_step for stage in stages) == steps
+
+
 def test_smoke_run_trains_and_evaluates_every_method(tmp_path):
     output, workdir = tmp_path / "results", tmp_path / "work"
     environment = dict(os.environ, OMP_NUM_THREADS="2", PYTHONWARNINGS="ignore")
