@@ -39,11 +39,11 @@ class Scale:
     num_attention_heads: int = 8
     ffn_hidden_size: int = 344
     base_tokens: int = 7_000_000
-    base_rounds: int = 1
+    base_rounds: int = 2
     """The base model trains `base_rounds` runs, each from the previous one's weights (fresh
     optimizer, warm-up and cosine schedule, another data order): base_tokens, then
     later_round_tokens per further round."""
-    later_round_tokens: int = 1_200_000
+    later_round_tokens: int = 5_000_000
     base_processes: int = 1
     """Data-parallel processes (torchrun) of the base runs; 1 runs them in the worker."""
     extension_tokens: int = 400_000
