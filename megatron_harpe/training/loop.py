@@ -122,7 +122,7 @@ def train(cfg: Config) -> list[dict[str, float]]:
             monitor.log_step(state.iteration, loss=loss, lr=lr, grad_norm=grad_norm, tokens=tokens, skipped=skipped)
             if cfg.eval.interval and state.iteration % cfg.eval.interval == 0:
                 _evaluate(cfg, model, monitor, state.iteration, plan.config.seq_length)
-            stop_requested = _stop_requested(cfg, ctx)
+            stop_requested = state.iteration < total_steps and _stop_requested(cfg, ctx)  # done: nothing to resume
             exiting = stop_requested or (cfg.train.exit_after_steps and len(history) == cfg.train.exit_after_steps)
             if _should_save(cfg, state.iteration, total_steps) or (exiting and cfg.checkpoint.save):
                 _save(cfg, model, optimizer, schedule, state, training_data[plan.index])
