@@ -65,6 +65,28 @@ def summarize(eval_dir: Path, methods: list[str], runs: list[tuple[str, int]], l
     return rows
 
 
+def paired_differences(rows: dict, reference: str, lengths: tuple[int, ...]) -> dict[str, dict[int, tuple[float, float, int]]]:
+    """{method: {length: (mean, std, wins)}} of (method - reference) exact-match accuracy in
+    percentage points, paired by seed (same base model, same prompts), so the spread between
+    base models cancels; `wins` counts the seeds where the method scored higher."""
+    if reference not in rows:
+        return {}
+    table: dict[str, dict[int, tuple[float, float, int]]] = {}
+    for row, data in rows.items():
+        if row in (reference, BASE_ROW):
+            continue
+        cells = {}
+        for length in lengths:
+            pairs = [(scores[length], rows[reference]["per_seed"][seed][length])
+                     for seed, scores in data["per_seed"].items()
+                     if length in scores and length in rows[reference]["per_seed"].get(seed, {})]
+            if pairs:
+                differences = [mine - theirs for mine, theirs in pairs]
+                cells[length] = (*mean_and_spread(differences), sum(mine > theirs for mine, theirs in pairs))
+        table[row] = cells
+    return table
+
+
 def digit_accuracy(records: list[dict[str, Any]], lengths: tuple[int, ...]) -> dict[int, float]:
     """Share (%) of value digits predicted right (teacher forced), all seeds pooled: a softer
     signal than the exact match of all three digits (chance: 10%)."""
@@ -113,6 +135,17 @@ def markdown(rows: dict, lengths: tuple[int, ...], scale: Any) -> str:
         lines.append(f"| {row} | " + " | ".join(
             f"{data['digits'][k][0]:.1f} ± {data['digits'][k][1]:.1f}" if k in data["digits"] else "-"
             for k in lengths) + " |")
+    reference = "abf_multistage"
+    differences = paired_differences(rows, reference, lengths)
+    if differences:
+        seeds = len(rows[reference]["per_seed"])
+        lines += ["", f"Exact match minus {reference}'s, paired by seed (same base model, same prompts), percentage "
+                  f"points, mean ± std over seeds (higher in how many of {seeds} seeds):", "",
+                  "| method | " + " | ".join(str(k) for k in lengths) + " |", "|---" * (len(lengths) + 1) + "|"]
+        for row, cells in differences.items():
+            lines.append(f"| {row} | " + " | ".join(
+                f"{cells[k][0]:+.1f} ± {cells[k][1]:.1f} ({cells[k][2]}/{seeds})" if k in cells else "-"
+                for k in lengths) + " |")
     bins = [f"{low}-{min(high, 100)}%" for low, high in DEPTH_BINS]
     for length in [k for k in lengths if k >= scale.target_length]:
         lines += ["", f"Accuracy by depth of the queried needle at length {length} (all seeds pooled):", "",

@@ -169,3 +169,18 @@ def test_smoke_run_trains_and_evaluates_every_method(tmp_path):
     assert commands.count("pretrain_harpe.py --config") == 1 + len(METHODS)
     assert commands.count("tools/evaluate.py --model") == 1 + len(METHODS)
     assert commands.count("tools/prepare_data.py tokenize") == 2
+
+
+def test_paired_differences_cancel_the_spread_between_base_models():
+    sys.path.insert(0, str(REPO / "experiments" / "replicate"))
+    from report import BASE_ROW, paired_differences
+
+    rows = {  # seed 1's base model retrieves, seed 2's barely: HARPE is 10 points ahead on both
+        BASE_ROW: {"per_seed": {1: {128: 90.0}, 2: {128: 5.0}}},
+        "abf_multistage": {"per_seed": {1: {128: 80.0, 1024: 50.0}, 2: {128: 10.0, 1024: 0.0}}},
+        "harpe": {"per_seed": {1: {128: 90.0, 1024: 60.0}, 2: {128: 20.0, 1024: 0.0}}},
+    }
+    differences = paired_differences(rows, "abf_multistage", (128, 1024))
+    assert set(differences) == {"harpe"}
+    assert differences["harpe"][128] == (10.0, 0.0, 2)
+    assert differences["harpe"][1024] == (5.0, pytest.approx(7.0711, abs=1e-3), 1)
