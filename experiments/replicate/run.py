@@ -106,13 +106,17 @@ class Runner:
             jobs_file.write_text(json.dumps(share, indent=1))
             workers.append(subprocess.Popen([sys.executable, str(Path(__file__).parent / "worker.py"), str(jobs_file)],
                                             cwd=REPO, env=env, stdout=subprocess.PIPE, text=True))
-        finished = [0]
+        finished, phase_started = [0], time.time()
 
         def relay(worker: subprocess.Popen) -> None:
             assert worker.stdout is not None
             for line in worker.stdout:
                 finished[0] += 1
-                self.progress(f"{phase}: {finished[0]}/{len(pending)} {line.strip()}")
+                done, left = finished[0], len(pending) - finished[0]
+                eta = (time.time() - phase_started) / done * left  # jobs differ in cost: a rough guide
+                bar = "#" * (20 * done // len(pending))
+                self.progress(f"{phase}: [{bar:<20}] {done}/{len(pending)} {line.strip()}"
+                              + (f", about {eta / 60:.0f} min left" if left else ""))
 
         relays = [threading.Thread(target=relay, args=(worker,)) for worker in workers]
         for thread in relays:
