@@ -164,6 +164,7 @@ def test_smoke_run_trains_and_evaluates_every_method(tmp_path):
     table = (output / "results.md").read_text()
     for row in ("base (no extension)", *METHODS):
         assert f"| {row} |" in table
+    assert "First-digit accuracy" in table and "minus abf_multistage's, paired by seed" in table
     assert (output / "results.png").stat().st_size > 1000
     commands = (output / "commands.md").read_text()
     assert commands.count("pretrain_harpe.py --config") == 1 + len(METHODS)
