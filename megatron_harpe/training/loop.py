@@ -2,7 +2,8 @@
 
     torchrun --nproc-per-node 2 pretrain_harpe.py --config configs/demo_cpu.yaml
 
-One optimizer step = global_batch_size sequences = micro_batch_size x accumulation x DP.
+One optimizer step = the stage's global batch size (stages[].global_batch_size, by default
+train.global_batch_size) in sequences = micro_batch_size x accumulation x DP.
 The loss is token-weighted: every micro-batch's summed token loss is divided by the number of
 loss tokens of the whole step on all DP x CP ranks, and gradients are then summed over DP x CP,
 so the update is the same for any split of the batch or the sequence.
@@ -128,7 +129,8 @@ def train(cfg: Config) -> list[dict[str, float]]:
                 _save(cfg, model, optimizer, schedule, state, training_data[plan.index])
             if exiting:
                 reason = f"{cfg.checkpoint.stop_file} appeared" if stop_requested else "train.exit_after_steps"
-                log(f"stopping after step {state.iteration} ({reason}); the next launch resumes")
+                log(f"stopping after step {state.iteration} ({reason})"
+                    + ("; the next launch resumes" if cfg.checkpoint.save else "; no checkpoint.save, nothing saved"))
                 if stop_requested and ctx.is_main:
                     os.remove(cfg.checkpoint.stop_file)  # after the save: a requeued run must not stop again
                 monitor.close()
