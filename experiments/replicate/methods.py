@@ -26,6 +26,10 @@ from typing import Any
 PAPER_TARGET_LENGTH = 131072
 ORIGINAL_BASE = 10000.0
 METHODS = ("harpe", "abf", "abf_multistage", "pi", "none")
+ABLATIONS = ("harpe_multistage",)
+"""Runnable with --methods, not part of the default comparison: harpe_multistage keeps HARPE's
+per-head bases but trains through multi-stage ABF's 256 -> 512 -> 1024 curriculum, to separate
+the curriculum from the bases."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,7 +144,7 @@ def extension_config(
         "checkpoint": {"save": checkpoint_dir, "pretrained": base_checkpoint, "save_interval": 0, "keep_last": 1},
         "logging": {"log_interval": 10},
     }
-    if method == "abf_multistage":
+    if method in ("abf_multistage", "harpe_multistage"):
         # the batch grows as the sequences shrink (equal tokens per step) and the single stage's
         # steps are split in thirds, so both schedules run exactly the same tokens and steps
         r, lengths = scale.ratio, (scale.target_length // 4, scale.target_length // 2, scale.target_length)
@@ -148,7 +152,8 @@ def extension_config(
         steps = -(-scale.extension_tokens // tokens_per_step)
         thirds = [steps // 3 + (index < steps % 3) for index in range(3)]
         config["stages"] = [
-            {"seq_length": length, "tokens": stage_steps * tokens_per_step, "position": {"type": "abf", "base": base * r},
+            {"seq_length": length, "tokens": stage_steps * tokens_per_step,
+             "position": position_block("harpe", scale) if method == "harpe_multistage" else {"type": "abf", "base": base * r},
              "global_batch_size": tokens_per_step // length}
             for length, stage_steps, base in zip(lengths, thirds, (1e6, 2e6, 5e6))
         ]

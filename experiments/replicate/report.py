@@ -219,7 +219,7 @@ def write_report(eval_dir: Path, output: Path, scale: Any, methods: list[str], r
 
 def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from methods import FULL, METHODS, SMOKE, Scale
+    from methods import ABLATIONS, FULL, METHODS, SMOKE, Scale
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--eval-dir", required=True, type=Path)
@@ -232,8 +232,10 @@ def main(argv: list[str] | None = None) -> int:
         fields = json.loads(saved_scale.read_text())
         fields.pop("ratio", None)
         scale = Scale(**{key: tuple(value) if isinstance(value, list) else value for key, value in fields.items()})
-    runs = [(method, seed) for seed in scale.seeds for method in METHODS]
-    for path in write_report(args.eval_dir, args.output, scale, list(METHODS), runs):
+    ablations = [name for name in ABLATIONS if any((args.eval_dir / f"{name}_seed{seed}").exists() for seed in scale.seeds)]
+    methods = list(METHODS) + ablations  # an ablation is reported when it was run
+    runs = [(method, seed) for seed in scale.seeds for method in methods]
+    for path in write_report(args.eval_dir, args.output, scale, methods, runs):
         print(path)
     return 0
 

@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import yaml  # noqa: E402
 
 from corpus import write_answer_mask, write_corpus  # noqa: E402
-from methods import FULL, METHODS, SMOKE, Scale, base_config, extension_config  # noqa: E402
+from methods import ABLATIONS, FULL, METHODS, SMOKE, Scale, base_config, extension_config  # noqa: E402
 from report import write_report  # noqa: E402
 from worker import run_job  # noqa: E402
 
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--extension-tokens", type=int, default=None, help="tokens per extension run (scale down)")
     parser.add_argument("--eval-samples", type=int, default=None, help="samples per length and model (scale down)")
     parser.add_argument("--eval-lengths", default=None, help="comma-separated evaluation lengths")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS + ABLATIONS))
     args = parser.parse_args(argv)
     scale = SMOKE if args.smoke else FULL
     changes: dict = {}
@@ -196,9 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     scale = Scale(**{**scale.__dict__, **changes})
     scale.validate()
     methods = [name.strip() for name in args.methods.split(",") if name.strip()]
-    unknown = sorted(set(methods) - set(METHODS))
+    unknown = sorted(set(methods) - set(METHODS + ABLATIONS))
     if unknown:
-        raise SystemExit(f"error: unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+        raise SystemExit(f"error: unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS + ABLATIONS)}")
     workdir = (args.workdir or REPO / "runs" / ("replicate_smoke" if args.smoke else "replicate")).resolve()
     output = args.output.resolve()
     output.mkdir(parents=True, exist_ok=True)

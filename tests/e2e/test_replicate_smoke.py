@@ -102,7 +102,8 @@ def test_answer_mask_marks_exactly_the_answer_digits(tokenizer):
     assert all(words[i].isdigit() for i in marked)
 
 
-def test_multistage_runs_the_tokens_and_steps_of_one_stage_at_full_scale():
+@pytest.mark.parametrize("method", ["abf_multistage", "harpe_multistage"])
+def test_multistage_runs_the_tokens_and_steps_of_one_stage_at_full_scale(method):
     sys.path.insert(0, str(REPO / "experiments" / "replicate"))
     from methods import FULL, extension_config
 
@@ -110,7 +111,11 @@ def test_multistage_runs_the_tokens_and_steps_of_one_stage_at_full_scale():
     single = extension_config("abf", FULL, data, "base", "out", seed=1)["train"]
     tokens_per_step = single["global_batch_size"] * FULL.target_length
     steps = -(-single["train_tokens"] // tokens_per_step)
-    stages = extension_config("abf_multistage", FULL, data, "base", "out", seed=1)["stages"]
+    stages = extension_config(method, FULL, data, "base", "out", seed=1)["stages"]
+    assert [stage["seq_length"] for stage in stages] == [FULL.target_length // 4, FULL.target_length // 2, FULL.target_length]
+    if method == "harpe_multistage":  # the curriculum alone: HARPE's single-stage bases in every stage
+        harpe = extension_config("harpe", FULL, data, "base", "out", seed=1)["position"]
+        assert all(stage["position"] == harpe for stage in stages)
     assert all(stage["global_batch_size"] * stage["seq_length"] == tokens_per_step for stage in stages)
     assert sum(stage["tokens"] for stage in stages) == steps * tokens_per_step
     assert sum(stage["tokens"] // tokens_per_step for stage in stages) == steps
