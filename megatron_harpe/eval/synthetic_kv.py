@@ -75,13 +75,17 @@ def write_tokenizer(path: str | Path) -> Path:
     return path
 
 
+_GET_ID = vocabulary().index("get")
+_DIGIT_IDS = [vocabulary().index(digit) for digit in DIGITS]
+
+
 def answer_mask(ids: np.ndarray) -> np.ndarray:
     """1 at the value digits that answer a query (`get KEY D D D`), 0 elsewhere: the loss mask
     that trains retrieval only (ids in the `vocabulary()` order)."""
     ids = np.asarray(ids)
     mask = np.zeros(ids.shape, dtype=np.int64)
-    digits = np.isin(ids, [vocabulary().index(digit) for digit in DIGITS])
-    for query in np.flatnonzero(ids == vocabulary().index("get")):
+    digits = np.isin(ids, _DIGIT_IDS)
+    for query in np.flatnonzero(ids == _GET_ID):
         answer = np.arange(query + QUERY_TOKENS, min(query + QUERY_TOKENS + VALUE_DIGITS, ids.size))
         mask[answer[digits[answer]]] = 1
     return mask
