@@ -42,10 +42,9 @@ def summarize(eval_dir: Path, methods: list[str], runs: list[tuple[str, int]], l
     """{row: {"per_seed": {seed: {length: score}}, "mean": {length: m}, "spread": {length: s},
     "depth": {length: {bin label: accuracy}}}} for the base model and every method."""
     rows: dict[str, dict[str, Any]] = {}
-    groups: dict[str, list[tuple[int, str]]] = {BASE_ROW: []}
+    seeds = sorted({seed for _, seed in runs})  # every seed has one base model
+    groups: dict[str, list[tuple[int, str]]] = {BASE_ROW: [(seed, f"base_seed{seed}") for seed in seeds]}
     for method, seed in runs:
-        if (seed, f"base_seed{seed}") not in groups[BASE_ROW]:
-            groups[BASE_ROW].append((seed, f"base_seed{seed}"))
         groups.setdefault(method, []).append((seed, f"{method}_seed{seed}"))
     for row, members in groups.items():
         if row != BASE_ROW and row not in methods:
