@@ -7,8 +7,12 @@
     torchrun --nproc-per-node 8 pretrain_harpe.py --config configs/llama2_7b_128k_harpe.yaml \\
         --checkpoint.pretrained ckpt/llama2-7b --train.lr 2e-5
 
-    # check a config and print the parallel layout and step counts without training
+    # check a config and print the parallel layout and step counts without training (with
+    # --world-size: planning a job elsewhere, so missing data files are only a warning)
     python pretrain_harpe.py --config configs/llama2_7b_128k_harpe.yaml --dry-run --world-size 32
+
+Quiet by default; --verbose shows third-party warnings, --debug tracebacks. Exit codes: 0 done,
+2 a config or input error (one line, before any process group starts), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import argparse
 import os
 import sys
 
+from megatron_harpe import cli
 from megatron_harpe.config import Config, load_config, parse_overrides
 
 
@@ -27,6 +32,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument(
         "--world-size", type=int, default=None, help="with --dry-run: the number of processes to plan for"
     )
+    cli.add_common_flags(parser)
     args, rest = parser.parse_known_args(argv)
     try:
         return args, parse_overrides(rest)
@@ -40,9 +46,15 @@ def main(argv: list[str] | None = None) -> int:
         cfg: Config = load_config(args.config, overrides)
         world_size = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
         cfg.validate(world_size=world_size)
-    except ValueError as error:
-        print(f"config error: {error}", file=sys.stderr)
-        return 2
+        planning = args.dry_run and args.world_size is not None  # for a job elsewhere: its data may be too
+        try:
+            cfg.check_inputs()
+        except ValueError as missing:
+            if not planning:
+                raise
+            print(f"warning: {missing} (a launch would stop here)", file=sys.stderr)
+    except (ValueError, OSError) as error:
+        return cli.report_user_error(error)  # once, by rank 0
     if args.dry_run:
         from megatron_harpe.training.plan import describe_plan
 
@@ -50,9 +62,23 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from megatron_harpe.training.loop import train
 
+    cli.note_missing_gpu_libraries()
+    cli.on_interrupt(lambda: last_saved(cfg.checkpoint.save))
     train(cfg)
     return 0
 
 
+def last_saved(save_dir: str | None) -> str:
+    """What an interrupted run leaves behind, for the line printed on Ctrl-C."""
+    if not save_dir:
+        return "nothing saved (checkpoint.save is not set)"
+    from megatron_harpe.training.checkpoint import find_latest_checkpoint
+
+    latest = find_latest_checkpoint(save_dir)
+    if latest is None:
+        return f"no checkpoint in {save_dir} yet; the next launch starts from the beginning"
+    return f"the last checkpoint is {latest}; the next launch resumes from it"
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

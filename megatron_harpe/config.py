@@ -194,6 +194,7 @@ class Config:
 
     def validate(self, world_size: int | None = None) -> "Config":
         """Check every cross-field constraint; resolve base strategies into explicit bases."""
+        _check_ranges(self)
         self.model.validate()
         if self.model.attention_backend == "te":
             from megatron_harpe.te_backend import require_transformer_engine
@@ -264,8 +265,63 @@ class Config:
             raise ValueError("no training data: set data.prefixes (Megatron .bin/.idx prefixes) or data.demo_workdir")
         return self
 
+    def check_inputs(self) -> "Config":
+        """Check that the files the run will read exist (data prefixes' .bin/.idx, loss masks,
+        tokenizer, pretrained weights): a missing one stops the launch, not a rank mid-run."""
+        data = self.data
+        for key, prefixes in (("data.prefixes", data.prefixes), ("data.loss_mask_prefixes", data.loss_mask_prefixes or [])):
+            for index, prefix in enumerate(prefixes):
+                missing = [f"{prefix}{suffix}" for suffix in (".bin", ".idx") if not Path(f"{prefix}{suffix}").is_file()]
+                if missing:
+                    raise ValueError(
+                        f"{key}[{index}]={prefix!r}: {' and '.join(missing)} not found; give the path without "
+                        ".bin/.idx of a dataset written by tools/prepare_data.py"
+                    )
+        for key, path in (("data.tokenizer", data.tokenizer), ("checkpoint.pretrained", self.checkpoint.pretrained)):
+            if path and not Path(path).exists():
+                raise ValueError(f"{key}={path!r} does not exist: fix the path")
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# (key, smallest allowed value, whether the bound itself is allowed): checked before anything else
+_LOWER_BOUNDS = (
+    ("model.num_layers", 1, True), ("model.hidden_size", 1, True), ("model.num_attention_heads", 1, True),
+    ("model.ffn_hidden_size", 1, True), ("model.vocab_size", 1, True), ("model.max_position_embeddings", 1, True),
+    ("model.norm_epsilon", 0.0, False), ("model.init_method_std", 0.0, False),
+    ("data.seq_length", 1, True), ("train.micro_batch_size", 1, True), ("train.global_batch_size", 1, True),
+    ("train.train_tokens", 0, True), ("train.lr", 0.0, False), ("train.min_lr", 0.0, True),
+    ("train.warmup_steps", 0, True), ("train.weight_decay", 0.0, True), ("train.adam_beta1", 0.0, True),
+    ("train.adam_beta2", 0.0, True), ("train.adam_eps", 0.0, False), ("train.clip_grad", 0.0, True),
+    ("train.exit_after_steps", 0, True), ("checkpoint.save_interval", 0, True), ("logging.log_interval", 1, True),
+    ("eval.interval", 0, True), ("eval.samples", 1, True),
+)
+
+
+def _check_ranges(cfg: Config) -> None:
+    """Values that cannot be right whatever else is set: one line naming the key and the range."""
+    for key, bound, inclusive in _LOWER_BOUNDS:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value < bound or (value == bound and not inclusive):
+            wanted = f">= {bound}" if inclusive else f"> {bound}"
+            raise ValueError(f"{key}={value} must be {wanted}")
+    train = cfg.train
+    for key in ("adam_beta1", "adam_beta2"):
+        if getattr(train, key) >= 1:
+            raise ValueError(f"train.{key}={getattr(train, key)} must be below 1 (e.g. 0.9 / 0.95)")
+    if train.min_lr > train.lr:
+        raise ValueError(f"train.min_lr={train.min_lr:g} is above train.lr={train.lr:g}: the schedule decays "
+                         "from train.lr down to train.min_lr; lower train.min_lr")
+    if cfg.model.num_query_groups is not None and cfg.model.num_query_groups < 1:
+        raise ValueError(f"model.num_query_groups={cfg.model.num_query_groups} must be >= 1 (or null for multi-head)")
+    if cfg.checkpoint.keep_last is not None and cfg.checkpoint.keep_last < 1:
+        raise ValueError(f"checkpoint.keep_last={cfg.checkpoint.keep_last} must be >= 1 (or null to keep all)")
+    for index, stage in enumerate(cfg.stages):
+        if stage.seq_length < 1 or stage.tokens < 0 or stage.global_batch_size < 0:
+            raise ValueError(f"stages[{index}]: seq_length must be >= 1, tokens and global_batch_size >= 0")
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -344,7 +400,7 @@ def apply_override(tree: dict[str, Any], override: str) -> None:
     if "=" not in override:
         raise ValueError(f"override {override!r} must look like section.key=value")
     dotted, raw = override.split("=", 1)
-    value = yaml.safe_load(raw)
+    value = load_yaml(raw, f"override {override!r}")
     keys = dotted.lstrip("-").split(".")
     node = tree
     for key in keys[:-1]:
@@ -374,12 +430,47 @@ def parse_overrides(arguments: list[str]) -> list[str]:
     return overrides
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (instead of keeping the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first_line: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    if key in first_line:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"duplicate key {key!r} (first given on line {first_line[key] + 1}): "
+                            "keep one of them", key_node.start_mark)
+                    first_line[key] = key_node.start_mark.line
+                except TypeError:  # an unhashable key: SafeLoader reports it itself
+                    pass
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str, where: str) -> Any:
+    """Parse YAML (refusing duplicate keys); errors become one ValueError line `where:line: problem`."""
+    try:
+        return yaml.load(text, Loader=UniqueKeyLoader)
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        line = f":{mark.line + 1}" if mark is not None else ""
+        problem = " ".join(part for part in (error.context, error.problem) if part)
+        raise ValueError(f"{where}{line}: invalid YAML: {problem}") from None
+    except yaml.YAMLError as error:
+        raise ValueError(f"{where}: invalid YAML: {error}") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read a YAML config, apply `section.key=value` overrides, return a strict `Config`."""
     tree: dict[str, Any] = {}
     if path is not None:
-        text = Path(path).read_text()
-        tree = yaml.safe_load(text) or {}
+        if not Path(path).is_file():
+            raise ValueError(f"config file {path} not found: give the path of a YAML config (see configs/)")
+        tree = load_yaml(Path(path).read_text(), str(path)) or {}
         if not isinstance(tree, dict):
             raise ValueError(f"{path} must hold a YAML mapping of sections")
     for override in overrides or []:

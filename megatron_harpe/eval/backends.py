@@ -17,9 +17,10 @@ and the synthetic oracle/random backends used by the tests are interchangeable.
 from __future__ import annotations
 
 import os
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-import torch
+if TYPE_CHECKING:  # torch only for annotations: `evaluate.py --help` must not import it
+    import torch
 
 
 @runtime_checkable

@@ -1,0 +1,219 @@
+"""The front door of every command-line tool: our messages, not our dependencies'.
+
+Every entry point (pretrain_harpe.py, tools/*.py, `python -m megatron_harpe.launch`) ends in
+
+    if __name__ == "__main__":
+        sys.exit(cli.run(main, gpu_note=True))
+
+and so behaves the same way:
+
+- quiet by default: the warnings megatron-core, Transformer Engine, Apex and torch's
+  distributed checkpointing raise on import or on our calls (fallback notes, deprecations) and
+  their log records below ERROR are hidden, by category and module, never wholesale, so our own
+  warnings still show. Instead, training, evaluation and conversion print at most one line,
+  on rank 0, naming the optional GPU libraries that are absent.
+- `--verbose` (anywhere on the command line before a `--`) shows third-party output again;
+  `--debug` adds the traceback to an error. Both reach worker processes (torchrun's ranks,
+  spawned helpers) through the environment variables MEGATRON_HARPE_VERBOSE / _DEBUG, which
+  can also be set directly.
+- exit codes: 0 done, 1 a failed check (e.g. conversion verification), 2 a user error (bad
+  argument, config, input file, unwritable or full output directory: one line `error: ...`,
+  printed once, by rank 0), 130 interrupted (Ctrl-C: one line, by rank 0).
+
+Nothing here imports torch or megatron: `--help` and argument errors stay fast.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import sys
+import traceback
+import warnings
+from collections.abc import Callable, Sequence
+from importlib.util import find_spec
+
+VERBOSE_ENV = "MEGATRON_HARPE_VERBOSE"
+DEBUG_ENV = "MEGATRON_HARPE_DEBUG"
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+THIRD_PARTY_MODULES = r"(megatron\.core|transformer_engine|apex|torch\.distributed\.checkpoint)(\.|$)"
+"""Modules whose warnings are hidden (unless --verbose): megatron-core's "Transformer Engine /
+Apex are not installed, falling back" notes and its own deprecations, and the FutureWarnings
+torch's distributed checkpointing raises on megatron-core's calls."""
+THIRD_PARTY_LOGGERS = ("megatron", "transformer_engine", "apex", "torch.distributed.checkpoint")
+OPTIONAL_GPU_LIBRARIES = {"transformer_engine": "Transformer Engine", "apex": "Apex"}
+_PATH_ERRNOS = {
+    errno.ENOSPC: "the disk is full: free space or choose another directory",
+    errno.EDQUOT: "the disk quota is exceeded: free space or choose another directory",
+    errno.EROFS: "the file system is read-only: choose a writable directory",
+    errno.EACCES: "permission denied: choose a path you can write to (or fix its permissions)",
+    errno.EPERM: "operation not permitted: choose a path you can write to (or fix its permissions)",
+}
+
+_interrupt_note: Callable[[], str | None] | None = None
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "") not in ("", "0")
+
+
+def verbose() -> bool:
+    """--verbose was given (here or to a parent process)."""
+    return _flag(VERBOSE_ENV) or "--verbose" in _own_arguments(sys.argv[1:])
+
+
+def _own_arguments(argv: Sequence[str]) -> list[str]:
+    return list(argv[: list(argv).index("--")] if "--" in argv else argv)
+
+
+def debug() -> bool:
+    return _flag(DEBUG_ENV)
+
+
+def is_rank_zero() -> bool:
+    """Rank 0 of a torchrun job, or a process started without torchrun."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def take_common_flags(argv: Sequence[str]) -> list[str]:
+    """Remove --verbose / --debug from `argv` (up to a `--`, after which the arguments belong to
+    another program) and record them in the environment, so child processes inherit them."""
+    rest: list[str] = []
+    for index, arg in enumerate(argv):
+        if arg == "--":
+            return rest + list(argv[index:])
+        if arg == "--verbose":
+            os.environ[VERBOSE_ENV] = "1"
+        elif arg == "--debug":
+            os.environ[DEBUG_ENV] = "1"
+        else:
+            rest.append(arg)
+    return rest
+
+
+def add_common_flags(parser) -> None:
+    """--verbose and --debug in a tool's --help (`run` takes them out of argv before parsing)."""
+    parser.add_argument("--verbose", action="store_true", help="show third-party warnings and logs (megatron-core, TE, torch)")
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an error")
+
+
+def quiet_third_party() -> None:
+    """Hide third-party warnings and log records below ERROR, unless verbose. Idempotent; runs on
+    import of this module too, so spawned workers that import an entry point are quiet as well."""
+    if verbose():
+        return
+    for category in (UserWarning, FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category, module=THIRD_PARTY_MODULES)
+    for name in THIRD_PARTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    # transformers configures its own logger on first use from this variable (a user's choice wins)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def missing_gpu_libraries() -> list[str]:
+    """The optional GPU libraries megatron-core would use that are not installed (no import)."""
+    return [label for module, label in OPTIONAL_GPU_LIBRARIES.items() if find_spec(module) is None]
+
+
+def note_missing_gpu_libraries() -> None:
+    """One line on rank 0 saying which optional GPU libraries are absent (nothing if none)."""
+    missing = missing_gpu_libraries()
+    if missing and is_rank_zero():
+        print(f"note: {' and '.join(missing)} not installed: megatron-core uses its PyTorch fallbacks "
+              "(slower on GPUs; --verbose shows its warnings)", file=sys.stderr, flush=True)
+
+
+def on_interrupt(note: Callable[[], str | None]) -> None:
+    """Register what to say when the run is interrupted (e.g. the trainer's last checkpoint)."""
+    global _interrupt_note
+    _interrupt_note = note
+
+
+def user_error_message(error: BaseException) -> str | None:
+    """The one-line message of an error the user can fix, None for anything else (a bug)."""
+    if isinstance(error, OSError) and not isinstance(error, (ConnectionError, TimeoutError)):
+        filename = f"{error.filename}: " if error.filename else ""
+        if isinstance(error, FileNotFoundError):
+            return f"{filename}no such file or directory"
+        if isinstance(error, IsADirectoryError):
+            return f"{filename}is a directory, expected a file"
+        if isinstance(error, NotADirectoryError):
+            return f"{filename}is not a directory"
+        if isinstance(error, FileExistsError):
+            return f"{filename}already exists"
+        if error.errno in _PATH_ERRNOS:
+            return filename + _PATH_ERRNOS[error.errno]
+        return None
+    if isinstance(error, (ValueError, UnicodeError)):
+        return str(error)
+    # "enforce fail at inline_container.cc" and friends: torch reports a failed write (often a
+    # full disk) as a RuntimeError carrying the OS error text only.
+    if isinstance(error, RuntimeError) and "No space left on device" in str(error):
+        return "the disk is full: free space or choose another directory (" + str(error).splitlines()[0] + ")"
+    return None
+
+
+def _interrupted_message() -> str:
+    note = None
+    if _interrupt_note is not None:
+        try:
+            note = _interrupt_note()
+        except Exception:  # noqa: BLE001 - the note is a courtesy; never mask the interrupt
+            note = None
+    return "interrupted" + (f": {note}" if note else "")
+
+
+def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = None, *, gpu_note: bool = False) -> int:
+    """Run a tool's `main(argv)` behind the front door; returns the exit code.
+
+    `gpu_note`: print the one-line note on missing optional GPU libraries (tools that build
+    models: training, evaluation, conversion)."""
+    arguments = take_common_flags(sys.argv[1:] if argv is None else argv)
+    quiet_third_party()
+    interrupted = False
+
+    def _interrupt(signum, frame):  # remember it: a peer rank's exit may surface as another error
+        nonlocal interrupted
+        interrupted = True
+        raise KeyboardInterrupt
+
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _interrupt)
+    try:
+        if gpu_note and not any(arg in ("-h", "--help") for arg in arguments):
+            note_missing_gpu_libraries()
+        code = main(arguments)
+        return 0 if code is None else int(code)
+    except KeyboardInterrupt:
+        return _report_interrupt()
+    except Exception as error:  # noqa: BLE001 - the front door decides what the user sees
+        if interrupted:
+            return _report_interrupt()
+        if user_error_message(error) is None:
+            raise  # a bug: the full traceback
+        return report_user_error(error)
+
+
+def report_user_error(error: BaseException) -> int:
+    """Print `error: <one line>` (rank 0 only; the traceback too under --debug); returns 2."""
+    if debug():
+        traceback.print_exception(error)
+    if is_rank_zero():
+        message = user_error_message(error) or str(error)
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    return EXIT_USER_ERROR
+
+
+def _report_interrupt() -> int:
+    if debug():
+        traceback.print_exc()
+    if is_rank_zero():
+        print(_interrupted_message(), file=sys.stderr, flush=True)
+    return EXIT_INTERRUPTED
+
+
+quiet_third_party()
