@@ -127,6 +127,16 @@ def note_missing_gpu_libraries() -> None:
               "(slower on GPUs; --verbose shows its warnings)", file=sys.stderr, flush=True)
 
 
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, imported when a tool draws (not for --help)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def on_interrupt(note: Callable[[], str | None]) -> None:
     """Register what to say when the run is interrupted (e.g. the trainer's last checkpoint)."""
     global _interrupt_note
@@ -136,6 +146,9 @@ def on_interrupt(note: Callable[[], str | None]) -> None:
 def user_error_message(error: BaseException) -> str | None:
     """The one-line message of an error the user can fix, None for anything else (a bug)."""
     if isinstance(error, OSError) and not isinstance(error, (ConnectionError, TimeoutError)):
+        if error.errno is None and error.filename is None:  # raised by us with a message: FileNotFoundError("...")
+            return str(error) if isinstance(error, (FileNotFoundError, FileExistsError, IsADirectoryError,
+                                                    NotADirectoryError, PermissionError)) else None
         filename = f"{error.filename}: " if error.filename else ""
         if isinstance(error, FileNotFoundError):
             return f"{filename}no such file or directory"

@@ -39,6 +39,8 @@ import zlib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+from megatron_harpe import cli
+
 _BRACKETS = re.compile(r"\[([^\]]*)\]")
 DEFAULT_PORT_BASE = 15000
 PORT_SPAN = 15000
@@ -307,6 +309,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--max-restarts", type=int, default=0, help="torchrun restarts inside one allocation")
     parser.add_argument("--no-rank-logs", action="store_true", help="do not write per-rank log files")
     parser.add_argument("--print-only", action="store_true", help="print the torchrun command and exit")
+    cli.add_common_flags(parser)  # before the '--': they reach the ranks through the environment
     parser.add_argument("program", nargs=argparse.REMAINDER, help="-- script.py [its arguments]")
     args = parser.parse_args(argv)
     if args.program and args.program[0] == "--":
@@ -347,4 +350,4 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

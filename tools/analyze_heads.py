@@ -30,15 +30,15 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from megatron_harpe.eval.head_analysis import DEFAULT_CHUNK_ELEMENTS, DEFAULT_THRESHOLDS, HeadAnalysis  # noqa: E402
+from megatron_harpe import cli  # noqa: E402
 from megatron_harpe.eval.suite import parse_token_counts  # noqa: E402
+
+if TYPE_CHECKING:  # head_analysis imports torch: not for --help
+    from megatron_harpe.eval.head_analysis import HeadAnalysis
 
 
 def single_count(text: str) -> int:
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--documents", required=True, help=".jsonl[.zst], .txt or Megatron dataset prefix")
     parser.add_argument("--length", type=single_count, default=2048, help="tokens per document analysed (2048, 32k)")
     parser.add_argument("--num-documents", type=int, default=4, help="documents with at least --length tokens")
-    parser.add_argument("--thresholds", type=parse_token_counts, default=list(DEFAULT_THRESHOLDS),
+    parser.add_argument("--thresholds", type=parse_token_counts, default=None,
                         help="report the attention share further back than these distances (e.g. 64,256 for "
                              "short demo contexts; default 4096,32768)")
     parser.add_argument("--min-query-position", type=int, default=None,
@@ -67,9 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (Hugging Face model)")
     parser.add_argument("--tensor-parallel", type=int, default=1, help="megatron checkpoint: TP size (torchrun)")
     parser.add_argument("--context-parallel", type=int, default=1, help="must be 1: not supported by the analysis")
-    parser.add_argument("--max-block-elements", type=int, default=DEFAULT_CHUNK_ELEMENTS,
-                        help="attention scores computed at once (memory: about 4 bytes x 4 x this)")
+    parser.add_argument("--max-block-elements", type=int, default=None,
+                        help="attention scores computed at once (memory: about 4 bytes x 4 x this; default 2^24)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    cli.add_common_flags(parser)
     return parser
 
 
@@ -92,7 +93,8 @@ def save_atomically(path: Path, write) -> None:
             os.remove(temporary)
 
 
-def save_figure(figure: plt.Figure, path: Path) -> None:
+def save_figure(figure, path: Path) -> None:
+    plt = cli.pyplot()
     try:
         save_atomically(path, lambda temporary: figure.savefig(temporary, format="png", dpi=120))
     finally:
@@ -116,6 +118,7 @@ def correlation_text(analysis: HeadAnalysis) -> str:
 def plot_distance_vs_base(analysis: HeadAnalysis, path: Path) -> None:
     """Mean attended distance (and the share beyond the largest reachable threshold) against
     each head's base: one point per (layer, head), coloured by layer; black: mean per base."""
+    plt = cli.pyplot()
     threshold = reachable_threshold(analysis)
     panels = 1 if threshold is None else 2
     figure, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.8), squeeze=False)
@@ -147,6 +150,7 @@ def plot_distance_vs_base(analysis: HeadAnalysis, path: Path) -> None:
 def plot_heatmaps(analysis: HeadAnalysis, path: Path) -> None:
     """Layer x head maps of the mean distance (and the share beyond the largest reachable
     threshold); head labels carry their bases."""
+    plt = cli.pyplot()
     threshold = reachable_threshold(analysis)
     maps = [("mean attended distance", analysis.mean_distance.numpy())]
     if threshold is not None:
@@ -192,9 +196,11 @@ def write_outputs(analysis: HeadAnalysis, output_dir: Path) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from megatron_harpe.eval.backends import load_backend
-    from megatron_harpe.eval.head_analysis import analyze_heads, check_request
+    from megatron_harpe.eval.head_analysis import DEFAULT_CHUNK_ELEMENTS, DEFAULT_THRESHOLDS, analyze_heads, check_request
     from megatron_harpe.eval.perplexity import load_documents
 
+    args.thresholds = list(DEFAULT_THRESHOLDS) if args.thresholds is None else args.thresholds
+    args.max_block_elements = args.max_block_elements or DEFAULT_CHUNK_ELEMENTS
     try:
         if args.context_parallel != 1:
             raise ValueError("the head analysis does not support context parallelism (each CP rank would see part "
@@ -212,8 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         analysis = analyze_heads(backend, documents, args.length, args.thresholds, args.min_query_position,
                                  args.max_block_elements, progress=not args.no_progress and is_main_process())
     except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return cli.report_user_error(error)
     if not is_main_process():  # under torchrun every rank measures its heads; rank 0 reports
         return 0
     paths = write_outputs(analysis, Path(args.output_dir))
@@ -230,4 +235,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main, gpu_note=True))

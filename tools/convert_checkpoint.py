@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from megatron_harpe import cli
 from megatron_harpe.config import parse_overrides
 
 DTYPES = ("fp32", "bf16", "fp16")
@@ -29,6 +30,7 @@ DTYPES = ("fp32", "bf16", "fp16")
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_common_flags(parser)
     commands = parser.add_subparsers(dest="command", required=True)
 
     to_megatron = commands.add_parser("hf-to-megatron", help="HF Llama dir -> megatron_harpe checkpoint")
@@ -118,9 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(args, parse_overrides(rest))
     except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return cli.report_user_error(error)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main, gpu_note=True))

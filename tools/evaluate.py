@@ -19,9 +19,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megatron_harpe.eval.backends import load_backend
-from megatron_harpe.eval.perplexity import DEFAULT_STRIDE, load_documents
-from megatron_harpe.eval.report import markdown_table, write_report
+from megatron_harpe import cli
+from megatron_harpe.eval.perplexity import DEFAULT_STRIDE
 from megatron_harpe.eval.suite import (
     ALL_TASKS,
     DEFAULT_GRID_DEPTHS,
@@ -71,11 +70,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--context-parallel", type=int, default=1, help="megatron backend: CP size")
     parser.add_argument("--save-predictions", action="store_true", help="also write predictions.jsonl")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    cli.add_common_flags(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from megatron_harpe.eval.backends import load_backend  # torch, transformers: not for --help
+    from megatron_harpe.eval.perplexity import load_documents
+    from megatron_harpe.eval.report import markdown_table, write_report
+
     try:
         tasks = expand_tasks([name.strip() for name in args.task.split(",") if name.strip()])
         backend = load_backend(
@@ -97,8 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             progress=not args.no_progress and is_main_process(),
         )
     except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return cli.report_user_error(error)
     if not is_main_process():  # under torchrun every rank evaluates; rank 0 reports
         return 0
     paths = write_report(results, args.output_dir)
@@ -108,4 +111,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main, gpu_note=True))

@@ -24,12 +24,11 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")  # megatron-core's CPU import notes
 
+from megatron_harpe import cli  # noqa: E402
 from megatron_harpe.config import Config, load_config  # noqa: E402
 from megatron_harpe.training.memory import (  # noqa: E402
     CP_COMM_CHOICES,
@@ -66,6 +65,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--micro-batch", type=int, default=None, help="default: train.micro_batch_size")
     parser.add_argument("--recompute", choices=RECOMPUTE_CHOICES, default=None, help="default: train.recompute")
     parser.add_argument("--top", type=int, default=10, help="how many fitting layouts to list")
+    cli.add_common_flags(parser)
     args, rest = parser.parse_known_args(argv)
     overrides = []
     index = 0
@@ -154,8 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, overrides).validate()
     except ValueError as error:
-        print(f"config error: {error}", file=sys.stderr)
-        return 2
+        return cli.report_user_error(error)
     try:
         layout = detailed_layout(args, cfg)
     except ValueError as error:
@@ -214,4 +213,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

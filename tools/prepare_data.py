@@ -32,6 +32,7 @@ import json
 import sys
 from pathlib import Path
 
+from megatron_harpe import cli
 from megatron_harpe.data.jsonl import Document, FieldSpec, expand_inputs, parse_line, read_line_chunks
 
 
@@ -143,6 +144,7 @@ def run(args: argparse.Namespace) -> dict | str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_common_flags(parser)
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser("demo", help="build the offline demo corpus, tokenizer and dataset (skips finished steps)")
@@ -204,8 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = run(args)
     except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return cli.report_user_error(error)
     if isinstance(result, dict):
         brief = {key: value for key, value in result.items() if key not in ("before", "after", "lengths", "stages")}
         print(json.dumps(brief, indent=2))
@@ -215,4 +216,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -22,12 +22,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from megatron_harpe import cli  # noqa: E402
 from megatron_harpe.position.bases import (  # noqa: E402
     PAPER_BASE_MAX,
     PAPER_BASE_MIN,
@@ -63,6 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--peak-window", type=float, help="peak_valley: half-window in tokens (default target/128)")
     parser.add_argument("--smoothing", type=float, help="Gaussian smoothing in tokens (default target/2048)")
     parser.add_argument("--plot", type=Path, help="write the waveform / coverage figure to this PNG")
+    cli.add_common_flags(parser)
     args = parser.parse_args(argv)
     if args.compare == (args.strategy is not None):
         parser.error("give either --strategy NAME or --compare")
@@ -93,8 +91,9 @@ def yaml_snippet(bases: list[float], heads: int | None, kv_groups: int | None) -
     return "\n".join(lines)
 
 
-def save_png(figure: plt.Figure, path: Path) -> None:
+def save_png(figure, path: Path) -> None:
     """Write the figure under a temporary name next to `path`, then rename it into place."""
+    plt = cli.pyplot()
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
@@ -109,11 +108,12 @@ def save_png(figure: plt.Figure, path: Path) -> None:
 
 def plot_bases(bases: list[float], title: str, head_dim: int, target: int, smoothing: float, path: Path) -> None:
     """Top: each base's smoothed waveform. Bottom: the band between lowest and highest head."""
+    plt = cli.pyplot()
     grid = waveform_grid(target, smoothing)
     distinct = sorted(set(bases))
     waves = attention_waveforms(distinct, head_dim, grid, smoothing)
     figure, (top, bottom) = plt.subplots(2, 1, figsize=(11, 7), sharex=True)
-    shade = matplotlib.colors.Normalize(vmin=distinct[0], vmax=max(distinct[-1], distinct[0] * (1 + 1e-9)))
+    shade = plt.Normalize(vmin=distinct[0], vmax=max(distinct[-1], distinct[0] * (1 + 1e-9)))
     for base, wave in zip(distinct, waves):
         top.plot(grid, wave, color=plt.cm.viridis(shade(base)), linewidth=0.7)
     top.set_ylabel("A_b(D), smoothed")
@@ -124,12 +124,13 @@ def plot_bases(bases: list[float], title: str, head_dim: int, target: int, smoot
     bottom.set_title(f"combined coverage (score {score:.4f} = mean band height / sqrt(d))")
     bottom.set_xlabel("distance D (tokens)")
     bottom.legend(fontsize=8)
-    figure.colorbar(matplotlib.cm.ScalarMappable(norm=shade, cmap="viridis"), ax=(top, bottom), label="base of a head")
+    figure.colorbar(plt.cm.ScalarMappable(norm=shade, cmap="viridis"), ax=(top, bottom), label="base of a head")
     save_png(figure, path)
 
 
 def plot_comparison(outcomes: list[StrategyOutcome], head_dim: int, target: int, smoothing: float, path: Path) -> None:
     """One coverage band per strategy that ran, stacked, same axes."""
+    plt = cli.pyplot()
     ran = [outcome for outcome in outcomes if outcome.bases is not None]
     figure, axes = plt.subplots(len(ran), 1, figsize=(11, 1.8 * len(ran) + 1), sharex=True, sharey=True, squeeze=False)
     for axis, outcome in zip(axes[:, 0], ran):
@@ -191,12 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(run(args))
     except ValueError as error:
-        print(f"select_bases.py: error: {error}", file=sys.stderr)
-        return 2
+        return cli.report_user_error(error)
     if args.plot is not None:
         print(f"# figure written to {args.plot}", file=sys.stderr)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

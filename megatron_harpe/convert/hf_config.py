@@ -15,13 +15,13 @@ HARPE -> `HarpeLlamaForCausalLM` (our modeling code travels with the export, `au
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from transformers import LlamaConfig, PretrainedConfig
 
 from megatron_harpe.config import ModelConfig
+from megatron_harpe.convert.hf_files import read_json
 from megatron_harpe.convert.hf_harpe import HarpeLlamaConfig
 from megatron_harpe.position.config import PositionConfig
 
@@ -38,7 +38,7 @@ def read_hf_config(hf_dir: str | Path) -> dict[str, Any]:
     path = Path(hf_dir) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{hf_dir} is not a Hugging Face model directory: {path} is missing")
-    return json.loads(path.read_text())
+    return read_json(path)
 
 
 def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
@@ -183,6 +183,6 @@ def token_ids_from(hf_dir: str | Path | None) -> dict[str, Any]:
     for name in ("generation_config.json", "config.json"):
         path = Path(hf_dir) / name
         if path.is_file():
-            values = json.loads(path.read_text())
+            values = read_json(path)
             found.update({k: values[k] for k in TOKEN_ID_KEYS if values.get(k) is not None})
     return found

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from megatron_harpe.convert.keymap import IGNORED_HF
@@ -46,7 +46,7 @@ class HFWeights:
         for index_name, single_name in _WEIGHT_LAYOUTS:
             index = self.directory / index_name
             if index.is_file():
-                self.file_of = dict(json.loads(index.read_text())["weight_map"])
+                self.file_of = dict(read_json(index)["weight_map"])
                 break
             if (self.directory / single_name).is_file():
                 self.file_of = {name: single_name for name in self._open(single_name).keys()}
@@ -63,7 +63,10 @@ class HFWeights:
         if file_name not in self._handles:
             path = self.directory / file_name
             if file_name.endswith(".safetensors"):
-                self._handles[file_name] = safe_open(str(path), framework="pt")
+                try:
+                    self._handles[file_name] = safe_open(str(path), framework="pt")
+                except SafetensorError as error:
+                    raise ValueError(f"{path} is damaged or truncated ({error}): copy or download it again") from error
             else:
                 self._handles[file_name] = _load_bin(path)
         return self._handles[file_name]
@@ -86,6 +89,14 @@ class HFWeights:
 
     def dtype(self, name: str) -> torch.dtype:
         return self.get(name).dtype
+
+
+def read_json(path: Path) -> dict:
+    """A JSON file of a model directory; a damaged one is a ValueError naming the file."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}): copy or download it again") from error
 
 
 def _load_bin(path: Path) -> dict[str, torch.Tensor]:

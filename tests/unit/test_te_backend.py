@@ -78,7 +78,7 @@ def test_entry_point_reports_the_error_before_starting(capsys, without_transform
     )
     err = capsys.readouterr().err
     assert code == 2
-    assert err.startswith("config error:") and "Transformer Engine" in err
+    assert err.startswith("error:") and "Transformer Engine" in err
     assert "Traceback" not in err
 
 
