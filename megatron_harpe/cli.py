@@ -183,8 +183,9 @@ def _interrupted_message() -> str:
 def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = None, *, gpu_note: bool = False) -> int:
     """Run a tool's `main(argv)` behind the front door; returns the exit code.
 
-    `gpu_note`: print the one-line note on missing optional GPU libraries (tools that build
-    models: training, evaluation, conversion)."""
+    `gpu_note`: print the one-line note on missing optional GPU libraries when the tool has run
+    (tools that build models: evaluation, conversion); not after a user error, which stays one
+    line, nor for --help. The trainer prints it itself, before its first step."""
     arguments = take_common_flags(sys.argv[1:] if argv is None else argv)
     quiet_third_party()
     interrupted = False
@@ -197,10 +198,11 @@ def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = No
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, _interrupt)
     try:
-        if gpu_note and not any(arg in ("-h", "--help") for arg in arguments):
-            note_missing_gpu_libraries()
         code = main(arguments)
-        return 0 if code is None else int(code)
+        code = 0 if code is None else int(code)
+        if gpu_note and code != EXIT_USER_ERROR:
+            note_missing_gpu_libraries()
+        return code
     except KeyboardInterrupt:
         return _report_interrupt()
     except Exception as error:  # noqa: BLE001 - the front door decides what the user sees
