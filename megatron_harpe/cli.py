@@ -195,7 +195,8 @@ def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = No
         interrupted = True
         raise KeyboardInterrupt
 
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    previous_handler = signal.getsignal(signal.SIGINT)
+    if previous_handler is signal.default_int_handler:
         signal.signal(signal.SIGINT, _interrupt)
     try:
         code = main(arguments)
@@ -211,6 +212,9 @@ def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = No
         if user_error_message(error) is None:
             raise  # a bug: the full traceback
         return report_user_error(error)
+    finally:
+        if previous_handler is signal.default_int_handler:
+            signal.signal(signal.SIGINT, previous_handler)
 
 
 def report_user_error(error: BaseException) -> int:
