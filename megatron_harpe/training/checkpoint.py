@@ -325,7 +325,8 @@ def find_latest_checkpoint(save_dir: str | Path) -> Path | None:
         problem = checkpoint_problem(candidate)
         if problem is None:
             if damaged:
-                _warn(f"checkpoint {damaged[0]} is damaged; falling back to {candidate.name}, the newest intact one")
+                _warn(f"damaged checkpoint {'; '.join(damaged)} in {path}: falling back to {candidate.name}, "
+                      "the newest intact one")
             return candidate
         damaged.append(f"{candidate.name} ({problem})")
     if damaged:

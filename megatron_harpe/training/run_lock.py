@@ -11,7 +11,9 @@ refuses with the holder's identity. A lock is stale, and is taken over with a me
 
 - it was written on this host and its pid is gone, or
 - it was written on another host (a pid there cannot be checked from here) and its heartbeat
-  is older than STALE_AFTER_MINUTES.
+  is older than STALE_AFTER_MINUTES, or
+- it carries this process's Slurm job id: Slurm runs a job id once at a time, so it is the
+  lock of this job before a requeue (possibly on another node).
 
 Taking over renames the stale file to a unique name first (only one contender's rename
 succeeds), then creates the new lock with O_EXCL. Once the lock is held, leftovers of killed
@@ -76,6 +78,9 @@ def stale_reason(lock_path: Path, holder: dict, stale_after_minutes: float = STA
         age_minutes = (time.time() - lock_path.stat().st_mtime) / 60
     except FileNotFoundError:
         return "it vanished"
+    job = os.environ.get("SLURM_JOB_ID")
+    if job and holder.get("slurm_job_id") == job and holder.get("pid") != os.getpid():
+        return f"it is this Slurm job's own lock ({job}), from before a requeue"
     if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
         return None if pid_alive(holder["pid"]) else f"process {holder['pid']} on this host is gone"
     if age_minutes > stale_after_minutes:
