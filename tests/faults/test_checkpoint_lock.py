@@ -144,3 +144,27 @@ def test_save_into_a_directory_another_run_holds_is_refused_and_its_save_in_prog
     (message,) = parallel.run_on_ranks(_save_into_locked_dir, 1, str(save_dir))
     assert f"pid {pid}" in message and "in use by another run" in message
     assert in_progress.is_dir() and not (save_dir / "iter_0000007").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_second_training_run_on_a_live_runs_checkpoint_dir_is_refused(tmp_path: Path, demo_data) -> None:
+    """As tried on main: a torchrun training, and a second launch on the same checkpoint.save."""
+    import signal as signals
+
+    from test_rank_failures import ROOT, _start_torchrun, _workers
+
+    process, _ = _start_torchrun(tmp_path, demo_data, timeout_minutes=5)
+    try:
+        holder = json.loads((tmp_path / "ckpt" / run_lock.LOCK_FILE).read_text())["pid"]
+        assert holder in _workers(process.pid)  # rank 0 of the live run holds the directory
+        second = subprocess.run(
+            [sys.executable, str(ROOT / "pretrain_harpe.py"), "--config", str(tmp_path / "run.yaml")],
+            capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+    finally:
+        os.killpg(process.pid, signals.SIGKILL)
+        process.wait()
+    assert second.returncode != 0
+    assert f"is in use by another run (host {socket.gethostname()} pid {holder}" in second.stderr, second.stderr[-3000:]
+    assert process.returncode == -signals.SIGKILL  # the first run was still training when the second gave up
