@@ -156,8 +156,10 @@ def test_sigstop_on_one_rank_fails_the_job_in_minutes_with_a_clear_line(tmp_path
     workers = _workers(process.pid)
     frozen = max(workers)  # one of the two ranks
     os.kill(frozen, signal.SIGSTOP)
+    stopped = time.monotonic()
     try:
         returncode = process.wait(timeout=300)
+        print(f"job ended {time.monotonic() - stopped:.0f} s after SIGSTOP (timeout 15 s)")
     finally:
         for pid in workers:
             try:
