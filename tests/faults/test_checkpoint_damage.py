@@ -111,8 +111,9 @@ def _unshare_works() -> bool:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not _unshare_works(), reason="needs user+mount namespaces to mount a small tmpfs")
-def test_a_really_full_filesystem(tmp_path: Path) -> None:
-    """A 4 MiB tmpfs (in a private mount namespace) filled up after the first save."""
+def test_a_really_full_and_a_read_only_filesystem(tmp_path: Path) -> None:
+    """A 4 MiB tmpfs (in a private mount namespace) filled up after the first save, then
+    remounted read-only."""
     mount = tmp_path / "small"
     mount.mkdir()
     script = textwrap.dedent(f"""
@@ -131,7 +132,9 @@ def test_a_really_full_filesystem(tmp_path: Path) -> None:
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     report = json.loads(completed.stdout.strip().splitlines()[-1])
-    assert "the disk is full" in report["message"] and "the newest checkpoint is still iter_0000001" in report["message"]
+    full, read_only = report["messages"]["full"], report["messages"]["read-only"]
+    assert "the disk is full" in full and "the newest checkpoint is still iter_0000001" in full
+    assert "the filesystem is read-only: choose another checkpoint.save" in read_only
     assert report["listing"] == ["iter_0000001", checkpoint.LATEST_FILE]
 
 
@@ -146,9 +149,14 @@ def _fill_then_save(save_dir: str) -> dict:
                 handle.flush()
         except OSError:
             pass
-    message = "saved"
-    try:
-        _save(model, save_dir, 2)
-    except checkpoint.CheckpointWriteError as error:
-        message = str(error)
-    return {"message": message, "listing": sorted(p.name for p in Path(save_dir).iterdir())}
+    messages = {}
+    for case, iteration in (("full", 2), ("read-only", 3)):
+        if case == "read-only":
+            filler.unlink()
+            subprocess.run(["mount", "-o", "remount,ro", str(Path(save_dir).parent)], check=True)
+        messages[case] = "saved"
+        try:
+            _save(model, save_dir, iteration)
+        except checkpoint.CheckpointWriteError as error:
+            messages[case] = str(error)
+    return {"messages": messages, "listing": sorted(p.name for p in Path(save_dir).iterdir())}
