@@ -77,6 +77,9 @@ class ParallelConfig:
     """Tensor-parallel size: attention heads and MLP columns split across this many ranks."""
     context: int = 1
     """Context-parallel size: each sequence split into 2*context chunks, two per rank."""
+    timeout_minutes: float = 10.0
+    """A collective waiting longer than this for the other ranks fails, naming the rank and what
+    it was doing (a frozen or dead rank). Raise it if checkpoint saves on a slow filesystem take longer."""
 
 
 @dataclasses.dataclass
@@ -155,6 +158,10 @@ class CheckpointConfig:
     """Save and exit when this file appears (checked after every step), then delete it: the
     Slurm scripts create it on USR1 before the time limit, so a requeued job loses no steps.
     (Without checkpoint.save the trainer just exits.)"""
+    allow_config_change: str = ""
+    """Comma-separated config keys (e.g. `data.seq_length,train.global_batch_size`) allowed to
+    differ from the checkpoint's on resume although they change the model's function or the data
+    order; any other such change is refused (see training/resume_check.py)."""
 
 
 @dataclasses.dataclass
@@ -203,6 +210,8 @@ class Config:
         tp, cp = self.parallel.tensor, self.parallel.context
         if tp < 1 or cp < 1:
             raise ValueError("parallel.tensor and parallel.context must be >= 1")
+        if self.parallel.timeout_minutes <= 0:
+            raise ValueError(f"parallel.timeout_minutes={self.parallel.timeout_minutes} must be positive")
         if self.model.num_attention_heads % tp or self.model.kv_groups % tp:
             raise ValueError(
                 f"parallel.tensor={tp} does not divide model.num_attention_heads="

@@ -11,6 +11,7 @@ to exercise TP/CP/DP without torchrun.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import os
 import pickle
 import random
@@ -24,6 +25,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from megatron.core import parallel_state
+
+from megatron_harpe.rank_health import EXIT_WITH_PARENT_ENV, exit_when_launcher_dies
+
+DEFAULT_TIMEOUT_MINUTES = 10.0
+"""How long a collective waits for the other ranks before it fails (parallel.timeout_minutes)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,12 +97,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def initialize(tensor_parallel: int = 1, context_parallel: int = 1) -> ParallelContext:
+def initialize(
+    tensor_parallel: int = 1, context_parallel: int = 1, timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES
+) -> ParallelContext:
     """Join (or create) the process group and build megatron's TP/CP/DP groups.
 
     Reads RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT as set by torchrun; a plain
-    `python script.py` becomes a world of one.
+    `python script.py` becomes a world of one. A collective that waits longer than
+    `timeout_minutes` for the other ranks fails; a worker of torchrun exits when torchrun dies.
     """
+    exit_when_launcher_dies()
+    timeout = datetime.timedelta(minutes=timeout_minutes)
     device = default_device()
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -105,7 +116,7 @@ def initialize(tensor_parallel: int = 1, context_parallel: int = 1) -> ParallelC
         os.environ.setdefault("MASTER_PORT", str(free_port()))
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=timeout)
     world_size = dist.get_world_size()
     model_parallel = tensor_parallel * context_parallel
     if world_size % model_parallel:
@@ -120,6 +131,7 @@ def initialize(tensor_parallel: int = 1, context_parallel: int = 1) -> ParallelC
         tensor_model_parallel_size=tensor_parallel,
         context_parallel_size=context_parallel,
         create_gloo_process_groups=False,
+        distributed_timeout_minutes=timeout_minutes,
     )
     return ParallelContext(
         rank=dist.get_rank(),
@@ -160,6 +172,7 @@ def _rank_entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple
         RANK=str(rank),
         LOCAL_RANK=str(rank),
         WORLD_SIZE=str(world_size),
+        **{EXIT_WITH_PARENT_ENV: "1"},
     )
     torch.set_num_threads(1)
     try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from megatron_harpe.convert.keymap import IGNORED_HF
+from megatron_harpe.leftovers import remove_dead_temporaries
 
 TOKENIZER_FILES = (
     "tokenizer.model",
@@ -206,6 +208,7 @@ def staging_directory(path: str | Path) -> Iterator[Path]:
     """A temporary sibling of `path` that is renamed to `path` when the block succeeds and
     deleted when it fails, so `path` is either complete or absent."""
     final = check_output_directory(path)
+    remove_dead_temporaries(final.parent, rf"\.{re.escape(final.name)}\.incomplete-(?P<pid>\d+)")
     staging = final.with_name(f".{final.name}.incomplete-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)

@@ -15,6 +15,7 @@ keeps document boundaries for the loader (EOD resets, per-document statistics).
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -26,6 +27,9 @@ from megatron.core.datasets.indexed_dataset import (
     get_bin_path,
     get_idx_path,
 )
+
+from megatron_harpe.data.integrity import validate_indexed_dataset
+from megatron_harpe.leftovers import remove_dead_temporaries
 
 
 def token_dtype(vocab_size: int) -> type[np.number]:
@@ -100,6 +104,8 @@ class DatasetWriter:
     def __enter__(self) -> "DatasetWriter":
         check_output_prefix(self.prefix, self.overwrite)
         Path(self.prefix).parent.mkdir(parents=True, exist_ok=True)
+        name = re.escape(Path(self.prefix).name)
+        remove_dead_temporaries(Path(self.prefix).parent, rf"{name}\.tmp-(?P<pid>\d+)\.(bin|idx)")
         self._builder = _BatchedBuilder(get_bin_path(self.temporary_prefix), dtype=self.dtype)
         return self
 
@@ -159,6 +165,7 @@ def merge_datasets(shard_prefixes: Sequence[str | Path], output_prefix: str | Pa
     for shard in shard_prefixes:
         if not (os.path.exists(get_bin_path(str(shard))) and os.path.exists(get_idx_path(str(shard)))):
             raise ValueError(f"dataset {shard}.bin/.idx not found")
+        validate_indexed_dataset(str(shard))
     first = IndexedDataset(str(shard_prefixes[0]), mmap=True)
     dtype = first.index.dtype
     del first

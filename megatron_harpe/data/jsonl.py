@@ -21,11 +21,14 @@ import gzip
 import io
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import IO, Any, Iterator
 
 import zstandard
+
+from megatron_harpe.leftovers import remove_dead_temporaries
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".jsonl.zstd")
 """What a directory scan picks up (a `.json` file is read only when named explicitly)."""
@@ -133,9 +136,58 @@ def open_binary(path: Path) -> IO[bytes]:
     if magic.startswith(_GZIP_MAGIC):
         return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
     if magic.startswith(_ZSTD_MAGIC):
-        reader = zstandard.ZstdDecompressor().stream_reader(raw, closefd=True)
-        return io.BufferedReader(reader)  # type: ignore[arg-type]
+        return io.BufferedReader(_CheckedZstdReader(raw))
     return raw
+
+
+class _CheckedZstdReader(io.RawIOBase):
+    """Decompresses zstd frames one after another and, like gzip, raises EOFError when the
+    input ends inside a frame (zstandard's stream_reader returns a short stream silently)."""
+
+    def __init__(self, raw: IO[bytes], chunk_bytes: int = 1 << 20) -> None:
+        self._raw = raw
+        self._chunk_bytes = chunk_bytes
+        self._decompressor = zstandard.ZstdDecompressor()
+        self._frame = self._decompressor.decompressobj()
+        self._in_frame = False
+        self._pending = b""
+        self._compressed_offset = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self._pending:
+            compressed = self._raw.read(self._chunk_bytes)
+            if not compressed:
+                if self._in_frame:
+                    raise EOFError(
+                        f"the compressed stream ends inside a zstd frame after {self._compressed_offset} bytes "
+                        "(truncated file)"
+                    )
+                return 0
+            self._compressed_offset += len(compressed)
+            self._pending = self._decompress(compressed)
+        size = min(len(buffer), len(self._pending))
+        buffer[:size] = self._pending[:size]
+        self._pending = self._pending[size:]
+        return size
+
+    def _decompress(self, compressed: bytes) -> bytes:
+        output = []
+        while compressed:
+            self._in_frame = True
+            output.append(self._frame.decompress(compressed))
+            if not self._frame.eof:
+                break
+            self._in_frame = False
+            compressed = self._frame.unused_data
+            self._frame = self._decompressor.decompressobj()
+        return b"".join(output)
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
 
 
 @dataclasses.dataclass
@@ -160,6 +212,7 @@ def read_line_chunks(files: list[Path], chunk_lines: int = 128, chunk_bytes: int
             lines: list[bytes] = []
             size = 0
             first = 1
+            line_number = 0
             try:
                 for line_number, line in enumerate(stream, start=1):
                     if not lines:
@@ -170,7 +223,10 @@ def read_line_chunks(files: list[Path], chunk_lines: int = 128, chunk_bytes: int
                         yield LineChunk(file_index, str(path), first, lines)
                         lines, size = [], 0
             except (OSError, EOFError, zstandard.ZstdError) as error:
-                raise ValueError(f"cannot read {path} (corrupt or truncated compressed file?): {error}") from error
+                raise ValueError(
+                    f"cannot read {path} after line {line_number} (corrupt or truncated compressed file: {error}); "
+                    "re-create or re-download it"
+                ) from error
             if lines:
                 yield LineChunk(file_index, str(path), first, lines)
 
@@ -229,6 +285,7 @@ def atomic_output(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     if path.exists() and not overwrite:
         raise ValueError(f"output {path} already exists: pass --overwrite to replace it or choose another path")
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_dead_temporaries(path.parent, rf"{re.escape(path.name)}\.tmp-(?P<pid>\d+)")
     temporary = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
         yield temporary

@@ -33,6 +33,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_harpe.data.indexed import dataset_exists, mask_prefix_problem
+from megatron_harpe.data.integrity import validate_indexed_dataset
 from megatron_harpe.data.tokenizer import Tokenizer
 from megatron_harpe.parallel import context_parallel_indices
 
@@ -130,6 +131,7 @@ def build_gpt_dataset(
     for prefix in prefixes:
         if not dataset_exists(prefix):
             raise ValueError(f"dataset {prefix}.bin/.idx not found: prepare it with tools/prepare_data.py")
+        validate_indexed_dataset(prefix)
     if loss_mask_prefixes is not None:
         if len(loss_mask_prefixes) != len(prefixes):
             raise ValueError(
@@ -139,6 +141,7 @@ def build_gpt_dataset(
         for prefix in loss_mask_prefixes:
             if not dataset_exists(prefix):
                 raise ValueError(f"loss-mask dataset {prefix}.bin/.idx not found: write it next to its token dataset")
+            validate_indexed_dataset(prefix)
     if weights is not None and len(weights) != len(prefixes):
         raise ValueError(f"data.weights has {len(weights)} entries for {len(prefixes)} prefixes: give one weight per prefix")
     if weights is not None and (any(w < 0 for w in weights) or sum(weights) <= 0):

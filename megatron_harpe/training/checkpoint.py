@@ -17,12 +17,15 @@ TP=2 loads at TP=1 or TP=4. Every rank calls `save_checkpoint` / `load_checkpoin
 Crash safety: everything is written into `iter_0000012.tmp`, renamed to `iter_0000012` when
 complete, and only then does the `latest` file (written to a temporary name and renamed) point to
 it. Old iterations are renamed to `*.deleting` before removal, so a dir named `iter_*` is always
-complete. Scripts that save need an `if __name__ == "__main__":` guard: dist_checkpointing's
+complete. A save that fails (disk full, no permission) raises CheckpointWriteError on every rank
+and leaves no work dir behind; loading skips damaged iterations (see checkpoint_check.py) and
+says so. Scripts that save need an `if __name__ == "__main__":` guard: dist_checkpointing's
 writer starts a spawn-based helper process.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -48,11 +51,13 @@ from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShard
 from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint.utils import _get_failure_dict
 
+from megatron_harpe.rank_health import any_rank_failed
+from megatron_harpe.training.checkpoint_check import CONFIG_FILE, TRAIN_STATE_FILE, checkpoint_problem
+from megatron_harpe.training.run_lock import CheckpointDirLocked, check_not_locked_by_other
+
 logger = logging.getLogger(__name__)
 
 LATEST_FILE = "latest_checkpointed_iteration.txt"
-CONFIG_FILE = "config.yaml"
-TRAIN_STATE_FILE = "train_state.json"
 FORMAT_VERSION = 1
 _ITER_DIR = re.compile(r"^iter_(\d{7,})$")
 
@@ -96,24 +101,32 @@ def save_checkpoint(
     rank = dist.get_rank()
     final_dir = iteration_dir(save_dir, iteration)
     work_dir = final_dir.with_name(final_dir.name + ".tmp")
-    if rank == 0:
-        Path(save_dir).mkdir(parents=True, exist_ok=True)
-        _remove_incomplete(Path(save_dir))
-        (work_dir / "dist").mkdir(parents=True)
-        (work_dir / "rng").mkdir()
-    dist.barrier()
+    error = None
+    try:
+        if rank == 0:
+            check_not_locked_by_other(save_dir)
+            Path(save_dir).mkdir(parents=True, exist_ok=True)
+            _remove_incomplete(Path(save_dir), final_dir)
+            (work_dir / "dist").mkdir(parents=True)
+            (work_dir / "rng").mkdir()
+    except (OSError, CheckpointDirLocked) as caught:
+        error = caught
+    _raise_if_any_rank_failed(error, save_dir, iteration, work_dir)
 
-    sharded: dict[str, Any] = {"model": model.sharded_state_dict()}
-    if optimizer is not None:
-        sharded["optimizer"] = _optimizer_sharded_state(optimizer, sharded["model"], placeholders=None)
-    dist_checkpointing.save(
-        sharded, str(work_dir / "dist"), sharded_strategy=_save_strategy(), async_sharded_save=False
-    )
-    _save_rng_state(work_dir / "rng" / f"rank_{rank:05d}.pt")
-    if rank == 0:
-        (work_dir / CONFIG_FILE).write_text(config_text)
-        (work_dir / TRAIN_STATE_FILE).write_text(state_text)
-    dist.barrier()  # every rank's files are in work_dir
+    try:
+        sharded: dict[str, Any] = {"model": model.sharded_state_dict()}
+        if optimizer is not None:
+            sharded["optimizer"] = _optimizer_sharded_state(optimizer, sharded["model"], placeholders=None)
+        dist_checkpointing.save(
+            sharded, str(work_dir / "dist"), sharded_strategy=_save_strategy(), async_sharded_save=False
+        )
+        _save_rng_state(work_dir / "rng" / f"rank_{rank:05d}.pt")
+        if rank == 0:
+            (work_dir / CONFIG_FILE).write_text(config_text)
+            (work_dir / TRAIN_STATE_FILE).write_text(state_text)
+    except (OSError, CheckpointException, RuntimeError) as caught:
+        error = caught
+    _raise_if_any_rank_failed(error, save_dir, iteration, work_dir)  # every rank's files are in work_dir
 
     if rank == 0:
         _publish(work_dir, final_dir)
@@ -122,6 +135,61 @@ def save_checkpoint(
             _delete_old_iterations(Path(save_dir), iteration, keep_last)
     dist.barrier()
     return final_dir
+
+
+class CheckpointWriteError(ValueError):
+    """A checkpoint could not be written (disk full, no permission ...); nothing of it was kept."""
+
+
+_WRITE_ERRNOS = {
+    errno.ENOSPC: "the disk is full: free space there or point checkpoint.save to a larger filesystem",
+    errno.EDQUOT: "the disk quota is exhausted: free space there or point checkpoint.save elsewhere",
+    errno.EACCES: "no permission to write there: fix the directory's permissions or choose another checkpoint.save",
+    errno.EPERM: "no permission to write there: fix the directory's permissions or choose another checkpoint.save",
+    errno.EROFS: "the filesystem is read-only: choose another checkpoint.save",
+}
+
+
+def _raise_if_any_rank_failed(error: BaseException | None, save_dir, iteration: int, work_dir: Path) -> None:
+    """Collective: if any rank failed, remove the half-written work dir and raise on every rank."""
+    if not any_rank_failed(error is not None):
+        return
+    if isinstance(error, CheckpointDirLocked):  # the work dir may be the other run's
+        raise error
+    if dist.get_rank() == 0:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    if error is None:
+        raise CheckpointWriteError(f"another rank failed to write checkpoint iteration {iteration} to {save_dir} (see its log)")
+    raise CheckpointWriteError(_describe_write_error(error, Path(save_dir), iteration)) from error
+
+
+def _describe_write_error(error: BaseException, save_dir: Path, iteration: int) -> str:
+    """One line: where, why (the errno when one can be found) and the fix."""
+    chain, seen = [error], set()
+    while chain[-1].__cause__ or chain[-1].__context__:
+        following = chain[-1].__cause__ or chain[-1].__context__
+        if id(following) in seen:
+            break
+        seen.add(id(following))
+        chain.append(following)
+    if isinstance(error, CheckpointException):
+        chain += [failure[0] if isinstance(failure, tuple) else failure for failure in error.failures.values()]
+    codes = [e.errno for e in chain if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS]
+    text = " ".join(str(e) for e in chain)
+    for code, phrase in ((errno.ENOSPC, "No space left"), (errno.EACCES, "Permission denied"), (errno.EROFS, "Read-only")):
+        if phrase in text:
+            codes.append(code)
+    try:
+        free = shutil.disk_usage(save_dir).free
+    except OSError:
+        free = None
+    if not codes and free is not None and free < (64 << 20):  # torch.save reports ENOSPC as "enforce fail ..."
+        codes.append(errno.ENOSPC)
+    reason = _WRITE_ERRNOS[codes[0]] if codes else f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300]}"
+    space = f" ({free / 2**20:.0f} MiB free)" if free is not None else ""
+    previous = find_latest_checkpoint(save_dir) if save_dir.is_dir() else None
+    kept = f"the newest checkpoint is still {previous.name}" if previous else "no earlier checkpoint exists"
+    return f"cannot write checkpoint iteration {iteration} to {save_dir}{space}: {reason}. Nothing of it was kept; {kept}"
 
 
 class _HostSafeTorchDistSaveStrategy(TorchDistSaveShardedStrategy):
@@ -190,11 +258,16 @@ def _write_latest(save_dir: Path, iteration: int) -> None:
     os.replace(temporary, save_dir / LATEST_FILE)
 
 
-def _remove_incomplete(save_dir: Path) -> None:
-    """Leftovers of crashed saves or deletions: never complete, safe to remove."""
+def _remove_incomplete(save_dir: Path, final_dir: Path) -> None:
+    """Leftovers of crashed deletions (never complete) and of an earlier crashed save of this
+    iteration. Other `iter_*.tmp` dirs may be another run's saves in progress: they are removed
+    by the trainer once it holds the directory's lock (run_lock.remove_save_leftovers)."""
     for leftover in save_dir.iterdir():
-        if leftover.is_dir() and leftover.name.startswith("iter_") and leftover.suffix in (".tmp", ".deleting"):
-            shutil.rmtree(leftover)
+        if leftover.is_dir() and leftover.name.startswith("iter_") and leftover.suffix == ".deleting":
+            shutil.rmtree(leftover, ignore_errors=True)
+    own = final_dir.with_name(final_dir.name + ".tmp")
+    if own.exists():
+        shutil.rmtree(own)
 
 
 def _delete_old_iterations(save_dir: Path, current: int, keep_last: int) -> None:
@@ -225,23 +298,49 @@ def _complete_iterations(save_dir: Path) -> list[int]:
 def find_latest_checkpoint(save_dir: str | Path) -> Path | None:
     """The iteration dir `latest_checkpointed_iteration.txt` points to; `save_dir` itself if it
     is an iteration dir; None if there is no checkpoint. If the latest file is missing or names a
-    dir that is gone, the newest complete `iter_*` dir is used."""
+    dir that is gone, the newest complete `iter_*` dir is used. A damaged iteration (a file
+    missing or truncated) is skipped, with a warning, for the newest intact older one; if every
+    iteration is damaged, a ValueError says what is wrong with each."""
     path = Path(save_dir)
-    if (path / TRAIN_STATE_FILE).is_file() and (path / "dist").is_dir():
+    if (path / TRAIN_STATE_FILE).is_file() or (path / "dist").is_dir():
+        problem = checkpoint_problem(path)
+        if problem:
+            raise ValueError(f"checkpoint {path} is damaged: {problem}; load an intact iteration instead")
         return path
     if not path.is_dir():
         return None
+    candidates = sorted(_complete_iterations(path), reverse=True)
     latest_file = path / LATEST_FILE
     if latest_file.is_file():
         text = latest_file.read_text().strip()
         if not text.isdigit():
             raise ValueError(f"{latest_file} should hold an iteration number, found {text!r}")
-        candidate = iteration_dir(path, int(text))
-        if candidate.is_dir():
+        if iteration_dir(path, int(text)).is_dir():  # newer dirs than latest were never published
+            candidates = [it for it in candidates if it <= int(text)]
+        else:
+            _warn(f"{latest_file} names iteration {text} but {iteration_dir(path, int(text))} is missing")
+    damaged = []
+    for iteration in candidates:
+        candidate = iteration_dir(path, iteration)
+        problem = checkpoint_problem(candidate)
+        if problem is None:
+            if damaged:
+                _warn(f"damaged checkpoint {'; '.join(damaged)} in {path}: falling back to {candidate.name}, "
+                      "the newest intact one")
             return candidate
-        logger.warning("%s names iteration %s but %s is missing", latest_file, text, candidate)
-    iterations = _complete_iterations(path)
-    return iteration_dir(path, iterations[-1]) if iterations else None
+        damaged.append(f"{candidate.name} ({problem})")
+    if damaged:
+        raise ValueError(
+            f"no intact checkpoint in {path}: {'; '.join(damaged)}. Restore the files, or move the damaged "
+            "iteration dirs away to start from scratch"
+        )
+    return None
+
+
+def _warn(message: str) -> None:
+    """Said once per job (on rank 0), not once per rank."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        logger.warning(message)
 
 
 def _resolve(path: str | Path) -> Path:

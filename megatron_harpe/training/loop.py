@@ -25,7 +25,8 @@ from megatron_harpe import parallel
 from megatron_harpe.config import Config, StageConfig
 from megatron_harpe.model import build_model, set_position_encoding
 from megatron_harpe.parallel import ParallelContext
-from megatron_harpe.training import checkpoint
+from megatron_harpe.rank_health import CollectiveGuard
+from megatron_harpe.training import checkpoint, resume_check, run_lock
 from megatron_harpe.training.data import StageData, prepare_training_data
 from megatron_harpe.training.grads import allreduce_gradients, clip_grad_norm, global_token_count
 from megatron_harpe.training.monitor import TrainingMonitor, check_loss_finite
@@ -63,16 +64,25 @@ def plan_stages(cfg: Config) -> list[StagePlan]:
 def train(cfg: Config) -> list[dict[str, float]]:
     """Run the schedule (to the end, or for train.exit_after_steps steps); returns the loss,
     gradient norm and learning rate of every step run in this launch."""
-    # Process groups and seeds: TP x CP x DP from the config and the launcher's world size.
-    ctx = parallel.initialize(cfg.parallel.tensor, cfg.parallel.context)
+    # Process groups: TP x CP x DP from the config and the launcher's world size. A stuck
+    # collective fails after parallel.timeout_minutes, naming this rank and its phase; one run
+    # at a time holds the checkpoint directory.
+    ctx = parallel.initialize(cfg.parallel.tensor, cfg.parallel.context, cfg.parallel.timeout_minutes)
     cfg.validate(world_size=ctx.world_size)
+    log = _rank0_print(ctx)
+    with CollectiveGuard(ctx.rank, cfg.parallel.timeout_minutes) as guard:
+        with run_lock.hold_checkpoint_dir(cfg.checkpoint.save, ctx, log):
+            return _train(cfg, ctx, log, guard)
+
+
+def _train(cfg: Config, ctx: ParallelContext, log, guard: CollectiveGuard) -> list[dict[str, float]]:
     parallel.seed_everything(cfg.train.seed)
     plans = plan_stages(cfg)
     total_steps = plans[-1].first_step + plans[-1].steps
-    log = _rank0_print(ctx)
     log("resolved config:\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
     # Data: the demo corpus is prepared on first use; each stage reads sequences of its length.
+    guard.phase = "data preparation"
     training_data = prepare_training_data(cfg, ctx, total_samples=_samples_per_stage(cfg, plans))
 
     # Model, optimizer, learning-rate schedule.
@@ -96,6 +106,7 @@ def train(cfg: Config) -> list[dict[str, float]]:
     )
 
     # Resume from our own latest checkpoint, or start from pretrained weights only.
+    guard.phase = "checkpoint loading"
     state = _restore(cfg, model, optimizer, schedule, log)
     monitor = TrainingMonitor(
         total_steps=total_steps,
@@ -113,6 +124,7 @@ def train(cfg: Config) -> list[dict[str, float]]:
         set_position_encoding(model, cfg.model, plan.config.position)
         batches = training_data[plan.index].micro_batches(consumed_steps=state.stage_step)
         while state.stage_step < plan.steps:
+            guard.phase = f"training step {state.iteration + 1} (gradient / loss all-reduce, stop-file check)"
             loss, grad_norm, lr, tokens, skipped = train_step(
                 cfg, ctx, plan.config, model, optimizer, schedule, batches, state.iteration + 1
             )
@@ -126,6 +138,7 @@ def train(cfg: Config) -> list[dict[str, float]]:
             stop_requested = state.iteration < total_steps and _stop_requested(cfg, ctx)  # done: nothing to resume
             exiting = stop_requested or (cfg.train.exit_after_steps and len(history) == cfg.train.exit_after_steps)
             if _should_save(cfg, state.iteration, total_steps) or (exiting and cfg.checkpoint.save):
+                guard.phase = f"the checkpoint save of step {state.iteration}"
                 _save(cfg, model, optimizer, schedule, state, training_data[plan.index])
             if exiting:
                 reason = f"{cfg.checkpoint.stop_file} appeared" if stop_requested else "train.exit_after_steps"
@@ -191,6 +204,10 @@ def _autocast(cfg: Config, ctx: ParallelContext):
 def _restore(cfg: Config, model, optimizer, schedule, log) -> TrainState:
     latest = checkpoint.find_latest_checkpoint(cfg.checkpoint.save) if cfg.checkpoint.save else None
     if latest is not None:
+        resume_check.check_resume_config(
+            yaml.safe_load((latest / checkpoint.CONFIG_FILE).read_text()), cfg.to_dict(),
+            cfg.checkpoint.allow_config_change, log, where=str(latest),
+        )
         saved = checkpoint.load_checkpoint(latest, model=model, optimizer=optimizer)
         schedule.load_state_dict(saved["schedule"])
         log(f"resumed from {latest} at step {saved['iteration']}")

@@ -9,10 +9,12 @@ Saving and loading real weights is tested in tests/distributed/test_checkpoint*.
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import pytest
 import torch
+from torch.distributed.checkpoint.metadata import Metadata
 
 from megatron_harpe.training import checkpoint
 from megatron_harpe.training.checkpoint import (
@@ -24,8 +26,13 @@ from megatron_harpe.training.checkpoint import (
 
 
 def _fake_iteration(root: Path, iteration: int, suffix: str = "") -> Path:
+    """An iteration dir that passes checkpoint_check (no tensors: empty dist metadata)."""
     path = root / (iteration_dir(root, iteration).name + suffix)
     (path / "dist").mkdir(parents=True)
+    (path / "dist" / "metadata.json").write_text("{}")
+    (path / "dist" / "common.pt").write_bytes(b"")
+    with open(path / "dist" / ".metadata", "wb") as handle:
+        pickle.dump(Metadata(state_dict_metadata={}, storage_data={}), handle)
     (path / checkpoint.TRAIN_STATE_FILE).write_text(json.dumps({"iteration": iteration}))
     (path / checkpoint.CONFIG_FILE).write_text(f"model:\n  num_layers: {iteration}\n")
     return path
@@ -90,9 +97,10 @@ def test_crash_debris_is_removed_but_complete_dirs_stay(tmp_path: Path) -> None:
     _fake_iteration(tmp_path, 1)
     _fake_iteration(tmp_path, 2, suffix=".tmp")
     _fake_iteration(tmp_path, 3, suffix=".deleting")
+    _fake_iteration(tmp_path, 4, suffix=".tmp")  # maybe another run's save: the run lock's business
     (tmp_path / "notes.tmp").write_text("not ours")
-    checkpoint._remove_incomplete(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000001", "notes.tmp"]
+    checkpoint._remove_incomplete(tmp_path, iteration_dir(tmp_path, 2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000001", "iter_0000004.tmp", "notes.tmp"]
 
 
 def test_saving_needs_a_process_group(tmp_path: Path) -> None:
