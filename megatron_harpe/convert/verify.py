@@ -1,6 +1,8 @@
 """Check that a megatron checkpoint and a Hugging Face model compute the same function: the
-largest logit difference on the same tokens (both in fp32) and whether greedy continuations
-agree (HF with its KV cache through `generate()`, megatron by recomputation).
+largest logit difference on the same tokens (both in fp32), whether greedy continuations agree
+(HF with its KV cache through `generate()`, megatron by recomputation), and the largest difference
+between the logits of HF's cached decoding steps and megatron's full forward over the same
+continuation (so a broken KV cache fails even when the argmax happens to survive it).
 
     report = verify_conversion("runs/demo_cpu/checkpoints", "runs/demo_cpu/hf")
     print(report.summary()); assert report.ok(tolerance=1e-4)
@@ -28,18 +30,20 @@ class VerifyReport:
     megatron_tokens: list[int]
     hf_tokens: list[int]
     prompt_length: int
+    max_abs_cached_logit_diff: float = 0.0
 
     @property
     def greedy_agree(self) -> bool:
         return self.megatron_tokens == self.hf_tokens
 
     def ok(self, tolerance: float) -> bool:
-        return self.greedy_agree and self.max_abs_logit_diff <= tolerance
+        return self.greedy_agree and max(self.max_abs_logit_diff, self.max_abs_cached_logit_diff) <= tolerance
 
     def summary(self) -> str:
         return (
             f"largest logit difference {self.max_abs_logit_diff:.3e} (largest |logit| {self.max_abs_logit:.3g}) "
-            f"over {self.prompt_length} tokens; greedy continuations "
+            f"over {self.prompt_length} tokens, {self.max_abs_cached_logit_diff:.3e} in HF's cached decoding steps; "
+            "greedy continuations "
             + ("agree" if self.greedy_agree else "DIFFER")
             + f": megatron {self.megatron_tokens} / HF {self.hf_tokens}"
         )
@@ -58,13 +62,19 @@ def load_hf_model(
 
 
 @torch.no_grad()
-def hf_greedy(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int) -> list[int]:
-    """Greedy continuation with the KV cache; end-of-sequence does not stop it."""
+def hf_cached_greedy(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int) -> tuple[list[int], torch.Tensor]:
+    """Greedy continuation with the KV cache (end-of-sequence does not stop it) and the fp32 logits
+    of each decoding step, [new_tokens, vocab]."""
     generation = GenerationConfig(
-        do_sample=False, max_new_tokens=new_tokens, eos_token_id=None, pad_token_id=0, use_cache=True
-    )
+        do_sample=False, max_new_tokens=new_tokens, eos_token_id=None, pad_token_id=0, use_cache=True,
+        return_dict_in_generate=True, output_logits=True,
+    )  # fmt: skip
     output = model.generate(prompt, attention_mask=torch.ones_like(prompt), generation_config=generation)
-    return output[0, prompt.size(1) :].tolist()
+    return output.sequences[0, prompt.size(1) :].tolist(), torch.cat(output.logits).float()
+
+
+def hf_greedy(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int) -> list[int]:
+    return hf_cached_greedy(model, prompt, new_tokens)[0]
 
 
 def verify_conversion(
@@ -85,10 +95,14 @@ def verify_conversion(
     megatron = megatron_logits(megatron_model, tokens)
     with torch.no_grad():
         hf = hf_model(tokens).logits.float()
+    hf_tokens, cached_logits = hf_cached_greedy(hf_model, tokens[:1], new_tokens)
+    continuation = torch.cat([tokens[:1], torch.tensor([hf_tokens])], dim=1)[:, :-1]
+    recomputed = megatron_logits(megatron_model, continuation)[0, prompt_length - 1 :]
     return VerifyReport(
         max_abs_logit_diff=(megatron - hf).abs().max().item(),
         max_abs_logit=hf.abs().max().item(),
         megatron_tokens=megatron_greedy(megatron_model, tokens[:1], new_tokens),
-        hf_tokens=hf_greedy(hf_model, tokens[:1], new_tokens),
+        hf_tokens=hf_tokens,
         prompt_length=prompt_length,
+        max_abs_cached_logit_diff=(recomputed - cached_logits).abs().max().item(),
     )

@@ -4,8 +4,8 @@ HARPE (Head-Adaptive Rotary Position Encoding) changes nothing in Llama but the 
 frequencies: query head h rotates with `theta_{h,i} = rope_bases[h] ** (-2i/d)`. The bases live
 here, in `config.json`, because they are not part of the weights.
 
-This file is self-contained (it imports only transformers) because exported model directories
-carry a copy of it and load it through `auto_map` with `trust_remote_code=True`:
+This file is self-contained (it imports only transformers and packaging) because exported model
+directories carry a copy of it and load it through `auto_map` with `trust_remote_code=True`:
 
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained("exported_dir", trust_remote_code=True)
@@ -18,11 +18,62 @@ query head, as with `position.gqa_bases: per_query_head` in megatron_harpe).
 
 Legacy configs are accepted: a top-level `rope_theta` (and `rope_scaling`) is read by
 `LlamaConfig` and moved under `rope_parameters`; without `rope_bases` every head gets `rope_theta`.
+
+Supported transformers versions: building a config (so loading an export) checks the installed
+version against `TRANSFORMERS_MINIMUM` and `TRANSFORMERS_EXCLUDED` (versions the compatibility
+matrix, `scripts/compat_matrix.py`, found broken) and raises `UnsupportedTransformersVersion`
+naming both; versions newer than `TRANSFORMERS_TESTED_UP_TO` load with a warning. Saved configs record
+the range as `harpe_transformers_minimum` / `harpe_transformers_tested_up_to`.
 """
 
+import dataclasses
 import math
+import warnings
 
+import transformers
+from packaging.version import Version
 from transformers import LlamaConfig
+
+TRANSFORMERS_MINIMUM = "5.0.0"
+TRANSFORMERS_TESTED_UP_TO = "5.24.0"
+# 5.3.0 loses tied embeddings of remote-code models (lm_head stays on the meta device: NaN logits)
+TRANSFORMERS_EXCLUDED: tuple[str, ...] = ("5.3.0",)
+
+
+class UnsupportedTransformersVersion(RuntimeError):
+    """The installed transformers cannot run this HARPE model correctly."""
+
+
+def supported_range() -> str:
+    excluded = "".join(f", != {version}" for version in TRANSFORMERS_EXCLUDED)
+    return f">= {TRANSFORMERS_MINIMUM}{excluded} (tested up to {TRANSFORMERS_TESTED_UP_TO})"
+
+
+def is_supported(installed: str) -> bool:
+    """False for transformers versions this model is known not to run correctly on."""
+    version = Version(installed)
+    return version >= Version(TRANSFORMERS_MINIMUM) and all(version != Version(v) for v in TRANSFORMERS_EXCLUDED)
+
+
+def check_transformers_version(installed: str | None = None) -> None:
+    """Raise for a transformers this model is known not to run on; warn above the tested range.
+    Runs whenever a config or model is built, so loading an export fails before any weight is read."""
+    installed = installed or transformers.__version__
+    version = Version(installed)
+    if not is_supported(installed):
+        raise UnsupportedTransformersVersion(
+            f"this HARPE model (per-head RoPE bases) does not run correctly on transformers {installed}; supported: "
+            f"transformers {supported_range()}. Install one, e.g. pip install 'transformers=={TRANSFORMERS_TESTED_UP_TO}'"
+        )
+    if version.release[:2] > Version(TRANSFORMERS_TESTED_UP_TO).release[:2]:  # a newer minor release
+        warnings.warn(
+            f"HARPE model code was tested with transformers {supported_range()}, not {installed}; it raises if "
+            "this version stops applying its per-head rotation, but check cached generation against use_cache=False",
+            stacklevel=2,
+        )
+
+# transformers >= 5.(late) builds configs as dataclasses (fields, then __post_init__); before, by __init__
+_DATACLASS_CONFIGS = dataclasses.is_dataclass(LlamaConfig)
 
 
 class HarpeLlamaConfig(LlamaConfig):
@@ -32,8 +83,21 @@ class HarpeLlamaConfig(LlamaConfig):
 
     rope_bases: list[float] | None = None
 
-    def __post_init__(self, **kwargs) -> None:
-        super().__post_init__(**kwargs)
+    if _DATACLASS_CONFIGS:
+
+        def __post_init__(self, **kwargs) -> None:
+            super().__post_init__(**kwargs)
+            self._complete_harpe_fields()
+
+    else:
+
+        def __init__(self, rope_bases: list[float] | None = None, **kwargs) -> None:
+            super().__init__(**kwargs)
+            self.rope_bases = rope_bases
+            self._complete_harpe_fields()
+
+    def _complete_harpe_fields(self) -> None:
+        check_transformers_version()
         rope_type = (self.rope_parameters or {}).get("rope_type", "default")
         if rope_type != "default":
             raise ValueError(
@@ -52,6 +116,9 @@ class HarpeLlamaConfig(LlamaConfig):
         bad = [base for base in self.rope_bases if not (math.isfinite(base) and base > 1.0)]
         if bad:
             raise ValueError(f"rope_bases must be finite numbers > 1, got {bad}")
+        # what the code saved alongside needs; informative (the check above runs on import)
+        self.harpe_transformers_minimum = TRANSFORMERS_MINIMUM
+        self.harpe_transformers_tested_up_to = TRANSFORMERS_TESTED_UP_TO
 
     @property
     def keys_rotate_per_query_head(self) -> bool:
@@ -62,4 +129,10 @@ class HarpeLlamaConfig(LlamaConfig):
         return any(len(set(group)) > 1 for group in groups)
 
 
-__all__ = ["HarpeLlamaConfig"]
+__all__ = [
+    "HarpeLlamaConfig",
+    "UnsupportedTransformersVersion",
+    "check_transformers_version",
+    "is_supported",
+    "supported_range",
+]

@@ -1,39 +1,32 @@
 """Hugging Face Llama with one RoPE base per attention head (HARPE), for inference and export.
 
-Only the rotary embedding and the rotation inside attention differ from transformers' Llama:
-the rotary module returns cos/sin of shape [batch, heads, seq, head_dim] (stock: [batch, seq,
-head_dim], broadcast over heads), queries use their head's row and keys their k/v group's row.
-Everything else (MLP, norms, causal mask, attention kernels, KV cache, `generate()`) is the
-stock Llama code, so with all bases equal the logits equal `LlamaForCausalLM` with that
-`rope_theta` bit for bit.
-
 Self-contained (torch + transformers, plus the sibling configuration file) because exported
 model directories carry a copy of it:
 
     model = AutoModelForCausalLM.from_pretrained("exported_dir", trust_remote_code=True)
     model.generate(input_ids, max_new_tokens=20, do_sample=False)
-"""
 
-from collections.abc import Callable
+Design: override as little of transformers' Llama as possible, so that its releases can change
+how the cache, masks and attention kernels are called without breaking us. The models are the
+stock `LlamaModel` / `LlamaForCausalLM`, built by their own constructors; then
+
+- `rotary_emb` becomes `HarpeLlamaRotaryEmbedding`, whose cos/sin have one row per query head
+  ([batch, heads, seq, head_dim]; stock: [batch, seq, head_dim], shared by all heads);
+- each layer's attention becomes `HarpeLlamaAttention`, whose q/k projections rotate their output
+  per head with those rows (keys with their k/v group's row), and which then runs the stock
+  `LlamaAttention.forward` with cos = 1, sin = 0, so the stock rotation is the identity and the
+  stock code does everything else (KV cache under whatever keyword that release uses, attention
+  kernels, masks). With all bases equal the logits equal `LlamaForCausalLM` bit for bit.
+
+If a future release stops calling `q_proj`/`k_proj` from the attention forward, the rotation
+would be skipped silently; the attention checks that both rotations ran and raises otherwise.
+"""
 
 import torch
 from torch import nn
-from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.llama.modeling_llama import (
-    LlamaAttention,
-    LlamaDecoderLayer,
-    LlamaForCausalLM,
-    LlamaMLP,
-    LlamaModel,
-    LlamaPreTrainedModel,
-    LlamaRMSNorm,
-    eager_attention_forward,
-    repeat_kv,
-    rotate_half,
-)
+from transformers.models.llama.modeling_llama import LlamaAttention, LlamaForCausalLM, LlamaModel, rotate_half
 
-from .configuration_harpe_llama import HarpeLlamaConfig
+from .configuration_harpe_llama import HarpeLlamaConfig, check_transformers_version, supported_range
 
 
 class HarpeLlamaRotaryEmbedding(nn.Module):
@@ -70,8 +63,34 @@ class HarpeLlamaRotaryEmbedding(nn.Module):
         return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
 
 
+class HeadwiseRotatedLinear(nn.Linear):
+    """A q/k/v projection whose output heads are first repeated `repeat_heads` times each (keys and
+    values that rotate per query head) and then, if `rotate`, rotated with the cos/sin rows
+    [batch, heads, seq, head_dim] that the attention sets in `rotation` for one forward call."""
+
+    def __init__(self, linear: nn.Linear, head_dim: int, repeat_heads: int, rotate: bool) -> None:
+        super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        self.weight, self.bias = linear.weight, linear.bias  # the stock parameters, not copies
+        self.head_dim, self.repeat_heads, self.rotate = head_dim, repeat_heads, rotate
+        self.rotation: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)  # [b, s, heads * d]
+        heads = out.view(*out.shape[:-1], -1, self.head_dim)  # [b, s, heads, d]
+        if self.repeat_heads > 1:
+            heads = heads.repeat_interleave(self.repeat_heads, dim=-2)
+        if self.rotate:
+            if self.rotation is None:
+                raise RuntimeError("HARPE projection called outside HarpeLlamaAttention.forward: no rotation set")
+            cos, sin = (table.transpose(1, 2) for table in self.rotation)  # [b, s, heads, d]
+            self.rotation = None
+            # the stock expression (apply_rotary_pos_emb), one row per head
+            heads = (heads * cos) + (rotate_half(heads) * sin)
+        return heads.reshape(*out.shape[:-1], -1)
+
+
 class HarpeLlamaAttention(LlamaAttention):
-    """Llama attention rotating each head with its own base.
+    """Llama attention rotating each head with its own base, in its q/k projections.
 
     Keys of k/v group g use the base of the group's first query head. When a group's query heads
     have different bases, k and v are expanded to one head per query head before rotation (the
@@ -81,94 +100,63 @@ class HarpeLlamaAttention(LlamaAttention):
         super().__init__(config, layer_idx)
         self.query_heads_per_group = config.num_attention_heads // config.num_key_value_heads
         self.keys_per_query_head = config.keys_rotate_per_query_head
+        kv_repeat = self.query_heads_per_group if self.keys_per_query_head else 1
         if self.keys_per_query_head:
             self.num_key_value_groups = 1  # the attention kernel sees one k/v head per query head
+        self.q_proj = HeadwiseRotatedLinear(self.q_proj, self.head_dim, repeat_heads=1, rotate=True)
+        self.k_proj = HeadwiseRotatedLinear(self.k_proj, self.head_dim, repeat_heads=kv_repeat, rotate=True)
+        self.v_proj = HeadwiseRotatedLinear(self.v_proj, self.head_dim, repeat_heads=kv_repeat, rotate=False)
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        attention_mask: torch.Tensor | None = None,
-        past_key_values=None,
-        **kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        input_shape = hidden_states.shape[:-1]
-        hidden_shape = (*input_shape, -1, self.head_dim)
-        query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # [b, heads, s, d]
-        key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # [b, kv_heads, s, d]
-        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-
+    def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor], *args, **kwargs):
         cos, sin = position_embeddings  # [b, heads, s, d]
+        self.q_proj.rotation = (cos, sin)
         if self.keys_per_query_head:
-            key_states = repeat_kv(key_states, self.query_heads_per_group)
-            value_states = repeat_kv(value_states, self.query_heads_per_group)
-            key_cos, key_sin = cos, sin
+            self.k_proj.rotation = (cos, sin)
         else:
-            key_cos = cos[:, :: self.query_heads_per_group]
-            key_sin = sin[:, :: self.query_heads_per_group]
-        query_states = (query_states * cos) + (rotate_half(query_states) * sin)
-        key_states = (key_states * key_cos) + (rotate_half(key_states) * key_sin)
+            self.k_proj.rotation = (cos[:, :: self.query_heads_per_group], sin[:, :: self.query_heads_per_group])
+        identity = (torch.ones_like(cos[:, 0]), torch.zeros_like(sin[:, 0]))  # the stock [b, s, d] layout
+        try:
+            output = super().forward(hidden_states, identity, *args, **kwargs)
+            skipped = self.q_proj.rotation is not None or self.k_proj.rotation is not None
+        finally:
+            self.q_proj.rotation = self.k_proj.rotation = None
+        if skipped:
+            import transformers
 
-        if past_key_values is not None:
-            key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
-
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
-        attn_output, attn_weights = attention_interface(
-            self,
-            query_states,
-            key_states,
-            value_states,
-            attention_mask,
-            dropout=0.0 if not self.training else self.attention_dropout,
-            scaling=self.scaling,
-            **kwargs,
-        )
-        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
-        return self.o_proj(attn_output), attn_weights
+            raise RuntimeError(
+                f"transformers {transformers.__version__}'s LlamaAttention no longer computes queries and keys "
+                f"through q_proj/k_proj, so the HARPE rotation was not applied; supported: {supported_range()}"
+            )
+        return output
 
 
-class HarpeLlamaDecoderLayer(LlamaDecoderLayer):
-    def __init__(self, config: HarpeLlamaConfig, layer_idx: int) -> None:
-        # build the submodules directly rather than via LlamaDecoderLayer.__init__, which would
-        # allocate a stock attention only to throw it away
-        GradientCheckpointingLayer.__init__(self)
-        self.hidden_size = config.hidden_size
-        self.self_attn = HarpeLlamaAttention(config=config, layer_idx=layer_idx)
-        self.mlp = LlamaMLP(config)
-        self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+def use_headwise_rotary(model: LlamaModel, config: HarpeLlamaConfig) -> None:
+    """Turn a freshly built stock `LlamaModel` into HARPE: per-head rotary, HARPE attention.
+    The attention modules keep the stock parameters (same tensors, same initialisation)."""
+    check_transformers_version()
+    model.rotary_emb = HarpeLlamaRotaryEmbedding(config)
+    for layer in model.layers:
+        stock = layer.self_attn
+        with torch.device("meta"):  # no allocation: the stock parameters are assigned below
+            attention = HarpeLlamaAttention(config, stock.layer_idx)
+        attention.load_state_dict(stock.state_dict(), assign=True)
+        layer.self_attn = attention
 
 
 class HarpeLlamaModel(LlamaModel):
     config_class = HarpeLlamaConfig
-    _no_split_modules = ["HarpeLlamaDecoderLayer"]
 
     def __init__(self, config: HarpeLlamaConfig) -> None:
-        LlamaPreTrainedModel.__init__(self, config)  # see HarpeLlamaDecoderLayer.__init__
-        self.padding_idx = config.pad_token_id
-        self.vocab_size = config.vocab_size
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
-        self.layers = nn.ModuleList(
-            [HarpeLlamaDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
-        )
-        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rotary_emb = HarpeLlamaRotaryEmbedding(config=config)
-        self.gradient_checkpointing = False
-        self.post_init()
+        super().__init__(config)
+        use_headwise_rotary(self, config)
 
 
 class HarpeLlamaForCausalLM(LlamaForCausalLM):
     config_class = HarpeLlamaConfig
-    _no_split_modules = ["HarpeLlamaDecoderLayer"]
 
     def __init__(self, config: HarpeLlamaConfig) -> None:
-        LlamaPreTrainedModel.__init__(self, config)
-        self.model = HarpeLlamaModel(config)
-        self.vocab_size = config.vocab_size
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
+        super().__init__(config)
+        use_headwise_rotary(self.model, config)
 
 
 __all__ = ["HarpeLlamaForCausalLM", "HarpeLlamaModel", "HarpeLlamaRotaryEmbedding"]
