@@ -231,6 +231,12 @@ class Config:
                     f"stage {index} has no training tokens: set train.train_tokens (one stage) or "
                     "stages[].tokens"
                 )
+            if self.model.attention_backend == "te" and stage.position.expands_keys(self.model):
+                raise ValueError(
+                    "position.gqa_bases=per_query_head with model.attention_backend=te: the keys are expanded "
+                    "to one per query head, while Transformer Engine's attention is built for "
+                    f"{self.model.kv_groups} k/v groups; use gqa_bases: per_group, or attention_backend: sdpa"
+                )
         train = self.train
         _choice("train.lr_schedule", train.lr_schedule, ("constant", "cosine"))
         _choice("train.precision", train.precision, ("auto", "fp32", "bf16"))

@@ -43,10 +43,12 @@ from megatron.core.dist_checkpointing.optimizer import (
     get_param_id_to_sharded_param_map,
     make_sharded_optimizer_tensor,
 )
-from megatron.core.dist_checkpointing.serialization import StrictHandling
 from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint.utils import _get_failure_dict
+
+from megatron_harpe import collectives
+from megatron_harpe.training.extra_state import load_sharded
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +150,7 @@ def _finalize_on_host(storage_writer, global_metadata, dist_wrapper) -> None:
         if not failures:
             storage_writer.finish(global_metadata, all_results)
     failed = torch.tensor([int(bool(failures))], dtype=torch.int)
-    dist.broadcast(failed, src=dist_wrapper.coordinator_rank, group=dist_wrapper.group)
+    collectives.broadcast(failed, src=dist_wrapper.coordinator_rank, group=dist_wrapper.group)
     if failed.item():
         raise CheckpointException("write", failures)
 
@@ -294,7 +296,7 @@ def load_checkpoint(
         saved = dist_checkpointing.load_common_state_dict(dist_dir)["optimizer"]
         sharded["optimizer"] = _optimizer_sharded_state(optimizer, sharded["model"], placeholders=saved)
     try:
-        loaded = dist_checkpointing.load(sharded, dist_dir, strict=StrictHandling.RAISE_UNEXPECTED)
+        loaded = load_sharded(sharded, dist_dir)  # tolerates TE's _extra_state either way round
     except Exception as error:  # dist_checkpointing raises bare exceptions on shape/key mismatch
         raise ValueError(
             f"{checkpoint} does not match the model built here ({error}); build the model from "

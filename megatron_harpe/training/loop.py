@@ -18,10 +18,9 @@ import os
 import time
 
 import torch
-import torch.distributed as dist
 import yaml
 
-from megatron_harpe import parallel
+from megatron_harpe import collectives, parallel
 from megatron_harpe.config import Config, StageConfig
 from megatron_harpe.model import build_model, set_position_encoding
 from megatron_harpe.parallel import ParallelContext
@@ -144,20 +143,20 @@ def train_step(cfg: Config, ctx: ParallelContext, stage: StageConfig, model, opt
     grad norm, learning rate, tokens in the step over the whole job, skipped)."""
     accumulation = stage.global_batch_size // (cfg.train.micro_batch_size * ctx.dp_size)
     micro_batches = [next(batches) for _ in range(accumulation)]
+    micro_batches = [{k: v.to(ctx.device) for k, v in batch.items()} for batch in micro_batches]
     loss_tokens = global_token_count([b["loss_mask"] for b in micro_batches], ctx.dp_cp_group)
     model.train()
-    step_loss = torch.zeros((), dtype=torch.float64)
+    step_loss = torch.zeros((), dtype=torch.float64, device=ctx.device)
     autocast = _autocast(cfg, ctx)
     for batch in micro_batches:
-        batch = {k: v.to(ctx.device) for k, v in batch.items()}
         with autocast:
             token_losses = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
         loss = (token_losses.float() * batch["loss_mask"]).sum() / loss_tokens
         loss.backward()
-        step_loss += loss.detach().double().cpu()
+        step_loss += loss.detach().double()
     allreduce_gradients(model, ctx.dp_cp_group)
     if ctx.dp_size * ctx.cp_size > 1:
-        dist.all_reduce(step_loss, group=ctx.dp_cp_group)
+        collectives.all_reduce(step_loss, group=ctx.dp_cp_group)
     grad_norm = clip_grad_norm(model, cfg.train.clip_grad, ctx.tp_group)
     finite = check_loss_finite(step_loss.item(), step, cfg.train.on_nonfinite) and check_loss_finite(
         grad_norm, step, cfg.train.on_nonfinite, what="gradient norm"
@@ -208,7 +207,7 @@ def _stop_requested(cfg: Config, ctx: ParallelContext) -> bool:
         return False
     seen = torch.tensor(float(os.path.exists(cfg.checkpoint.stop_file)), device=ctx.device)
     if ctx.world_size > 1:
-        dist.all_reduce(seen, op=dist.ReduceOp.MAX)
+        collectives.all_reduce(seen, op=collectives.ReduceOp.MAX)
     return bool(seen.item())
 
 

@@ -85,3 +85,14 @@ def test_entry_point_reports_the_error_before_starting(capsys, without_transform
 def test_unknown_backend_is_rejected(without_transformer_engine) -> None:
     with pytest.raises(ValueError, match="choose 'sdpa' or 'te'"):
         load_config(DEMO, ["model.attention_backend=flash"]).validate(world_size=2)
+
+
+def test_te_refuses_keys_expanded_per_query_head(tmp_path: Path, monkeypatch) -> None:
+    """TE's attention is built for num_query_groups k/v heads; keys expanded to one per query
+    head (gqa_bases: per_query_head) would not fit it, so the config says so up front."""
+    _stand_in_transformer_engine(tmp_path, "", monkeypatch)
+    gqa = ["model.num_query_groups=8", "position.strategy=uniform", "position.base_min=1e6", "position.base_max=5e6"]
+    with pytest.raises(ValueError, match="per_query_head with model.attention_backend=te.*gqa_bases: per_group"):
+        load_config(LLAMA, [*gqa, "model.attention_backend=te", "position.gqa_bases=per_query_head"]).validate(world_size=32)
+    load_config(LLAMA, [*gqa, "model.attention_backend=te", "position.gqa_bases=per_group"]).validate(world_size=32)
+    load_config(LLAMA, [*gqa, "model.attention_backend=sdpa", "position.gqa_bases=per_query_head"]).validate(world_size=32)
