@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg: Config = load_config(args.config, overrides)
         world_size = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
-        cfg.validate(world_size=world_size)
+        cfg.validate(world_size=world_size, require_backend=not args.dry_run)  # plan a GPU config anywhere
     except ValueError as error:
         print(f"config error: {error}", file=sys.stderr)
         return 2

@@ -77,6 +77,42 @@ class ParallelConfig:
     """Tensor-parallel size: attention heads and MLP columns split across this many ranks."""
     context: int = 1
     """Context-parallel size: each sequence split into 2*context chunks, two per rank."""
+    sequence_parallel: bool = False
+    """megatron's sequence parallelism: norms and residuals split over the TP ranks along the
+    sequence (all-gather / reduce-scatter instead of all-reduce). attention_backend te only
+    (TE's norms; megatron's local layers refuse it) and tensor > 1."""
+    distributed_optimizer: bool = False
+    """Shard AdamW's states over the DP x CP ranks (which hold identical weights)."""
+    overlap_grad_reduce: bool = False
+    """Reduce gradients over DP x CP in buckets during the last micro-batch's backward."""
+    cp_comm_type: str = "auto"
+    """How keys/values travel over CP: auto (te: p2p, sdpa: all_gather) | p2p | a2a | all_gather.
+    sdpa implements all_gather only; p2p and a2a are Transformer Engine's."""
+
+    def resolved_cp_comm_type(self, model: ModelConfig) -> str:
+        if self.cp_comm_type != "auto":
+            return self.cp_comm_type
+        return "p2p" if model.attention_backend == "te" else "all_gather"
+
+    def validate(self, model: ModelConfig) -> None:
+        _choice("parallel.cp_comm_type", self.cp_comm_type, ("auto", "p2p", "a2a", "all_gather"))
+        if model.attention_backend == "sdpa" and self.cp_comm_type not in ("auto", "all_gather"):
+            raise ValueError(
+                f"parallel.cp_comm_type={self.cp_comm_type} is Transformer Engine's: the sdpa backend "
+                "all-gathers keys/values; use cp_comm_type: all_gather (or auto), or attention_backend: te"
+            )
+        if self.cp_comm_type == "a2a" and (model.kv_groups // self.tensor) % self.context:
+            raise ValueError(
+                f"parallel.cp_comm_type=a2a splits the {model.kv_groups // self.tensor} k/v heads of a TP rank "
+                f"over parallel.context={self.context} ranks: use p2p, or a context size dividing them"
+            )
+        if self.sequence_parallel and model.attention_backend != "te":
+            raise ValueError(
+                "parallel.sequence_parallel needs model.attention_backend: te (megatron's local layers use "
+                "torch norms, which it refuses for sequence parallelism); set sequence_parallel: false for sdpa"
+            )
+        if self.sequence_parallel and self.tensor == 1:
+            raise ValueError("parallel.sequence_parallel splits over tensor-parallel ranks: set parallel.tensor > 1 or sequence_parallel: false")
 
 
 @dataclasses.dataclass
@@ -192,16 +228,19 @@ class Config:
                     for stage in self.stages]
         return [StageConfig(self.data.seq_length, self.train.train_tokens, self.position, self.train.global_batch_size)]
 
-    def validate(self, world_size: int | None = None) -> "Config":
-        """Check every cross-field constraint; resolve base strategies into explicit bases."""
+    def validate(self, world_size: int | None = None, *, require_backend: bool = True) -> "Config":
+        """Check every cross-field constraint; resolve base strategies into explicit bases.
+        `require_backend=False` plans without checking that Transformer Engine is installed
+        (a dry run of a GPU config on a CPU machine)."""
         self.model.validate()
-        if self.model.attention_backend == "te":
+        if self.model.attention_backend == "te" and require_backend:
             from megatron_harpe.te_backend import require_transformer_engine
 
             require_transformer_engine()
         tp, cp = self.parallel.tensor, self.parallel.context
         if tp < 1 or cp < 1:
             raise ValueError("parallel.tensor and parallel.context must be >= 1")
+        self.parallel.validate(self.model)
         if self.model.num_attention_heads % tp or self.model.kv_groups % tp:
             raise ValueError(
                 f"parallel.tensor={tp} does not divide model.num_attention_heads="

@@ -120,6 +120,21 @@ def allreduce_gradients(
             grad.copy_(reduced)
 
 
+def allreduce_sequence_parallel_gradients(model: torch.nn.Module, tp_group: dist.ProcessGroup | None) -> None:
+    """Sum over TP the gradients of parameters megatron marks ``sequence_parallel`` (norm
+    weights under sequence parallelism): each TP rank saw only its part of the sequence, so
+    its gradient is a partial sum (what megatron's ``finalize_model_grads`` does for its DDP)."""
+    if _group_size(tp_group) == 1:
+        return
+    grads = [param.grad for param in model.parameters()
+             if getattr(param, "sequence_parallel", False) and param.requires_grad and param.grad is not None]  # fmt: skip
+    for bucket in _buckets(grads, DEFAULT_BUCKET_NUMEL):
+        flat = _flatten_dense_tensors(bucket)
+        collectives.all_reduce(flat, op=dist.ReduceOp.SUM, group=tp_group)
+        for grad, reduced in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+            grad.copy_(reduced)
+
+
 def _counts_towards_norm(param: torch.nn.Parameter, tp_group: dist.ProcessGroup | None) -> bool:
     """TP shards count on every rank; TP-replicated params (norms) only on TP rank 0."""
     if not param_is_not_shared(param):

@@ -26,7 +26,12 @@ from megatron_harpe.model import build_model, set_position_encoding
 from megatron_harpe.parallel import ParallelContext
 from megatron_harpe.training import checkpoint
 from megatron_harpe.training.data import StageData, prepare_training_data
-from megatron_harpe.training.grads import allreduce_gradients, clip_grad_norm, global_token_count
+from megatron_harpe.training.grads import (
+    allreduce_gradients,
+    allreduce_sequence_parallel_gradients,
+    clip_grad_norm,
+    global_token_count,
+)
 from megatron_harpe.training.monitor import TrainingMonitor, check_loss_finite
 from megatron_harpe.training.optimizer import build_optimizer
 from megatron_harpe.training.schedule import LearningRateSchedule
@@ -77,7 +82,8 @@ def train(cfg: Config) -> list[dict[str, float]]:
     # Model, optimizer, learning-rate schedule.
     params_dtype = _params_dtype(cfg, ctx)
     model = build_model(
-        cfg.model, plans[0].config.position, params_dtype=params_dtype, recompute=cfg.train.recompute
+        cfg.model, plans[0].config.position, params_dtype=params_dtype, recompute=cfg.train.recompute,
+        parallel=cfg.parallel,
     )
     optimizer = build_optimizer(
         model,
@@ -154,6 +160,8 @@ def train_step(cfg: Config, ctx: ParallelContext, stage: StageConfig, model, opt
         loss = (token_losses.float() * batch["loss_mask"]).sum() / loss_tokens
         loss.backward()
         step_loss += loss.detach().double()
+    if cfg.parallel.sequence_parallel:
+        allreduce_sequence_parallel_gradients(model, ctx.tp_group)
     allreduce_gradients(model, ctx.dp_cp_group)
     if ctx.dp_size * ctx.cp_size > 1:
         collectives.all_reduce(step_loss, group=ctx.dp_cp_group)
