@@ -77,3 +77,22 @@ def reduce_scatter_sum(stacked: torch.Tensor, group: dist.ProcessGroup | None = 
         dist.all_reduce(work, group=group)
         local = work[rank]
     return local.to(stacked.device)
+
+
+class PendingReduction:
+    """An all-reduce in flight; `wait()` completes it and leaves the result in the caller's tensor."""
+
+    def __init__(self, work, moved: torch.Tensor, tensor: torch.Tensor) -> None:
+        self.work, self.moved, self.tensor = work, moved, tensor
+
+    def wait(self) -> torch.Tensor:
+        self.work.wait()
+        if self.moved is not self.tensor:
+            self.tensor.copy_(self.moved)
+        return self.tensor
+
+
+def all_reduce_async(tensor: torch.Tensor, op=ReduceOp.SUM, group: dist.ProcessGroup | None = None) -> PendingReduction:
+    """Start an all-reduce of `tensor` (returns at once); call `.wait()` on the result before use."""
+    work = _on(tensor, collective_device(group))
+    return PendingReduction(dist.all_reduce(work, op=op, group=group, async_op=True), work, tensor)

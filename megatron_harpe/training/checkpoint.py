@@ -107,7 +107,7 @@ def save_checkpoint(
 
     sharded: dict[str, Any] = {"model": model.sharded_state_dict()}
     if optimizer is not None:
-        sharded["optimizer"] = _optimizer_sharded_state(optimizer, sharded["model"], placeholders=None)
+        sharded["optimizer"] = _optimizer_state_for_checkpoint(optimizer, sharded["model"], placeholders=None)
     dist_checkpointing.save(
         sharded, str(work_dir / "dist"), sharded_strategy=_save_strategy(), async_sharded_save=False
     )
@@ -294,7 +294,7 @@ def load_checkpoint(
     sharded: dict[str, Any] = {"model": model.sharded_state_dict()}
     if load_optimizer:
         saved = dist_checkpointing.load_common_state_dict(dist_dir)["optimizer"]
-        sharded["optimizer"] = _optimizer_sharded_state(optimizer, sharded["model"], placeholders=saved)
+        sharded["optimizer"] = _optimizer_state_for_checkpoint(optimizer, sharded["model"], placeholders=saved)
     try:
         loaded = load_sharded(sharded, dist_dir)  # tolerates TE's _extra_state either way round
     except Exception as error:  # dist_checkpointing raises bare exceptions on shape/key mismatch
@@ -307,7 +307,9 @@ def load_checkpoint(
     real_missing = [key for key in missing if not key.endswith("_extra_state")]
     if real_missing or unexpected:
         raise ValueError(f"{checkpoint}: weights missing {real_missing}, unexpected {unexpected}")
-    if load_optimizer:
+    if load_optimizer and hasattr(optimizer, "load_sharded"):  # sharded over DP x CP (sharded_optimizer.py)
+        optimizer.load_sharded(loaded["optimizer"], saved)
+    elif load_optimizer:
         _load_optimizer_state(optimizer, loaded["optimizer"])
     if load_rng and not weights_only:
         _load_rng_state(checkpoint / "rng" / f"rank_{dist.get_rank():05d}.pt")
@@ -330,6 +332,14 @@ def _load_rng_state(path: Path) -> None:
 
 
 # ---------------------------------------------------------------------- sharded optimizer state
+
+
+def _optimizer_state_for_checkpoint(optimizer, model_sharded: dict, placeholders: dict | None) -> dict:
+    """A sharded optimizer (training/sharded_optimizer.py) describes its own part; the same
+    global tensors either way, so both load each other's checkpoints."""
+    if hasattr(optimizer, "sharded_state"):
+        return optimizer.sharded_state(model_sharded, placeholders)
+    return _optimizer_sharded_state(optimizer, model_sharded, placeholders)
 
 
 def _optimizer_sharded_state(

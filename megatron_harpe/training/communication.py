@@ -21,10 +21,11 @@ m = micro-batches per step, L = layers, P = parameters per rank, n = DP x CP):
   attention compute of the step, exposed beyond it. CP, our sdpa all-gather (and TE's
   all_gather): a synchronous all-gather of k/v per layer and pass, and its reduce-scatter in
   backward: exposed. TE a2a: two all-to-alls of q/k/v per layer and pass each way, exposed.
-- DP x CP gradients: all-reduce of fp32 gradients 2 (n-1)/n P x 4 B, or with optimizer
-  sharding a reduce-scatter (n-1)/n P x 4 B plus the all-gather of the updated weights
-  (n-1)/n P x weight bytes. With `overlap_grad_reduce` the gradient reduction runs during the
-  backward of the last micro-batch (hidden up to that time); the weight all-gather is exposed.
+- DP x CP gradients (what training/sharded_optimizer.py and grad_overlap.py do): all-reduce of
+  fp32 gradients 2 (n-1)/n P x 4 B; with optimizer sharding each owner then broadcasts the
+  weights it updated, (n-1)/n P x weight bytes per GPU (megatron's reduce-scatter would halve
+  the gradient traffic). With `overlap_grad_reduce` the gradient reduction runs during the
+  backward of the last micro-batch (hidden up to that time); the weight broadcast is exposed.
 """
 
 from __future__ import annotations
@@ -89,9 +90,8 @@ def communication_items(cfg, layout, hardware, precision, stage, backend: str, *
         ring = (replicas - 1) / replicas
         last_backward = compute_seconds / micro_batches * 2 / 3 if layout.overlap_grad_reduce else 0.0
         hidden_by = "backward of the last micro-batch" if layout.overlap_grad_reduce else ""
-        if layout.optimizer_sharding:
-            add("data", "gradient reduce-scatter (fp32)", ring * parameters * 4, layout.gpus, hidden_by, last_backward)
-            add("data", "updated weight all-gather", ring * parameters * precision.stored_weight_bytes, layout.gpus)
-        else:
-            add("data", "gradient all-reduce (fp32)", 2 * ring * parameters * 4, layout.gpus, hidden_by, last_backward)
+        add("data", "gradient all-reduce (fp32)", 2 * ring * parameters * 4, layout.gpus, hidden_by, last_backward)
+        if layout.optimizer_sharding:  # sharded_optimizer.py: each owner broadcasts what it updated
+            add("data", "updated weight broadcast from owners", ring * parameters * precision.stored_weight_bytes,
+                layout.gpus)  # fmt: skip
     return items

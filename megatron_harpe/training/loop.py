@@ -26,6 +26,7 @@ from megatron_harpe.model import build_model, set_position_encoding
 from megatron_harpe.parallel import ParallelContext
 from megatron_harpe.training import checkpoint
 from megatron_harpe.training.data import StageData, prepare_training_data
+from megatron_harpe.training.grad_overlap import OverlappedGradientReduction
 from megatron_harpe.training.grads import (
     allreduce_gradients,
     allreduce_sequence_parallel_gradients,
@@ -35,6 +36,7 @@ from megatron_harpe.training.grads import (
 from megatron_harpe.training.monitor import TrainingMonitor, check_loss_finite
 from megatron_harpe.training.optimizer import build_optimizer
 from megatron_harpe.training.schedule import LearningRateSchedule
+from megatron_harpe.training.sharded_optimizer import ShardedAdamW
 
 
 @dataclasses.dataclass
@@ -85,13 +87,12 @@ def train(cfg: Config) -> list[dict[str, float]]:
         cfg.model, plans[0].config.position, params_dtype=params_dtype, recompute=cfg.train.recompute,
         parallel=cfg.parallel,
     )
-    optimizer = build_optimizer(
-        model,
-        lr=cfg.train.lr,
-        weight_decay=cfg.train.weight_decay,
-        betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
-        eps=cfg.train.adam_eps,
-    )
+    adamw = dict(lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                 betas=(cfg.train.adam_beta1, cfg.train.adam_beta2), eps=cfg.train.adam_eps)  # fmt: skip
+    if cfg.parallel.distributed_optimizer:  # states sharded over DP x CP; the reasons in sharded_optimizer.py
+        optimizer = ShardedAdamW(model, ctx.dp_cp_group, **adamw)
+    else:
+        optimizer = build_optimizer(model, **adamw)
     schedule = LearningRateSchedule(
         peak_lr=cfg.train.lr,
         warmup_steps=cfg.train.warmup_steps,
@@ -99,6 +100,9 @@ def train(cfg: Config) -> list[dict[str, float]]:
         style=cfg.train.lr_schedule,
         min_lr=cfg.train.min_lr,
     )
+
+    overlapped = cfg.parallel.overlap_grad_reduce and ctx.dp_size * ctx.cp_size > 1
+    reducer = OverlappedGradientReduction(model, ctx.dp_cp_group) if overlapped else None
 
     # Resume from our own latest checkpoint, or start from pretrained weights only.
     state = _restore(cfg, model, optimizer, schedule, log)
@@ -119,7 +123,7 @@ def train(cfg: Config) -> list[dict[str, float]]:
         batches = training_data[plan.index].micro_batches(consumed_steps=state.stage_step)
         while state.stage_step < plan.steps:
             loss, grad_norm, lr, tokens, skipped = train_step(
-                cfg, ctx, plan.config, model, optimizer, schedule, batches, state.iteration + 1
+                cfg, ctx, plan.config, model, optimizer, schedule, batches, state.iteration + 1, reducer
             )
             state.iteration += 1
             state.stage_step += 1
@@ -144,7 +148,8 @@ def train(cfg: Config) -> list[dict[str, float]]:
     return history
 
 
-def train_step(cfg: Config, ctx: ParallelContext, stage: StageConfig, model, optimizer, schedule, batches, step: int):
+def train_step(cfg: Config, ctx: ParallelContext, stage: StageConfig, model, optimizer, schedule, batches, step: int,
+               reducer: OverlappedGradientReduction | None = None):
     """One optimizer step of `stage` over this rank's micro-batches. Returns (global mean loss,
     grad norm, learning rate, tokens in the step over the whole job, skipped)."""
     accumulation = stage.global_batch_size // (cfg.train.micro_batch_size * ctx.dp_size)
@@ -154,15 +159,20 @@ def train_step(cfg: Config, ctx: ParallelContext, stage: StageConfig, model, opt
     model.train()
     step_loss = torch.zeros((), dtype=torch.float64, device=ctx.device)
     autocast = _autocast(cfg, ctx)
-    for batch in micro_batches:
+    for index, batch in enumerate(micro_batches):
+        if reducer is not None and index == len(micro_batches) - 1:
+            reducer.arm()  # the last backward completes the gradients: buckets reduce as they fill
         with autocast:
             token_losses = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
         loss = (token_losses.float() * batch["loss_mask"]).sum() / loss_tokens
         loss.backward()
         step_loss += loss.detach().double()
-    if cfg.parallel.sequence_parallel:
+    if reducer is not None:
+        reducer.finish()
+    else:
+        allreduce_gradients(model, ctx.dp_cp_group)
+    if cfg.parallel.sequence_parallel:  # after the DP x CP sum, which writes whole gradients back
         allreduce_sequence_parallel_gradients(model, ctx.tp_group)
-    allreduce_gradients(model, ctx.dp_cp_group)
     if ctx.dp_size * ctx.cp_size > 1:
         collectives.all_reduce(step_loss, group=ctx.dp_cp_group)
     grad_norm = clip_grad_norm(model, cfg.train.clip_grad, ctx.tp_group)

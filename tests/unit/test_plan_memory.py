@@ -111,10 +111,10 @@ def test_communication_of_the_paper_layout(preset) -> None:
     assert context.sent_bytes == 4 * 3 * 2 * 32768 * 8 * 128 * 2 * 32 * 16 == 768 * GIB
     assert context.link == "infiniband" and context.seconds == pytest.approx(768 * GIB / 40e9)
     assert context.exposed_seconds == 0.0  # 20.6 s under 45.5 s of attention (4 x 34.4 of 190.3 GFLOP per token)
-    # DP x CP = 8: reduce-scatter fp32 gradients (hidden by the last backward), all-gather fp32 weights (exposed)
-    scatter, gather = items["data:gradient reduce-scatter (fp32)"], items["data:updated weight all-gather"]
-    assert scatter.sent_bytes == gather.sent_bytes == 7 / 8 * 1_684_803_584 * 4
-    assert scatter.exposed_seconds == 0.0 and gather.exposed_seconds == pytest.approx(7 / 8 * 1_684_803_584 * 4 / 40e9)
+    # DP x CP = 8: all-reduce fp32 gradients (hidden by the last backward: 0.29 s < 2.6 s), owners broadcast fp32 weights (exposed)
+    reduce, gather = items["data:gradient all-reduce (fp32)"], items["data:updated weight broadcast from owners"]
+    assert reduce.sent_bytes == 2 * 7 / 8 * 1_684_803_584 * 4 and gather.sent_bytes == 7 / 8 * 1_684_803_584 * 4
+    assert reduce.exposed_seconds == 0.0 and gather.exposed_seconds == pytest.approx(7 / 8 * 1_684_803_584 * 4 / 40e9)
     assert step.step_seconds == pytest.approx(compute + 1152 * GIB / 360e9 + 7 / 8 * 1_684_803_584 * 4 / 40e9)
 
 
