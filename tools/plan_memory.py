@@ -156,7 +156,8 @@ def describe(cfg: Config, plan: LayoutPlan, hardware: Hardware, backend: str) ->
     lines.append(f"  total             {gib(memory.total)}   of {usable:.1f} usable ({hardware.memory_gib:g} GiB x "
                  f"{hardware.usable_fraction:g}): {verdict}")  # fmt: skip
     comm = ", ".join(f"{dim} {volume / GIB:.1f}" for dim, volume in step.communication_bytes.items()) or "0"
-    model_utilization = hardware.utilization * step.model_flops_per_token / step.executed_flops_per_token
+    model_utilization = (step.tokens_per_step * step.model_flops_per_token
+                         / (step.step_seconds * layout.gpus * hardware.peak_tflops * 1e12))  # communication included
     lines.append(f"  step time         {step.step_seconds:8.2f} s    at {hardware.utilization:.0%} of "
                  f"{hardware.peak_tflops:g} TFLOP/s (model FLOPs utilisation {model_utilization:.0%})")  # fmt: skip
     lines.append(f"  sent per GPU      {comm} GiB per step; compute {step.compute_seconds:.2f} s + exposed "
