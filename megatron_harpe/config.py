@@ -270,6 +270,12 @@ class Config:
                     f"stage {index} has no training tokens: set train.train_tokens (one stage) or "
                     "stages[].tokens"
                 )
+            if self.parallel.sequence_parallel and (stage.seq_length // cp) % tp:
+                raise ValueError(
+                    f"sequence length {stage.seq_length} (stage {index}) / parallel.context={cp} is not divisible by "
+                    f"parallel.tensor={tp}: sequence parallelism splits each rank's tokens over TP; change the "
+                    "sequence length or set parallel.sequence_parallel: false"
+                )
             if self.model.attention_backend == "te" and stage.position.expands_keys(self.model):
                 raise ValueError(
                     "position.gqa_bases=per_query_head with model.attention_backend=te: the keys are expanded "

@@ -124,7 +124,7 @@ class ShardedAdamW:
                 values = {key: torch.empty_like(param) for key in stepped.get(index, ())}
             for key, value in values.items():
                 sharded = make_sharded_optimizer_tensor(param_to_sharded[index], value, prefix=f"optimizer.state.{key}")
-                sharded.replica_id = (*sharded.replica_id[:-1], 0)  # the owner writes, whatever its DP x CP rank
+                sharded.replica_id = _owner_writes(sharded.replica_id)
                 tensor_state.setdefault(index, {})[key] = sharded
         groups = [{**{k: v for k, v in group.items() if k != "params"},
                    "params": LocalNonpersistentObject(list(range(len(group["params"]))))}
@@ -155,3 +155,11 @@ class ShardedAdamW:
                 **{key: value.to(device=param.device, dtype=param.dtype) for key, value in moments.items()},
             }
 
+
+def _owner_writes(replica_id):
+    """megatron's replica ids of model tensors are (0, TP replica, DP x CP rank): only DP x CP
+    rank 0 writes a weight. An optimizer moment exists on its owner only, which writes it
+    whatever its DP x CP rank."""
+    if isinstance(replica_id, int):
+        return 0
+    return (*replica_id[:-1], 0)

@@ -35,6 +35,7 @@ def test_the_preset_asks_for_the_cuda_plan():
         (["parallel.tensor=1", "parallel.context=4"], "parallel.sequence_parallel splits over tensor-parallel ranks"),
         (["parallel.cp_comm_type=a2a", "parallel.context=16"], "a2a splits the 8 k/v heads"),
         (["parallel.distributed_optimizer=3"], "parallel.distributed_optimizer must be a bool"),
+        (["data.seq_length=131064"], "131064 .stage 0. / parallel.context=4 is not divisible by parallel.tensor=4"),
     ],
 )
 def test_impossible_parallel_settings_name_the_key(overrides, message):
