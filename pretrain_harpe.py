@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg: Config = load_config(args.config, overrides)
         world_size = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
-        cfg.validate(world_size=world_size)
+        cfg.validate(world_size=world_size, require_backend=not args.dry_run)  # plan a GPU config anywhere
         planning = args.dry_run and args.world_size is not None  # for a job elsewhere: its data may be too
         try:
             cfg.check_inputs()

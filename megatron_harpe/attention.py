@@ -17,13 +17,14 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch.nn.attention.bias import causal_lower_right
+
+from megatron_harpe import collectives
 
 
 class SdpaCoreAttention(MegatronModule):
@@ -132,18 +133,8 @@ class _AllGather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, local: torch.Tensor, group) -> torch.Tensor:
         ctx.group = group
-        parts = [torch.empty_like(local) for _ in range(group.size())]
-        dist.all_gather(parts, local, group=group)
-        return torch.stack(parts)
+        return torch.stack(collectives.all_gather(local, group=group))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        group = ctx.group
-        rank = dist.get_rank(group)
-        if dist.get_backend(group) == "nccl":
-            local = torch.empty_like(grad[rank])
-            dist.reduce_scatter_tensor(local, grad.contiguous(), group=group)
-            return local, None
-        grad = grad.contiguous()
-        dist.all_reduce(grad, group=group)  # gloo has no reduce-scatter
-        return grad[rank], None
+        return collectives.reduce_scatter_sum(grad.contiguous(), group=ctx.group), None

@@ -80,6 +80,42 @@ class ParallelConfig:
     timeout_minutes: float = 10.0
     """A collective waiting longer than this for the other ranks fails, naming the rank and what
     it was doing (a frozen or dead rank). Raise it if checkpoint saves on a slow filesystem take longer."""
+    sequence_parallel: bool = False
+    """megatron's sequence parallelism: norms and residuals split over the TP ranks along the
+    sequence (all-gather / reduce-scatter instead of all-reduce). attention_backend te only
+    (TE's norms; megatron's local layers refuse it) and tensor > 1."""
+    distributed_optimizer: bool = False
+    """Shard AdamW's states over the DP x CP ranks (which hold identical weights)."""
+    overlap_grad_reduce: bool = False
+    """Reduce gradients over DP x CP in buckets during the last micro-batch's backward."""
+    cp_comm_type: str = "auto"
+    """How keys/values travel over CP: auto (te: p2p, sdpa: all_gather) | p2p | a2a | all_gather.
+    sdpa implements all_gather only; p2p and a2a are Transformer Engine's."""
+
+    def resolved_cp_comm_type(self, model: ModelConfig) -> str:
+        if self.cp_comm_type != "auto":
+            return self.cp_comm_type
+        return "p2p" if model.attention_backend == "te" else "all_gather"
+
+    def validate(self, model: ModelConfig) -> None:
+        _choice("parallel.cp_comm_type", self.cp_comm_type, ("auto", "p2p", "a2a", "all_gather"))
+        if model.attention_backend == "sdpa" and self.cp_comm_type not in ("auto", "all_gather"):
+            raise ValueError(
+                f"parallel.cp_comm_type={self.cp_comm_type} is Transformer Engine's: the sdpa backend "
+                "all-gathers keys/values; use cp_comm_type: all_gather (or auto), or attention_backend: te"
+            )
+        if self.cp_comm_type == "a2a" and (model.kv_groups // self.tensor) % self.context:
+            raise ValueError(
+                f"parallel.cp_comm_type=a2a splits the {model.kv_groups // self.tensor} k/v heads of a TP rank "
+                f"over parallel.context={self.context} ranks: use p2p, or a context size dividing them"
+            )
+        if self.sequence_parallel and model.attention_backend != "te":
+            raise ValueError(
+                "parallel.sequence_parallel needs model.attention_backend: te (megatron's local layers use "
+                "torch norms, which it refuses for sequence parallelism); set sequence_parallel: false for sdpa"
+            )
+        if self.sequence_parallel and self.tensor == 1:
+            raise ValueError("parallel.sequence_parallel splits over tensor-parallel ranks: set parallel.tensor > 1 or sequence_parallel: false")
 
 
 @dataclasses.dataclass
@@ -199,11 +235,13 @@ class Config:
                     for stage in self.stages]
         return [StageConfig(self.data.seq_length, self.train.train_tokens, self.position, self.train.global_batch_size)]
 
-    def validate(self, world_size: int | None = None) -> "Config":
-        """Check every cross-field constraint; resolve base strategies into explicit bases."""
+    def validate(self, world_size: int | None = None, *, require_backend: bool = True) -> "Config":
+        """Check every cross-field constraint; resolve base strategies into explicit bases.
+        `require_backend=False` plans without checking that Transformer Engine is installed
+        (a dry run of a GPU config on a CPU machine)."""
         _check_ranges(self)
         self.model.validate()
-        if self.model.attention_backend == "te":
+        if self.model.attention_backend == "te" and require_backend:
             from megatron_harpe.te_backend import require_transformer_engine
 
             require_transformer_engine()
@@ -212,6 +250,7 @@ class Config:
             raise ValueError("parallel.tensor and parallel.context must be >= 1")
         if self.parallel.timeout_minutes <= 0:
             raise ValueError(f"parallel.timeout_minutes={self.parallel.timeout_minutes} must be positive")
+        self.parallel.validate(self.model)
         if self.model.num_attention_heads % tp or self.model.kv_groups % tp:
             raise ValueError(
                 f"parallel.tensor={tp} does not divide model.num_attention_heads="
@@ -240,6 +279,18 @@ class Config:
                 raise ValueError(
                     f"stage {index} has no training tokens: set train.train_tokens (one stage) or "
                     "stages[].tokens"
+                )
+            if self.parallel.sequence_parallel and (stage.seq_length // cp) % tp:
+                raise ValueError(
+                    f"sequence length {stage.seq_length} (stage {index}) / parallel.context={cp} is not divisible by "
+                    f"parallel.tensor={tp}: sequence parallelism splits each rank's tokens over TP; change the "
+                    "sequence length or set parallel.sequence_parallel: false"
+                )
+            if self.model.attention_backend == "te" and stage.position.expands_keys(self.model):
+                raise ValueError(
+                    "position.gqa_bases=per_query_head with model.attention_backend=te: the keys are expanded "
+                    "to one per query head, while Transformer Engine's attention is built for "
+                    f"{self.model.kv_groups} k/v groups; use gqa_bases: per_group, or attention_backend: sdpa"
                 )
         train = self.train
         _choice("train.lr_schedule", train.lr_schedule, ("constant", "cosine"))

@@ -31,7 +31,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_harpe.attention import SdpaCoreAttention
-from megatron_harpe.config import ModelConfig
+from megatron_harpe.config import ModelConfig, ParallelConfig
 from megatron_harpe.position.config import PositionConfig
 from megatron_harpe.position.rotary import HeadwiseRotaryEmbedding
 
@@ -55,7 +55,10 @@ def transformer_config(
     *,
     params_dtype: torch.dtype = torch.float32,
     initialize: bool = True,
+    parallel: ParallelConfig | None = None,
 ) -> TransformerConfig:
+    parallel = parallel or ParallelConfig(tensor=parallel_state.get_tensor_model_parallel_world_size(),
+                                          context=parallel_state.get_context_parallel_world_size())
     tp = parallel_state.get_tensor_model_parallel_world_size()
     cp = parallel_state.get_context_parallel_world_size()
     on_gpu = torch.cuda.is_available()
@@ -87,7 +90,8 @@ def transformer_config(
         masked_softmax_fusion=False,
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
-        cp_comm_type="p2p" if model.attention_backend == "te" and cp > 1 else None,
+        cp_comm_type=parallel.resolved_cp_comm_type(model) if model.attention_backend == "te" and cp > 1 else None,
+        sequence_parallel=parallel.sequence_parallel and tp > 1,  # validated: te backend only
     )
     return config
 
@@ -112,10 +116,11 @@ def build_model(
     params_dtype: torch.dtype = torch.float32,
     initialize: bool = True,
     recompute: str = "none",
+    parallel: ParallelConfig | None = None,
 ) -> GPTModel:
     """Build this rank's shard of the model. Needs `parallel.initialize()` first and a
     resolved `position` (explicit bases)."""
-    config = transformer_config(model, position, params_dtype=params_dtype, initialize=initialize)
+    config = transformer_config(model, position, params_dtype=params_dtype, initialize=initialize, parallel=parallel)
     gpt = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(model, position),

@@ -20,6 +20,8 @@ import threading
 import torch
 import torch.distributed as dist
 
+from megatron_harpe import collectives
+
 _PEER_LOST = re.compile(r"timed out|timeout|connection closed|connection reset|broken pipe|socket closed", re.I)
 EXIT_WITH_PARENT_ENV = "MEGATRON_HARPE_EXIT_WITH_PARENT"
 """Set by `run_on_ranks` for its workers; torchrun's workers are recognised by TORCHELASTIC_RUN_ID."""
@@ -54,19 +56,12 @@ class CollectiveGuard:
         ) from error
 
 
-def collective_device() -> torch.device:
-    """Where tensors of a collective must live for the default group's backend."""
-    if dist.is_initialized() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def any_rank_failed(failed: bool, group: dist.ProcessGroup | None = None) -> bool:
     """Collective: True on every rank if `failed` is True on any rank."""
     if not dist.is_initialized() or dist.get_world_size(group) == 1:
         return failed
-    flag = torch.tensor([float(failed)], device=collective_device())
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    flag = torch.tensor([float(failed)])
+    collectives.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)  # on the group's device (NCCL: cuda)
     return bool(flag.item())
 
 

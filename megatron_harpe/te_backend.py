@@ -8,7 +8,10 @@ fusion off, because TE's fused RoPE kernel accepts a single frequency row for al
 
 from __future__ import annotations
 
-from megatron.core.transformer.spec_utils import ModuleSpec
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # megatron-core's import prints notes about TE/apex; planning needs none of it
+    from megatron.core.transformer.spec_utils import ModuleSpec
 
 
 def transformer_engine_available() -> bool:

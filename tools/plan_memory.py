@@ -15,13 +15,17 @@ parallel layouts that fit, fastest first.
 Memory is an upper bound for one rank at its peak (weights, gradients, optimizer states, one
 micro-batch of activations, rotary tables, the largest transient buffer); see the formulas and
 their sources in megatron_harpe/training/memory.py. `--precision trainer` (default) is what
-pretrain_harpe.py does today: fp32 weights with bf16 autocast on GPU, and no optimizer sharding
-(`--optimizer-sharding` shows what megatron's distributed optimizer would save).
+pretrain_harpe.py does today: fp32 weights with bf16 autocast on GPU. Sequence parallelism,
+optimizer sharding and gradient-reduction overlap follow the config's `parallel` section unless
+--[no-]sequence-parallel / --[no-]optimizer-sharding / --[no-]overlap-grad-reduce say otherwise.
+The step time adds to compute the communication compute does not hide (TP, CP, DP x CP traffic
+over NVLink inside a node and InfiniBand between nodes; --nvlink-gbs / --ib-gbs set the links).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 from pathlib import Path
@@ -38,6 +42,7 @@ from megatron_harpe.training.memory import (  # noqa: E402
     Hardware,
     Layout,
     LayoutPlan,
+    config_layout,
     estimate_memory,
     estimate_step,
     longest_stage,
@@ -58,8 +63,14 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--cpu", action="store_true", help="plan CPU processes (fp32, the CPU attention path)")
     parser.add_argument("--backend", choices=["sdpa", "te"], default=None, help="default: model.attention_backend")
     parser.add_argument("--cp-comm", choices=CP_COMM_CHOICES, default=None, help="te: p2p (default) | a2a | all_gather")
-    parser.add_argument("--sequence-parallel", action="store_true", help="te backend: split norms over TP")
-    parser.add_argument("--optimizer-sharding", action="store_true", help="rank layouts with a distributed optimizer")
+    parser.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=None,
+                        help="te backend: split norms over TP (default: parallel.sequence_parallel)")
+    parser.add_argument("--optimizer-sharding", action=argparse.BooleanOptionalAction, default=None,
+                        help="AdamW states sharded over DP x CP (default: parallel.distributed_optimizer)")
+    parser.add_argument("--overlap-grad-reduce", action=argparse.BooleanOptionalAction, default=None,
+                        help="gradient reduction during backward (default: parallel.overlap_grad_reduce)")
+    parser.add_argument("--nvlink-gbs", type=float, default=360.0, help="GB/s a GPU sends inside a node (default 360)")
+    parser.add_argument("--ib-gbs", type=float, default=40.0, help="GB/s a GPU sends between nodes (default 40)")
     parser.add_argument("--tensor", type=int, default=None, help="layout to detail (default: parallel.tensor)")
     parser.add_argument("--context", type=int, default=None, help="layout to detail (default: parallel.context)")
     parser.add_argument("--micro-batch", type=int, default=None, help="default: train.micro_batch_size")
@@ -94,19 +105,30 @@ def detailed_layout(args: argparse.Namespace, cfg: Config) -> Layout:
     cfg.parallel.tensor = args.tensor or cfg.parallel.tensor
     cfg.parallel.context = args.context or cfg.parallel.context
     cfg.train.micro_batch_size = args.micro_batch or cfg.train.micro_batch_size
-    cfg.validate(world_size=args.gpus)
-    tp, cp = cfg.parallel.tensor, cfg.parallel.context
-    backend = args.backend or cfg.model.attention_backend
-    return Layout(
-        tensor=tp,
-        context=cp,
-        data=args.gpus // (tp * cp),
-        micro_batch=cfg.train.micro_batch_size,
-        recompute=args.recompute or cfg.train.recompute,
-        sequence_parallel=args.sequence_parallel and tp > 1,
+    cfg.validate(world_size=args.gpus, require_backend=False)
+    layout = config_layout(cfg, args.gpus)
+    return dataclasses.replace(
+        layout,
+        recompute=args.recompute or layout.recompute,
+        sequence_parallel=args.sequence_parallel and layout.tensor > 1,
         optimizer_sharding=args.optimizer_sharding,
-        cp_comm=args.cp_comm or ("p2p" if backend == "te" else "all_gather"),
+        overlap_grad_reduce=args.overlap_grad_reduce,
+        cp_comm=args.cp_comm or _default_cp_comm(cfg, args),
     )
+
+
+def _default_cp_comm(cfg: Config, args: argparse.Namespace) -> str:
+    if args.backend and args.backend != cfg.model.attention_backend:
+        return "p2p" if args.backend == "te" else "all_gather"
+    return cfg.parallel.resolved_cp_comm_type(cfg.model)
+
+
+def _apply_config_defaults(args: argparse.Namespace, cfg: Config) -> None:
+    """Switches not given on the command line come from the config's `parallel` section."""
+    for flag, key in (("sequence_parallel", "sequence_parallel"), ("optimizer_sharding", "distributed_optimizer"),
+                      ("overlap_grad_reduce", "overlap_grad_reduce")):  # fmt: skip
+        if getattr(args, flag) is None:
+            setattr(args, flag, getattr(cfg.parallel, key))
 
 
 def describe(cfg: Config, plan: LayoutPlan, hardware: Hardware, backend: str) -> list[str]:
@@ -134,10 +156,19 @@ def describe(cfg: Config, plan: LayoutPlan, hardware: Hardware, backend: str) ->
     lines.append(f"  total             {gib(memory.total)}   of {usable:.1f} usable ({hardware.memory_gib:g} GiB x "
                  f"{hardware.usable_fraction:g}): {verdict}")  # fmt: skip
     comm = ", ".join(f"{dim} {volume / GIB:.1f}" for dim, volume in step.communication_bytes.items()) or "0"
-    model_utilization = hardware.utilization * step.model_flops_per_token / step.executed_flops_per_token
+    model_utilization = (step.tokens_per_step * step.model_flops_per_token
+                         / (step.step_seconds * layout.gpus * hardware.peak_tflops * 1e12))  # communication included
     lines.append(f"  step time         {step.step_seconds:8.2f} s    at {hardware.utilization:.0%} of "
                  f"{hardware.peak_tflops:g} TFLOP/s (model FLOPs utilisation {model_utilization:.0%})")  # fmt: skip
-    lines.append(f"  sent per GPU      {comm} GiB per step")
+    lines.append(f"  sent per GPU      {comm} GiB per step; compute {step.compute_seconds:.2f} s + exposed "
+                 f"communication {step.exposed_communication_seconds:.2f} s")  # fmt: skip
+    for item in step.communication:
+        hidden = f"hidden by {item.hidden_by}" if item.hidden_by else "on the critical path"
+        lines.append(f"      {item.dimension:8s} {item.what:48s} {item.sent_bytes / GIB:8.1f} GiB over {item.link:10s} "
+                     f"{item.seconds:7.2f} s, {hidden}: {item.exposed_seconds:.2f} s exposed")  # fmt: skip
+    lines.append(f"  assumed links     NVLink {hardware.nvlink_gbs:g} GB/s per GPU inside a node of "
+                 f"{hardware.gpus_per_node}, InfiniBand {hardware.ib_gbs:g} GB/s per GPU between nodes "
+                 "(--nvlink-gbs, --ib-gbs, --gpus-per-node)")  # fmt: skip
     return lines
 
 
@@ -152,9 +183,10 @@ def total_hours(cfg: Config, layout: Layout, hardware: Hardware, precision, back
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        cfg = load_config(args.config, overrides).validate()
+        cfg = load_config(args.config, overrides).validate(require_backend=False)
     except ValueError as error:
         return cli.report_user_error(error)
+    _apply_config_defaults(args, cfg)
     try:
         layout = detailed_layout(args, cfg)
     except ValueError as error:
@@ -165,12 +197,14 @@ def main(argv: list[str] | None = None) -> int:
               "layout that fits instead\n")  # fmt: skip
         layout = None
     backend = args.backend or cfg.model.attention_backend
-    hardware = Hardware(args.gpu_memory, args.peak_tflops, args.utilization, args.gpus_per_node)
+    hardware = Hardware(args.gpu_memory, args.peak_tflops, args.utilization, args.gpus_per_node,
+                        nvlink_gbs=args.nvlink_gbs, ib_gbs=args.ib_gbs)
     device = "cpu" if args.cpu else "gpu"
     precision = trainer_precision(cfg, device) if args.precision == "trainer" else PRECISIONS[args.precision]
     plans = rank_layouts(
         cfg, hardware, args.gpus, precision, backend=backend, device=device,
-        optimizer_sharding=args.optimizer_sharding, sequence_parallel=args.sequence_parallel, cp_comm=args.cp_comm,
+        optimizer_sharding=args.optimizer_sharding, sequence_parallel=args.sequence_parallel,
+        cp_comm=args.cp_comm or _default_cp_comm(cfg, args), overlap_grad_reduce=args.overlap_grad_reduce,
     )  # fmt: skip
     if layout is None:
         if not plans:

@@ -98,10 +98,10 @@ class DistanceAccumulator:
 
     def all_reduce(self, group: Any) -> None:
         """Sum with the other ranks of `group` (they hold other heads or other queries)."""
-        import torch.distributed as dist
+        from megatron_harpe import collectives
 
         for tensor in (self.queries, self.distance, self.first_token, self.beyond):
-            dist.all_reduce(tensor, group=group)
+            collectives.all_reduce(tensor, group=group)  # host float64 accumulators: moved for NCCL
 
     def means(self) -> dict[str, Any]:
         """{"mean_distance": [L, H], "first_token_mass": [L, H], "share_beyond": {T: [L, H]}};

@@ -21,10 +21,9 @@ import os
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megatron_harpe import parallel
+from megatron_harpe import collectives, parallel
 from megatron_harpe.config import Config
 from megatron_harpe.model import build_model
 from megatron_harpe.position.rotary import context_parallel_positions
@@ -90,7 +89,7 @@ class MegatronBackend:
         # each CP rank fills the rows it holds; a sum over the CP group assembles them
         result = torch.zeros(last, rows.size(-1), device=self.device)
         result[local_positions[wanted] - (length - last)] = rows
-        dist.all_reduce(result, group=parallel_state.get_context_parallel_group())
+        collectives.all_reduce(result, group=parallel_state.get_context_parallel_group())
         return result[:, : self.tokenizer.vocab_size]
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
@@ -119,6 +118,4 @@ def _gather_vocabulary(local: torch.Tensor) -> torch.Tensor:
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     if tp_size == 1:
         return local
-    parts = [torch.empty_like(local) for _ in range(tp_size)]
-    dist.all_gather(parts, local, group=parallel_state.get_tensor_model_parallel_group())
-    return torch.cat(parts, dim=-1)
+    return torch.cat(collectives.all_gather(local, group=parallel_state.get_tensor_model_parallel_group()), dim=-1)

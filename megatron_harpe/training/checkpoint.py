@@ -46,7 +46,6 @@ from megatron.core.dist_checkpointing.optimizer import (
     get_param_id_to_sharded_param_map,
     make_sharded_optimizer_tensor,
 )
-from megatron.core.dist_checkpointing.serialization import StrictHandling
 from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint.utils import _get_failure_dict
@@ -54,6 +53,8 @@ from torch.distributed.checkpoint.utils import _get_failure_dict
 from megatron_harpe.rank_health import any_rank_failed
 from megatron_harpe.training.checkpoint_check import CONFIG_FILE, TRAIN_STATE_FILE, checkpoint_problem
 from megatron_harpe.training.run_lock import CheckpointDirLocked, check_not_locked_by_other
+from megatron_harpe import collectives
+from megatron_harpe.training.extra_state import load_sharded
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ def save_checkpoint(
     try:
         sharded: dict[str, Any] = {"model": model.sharded_state_dict()}
         if optimizer is not None:
-            sharded["optimizer"] = _optimizer_sharded_state(optimizer, sharded["model"], placeholders=None)
+            sharded["optimizer"] = _optimizer_state_for_checkpoint(optimizer, sharded["model"], placeholders=None)
         dist_checkpointing.save(
             sharded, str(work_dir / "dist"), sharded_strategy=_save_strategy(), async_sharded_save=False
         )
@@ -216,7 +217,7 @@ def _finalize_on_host(storage_writer, global_metadata, dist_wrapper) -> None:
         if not failures:
             storage_writer.finish(global_metadata, all_results)
     failed = torch.tensor([int(bool(failures))], dtype=torch.int)
-    dist.broadcast(failed, src=dist_wrapper.coordinator_rank, group=dist_wrapper.group)
+    collectives.broadcast(failed, src=dist_wrapper.coordinator_rank, group=dist_wrapper.group)
     if failed.item():
         raise CheckpointException("write", failures)
 
@@ -391,9 +392,9 @@ def load_checkpoint(
     sharded: dict[str, Any] = {"model": model.sharded_state_dict()}
     if load_optimizer:
         saved = dist_checkpointing.load_common_state_dict(dist_dir)["optimizer"]
-        sharded["optimizer"] = _optimizer_sharded_state(optimizer, sharded["model"], placeholders=saved)
+        sharded["optimizer"] = _optimizer_state_for_checkpoint(optimizer, sharded["model"], placeholders=saved)
     try:
-        loaded = dist_checkpointing.load(sharded, dist_dir, strict=StrictHandling.RAISE_UNEXPECTED)
+        loaded = load_sharded(sharded, dist_dir)  # tolerates TE's _extra_state either way round
     except Exception as error:  # dist_checkpointing raises bare exceptions on shape/key mismatch
         raise ValueError(
             f"{checkpoint} does not match the model built here ({error}); build the model from "
@@ -404,7 +405,9 @@ def load_checkpoint(
     real_missing = [key for key in missing if not key.endswith("_extra_state")]
     if real_missing or unexpected:
         raise ValueError(f"{checkpoint}: weights missing {real_missing}, unexpected {unexpected}")
-    if load_optimizer:
+    if load_optimizer and hasattr(optimizer, "load_sharded"):  # sharded over DP x CP (sharded_optimizer.py)
+        optimizer.load_sharded(loaded["optimizer"], saved)
+    elif load_optimizer:
         _load_optimizer_state(optimizer, loaded["optimizer"])
     if load_rng and not weights_only:
         _load_rng_state(checkpoint / "rng" / f"rank_{dist.get_rank():05d}.pt")
@@ -427,6 +430,14 @@ def _load_rng_state(path: Path) -> None:
 
 
 # ---------------------------------------------------------------------- sharded optimizer state
+
+
+def _optimizer_state_for_checkpoint(optimizer, model_sharded: dict, placeholders: dict | None) -> dict:
+    """A sharded optimizer (training/sharded_optimizer.py) describes its own part; the same
+    global tensors either way, so both load each other's checkpoints."""
+    if hasattr(optimizer, "sharded_state"):
+        return optimizer.sharded_state(model_sharded, placeholders)
+    return _optimizer_sharded_state(optimizer, model_sharded, placeholders)
 
 
 def _optimizer_sharded_state(

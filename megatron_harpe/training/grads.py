@@ -47,6 +47,8 @@ from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 from megatron.core.transformer.module import param_is_not_shared
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from megatron_harpe import collectives
+
 DEFAULT_BUCKET_NUMEL = 2**25
 """Elements per all-reduce bucket (128 MiB in fp32): few calls, bounded extra memory."""
 
@@ -113,7 +115,22 @@ def allreduce_gradients(
         flat = _flatten_dense_tensors(bucket)
         if reduce_in_fp32 and flat.dtype != torch.float32:
             flat = flat.float()
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        collectives.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        for grad, reduced in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+            grad.copy_(reduced)
+
+
+def allreduce_sequence_parallel_gradients(model: torch.nn.Module, tp_group: dist.ProcessGroup | None) -> None:
+    """Sum over TP the gradients of parameters megatron marks ``sequence_parallel`` (norm
+    weights under sequence parallelism): each TP rank saw only its part of the sequence, so
+    its gradient is a partial sum (what megatron's ``finalize_model_grads`` does for its DDP)."""
+    if _group_size(tp_group) == 1:
+        return
+    grads = [param.grad for param in model.parameters()
+             if getattr(param, "sequence_parallel", False) and param.requires_grad and param.grad is not None]  # fmt: skip
+    for bucket in _buckets(grads, DEFAULT_BUCKET_NUMEL):
+        flat = _flatten_dense_tensors(bucket)
+        collectives.all_reduce(flat, op=dist.ReduceOp.SUM, group=tp_group)
         for grad, reduced in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
             grad.copy_(reduced)
 
@@ -151,7 +168,7 @@ def clip_grad_norm(
         device = next(model.parameters()).device
         squared_sum = torch.zeros((), dtype=torch.float32, device=device)
     if tp_group is not None and _group_size(tp_group) > 1:
-        dist.all_reduce(squared_sum, op=dist.ReduceOp.SUM, group=tp_group)
+        collectives.all_reduce(squared_sum, op=dist.ReduceOp.SUM, group=tp_group)
     total_norm = squared_sum.sqrt()
     norm = float(total_norm)
     if max_norm > 0 and math.isfinite(norm) and norm > max_norm:
@@ -175,7 +192,7 @@ def global_token_count(
     for mask in loss_masks:
         total += mask.to(device=device, dtype=torch.float64).sum()
     if _group_size(group) > 1:
-        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+        collectives.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
     if float(total) <= 0:
         raise ValueError(
             "no loss-carrying tokens in this optimizer step on any rank (every loss mask is 0): "

@@ -18,20 +18,26 @@ import os
 import time
 
 import torch
-import torch.distributed as dist
 import yaml
 
-from megatron_harpe import parallel
+from megatron_harpe import collectives, parallel
 from megatron_harpe.config import Config, StageConfig
 from megatron_harpe.model import build_model, set_position_encoding
 from megatron_harpe.parallel import ParallelContext
 from megatron_harpe.rank_health import CollectiveGuard
 from megatron_harpe.training import checkpoint, resume_check, run_lock
 from megatron_harpe.training.data import StageData, prepare_training_data
-from megatron_harpe.training.grads import allreduce_gradients, clip_grad_norm, global_token_count
+from megatron_harpe.training.grad_overlap import OverlappedGradientReduction
+from megatron_harpe.training.grads import (
+    allreduce_gradients,
+    allreduce_sequence_parallel_gradients,
+    clip_grad_norm,
+    global_token_count,
+)
 from megatron_harpe.training.monitor import TrainingMonitor, check_loss_finite
 from megatron_harpe.training.optimizer import build_optimizer
 from megatron_harpe.training.schedule import LearningRateSchedule
+from megatron_harpe.training.sharded_optimizer import ShardedAdamW
 
 
 @dataclasses.dataclass
@@ -88,15 +94,15 @@ def _train(cfg: Config, ctx: ParallelContext, log, guard: CollectiveGuard) -> li
     # Model, optimizer, learning-rate schedule.
     params_dtype = _params_dtype(cfg, ctx)
     model = build_model(
-        cfg.model, plans[0].config.position, params_dtype=params_dtype, recompute=cfg.train.recompute
+        cfg.model, plans[0].config.position, params_dtype=params_dtype, recompute=cfg.train.recompute,
+        parallel=cfg.parallel,
     )
-    optimizer = build_optimizer(
-        model,
-        lr=cfg.train.lr,
-        weight_decay=cfg.train.weight_decay,
-        betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
-        eps=cfg.train.adam_eps,
-    )
+    adamw = dict(lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                 betas=(cfg.train.adam_beta1, cfg.train.adam_beta2), eps=cfg.train.adam_eps)  # fmt: skip
+    if cfg.parallel.distributed_optimizer:  # states sharded over DP x CP; the reasons in sharded_optimizer.py
+        optimizer = ShardedAdamW(model, ctx.dp_cp_group, **adamw)
+    else:
+        optimizer = build_optimizer(model, **adamw)
     schedule = LearningRateSchedule(
         peak_lr=cfg.train.lr,
         warmup_steps=cfg.train.warmup_steps,
@@ -104,6 +110,9 @@ def _train(cfg: Config, ctx: ParallelContext, log, guard: CollectiveGuard) -> li
         style=cfg.train.lr_schedule,
         min_lr=cfg.train.min_lr,
     )
+
+    overlapped = cfg.parallel.overlap_grad_reduce and ctx.dp_size * ctx.cp_size > 1
+    reducer = OverlappedGradientReduction(model, ctx.dp_cp_group) if overlapped else None
 
     # Resume from our own latest checkpoint, or start from pretrained weights only.
     guard.phase = "checkpoint loading"
@@ -126,7 +135,7 @@ def _train(cfg: Config, ctx: ParallelContext, log, guard: CollectiveGuard) -> li
         while state.stage_step < plan.steps:
             guard.phase = f"training step {state.iteration + 1} (gradient / loss all-reduce, stop-file check)"
             loss, grad_norm, lr, tokens, skipped = train_step(
-                cfg, ctx, plan.config, model, optimizer, schedule, batches, state.iteration + 1
+                cfg, ctx, plan.config, model, optimizer, schedule, batches, state.iteration + 1, reducer
             )
             state.iteration += 1
             state.stage_step += 1
@@ -152,25 +161,33 @@ def _train(cfg: Config, ctx: ParallelContext, log, guard: CollectiveGuard) -> li
     return history
 
 
-def train_step(cfg: Config, ctx: ParallelContext, stage: StageConfig, model, optimizer, schedule, batches, step: int):
+def train_step(cfg: Config, ctx: ParallelContext, stage: StageConfig, model, optimizer, schedule, batches, step: int,
+               reducer: OverlappedGradientReduction | None = None):
     """One optimizer step of `stage` over this rank's micro-batches. Returns (global mean loss,
     grad norm, learning rate, tokens in the step over the whole job, skipped)."""
     accumulation = stage.global_batch_size // (cfg.train.micro_batch_size * ctx.dp_size)
     micro_batches = [next(batches) for _ in range(accumulation)]
+    micro_batches = [{k: v.to(ctx.device) for k, v in batch.items()} for batch in micro_batches]
     loss_tokens = global_token_count([b["loss_mask"] for b in micro_batches], ctx.dp_cp_group)
     model.train()
-    step_loss = torch.zeros((), dtype=torch.float64)
+    step_loss = torch.zeros((), dtype=torch.float64, device=ctx.device)
     autocast = _autocast(cfg, ctx)
-    for batch in micro_batches:
-        batch = {k: v.to(ctx.device) for k, v in batch.items()}
+    for index, batch in enumerate(micro_batches):
+        if reducer is not None and index == len(micro_batches) - 1:
+            reducer.arm()  # the last backward completes the gradients: buckets reduce as they fill
         with autocast:
             token_losses = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
         loss = (token_losses.float() * batch["loss_mask"]).sum() / loss_tokens
         loss.backward()
-        step_loss += loss.detach().double().cpu()
-    allreduce_gradients(model, ctx.dp_cp_group)
+        step_loss += loss.detach().double()
+    if reducer is not None:
+        reducer.finish()
+    else:
+        allreduce_gradients(model, ctx.dp_cp_group)
+    if cfg.parallel.sequence_parallel:  # after the DP x CP sum, which writes whole gradients back
+        allreduce_sequence_parallel_gradients(model, ctx.tp_group)
     if ctx.dp_size * ctx.cp_size > 1:
-        dist.all_reduce(step_loss, group=ctx.dp_cp_group)
+        collectives.all_reduce(step_loss, group=ctx.dp_cp_group)
     grad_norm = clip_grad_norm(model, cfg.train.clip_grad, ctx.tp_group)
     finite = check_loss_finite(step_loss.item(), step, cfg.train.on_nonfinite) and check_loss_finite(
         grad_norm, step, cfg.train.on_nonfinite, what="gradient norm"
@@ -225,7 +242,7 @@ def _stop_requested(cfg: Config, ctx: ParallelContext) -> bool:
         return False
     seen = torch.tensor(float(os.path.exists(cfg.checkpoint.stop_file)), device=ctx.device)
     if ctx.world_size > 1:
-        dist.all_reduce(seen, op=dist.ReduceOp.MAX)
+        collectives.all_reduce(seen, op=collectives.ReduceOp.MAX)
     return bool(seen.item())
 
 

@@ -39,7 +39,9 @@ per activation element, L = layers; all per micro-batch and per rank):
 - FLOPs per token (forward): 2 x matmul parameters (QKV, output projection, SwiGLU, logits) +
   causal attention 2 x S x a x d per layer (QK^T and AV over S/2 keys on average). Training is 3x
   forward; full recomputation adds one forward, selective the attention part.
-- Step time = tokens per step x executed FLOPs per token / (GPUs x peak x utilisation).
+- Step time = compute + exposed communication. Compute = tokens per step x executed FLOPs
+  per token / (GPUs x peak x utilisation); communication (TP, CP, DP x CP traffic, links and
+  overlap) is modelled in `communication.py`.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ import dataclasses
 import math
 
 from megatron_harpe.config import Config, StageConfig
+from megatron_harpe.training.communication import CommItem, communication_items
 from megatron_harpe.training.plan import parameters_per_rank
 
 GIB = 2**30
@@ -70,6 +73,8 @@ class Layout:
     """Optimizer states split over DP x CP (megatron's distributed optimizer)."""
     cp_comm: str = "all_gather"
     """How keys/values travel over CP: all_gather (our sdpa backend), or TE's p2p / a2a."""
+    overlap_grad_reduce: bool = False
+    """Gradient reduction over DP x CP runs during the last micro-batch's backward."""
 
     @property
     def gpus(self) -> int:
@@ -85,12 +90,14 @@ class Precision:
     optimizer_bytes: float
     """Per parameter, shardable over DP x CP."""
     activation_bytes: int
+    stored_weight_bytes: int = 4
+    """Per parameter as the weights are kept between steps (what a sharded optimizer all-gathers)."""
 
 
 PRECISIONS = {
     "fp32": Precision("fp32", 4, 4, 8, 4),
     "autocast": Precision("autocast (fp32 weights, bf16 compute)", 6, 4, 8, 2),
-    "bf16": Precision("bf16 (megatron mixed precision)", 2, 4, 12, 2),
+    "bf16": Precision("bf16 (megatron mixed precision)", 2, 4, 12, 2, 2),
 }
 
 
@@ -111,6 +118,22 @@ class Hardware:
     gpus_per_node: int = 8
     usable_fraction: float = 0.9
     """Memory left for the model after the CUDA context, NCCL buffers and fragmentation."""
+    nvlink_gbs: float = 360.0
+    """GB/s one GPU sends inside a node (H100 NVLink 4: 450 per direction, ~360 reached by NCCL)."""
+    ib_gbs: float = 40.0
+    """GB/s one GPU sends to other nodes (one 400 Gb/s NDR NIC per GPU, ~40 reached)."""
+
+
+def config_layout(cfg: Config, gpus: int) -> Layout:
+    """The layout `cfg.parallel` asks for on `gpus` GPUs (what pretrain_harpe.py will run)."""
+    parallel = cfg.parallel
+    tp, cp = parallel.tensor, parallel.context
+    return Layout(
+        tensor=tp, context=cp, data=gpus // (tp * cp), micro_batch=cfg.train.micro_batch_size,
+        recompute=cfg.train.recompute, sequence_parallel=parallel.sequence_parallel and tp > 1,
+        optimizer_sharding=parallel.distributed_optimizer, cp_comm=parallel.resolved_cp_comm_type(cfg.model),
+        overlap_grad_reduce=parallel.overlap_grad_reduce,
+    )  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -290,8 +313,15 @@ class StepEstimate:
     """Forward + backward, no recomputation (what MFU counts)."""
     executed_flops_per_token: float
     step_seconds: float
+    """Compute plus the communication compute does not hide."""
     communication_bytes: dict[str, float]
     """Bytes each GPU sends per optimizer step, by parallel dimension."""
+    compute_seconds: float = 0.0
+    communication: list[CommItem] = dataclasses.field(default_factory=list)
+
+    @property
+    def exposed_communication_seconds(self) -> float:
+        return sum(item.exposed_seconds for item in self.communication)
 
 
 def forward_flops_per_token(cfg: Config, seq_length: int) -> tuple[float, float]:
@@ -315,26 +345,17 @@ def estimate_step(cfg: Config, layout: Layout, hardware: Hardware, precision: Pr
     extra = {"none": 0.0, "selective": attention, "full": matmul + attention}[layout.recompute]
     executed = model_flops + extra
     tokens = stage.global_batch_size * seq_length
-    seconds = tokens * executed / (layout.gpus * hardware.peak_tflops * 1e12 * hardware.utilization)
-
-    tp, cp, e = layout.tensor, layout.context, precision.activation_bytes
-    s, b = seq_length // cp, layout.micro_batch
-    micro_batches = stage.global_batch_size // (layout.micro_batch * layout.data)
-    forward_passes = 2 if layout.recompute == "full" else 1
+    compute = tokens * executed / (layout.gpus * hardware.peak_tflops * 1e12 * hardware.utilization)
+    attention_executed = attention * (3 + (1 if layout.recompute in ("selective", "full") else 0))
+    items = communication_items(
+        cfg, layout, hardware, precision, stage, backend, compute_seconds=compute,
+        attention_fraction=attention_executed / executed, parameters=parameters_per_rank(model, layout.tensor),
+    )  # fmt: skip
     comm: dict[str, float] = {}
-    if tp > 1:  # two all-reduces per layer per pass (attention and MLP outputs), ring volume
-        per_layer = (2 * forward_passes + 2) * 2 * (tp - 1) / tp * s * b * model.hidden_size * e
-        comm["tensor"] = per_layer * model.num_layers * micro_batches
-    if cp > 1:
-        g = (model.num_attention_heads if stage.position.expands_keys(model) else model.kv_groups) // tp
-        local_kv = 2 * s * b * g * model.head_dim * e
-        rounds = forward_passes + (2 if layout.cp_comm == "p2p" and backend == "te" else 1)
-        comm["context"] = rounds * (cp - 1) * local_kv * model.num_layers * micro_batches
-    replicas = layout.data * cp
-    if replicas > 1:
-        params = parameters_per_rank(model, tp)
-        comm["data"] = 2 * (replicas - 1) / replicas * params * precision.grad_bytes
-    return StepEstimate(tokens, model_flops, executed, seconds, comm)
+    for item in items:
+        comm[item.dimension] = comm.get(item.dimension, 0.0) + item.sent_bytes
+    exposed = sum(item.exposed_seconds for item in items)
+    return StepEstimate(tokens, model_flops, executed, compute + exposed, comm, compute, items)
 
 
 @dataclasses.dataclass
@@ -349,7 +370,7 @@ class LayoutPlan:
 
 def candidate_layouts(cfg: Config, gpus: int, gpus_per_node: int, *, backend: str | None = None,
                       optimizer_sharding: bool = False, sequence_parallel: bool = False,
-                      cp_comm: str | None = None) -> list[Layout]:  # fmt: skip
+                      cp_comm: str | None = None, overlap_grad_reduce: bool = False) -> list[Layout]:  # fmt: skip
     """Every TP x CP x DP x micro-batch x recompute combination the config and GPU count allow.
     Tensor parallelism stays inside a node (its all-reduces are on the critical path)."""
     model, train = cfg.model, cfg.train
@@ -371,7 +392,8 @@ def candidate_layouts(cfg: Config, gpus: int, gpus_per_node: int, *, backend: st
                     continue
                 for recompute in RECOMPUTE_CHOICES:
                     layouts.append(
-                        Layout(tp, cp, dp, micro, recompute, sequence_parallel and tp > 1, optimizer_sharding, cp_comm)
+                        Layout(tp, cp, dp, micro, recompute, sequence_parallel and tp > 1, optimizer_sharding, cp_comm,
+                               overlap_grad_reduce)
                     )
     return layouts
 

@@ -36,6 +36,7 @@ def describe_plan(cfg: Config, world_size: int) -> str:
         f"batch: global {train.global_batch_size} sequences = micro {train.micro_batch_size} x "
         f"accumulation {accumulation} x data-parallel {dp}",
     ]
+    lines += execution_lines(cfg, tp, cp, dp)
     total_steps = 0
     for index, stage in enumerate(cfg.resolved_stages()):
         tokens_per_step = stage.global_batch_size * stage.seq_length
@@ -55,3 +56,27 @@ def describe_plan(cfg: Config, world_size: int) -> str:
         )
     lines.append(f"total: {total_steps:,} optimizer steps")
     return "\n".join(lines)
+
+
+def execution_lines(cfg: Config, tp: int, cp: int, dp: int) -> list[str]:
+    """How the run executes on its devices: attention backend, CP communication, sequence
+    parallelism, precision, optimizer sharding and gradient reduction."""
+    from megatron_harpe.te_backend import transformer_engine_available
+
+    parallel, model = cfg.parallel, cfg.model
+    backend = model.attention_backend
+    attention = "Transformer Engine attention" if backend == "te" else "torch sdpa attention"
+    if cp > 1:
+        attention += f", context parallel {parallel.resolved_cp_comm_type(model)}"
+    if backend == "te" and not transformer_engine_available():
+        attention += " (Transformer Engine is not installed here: train inside the GPU image)"
+    replicas = dp * cp
+    optimizer = (f"distributed optimizer (AdamW states sharded over DP x CP = {replicas} ranks)"
+                 if parallel.distributed_optimizer else "AdamW states replicated on every rank")  # fmt: skip
+    precision = {"auto": "bf16 autocast on GPU (fp32 on CPU)", "bf16": "bf16 autocast", "fp32": "fp32"}[cfg.train.precision]
+    reduction = "overlapped with backward (bucketed)" if parallel.overlap_grad_reduce else "after backward (bucketed)"
+    return [
+        f"attention: {attention}; sequence parallel {'on' if parallel.sequence_parallel else 'off'}",
+        f"precision: {precision}, fp32 weights and gradients; {optimizer}; "
+        f"gradient reduction over DP x CP {reduction}; recompute {cfg.train.recompute}",
+    ]

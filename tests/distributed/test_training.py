@@ -99,3 +99,31 @@ def test_stop_file_saves_and_exits_then_the_next_launch_continues(demo_data, ref
     second = run(2, tiny_config(demo_data, checkpoint=save))
     assert [h["step"] for h in second] == [2, 3, 4, 5, 6]
     assert_same_history(first + second, reference)
+
+
+CUDA_PLAN = {"distributed_optimizer": True, "overlap_grad_reduce": True}
+
+
+def test_sharded_optimizer_and_overlapped_reduction_equal_single_process(demo_data, reference):
+    """The CUDA plan's optimizer (AdamW states sharded over DP x CP) and its bucketed gradient
+    reduction during backward, on DP=2: the same updates as one process."""
+    assert_same_history(run(2, tiny_config(demo_data, parallel=CUDA_PLAN)), reference)
+
+
+@pytest.mark.slow
+def test_sharded_optimizer_over_context_parallel_ranks(demo_data, reference):
+    assert_same_history(run(2, tiny_config(demo_data, parallel={"context": 2, **CUDA_PLAN})), reference)
+
+
+@pytest.mark.parametrize("first_world,first_sharded,second_world,second_sharded", [(2, True, 1, False), (1, False, 2, True)])
+def test_sharded_optimizer_state_reshards_through_checkpoints(
+    demo_data, reference, tmp_path, first_world, first_sharded, second_world, second_sharded
+):
+    """Saved sharded over DP 2, resumed by one process with a replicated AdamW, and the other
+    way round: the moments travel as the same global tensors, so the run continues exactly."""
+    save = {"save": str(tmp_path / "ckpt"), "keep_last": 2}
+    first = run(first_world, tiny_config(demo_data, checkpoint=save, train={"exit_after_steps": 3},
+                                         parallel={"distributed_optimizer": first_sharded}))
+    second = run(second_world, tiny_config(demo_data, checkpoint=save, parallel={"distributed_optimizer": second_sharded}))
+    assert [h["step"] for h in first + second] == [1, 2, 3, 4, 5, 6]
+    assert_same_history(first + second, reference)

@@ -29,6 +29,11 @@ def test_llama2_7b_harpe_plan_numbers(capsys):
     assert "6.738B parameters" in out  # Llama2-7B
     assert "32 bases 1e+06..4.54e+06" in out
     assert "4,194,304 tokens/step x 1,431 steps" in out
+    # the CUDA plan, shown on a machine without Transformer Engine
+    assert "attention: Transformer Engine attention, context parallel p2p" in out
+    assert "sequence parallel on" in out
+    assert "distributed optimizer (AdamW states sharded over DP x CP = 8 ranks)" in out
+    assert "gradient reduction over DP x CP overlapped with backward" in out
 
 
 def test_multistage_plan_has_three_stages(capsys):
@@ -55,7 +60,9 @@ def test_stage_batch_size_must_split_over_data_parallel_ranks(tmp_path, capsys):
         (["--parallel.context", "3"], "2 x parallel.context"),
         (["--parallel.tensor", "3"], "parallel.tensor=3 does not divide"),
         (["--train.global_batch_size", "5"], "train.global_batch_size=5"),
-        (["--model.attention_backend", "te"], "Transformer Engine"),
+        (["--model.attention_backend", "sdpa"], "parallel.cp_comm_type=p2p is Transformer Engine's"),
+        (["--model.attention_backend", "sdpa", "--parallel.cp_comm_type", "auto"], "parallel.sequence_parallel needs model.attention_backend: te"),
+        (["--parallel.cp_comm_type", "ring"], "parallel.cp_comm_type='ring' is not one of"),
         (["--trian.lr", "1"], "unknown config key"),
     ],
 )

@@ -28,6 +28,7 @@ from megatron_harpe.training.memory import (
     PRECISIONS,
     Hardware,
     Layout,
+    config_layout,
     candidate_layouts,
     estimate_memory,
     estimate_step,
@@ -51,9 +52,19 @@ FINAL_NORM = 3 * 32768 * 4096 * 2
 LOGITS = 4 * 32768 * 8000
 
 
+SDPA = ["model.attention_backend=sdpa", "parallel.sequence_parallel=false", "parallel.cp_comm_type=auto"]
+
+
 @pytest.fixture(scope="module")
 def llama():
-    return load_config(LLAMA).validate(world_size=32)
+    """The 7B preset on the sdpa path (the path CPU runs measure)."""
+    return load_config(LLAMA, SDPA).validate(world_size=32)
+
+
+@pytest.fixture(scope="module")
+def preset():
+    """The 7B preset as written: TE attention, p2p CP, sequence parallelism (the CUDA plan)."""
+    return load_config(LLAMA).validate(world_size=32, require_backend=False)
 
 
 def test_parameters_and_their_bytes(llama) -> None:
@@ -79,7 +90,53 @@ def test_flops_per_token(llama) -> None:
     full = estimate_step(llama, Layout(4, 4, 2, recompute="full"), Hardware(peak_tflops=989, utilization=0.4))
     assert full.executed_flops_per_token == 4 * (13_214_154_752 + 34_359_738_368)
     assert full.tokens_per_step == 32 * 131072
-    assert full.step_seconds == pytest.approx(32 * 131072 * 190_295_572_480 / (32 * 989e12 * 0.4))
+    assert full.compute_seconds == pytest.approx(32 * 131072 * 190_295_572_480 / (32 * 989e12 * 0.4))
+    assert full.step_seconds == pytest.approx(full.compute_seconds + full.exposed_communication_seconds)
+
+
+def test_communication_of_the_paper_layout(preset) -> None:
+    """Hand-computed: TP4 on NVLink (360 GB/s), CP4 and DP x CP 8 across nodes (40 GB/s)."""
+    layout = config_layout(preset, 32)
+    assert layout == Layout(4, 4, 2, 1, "full", sequence_parallel=True, optimizer_sharding=True, cp_comm="p2p",
+                            overlap_grad_reduce=True)
+    step = estimate_step(preset, layout, Hardware())
+    items = {item.dimension + ":" + item.what.split(",")[0]: item for item in step.communication}
+    compute = 32 * 131072 * 190_295_572_480 / (32 * 989e12 * 0.4)
+    # TP: 2 all-gathers + 2 reduce-scatters of s*h*e per layer and pass, 3/4 of it sent, 3 passes (2 fwd + bwd), 32 layers x 16 micro-batches
+    tensor = items["tensor:layer outputs"]
+    assert tensor.sent_bytes == 3 * 4 * 0.75 * 32768 * 4096 * 2 * 32 * 16 == 1152 * GIB
+    assert tensor.link == "nvlink" and tensor.exposed_seconds == pytest.approx(1152 * GIB / 360e9)
+    # CP p2p: 3 ring steps of local k/v (2 x 32768 x 8 heads x 128 x 2 B) per layer, 4 rounds (2 forwards, backward k/v + grads)
+    context = items["context:k/v ring (p2p)"]
+    assert context.sent_bytes == 4 * 3 * 2 * 32768 * 8 * 128 * 2 * 32 * 16 == 768 * GIB
+    assert context.link == "infiniband" and context.seconds == pytest.approx(768 * GIB / 40e9)
+    assert context.exposed_seconds == 0.0  # 20.6 s under 45.5 s of attention (4 x 34.4 of 190.3 GFLOP per token)
+    # DP x CP = 8: all-reduce fp32 gradients (hidden by the last backward: 0.29 s < 2.6 s), owners broadcast fp32 weights (exposed)
+    reduce, gather = items["data:gradient all-reduce (fp32)"], items["data:updated weight broadcast from owners"]
+    assert reduce.sent_bytes == 2 * 7 / 8 * 1_684_803_584 * 4 and gather.sent_bytes == 7 / 8 * 1_684_803_584 * 4
+    assert reduce.exposed_seconds == 0.0 and gather.exposed_seconds == pytest.approx(7 / 8 * 1_684_803_584 * 4 / 40e9)
+    assert step.step_seconds == pytest.approx(compute + 1152 * GIB / 360e9 + 7 / 8 * 1_684_803_584 * 4 / 40e9)
+
+
+def test_step_times_differ_by_their_communication(llama, preset) -> None:
+    """The same FLOPs, different traffic: sdpa's synchronous k/v all-gather is exposed, TE's ring is not;
+    slower links make the same layout slower."""
+    layout = Layout(4, 4, 2, 1, "full")
+    sdpa = estimate_step(llama, layout, Hardware())
+    te = estimate_step(preset, config_layout(preset, 32), Hardware())
+    assert sdpa.compute_seconds == pytest.approx(te.compute_seconds)
+    gathered = [item for item in sdpa.communication if item.dimension == "context"][0]
+    assert gathered.sent_bytes == 3 * 3 * 2 * 32768 * 8 * 128 * 2 * 32 * 16  # 2 forwards + 1 backward
+    assert gathered.exposed_seconds == pytest.approx(gathered.sent_bytes / 40e9)
+    assert sdpa.step_seconds > te.step_seconds + 10
+    slow = estimate_step(preset, config_layout(preset, 32), Hardware(nvlink_gbs=100, ib_gbs=10))
+    assert slow.step_seconds > te.step_seconds
+
+
+def test_the_paper_preset_fits_30_gib(preset) -> None:
+    memory = estimate_memory(preset, config_layout(preset, 32))
+    assert memory.optimizer == 8 * 1_684_803_584 // 8
+    assert memory.total <= 30 * GIB
 
 
 def test_activations_without_recomputation(llama) -> None:
@@ -151,6 +208,7 @@ def test_cli_plans_the_paper_run(capsys) -> None:
     assert "6.738B parameters" in out and "4,194,304 tokens per step" in out
     assert "tensor 4 x context 4 x data 2" in out and ": fits" in out
     assert "layouts that fit, fastest first" in out
+    assert "exposed communication" in out and "k/v ring (p2p)" in out and "InfiniBand 40 GB/s" in out
 
     assert plan_memory.main(["--config", str(LLAMA), "--gpus", "1", "--gpu-memory", "24"]) == 1
     assert "no layout fits" in capsys.readouterr().out

@@ -49,7 +49,8 @@ def test_te_without_transformer_engine_fails_at_validation(config: Path, without
 
 @pytest.mark.parametrize("config", [DEMO, LLAMA])
 def test_sdpa_backend_validates_without_transformer_engine(config: Path, without_transformer_engine) -> None:
-    cfg = load_config(config, ["model.attention_backend=sdpa"])
+    te_only = ["parallel.sequence_parallel=false", "parallel.cp_comm_type=auto"] if config == LLAMA else []
+    cfg = load_config(config, ["model.attention_backend=sdpa", *te_only])
     cfg.validate(world_size=32 if config == LLAMA else 2)  # the same config passes with sdpa
 
 
@@ -69,13 +70,18 @@ def test_te_validates_when_transformer_engine_imports(tmp_path: Path, monkeypatc
     assert cfg.model.attention_backend == "te"
 
 
+def test_dry_run_plans_te_without_transformer_engine(capsys, without_transformer_engine) -> None:
+    import pretrain_harpe
+
+    assert pretrain_harpe.main(["--config", str(LLAMA), "--dry-run", "--world-size", "32"]) == 0
+    assert "Transformer Engine is not installed here" in capsys.readouterr().out
+
+
 def test_entry_point_reports_the_error_before_starting(capsys, without_transformer_engine, monkeypatch) -> None:
     monkeypatch.syspath_prepend(str(REPO))
     import pretrain_harpe
 
-    code = pretrain_harpe.main(
-        ["--config", str(DEMO), "--model.attention_backend", "te", "--dry-run", "--world-size", "2"]
-    )
+    code = pretrain_harpe.main(["--config", str(DEMO), "--model.attention_backend", "te"])  # a training launch
     err = capsys.readouterr().err
     assert code == 2
     assert err.startswith("error:") and "Transformer Engine" in err
@@ -85,3 +91,15 @@ def test_entry_point_reports_the_error_before_starting(capsys, without_transform
 def test_unknown_backend_is_rejected(without_transformer_engine) -> None:
     with pytest.raises(ValueError, match="choose 'sdpa' or 'te'"):
         load_config(DEMO, ["model.attention_backend=flash"]).validate(world_size=2)
+
+
+def test_te_refuses_keys_expanded_per_query_head(tmp_path: Path, monkeypatch) -> None:
+    """TE's attention is built for num_query_groups k/v heads; keys expanded to one per query
+    head (gqa_bases: per_query_head) would not fit it, so the config says so up front."""
+    _stand_in_transformer_engine(tmp_path, "", monkeypatch)
+    gqa = ["model.num_query_groups=8", "position.strategy=uniform", "position.base_min=1e6", "position.base_max=5e6"]
+    with pytest.raises(ValueError, match="per_query_head with model.attention_backend=te.*gqa_bases: per_group"):
+        load_config(LLAMA, [*gqa, "model.attention_backend=te", "position.gqa_bases=per_query_head"]).validate(world_size=32)
+    load_config(LLAMA, [*gqa, "model.attention_backend=te", "position.gqa_bases=per_group"]).validate(world_size=32)
+    sdpa = ["model.attention_backend=sdpa", "parallel.sequence_parallel=false", "parallel.cp_comm_type=auto"]
+    load_config(LLAMA, [*gqa, *sdpa, "position.gqa_bases=per_query_head"]).validate(world_size=32)
