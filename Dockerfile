@@ -32,7 +32,7 @@ WORKDIR /workspace/megatron_harpe
 # pip honours the image's /etc/pip/constraint.txt, so packages the image ships keep their versions.
 RUN pip install --no-cache-dir --no-deps megatron-core==0.16.1 \
  && pip install --no-cache-dir "packaging>=24.2" numpy pyyaml psutil sentencepiece tokenizers \
-        "transformers>=5.0,!=5.3.0" safetensors zstandard tqdm matplotlib tensorboard pytest pytest-timeout
+        "transformers>=5.4" safetensors zstandard tqdm matplotlib tensorboard pytest pytest-timeout
 
 # The package, editable so mounted or edited sources take effect. --ignore-requires-python:
 # pyproject.toml names the Python of the CPU development setup; NGC images ship another one.

@@ -3,7 +3,7 @@ generation equals full recomputation, on whichever transformers is installed; ou
 supported range, loading fails with a message naming the installed version and the range.
 
     python -m pytest tests/unit/test_hf_harpe_remote_code.py -q
-    python scripts/compat_matrix.py --versions 5.0.0 5.3.0 5.24.0   # the same tests per version
+    python scripts/compat_matrix.py --versions 5.2.0 5.3.0 5.4.0 5.24.0   # the same tests per version
 
 The export is built from a stock Llama's files (config.json edited, our two code files copied),
 so this module also runs where our own HarpeLlamaConfig refuses the installed transformers.
@@ -112,7 +112,7 @@ def test_loading_outside_the_supported_range_is_refused_by_name(export: Path) ->
 
 
 def test_version_policy() -> None:
-    for refused in ("4.57.6", *TRANSFORMERS_EXCLUDED):
+    for refused in ("4.57.6", "5.2.0", "5.3.0", *TRANSFORMERS_EXCLUDED):  # the versions the matrix found broken
         with pytest.raises(UnsupportedTransformersVersion, match=rf"{re.escape(refused)}.*>= {TRANSFORMERS_MINIMUM}"):
             check_transformers_version(refused)
     with warnings.catch_warnings():

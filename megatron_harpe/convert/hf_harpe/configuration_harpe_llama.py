@@ -34,10 +34,12 @@ import transformers
 from packaging.version import Version
 from transformers import LlamaConfig
 
-TRANSFORMERS_MINIMUM = "5.0.0"
+# Below the minimum, tested: 4.x's LlamaConfig ignores `rope_parameters`; 5.0-5.2 give an export's
+# sentencepiece tokenizer.model a generic tokenizer (not LlamaTokenizer: wrong token ids); 5.3.0 keeps
+# a remote-code model's tied lm_head on the meta device (NaN logits).
+TRANSFORMERS_MINIMUM = "5.4.0"
 TRANSFORMERS_TESTED_UP_TO = "5.24.0"
-# 5.3.0 loses tied embeddings of remote-code models (lm_head stays on the meta device: NaN logits)
-TRANSFORMERS_EXCLUDED: tuple[str, ...] = ("5.3.0",)
+TRANSFORMERS_EXCLUDED: tuple[str, ...] = ()  # versions inside the range found broken
 
 
 class UnsupportedTransformersVersion(RuntimeError):
