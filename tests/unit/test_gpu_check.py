@@ -76,6 +76,7 @@ def test_help_explains_the_checks():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3000)  # 10 training runs, 2 of them with 2 ranks
 def test_the_whole_check_runs_on_cpu(tmp_path, capsys):
     code = gpu_check.main(["--device", "cpu", "--steps", "4", "--workdir", str(tmp_path)])
     out = capsys.readouterr().out
