@@ -36,16 +36,24 @@ CASES = {
 }
 
 
-def _cached_vs_full(tp, cp, model, position, weights, prompts):
-    from megatron_harpe.eval.kv_cache import IncrementalDecoder
-    from megatron_harpe.eval.megatron_backend import MegatronBackend
-
+def _load(tp, cp, model, position, weights):
     ctx = parallel.initialize(tp, cp)
     gpt = build_model(model, position, initialize=False)
     gpt.load_state_dict({name: shard(name, full, ctx.tp_rank, tp) for name, full in weights.items()}, strict=False)
-    tokenizer = SimpleNamespace(vocab_size=VOCAB, eos_id=None)
-    cached = MegatronBackend(gpt, None, tokenizer, "tiny", generation=True, kv_cache=True)
-    full = MegatronBackend(gpt, None, tokenizer, "tiny", generation=True, kv_cache=False)
+    return gpt
+
+
+def _backend(gpt, kv_cache=True, eos_id=None):
+    from megatron_harpe.eval.megatron_backend import MegatronBackend
+
+    tokenizer = SimpleNamespace(vocab_size=VOCAB, eos_id=eos_id)
+    return MegatronBackend(gpt, None, tokenizer, "tiny", generation=True, kv_cache=kv_cache)
+
+
+def _cached_vs_full(gpt, prompts):
+    from megatron_harpe.eval.kv_cache import IncrementalDecoder
+
+    cached, full = _backend(gpt), _backend(gpt, kv_cache=False)
     results = []
     for prompt in prompts:
         continuation = [(7 * i + 3) % VOCAB for i in range(NEW_TOKENS)]
@@ -61,22 +69,8 @@ def _cached_vs_full(tp, cp, model, position, weights, prompts):
     return results
 
 
-@pytest.fixture(scope="module")
-def prompts():
-    generator = torch.Generator().manual_seed(0)
-    return [torch.randint(0, VOCAB, (n,), generator=generator).tolist() for n in PROMPT_LENGTHS]
-
-
-@pytest.mark.parametrize(
-    "case,tp,cp",
-    [("mha", 1, 1), ("gqa_per_group", 1, 1), ("gqa_per_query_head", 1, 1), ("gqa_per_group", 2, 1),
-     ("gqa_per_query_head", 1, 2), ("mha", 2, 2)],
-)
-def test_cached_generation_equals_full_recomputation(case, tp, cp, prompts):
-    model, position = CASES[case]
-    position.resolve(model)
-    weights = make_full_weights(model, position, seed=1)
-    for result in parallel.run_on_ranks(_cached_vs_full, tp * cp, tp, cp, model, position, weights, prompts)[0]:
+def _check(results):
+    for result in results:
         torch.testing.assert_close(result["cached_logits"], result["full_logits"], atol=1e-5, rtol=1e-5)
         # the logits really depend on the step (a cache that ignored the new tokens would not)
         assert not torch.allclose(result["full_logits"][1], result["full_logits"][2], atol=1e-3)
@@ -84,21 +78,46 @@ def test_cached_generation_equals_full_recomputation(case, tp, cp, prompts):
         assert len(result["cached_tokens"]) == NEW_TOKENS
 
 
-def _stop_at_eos(model, position, weights, prompt):
-    from megatron_harpe.eval.megatron_backend import MegatronBackend
-
-    parallel.initialize(1, 1)
-    gpt = build_model(model, position, initialize=False)
-    gpt.load_state_dict(weights, strict=False)
-    free = MegatronBackend(gpt, None, SimpleNamespace(vocab_size=VOCAB, eos_id=None), "tiny", generation=True)
-    first = free.generate(prompt, 3)
-    stopping = MegatronBackend(gpt, None, SimpleNamespace(vocab_size=VOCAB, eos_id=first[1]), "tiny", generation=True)
-    return first, stopping.generate(prompt, 3)
-
-
-def test_cached_generation_stops_at_eos(prompts):
-    model, position = CASES["mha"]
+def _resolved(case):
+    model, position = CASES[case]
     position.resolve(model)
-    weights = make_full_weights(model, position, seed=1)
-    first, stopped = parallel.run_on_ranks(_stop_at_eos, 1, model, position, weights, prompts[0])[0]
-    assert stopped == first[:1] if first[0] != first[1] else stopped == []
+    return model, position
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    generator = torch.Generator().manual_seed(0)
+    return [torch.randint(0, VOCAB, (n,), generator=generator).tolist() for n in PROMPT_LENGTHS]
+
+
+def _single_process_cases(prompts):
+    parallel.initialize(1, 1)
+    outcome = {}
+    for case in CASES:
+        model, position = _resolved(case)
+        parallel.seed_everything(1)
+        gpt = build_model(model, position)
+        outcome[case] = _cached_vs_full(gpt, prompts)
+        if case == "mha":  # EOS stops the cached generation before the EOS token
+            first = _backend(gpt).generate(prompts[0], 3)
+            outcome["eos"] = first, _backend(gpt, eos_id=first[1]).generate(prompts[0], 3)
+    return outcome
+
+
+def test_cached_generation_equals_full_recomputation_one_process(prompts):
+    outcome = parallel.run_on_ranks(_single_process_cases, 1, prompts)[0]
+    for case in CASES:
+        _check(outcome[case])
+    first, stopped = outcome["eos"]
+    assert stopped == (first[:1] if first[0] != first[1] else [])
+
+
+def _sharded(tp, cp, case, weights, prompts):
+    model, position = _resolved(case)
+    return _cached_vs_full(_load(tp, cp, model, position, weights), prompts)
+
+
+@pytest.mark.parametrize("case,tp,cp", [("gqa_per_query_head", 2, 1), ("gqa_per_group", 1, 2)])
+def test_cached_generation_equals_full_recomputation_sharded(case, tp, cp, prompts):
+    weights = make_full_weights(*_resolved(case), seed=1)
+    _check(parallel.run_on_ranks(_sharded, tp * cp, tp, cp, case, weights, prompts)[0])
