@@ -22,14 +22,22 @@ from safetensors.torch import save_file
 
 from megatron_harpe.convert.keymap import IGNORED_HF
 
+# Every file transformers writes or reads for a tokenizer (sentencepiece, fast, BPE vocab/merges,
+# WordPiece), its chat template(s), and the generation settings: all travel with a conversion.
 TOKENIZER_FILES = (
     "tokenizer.model",
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
     "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "chat_template.jinja",
+    "chat_template.json",
     "generation_config.json",
 )
+TOKENIZER_DIRECTORIES = ("additional_chat_templates",)
 _WEIGHT_LAYOUTS = (
     ("model.safetensors.index.json", "model.safetensors"),
     ("pytorch_model.bin.index.json", "pytorch_model.bin"),
@@ -163,6 +171,10 @@ def copy_tokenizer_files(source: str | Path, out_dir: Path) -> list[str]:
         copied = [name for name in TOKENIZER_FILES if (source / name).is_file()]
         for name in copied:
             shutil.copy2(source / name, out_dir / name)
+        for name in TOKENIZER_DIRECTORIES:
+            if (source / name).is_dir():
+                shutil.copytree(source / name, out_dir / name)
+                copied.append(name)
         return copied
     if not source.is_file():
         raise FileNotFoundError(f"tokenizer {source} does not exist")
