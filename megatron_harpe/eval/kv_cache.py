@@ -134,6 +134,18 @@ class CachedCoreAttention(torch.nn.Module):
         return out.reshape(batch, heads, new, dim)
 
 
+class _RowsOnly(torch.nn.Module):
+    """An output layer that projects one sequence row of its [s, b, h] input."""
+
+    def __init__(self, inner: torch.nn.Module, row: int) -> None:
+        super().__init__()
+        self.inner = inner
+        self.row = row
+
+    def forward(self, hidden: torch.Tensor, *args, **kwargs):
+        return self.inner(hidden[self.row : self.row + 1], *args, **kwargs)
+
+
 class _AbsolutePositionRotary(torch.nn.Module):
     """During decode, the rotary tables of the new tokens' absolute positions (no CP split)."""
 
@@ -204,12 +216,34 @@ class IncrementalDecoder:
 
     @torch.no_grad()
     def prefill(self, prompt_ids: list[int]) -> torch.Tensor:
-        cache = self.cache
+        """Run the prompt (sharded over CP like any forward) and fill the cache. Only the last
+        position goes through the output layer: [prompt, vocab] logits would cost more than the
+        rest of a small model's forward."""
+        from megatron_harpe.eval.megatron_backend import gather_vocabulary
+
+        cache, backend = self.cache, self.backend
+        length = len(prompt_ids)
         multiple = 2 * cache.cp_size if cache.cp_size > 1 else 1
-        cache.start_prefill(len(prompt_ids), len(prompt_ids) + (-len(prompt_ids)) % multiple)
-        logits = self.backend.logits(prompt_ids, last=1)[-1]
+        padded = length + (-length) % multiple
+        cache.start_prefill(length, padded)
+        positions = context_parallel_positions(padded, cache.cp_rank, cache.cp_size).long().to(backend.device)
+        tokens = torch.tensor(prompt_ids + [0] * (padded - length), device=backend.device)[None]
+        holds_last = bool((positions == length - 1).any())
+        # every rank projects one row (the last position where it lives, any row elsewhere) so
+        # the TP gather sees equal shapes; the CP sum keeps the holder's row
+        row = int(torch.nonzero(positions == length - 1)[0, 0]) if holds_last else 0
+        output_layer = backend.model.output_layer
+        backend.model.output_layer = _RowsOnly(output_layer, row)
+        try:
+            local = backend.model(tokens[:, positions], positions[None], None)[0]  # [1, vocab / tp]
+        finally:
+            backend.model.output_layer = output_layer
+        logits = gather_vocabulary(local.float())
+        if cache.cp_size > 1:
+            logits = logits if holds_last else torch.zeros_like(logits)
+            dist.all_reduce(logits, group=cache.cp_group)
         cache.decoding = True
-        return logits
+        return logits[-1, : backend.tokenizer.vocab_size]
 
     @torch.no_grad()
     def step(self, token_id: int) -> torch.Tensor:
