@@ -2,7 +2,7 @@
 bounded memory, tokenizer files, and output directories that appear only when complete.
 
     weights = HFWeights("llama2-7b")          # *.safetensors or pytorch_model*.bin, sharded or not
-    tensor = weights.get("model.layers.0.self_attn.q_proj.weight")   # read on demand (memory-mapped)
+    tensor = weights.get("model.layers.0.self_attn.q_proj.weight")   # read on demand, tensor by tensor
     with staging_directory("out") as tmp:     # "out" appears only if the block succeeds
         write_safetensors(iter_of_name_tensor_pairs, tmp, max_shard_bytes=5 * 2**30)
 """
@@ -17,10 +17,10 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from megatron_harpe.convert.keymap import IGNORED_HF
+from megatron_harpe.convert.streaming import SafetensorsReader
 
 # Every file transformers writes or reads for a tokenizer (sentencepiece, fast, BPE vocab/merges,
 # WordPiece), its chat template(s), and the generation settings: all travel with a conversion.
@@ -71,7 +71,7 @@ class HFWeights:
         if file_name not in self._handles:
             path = self.directory / file_name
             if file_name.endswith(".safetensors"):
-                self._handles[file_name] = safe_open(str(path), framework="pt")
+                self._handles[file_name] = SafetensorsReader(path)  # file reads, no memory map
             else:
                 self._handles[file_name] = _load_bin(path)
         return self._handles[file_name]
@@ -88,8 +88,8 @@ class HFWeights:
 
     def shape(self, name: str) -> tuple[int, ...]:
         handle = self._open(self.file_of[name])
-        if hasattr(handle, "get_slice"):
-            return tuple(handle.get_slice(name).get_shape())
+        if isinstance(handle, SafetensorsReader):
+            return handle.shape(name)
         return tuple(handle[name].shape)
 
     def dtype(self, name: str) -> torch.dtype:
