@@ -6,6 +6,10 @@
     python tools/convert_checkpoint.py hf-to-megatron --input tiny-hf --output ckpt/tiny \
         --position.type harpe --position.strategy uniform --position.base_min 1e4 --position.base_max 1e5 --verify
 
+    # a GGUF file (llama.cpp quantized) -> megatron: dequantized to fp32 by transformers first
+    python tools/convert_checkpoint.py hf-to-megatron --input models/ --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf \
+        --output ckpt/smollm2
+
     # megatron (any TP/CP layout) -> HF; HARPE exports load with trust_remote_code=True
     python tools/convert_checkpoint.py megatron-to-hf --input runs/demo_cpu/checkpoints --output runs/demo_cpu/hf \
         --verify
@@ -34,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     to_megatron = commands.add_parser("hf-to-megatron", help="HF Llama dir -> megatron_harpe checkpoint")
-    to_megatron.add_argument("--input", required=True, help="HF model directory (config.json + shards)")
+    to_megatron.add_argument("--input", required=True, help="HF model directory (config.json + shards, or a GGUF file)")
+    to_megatron.add_argument("--gguf-file", help="convert this GGUF file inside --input (dequantized by transformers)")
     to_megatron.add_argument("--output", required=True, help="new checkpoint directory (must not exist or be empty)")
     to_megatron.add_argument("--config", help="YAML run config: its position block (and the rest) is saved along")
     to_megatron.add_argument("--tensor-parallel", type=int, help="TP size to train with (checked, recorded)")
@@ -80,6 +85,16 @@ def _verify(megatron: str, hf: str, args: argparse.Namespace, hf_config=None) ->
 
 
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
+    if args.command == "hf-to-megatron" and args.gguf_file:
+        from pathlib import Path
+
+        from megatron_harpe.convert.gguf_source import gguf_as_hf_directory
+        from megatron_harpe.convert.hf_files import check_output_directory
+
+        check_output_directory(args.output)
+        with gguf_as_hf_directory(args.input, args.gguf_file, work_parent=Path(args.output).absolute().parent) as hf_dir:
+            args.input, args.gguf_file = str(hf_dir), None
+            return run(args, overrides)
     if args.command == "hf-to-megatron":
         from megatron_harpe.convert.hf_config import hf_config_for
         from megatron_harpe.convert.hf_to_megatron import convert_hf_to_megatron

@@ -31,7 +31,7 @@ HARPE_AUTO_MAP = {
     "AutoConfig": "configuration_harpe_llama.HarpeLlamaConfig",
     "AutoModelForCausalLM": "modeling_harpe_llama.HarpeLlamaForCausalLM",
 }
-TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")
 
 
 def read_hf_config(hf_dir: str | Path) -> dict[str, Any]:
@@ -176,7 +176,7 @@ def hf_config_for(
 
 
 def token_ids_from(hf_dir: str | Path | None) -> dict[str, Any]:
-    """bos/eos/pad ids from a model dir's config.json / generation_config.json (empty if none)."""
+    """bos/eos/pad/unk ids from a model dir's config.json / generation_config.json (empty if none)."""
     found: dict[str, Any] = {}
     if hf_dir is None:
         return found

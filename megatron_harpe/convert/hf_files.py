@@ -2,7 +2,7 @@
 bounded memory, tokenizer files, and output directories that appear only when complete.
 
     weights = HFWeights("llama2-7b")          # *.safetensors or pytorch_model*.bin, sharded or not
-    tensor = weights.get("model.layers.0.self_attn.q_proj.weight")   # read on demand (memory-mapped)
+    tensor = weights.get("model.layers.0.self_attn.q_proj.weight")   # read on demand, tensor by tensor
     with staging_directory("out") as tmp:     # "out" appears only if the block succeeds
         write_safetensors(iter_of_name_tensor_pairs, tmp, max_shard_bytes=5 * 2**30)
 """
@@ -18,20 +18,28 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from megatron_harpe.convert.keymap import IGNORED_HF
+from megatron_harpe.convert.streaming import SafetensorsReader
 from megatron_harpe.leftovers import remove_dead_temporaries
 
+# Every file transformers writes or reads for a tokenizer (sentencepiece, fast, BPE vocab/merges,
+# WordPiece), its chat template(s), and the generation settings: all travel with a conversion.
 TOKENIZER_FILES = (
     "tokenizer.model",
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
     "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "chat_template.jinja",
+    "chat_template.json",
     "generation_config.json",
 )
+TOKENIZER_DIRECTORIES = ("additional_chat_templates",)
 _WEIGHT_LAYOUTS = (
     ("model.safetensors.index.json", "model.safetensors"),
     ("pytorch_model.bin.index.json", "pytorch_model.bin"),
@@ -65,10 +73,7 @@ class HFWeights:
         if file_name not in self._handles:
             path = self.directory / file_name
             if file_name.endswith(".safetensors"):
-                try:
-                    self._handles[file_name] = safe_open(str(path), framework="pt")
-                except SafetensorError as error:
-                    raise ValueError(f"{path} is damaged or truncated ({error}): copy or download it again") from error
+                self._handles[file_name] = SafetensorsReader(path)  # file reads, no memory map
             else:
                 self._handles[file_name] = _load_bin(path)
         return self._handles[file_name]
@@ -85,8 +90,8 @@ class HFWeights:
 
     def shape(self, name: str) -> tuple[int, ...]:
         handle = self._open(self.file_of[name])
-        if hasattr(handle, "get_slice"):
-            return tuple(handle.get_slice(name).get_shape())
+        if isinstance(handle, SafetensorsReader):
+            return handle.shape(name)
         return tuple(handle[name].shape)
 
     def dtype(self, name: str) -> torch.dtype:
@@ -176,6 +181,10 @@ def copy_tokenizer_files(source: str | Path, out_dir: Path) -> list[str]:
         copied = [name for name in TOKENIZER_FILES if (source / name).is_file()]
         for name in copied:
             shutil.copy2(source / name, out_dir / name)
+        for name in TOKENIZER_DIRECTORIES:
+            if (source / name).is_dir():
+                shutil.copytree(source / name, out_dir / name)
+                copied.append(name)
         return copied
     if not source.is_file():
         raise FileNotFoundError(f"tokenizer {source} does not exist")

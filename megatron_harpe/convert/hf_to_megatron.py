@@ -30,10 +30,10 @@ import yaml
 from megatron_harpe.config import Config, ModelConfig, apply_override, from_dict
 from megatron_harpe.convert.hf_config import model_config_from_hf, position_from_hf, read_hf_config
 from megatron_harpe.convert.hf_files import (
-    TOKENIZER_FILES,
     HFWeights,
     check_output_directory,
     check_weights_match,
+    copy_tokenizer_files,
     staging_directory,
 )
 from megatron_harpe.convert.keymap import expected_hf_shapes, hf_sources, hf_to_megatron_tensor, megatron_names
@@ -151,7 +151,6 @@ def convert_hf_to_megatron(
         save_checkpoint(staging, 0, model=gpt, config=config.to_dict(), train_state=train_state)
         source_files = staging / HF_SOURCE_DIR
         source_files.mkdir()
-        for name in ("config.json", *TOKENIZER_FILES):
-            if (Path(hf_dir) / name).is_file():
-                shutil.copy2(Path(hf_dir) / name, source_files / name)
+        shutil.copy2(Path(hf_dir) / "config.json", source_files / "config.json")
+        copy_tokenizer_files(hf_dir, source_files)
     return Path(output_dir)

@@ -108,7 +108,7 @@ def is_megatron_checkpoint(path: str) -> bool:
     )
 
 
-def load_tokenizer_any(path: str) -> Tokenizer:
+def load_tokenizer_any(path: str, trust_remote_code: bool = False) -> Tokenizer:
     """A tokenizer from a Hugging Face directory, or anything `megatron_harpe.data.tokenizer`
     understands (a sentencepiece model, ...)."""
     from megatron_harpe.eval.hf_backend import HFTokenizer
@@ -120,7 +120,7 @@ def load_tokenizer_any(path: str) -> Tokenizer:
         os.path.exists(os.path.join(path, name))
         for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
     ):
-        return HFTokenizer.from_pretrained(path)
+        return HFTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     try:
         from megatron_harpe.data.tokenizer import load_tokenizer
     except ImportError as error:
@@ -136,7 +136,8 @@ def load_backend(path: str, **options: Any) -> ModelBackend:
     synthetic backends "oracle" / "random" (these need `tokenizer=PATH`).
     options: trust_remote_code (bool), device (str, "cpu"), dtype (str, "float32"),
     tokenizer (str, overrides the model's own), seed (int, random backend),
-    tensor_parallel / context_parallel (int, megatron backend).
+    tensor_parallel / context_parallel (int), kv_cache (bool, True): megatron backend.
+    A megatron checkpoint brings its own tokenizer (the HF source's, kept by hf-to-megatron).
     """
     if path in ("oracle", "random"):
         from megatron_harpe.eval.synthetic_backends import OracleBackend, RandomBackend
@@ -144,7 +145,7 @@ def load_backend(path: str, **options: Any) -> ModelBackend:
         tokenizer_path = options.get("tokenizer")
         if not tokenizer_path:
             raise ValueError(f"the {path} backend needs a tokenizer: pass --tokenizer PATH")
-        tokenizer = load_tokenizer_any(tokenizer_path)
+        tokenizer = load_tokenizer_any(tokenizer_path, trust_remote_code=bool(options.get("trust_remote_code", False)))
         if path == "oracle":
             return OracleBackend(tokenizer)
         return RandomBackend(tokenizer, seed=int(options.get("seed", 0)))

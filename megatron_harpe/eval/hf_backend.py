@@ -36,10 +36,12 @@ class HFTokenizer:
         self.add_bos: bool = self.bos_id is not None and len(probe) > 0 and probe[0] == self.bos_id
 
     @classmethod
-    def from_pretrained(cls, path: str) -> "HFTokenizer":
+    def from_pretrained(cls, path: str, trust_remote_code: bool = False) -> "HFTokenizer":
         from transformers import AutoTokenizer
 
-        return cls(AutoTokenizer.from_pretrained(path))
+        # the flag matters for the tokenizer too: AutoTokenizer reads config.json, and a config
+        # with `auto_map` (our HARPE export) makes transformers ask on the terminal
+        return cls(AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code))
 
     def encode(self, text: str) -> list[int]:
         return list(self.hf_tokenizer(text, add_special_tokens=False).input_ids)
@@ -102,7 +104,7 @@ class HFBackend:
                              "rerun with --trust-remote-code")
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
         model.to(torch.device(device))
-        tokenizer = HFTokenizer.from_pretrained(tokenizer_path or path)
+        tokenizer = HFTokenizer.from_pretrained(tokenizer_path or path, trust_remote_code=trust_remote_code)
         return cls(model, tokenizer, name=path)
 
     def _tensor(self, ids: list[int]) -> torch.Tensor:

@@ -9,10 +9,13 @@ in each forward pass; each forward is collective and its logits are gathered so 
 the same argmax. Sequences are padded at the end to a multiple of 2*CP: causal attention keeps
 padding from influencing the real positions.
 
-Generation recomputes the whole sequence for every new token (no KV cache): fine for the short
-answers of needle tasks at moderate lengths. With context parallelism (the 128k case) the
-backend defaults to scoring by teacher forcing (`supports_generation=False`), and the tasks
-record that method with their results.
+Generation is greedy with a KV cache (eval/kv_cache.py): the prompt runs once, sharded over
+TP and CP like any forward, then each new token costs a one-token forward; it equals full
+recomputation token for token (`kv_cache=False` recomputes, the reference the tests compare
+with). Teacher forcing stays available (`--scoring teacher_forcing`).
+
+The tokenizer: `tokenizer=` if given, else the one the checkpoint keeps from its Hugging Face
+source (`hf_source/`, written by hf-to-megatron), else the config's `data.tokenizer`.
 """
 
 from __future__ import annotations
@@ -33,8 +36,9 @@ from megatron_harpe.training import checkpoint
 class MegatronBackend:
     """`ModelBackend` over a megatron_harpe GPTModel shard."""
 
-    def __init__(self, model, config: Config, tokenizer, name: str, generation: bool) -> None:
+    def __init__(self, model, config: Config, tokenizer, name: str, generation: bool, kv_cache: bool = True) -> None:
         self.model = model.eval()
+        self.kv_cache = kv_cache
         self.config = config
         self.tokenizer = tokenizer
         self.name = name
@@ -51,6 +55,8 @@ class MegatronBackend:
         context_parallel: int = 1,
         tokenizer: str | None = None,
         generation: bool | None = None,
+        kv_cache: bool = True,
+        trust_remote_code: bool = False,
         **_unused,
     ) -> "MegatronBackend":
         from megatron_harpe.eval.backends import load_tokenizer_any
@@ -60,16 +66,18 @@ class MegatronBackend:
         spec = read_checkpoint_spec(path)  # a multi-stage run: the encoding of the stage saved in
         config = spec.config
         config.position = spec.position
-        tokenizer_path = tokenizer or config.data.tokenizer
+        tokenizer_path = tokenizer or checkpoint_tokenizer(path, spec)
         if not tokenizer_path or not os.path.exists(tokenizer_path):
             raise ValueError(
-                f"no tokenizer for {path}: its config names {config.data.tokenizer!r}; pass --tokenizer PATH"
+                f"no tokenizer for {path}: it keeps no hf_source/ and its config names "
+                f"{config.data.tokenizer!r}; pass --tokenizer PATH"
             )
         parallel.initialize(tensor_parallel, context_parallel)
         model = build_model(config.model, config.position, initialize=False)
         checkpoint.load_checkpoint(path, model=model, weights_only=True, load_rng=False)
         name = f"megatron:{Path(path).name}"
-        return cls(model, config, load_tokenizer_any(tokenizer_path), name, generation if generation is not None else context_parallel == 1)
+        return cls(model, config, load_tokenizer_any(str(tokenizer_path), trust_remote_code=trust_remote_code), name,
+                   generation if generation is not None else True, kv_cache=kv_cache)
 
     @torch.no_grad()
     def logits(self, ids: list[int], last: int | None = None) -> torch.Tensor:
@@ -83,7 +91,7 @@ class MegatronBackend:
         local_positions = context_parallel_positions(padded, self.cp_rank, self.cp_size).long().to(self.device)
         local_logits = self.model(tokens[:, local_positions], local_positions[None], None)[0]  # [s_local, vocab/tp]
         wanted = (local_positions >= length - last) & (local_positions < length)
-        rows = _gather_vocabulary(local_logits[wanted].float().contiguous())
+        rows = gather_vocabulary(local_logits[wanted].float().contiguous())
         if self.cp_size == 1:
             return rows[:, : self.tokenizer.vocab_size]
         # each CP rank fills the rows it holds; a sum over the CP group assembles them
@@ -93,6 +101,10 @@ class MegatronBackend:
         return result[:, : self.tokenizer.vocab_size]
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+        if self.kv_cache:
+            from megatron_harpe.eval.kv_cache import generate_cached
+
+            return generate_cached(self, prompt_ids, max_new_tokens)
         generated: list[int] = []
         for _ in range(max_new_tokens):
             next_id = int(self.logits(prompt_ids + generated, last=1)[-1].argmax())
@@ -113,7 +125,17 @@ class MegatronBackend:
         return logprobs.gather(1, targets[:, None])[:, 0].cpu()
 
 
-def _gather_vocabulary(local: torch.Tensor) -> torch.Tensor:
+def checkpoint_tokenizer(path: str, spec) -> str | None:
+    """The tokenizer a checkpoint brings: its HF source's (`hf_source/`), else the config's."""
+    from megatron_harpe.convert.megatron_to_hf import find_tokenizer
+
+    found = find_tokenizer(path, spec, None)
+    if found is not None and found.is_dir() and not any(found.glob("tokenizer*")):
+        found = spec.config.data.tokenizer  # a source without tokenizer files
+    return str(found) if found else None
+
+
+def gather_vocabulary(local: torch.Tensor) -> torch.Tensor:
     """Concatenate the TP ranks' vocabulary shards (megatron's own gather allocates on CUDA)."""
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     if tp_size == 1:

@@ -136,6 +136,14 @@ class HeadwiseRotaryEmbedding(torch.nn.Module):
             self._cache[key] = (query_table, key_table)
         return self._cache[key]
 
+    def tables_at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q, k) angle tables for explicit absolute positions (float64, not CP-split), uncached:
+        the KV-cached decode of eval/kv_cache.py rotates each new token at its own position."""
+        positions = positions.to(device=self.query_inv_freq.device, dtype=torch.float64)
+        query_table = self._angles(self.query_inv_freq, positions)
+        key_table = query_table if self.shared_tables else self._angles(self.key_inv_freq, positions)
+        return query_table, key_table
+
     def get_rotary_seq_len(self, inference_context, transformer, transformer_input, transformer_config, packed_seq_params=None) -> int:
         """Full (pre-CP-split) sequence length, the signature GPTModel calls."""
         if inference_context is not None:

@@ -1,0 +1,93 @@
+"""Peak memory of checkpoint conversion above the imports, against the model's size.
+
+    python benchmarks/conversion_memory.py --workdir /tmp/convmem            # ~560 MB fp32 model
+    python benchmarks/conversion_memory.py --workdir /tmp/convmem --layers 2 --hidden 512   # quick
+
+Builds a random Llama with transformers on CPU (fp32, saved in shards of --shard-mb), then runs
+hf-to-megatron and megatron-to-hf, each in a fresh process that first imports everything and
+creates its process group, reads its resident memory, converts, and reports the peak resident
+memory (`ru_maxrss`) minus that baseline. Printed: the model's bytes, its largest shard and
+largest layer, and each direction's peak in MB and as a multiple of the model's size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+CHILD = r"""
+import json, resource, sys
+from pathlib import Path
+import torch
+from megatron_harpe.convert.hf_to_megatron import convert_hf_to_megatron
+from megatron_harpe.convert.megatron_to_hf import convert_megatron_to_hf
+from megatron_harpe.convert.megatron_side import ensure_single_process
+
+def rss_bytes():
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * resource.getpagesize()
+
+ensure_single_process()
+direction, source, target = sys.argv[1:4]
+baseline = rss_bytes()
+if direction == "hf-to-megatron":
+    convert_hf_to_megatron(source, target)
+else:
+    convert_megatron_to_hf(source, target)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"baseline": baseline, "peak": peak}))
+"""
+
+
+def make_model(directory: Path, layers: int, hidden: int, vocab: int, shard_mb: int) -> dict:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=int(hidden * 2.75) // 64 * 64,
+                         num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=hidden // 128,
+                         max_position_embeddings=4096, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(directory, max_shard_size=f"{shard_mb}MB")
+    layer = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters())
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    shards = [f.stat().st_size for f in directory.glob("*.safetensors")]
+    return {"model_bytes": total, "layer_bytes": layer, "largest_shard_bytes": max(shards), "shards": len(shards)}
+
+
+def measure(direction: str, source: Path, target: Path) -> dict:
+    environment = dict(os.environ, PYTHONWARNINGS="ignore")
+    result = subprocess.run([sys.executable, "-c", CHILD, direction, str(source), str(target)],
+                            capture_output=True, text=True, env=environment, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"{direction} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", required=True, help="an empty or new directory for the three models")
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--shard-mb", type=int, default=100)
+    args = parser.parse_args(argv)
+    work = Path(args.workdir)
+    hf, megatron, export = work / "hf", work / "megatron", work / "export"
+    sizes = make_model(hf, args.layers, args.hidden, args.vocab, args.shard_mb)
+    mb = 2**20
+    print(f"model {sizes['model_bytes'] / mb:.0f} MB fp32, {sizes['shards']} shards (largest "
+          f"{sizes['largest_shard_bytes'] / mb:.0f} MB), one layer {sizes['layer_bytes'] / mb:.0f} MB")
+    for direction, source, target in (("hf-to-megatron", hf, megatron), ("megatron-to-hf", megatron, export)):
+        found = measure(direction, source, target)
+        above = found["peak"] - found["baseline"]
+        print(f"{direction:15s} peak above imports {above / mb:7.0f} MB = {above / sizes['model_bytes']:.2f}x the model")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
