@@ -135,9 +135,12 @@ def load_backend(path: str, **options: Any) -> ModelBackend:
     synthetic backends "oracle" / "random" (these need `tokenizer=PATH`).
     options: trust_remote_code (bool), device (str, "cpu"), dtype (str, "float32"),
     tokenizer (str, overrides the model's own), seed (int, random backend),
-    tensor_parallel / context_parallel (int, megatron backend).
+    tensor_parallel / context_parallel (int, megatron backend), self_extend
+    (`self_extend.SelfExtendSettings`, either model backend).
     """
     if path in ("oracle", "random"):
+        if options.get("self_extend") is not None:
+            raise ValueError(f"--self-extend needs a model; the {path} backend has no attention")
         from megatron_harpe.eval.synthetic_backends import OracleBackend, RandomBackend
 
         tokenizer_path = options.get("tokenizer")
@@ -163,6 +166,7 @@ def load_backend(path: str, **options: Any) -> ModelBackend:
         device=str(options.get("device", "cpu")),
         dtype=str(options.get("dtype", "float32")),
         tokenizer_path=options.get("tokenizer"),
+        self_extend=options.get("self_extend"),
     )
 
 

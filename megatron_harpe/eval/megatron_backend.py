@@ -34,6 +34,8 @@ from megatron_harpe.training import checkpoint
 class MegatronBackend:
     """`ModelBackend` over a megatron_harpe GPTModel shard."""
 
+    self_extend = None  # SelfExtendSettings when installed (eval/self_extend_megatron.py)
+
     def __init__(self, model, config: Config, tokenizer, name: str, generation: bool) -> None:
         self.model = model.eval()
         self.config = config
@@ -52,6 +54,7 @@ class MegatronBackend:
         context_parallel: int = 1,
         tokenizer: str | None = None,
         generation: bool | None = None,
+        self_extend=None,
         **_unused,
     ) -> "MegatronBackend":
         from megatron_harpe.eval.backends import load_tokenizer_any
@@ -69,8 +72,14 @@ class MegatronBackend:
         parallel.initialize(tensor_parallel, context_parallel)
         model = build_model(config.model, config.position, initialize=False)
         checkpoint.load_checkpoint(path, model=model, weights_only=True, load_rng=False)
+        if self_extend is not None:
+            from megatron_harpe.eval.self_extend_megatron import install_self_extend
+
+            install_self_extend(model, self_extend)
         name = f"megatron:{Path(path).name}"
-        return cls(model, config, load_tokenizer_any(tokenizer_path), name, generation if generation is not None else context_parallel == 1)
+        backend = cls(model, config, load_tokenizer_any(tokenizer_path), name, generation if generation is not None else context_parallel == 1)
+        backend.self_extend = self_extend
+        return backend
 
     @torch.no_grad()
     def logits(self, ids: list[int], last: int | None = None) -> torch.Tensor:
