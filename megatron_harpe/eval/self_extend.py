@@ -79,6 +79,16 @@ class SelfExtendSettings:
         return torch.div(positions, self.group, rounding_mode="floor")
 
 
+def parse_self_extend_argument(text: str) -> SelfExtendSettings:
+    """argparse `type` for --self-extend: a bad value is a usage error naming the problem."""
+    import argparse
+
+    try:
+        return SelfExtendSettings.parse(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     first, second = x.chunk(2, dim=-1)
     return torch.cat((-second, first), dim=-1)

@@ -220,3 +220,20 @@ def test_unsupported_models_are_refused():
 
     with pytest.raises(ValueError, match="Llama-family"):
         install_self_extend(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2)), SelfExtendSettings(8, 2))
+
+
+def test_cli_rejects_bad_settings_and_the_synthetic_backends(tmp_path, capsys):
+    import importlib.util
+    import os
+
+    tool = os.path.join(os.path.dirname(__file__), "..", "..", "tools", "evaluate.py")
+    specification = importlib.util.spec_from_file_location("evaluate_tool", tool)
+    module = importlib.util.module_from_spec(specification)
+    specification.loader.exec_module(module)
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--model", "oracle", "--task", "passkey", "--lengths", "512", "--self-extend", "window=32,group=0"])
+    assert exit_info.value.code == 2
+    assert "self-extend group must be a positive integer" in capsys.readouterr().err
+    assert module.main(["--model", "oracle", "--tokenizer", str(tmp_path), "--task", "passkey", "--lengths", "512",
+                        "--self-extend", "window=32,group=4", "--output-dir", str(tmp_path)]) == 2
+    assert "--self-extend needs a model" in capsys.readouterr().err
