@@ -30,8 +30,9 @@ import re
 
 import torch
 
-SCORE_BLOCK_ELEMENTS = 1 << 27  # fp32 scores per query block (512 MiB), split over batch x heads x keys
+SCORE_BLOCK_ELEMENTS = 1 << 26  # fp32 scores per query block (256 MiB), split over batch x heads x keys
 MAX_BLOCK_ROWS = 2048
+ROTATION_CHUNK = 8192  # positions rotated at a time
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,12 +98,17 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 def rotate(x: torch.Tensor, inv_freq: torch.Tensor, positions: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """RoPE (rotate-half layout, as Llama and megatron) of x [b, heads, n, d] at `positions` [n]
     with inv_freq [heads or 1, d/2]; cos and sin are multiplied by `scale` (YaRN's attention
-    factor). Angles in float64, rotation in float32, result in x's dtype."""
-    angles = positions.to(torch.float64)[None, :, None] * inv_freq.to(x.device, torch.float64)[:, None, :]
-    angles = torch.cat((angles, angles), dim=-1)  # [rows, n, d]
-    cos, sin = (angles.cos() * scale).float(), (angles.sin() * scale).float()
-    x32 = x.float()
-    return (x32 * cos + rotate_half(x32) * sin).to(x.dtype)
+    factor). Angles in float64, rotation in float32, result in x's dtype; positions go through
+    in chunks so the temporary tables stay small at any length."""
+    out = torch.empty_like(x)
+    frequencies = inv_freq.to(x.device, torch.float64)[:, None, :]
+    for start in range(0, x.size(2), ROTATION_CHUNK):
+        angles = positions[start : start + ROTATION_CHUNK].to(torch.float64)[None, :, None] * frequencies
+        angles = torch.cat((angles, angles), dim=-1)  # [rows, n, d]
+        cos, sin = (angles.cos() * scale).float(), (angles.sin() * scale).float()
+        part = x[:, :, start : start + ROTATION_CHUNK].float()
+        out[:, :, start : start + ROTATION_CHUNK] = part * cos + rotate_half(part) * sin
+    return out
 
 
 def _check_rows(inv_freq: torch.Tensor, heads: int, head_dim: int, what: str) -> None:
@@ -158,25 +164,33 @@ def self_extend_attention(
         block = query[:, :, start : start + rows]
         low, high = int(positions.min()), int(positions.max())
         visible = min(high + 1, key_len)  # causal: later keys never count
-        far_end = max(0, min(visible, high - window + 1))  # keys some query of the block sees as distant
-        near_start = max(0, low - window + 1)  # keys some query of the block sees as neighbours
-        distance = positions[:, None] - key_positions[None, :visible]  # [n, visible]
+        # Key columns [0, near_start) are distant for every query of the block, [far_end, visible)
+        # are neighbours for every query; only [near_start, far_end) (about one block wide) mixes.
+        far_end = max(0, min(visible, high - window + 1))
+        near_start = min(max(0, low - window + 1), far_end)
         # [b, hk, per_group, n, d]: query heads of one k/v group share its keys without copies
         query_near = rotate(block, query_inv_freq, positions, rotary_scale).unflatten(1, (key_heads, per_group))
-        scores = torch.full((batch, key_heads, per_group, len(positions), visible), float("-inf"), device=device)
+        scores = torch.empty((batch, key_heads, per_group, len(positions), visible), device=device)
         if far_end > 0:
             query_far = rotate(block, query_inv_freq, settings.grouped_query_positions(positions), rotary_scale)
             query_far = query_far.unflatten(1, (key_heads, per_group))
-            far = query_far @ key_far[:, :, None, :far_end].transpose(-1, -2)
-            scores[..., :far_end] = far.float() * softmax_scale
-        if near_start < visible:
-            near = query_near @ key_near[:, :, None, near_start:visible].transpose(-1, -2)
-            # THE MERGE: neighbour scores where i - j < W, grouped scores (already in place) elsewhere
-            scores[..., near_start:] = torch.where(
-                distance[:, near_start:] < window, near.float() * softmax_scale, scores[..., near_start:]
-            )
-        scores.masked_fill_(distance < 0, float("-inf"))
-        probabilities = torch.softmax(scores, dim=-1).to(value.dtype)
-        block_out = probabilities @ value[:, :, None, :visible]  # [b, hk, per_group, n, d]
+            scores[..., :far_end] = (query_far @ key_far[:, :, None, :far_end].transpose(-1, -2)).float()
+        near = (query_near @ key_near[:, :, None, near_start:visible].transpose(-1, -2)).float()
+        # THE MERGE (one score per query/key pair, before the single softmax below): neighbour
+        # scores where i - j < W, grouped scores elsewhere, decided on the mixed columns only.
+        mixed = far_end - near_start
+        if mixed:
+            is_near = positions[:, None] - key_positions[None, near_start:far_end] < window  # [n, mixed]
+            region = scores[..., near_start:far_end]
+            region.masked_fill_(is_near, 0.0).add_(near[..., :mixed].masked_fill_(~is_near, 0.0))
+        scores[..., far_end:] = near[..., mixed:]
+        del near
+        if low + 1 < visible:  # causal mask: only columns after the block's first query can be future
+            scores[..., low + 1 :].masked_fill_(positions[:, None] < key_positions[None, low + 1 : visible], float("-inf"))
+        # softmax in place (every query sees at least its own key, so no row is all -inf)
+        scores.mul_(softmax_scale)
+        scores.sub_(scores.amax(dim=-1, keepdim=True)).exp_()
+        scores.div_(scores.sum(dim=-1, keepdim=True))
+        block_out = scores.to(value.dtype) @ value[:, :, None, :visible]  # [b, hk, per_group, n, d]
         outputs.append(block_out.flatten(1, 2))
     return torch.cat(outputs, dim=2)
