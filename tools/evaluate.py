@@ -7,6 +7,8 @@
         --ppl-data data/long_docs.jsonl --ppl-stride 256
     python tools/evaluate.py --model oracle --tokenizer exports/harpe_hf --task niah --lengths 4096
 
+    python tools/evaluate.py --model exports/llama2_hf --task niah --lengths 16k --self-extend window=1024,group=32
+
 --model takes a Hugging Face directory, a megatron_harpe checkpoint directory, or the synthetic
 "oracle" / "random" backends (harness checks: they must score 100 and about 0). Writes
 results.json, results.md and PNG plots to --output-dir and prints the Markdown table. Under
@@ -29,6 +31,13 @@ from megatron_harpe.eval.suite import (
     parse_token_counts,
     run_eval_suite,
 )
+
+
+def _self_extend_argument(text: str):
+    """argparse type for --self-extend; imports torch only when the option is given."""
+    from megatron_harpe.eval.self_extend import parse_self_extend_argument
+
+    return parse_self_extend_argument(text)
 
 
 def is_main_process() -> bool:
@@ -68,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (HF backend)")
     parser.add_argument("--tensor-parallel", type=int, default=1, help="megatron backend: TP size")
     parser.add_argument("--context-parallel", type=int, default=1, help="megatron backend: CP size")
+    parser.add_argument("--self-extend", type=_self_extend_argument, default=None, metavar="window=W,group=G",
+                        help="Self-Extend grouped attention at evaluation time (paper: window=1024,group=32), "
+                             "any RoPE model on either backend")
     parser.add_argument("--save-predictions", action="store_true", help="also write predictions.jsonl")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     cli.add_common_flags(parser)
@@ -85,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         backend = load_backend(
             args.model, tokenizer=args.tokenizer, trust_remote_code=args.trust_remote_code, device=args.device,
             dtype=args.dtype, seed=args.seed, tensor_parallel=args.tensor_parallel,
-            context_parallel=args.context_parallel,
+            context_parallel=args.context_parallel, self_extend=args.self_extend,
         )
         documents = None
         if "ppl" in tasks:

@@ -136,10 +136,13 @@ def load_backend(path: str, **options: Any) -> ModelBackend:
     synthetic backends "oracle" / "random" (these need `tokenizer=PATH`).
     options: trust_remote_code (bool), device (str, "cpu"), dtype (str, "float32"),
     tokenizer (str, overrides the model's own), seed (int, random backend),
-    tensor_parallel / context_parallel (int), kv_cache (bool, True): megatron backend.
+    tensor_parallel / context_parallel (int), kv_cache (bool, True): megatron backend;
+    self_extend (`self_extend.SelfExtendSettings`): either model backend.
     A megatron checkpoint brings its own tokenizer (the HF source's, kept by hf-to-megatron).
     """
     if path in ("oracle", "random"):
+        if options.get("self_extend") is not None:
+            raise ValueError(f"--self-extend needs a model; the {path} backend has no attention")
         from megatron_harpe.eval.synthetic_backends import OracleBackend, RandomBackend
 
         tokenizer_path = options.get("tokenizer")
@@ -165,6 +168,7 @@ def load_backend(path: str, **options: Any) -> ModelBackend:
         device=str(options.get("device", "cpu")),
         dtype=str(options.get("dtype", "float32")),
         tokenizer_path=options.get("tokenizer"),
+        self_extend=options.get("self_extend"),
     )
 
 

@@ -67,6 +67,7 @@ class HFBackend:
     """`ModelBackend` over `transformers.AutoModelForCausalLM`."""
 
     supports_generation = True
+    self_extend = None  # SelfExtendSettings when installed (eval/self_extend_hf.py)
 
     def __init__(self, model: Any, tokenizer: HFTokenizer, name: str) -> None:
         self.model = model.eval()
@@ -93,6 +94,7 @@ class HFBackend:
         device: str = "cpu",
         dtype: str = "float32",
         tokenizer_path: str | None = None,
+        self_extend=None,
     ) -> "HFBackend":
         from transformers import AutoModelForCausalLM
 
@@ -105,7 +107,13 @@ class HFBackend:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
         model.to(torch.device(device))
         tokenizer = HFTokenizer.from_pretrained(tokenizer_path or path, trust_remote_code=trust_remote_code)
-        return cls(model, tokenizer, name=path)
+        backend = cls(model, tokenizer, name=path)
+        if self_extend is not None:
+            from megatron_harpe.eval.self_extend_hf import install_self_extend
+
+            install_self_extend(model, self_extend)
+            backend.self_extend = self_extend
+        return backend
 
     def _tensor(self, ids: list[int]) -> torch.Tensor:
         return torch.tensor([ids], dtype=torch.long, device=self.device)

@@ -36,6 +36,8 @@ from megatron_harpe.training import checkpoint
 class MegatronBackend:
     """`ModelBackend` over a megatron_harpe GPTModel shard."""
 
+    self_extend = None  # SelfExtendSettings when installed (eval/self_extend_megatron.py)
+
     def __init__(self, model, config: Config, tokenizer, name: str, generation: bool, kv_cache: bool = True) -> None:
         self.model = model.eval()
         self.kv_cache = kv_cache
@@ -57,6 +59,7 @@ class MegatronBackend:
         generation: bool | None = None,
         kv_cache: bool = True,
         trust_remote_code: bool = False,
+        self_extend=None,
         **_unused,
     ) -> "MegatronBackend":
         from megatron_harpe.eval.backends import load_tokenizer_any
@@ -75,9 +78,17 @@ class MegatronBackend:
         parallel.initialize(tensor_parallel, context_parallel)
         model = build_model(config.model, config.position, initialize=False)
         checkpoint.load_checkpoint(path, model=model, weights_only=True, load_rng=False)
+        if self_extend is not None:
+            from megatron_harpe.eval.self_extend_megatron import install_self_extend
+
+            install_self_extend(model, self_extend)
         name = f"megatron:{Path(path).name}"
-        return cls(model, config, load_tokenizer_any(str(tokenizer_path), trust_remote_code=trust_remote_code), name,
-                   generation if generation is not None else True, kv_cache=kv_cache)
+        # Self-Extend's attention (eval/self_extend_megatron.py) recomputes and keeps no cache
+        use_cache = kv_cache and self_extend is None
+        backend = cls(model, config, load_tokenizer_any(str(tokenizer_path), trust_remote_code=trust_remote_code), name,
+                      generation if generation is not None else True, kv_cache=use_cache)
+        backend.self_extend = self_extend
+        return backend
 
     @torch.no_grad()
     def logits(self, ids: list[int], last: int | None = None) -> torch.Tensor:

@@ -56,6 +56,11 @@ def _length_label(length: int | str) -> str:
     return f"{length // 1024}k" if length % 1024 == 0 else str(length)
 
 
+def _self_extend_note(results: dict[str, Any]) -> str:
+    settings = results.get("self_extend")
+    return f", Self-Extend window {settings['window']} group {settings['group']}" if settings else ""
+
+
 def markdown_table(results: dict[str, Any]) -> str:
     """Retrieval scores (task x length, with the per-length mean and overall), the needle grid
     and perplexity, as GitHub Markdown."""
@@ -63,7 +68,7 @@ def markdown_table(results: dict[str, Any]) -> str:
     header = "| " + " | ".join(_length_label(length) for length in lengths) + " |"
     rule = "|---" * (len(lengths) + 1) + "|"
     lines = [f"Model: `{results['model']}`, {results['samples']} samples per cell, seed {results['seed']}, "
-             f"scoring: {results['scoring']}", ""]
+             f"scoring: {results['scoring']}" + _self_extend_note(results), ""]
     if results.get("tasks"):
         lines += ["| task " + header + " mean |", rule + "---|"]
         for task, by_length in results["tasks"].items():
@@ -103,7 +108,8 @@ def plot_retrieval(results: dict[str, Any], path: str) -> None:
     axis.set_ylim(-3, 103)
     axis.set_xlabel("context length (tokens)")
     axis.set_ylabel("score")
-    axis.set_title(f"Retrieval ({results['scoring']}) - {os.path.basename(str(results['model']).rstrip('/'))}")
+    axis.set_title(f"Retrieval ({results['scoring']}{_self_extend_note(results)}) - "
+                   f"{os.path.basename(str(results['model']).rstrip('/'))}")
     axis.grid(alpha=0.3)
     axis.legend(fontsize=7, ncol=2)
     save_figure_atomic(figure, path)

@@ -133,6 +133,8 @@ def run_eval_suite(
         "model": backend.name, "seed": seed, "samples": samples, "lengths": list(lengths),
         "scoring": method, "tasks": {},
     }
+    if getattr(backend, "self_extend", None) is not None:  # evaluation-time grouped attention
+        results["self_extend"] = backend.self_extend.as_dict()
     records: list[dict[str, Any]] = []
     retrieval = [task for task in task_names if task in RETRIEVAL_TASKS or task in SYNTHETIC_TASKS]
     grid_cells = len(grid_depths) * len(lengths) if "needle_grid" in task_names else 0
