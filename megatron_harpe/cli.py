@@ -209,6 +209,8 @@ def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = No
     except Exception as error:  # noqa: BLE001 - the front door decides what the user sees
         if interrupted:
             return _report_interrupt()
+        if getattr(error, "report_on_every_rank", False):
+            return report_rank_failure(error)
         if user_error_message(error) is None:
             raise  # a bug: the full traceback
         return report_user_error(error)
@@ -225,6 +227,15 @@ def report_user_error(error: BaseException) -> int:
         message = user_error_message(error) or str(error)
         print(f"error: {message}", file=sys.stderr, flush=True)
     return EXIT_USER_ERROR
+
+
+def report_rank_failure(error: BaseException) -> int:
+    """A failure one rank sees and the others may not (a stuck or dead peer): every rank prints
+    its own `error:` line, so the log names the rank that noticed; returns 1 (not a user error)."""
+    if debug():
+        traceback.print_exception(error)
+    print(f"error: {error}", file=sys.stderr, flush=True)
+    return 1
 
 
 def _report_interrupt() -> int:

@@ -30,6 +30,8 @@ EXIT_WITH_PARENT_ENV = "MEGATRON_HARPE_EXIT_WITH_PARENT"
 class CollectiveFailed(RuntimeError):
     """A collective timed out or lost a peer rank."""
 
+    report_on_every_rank = True  # the CLI front door prints it on each rank, without a traceback
+
 
 class CollectiveGuard:
     """Context manager: re-raise a timed-out or broken collective as CollectiveFailed naming

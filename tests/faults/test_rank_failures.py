@@ -39,6 +39,20 @@ def test_guard_names_rank_and_phase_of_a_timed_out_collective() -> None:
             raise RuntimeError("an unrelated bug")
 
 
+def test_front_door_prints_a_failed_collective_on_every_rank_without_traceback(monkeypatch, capsys) -> None:
+    """A stuck peer is seen by whichever rank waited: that rank's log must say it, not rank 0's only."""
+    from megatron_harpe import cli
+
+    def failing_main(argv):
+        raise CollectiveFailed("rank 1: a collective during training step 7 failed after waiting up to 10 min")
+
+    monkeypatch.setenv("RANK", "1")
+    assert cli.run(failing_main, []) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == "error: rank 1: a collective during training step 7 failed after waiting up to 10 min"
+    assert "Traceback" not in err
+
+
 def _stuck_peer(timeout_minutes: float) -> str:
     ctx = parallel.initialize(1, 1, timeout_minutes=timeout_minutes)
     if ctx.rank == 1:
