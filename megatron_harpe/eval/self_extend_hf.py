@@ -68,15 +68,22 @@ def _inverse_frequencies(rotary: Any, attention: Any) -> tuple[torch.Tensor, tor
     return inv_freq, inv_freq[:: inv_freq.size(0) // key_heads], False
 
 
+def _project(linear: torch.nn.Linear, hidden_states: torch.Tensor) -> torch.Tensor:
+    """The projection's plain matmul. Not `linear(...)`: the HARPE export's q/k projections
+    (`HeadwiseRotatedLinear`) rotate and repeat heads inside their forward, and Self-Extend
+    rotates unrotated q/k twice itself."""
+    return torch.nn.functional.linear(hidden_states, linear.weight, linear.bias)
+
+
 def _make_forward(settings: SelfExtendSettings, rotary: Any):
     def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None, **kwargs):
         batch, length = hidden_states.shape[:2]
         if batch != 1:
             raise ValueError("--self-extend evaluates one sequence at a time (batch size 1)")
         hidden_shape = (batch, length, -1, self.head_dim)
-        query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # [1, heads, s, d]
-        key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # [1, kv_heads, s, d]
-        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        query = _project(self.q_proj, hidden_states).view(hidden_shape).transpose(1, 2)  # [1, heads, s, d]
+        key = _project(self.k_proj, hidden_states).view(hidden_shape).transpose(1, 2)  # [1, kv_heads, s, d]
+        value = _project(self.v_proj, hidden_states).view(hidden_shape).transpose(1, 2)
         query_inv_freq, key_inv_freq, expand_keys = _inverse_frequencies(rotary, self)
         if expand_keys:  # HARPE with distinct bases inside a k/v group: one key per query head
             repeats = query.size(1) // key.size(1)

@@ -171,8 +171,9 @@ def reference_forward(settings, query_bases, key_bases, divisor):
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
         length = hidden_states.size(1)
-        q, k, v = (projection(hidden_states)[0].view(length, -1, self.head_dim).transpose(0, 1)
-                   for projection in (self.q_proj, self.k_proj, self.v_proj))  # fmt: skip
+        # the plain matmuls: the HARPE export's q/k projections rotate inside their forward
+        q, k, v = (torch.nn.functional.linear(hidden_states, p.weight, p.bias)[0].view(length, -1, self.head_dim)
+                   .transpose(0, 1) for p in (self.q_proj, self.k_proj, self.v_proj))  # fmt: skip
         if len(key_bases) == q.size(0):  # keys rotated per query head
             k, v = k.repeat_interleave(q.size(0) // k.size(0), 0), v.repeat_interleave(q.size(0) // v.size(0), 0)
         out = reference_self_extend(q, k, v, query_bases, key_bases, settings.window, settings.group,
