@@ -121,10 +121,8 @@ def layered_env(version: str, cache_dir: Path) -> Path:
     # site.addsitedir (not a bare path) so the parent's own .pth files (editable installs) apply too
     lines = [f"import site; site.addsitedir({site!r})" for site in parent_sites]
     Path(child_site, "zz_compat_parent.pth").write_text("\n".join(lines) + "\n")
-    subprocess.run(
-        [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", f"transformers=={version}"],
-        check=True,
-    )
+    install = [str(python), "-m", "pip", "install", "-qq", "--disable-pip-version-check", f"transformers=={version}"]
+    subprocess.run(install, check=True)
     stamp.write_text(_stamp(version))
     return env
 
@@ -152,7 +150,10 @@ def run_version(version: str, part: str, cache_dir: Path, extra: list[str]) -> O
     if version == transformers.__version__:
         python = Path(sys.executable)
     else:
-        python = layered_env(version, cache_dir) / "bin" / "python"
+        try:
+            python = layered_env(version, cache_dir) / "bin" / "python"
+        except subprocess.CalledProcessError as error:
+            return Outcome(version, supported, False, f"could not build its venv: {error}", time.monotonic() - start)
     passed, summary = run_tests(python, PARTS[part] if supported else REFUSED_PART, extra)
     return Outcome(version, supported, passed, summary, time.monotonic() - start)
 

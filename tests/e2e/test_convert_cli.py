@@ -21,6 +21,7 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from megatron_harpe.convert.hf_files import copy_tokenizer_files
+from megatron_harpe.convert.hf_harpe.configuration_harpe_llama import TRANSFORMERS_MINIMUM
 from megatron_harpe.data.tokenizer import train_sentencepiece
 
 REPO = Path(__file__).resolve().parents[2]
@@ -77,6 +78,7 @@ def test_hf_to_megatron_to_hf_with_verification(hf_source: Path, capsys: pytest.
     exported = root / "hf"
     config = json.loads((exported / "config.json").read_text())
     assert config["model_type"] == "harpe_llama" and config["rope_bases"] == [1000.0, 1000.0, 100000.0, 100000.0]
+    assert config["harpe_transformers_minimum"] == TRANSFORMERS_MINIMUM  # the range the code shipped with needs
     assert (exported / "modeling_harpe_llama.py").is_file() and (exported / "configuration_harpe_llama.py").is_file()
     reference = sentencepiece.SentencePieceProcessor(model_file=str(hf_source / "tokenizer.model"))
     tokenizer = AutoTokenizer.from_pretrained(exported, trust_remote_code=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
-from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
 
 from megatron_harpe.convert.hf_harpe import HarpeLlamaConfig, HarpeLlamaForCausalLM
 from megatron_harpe.convert.hf_harpe.modeling_harpe_llama import HarpeLlamaRotaryEmbedding
@@ -103,6 +103,14 @@ def test_kv_cache_decoding_matches_full_forward(kv_heads: int) -> None:
     with torch.no_grad():
         recomputed = harpe(generated[:, :-1]).logits.argmax(-1)[:, 4:]
     assert torch.equal(recomputed, generated[:, 5:])
+
+
+def test_a_transformers_that_bypasses_the_projections_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rotation lives in q_proj/k_proj: if stock attention stopped calling them, say so, not garbage."""
+    harpe = _harpe(2, [1.0e4, 1.0e4, 3.0e5, 3.0e5], _stock(2).state_dict())
+    monkeypatch.setattr(LlamaAttention, "forward", lambda self, hidden_states, *args, **kwargs: (hidden_states, None))
+    with pytest.raises(RuntimeError, match="no longer computes queries and keys through q_proj/k_proj"):
+        harpe(_tokens())
 
 
 def test_config_defaults_and_legacy_fields() -> None:

@@ -23,6 +23,7 @@ would be skipped silently; the attention checks that both rotations ran and rais
 """
 
 import torch
+import transformers
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaForCausalLM, LlamaModel, rotate_half
 
@@ -107,7 +108,9 @@ class HarpeLlamaAttention(LlamaAttention):
         self.k_proj = HeadwiseRotatedLinear(self.k_proj, self.head_dim, repeat_heads=kv_repeat, rotate=True)
         self.v_proj = HeadwiseRotatedLinear(self.v_proj, self.head_dim, repeat_heads=kv_repeat, rotate=False)
 
-    def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor], *args, **kwargs):
+    def forward(
+        self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor], *args, **kwargs
+    ):
         cos, sin = position_embeddings  # [b, heads, s, d]
         self.q_proj.rotation = (cos, sin)
         if self.keys_per_query_head:
@@ -121,8 +124,6 @@ class HarpeLlamaAttention(LlamaAttention):
         finally:
             self.q_proj.rotation = self.k_proj.rotation = None
         if skipped:
-            import transformers
-
             raise RuntimeError(
                 f"transformers {transformers.__version__}'s LlamaAttention no longer computes queries and keys "
                 f"through q_proj/k_proj, so the HARPE rotation was not applied; supported: {supported_range()}"
