@@ -150,14 +150,15 @@ class _CheckedZstdReader(io.RawIOBase):
         self._decompressor = zstandard.ZstdDecompressor()
         self._frame = self._decompressor.decompressobj()
         self._in_frame = False
-        self._pending = b""
+        self._pending = memoryview(b"")
+        self._position = 0  # in _pending: slicing a view instead of the bytes copies nothing
         self._compressed_offset = 0
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer) -> int:
-        while not self._pending:
+        while self._position == len(self._pending):
             compressed = self._raw.read(self._chunk_bytes)
             if not compressed:
                 if self._in_frame:
@@ -167,10 +168,10 @@ class _CheckedZstdReader(io.RawIOBase):
                     )
                 return 0
             self._compressed_offset += len(compressed)
-            self._pending = self._decompress(compressed)
-        size = min(len(buffer), len(self._pending))
-        buffer[:size] = self._pending[:size]
-        self._pending = self._pending[size:]
+            self._pending, self._position = memoryview(self._decompress(compressed)), 0
+        size = min(len(buffer), len(self._pending) - self._position)
+        buffer[:size] = self._pending[self._position : self._position + size]
+        self._position += size
         return size
 
     def _decompress(self, compressed: bytes) -> bytes:

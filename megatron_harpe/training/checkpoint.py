@@ -188,8 +188,11 @@ def _describe_write_error(error: BaseException, save_dir: Path, iteration: int) 
         codes.append(errno.ENOSPC)
     reason = _WRITE_ERRNOS[codes[0]] if codes else f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300]}"
     space = f" ({free / 2**20:.0f} MiB free)" if free is not None else ""
-    previous = find_latest_checkpoint(save_dir) if save_dir.is_dir() else None
-    kept = f"the newest checkpoint is still {previous.name}" if previous else "no earlier checkpoint exists"
+    try:
+        previous = find_latest_checkpoint(save_dir) if save_dir.is_dir() else None
+        kept = f"the newest checkpoint is still {previous.name}" if previous else "no earlier checkpoint exists"
+    except ValueError:  # every earlier iteration damaged: find_latest_checkpoint says so when loading
+        kept = "no intact earlier checkpoint exists"
     return f"cannot write checkpoint iteration {iteration} to {save_dir}{space}: {reason}. Nothing of it was kept; {kept}"
 
 

@@ -53,29 +53,33 @@ def test_front_door_prints_a_failed_collective_on_every_rank_without_traceback(m
     assert "Traceback" not in err
 
 
-def _stuck_peer(timeout_minutes: float) -> str:
+def _stuck_peer(timeout_minutes: float, done_marker: str) -> tuple[str, float]:
     ctx = parallel.initialize(1, 1, timeout_minutes=timeout_minutes)
-    if ctx.rank == 1:
-        time.sleep(25)  # frozen: never joins the barrier
-        return "slept"
+    if ctx.rank == 1:  # frozen: never joins the barrier (until rank 0 has given up)
+        deadline = time.monotonic() + 120
+        while not os.path.exists(done_marker) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return "slept", 0.0
     guard = CollectiveGuard(ctx.rank, timeout_minutes, phase="the test barrier")
+    start = time.monotonic()
     try:
         with guard:
             import torch.distributed as dist
 
             dist.barrier()
     except CollectiveFailed as error:
-        return str(error)
-    return "barrier passed"
+        return str(error), time.monotonic() - start
+    finally:
+        Path(done_marker).touch()
+    return "barrier passed", time.monotonic() - start
 
 
 @pytest.mark.distributed
-def test_a_rank_that_never_joins_fails_the_collective_within_the_timeout() -> None:
-    start = time.monotonic()
-    message, slept = parallel.run_on_ranks(_stuck_peer, 2, 0.1)
+def test_a_rank_that_never_joins_fails_the_collective_within_the_timeout(tmp_path: Path) -> None:
+    (message, waited), (slept, _) = parallel.run_on_ranks(_stuck_peer, 2, 0.1, str(tmp_path / "rank0_gave_up"))
     assert slept == "slept"
     assert message.startswith("rank 0: a collective during the test barrier failed after waiting up to 0.1 min")
-    assert time.monotonic() - start < 120
+    assert 5 < waited < 60  # the 6 s timeout, not gloo's default 30 min
 
 
 def _children(pid: int) -> list[int]:
