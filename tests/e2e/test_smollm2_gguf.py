@@ -58,6 +58,8 @@ def test_smollm2_gguf_round_trip(tmp_path: Path) -> None:
     assert "<|im_start|>assistant" in rendered
     config = json.loads((export / "config.json").read_text())
     assert (config["bos_token_id"], config["eos_token_id"], config["unk_token_id"]) == (1, 2, 0)
+    train_state = json.loads(next(checkpoint.glob("iter_*/train_state.json")).read_text())
+    assert train_state["converted_from"] == str((GGUF_DIR / GGUF_FILE).resolve())
 
     text = "The quick brown fox jumps over the lazy dog."
     megatron_ids, hf_ids, megatron_out, hf_out = parallel.run_on_ranks(
