@@ -93,6 +93,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
 
         check_output_directory(args.output)
         with gguf_as_hf_directory(args.input, args.gguf_file, work_parent=Path(args.output).absolute().parent) as hf_dir:
+            args.source_name = str((Path(args.input) / args.gguf_file).resolve())
             args.input, args.gguf_file = str(hf_dir), None
             return run(args, overrides)
     if args.command == "hf-to-megatron":
@@ -107,6 +108,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
             overrides=overrides,
             tensor_parallel=args.tensor_parallel,
             dtype=_dtype(args.dtype),
+            source_name=getattr(args, "source_name", None),
         )
         print(f"wrote megatron checkpoint {args.output} (start training from it with checkpoint.pretrained)")
         if args.verify:

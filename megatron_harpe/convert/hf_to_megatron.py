@@ -7,8 +7,9 @@
 The model shape comes from config.json; the position encoding (and anything else of the run) from
 the YAML config and `section.key=value` overrides, defaulting to the HF model's own RoPE. The
 megatron checkpoint is TP-agnostic, so the model is built once at TP=1 in the source dtype and
-filled weight by weight from memory-mapped shards (peak memory ~1.4x the model's bytes: a
-270M-parameter bf16 model took 0.7 GB above the imports);
+filled weight by weight from shards read tensor by tensor (peak memory about 1.35x the layers'
+bytes plus 1.5x the embeddings', see benchmarks/conversion_memory.py: megatron-core's writer
+needs every tensor of the state dict at once, so the model is built whole);
 `tensor_parallel` is validated (it must divide the heads) and recorded in the config.
 
 Output layout: the checkpoint of `training/checkpoint.py` (iteration 0, weights only) plus
@@ -126,8 +127,10 @@ def convert_hf_to_megatron(
     overrides: Sequence[str] = (),
     tensor_parallel: int | None = None,
     dtype: torch.dtype | None = None,
+    source_name: str | None = None,
 ) -> Path:
-    """Convert and return the output directory. Every check (architecture, shards, shapes,
+    """Convert and return the output directory (`source_name`: what `converted_from` records,
+    default the resolved `hf_dir`; a GGUF conversion names its file, not its temporary directory). Every check (architecture, shards, shapes,
     TP divisibility, empty output) runs before anything is written."""
     hf = read_hf_config(hf_dir)
     config = build_conversion_config(hf, config_path=config_path, overrides=overrides, tensor_parallel=tensor_parallel)
@@ -146,7 +149,7 @@ def convert_hf_to_megatron(
             "stage": 0,
             "consumed_samples": 0,
             "consumed_tokens": 0,
-            "converted_from": str(Path(hf_dir).resolve()),
+            "converted_from": source_name or str(Path(hf_dir).resolve()),
         }
         save_checkpoint(staging, 0, model=gpt, config=config.to_dict(), train_state=train_state)
         source_files = staging / HF_SOURCE_DIR

@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megatron_harpe.eval.megatron_backend import gather_vocabulary
 from megatron_harpe.position.rotary import context_parallel_positions
 
 
@@ -78,7 +79,8 @@ class CachedCoreAttention(torch.nn.Module):
         self.inner = inner
         self.cache = cache
         self.layer = layer
-        self.softmax_scale = inner.softmax_scale
+        # ours (SdpaCoreAttention) states it; otherwise (Transformer Engine) 1/sqrt(head dim)
+        self.softmax_scale = getattr(inner, "softmax_scale", None)
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
@@ -105,7 +107,8 @@ class CachedCoreAttention(torch.nn.Module):
         prefix_k, prefix_v = cache.prefix[self.layer]
         groups = prefix_k.size(1)
         # GQA: query heads of group g are g*r .. g*r+r-1 (megatron's layout): attend per group.
-        q = q.float().reshape(batch, groups, heads // groups * new, dim) * self.softmax_scale
+        scale = self.softmax_scale or dim**-0.5
+        q = q.float().reshape(batch, groups, heads // groups * new, dim) * scale
         blocks = [(prefix_k, prefix_v, None)]
         if cache.keeps_tail:
             tail_k, tail_v = cache.tail[self.layer]
@@ -219,8 +222,6 @@ class IncrementalDecoder:
         """Run the prompt (sharded over CP like any forward) and fill the cache. Only the last
         position goes through the output layer: [prompt, vocab] logits would cost more than the
         rest of a small model's forward."""
-        from megatron_harpe.eval.megatron_backend import gather_vocabulary
-
         cache, backend = self.cache, self.backend
         length = len(prompt_ids)
         multiple = 2 * cache.cp_size if cache.cp_size > 1 else 1
@@ -247,8 +248,6 @@ class IncrementalDecoder:
 
     @torch.no_grad()
     def step(self, token_id: int) -> torch.Tensor:
-        from megatron_harpe.eval.megatron_backend import gather_vocabulary
-
         cache, backend = self.cache, self.backend
         if not cache.decoding:
             raise ValueError("IncrementalDecoder.step before prefill")
