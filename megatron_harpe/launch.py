@@ -332,8 +332,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
             max_restarts=args.max_restarts,
         )
     except ValueError as error:
-        print(f"launch error: {error}", file=sys.stderr)
-        return 2
+        return cli.report_user_error(error)
     if args.print_only:
         print(shlex.join(command))
         return 0
