@@ -106,15 +106,21 @@ class RotaryCosSin:
         half = angles.size(-1) // 2
         rows = slice(None, None, row_repeat)
         # cos/sin of the very tensor megatron would pass them: the same values bit for bit
-        self.cos = torch.cos(angles)[:, :, rows, :half].unsqueeze(3)  # [s, 1, rows, 1, d/2]
-        self.sin = torch.sin(angles)[:, :, rows, :half].unsqueeze(3)
+        self.cos = torch.cos(angles)[:, :, rows, :half].unsqueeze(3).contiguous()  # [s, 1, rows, 1, d/2], own storage
+        self.sin = torch.sin(angles)[:, :, rows, :half].unsqueeze(3).contiguous()
         self._cast: dict[tuple[torch.dtype, float], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def nbytes(self) -> int:
+        """Bytes held: the fp32 cos/sin and their casts to other dtypes or attention scales."""
+        tensors = {id(x): x for pair in [(self.cos, self.sin), *self._cast.values()] for x in pair}
+        return sum(x.untyped_storage().nbytes() for x in tensors.values())
 
     def rotate(self, t: torch.Tensor, mscale: float = 1.0) -> torch.Tensor:
         """`t` [s, b, heads, d] rotated: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)."""
         key = (t.dtype, float(mscale))
         if key not in self._cast:
-            self._cast[key] = ((self.cos * mscale).to(t.dtype), (self.sin * mscale).to(t.dtype))
+            scaled = (self.cos, self.sin) if mscale == 1.0 else (self.cos * mscale, self.sin * mscale)
+            self._cast[key] = (scaled[0].to(t.dtype), scaled[1].to(t.dtype))  # no copy for fp32, mscale 1
         cos, sin = self._cast[key]
         grouped = t.unflatten(2, (cos.size(2), -1))  # [s, b, rows, heads per row, d]
         x1, x2 = grouped.chunk(2, dim=-1)

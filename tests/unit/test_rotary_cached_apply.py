@@ -45,6 +45,8 @@ def test_cached_apply_equals_megatron_apply(layout, dtype, mscale):
     query_table, key_table = embedding(64)
     for table, heads, rows in ((query_table, len(query_bases), query_rows), (key_table, len(key_bases), key_rows)):
         assert table.rotary_cos_sin.cos.shape == (32, 1, rows, 1, HEAD_DIM // 2)  # broadcast rows, half width
+        if dtype == torch.float32 and mscale == 1.0:  # no casts: cos + sin hold at most the angle table's bytes
+            assert table.rotary_cos_sin.nbytes() == table.numel() * 4 * rows // table.size(2)
         t = torch.randn(32, 2, heads, HEAD_DIM, dtype=dtype, requires_grad=True)
         reference_t = t.detach().clone().requires_grad_(True)
         ours = rotary.apply_rotary_pos_emb(t, table, CONFIG, mscale=mscale)
