@@ -128,13 +128,18 @@ CUT_EDGE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("kind", ["bpe", "unigram", "llama_like_whitespace_pieces"])
-def test_long_texts_cut_at_safe_spaces_encode_exactly_like_whole_texts(kind, tmp_path, monkeypatch):
+def _cuttable_tokenizer(tmp_path: Path, kind: str):
+    """A model whose settings allow exact cuts at spaces (identity normalization, ...)."""
     options = {"model_type": "unigram" if kind == "unigram" else "bpe", "normalization_rule_name": "identity",
                "remove_extra_whitespaces": False, "byte_fallback": True}
     if kind == "llama_like_whitespace_pieces":
         options.update(allow_whitespace_only_pieces=True, split_digits=True, user_defined_symbols=["x\u2581y"])
-    tokenizer = load_tokenizer(_train_raw(tmp_path, kind, **options))
+    return load_tokenizer(_train_raw(tmp_path, kind, **options))
+
+
+@pytest.mark.parametrize("kind", ["bpe", "unigram", "llama_like_whitespace_pieces"])
+def test_long_texts_cut_at_safe_spaces_encode_exactly_like_whole_texts(kind, tmp_path, monkeypatch):
+    tokenizer = _cuttable_tokenizer(tmp_path, kind)
     assert tokenizer._unsafe_before_space is not None
     if kind == "llama_like_whitespace_pieces":
         assert "x" in tokenizer._unsafe_before_space  # a piece spans "x y": never cut there
@@ -161,11 +166,7 @@ def _flat_reference(encoded: list[list[int]]) -> tuple[list[int], list[int]]:
 
 @pytest.mark.parametrize("kind", ["bpe", "unigram", "llama_like_whitespace_pieces"])
 def test_segment_cache_encodes_exactly_like_whole_texts(kind, tmp_path, monkeypatch):
-    options = {"model_type": "unigram" if kind == "unigram" else "bpe", "normalization_rule_name": "identity",
-               "remove_extra_whitespaces": False, "byte_fallback": True}
-    if kind == "llama_like_whitespace_pieces":
-        options.update(allow_whitespace_only_pieces=True, split_digits=True, user_defined_symbols=["x\u2581y"])
-    tokenizer = load_tokenizer(_train_raw(tmp_path, kind, **options))
+    tokenizer = _cuttable_tokenizer(tmp_path, kind)
     texts = TRAINING_TEXTS + CUT_EDGE_CASES + AWKWARD_TEXTS + ["", " ", "x y", "x  y", "a b"]
     expected_flat, expected_counts = _flat_reference(tokenizer._sp.Encode(texts, out_type=int))
     monkeypatch.setattr(tokenizer_module, "SEGMENT_CACHE_ENTRIES", 50)  # forces the cache to be emptied
