@@ -1,15 +1,24 @@
-"""Tokenize + write throughput: megatron_harpe's batched pipeline against the straightforward
-one-document-at-a-time reference (Megatron-LM's preprocessing: `Pool.imap` over lines, each
-worker parses and tokenizes one document, the main process calls `add_item` + `end_document`),
-both with the same number of worker processes, side by side in one run.
+"""Tokenize + write throughput: `tools/prepare_data.py tokenize` (megatron_harpe's pipeline)
+against Megatron-LM's `tools/preprocess_data.py`, at equal worker counts, side by side in one run.
 
-    python benchmarks/data_prep.py                                  # demo corpus x3, demo tokenizer
-    python benchmarks/data_prep.py --workers 2 --copies 5 --repeats 3
-    python benchmarks/data_prep.py --tokenizer llama2/tokenizer.model --input my.jsonl
+    python benchmarks/data_prep.py                                   # 32 MB of Python sources, demo tokenizer
+    python benchmarks/data_prep.py --workers 1 2 --repeats 3 --megabytes 32
+    python benchmarks/data_prep.py --input my.jsonl --tokenizer llama2/tokenizer.model
 
-Prints tokens per wall-clock second and per CPU second (all processes) of each, and their
-ratios (medians over repeats, runs interleaved); CPU seconds are the steadier figure on a
-shared machine. Checks that both wrote byte-identical .bin/.idx files.
+Megatron-LM's script is not a pip package, so its loop is reimplemented here as that script runs
+it with a sentencepiece model and `--append-eod` (core_v0.16.1): `Pool(workers).imap(encode,
+lines, 32)`, each call `json.loads` + `encode_as_ids(text) + [eod]`, the main process calling
+megatron-core's `IndexedDatasetBuilder.add_document` per document, then `finalize`. (Megatron-LM
+calls sentencepiece through megatron-core's tokenizer wrapper; calling it directly here only
+flatters the reference.) Ours runs `tokenize_corpus` with EOS and no BOS, which writes the same
+files: every run's `.bin/.idx` must equal the reference's byte for byte.
+
+The default corpus is one document per `.py` file of this Python installation (stdlib, then
+site-packages, sorted) up to `--megabytes`: real text, no repeated copies (repeats would make
+any cache look better than it is). Runs are interleaved (reference, ours, per worker count, per
+repeat) so both see the same machine load; the ratio of wall tokens/s is printed for the fastest
+and the median run at each worker count, with the scaling from the first worker count, and the
+CPU seconds of all processes of each run (the steadier figure on a shared machine).
 """
 
 from __future__ import annotations
@@ -21,56 +30,85 @@ import os
 import resource
 import shutil
 import statistics
+import sysconfig
 import tempfile
 import time
 from pathlib import Path
 
 import sentencepiece
-import tokenizers
-import torch
-from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
 from megatron_harpe.data.demo_corpus import prepare_demo_data
-from megatron_harpe.data.indexed import token_dtype
 from megatron_harpe.data.pipeline import tokenize_corpus
-from megatron_harpe.data.tokenizer import load_tokenizer
+
+_SKIPPED_DIRECTORIES = {"test", "tests", "__pycache__", "idlelib", "tkinter", "turtledemo", "lib2to3"}
 
 
-class _ReferenceEncoder:
-    """Megatron-LM style: one tokenizer per worker, called on one json line at a time, the
-    tokenizer library used directly (sentencepiece's encode_as_ids / tokenizers' encode)."""
+def build_source_corpus(output: Path, megabytes: float) -> Path:
+    """`{"text": <file>}` per .py file of the stdlib and site-packages (sorted), until `megabytes`."""
+    budget, written = megabytes * 1e6, 0
+    roots = [Path(sysconfig.get_paths()["stdlib"]), Path(sysconfig.get_paths()["purelib"])]
+    with open(output, "w", encoding="utf-8") as out:
+        for root in roots:
+            for directory, subdirectories, files in sorted(os.walk(root)):
+                subdirectories[:] = sorted(d for d in subdirectories if d not in _SKIPPED_DIRECTORIES and d != "site-packages")
+                for name in sorted(files):
+                    if not name.endswith(".py"):
+                        continue
+                    try:
+                        text = (Path(directory) / name).read_text(encoding="utf-8")
+                    except (UnicodeDecodeError, OSError):
+                        continue
+                    if not text.strip():
+                        continue
+                    line = json.dumps({"text": text}) + "\n"
+                    out.write(line)
+                    written += len(line)
+                    if written >= budget:
+                        return output
+    return output
 
-    encode_text = None
 
-    def __init__(self, tokenizer_path: str, bos_id: int, eos_id: int) -> None:
-        self.tokenizer_path, self.bos_id, self.eos_id = tokenizer_path, bos_id, eos_id
+class MegatronLMEncoder:
+    """Megatron-LM `tools/preprocess_data.py`'s `Encoder`: one tokenizer per worker (a class
+    attribute set by the pool initializer), one json line per call."""
+
+    processor: sentencepiece.SentencePieceProcessor | None = None
+
+    def __init__(self, tokenizer_path: str) -> None:
+        self.tokenizer_path = tokenizer_path
 
     def initializer(self) -> None:
-        if self.tokenizer_path.endswith(".model"):
-            processor = sentencepiece.SentencePieceProcessor(model_file=self.tokenizer_path)
-            _ReferenceEncoder.encode_text = processor.encode_as_ids
-        else:
-            hf = tokenizers.Tokenizer.from_file(self.tokenizer_path)
-            _ReferenceEncoder.encode_text = lambda text: hf.encode(text, add_special_tokens=False).ids
+        MegatronLMEncoder.processor = sentencepiece.SentencePieceProcessor(model_file=self.tokenizer_path)
 
-    def encode(self, json_line: str) -> tuple[list[int], int]:
+    def encode(self, json_line: str) -> tuple[list[int], list[int], int]:
         text = json.loads(json_line)["text"]
-        ids = [self.bos_id] + _ReferenceEncoder.encode_text(text) + [self.eos_id]
-        return ids, len(json_line)
+        ids = MegatronLMEncoder.processor.encode_as_ids(text)
+        ids.append(MegatronLMEncoder.processor.eos_id())  # --append-eod
+        return ids, [len(ids)], len(json_line)
 
 
-def reference_tokenize(input_path: Path, prefix: str, tokenizer_path: str, workers: int) -> int:
-    tokenizer = load_tokenizer(tokenizer_path)
-    encoder = _ReferenceEncoder(tokenizer.path, tokenizer.bos_id, tokenizer.eos_id)
-    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=token_dtype(tokenizer.vocab_size))
+def megatron_lm_preprocess(input_path: Path, prefix: str, tokenizer_path: str, workers: int) -> int:
+    """Megatron-LM's `Partition.process_json_file` loop with one partition and one json key."""
+    encoder = MegatronLMEncoder(tokenizer_path)
+    vocab_size = sentencepiece.SentencePieceProcessor(model_file=tokenizer_path).get_piece_size()
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=DType.optimal_dtype(vocab_size))
     tokens = 0
-    with open(input_path, encoding="utf-8") as lines, multiprocessing.get_context("fork").Pool(workers, encoder.initializer) as pool:
-        for ids, _ in pool.imap(encoder.encode, lines, 32):
-            builder.add_item(torch.IntTensor(ids))
-            builder.end_document()
+    with open(input_path, encoding="utf-8") as lines:
+        pool = multiprocessing.get_context("fork").Pool(workers, initializer=encoder.initializer)
+        for ids, lengths, _ in pool.imap(encoder.encode, lines, 32):
+            builder.add_document(ids, lengths)
             tokens += len(ids)
+        pool.close()
+        pool.join()
     builder.finalize(prefix + ".idx")
     return tokens
+
+
+def megatron_harpe_tokenize(input_path: Path, prefix: str, tokenizer_path: str, workers: int) -> int:
+    summary = tokenize_corpus([input_path], prefix, tokenizer_path, add_bos=False, add_eos=True, workers=workers,
+                              write_report=False)
+    return summary["tokens"]
 
 
 def _cpu_seconds() -> float:
@@ -79,55 +117,61 @@ def _cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def ours_tokenize(input_path: Path, prefix: str, tokenizer_path: str, workers: int) -> int:
-    summary = tokenize_corpus([input_path], prefix, tokenizer_path, workers=workers, write_report=False)
-    return summary["tokens"]
+IMPLEMENTATIONS = {"Megatron-LM preprocess_data": megatron_lm_preprocess, "megatron_harpe": megatron_harpe_tokenize}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--input", default=None, help="jsonl with a 'text' field (default: the demo corpus)")
-    parser.add_argument("--tokenizer", default=None, help="default: the demo sentencepiece model")
-    parser.add_argument("--workdir", default="work/demo", help="where the demo corpus/tokenizer live or are built")
-    parser.add_argument("--copies", type=int, default=3, help="repeat the input this many times")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--input", default=None, help="jsonl with a 'text' field (default: Python sources, see --megabytes)")
+    parser.add_argument("--megabytes", type=float, default=32.0, help="size of the default corpus")
+    parser.add_argument("--tokenizer", default=None, help="sentencepiece .model (default: the demo tokenizer)")
+    parser.add_argument("--workdir", default="work/demo", help="where the demo tokenizer lives or is built")
+    parser.add_argument("--workers", type=int, nargs="+", default=sorted({1, 2, os.cpu_count() or 1}),
+                        help="worker counts to compare at (default: 1, 2 and all cores)")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    if args.input is None or args.tokenizer is None:
-        demo = prepare_demo_data(args.workdir)
-    input_path = Path(args.input) if args.input else demo.corpus
-    tokenizer_path = args.tokenizer or str(demo.tokenizer)
+    tokenizer_path = args.tokenizer or str(prepare_demo_data(args.workdir).tokenizer)
     scratch = Path(tempfile.mkdtemp(prefix="data_prep_bench_"))
     try:
-        corpus = scratch / "corpus.jsonl"
-        with open(corpus, "wb") as out:
-            for _ in range(args.copies):
-                out.write(input_path.read_bytes())
-        size_mb = corpus.stat().st_size / 1e6
-        print(f"input {size_mb:.1f} MB ({args.copies} x {input_path}), tokenizer {tokenizer_path}, {args.workers} workers")
-        timings: dict[str, list[float]] = {"reference": [], "megatron_harpe": []}
-        cpu: dict[str, list[float]] = {"reference": [], "megatron_harpe": []}
-        tokens = {}
+        corpus = Path(args.input) if args.input else build_source_corpus(scratch / "corpus.jsonl", args.megabytes)
+        print(f"input {corpus.stat().st_size / 1e6:.1f} MB ({corpus}), tokenizer {tokenizer_path}, workers {args.workers}, "
+              f"{args.repeats} interleaved repeats, load average {os.getloadavg()[0]:.2f} at start")
+        seconds: dict[tuple[str, int], list[float]] = {}
+        cpu: dict[tuple[str, int], list[float]] = {}
+        tokens = 0
         for repeat in range(args.repeats):
-            for name, function in (("reference", reference_tokenize), ("megatron_harpe", ours_tokenize)):
-                prefix = str(scratch / f"{name}-{repeat}")
-                started, cpu_started = time.perf_counter(), _cpu_seconds()
-                tokens[name] = function(corpus, prefix, tokenizer_path, args.workers)
-                timings[name].append(time.perf_counter() - started)
-                cpu[name].append(_cpu_seconds() - cpu_started)
-        for suffix in (".bin", ".idx"):
-            same = (scratch / f"reference-0{suffix}").read_bytes() == (scratch / f"megatron_harpe-0{suffix}").read_bytes()
-            print(f"identical {suffix}: {same}")
-        assert tokens["reference"] == tokens["megatron_harpe"]
-        rates = {name: tokens[name] / statistics.median(seconds) for name, seconds in timings.items()}
-        cpu_rates = {name: tokens[name] / statistics.median(seconds) for name, seconds in cpu.items()}
-        for name, seconds in timings.items():
-            print(f"{name:>15}: {rates[name] / 1e6:6.3f} M tokens/s wall, {cpu_rates[name] / 1e6:6.3f} M tokens/CPU-s  "
-                  f"(wall runs: {', '.join(f'{s:.2f}s' for s in seconds)}; CPU: {', '.join(f'{s:.2f}s' for s in cpu[name])})")
-        print(f"speedup megatron_harpe / reference ({tokens['reference']:,} tokens): "
-              f"{rates['megatron_harpe'] / rates['reference']:.2f}x wall, "
-              f"{cpu_rates['megatron_harpe'] / cpu_rates['reference']:.2f}x CPU")
+            for workers in args.workers:
+                for name, function in IMPLEMENTATIONS.items():
+                    prefix = str(scratch / f"{name.split()[0]}-{workers}-{repeat}")
+                    started, cpu_started = time.perf_counter(), _cpu_seconds()
+                    count = function(corpus, prefix, tokenizer_path, workers)
+                    seconds.setdefault((name, workers), []).append(time.perf_counter() - started)
+                    cpu.setdefault((name, workers), []).append(_cpu_seconds() - cpu_started)
+                    reference = str(scratch / f"Megatron-LM-{workers}-{repeat}")
+                    for suffix in (".bin", ".idx"):
+                        same = Path(prefix + suffix).read_bytes() == Path(reference + suffix).read_bytes()
+                        assert same, f"{name} wrote a different {suffix} than Megatron-LM's loop ({workers} workers)"
+                    assert tokens in (0, count)
+                    tokens = count
+                    if name != "Megatron-LM preprocess_data":
+                        for suffix in (".bin", ".idx"):
+                            os.remove(reference + suffix)
+                            os.remove(prefix + suffix)
+        print(f"output identical to Megatron-LM's loop in every run ({tokens:,} tokens); load average now {os.getloadavg()[0]:.2f}")
+        first = args.workers[0]
+        for workers in args.workers:
+            rates = {}
+            for name in IMPLEMENTATIONS:
+                runs = seconds[(name, workers)]
+                rates[name] = (tokens / min(runs), tokens / statistics.median(runs))
+                scaling = min(seconds[(name, first)]) / min(runs)
+                print(f"{workers} workers {name:>28}: {rates[name][0] / 1e6:6.3f} M tokens/s fastest, "
+                      f"{rates[name][1] / 1e6:6.3f} median (runs {', '.join(f'{s:.2f}s' for s in runs)}; "
+                      f"x{scaling:.2f} of {first} worker(s)); CPU s (all processes) {', '.join(f'{s:.2f}' for s in cpu[(name, workers)])}")
+            ours, theirs = rates["megatron_harpe"], rates["Megatron-LM preprocess_data"]
+            print(f"{workers} workers: megatron_harpe / Megatron-LM wall tokens/s = {ours[0] / theirs[0]:.2f}x fastest, "
+                  f"{ours[1] / theirs[1]:.2f}x median")
     finally:
         shutil.rmtree(scratch)
 

@@ -5,7 +5,8 @@
 
 Prints (1) forward+backward time of the same small model with `harpe` (8 distinct bases) and
 with `abf` (one base: megatron's [s, 1, 1, d] table), interleaved run by run so machine noise
-hits both alike, and their ratio (goal: <= 1.05); (2) the bytes of rotary tables one rank
+hits both alike (the order alternates per repeat), and their ratio for the fastest and the median
+runs, in wall and in CPU time (goal: <= 1.05); (2) the bytes of rotary tables one rank
 builds for Llama2-7B at 131072 tokens under TP=8, CP=4 against the naive full table
 (goal: exactly 1/32).
 """
@@ -13,6 +14,7 @@ builds for Llama2-7B at 131072 tokens under TP=8, CP=4 against the naive full ta
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -25,12 +27,13 @@ from megatron_harpe.position.config import PositionConfig
 from megatron_harpe.position.rotary import HeadwiseRotaryEmbedding
 
 
-def time_step(model, tokens, positions) -> float:
-    start = time.perf_counter()
+def time_step(model, tokens, positions) -> tuple[float, float]:
+    """Wall and CPU seconds (all threads of this process) of one forward+backward."""
+    start, cpu_start = time.perf_counter(), time.process_time()
     loss = model(tokens, positions, None, labels=tokens).mean()
     loss.backward()
     model.zero_grad(set_to_none=True)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu_start
 
 
 def compare_speed(args) -> None:
@@ -48,18 +51,26 @@ def compare_speed(args) -> None:
     tokens = torch.randint(0, model_cfg.vocab_size, (1, args.seq))
     positions = torch.arange(args.seq)[None]
     times: dict[str, list[float]] = {name: [] for name in models}
+    cpu: dict[str, list[float]] = {name: [] for name in models}
     for name, model in models.items():  # warm-up (and table caching) outside the measurement
         time_step(model, tokens, positions)
-    for _ in range(args.repeats):
-        for name, model in models.items():
-            times[name].append(time_step(model, tokens, positions))
+    load = os.getloadavg()[0]
+    for repeat in range(args.repeats):
+        for name, model in (models.items() if repeat % 2 == 0 else reversed(models.items())):
+            wall, cpu_seconds = time_step(model, tokens, positions)
+            times[name].append(wall)
+            cpu[name].append(cpu_seconds)
     median = {name: statistics.median(values) for name, values in times.items()}
-    print(f"forward+backward, 4 layers x hidden 512 x 8 heads, seq {args.seq}, {args.repeats} interleaved runs:")
+    print(f"forward+backward, 4 layers x hidden 512 x 8 heads, seq {args.seq}, {args.repeats} interleaved runs "
+          f"(load average {load:.2f} at start, {os.getloadavg()[0]:.2f} at end):")
     for name, value in median.items():
         print(f"  {name:6s} median {value:.3f} s  (runs: {', '.join(f'{t:.3f}' for t in times[name])})")
     fastest = {name: min(values) for name, values in times.items()}
     print(f"  harpe / abf time ratio: median {median['harpe'] / median['abf']:.3f}, "
           f"fastest run {fastest['harpe'] / fastest['abf']:.3f}  (goal <= 1.05; on a busy machine trust the fastest)")
+    cpu_median = {name: statistics.median(values) for name, values in cpu.items()}
+    print(f"  harpe / abf CPU-time ratio: median {cpu_median['harpe'] / cpu_median['abf']:.3f}, "
+          f"fastest run {min(cpu['harpe']) / min(cpu['abf']):.3f}")
 
 
 def compare_memory() -> None:
@@ -72,10 +83,14 @@ def compare_memory() -> None:
         tp_rank=0, tp_size=tp, cp_rank=0, cp_size=cp,
     )
     query_table, key_table = rotary(seq)
-    held = query_table.numel() * 4 + (0 if key_table is query_table else key_table.numel() * 4)
+    tables = [query_table] if key_table is query_table else [query_table, key_table]
+    held = sum(table.numel() * 4 for table in tables)
+    cos_sin = sum(table.rotary_cos_sin.nbytes() for table in tables)
     print(f"Llama2-7B rotary tables at {seq} tokens, TP={tp}, CP={cp}:")
     print(f"  naive full fp32 table: {naive / 2**30:.3f} GiB")
     print(f"  held by one rank:      {held / 2**20:.1f} MiB = 1/{naive / held:.0f} of naive (goal 1/{tp * cp})")
+    print(f"  + their cached cos/sin: {cos_sin / 2**20:.1f} MiB (fp32, half width, distinct rows; shared by all layers, "
+          "where megatron's apply made a cos/sin pair per layer)")
 
 
 def main() -> None:

@@ -65,12 +65,14 @@ class ChunkResult:
 
 _worker_options: EncodeOptions | None = None
 _worker_tokenizer: Tokenizer | None = None
+_worker_threads = -1
 
 
-def _init_worker(options: EncodeOptions) -> None:
-    global _worker_options, _worker_tokenizer
+def _init_worker(options: EncodeOptions, threads: int = -1) -> None:
+    global _worker_options, _worker_tokenizer, _worker_threads
     _worker_options = options
     _worker_tokenizer = load_tokenizer(options.tokenizer_path) if options.tokenizer_path else None
+    _worker_threads = threads
 
 
 def _encode_chunk(chunk: LineChunk) -> ChunkResult:
@@ -88,32 +90,17 @@ def _encode_chunk(chunk: LineChunk) -> ChunkResult:
             if options.keep_raw_lines:
                 raw_lines.append(raw)
     text_tokens = ids = doc_lengths = None
-    if tokenizer is not None and documents:
-        encoded = tokenizer.encode_batch([doc.text for doc in documents])
+    if tokenizer is not None:
+        flat, text_tokens = tokenizer.encode_flat([doc.text for doc in documents], _worker_threads)
         limit = options.vocab_limit or tokenizer.vocab_size
-        valid = [max(doc_ids, default=0) < limit for doc_ids in encoded]
-        if not all(valid):
-            for doc, doc_ids, ok in zip(documents, encoded, valid):
-                if not ok:
-                    problems.append(
-                        Problem(
-                            "token_out_of_vocabulary",
-                            chunk.path,
-                            doc.line_number,
-                            f"token id {max(doc_ids)} >= vocabulary size {limit} (tokenizer {tokenizer.path}); "
-                            "use the model's tokenizer or raise --vocab-size",
-                        )
-                    )
-            documents = [doc for doc, ok in zip(documents, valid) if ok]
-            raw_lines = [raw for raw, ok in zip(raw_lines, valid) if ok] if options.keep_raw_lines else raw_lines
-            encoded = [doc_ids for doc_ids, ok in zip(encoded, valid) if ok]
-        text_tokens = np.fromiter((len(doc_ids) for doc_ids in encoded), dtype=np.int64, count=len(encoded))
+        if flat.size and int(flat.max()) >= limit:
+            valid = _drop_out_of_vocabulary(flat, text_tokens, limit, documents, chunk.path, tokenizer.path, problems)
+            flat = flat[np.repeat(valid, text_tokens)]
+            documents = [doc for doc, ok in zip(documents, valid.tolist()) if ok]
+            raw_lines = [raw for raw, ok in zip(raw_lines, valid.tolist()) if ok] if options.keep_raw_lines else raw_lines
+            text_tokens = text_tokens[valid]
         if options.keep_ids:
-            ids, doc_lengths = _concatenate_with_specials(encoded, tokenizer, options)
-    elif tokenizer is not None:
-        text_tokens = np.zeros(0, dtype=np.int64)
-        if options.keep_ids:
-            ids, doc_lengths = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+            ids, doc_lengths = _add_specials(flat, text_tokens, tokenizer, options, limit)
     return ChunkResult(
         path=chunk.path,
         line_numbers=np.array([doc.line_number for doc in documents], dtype=np.int64),
@@ -127,24 +114,48 @@ def _encode_chunk(chunk: LineChunk) -> ChunkResult:
     )
 
 
-def _concatenate_with_specials(encoded: list[list[int]], tokenizer: Tokenizer, options: EncodeOptions) -> tuple[np.ndarray, np.ndarray]:
+def _drop_out_of_vocabulary(flat: np.ndarray, text_tokens: np.ndarray, limit: int, documents: list[Document], path: str,
+                            tokenizer_path: str, problems: list[Problem]) -> np.ndarray:
+    """Report every document holding an id >= `limit`; return the mask of the others."""
+    ends = np.cumsum(text_tokens)
+    valid = np.ones(len(documents), dtype=bool)
+    for index, (doc, end, count) in enumerate(zip(documents, ends.tolist(), text_tokens.tolist())):
+        largest = int(flat[end - count : end].max()) if count else 0
+        if largest >= limit:
+            valid[index] = False
+            problems.append(
+                Problem(
+                    "token_out_of_vocabulary",
+                    path,
+                    doc.line_number,
+                    f"token id {largest} >= vocabulary size {limit} (tokenizer {tokenizer_path}); "
+                    "use the model's tokenizer or raise --vocab-size",
+                )
+            )
+    return valid
+
+
+def _add_specials(flat: np.ndarray, text_tokens: np.ndarray, tokenizer: Tokenizer, options: EncodeOptions,
+                  limit: int) -> tuple[np.ndarray, np.ndarray]:
+    """Documents' ids with BOS/EOS around each, concatenated, and their lengths. Ids travel as
+    uint16 when the vocabulary allows (megatron-core's on-disk dtype then), else int32."""
     prefix = [tokenizer.bos_id] if options.add_bos else []
     suffix = [tokenizer.eos_id] if options.add_eos else []
     assert None not in prefix + suffix, "encode_chunks checks BOS/EOS exist before starting workers"
-    extra = len(prefix) + len(suffix)
-    lengths = np.fromiter((len(doc_ids) + extra for doc_ids in encoded), dtype=np.int64, count=len(encoded))
-    flat = np.empty(int(lengths.sum()), dtype=np.int64)
-    position = 0
-    for doc_ids in encoded:
-        for token_id in prefix:
-            flat[position] = token_id
-            position += 1
-        flat[position : position + len(doc_ids)] = doc_ids
-        position += len(doc_ids)
-        for token_id in suffix:
-            flat[position] = token_id
-            position += 1
-    return flat, lengths
+    largest_special = max(prefix + suffix, default=0)
+    dtype = np.uint16 if max(limit, largest_special + 1) <= np.iinfo(np.uint16).max + 1 else np.int32
+    lengths = text_tokens + len(prefix) + len(suffix)
+    ids = np.empty(int(lengths.sum()), dtype=dtype)
+    ends = np.cumsum(lengths)
+    is_text = np.ones(ids.size, dtype=bool)
+    if prefix:
+        ids[ends - lengths] = prefix[0]
+        is_text[ends - lengths] = False
+    if suffix:
+        ids[ends - 1] = suffix[0]
+        is_text[ends - 1] = False
+    ids[is_text] = flat
+    return ids, lengths
 
 
 Item = TypeVar("Item")
@@ -190,4 +201,5 @@ def encode_chunks(chunks: Iterable[LineChunk], options: EncodeOptions, workers: 
                         f"tokenizer {probe.path} has no {name} token: disable it (--no-{name.lower()}) "
                         "or use a tokenizer that defines it"
                     )
-    return ordered_parallel_map(_encode_chunk, chunks, workers, _init_worker, (options,))
+    # one sentencepiece thread per worker process; all cores when encoding in this process
+    return ordered_parallel_map(_encode_chunk, chunks, workers, _init_worker, (options, 1 if workers > 0 else -1))

@@ -18,17 +18,25 @@ heap / lattice over the whole text), so long texts are cut at spaces no vocabula
 span and the pieces encoded separately. The ids are identical to encoding the whole text (the
 dropped space comes back as the piece's dummy prefix); the cut is used only when the model's
 own settings make that exact (`_safe_cut_context`), which holds for Llama2's tokenizer.
+
+Data preparation goes further (`encode_flat`): it cuts at every such space and keeps the ids of
+each segment (mostly a word with its leading space) in a bounded cache, so only segments not
+seen before reach sentencepiece; natural text and code repeat most of their segments, and the
+ids are again identical to encoding whole texts.
 """
 
 from __future__ import annotations
 
+import array
 import io
 import itertools
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
+import numpy as np
 import sentencepiece
 
 SENTENCEPIECE_FILE_SUFFIX = ".model"
@@ -42,6 +50,10 @@ _HF_PAD_CANDIDATES = ("<pad>", "<|pad|>", "[PAD]")
 SEGMENT_CHARS = 1024
 """Texts longer than twice this are encoded in pieces of at least this many characters."""
 _SPACE_SYMBOL = "\u2581"  # sentencepiece's visible space
+SEGMENT_CACHE_ENTRIES = 500_000
+"""Segments whose ids `encode_flat` keeps per tokenizer (up to about 60 MB); full -> emptied."""
+CACHED_SEGMENT_CHARS = 48
+"""Longer segments are encoded but not kept."""
 
 
 class Tokenizer:
@@ -78,6 +90,8 @@ class Tokenizer:
         self._sp = processor
         self._hf = None
         self._unsafe_before_space = _safe_cut_context(Path(self.path).read_bytes())
+        self._segment_pattern = _safe_space_pattern(self._unsafe_before_space)
+        self._segment_cache: dict[str, bytes] = {}  # segment -> its ids as int32 bytes
         self.vocab_size = processor.GetPieceSize()
         self.bos_id = _none_if_negative(processor.bos_id())
         self.eos_id = _none_if_negative(processor.eos_id())
@@ -94,6 +108,7 @@ class Tokenizer:
         self._sp = None
         self._hf = hf_tokenizer
         self._unsafe_before_space = None
+        self._segment_pattern = None
         self.vocab_size = hf_tokenizer.get_vocab_size(with_added_tokens=True)
         configured = _special_tokens_from_config(Path(self.path).parent)
         self.bos_id = self._hf_special_id(configured.get("bos_token"), _HF_BOS_CANDIDATES)
@@ -136,6 +151,41 @@ class Tokenizer:
             result.append(encoded[position] if count == 1 else list(itertools.chain.from_iterable(encoded[position : position + count])))
             position += count
         return result
+
+    def encode_flat(self, texts: list[str], num_threads: int = -1) -> tuple[np.ndarray, np.ndarray]:
+        """The ids of all `texts` concatenated (int32) and the number of ids of each text: what
+        `encode_batch` gives, without a Python list per text. Sentencepiece models that can be
+        cut exactly go through the segment cache; `num_threads` bounds sentencepiece's threads
+        (1 inside worker processes, so workers do not compete for cores)."""
+        if self._segment_pattern is None:
+            if self._sp is None:
+                encoded = self.encode_batch(texts)
+            else:
+                encoded = self._sp.Encode(list(texts), out_type=int, num_threads=num_threads)
+            counts = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+            flat = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int32, count=int(counts.sum()))
+            return flat, counts
+        segments_per_text = [self._segment_pattern.split(text) for text in texts]
+        segments = list(itertools.chain.from_iterable(segments_per_text))
+        cache = self._segment_cache
+        distinct = set(segments)
+        unseen = distinct.difference(cache)
+        if unseen:
+            if len(cache) + len(unseen) > SEGMENT_CACHE_ENTRIES:
+                cache.clear()
+                unseen = distinct
+            unseen = list(unseen)
+            encoded = self._sp.Encode(unseen, out_type=int, num_threads=num_threads)
+            cache.update(zip(unseen, (array.array("i", ids).tobytes() for ids in encoded)))
+        found = list(map(cache.__getitem__, segments))
+        for segment in unseen:  # long segments rarely recur: keep the room for words
+            if len(segment) > CACHED_SEGMENT_CHARS:
+                del cache[segment]
+        flat = np.frombuffer(b"".join(found), dtype=np.int32)
+        segment_tokens = np.fromiter(map(len, found), dtype=np.int64, count=len(found)) // 4
+        first_segments = np.cumsum([0] + [len(parts) for parts in segments_per_text[:-1]])
+        counts = np.add.reduceat(segment_tokens, first_segments) if texts else np.zeros(0, dtype=np.int64)
+        return flat, counts
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of `ids`; BOS/EOS/PAD are dropped."""
@@ -197,6 +247,16 @@ def _safe_cut_context(model_bytes: bytes) -> frozenset[str] | None:
             if piece[index] == _SPACE_SYMBOL and piece[index - 1] != _SPACE_SYMBOL:
                 unsafe.add(piece[index - 1])
     return frozenset(unsafe)
+
+
+def _safe_space_pattern(unsafe_before: frozenset[str] | None) -> re.Pattern | None:
+    """A regex matching exactly the spaces `_cut_at_safe_spaces` may cut at (any segment
+    length): a single space after a safe character and before a non-space character."""
+    if unsafe_before is None:
+        return None
+    unsafe = "".join(re.escape(character) for character in sorted(unsafe_before))
+    # the literal space first lets the regex engine scan for it quickly
+    return re.compile(f" (?<=[^{unsafe}] )(?=[^ ])")
 
 
 def _cut_at_safe_spaces(text: str, unsafe_before: frozenset[str]) -> list[str]:

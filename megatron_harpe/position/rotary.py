@@ -13,6 +13,16 @@ Memory: a rank builds angles only for
 so for Llama2-7B at 131072 tokens with TP=8, CP=4 a rank holds 1/32 of the full table. Tables
 are cached per sequence length, across layers and steps.
 
+Speed: megatron-core's unfused `apply_rotary_pos_emb` takes angles and recomputes cos and sin
+of the whole table in every layer, for q and k, every step; with per-head tables that is `heads`
+times the work of a shared row. So each cached angle table also carries its cos and sin
+(`RotaryCosSin`, computed once, only for distinct rows: heads sharing a base broadcast one row),
+and `install_cached_apply` routes megatron's attention through `apply_rotary_pos_emb` below,
+which rotates with them when the table is ours and hands every other case (fused RoPE, packed
+sequences, interleaved layout, tables without cos/sin) to megatron's own function unchanged.
+The result is bitwise what megatron's unfused path computes (same cos/sin values, same
+products); autograd saves the shared cos/sin instead of a copy per layer.
+
 PI divides positions by its factor; YaRN blends interpolated and original frequencies per
 dimension with megatron-core's own YaRN ramp (its attention applies the YaRN logit scale
 when `yarn_rotary_scaling_factor` is set on the TransformerConfig, see model.py).
@@ -21,6 +31,7 @@ when `yarn_rotary_scaling_factor` is set on the TransformerConfig, see model.py)
 from __future__ import annotations
 
 import torch
+from megatron.core.transformer import attention as megatron_attention
 from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
     _yarn_find_correction_range,
     _yarn_linear_ramp_mask,
@@ -78,11 +89,74 @@ def local_head_slice(num_heads: int, tp_rank: int, tp_size: int) -> slice:
     return slice(tp_rank * per_rank, (tp_rank + 1) * per_rank)
 
 
+def _row_repeat(bases: list[float]) -> int:
+    """How many consecutive heads share each base (heads of a GQA group share theirs): the
+    largest r with bases == [each distinct base repeated r times]."""
+    for repeat in range(len(bases), 0, -1):
+        if len(bases) % repeat == 0 and all(bases[i] == bases[i - i % repeat] for i in range(len(bases))):
+            return repeat
+    return 1
+
+
+class RotaryCosSin:
+    """cos and sin of one angle table, half width (the rotate-half layout repeats them) and one
+    row per distinct base, cast per dtype and attention scale on first use."""
+
+    def __init__(self, angles: torch.Tensor, row_repeat: int) -> None:
+        half = angles.size(-1) // 2
+        rows = slice(None, None, row_repeat)
+        # cos/sin of the very tensor megatron would pass them: the same values bit for bit
+        self.cos = torch.cos(angles)[:, :, rows, :half].unsqueeze(3).contiguous()  # [s, 1, rows, 1, d/2], own storage
+        self.sin = torch.sin(angles)[:, :, rows, :half].unsqueeze(3).contiguous()
+        self._cast: dict[tuple[torch.dtype, float], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def nbytes(self) -> int:
+        """Bytes held: the fp32 cos/sin and their casts to other dtypes or attention scales."""
+        tensors = {id(x): x for pair in [(self.cos, self.sin), *self._cast.values()] for x in pair}
+        return sum(x.untyped_storage().nbytes() for x in tensors.values())
+
+    def rotate(self, t: torch.Tensor, mscale: float = 1.0) -> torch.Tensor:
+        """`t` [s, b, heads, d] rotated: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)."""
+        key = (t.dtype, float(mscale))
+        if key not in self._cast:
+            scaled = (self.cos, self.sin) if mscale == 1.0 else (self.cos * mscale, self.sin * mscale)
+            self._cast[key] = (scaled[0].to(t.dtype), scaled[1].to(t.dtype))  # no copy for fp32, mscale 1
+        cos, sin = self._cast[key]
+        grouped = t.unflatten(2, (cos.size(2), -1))  # [s, b, rows, heads per row, d]
+        x1, x2 = grouped.chunk(2, dim=-1)
+        rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        return rotated.flatten(2, 3)
+
+
+_megatron_apply_rotary_pos_emb = megatron_attention.apply_rotary_pos_emb
+
+
+def apply_rotary_pos_emb(t, freqs, config, cu_seqlens=None, mscale: float = 1.0, cp_group=None):
+    """megatron-core's `apply_rotary_pos_emb`, using the cos/sin cached on our tables."""
+    cached = getattr(freqs, "rotary_cos_sin", None)
+    if (
+        cached is None
+        or cu_seqlens is not None
+        or config.apply_rope_fusion
+        or config.rotary_interleaved
+        or config.multi_latent_attention
+        or freqs.size(-1) != t.size(-1)
+    ):
+        return _megatron_apply_rotary_pos_emb(t, freqs, config=config, cu_seqlens=cu_seqlens, mscale=mscale, cp_group=cp_group)
+    return cached.rotate(t, mscale)
+
+
+def install_cached_apply() -> None:
+    """Route megatron's attention through `apply_rotary_pos_emb` above (idempotent)."""
+    megatron_attention.apply_rotary_pos_emb = apply_rotary_pos_emb
+
+
 class HeadwiseRotaryEmbedding(torch.nn.Module):
     """Drop-in for megatron's `RotaryEmbedding` returning per-head (q, k) angle tables.
 
     Tables are [s_local, 1, heads_local, d] float32 angles (megatron's `apply_rotary_pos_emb`
-    takes angles, not cos/sin); heads_local is 1 when all local heads share one base.
+    takes angles, not cos/sin); heads_local is 1 when all local heads share one base. Each
+    table carries its `rotary_cos_sin` (see the module docstring).
     """
 
     def __init__(
@@ -118,7 +192,9 @@ class HeadwiseRotaryEmbedding(torch.nn.Module):
             else head_inverse_frequencies(position, key_local[:1] if len(set(key_local)) == 1 else key_local, head_dim),
             persistent=False,
         )
+        self._row_repeats = (_row_repeat(query_rows), _row_repeat(key_local[:1] if len(set(key_local)) == 1 else key_local))
         self._cache: dict[tuple[int, int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+        install_cached_apply()
 
     def _angles(self, inv_freq: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         angles = positions[:, None, None] * inv_freq[None, :, :]  # [s, heads, d/2], float64
@@ -132,7 +208,11 @@ class HeadwiseRotaryEmbedding(torch.nn.Module):
         if key not in self._cache:
             positions = context_parallel_positions(max_seq_len, self.cp_rank, self.cp_size, offset).to(device)
             query_table = self._angles(self.query_inv_freq, positions)
-            key_table = query_table if self.shared_tables else self._angles(self.key_inv_freq, positions)
+            query_table.rotary_cos_sin = RotaryCosSin(query_table, self._row_repeats[0])
+            key_table = query_table
+            if not self.shared_tables:
+                key_table = self._angles(self.key_inv_freq, positions)
+                key_table.rotary_cos_sin = RotaryCosSin(key_table, self._row_repeats[1])
             self._cache[key] = (query_table, key_table)
         return self._cache[key]
 
@@ -154,7 +234,8 @@ class HeadwiseRotaryEmbedding(torch.nn.Module):
         return seq_len * self.cp_size
 
     def table_bytes(self, seq_length: int) -> int:
-        """Bytes of the (q, k) angle tables this rank holds for a sequence (for the benchmark)."""
+        """Bytes of the (q, k) angle tables this rank holds for a sequence (for the benchmark);
+        their cos/sin add at most as much again (half width each, distinct rows only)."""
         local_positions = seq_length // self.cp_size
         heads = self.query_inv_freq.size(0) + (0 if self.shared_tables else self.key_inv_freq.size(0))
         return local_positions * heads * self.head_dim * 4

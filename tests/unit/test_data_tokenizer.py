@@ -11,6 +11,7 @@ import json
 import pickle
 from pathlib import Path
 
+import numpy as np
 import pytest
 import sentencepiece
 from pydoc_data.topics import topics
@@ -127,13 +128,18 @@ CUT_EDGE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("kind", ["bpe", "unigram", "llama_like_whitespace_pieces"])
-def test_long_texts_cut_at_safe_spaces_encode_exactly_like_whole_texts(kind, tmp_path, monkeypatch):
+def _cuttable_tokenizer(tmp_path: Path, kind: str):
+    """A model whose settings allow exact cuts at spaces (identity normalization, ...)."""
     options = {"model_type": "unigram" if kind == "unigram" else "bpe", "normalization_rule_name": "identity",
                "remove_extra_whitespaces": False, "byte_fallback": True}
     if kind == "llama_like_whitespace_pieces":
         options.update(allow_whitespace_only_pieces=True, split_digits=True, user_defined_symbols=["x\u2581y"])
-    tokenizer = load_tokenizer(_train_raw(tmp_path, kind, **options))
+    return load_tokenizer(_train_raw(tmp_path, kind, **options))
+
+
+@pytest.mark.parametrize("kind", ["bpe", "unigram", "llama_like_whitespace_pieces"])
+def test_long_texts_cut_at_safe_spaces_encode_exactly_like_whole_texts(kind, tmp_path, monkeypatch):
+    tokenizer = _cuttable_tokenizer(tmp_path, kind)
     assert tokenizer._unsafe_before_space is not None
     if kind == "llama_like_whitespace_pieces":
         assert "x" in tokenizer._unsafe_before_space  # a piece spans "x y": never cut there
@@ -152,3 +158,38 @@ def test_models_whose_normalizer_could_move_a_cut_are_never_cut(tmp_path):
     assert nfkc._unsafe_before_space is None and collapsing._unsafe_before_space is None  # remove_extra_whitespaces
     text = CUT_EDGE_CASES[0]
     assert nfkc.encode(text) == nfkc._sp.EncodeAsIds(text)
+
+
+def _flat_reference(encoded: list[list[int]]) -> tuple[list[int], list[int]]:
+    return [token for ids in encoded for token in ids], [len(ids) for ids in encoded]
+
+
+@pytest.mark.parametrize("kind", ["bpe", "unigram", "llama_like_whitespace_pieces"])
+def test_segment_cache_encodes_exactly_like_whole_texts(kind, tmp_path, monkeypatch):
+    tokenizer = _cuttable_tokenizer(tmp_path, kind)
+    texts = TRAINING_TEXTS + CUT_EDGE_CASES + AWKWARD_TEXTS + ["", " ", "x y", "x  y", "a b"]
+    expected_flat, expected_counts = _flat_reference(tokenizer._sp.Encode(texts, out_type=int))
+    monkeypatch.setattr(tokenizer_module, "SEGMENT_CACHE_ENTRIES", 50)  # forces the cache to be emptied
+    for batch in (texts, texts[::-1], texts):  # cold, then partly warm, then warm in another order
+        flat, counts = tokenizer.encode_flat(batch, num_threads=1)
+        reference_flat, reference_counts = _flat_reference(tokenizer._sp.Encode(batch, out_type=int))
+        assert flat.dtype == np.int32 and flat.tolist() == reference_flat and counts.tolist() == reference_counts
+        distinct = {segment for text in batch for segment in tokenizer._segment_pattern.split(text)}
+        assert len(tokenizer._segment_cache) <= max(50, len(distinct))  # bounded: emptied, then one batch's new ones
+    flat, counts = tokenizer.encode_flat(texts)
+    assert (flat.tolist(), counts.tolist()) == (expected_flat, expected_counts)
+    tokenizer._segment_cache.clear()
+    for text in texts[::3] + texts:  # small batches: the cache is emptied while it holds part of a batch
+        flat, counts = tokenizer.encode_flat([text, "x y z"])
+        assert flat.tolist() == tokenizer._sp.EncodeAsIds(text) + tokenizer._sp.EncodeAsIds("x y z")
+    assert len(tokenizer._segment_pattern.split(TRAINING_TEXTS[0])) > 10  # segments are words, not whole texts
+    empty_flat, empty_counts = tokenizer.encode_flat([])
+    assert empty_flat.size == 0 and empty_counts.size == 0
+
+
+def test_encode_flat_without_the_cache_matches_encode_batch(tmp_path, hf_tokenizer_dir):
+    nfkc = load_tokenizer(_train_raw(tmp_path, "nfkc", model_type="bpe"))  # cannot be cut: no segment cache
+    for tokenizer in (nfkc, load_tokenizer(hf_tokenizer_dir)):
+        assert tokenizer._segment_pattern is None
+        flat, counts = tokenizer.encode_flat(AWKWARD_TEXTS + CUT_EDGE_CASES)
+        assert (flat.tolist(), counts.tolist()) == _flat_reference(tokenizer.encode_batch(AWKWARD_TEXTS + CUT_EDGE_CASES))
