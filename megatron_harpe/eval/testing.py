@@ -7,7 +7,9 @@
     python tools/evaluate.py --model /tmp/tiny --task passkey --lengths 512
 
 The tokenizer is byte-level, so decode(encode(text)) == text for any text (the oracle backend
-relies on reading prompts back), and prepends <s> like Llama tokenizers do.
+relies on reading prompts back), and prepends <s> like Llama tokenizers do. `ByteTokenizer` is
+the same idea without any trained state: ids are UTF-8 bytes, so prompts and their token
+counts are the same on every machine and library version (the pinned prompt hashes use it).
 """
 
 from __future__ import annotations
@@ -17,6 +19,22 @@ import torch
 from megatron_harpe.eval.haystack import load_prose_sentences
 
 SPECIAL_TOKENS = ("<s>", "</s>", "<pad>")
+
+
+class ByteTokenizer:
+    """A `Tokenizer` whose ids are the UTF-8 bytes of the text (256 = <s>, 257 = </s>, 258 = <pad>)."""
+
+    vocab_size = 259
+    bos_id = 256
+    eos_id = 257
+    pad_id = 258
+    add_bos = True
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(token for token in ids if token < 256).decode("utf-8", errors="replace")
 
 
 def save_tiny_tokenizer(directory: str, vocab_size: int = 512) -> None:
