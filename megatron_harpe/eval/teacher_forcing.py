@@ -45,9 +45,9 @@ def _all_correct(predictions: list[int], ids: list[int], span: list[int]) -> boo
     return bool(span) and all(predictions[k] == ids[k] for k in span)
 
 
-def _first_miss(predictions: list[int], ids: list[int], span: list[int]) -> int | None:
-    """The first token of `span` the model does not predict, None when it predicts them all."""
-    return next((k for k in span if predictions[k] != ids[k]), None)
+def _first_miss(predictions: list[int], ids: list[int], positions: range | list[int]) -> int | None:
+    """The first of `positions` whose token the model does not predict, None if it predicts all."""
+    return next((k for k in positions if predictions[k] != ids[k]), None)
 
 
 def _score_in_model_order(backend: ModelBackend, sample: EvalSample) -> tuple[float, list[int]]:
@@ -60,7 +60,9 @@ def _score_in_model_order(backend: ModelBackend, sample: EvalSample) -> tuple[fl
         predictions = backend.teacher_forced_match(sample.prompt_ids, ids)
         tried = {current}
         while spans[position]:
-            miss = _first_miss(predictions, ids, spans[position])
+            # from the end of the previous value: the separator and this value
+            start = spans[position - 1][-1] + 1 if position and spans[position - 1] else 0
+            miss = _first_miss(predictions, ids, range(min(start, spans[position][0]), spans[position][-1] + 1))
             if miss is None:  # the model writes `current` here, token for token
                 found += 1
                 break
@@ -71,13 +73,16 @@ def _score_in_model_order(backend: ModelBackend, sample: EvalSample) -> tuple[fl
                     continue
                 order = accepted + [candidate] + [value for value in remaining if value != candidate]
                 other_ids, other_spans = _forced_ids(backend, sample, order)
-                if (other_spans[position][:1] == spans[position][:1] and other_ids[:miss] == ids[:miss]
+                if (other_spans[position] and other_ids[:miss] == ids[:miss]
                         and other_ids[miss : miss + 1] == [predictions[miss]]):
                     current, ids, spans = candidate, other_ids, other_spans
                     predictions = backend.teacher_forced_match(sample.prompt_ids, ids)
                     tried.add(candidate)
                     break
-            else:  # the model writes none of the remaining values here: a miss
+            else:
+                # no expected value explains the divergence: a separator written differently
+                # still lets the value count (as in string matching); a value token, not
+                found += miss < spans[position][0] and _first_miss(predictions, ids, spans[position]) is None
                 break
         accepted.append(current)
         remaining.remove(current)

@@ -65,17 +65,17 @@ def _make(task: str, tokenizer, chat=PLAIN, seed: int = 42):
 
 @pytest.mark.parametrize("scoring", ["generate", "teacher_forcing"])
 def test_oracle_scores_100_and_random_about_0_on_all_13_tasks(tokenizer, scoring):
-    oracle = run_eval_suite(OracleBackend(tokenizer), ["ruler"], [1500, 3000], samples=4, seed=3, scoring=scoring,
+    oracle = run_eval_suite(OracleBackend(tokenizer), ["ruler"], [2048, 3000], samples=4, seed=3, scoring=scoring,
                             progress=False, qa_files=QA_FILES)
     assert list(oracle["tasks"]) == list(RULER_TASKS) and oracle["mean_label"] == "RULER-13 mean"
     for task, by_length in oracle["tasks"].items():
         for length, cell in by_length.items():
             assert cell["score"] == 100.0, (task, length, cell["scores"])
             assert cell["interval"][1] == 100.0 and cell["interval"][0] > 40
-    noise = run_eval_suite(RandomBackend(tokenizer, seed=1), ["ruler"], [1500], samples=4, seed=3, scoring=scoring,
+    noise = run_eval_suite(RandomBackend(tokenizer, seed=1), ["ruler"], [2048], samples=4, seed=3, scoring=scoring,
                            progress=False, qa_files=QA_FILES)
     for task, by_length in noise["tasks"].items():
-        assert by_length["1500"]["score"] <= 5.0, (task, by_length["1500"]["scores"])
+        assert by_length["2048"]["score"] <= 5.0, (task, by_length["2048"]["scores"])
 
 
 @pytest.mark.parametrize("task", RULER_TASKS)
@@ -163,9 +163,9 @@ def test_chat_template_wraps_the_question_and_keeps_the_answer_prefix(tokenizer,
     assert sample.prompt.startswith("<|user|>A special magic number is hidden")
     assert "mentioned in the provided text?<|end|><|assistant|> The special magic number for " in sample.prompt
     assert sample.prompt.endswith("mentioned in the provided text is")
-    results = run_eval_suite(OracleBackend(tokenizer), ["niah_multivalue", "vt", "cwe"], [2048], samples=2,
+    results = run_eval_suite(OracleBackend(tokenizer), ["niah_multivalue", "vt", "cwe"], [3000], samples=2,
                              progress=False, chat_template=str(template))
-    assert all(by_length["2048"]["score"] == 100.0 for by_length in results["tasks"].values())
+    assert all(by_length["3000"]["score"] == 100.0 for by_length in results["tasks"].values())
     prompt = results["provenance"]["prompt"]
     assert prompt["chat_template"] == str(template) and prompt["sha256"] == hashlib.sha256(CHAT.encode()).hexdigest()
     with pytest.raises(ValueError, match="Jinja chat template"):
@@ -224,7 +224,7 @@ class ReorderingModel(OracleBackend):
 @pytest.mark.parametrize("task", ["niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe"])
 def test_teacher_forcing_does_not_fix_the_answer_order(tokenizer, task):
     make = _make(task, tokenizer)
-    sample = make(2048, 1)
+    sample = make(3000, 1)
     assert len(sample.answers) > 1
     reordered = ReorderingModel(tokenizer)
     assert score_sample(reordered, sample, "generate")[0] == 100.0
@@ -237,12 +237,12 @@ def test_teacher_forcing_does_not_fix_the_answer_order(tokenizer, task):
 
 
 def test_qa_tasks_skip_without_data_and_the_headline_says_so(tokenizer, capsys):
-    results = run_eval_suite(OracleBackend(tokenizer), ["ruler"], [1500], samples=1, progress=True)
+    results = run_eval_suite(OracleBackend(tokenizer), ["ruler"], [2048], samples=1, progress=True)
     assert set(results["skipped"]) == {"qa_1", "qa_2"} and "qa_1" not in results["tasks"]
     assert "not RULER-13" in results["mean_label"]
     assert "qa_1, qa_2 skipped" in capsys.readouterr().err
     with pytest.raises(ValueError, match="--qa-squad"):
-        run_eval_suite(OracleBackend(tokenizer), ["qa_1"], [1500], samples=1, progress=False)
+        run_eval_suite(OracleBackend(tokenizer), ["qa_1"], [2048], samples=1, progress=False)
     assert mean_label(list(NIAH_TASKS), {}) == "NIAH-8 mean"
     assert mean_label(["niah_single_1", "vt"], {}).startswith("mean of 2 tasks")
 
@@ -270,7 +270,10 @@ def test_qa_samples_follow_ruler(tokenizer):
 def test_same_command_same_prompts_and_samples_differ(tokenizer):
     for task in ("vt", "cwe", "fwe"):
         make = _make(task, tokenizer)
-        first, again, other = make(2048, 0), make(2048, 0), make(2048, 1)
+        first, again, other = make(3000, 0), make(3000, 0), make(3000, 1)
         assert first.prompt == again.prompt and first.prompt != other.prompt
-        assert first.prompt_tokens + first.answer_budget <= 2048
-        assert first.prompt_tokens + first.answer_budget > 2048 - 200  # filled, not a stub
+        assert first.prompt_tokens + first.answer_budget <= 3000
+        assert first.prompt_tokens + first.answer_budget > 3000 - 200  # filled, not a stub
+    long = _make("cwe", tokenizer)(16000, 0)  # RULER's full setting from 4096 tokens: 30 / 3 repeats
+    counts = [long.prompt.rsplit("Below is a numbered", 1)[1].count(f". {word} ") for word in long.answers]
+    assert min(counts) >= 29 and long.prompt_tokens + long.answer_budget <= 16000
