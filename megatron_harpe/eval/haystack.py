@@ -2,10 +2,10 @@
 
 Prose haystack ("essay" in RULER). RULER uses Paul Graham's essays, which are copyrighted and
 not shipped. The default here ships with the package, so it is the same on every machine:
-`data/prose_haystack.txt.xz`, about 936k characters (~200k tokens of a Llama-2 sized
-vocabulary, so it does not repeat below 128k tokens) of public-domain English: the proceedings
-of the Library of Congress Workshop on Electronic Texts (1992), Alice's Adventures in
-Wonderland and Paradise Lost, taken from the Canterbury corpus (see
+`data/prose_haystack.txt.xz`, about 936k characters (210k tokens of SmolLM2's 49k vocabulary,
+more with Llama-2's 32k: it does not repeat below 128k tokens) of public-domain English: the
+proceedings of the Library of Congress Workshop on Electronic Texts (1992), Alice's Adventures
+in Wonderland and Paradise Lost, taken from the Canterbury corpus (see
 `scripts/make_haystack_prose.py` and `data/README.md` for provenance and licence).
 `--haystack-file` replaces it with any UTF-8 text file, or with RULER's own
 `PaulGrahamEssays.json` as is (a JSON object whose "text" field holds the essays), which then
