@@ -6,6 +6,8 @@
     python tools/evaluate.py --model exports/harpe_hf --task ppl --lengths 4096,8192 \
         --ppl-data data/long_docs.jsonl --ppl-stride 256
     python tools/evaluate.py --model oracle --tokenizer exports/harpe_hf --task niah --lengths 4096
+    python tools/evaluate.py --model exports/instruct_hf --task ruler --lengths 4k,8k \
+        --qa-squad squad_dev_v2.json --qa-hotpot hotpot_dev_distractor_v1.json   # all 13 RULER tasks
 
     python tools/evaluate.py --model exports/llama2_hf --task niah --lengths 16k --self-extend window=1024,group=32
 
@@ -26,6 +28,7 @@ from megatron_harpe.eval.perplexity import DEFAULT_STRIDE
 from megatron_harpe.eval.suite import (
     ALL_TASKS,
     DEFAULT_GRID_DEPTHS,
+    DEFAULT_SAMPLES,
     SCORING_METHODS,
     expand_tasks,
     parse_token_counts,
@@ -51,10 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True,
                         help="HF model dir, megatron_harpe checkpoint dir, 'oracle' or 'random'")
     parser.add_argument("--task", required=True,
-                        help=f"comma-separated: niah (all 8), {', '.join(ALL_TASKS)}")
+                        help=f"comma-separated: ruler (all 13), niah (all 8), {', '.join(ALL_TASKS)}")
     parser.add_argument("--lengths", required=True, type=parse_token_counts,
                         help="context lengths in tokens: 4096,8192 or 4k,8k")
-    parser.add_argument("--samples", type=int, default=10, help="samples per task and length (per grid cell)")
+    parser.add_argument("--samples", type=int, default=DEFAULT_SAMPLES,
+                        help="samples per task and length (per grid cell); the default 100 keeps a cell's 95%% "
+                             "Wilson interval within +-10 points at any score (RULER uses 500: +-4.4)")
     parser.add_argument("--seed", type=int, default=42, help="seed of the generated samples")
     parser.add_argument("--output-dir", default="eval_results", help="where results.json/.md and plots go")
     parser.add_argument("--scoring", choices=SCORING_METHODS, default="auto",
@@ -82,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "any RoPE model on either backend")
     parser.add_argument("--save-predictions", action="store_true", help="also write predictions.jsonl")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    # RULER comparability: prompt template and the QA data of qa_1 / qa_2
+    parser.add_argument("--chat-template", default="auto",
+                        help="auto (the tokenizer's chat template when it has one), none (base models), or a "
+                             "file holding a Jinja chat template; recorded in results.json")
+    parser.add_argument("--qa-squad", default=None, help="SQuAD dev JSON for qa_1 (e.g. dev-v2.0.json; no download)")
+    parser.add_argument("--qa-hotpot", default=None,
+                        help="HotpotQA dev JSON for qa_2 (e.g. hotpot_dev_distractor_v1.json; no download)")
     cli.add_common_flags(parser)
     return parser
 
@@ -93,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_harpe.eval.report import markdown_table, write_report
 
     try:
-        tasks = expand_tasks([name.strip() for name in args.task.split(",") if name.strip()])
+        requested = [name.strip() for name in args.task.split(",") if name.strip()]
+        tasks = expand_tasks(requested)
         backend = load_backend(
             args.model, tokenizer=args.tokenizer, trust_remote_code=args.trust_remote_code, device=args.device,
             dtype=args.dtype, seed=args.seed, tensor_parallel=args.tensor_parallel,
@@ -105,12 +118,14 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError("--task ppl needs --ppl-data (a .jsonl, .txt or Megatron dataset prefix)")
             documents = load_documents(args.ppl_data, backend.tokenizer, args.ppl_text_key,
                                        args.ppl_max_documents, min_tokens=min(args.lengths))
+        qa_files = {task: path for task, path in (("qa_1", args.qa_squad), ("qa_2", args.qa_hotpot)) if path}
         results = run_eval_suite(
-            backend, tasks, args.lengths, samples=args.samples, seed=args.seed, scoring=args.scoring,
+            backend, requested, args.lengths, samples=args.samples, seed=args.seed, scoring=args.scoring,
             max_new_tokens=args.max_new_tokens, haystack_file=args.haystack_file,
             grid_depths=tuple(args.grid_depths), ppl_documents=documents, ppl_stride=args.ppl_stride,
             ppl_document_tokens=args.ppl_document_tokens, keep_records=args.save_predictions,
             progress=not args.no_progress and is_main_process(),
+            chat_template=args.chat_template, qa_files=qa_files,
         )
     except ValueError as error:
         return cli.report_user_error(error)

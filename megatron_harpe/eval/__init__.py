@@ -1,5 +1,6 @@
-"""Long-context evaluation: RULER NIAH tasks, passkey, needle grid and sliding-window perplexity
-over interchangeable model backends. CLI: `python tools/evaluate.py --help`.
+"""Long-context evaluation: RULER's 13 tasks (NIAH x8, vt, cwe, fwe, qa_1/qa_2), passkey, needle
+grid and sliding-window perplexity over interchangeable model backends, with Wilson intervals
+and provenance. CLI: `python tools/evaluate.py --help`.
 
     from megatron_harpe.eval import load_backend, run_eval_suite, scalars_for_logging
 """

@@ -74,9 +74,10 @@ def should_add_bos(tokenizer: Tokenizer) -> bool:
 
 
 def encode_prompt(tokenizer: Tokenizer, text: str) -> list[int]:
-    """Token ids of a prompt as the model sees it (BOS first when the model expects one)."""
+    """Token ids of a prompt as the model sees it (BOS first when the model expects one, and
+    only once: a chat template may already write it)."""
     ids = tokenizer.encode(text)
-    if should_add_bos(tokenizer):
+    if should_add_bos(tokenizer) and ids[:1] != [tokenizer.bos_id]:
         assert tokenizer.bos_id is not None
         ids = [tokenizer.bos_id] + ids
     return ids

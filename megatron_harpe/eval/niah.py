@@ -14,10 +14,11 @@
 | niah_multivalue | prose             | word / number   | 4 values of one key, all asked  |
 | niah_multiquery | prose             | word / number   | 4 keys, all asked               |
 
-Prompts follow RULER's base-model template with its answer prefix, in the singular wording
-when exactly one value is expected. Choices where RULER differs or is silent:
-- Every haystack type places needles at depths drawn from the 40 even points (RULER does this
-  for prose only and picks random positions in noise / needle haystacks).
+Prompts follow RULER's task template and answer prefix, in the singular wording when exactly
+one value is expected; a chat template (`chat.PromptFormat`) wraps the question and the answer
+prefix follows it, as in RULER. Needles go where RULER puts them: in the prose haystack at depths
+drawn from the 40 even points, in the noise and needle haystacks into uniformly random slots
+(distinct unit positions, `random_slots`). Choices where RULER differs or is silent:
 - Distractor needles never reuse a key or value of the sample (RULER does not check).
 - Prose units are joined by spaces, noise paragraphs and distractor needles by newlines (as
   RULER does); the prose starts at its first sentence for every sample (as RULER does).
@@ -32,13 +33,16 @@ import itertools
 from typing import Callable
 
 from megatron_harpe.eval.backends import Tokenizer, encode_prompt
+from megatron_harpe.eval.chat import PLAIN, PromptFormat
 from megatron_harpe.eval.haystack import NOISE_PARAGRAPH, NeedleVocabulary, cycled, load_prose_sentences
 from megatron_harpe.eval.samples import (
     DEPTHS,
     EvalSample,
     answer_continuation,
     insert_at_depths,
+    insert_at_slots,
     join_values,
+    random_slots,
     sample_rng,
     sized_prompt,
 )
@@ -48,15 +52,15 @@ NIAH_ANSWER_BUDGET = 128
 PLURAL_TEMPLATE = (
     "Some special magic {kind} are hidden within the following text. Make sure to memorize it. "
     "I will quiz you about the {kind} afterwards.\n{context}\n"
-    "What are all the special magic {kind} for {query} mentioned in the provided text? "
-    "The special magic {kind} for {query} mentioned in the provided text are"
+    "What are all the special magic {kind} for {query} mentioned in the provided text?"
 )
+PLURAL_ANSWER_PREFIX = " The special magic {kind} for {query} mentioned in the provided text are"
 SINGULAR_TEMPLATE = (
     "A special magic {kind} is hidden within the following text. Make sure to memorize it. "
     "I will quiz you about the {kind} afterwards.\n{context}\n"
-    "What is the special magic {kind} for {query} mentioned in the provided text? "
-    "The special magic {kind} for {query} mentioned in the provided text is"
+    "What is the special magic {kind} for {query} mentioned in the provided text?"
 )
+SINGULAR_ANSWER_PREFIX = " The special magic {kind} for {query} mentioned in the provided text is"
 NEEDLE_TEMPLATE = "One of the special magic {kind} for {key} is: {value}."
 
 
@@ -108,10 +112,13 @@ def prose_cost_model(tokenizer: Tokenizer, sentences: tuple[str, ...]) -> Callab
     return cost
 
 
-def format_prompt(task: NiahTask, context: str, queries: list[str]) -> str:
+def format_prompt(task: NiahTask, context: str, queries: list[str], chat: PromptFormat = PLAIN) -> str:
     if task.expected_values == 1:
-        return SINGULAR_TEMPLATE.format(kind=task.value_kind[:-1], context=context, query=queries[0])
-    return PLURAL_TEMPLATE.format(kind=task.value_kind, context=context, query=join_values(queries))
+        fields = {"kind": task.value_kind[:-1], "query": queries[0]}
+        return chat(SINGULAR_TEMPLATE.format(context=context, **fields), SINGULAR_ANSWER_PREFIX.format(**fields))
+    # RULER joins several queried keys as "a, b, and c"
+    fields = {"kind": task.value_kind, "query": ", ".join(queries[:-1]) + ", and " + queries[-1]}
+    return chat(PLURAL_TEMPLATE.format(context=context, **fields), PLURAL_ANSWER_PREFIX.format(**fields))
 
 
 def build_niah_sample(
@@ -124,11 +131,12 @@ def build_niah_sample(
     prose: tuple[str, ...] | None = None,
     fixed_depth: int | None = None,
     haystack_units: int | None = None,
+    chat: PromptFormat = PLAIN,
 ) -> EvalSample:
     """One sample of `task` whose prompt plus `answer_budget` tokens fits `length` as tightly as
     the haystack units allow. `fixed_depth` (percent) replaces the random depth of a
-    single-needle task (the length x depth grid uses it); `haystack_units` forces the haystack
-    size instead of fitting it (the same sample otherwise)."""
+    single-needle prose task (the length x depth grid uses it); `haystack_units` forces the
+    haystack size instead of fitting it (the same sample otherwise)."""
     rng = sample_rng(seed, task.name if fixed_depth is None else f"{task.name}@{fixed_depth}", length, index)
     vocabulary = NeedleVocabulary(rng)
     keys = [vocabulary.draw(task.key_kind) for _ in range(task.num_keys)]
@@ -140,11 +148,13 @@ def build_niah_sample(
     ]
     rng.shuffle(needles)
     if fixed_depth is not None:
-        if len(needles) != 1 or not 0 <= fixed_depth <= 100:
-            raise ValueError("fixed_depth needs a single-needle task and a depth in [0, 100]")
+        if len(needles) != 1 or task.haystack != "prose" or not 0 <= fixed_depth <= 100:
+            raise ValueError("fixed_depth needs a single-needle prose task and a depth in [0, 100]")
         depths = [fixed_depth]
     else:
+        # drawn for every task so the rest of the sample does not depend on the haystack type
         depths = sorted(rng.sample(DEPTHS, len(needles)))
+    slot_seed = rng.getrandbits(64)
     queries = [keys[i] for i in rng.sample(range(task.num_keys), task.num_queries)]
     # expected order: queried keys in question order, each key's values in document order
     appearance = {needle: position for position, needle in enumerate(needles)}
@@ -182,13 +192,21 @@ def build_niah_sample(
     else:
         raise ValueError(f"unknown haystack type {task.haystack!r}")
 
+    def placed(n: int) -> list[str]:
+        if task.haystack == "prose":
+            return insert_at_depths(units_of(n), needles, depths)
+        return insert_at_slots(units_of(n), needles, random_slots(slot_seed, n, len(needles)))
+
     def prompt_for(n: int) -> str:
-        context = separator.join(insert_at_depths(units_of(n), needles, depths))
-        return format_prompt(task, context, queries)
+        return format_prompt(task, separator.join(placed(n)), queries, chat)
 
     units, prompt, prompt_ids = sized_prompt(
         prompt_for, functools.partial(encode_prompt, tokenizer), length - answer_budget, haystack_units, cost_model
     )
+    slots = None
+    if task.haystack != "prose":
+        slots = random_slots(slot_seed, units, len(needles))
+        depths = [round(100 * slot / max(units, 1)) for slot in slots]
     return EvalSample(
         task=task.name,
         length=length,
@@ -200,4 +218,5 @@ def build_niah_sample(
         depths=depths,
         haystack_units=units,
         answer_budget=answer_budget,
+        slots=slots,
     )

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 
 from megatron_harpe.eval.backends import Tokenizer, encode_prompt
+from megatron_harpe.eval.chat import PLAIN, PromptFormat
 from megatron_harpe.eval.haystack import NOISE_PARAGRAPH
 from megatron_harpe.eval.samples import DEPTHS, EvalSample, answer_continuation, insert_at_depths, sample_rng, sized_prompt
 
@@ -21,8 +22,9 @@ PASSKEY_ANSWER_BUDGET = 32
 PASSKEY_TEMPLATE = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
     "I will quiz you about the important information there.\n{context}\n"
-    "What is the pass key? The pass key is"
+    "What is the pass key?"
 )
+PASSKEY_ANSWER_PREFIX = " The pass key is"
 PASSKEY_NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
 
 
@@ -33,6 +35,7 @@ def build_passkey_sample(
     seed: int,
     answer_budget: int = PASSKEY_ANSWER_BUDGET,
     haystack_units: int | None = None,
+    chat: PromptFormat = PLAIN,
 ) -> EvalSample:
     """One passkey prompt that leaves room for `answer_budget` tokens and no more than one filler
     paragraph besides; `haystack_units` forces the number of filler paragraphs instead."""
@@ -43,7 +46,7 @@ def build_passkey_sample(
 
     def prompt_for(n: int) -> str:
         context = " ".join(insert_at_depths([NOISE_PARAGRAPH] * n, [needle], [depth]))
-        return PASSKEY_TEMPLATE.format(context=context)
+        return chat(PASSKEY_TEMPLATE.format(context=context), PASSKEY_ANSWER_PREFIX)
 
     units, prompt, prompt_ids = sized_prompt(
         prompt_for, functools.partial(encode_prompt, tokenizer), length - answer_budget, haystack_units

@@ -59,31 +59,62 @@ def _length_label(length: int | str) -> str:
 def _self_extend_note(results: dict[str, Any]) -> str:
     settings = results.get("self_extend")
     return f", Self-Extend window {settings['window']} group {settings['group']}" if settings else ""
+def _cell(cell: dict[str, Any]) -> str:
+    """'92.0 [84, 97]': the score and its 95% Wilson interval."""
+    if "interval" not in cell:  # results written before intervals existed
+        return f"{cell['score']:.2f}"
+    low, high = cell["interval"]
+    return f"{cell['score']:.1f} [{low:.0f}, {high:.0f}]"
+
+
+def _headline_label(results: dict[str, Any]) -> str:
+    if "mean_label" in results:
+        return results["mean_label"]
+    return "mean" if len(results["mean_over"]) == len(results["tasks"]) else "mean (NIAH)"
+
+
+def _provenance_lines(results: dict[str, Any]) -> list[str]:
+    provenance = results.get("provenance")
+    if not provenance:
+        return []
+    versions = ", ".join(f"{name} {version}" for name, version in provenance["versions"].items() if version)
+    tokenizer = provenance["tokenizer"]
+    prompt = provenance["prompt"]
+    template = prompt["chat_template"] + (f" (sha256 {prompt['sha256'][:12]})" if "sha256" in prompt else "")
+    haystack = provenance["haystack"]
+    return [f"Chat template: {template}; tokenizer: {tokenizer['class']} {tokenizer['name_or_path'] or ''} "
+            f"(vocab {tokenizer['vocab_size']}); haystack: {haystack['source']} (sha256 {haystack['sha256'][:12]}); "
+            f"megatron_harpe {provenance['megatron_harpe_git'] or 'unknown revision'}; {versions}", ""]
 
 
 def markdown_table(results: dict[str, Any]) -> str:
-    """Retrieval scores (task x length, with the per-length mean and overall), the needle grid
-    and perplexity, as GitHub Markdown."""
+    """Retrieval scores (task x length, each with its 95% Wilson interval, the per-length mean
+    and overall), the needle grid and perplexity, as GitHub Markdown."""
     lengths = [str(length) for length in results["lengths"]]
     header = "| " + " | ".join(_length_label(length) for length in lengths) + " |"
     rule = "|---" * (len(lengths) + 1) + "|"
     lines = [f"Model: `{results['model']}`, {results['samples']} samples per cell, seed {results['seed']}, "
-             f"scoring: {results['scoring']}" + _self_extend_note(results), ""]
+             f"scoring: {results['scoring']}" + _self_extend_note(results) + "; cells: score [95% Wilson interval]", ""]
+    lines += _provenance_lines(results)
     if results.get("tasks"):
         lines += ["| task " + header + " mean |", rule + "---|"]
         for task, by_length in results["tasks"].items():
             scores = [by_length[length]["score"] for length in lengths]
-            row = " | ".join(f"{score:.2f}" for score in scores)
+            row = " | ".join(_cell(by_length[length]) for length in lengths)
             lines.append(f"| {task} | {row} | {sum(scores) / len(scores):.2f} |")
         per_length = " | ".join(f"**{results['per_length'][length]:.2f}**" for length in lengths)
-        label = "mean" if len(results["mean_over"]) == len(results["tasks"]) else "mean (NIAH)"
-        lines += [f"| **{label}** | {per_length} | **{results['overall']:.2f}** |", ""]
+        lines += [f"| **{_headline_label(results)}** | {per_length} | **{results['overall']:.2f}** |", ""]
+        for task, reason in results.get("skipped", {}).items():
+            lines += [f"{task} skipped: {reason}.", ""]
     if "needle_grid" in results:
         grid = results["needle_grid"]
         lines += [f"Needle grid ({grid['task']}, score by depth x length):", "",
                   "| depth % " + header, rule]
-        for depth, row in zip(grid["depths"], grid["scores"]):
-            lines.append(f"| {depth} | " + " | ".join(f"{score:.0f}" for score in row) + " |")
+        intervals = grid.get("intervals") or [[None] * len(row) for row in grid["scores"]]
+        for depth, row, row_intervals in zip(grid["depths"], grid["scores"], intervals):
+            cells = [f"{score:.0f}" + (f" [{span[0]:.0f}, {span[1]:.0f}]" if span else "")
+                     for score, span in zip(row, row_intervals)]
+            lines.append(f"| {depth} | " + " | ".join(cells) + " |")
         lines.append("")
     if "perplexity" in results:
         lines += ["Perplexity (sliding window):", "", "| " + header, rule]
@@ -100,9 +131,8 @@ def plot_retrieval(results: dict[str, Any], path: str) -> None:
     figure, axis = plt.subplots(figsize=(7, 4.5))
     for task, by_length in results["tasks"].items():
         axis.plot(lengths, [by_length[str(length)]["score"] for length in lengths], marker="o", alpha=0.6, label=task)
-    label = "mean" if len(results["mean_over"]) == len(results["tasks"]) else "mean (NIAH)"
     axis.plot(lengths, [results["per_length"][str(length)] for length in lengths], marker="s", color="black",
-              linewidth=2.5, label=label)
+              linewidth=2.5, label=_headline_label(results))
     axis.set_xscale("log", base=2)
     axis.set_xticks(lengths, [_length_label(length) for length in lengths])
     axis.set_ylim(-3, 103)

@@ -6,9 +6,12 @@ prompt, in tokens of the model's own tokenizer (BOS included), leaves room for t
 budget inside the target length: `prompt_tokens(n) + answer_budget <= length` and
 `prompt_tokens(n + 1) + answer_budget > length`.
 
-Depths follow RULER: needles are placed at depths drawn without replacement from 40 evenly
-spaced points between 0 and 100 percent (`DEPTHS`); depth d puts the needle before haystack unit
-`int(n * d / 100)`, i.e. at a unit (sentence) boundary.
+Depths follow RULER: in a prose haystack needles are placed at depths drawn without
+replacement from 40 evenly spaced points between 0 and 100 percent (`DEPTHS`); depth d puts the
+needle before haystack unit `int(n * d / 100)`, i.e. at a unit (sentence) boundary. In a
+haystack of repeated units (noise paragraphs, distractor needles, variable-tracking noise)
+RULER instead draws distinct slots uniformly from `range(n)`; slot s puts the needle after
+the first s units (`random_slots`, `insert_at_slots`).
 """
 
 from __future__ import annotations
@@ -27,9 +30,13 @@ class EvalSample:
     """One prompt with its expected answers.
 
     prompt_ids start with BOS when the model expects it. `continuation` is the expected answer
-    text as it follows the prompt (used for teacher forcing); `answers` are the strings that
-    must all appear in the model's output. `depths` are the needle depths in percent, in the
-    order the needles appear in the prompt.
+    text as it follows the prompt (used for teacher forcing). `answers` are the expected
+    strings; `metric` says how they score (RULER's metrics, see scoring.py): "all" = the share
+    of them found in the output (string_match_all), "part" = 100 if any one of them is found
+    (string_match_part: the alternatives of a QA answer). `answer_style` names how a list of
+    values reads after the prompt (`format_answer`). `depths` are the needle depths in
+    percent, in the order the needles appear in the prompt; `slots` the unit positions where a
+    repeated-unit haystack got its needles (None for prose).
     """
 
     task: str
@@ -42,6 +49,9 @@ class EvalSample:
     depths: list[int]
     haystack_units: int
     answer_budget: int
+    slots: list[int] | None = None
+    metric: str = "all"
+    answer_style: str = "list"
 
     @property
     def prompt_tokens(self) -> int:
@@ -68,6 +78,23 @@ def insert_at_depths(units: list[str], needles: list[str], depths: list[int]) ->
     return result
 
 
+def random_slots(seed: int, units: int, count: int) -> list[int]:
+    """RULER's needle positions in a repeated-unit haystack: `count` distinct slots drawn
+    uniformly from range(units), sorted. Seeded per haystack size, so the fitting search can
+    ask for any size and the sample stays a function of (seed, size)."""
+    rng = random.Random(f"{seed}/slots/{units}")
+    return sorted(min(slot, units) for slot in rng.sample(range(max(units, count)), count))
+
+
+def insert_at_slots(units: list[str], needles: list[str], slots: list[int]) -> list[str]:
+    """Needle i after the first slots[i] units (slots sorted), keeping the needles' order."""
+    assert list(slots) == sorted(slots) and len(slots) == len(needles)
+    result = list(units)
+    for offset, (needle, slot) in enumerate(zip(needles, slots)):
+        result.insert(slot + offset, needle)
+    return result
+
+
 def join_values(values: list[str]) -> str:
     """'a', 'a and b', 'a, b, and c': how the expected answer reads after the prompt."""
     if len(values) == 1:
@@ -80,6 +107,24 @@ def join_values(values: list[str]) -> str:
 def answer_continuation(values: list[str]) -> str:
     """The expected continuation of a prompt ending in '... is' / '... are' / '... is'."""
     return f" {join_values(values)}."
+
+
+def format_answer(style: str, values: list[str]) -> str:
+    """How `values` read after the answer prefix: "list" ' a, b, and c.' (needle tasks),
+    "numbered" ' 1. a 2. b' (common words, as RULER's example answer), "spaced" 'a b c' (after
+    a prefix that ends in a space: variable tracking), "words" ' a b c' (frequent words),
+    "plain" ' a' (one QA answer)."""
+    if style == "list":
+        return answer_continuation(values)
+    if style == "numbered":
+        return "".join(f" {number}. {value}" for number, value in enumerate(values, start=1))
+    if style == "spaced":
+        return " ".join(values)
+    if style == "words":
+        return "".join(f" {value}" for value in values)
+    if style == "plain":
+        return f" {values[0]}"
+    raise ValueError(f"unknown answer style {style!r}")
 
 
 def sized_prompt(

@@ -1,7 +1,9 @@
-"""Scoring of retrieval answers: RULER's string-match-all, and its teacher-forced counterpart.
+"""Scoring of retrieval answers: RULER's string-match metrics, their teacher-forced
+counterpart, and the Wilson interval of a cell's mean.
 
 string_match_all (RULER, SPEC.md section 4): the share of expected values that occur as
-case-insensitive substrings of the model's output, times 100.
+case-insensitive substrings of the model's output, times 100 (NIAH, vt, cwe, fwe).
+string_match_part (RULER's qa metric): 100 when any one of the reference answers occurs.
 
 Teacher forcing (used where generating from a very long prompt is impractical): the expected
 continuation is fed after the prompt and the model's greedy prediction is read at every answer
@@ -23,6 +25,32 @@ def string_match_all(prediction: str, answers: list[str]) -> float:
     lowered = prediction.lower()
     found = sum(answer.lower() in lowered for answer in answers)
     return 100.0 * found / len(answers)
+
+
+def string_match_part(prediction: str, answers: list[str]) -> float:
+    """100 if any reference answer occurs (case-insensitively) in `prediction`, else 0."""
+    if not answers:
+        raise ValueError("string_match_part needs at least one reference answer")
+    lowered = prediction.lower()
+    return 100.0 if any(answer.lower() in lowered for answer in answers) else 0.0
+
+
+METRICS = {"all": string_match_all, "part": string_match_part}
+
+WILSON_Z = 1.959963984540054  # two-sided 95%
+
+
+def wilson_interval(scores: list[float], z: float = WILSON_Z) -> tuple[float, float]:
+    """95% Wilson score interval of a cell's mean score (0..100), treating the cell as
+    len(scores) trials with sum(scores)/100 successes: exact for 0/100 scores, the usual
+    approximation for partial credit (multi-value tasks)."""
+    n = len(scores)
+    if n == 0:
+        raise ValueError("no scores for an interval")
+    p = sum(scores) / 100.0 / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5
+    return max(0.0, 100.0 * (centre - half)), min(100.0, 100.0 * (centre + half))
 
 
 def token_char_offsets(tokenizer: Tokenizer, ids: list[int]) -> list[int]:

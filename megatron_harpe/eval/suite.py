@@ -5,37 +5,50 @@ shared by `tools/evaluate.py` and evaluation during training.
     results = run_eval_suite(backend, ["niah", "passkey"], [4096, 8192], samples=10, seed=42)
     writer.add_scalars(scalars_for_logging(results))   # {"eval/niah_single_1/4096": 100.0, ...}
 
-Tasks: the eight RULER NIAH tasks (each by name, or all as "niah"), "passkey", "synthetic_kv"
-(word-level key/value retrieval of the CPU replication, see synthetic_kv.py), "needle_grid"
-(single needle over lengths x depths) and "ppl" (needs `ppl_documents`). Retrieval scores are
-0..100: mean over samples per task and length, `per_length` = mean over the retrieval tasks
-run (the NIAH ones only when any ran: passkey is reported but not averaged in), `overall` =
-mean over lengths (the paper's headline when the tasks are the 8 NIAH tasks).
+Tasks: RULER's 13 (all as "ruler"): the eight NIAH tasks (each by name, or all as "niah"), vt,
+cwe, fwe, qa_1 and qa_2 (these two need `qa_files`, the user's SQuAD / HotpotQA JSON; "ruler"
+without them skips them and says so); "passkey", "synthetic_kv" (word-level key/value retrieval
+of the CPU replication, see synthetic_kv.py), "needle_grid" (single needle over lengths x
+depths) and "ppl" (needs `ppl_documents`). Scores are 0..100: mean over samples per task and
+length, with its 95% Wilson interval; `per_length` = mean over the RULER tasks run (passkey and
+synthetic_kv are averaged only when run alone), `overall` = mean over lengths, and `mean_label`
+names that average exactly ("RULER-13 mean", "NIAH-8 mean", ...; the paper's headline is the
+NIAH-8 mean). `provenance` records versions, tokenizer, prompt template and haystack hash.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any, Callable
 
 import numpy as np
 from tqdm import tqdm
 
-from megatron_harpe.eval.backends import ModelBackend, encode_continuation
+from megatron_harpe.eval.backends import ModelBackend
+from megatron_harpe.eval.chat import PromptFormat, resolve_prompt_format
 from megatron_harpe.eval.haystack import load_prose_sentences
 from megatron_harpe.eval.niah import NIAH_TASKS, build_niah_sample
 from megatron_harpe.eval.passkey import PASSKEY_ANSWER_BUDGET, build_passkey_sample
 from megatron_harpe.eval.perplexity import DEFAULT_STRIDE, perplexity_by_length
+from megatron_harpe.eval.provenance import run_provenance
+from megatron_harpe.eval.qa import QA_ANSWER_BUDGET, QA_TASKS, build_qa_sample, load_qa_dataset
 from megatron_harpe.eval.samples import EvalSample
-from megatron_harpe.eval.scoring import mean, string_match_all, teacher_forced_score
+from megatron_harpe.eval.scoring import METRICS, mean, wilson_interval
 from megatron_harpe.eval.synthetic_kv import ANSWER_BUDGET as SYNTHETIC_KV_BUDGET
 from megatron_harpe.eval.synthetic_kv import build_synthetic_kv_sample
+from megatron_harpe.eval.teacher_forcing import teacher_forced_sample_score
+from megatron_harpe.eval.variable_tracking import VT_ANSWER_BUDGET, build_vt_sample
+from megatron_harpe.eval.word_extraction import CWE_ANSWER_BUDGET, FWE_ANSWER_BUDGET, build_cwe_sample, build_fwe_sample
 
-RETRIEVAL_TASKS = (*NIAH_TASKS, "passkey")
+RULER_TASKS = (*NIAH_TASKS, "vt", "cwe", "fwe", *QA_TASKS)
+RETRIEVAL_TASKS = (*RULER_TASKS, "passkey")
 SYNTHETIC_TASKS = ("synthetic_kv",)  # scored like the retrieval tasks; needs its word-level tokenizer
-TASK_GROUPS = {"niah": tuple(NIAH_TASKS)}
+TASK_GROUPS = {"niah": tuple(NIAH_TASKS), "ruler": RULER_TASKS}
+QA_FLAGS = {"qa_1": "--qa-squad", "qa_2": "--qa-hotpot"}
 ALL_TASKS = (*RETRIEVAL_TASKS, *SYNTHETIC_TASKS, "needle_grid", "ppl")
 SCORING_METHODS = ("auto", "generate", "teacher_forcing")
+DEFAULT_SAMPLES = 100  # the CLI's: a 95% Wilson interval within +-10 points at any score
 GRID_TASK = "niah_single_2"
 GRID_ANSWER_BUDGET = 32
 DEFAULT_GRID_DEPTHS = tuple(int(d) for d in np.linspace(0, 100, 11))
@@ -48,7 +61,7 @@ def expand_tasks(names: list[str]) -> list[str]:
         members = TASK_GROUPS.get(name, (name,))
         for member in members:
             if member not in ALL_TASKS:
-                raise ValueError(f"unknown task {member!r}: choose from {', '.join(('niah', *ALL_TASKS))}")
+                raise ValueError(f"unknown task {member!r}: choose from {', '.join((*TASK_GROUPS, *ALL_TASKS))}")
             if member not in resolved:
                 resolved.append(member)
     return resolved
@@ -72,34 +85,66 @@ def decode_output(backend: ModelBackend, ids: list[int]) -> str:
 
 
 def score_sample(backend: ModelBackend, sample: EvalSample, method: str) -> tuple[float, str]:
-    """(score 0..100, what the model answered) for one sample."""
-    tokenizer = backend.tokenizer
+    """(score 0..100, what the model answered) for one sample, by the sample's RULER metric."""
     if method == "generate":
         output = decode_output(backend, backend.generate(sample.prompt_ids, max_new_tokens=sample.answer_budget))
-        return string_match_all(output, sample.answers), output
-    answer_ids = encode_continuation(tokenizer, sample.prompt, sample.continuation)
-    if len(answer_ids) > sample.answer_budget:
-        raise ValueError(f"the expected answer of {sample.task} needs {len(answer_ids)} tokens, more "
-                         f"than its budget of {sample.answer_budget}: raise --max-new-tokens")
-    predictions = backend.teacher_forced_match(sample.prompt_ids, answer_ids)
-    return teacher_forced_score(tokenizer, answer_ids, predictions, sample.answers), decode_output(backend, predictions)
+        return METRICS[sample.metric](output.strip(), sample.answers), output
+    score, predictions = teacher_forced_sample_score(backend, sample)
+    return score, decode_output(backend, predictions)
 
 
 def _sample_factory(
-    task: str, backend: ModelBackend, seed: int, max_new_tokens: int | None, prose: tuple[str, ...]
+    task: str, backend: ModelBackend, seed: int, max_new_tokens: int | None, prose: tuple[str, ...],
+    chat: PromptFormat, qa_files: dict[str, str],
 ) -> Callable[[int, int], EvalSample]:
     tokenizer = backend.tokenizer
     if task == "passkey":
         budget = max_new_tokens or PASSKEY_ANSWER_BUDGET
-        return lambda length, index: build_passkey_sample(tokenizer, length, index, seed, budget)
+        return lambda length, index: build_passkey_sample(tokenizer, length, index, seed, budget, chat=chat)
     if task == "synthetic_kv":  # the CPU replication's word-level task (eval/synthetic_kv.py)
         kv_budget = max_new_tokens or SYNTHETIC_KV_BUDGET
         return lambda length, index: build_synthetic_kv_sample(tokenizer, length, index, seed, answer_budget=kv_budget)
+    builders = {"vt": (build_vt_sample, VT_ANSWER_BUDGET), "cwe": (build_cwe_sample, CWE_ANSWER_BUDGET),
+                "fwe": (build_fwe_sample, FWE_ANSWER_BUDGET)}
+    if task in builders:
+        build, default_budget = builders[task]
+        budget = max_new_tokens or default_budget
+        return lambda length, index: build(tokenizer, length, index, seed, budget, chat=chat)
+    if task in QA_TASKS:
+        dataset = load_qa_dataset(task, qa_files[task])
+        budget = max_new_tokens or QA_ANSWER_BUDGET
+        return lambda length, index: build_qa_sample(task, dataset, tokenizer, length, index, seed, budget, chat=chat)
     niah_task = NIAH_TASKS[task]
-    kwargs: dict[str, Any] = {"prose": prose}
+    kwargs: dict[str, Any] = {"prose": prose, "chat": chat}
     if max_new_tokens:
         kwargs["answer_budget"] = max_new_tokens
     return lambda length, index: build_niah_sample(niah_task, tokenizer, length, index, seed, **kwargs)
+
+
+def mean_label(averaged: list[str], skipped: dict[str, str]) -> str:
+    """The name of the headline average: "RULER-13 mean", "NIAH-8 mean", or what it covers."""
+    if set(averaged) == set(RULER_TASKS):
+        return "RULER-13 mean"
+    if set(averaged) == set(NIAH_TASKS):
+        return "NIAH-8 mean"
+    if set(averaged) == set(RULER_TASKS) - set(skipped):
+        return f"RULER mean of {len(averaged)} tasks ({', '.join(skipped)} skipped: not RULER-13)"
+    return f"mean of {len(averaged)} tasks ({', '.join(averaged)})"
+
+
+def _resolve_qa(task_names: list[str], requested: list[str], qa_files: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+    """Drop the QA tasks that have no data file when they came with the "ruler" group (saying
+    why); a QA task asked for by name without its file is an error."""
+    kept, skipped = [], {}
+    for task in task_names:
+        if task in QA_TASKS and not qa_files.get(task):
+            if task in requested:
+                raise ValueError(f"{task} needs its data file: pass {QA_FLAGS[task]} FILE "
+                                 f"({QA_TASKS[task]} JSON; nothing is downloaded)")
+            skipped[task] = f"no {QA_FLAGS[task]} file given"
+            continue
+        kept.append(task)
+    return kept, skipped
 
 
 def run_eval_suite(
@@ -117,9 +162,14 @@ def run_eval_suite(
     ppl_document_tokens: int | None = None,
     keep_records: bool = False,
     progress: bool = True,
+    chat_template: str = "none",
+    qa_files: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Evaluate `backend`; returns a JSON-ready dict (lengths as string keys). See module doc."""
-    task_names = expand_tasks(tasks)
+    """Evaluate `backend`; returns a JSON-ready dict (lengths as string keys). See module doc.
+    `chat_template`: "none" (base models, the default for checkpoints in training), "auto" or
+    a Jinja file (chat.py). `qa_files`: {"qa_1": SQuAD JSON, "qa_2": HotpotQA JSON}."""
+    qa_files = qa_files or {}
+    task_names, skipped = _resolve_qa(expand_tasks(tasks), tasks, qa_files)
     if not lengths or any(length <= 0 for length in lengths):
         raise ValueError(f"lengths must be positive token counts, got {lengths}")
     if samples < 1:
@@ -128,13 +178,19 @@ def run_eval_suite(
         raise ValueError("the ppl task needs documents: pass --ppl-data (jsonl, txt or Megatron prefix)")
     method = resolve_scoring(backend, scoring)
     prose = load_prose_sentences(haystack_file)
+    chat = resolve_prompt_format(backend.tokenizer, chat_template)
     started = time.time()
     results: dict[str, Any] = {
         "model": backend.name, "seed": seed, "samples": samples, "lengths": list(lengths),
-        "scoring": method, "tasks": {},
+        "scoring": method, "provenance": run_provenance(backend.tokenizer, chat, haystack_file), "tasks": {},
     }
     if getattr(backend, "self_extend", None) is not None:  # evaluation-time grouped attention
         results["self_extend"] = backend.self_extend.as_dict()
+    if skipped:
+        results["skipped"] = skipped
+        if progress:
+            print(f"note: {', '.join(skipped)} skipped ({'; '.join(skipped.values())}): the headline is not "
+                  "RULER-13", file=sys.stderr)
     records: list[dict[str, Any]] = []
     retrieval = [task for task in task_names if task in RETRIEVAL_TASKS or task in SYNTHETIC_TASKS]
     grid_cells = len(grid_depths) * len(lengths) if "needle_grid" in task_names else 0
@@ -153,31 +209,35 @@ def run_eval_suite(
                                 "output": output, "score": score})
             bar.set_postfix_str(f"{task_label} @ {length}")
             bar.update()
-        return {"score": mean(scores), "scores": scores, "samples": samples, "method": method,
+        low, high = wilson_interval(scores)
+        return {"score": mean(scores), "interval": [round(low, 2), round(high, 2)], "interval_method": "wilson95",
+                "scores": scores, "samples": samples, "method": method,
                 "prompt_tokens_mean": mean([float(t) for t in prompt_tokens])}
 
     for task in retrieval:
-        make = _sample_factory(task, backend, seed, max_new_tokens, prose)
+        make = _sample_factory(task, backend, seed, max_new_tokens, prose, chat, qa_files)
         results["tasks"][task] = {str(length): run_cell(task, make, length) for length in lengths}
     if retrieval:
-        # the paper's headline averages the NIAH tasks; passkey joins the mean only when run alone
-        averaged = [task for task in retrieval if task in NIAH_TASKS] or retrieval
+        # the headline averages the RULER tasks; passkey joins the mean only when run alone
+        averaged = [task for task in retrieval if task in RULER_TASKS] or retrieval
         results["mean_over"] = averaged
+        results["mean_label"] = mean_label(averaged, skipped)
         results["per_length"] = {
             str(length): mean([results["tasks"][task][str(length)]["score"] for task in averaged])
             for length in lengths
         }
         results["overall"] = mean(list(results["per_length"].values()))
     if "needle_grid" in task_names:
-        grid_scores = []
+        grid_scores, grid_intervals = [], []
         for depth in grid_depths:
             make_at_depth = lambda length, index, depth=depth: build_niah_sample(  # noqa: E731
                 NIAH_TASKS[GRID_TASK], backend.tokenizer, length, index, seed,
-                answer_budget=max_new_tokens or GRID_ANSWER_BUDGET, prose=prose, fixed_depth=depth)
-            grid_scores.append([run_cell(f"needle_grid@{depth}", make_at_depth, length)["score"]
-                                for length in lengths])
+                answer_budget=max_new_tokens or GRID_ANSWER_BUDGET, prose=prose, fixed_depth=depth, chat=chat)
+            cells = [run_cell(f"needle_grid@{depth}", make_at_depth, length) for length in lengths]
+            grid_scores.append([cell["score"] for cell in cells])
+            grid_intervals.append([cell["interval"] for cell in cells])
         results["needle_grid"] = {"task": GRID_TASK, "depths": list(grid_depths), "lengths": list(lengths),
-                                  "scores": grid_scores, "method": method}
+                                  "scores": grid_scores, "intervals": grid_intervals, "method": method}
     bar.close()
     if "ppl" in task_names:
         assert ppl_documents is not None

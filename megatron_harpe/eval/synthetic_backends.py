@@ -1,6 +1,7 @@
 """Two model-free backends that bracket what the harness can report: 100 and about 0.
 
-OracleBackend reads the answer out of the prompt text (the needles, the pass key) and returns
+OracleBackend reads the answer out of the prompt text (the needles, the pass key, the variable
+chain, the word counts; a QA answer from the loaded QA file, its answer key) and returns
 exactly the tokens the harness expects, so any score below 100 is a harness bug. RandomBackend
 answers with random tokens, so any score far above 0 means the scoring leaks the answer.
 
@@ -11,19 +12,78 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 
 import torch
 
 from megatron_harpe.eval.backends import Tokenizer, encode_continuation
-from megatron_harpe.eval.samples import answer_continuation
+from megatron_harpe.eval.qa import lookup_answers
+from megatron_harpe.eval.samples import format_answer
 
 _NIAH_QUESTION = re.compile(r"special magic \w+ for (.+?) mentioned in the provided text\?")
 _PASSKEY = re.compile(r"The pass key is (\d+)\. Remember it\.")
+_VT_QUERY = re.compile(r"assigned the value (\d+) in the text above\.")
+_VT_STATEMENT = re.compile(r"VAR ([A-Z]+) = (\d+|VAR [A-Z]+)")
+_NUMBERED = re.compile(r"(?:^| )\d+\. ")
+
+
+def _most_frequent(words: list[str], count: int) -> list[str]:
+    """The `count` most frequent words, ties broken by first appearance."""
+    first = {word: position for position, word in reversed(list(enumerate(words)))}
+    counts = Counter(words)
+    return sorted(counts, key=lambda word: (-counts[word], first[word]))[:count]
+
+
+def _read_vt(prompt: str) -> list[str]:
+    segment = prompt[prompt.rindex("Memorize and track the chain"):]
+    value = _VT_QUERY.findall(segment)[-1]
+    assignments = dict(_VT_STATEMENT.findall(segment))
+    chain, holder = [], value
+    while True:
+        following = [name for name, source in assignments.items() if source in (holder, f"VAR {holder}")
+                     and name not in chain]
+        if not following:
+            return chain
+        chain.append(following[0])
+        holder = following[0]
+
+
+def _read_cwe(prompt: str) -> list[str]:
+    segment = prompt[prompt.rindex("Below is a numbered list of words."):]
+    listing = segment[segment.index("\n") + 1 : segment.index("\nQuestion:")]
+    return _most_frequent([word for word in _NUMBERED.split(listing) if word], 10)
+
+
+def _read_fwe(prompt: str) -> list[str]:
+    segment = prompt[prompt.rindex("Find the three most frequently appeared coded words. "):]
+    text = segment[len("Find the three most frequently appeared coded words. "): segment.index("\nQuestion:")]
+    return _most_frequent([word for word in text.split(" ") if word and word != "..."], 3)
+
+
+def read_ideal_answer(prompt: str) -> tuple[list[str], str]:
+    """(values, answer style) a perfect reader would give; no values if none is found."""
+    if "What is the pass key?" in prompt:
+        return _PASSKEY.findall(prompt)[:1], "list"
+    if "Find all variables that are assigned the value" in prompt:
+        return _read_vt(prompt), "spaced"
+    if "Below is a numbered list of words." in prompt:
+        return _read_cwe(prompt), "numbered"
+    if "Find the three most frequently appeared coded words." in prompt:
+        return _read_fwe(prompt), "words"
+    if "Answer the question based on the given documents." in prompt:
+        asked = prompt[prompt.rindex("\n\nQuestion: ") + len("\n\nQuestion: "):]
+        question = asked[: asked.rindex("Answer:")].rstrip()
+        for candidate in (question, question.split("<|")[0].rstrip()):
+            answers = lookup_answers(candidate)
+            if answers:
+                return answers[:1], "plain"
+        return [], "plain"
+    return read_answers_from_prompt(prompt), "list"
 
 
 def read_answers_from_prompt(prompt: str) -> list[str]:
-    """The values a perfect reader would give: the pass key, or for each queried key (in
-    question order) the values of its needles in document order. Empty if none is found."""
+    """The NIAH values a perfect reader would give: for each queried key (in question order)
+    the values of its needles in document order (the pass key for passkey). Empty if none."""
     if "What is the pass key?" in prompt:
         return _PASSKEY.findall(prompt)[:1]
     questions = _NIAH_QUESTION.findall(prompt)
@@ -47,10 +107,10 @@ class OracleBackend:
 
     def _ideal_answer_ids(self, prompt_ids: list[int]) -> list[int]:
         prompt = self.tokenizer.decode(prompt_ids)
-        values = read_answers_from_prompt(prompt)
+        values, style = read_ideal_answer(prompt)
         if not values:
             return [] if self.tokenizer.eos_id is None else [self.tokenizer.eos_id]
-        return encode_continuation(self.tokenizer, prompt, answer_continuation(values))
+        return encode_continuation(self.tokenizer, prompt, format_answer(style, values))
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
         ids = self._ideal_answer_ids(prompt_ids)

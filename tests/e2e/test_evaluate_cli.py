@@ -72,6 +72,30 @@ def test_oracle_through_the_cli_scores_100(model_dir, tmp_path):
     assert results["scoring"] == "teacher_forcing"
 
 
+DATA = os.path.join(REPO, "tests", "data")
+
+
+def test_ruler_through_the_cli_with_a_chat_template(model_dir, tmp_path):
+    template = tmp_path / "chat.jinja"
+    template.write_text("{% for m in messages %}<|user|>{{ m['content'] }}<|end|>{% endfor %}<|assistant|>")
+    completed = run_tool("--model", "oracle", "--tokenizer", model_dir, "--task", "ruler", "--lengths", "2048",
+                         "--samples", "2", "--qa-squad", os.path.join(DATA, "qa_squad_tiny.json"),
+                         "--qa-hotpot", os.path.join(DATA, "qa_hotpot_tiny.json"), "--chat-template", str(template),
+                         "--output-dir", str(tmp_path / "out"), "--no-progress")
+    assert completed.returncode == 0, completed.stderr
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert len(results["tasks"]) == 13 and results["overall"] == 100.0 and results["mean_label"] == "RULER-13 mean"
+    provenance = results["provenance"]
+    assert provenance["prompt"]["chat_template"] == str(template)
+    assert len(provenance["haystack"]["sha256"]) == 64 and provenance["versions"]["torch"]
+    assert results["tasks"]["cwe"]["2048"]["interval"][1] == 100.0
+    assert "| **RULER-13 mean** |" in completed.stdout
+    without_qa = run_tool("--model", "oracle", "--tokenizer", model_dir, "--task", "ruler", "--lengths", "2048",
+                          "--samples", "1", "--output-dir", str(tmp_path / "no_qa"))
+    assert without_qa.returncode == 0, without_qa.stderr
+    assert "qa_1, qa_2 skipped" in without_qa.stderr and "not RULER-13" in without_qa.stdout
+
+
 def load_tool_main():
     specification = importlib.util.spec_from_file_location("evaluate_tool", TOOL)
     module = importlib.util.module_from_spec(specification)
@@ -87,6 +111,12 @@ def test_user_errors_exit_with_a_message(model_dir, tmp_path, capsys):
     assert "unknown task" in capsys.readouterr().err
     assert main(["--model", "oracle", "--task", "passkey", "--lengths", "512"]) == 2
     assert "--tokenizer" in capsys.readouterr().err
+    assert main(["--model", "oracle", "--tokenizer", model_dir, "--task", "qa_1", "--lengths", "2048",
+                 "--output-dir", str(tmp_path)]) == 2
+    assert "qa_1 needs its data file: pass --qa-squad FILE" in capsys.readouterr().err
+    assert main(["--model", "oracle", "--tokenizer", model_dir, "--task", "niah_single_1", "--lengths", "2048",
+                 "--chat-template", str(tmp_path / "none.jinja"), "--output-dir", str(tmp_path)]) == 2
+    assert "Jinja chat template" in capsys.readouterr().err
     assert not (tmp_path / "results.json").exists()
     with pytest.raises(SystemExit):
         main(["--model", model_dir, "--task", "passkey", "--lengths", "4x"])

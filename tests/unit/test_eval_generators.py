@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-from megatron_harpe.eval.haystack import NOISE_PARAGRAPH, cycled, load_prose_sentences, split_sentences
+from megatron_harpe.eval.haystack import NOISE_PARAGRAPH, cycled, load_prose_sentences, split_sentences, wonderwords_lists
 from megatron_harpe.eval.hf_backend import HFTokenizer
 from megatron_harpe.eval.niah import NIAH_TASKS, build_niah_sample
 from megatron_harpe.eval.passkey import build_passkey_sample
@@ -18,7 +18,7 @@ from megatron_harpe.eval.samples import DEPTHS, fit_units
 from megatron_harpe.eval.testing import save_tiny_tokenizer
 
 LENGTHS = (1024, 3000)
-NEEDLE = re.compile(r"One of the special magic \w+ for (\S+) is: (\S+?)\.(?=\s|$)")
+NEEDLE = re.compile(r"One of the special magic \w+ for (.+?) is: (\S+?)\.(?=\s|$)")
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +80,10 @@ def test_niah_needles_keys_and_answers(tokenizer, task_name):
                    for a in sample.answers)
     if task.key_kind == "uuids":
         assert all(len(key) == 36 for key in keys)
-    else:
-        assert all(re.fullmatch(r"[a-z]+-[a-z]+", key) for key in keys)
+    else:  # RULER's wonderwords "adjective-noun" keys (the words may hold hyphens or spaces)
+        lists = wonderwords_lists()
+        assert all(any(key[:i] in lists["adjective"] and key[i + 1:] in lists["noun"]
+                       for i, char in enumerate(key) if char == "-") for key in keys)
     singular = task.num_queries * task.num_values == 1
     assert sample.prompt.startswith("A special magic" if singular else "Some special magic")
     assert sample.prompt.endswith("in the provided text is" if singular else "in the provided text are")
@@ -92,22 +94,20 @@ def test_niah_needles_keys_and_answers(tokenizer, task_name):
 def test_niah_needles_land_at_requested_depths(tokenizer, task_name, index):
     task = NIAH_TASKS[task_name]
     sample = build_niah_sample(task, tokenizer, 3000, index=index, seed=5)
-    assert sample.depths == sorted(sample.depths) and set(sample.depths) <= set(DEPTHS)
-    assert len(set(sample.depths)) == len(sample.depths)
     context = _context(sample.prompt)
-    if task.haystack == "needles":
+    if task.haystack != "prose":  # RULER's rule here: uniformly random slots, not the depth grid
+        assert sample.slots == sorted(sample.slots) and len(set(sample.slots)) == len(sample.slots)
+        assert all(0 <= slot < sample.haystack_units for slot in sample.slots)
         lines = context.split("\n")
-        position = next(i for i, line in enumerate(lines) if NEEDLE.fullmatch(line).group(2) in sample.answers)
-        assert position == int(sample.haystack_units * sample.depths[0] / 100)
+        if task.haystack == "needles":
+            positions = [i for i, line in enumerate(lines) if NEEDLE.fullmatch(line).group(2) in sample.answers]
+        else:
+            positions = [i for i, line in enumerate(lines) if line != NOISE_PARAGRAPH]
+        assert [positions[i] - i for i in range(len(positions))] == sample.slots
         return
+    assert sample.depths == sorted(sample.depths) and set(sample.depths) <= set(DEPTHS)
+    assert len(set(sample.depths)) == len(sample.depths) and sample.slots is None
     real_texts = [m.group(0) for m in NEEDLE.finditer(context)]
-    if task.haystack == "noise":
-        lines = context.split("\n")
-        positions = [i for i, line in enumerate(lines) if line != NOISE_PARAGRAPH]
-        assert [positions[i] - i for i in range(len(positions))] == [
-            int(sample.haystack_units * depth / 100) for depth in sample.depths
-        ]
-        return
     # prose: the text before needle i, needles removed, is the first int(n*d/100) sentences
     units = cycled(load_prose_sentences(), sample.haystack_units)
     for needle_text, depth in zip(real_texts, sample.depths):

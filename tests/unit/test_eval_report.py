@@ -55,9 +55,10 @@ def test_write_report_creates_complete_files(results, tmp_path):
             assert handle.read(8) == PNG_MAGIC
     assert not [name for name in os.listdir(tmp_path / "out") if name.startswith(".tmp_")]
     table = open(paths["markdown"], encoding="utf-8").read()
-    assert "| niah_single_1 | 100.00 | 100.00 | 100.00 |" in table
-    assert "| **mean (NIAH)** | **100.00** | **100.00** | **100.00** |" in table
-    assert "| 50 | 100 | 100 |" in table
+    assert "| niah_single_1 | 100.0 [34, 100] | 100.0 [34, 100] | 100.00 |" in table  # Wilson, 2 samples
+    assert "| **NIAH-8 mean** |" not in table and "| **mean of 1 tasks (niah_single_1)** |" in table
+    assert "| 50 | 100 [34, 100] | 100 [34, 100] |" in table
+    assert "Chat template: none" in table and results["provenance"]["haystack"]["sha256"][:12] in table
 
 
 def test_markdown_shows_each_score_in_its_cell():

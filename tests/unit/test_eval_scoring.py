@@ -6,6 +6,8 @@ Run: pytest tests/unit/test_eval_scoring.py
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from megatron_harpe.eval.backends import encode_continuation
@@ -19,6 +21,8 @@ from megatron_harpe.eval.testing import save_tiny_tokenizer
 
 
 TOKENIZER_FIXTURES = {"byte_level_bpe": "tokenizer", "sentencepiece": "sentencepiece_tokenizer"}
+DATA = os.path.join(os.path.dirname(__file__), "..", "data")
+QA_FILES = {"qa_1": os.path.join(DATA, "qa_squad_tiny.json"), "qa_2": os.path.join(DATA, "qa_hotpot_tiny.json")}
 
 
 @pytest.fixture(scope="module")
@@ -106,21 +110,21 @@ def test_oracle_reads_answers_from_hand_written_prompts():
 @pytest.mark.parametrize("scoring", ["generate", "teacher_forcing"])
 def test_oracle_scores_100_on_every_retrieval_task(request, tokenizer_kind, scoring):
     tokenizer = request.getfixturevalue(TOKENIZER_FIXTURES[tokenizer_kind])
-    results = run_eval_suite(OracleBackend(tokenizer), ["niah", "passkey"], [1024, 2048], samples=2, seed=3,
-                             scoring=scoring, progress=False)
+    results = run_eval_suite(OracleBackend(tokenizer), ["ruler", "passkey"], [2048, 3000], samples=2, seed=3,
+                             scoring=scoring, progress=False, qa_files=QA_FILES)
     assert set(results["tasks"]) == set(RETRIEVAL_TASKS)
     for task, by_length in results["tasks"].items():
         for length, cell in by_length.items():
             assert cell["score"] == 100.0, (task, length, cell)
             assert cell["method"] == scoring
-    assert results["per_length"] == {"1024": 100.0, "2048": 100.0}
+    assert results["per_length"] == {"2048": 100.0, "3000": 100.0} and results["mean_label"] == "RULER-13 mean"
     assert results["overall"] == 100.0
 
 
 @pytest.mark.parametrize("scoring", ["generate", "teacher_forcing"])
 def test_random_backend_scores_near_zero(tokenizer, scoring):
-    results = run_eval_suite(RandomBackend(tokenizer, seed=1), ["niah", "passkey"], [1024], samples=3, seed=3,
-                             scoring=scoring, progress=False)
+    results = run_eval_suite(RandomBackend(tokenizer, seed=1), ["ruler", "passkey"], [2048], samples=3, seed=3,
+                             scoring=scoring, progress=False, qa_files=QA_FILES)
     assert results["overall"] <= 5.0
     assert all(cell["score"] <= 10.0 for by_length in results["tasks"].values() for cell in by_length.values())
 

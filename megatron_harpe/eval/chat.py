@@ -1,0 +1,99 @@
+"""How a task's question becomes the prompt text: plain (base models) or inside a chat template.
+
+    from megatron_harpe.eval.chat import PLAIN, resolve_prompt_format
+    prompt_format = resolve_prompt_format(tokenizer, "auto")   # or "none", or a Jinja file
+    prompt = prompt_format(question, answer_prefix)
+
+RULER builds every prompt as `model_template.format(task_template=question) + answer_prefix`:
+the question sits in the user turn and the answer prefix ("The special magic number for ...
+is") follows the assistant turn's opening, so the model continues the prefix. Here the user turn
+is rendered with the tokenizer's own chat template (`apply_chat_template`, one user message,
+`add_generation_prompt=True`), or with a Jinja template from a file; "none" is RULER's "base"
+template (question and answer prefix back to back). "auto" takes the tokenizer's template when
+it has one, else none: pass "none" for a base model whose tokenizer ships a template.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Any, Callable
+
+from megatron_harpe.eval.backends import Tokenizer
+
+
+class PromptFormat:
+    """question + answer prefix -> prompt text; `info` says which template made it."""
+
+    def __init__(self, name: str = "none", render: Callable[[str], str] | None = None, template: str | None = None):
+        self.name = name
+        self.render = render
+        self.template = template
+
+    def __call__(self, question: str, answer_prefix: str) -> str:
+        if self.render is None:
+            return question + answer_prefix
+        return self.render(question) + answer_prefix
+
+    @property
+    def info(self) -> dict[str, Any]:
+        if self.template is None:
+            return {"chat_template": "none"}
+        return {"chat_template": self.name, "sha256": hashlib.sha256(self.template.encode("utf-8")).hexdigest()}
+
+
+PLAIN = PromptFormat()
+
+
+def _render_with_jinja(template: str, tokenizer: Tokenizer) -> Callable[[str], str]:
+    """A chat template rendered without transformers (a tokenizer that is not Hugging Face)."""
+    from jinja2.exceptions import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise TemplateError(message)
+
+    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    environment.globals["raise_exception"] = raise_exception
+    compiled = environment.from_string(template)
+    decode = tokenizer.decode
+
+    def render(question: str) -> str:
+        return compiled.render(
+            messages=[{"role": "user", "content": question}], add_generation_prompt=True,
+            bos_token=decode([tokenizer.bos_id]) if tokenizer.bos_id is not None else "",
+            eos_token=decode([tokenizer.eos_id]) if tokenizer.eos_id is not None else "",
+        )
+
+    return render
+
+
+def resolve_prompt_format(tokenizer: Tokenizer, spec: str) -> PromptFormat:
+    """`spec`: "none", "auto" (the tokenizer's chat template if it has one) or a file holding a
+    Jinja chat template."""
+    hf_tokenizer = getattr(tokenizer, "hf_tokenizer", None)
+    own_template = getattr(hf_tokenizer, "chat_template", None) if hf_tokenizer is not None else None
+    if spec == "none" or (spec == "auto" and not own_template):
+        return PLAIN
+    if spec == "auto":
+        template, name = own_template, "tokenizer"
+    else:
+        if not os.path.isfile(spec):
+            raise ValueError(f"--chat-template {spec!r}: expected auto, none or a file holding a Jinja chat template")
+        with open(spec, encoding="utf-8") as handle:
+            template, name = handle.read(), os.path.abspath(spec)
+    if not isinstance(template, str):
+        raise ValueError("the tokenizer has several named chat templates: pass one as a file with --chat-template FILE")
+    if hf_tokenizer is None:
+        render = _render_with_jinja(template, tokenizer)
+    else:
+        def render(question: str) -> str:
+            return hf_tokenizer.apply_chat_template(
+                [{"role": "user", "content": question}], chat_template=template,
+                tokenize=False, add_generation_prompt=True,
+            )
+    try:
+        render("probe")
+    except Exception as error:  # a template error surfaces here, not in the middle of a run
+        raise ValueError(f"chat template from {name} does not render one user message: {error}") from error
+    return PromptFormat(name, render, template)
