@@ -8,7 +8,7 @@ with `abf` (one base: megatron's [s, 1, 1, d] table), interleaved run by run so 
 hits both alike (the order alternates per repeat), and their ratio for the fastest and the median
 runs, in wall and in CPU time (goal: <= 1.05); (2) the bytes of rotary tables one rank
 builds for Llama2-7B at 131072 tokens under TP=8, CP=4 against the naive full table
-(goal: exactly 1/32).
+(goal: exactly 1/32); (3) the rotation alone, cached path and megatron's own apply.
 """
 
 from __future__ import annotations
@@ -73,6 +73,33 @@ def compare_speed(args) -> None:
           f"fastest run {min(cpu['harpe']) / min(cpu['abf']):.3f}")
 
 
+def compare_apply(args) -> None:
+    """The rotation alone (one [seq, 1, 8, 64] query, forward+backward, best of 20 in CPU time):
+    per-head tables against one shared row, through the cached path and megatron's own apply."""
+    from megatron.core.models.common.embeddings import rope_utils
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_harpe.position import rotary
+
+    config = TransformerConfig(num_layers=1, hidden_size=512, num_attention_heads=8, apply_rope_fusion=False)
+    bases = [1e4 * (head + 1) for head in range(8)]
+    tables = {"harpe": HeadwiseRotaryEmbedding(PositionConfig(type="harpe", bases=bases), bases, bases, 64)(args.seq)[0],
+              "abf": HeadwiseRotaryEmbedding(PositionConfig(type="abf", base=5e5), [5e5] * 8, [5e5] * 8, 64)(args.seq)[0]}
+    applies = {"cached": lambda t, table: rotary.apply_rotary_pos_emb(t, table, config),
+               "megatron": lambda t, table: rope_utils.apply_rotary_pos_emb(t, table, config=config, cp_group=object())}
+    query = torch.randn(args.seq, 1, 8, 64, requires_grad=True)
+    best = {(apply, name): float("inf") for apply in applies for name in tables}
+    for _ in range(20):
+        for (apply, name) in best:
+            start = time.process_time()
+            applies[apply](query, tables[name]).sum().backward()
+            best[(apply, name)] = min(best[(apply, name)], time.process_time() - start)
+    print(f"rotation of one query [{args.seq}, 1, 8, 64], forward+backward, best of 20 (CPU ms):")
+    for apply in applies:
+        print(f"  {apply:8s} harpe {best[(apply, 'harpe')] * 1e3:6.2f}  abf {best[(apply, 'abf')] * 1e3:6.2f}  "
+              f"ratio {best[(apply, 'harpe')] / best[(apply, 'abf')]:.2f}")
+
+
 def compare_memory() -> None:
     llama = ModelConfig(num_layers=32, hidden_size=4096, num_attention_heads=32, ffn_hidden_size=11008)
     position = PositionConfig(type="harpe", strategy="paper").resolve(llama)
@@ -101,6 +128,7 @@ def main() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     parallel.initialize(1, 1)
     compare_memory()
+    compare_apply(args)
     compare_speed(args)
     parallel.shutdown()
 
