@@ -112,6 +112,8 @@ def quiet_third_party() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     # transformers configures its own logger on first use from this variable (a user's choice wins)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # transformers' "Loading weights" bars follow huggingface_hub's switch, read when it is imported
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def missing_gpu_libraries() -> list[str]:

@@ -116,3 +116,18 @@ def test_two_process_training_is_quiet(demo_data, tmp_path):
     _only_our_lines(completed.stderr)
     assert completed.stderr.count(NOTE) == 1  # rank 0 only
     assert error_lines(completed.stderr) == []
+
+
+def test_transformers_progress_bars_are_off_unless_verbose():
+    """transformers' "Loading weights" bar reached the terminal during `convert_checkpoint.py verify`."""
+    import os
+    import subprocess
+    import sys
+
+    probe = ("import megatron_harpe.cli; import transformers.utils.logging as l; "
+             "print(l.is_progress_bar_enabled())")
+    for extra_env, expected in (({}, "False"), ({"MEGATRON_HARPE_VERBOSE": "1"}, "True")):
+        env = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"}
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO,
+                             env={**env, **extra_env}, check=True).stdout.split()
+        assert out[-1] == expected, (extra_env, out)
