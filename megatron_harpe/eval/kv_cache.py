@@ -38,9 +38,9 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megatron_harpe import collectives
 from megatron_harpe.eval.megatron_backend import gather_vocabulary
 from megatron_harpe.position.rotary import context_parallel_positions
 
@@ -123,7 +123,7 @@ class CachedCoreAttention(torch.nn.Module):
         scores = torch.cat(scores, dim=-1)  # [b, groups, r*new, keys]
         row_max = scores.amax(dim=-1, keepdim=True) if scores.size(-1) else torch.full_like(q[..., :1], float("-inf"))
         if cache.cp_size > 1:
-            dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=cache.cp_group)
+            collectives.all_reduce(row_max, op=collectives.ReduceOp.MAX, group=cache.cp_group)
         weights = torch.exp(scores - row_max)
         out = torch.zeros_like(q)
         start = 0
@@ -132,7 +132,7 @@ class CachedCoreAttention(torch.nn.Module):
             start += values.size(2)
         total = torch.cat([out, weights.sum(dim=-1, keepdim=True)], dim=-1)
         if cache.cp_size > 1:
-            dist.all_reduce(total, group=cache.cp_group)
+            collectives.all_reduce(total, group=cache.cp_group)
         out = total[..., :dim] / total[..., dim:]
         return out.reshape(batch, heads, new, dim)
 
@@ -242,7 +242,7 @@ class IncrementalDecoder:
         logits = gather_vocabulary(local.float())
         if cache.cp_size > 1:
             logits = logits if holds_last else torch.zeros_like(logits)
-            dist.all_reduce(logits, group=cache.cp_group)
+            collectives.all_reduce(logits, group=cache.cp_group)
         cache.decoding = True
         return logits[-1, : backend.tokenizer.vocab_size]
 

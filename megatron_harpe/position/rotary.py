@@ -239,3 +239,14 @@ class HeadwiseRotaryEmbedding(torch.nn.Module):
         local_positions = seq_length // self.cp_size
         heads = self.query_inv_freq.size(0) + (0 if self.shared_tables else self.key_inv_freq.size(0))
         return local_positions * heads * self.head_dim * 4
+
+    def cos_sin_bytes(self, seq_length: int, cast_bytes: int = 4) -> int:
+        """Bytes of the fp32 cos/sin `RotaryCosSin` caches with the tables (half width, distinct
+        rows only), plus one copy cast to `cast_bytes` per element when the activations are not fp32."""
+        local_positions = seq_length // self.cp_size
+        tables = [(self.query_inv_freq, self._row_repeats[0])]
+        if not self.shared_tables:
+            tables.append((self.key_inv_freq, self._row_repeats[1]))
+        rows = sum(-(-inv_freq.size(0) // repeat) for inv_freq, repeat in tables)
+        per_element = 4 + (cast_bytes if cast_bytes != 4 else 0)
+        return 2 * local_positions * rows * (self.head_dim // 2) * per_element

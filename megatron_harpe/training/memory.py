@@ -24,9 +24,11 @@ per activation element, L = layers; all per micro-batch and per rank):
   output; 2sbh with TE's fused norm + linear) -- replicated over TP unless sequence parallelism;
   the fused QKV output sb(a+2g)d (kept alive by the value view attention saves), rotated q and k
   sb(a+g)d, attention output sbad, softmax statistics 4sba bytes; SwiGLU 5sbf (fc1 output 2f,
-  silu f, the linear half + offset f, their product f); and HARPE's per-head cos/sin tables
-  2s(rows_q + rows_k)d (megatron's unfused RoPE computes them per layer; rows are 1 when all local
-  heads share a base). After the last layer: final norm and the fp32 softmax of the loss 4sbV.
+  silu f, the linear half + offset f, their product f). HARPE's cos/sin are not per layer: the
+  cached apply of position/rotary.py computes them once per rank and sequence length and every
+  layer saves the same tensors, so they count once, with the rotary tables (megatron's own unfused
+  RoPE would recompute 2s(rows_q + rows_k)d per layer). After the last layer: final norm and the
+  fp32 softmax of the loss 4sbV.
   Our sdpa backend under CP keeps the all-gathered keys and values of the whole sequence S for
   backward (2Sbgd per layer; on CPU also the left-padded queries and their outputs). Recompute
   `full` keeps each layer's input sbh plus one layer's activations during its backward;
@@ -162,13 +164,6 @@ def longest_stage(cfg: Config) -> StageConfig:
     return max(cfg.resolved_stages(), key=lambda stage: stage.seq_length)
 
 
-def _local_base_rows(bases: list[float], tp: int) -> int:
-    """Rows of a rank's cos/sin table: its heads, or 1 when they all share a base (worst rank)."""
-    per_rank = len(bases) // tp
-    blocks = [bases[r * per_rank : (r + 1) * per_rank] for r in range(tp)]
-    return max(1 if len(set(block)) == 1 else len(block) for block in blocks)
-
-
 def activation_breakdown(
     cfg: Config,
     layout: Layout,
@@ -194,11 +189,8 @@ def activation_breakdown(
     norm_tensors = 2 if backend == "te" else 3
     gathers_kv = backend == "sdpa" and cp > 1
 
-    rows_q = _local_base_rows(position.query_head_bases(model), tp)
-    rows_k = _local_base_rows(position.key_head_bases(model), tp)
     layer = {
         "norms": 2 * norm_tensors * s * b * h * e // sp_split,
-        "rotary cos/sin": 2 * (rows_q + rows_k) * s * d * e,
         "mlp": 5 * s * b * f * e,
     }
     qkv_output = 0 if expands else s * b * (model.num_attention_heads + 2 * model.kv_groups) // tp * d * e
@@ -261,17 +253,19 @@ def transient_buffers(
     return buffers
 
 
-def rotary_table_bytes(cfg: Config, position, seq_length: int, layout: Layout) -> int:
-    """The angle tables HeadwiseRotaryEmbedding caches (its own `table_bytes`), worst TP rank."""
+def rotary_table_bytes(cfg: Config, position, seq_length: int, layout: Layout, element_bytes: int = 4) -> int:
+    """What HeadwiseRotaryEmbedding caches, worst TP rank: the angle tables (`table_bytes`) and
+    their cos/sin (`cos_sin_bytes`, with a copy cast to the activations' `element_bytes`)."""
     from megatron_harpe.position.rotary import HeadwiseRotaryEmbedding
 
     model = cfg.model
     query_bases, key_bases = position.query_head_bases(model), position.key_head_bases(model)
-    return max(
+    ranks = (
         HeadwiseRotaryEmbedding(position, query_bases, key_bases, model.head_dim, tp_rank=rank,
-                                tp_size=layout.tensor, cp_size=layout.context).table_bytes(seq_length)
+                                tp_size=layout.tensor, cp_size=layout.context)
         for rank in range(layout.tensor)
     )  # fmt: skip
+    return max(rotary.table_bytes(seq_length) + rotary.cos_sin_bytes(seq_length, element_bytes) for rotary in ranks)
 
 
 def estimate_memory(cfg: Config, layout: Layout, precision: Precision | None = None, *, stage: StageConfig | None = None,
@@ -301,7 +295,7 @@ def estimate_memory(cfg: Config, layout: Layout, precision: Precision | None = N
         activations=by_recompute[layout.recompute],
         activations_by_recompute=by_recompute,
         activation_breakdown=activation_breakdown(cfg, layout, seq_length, position, e, backend, device),
-        rotary_tables=rotary_table_bytes(cfg, position, seq_length, layout),
+        rotary_tables=rotary_table_bytes(cfg, position, seq_length, layout, e),
         transient=transient_buffers(cfg, layout, seq_length, position, e, backend),
     )
 
