@@ -22,8 +22,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np  # noqa: E402
-
 from megatron_harpe import cli  # noqa: E402
 from megatron_harpe.position.bases import (  # noqa: E402
     PAPER_BASE_MAX,

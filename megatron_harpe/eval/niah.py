@@ -41,7 +41,6 @@ from megatron_harpe.eval.samples import (
     answer_continuation,
     insert_at_depths,
     insert_at_slots,
-    join_values,
     random_slots,
     sample_rng,
     sized_prompt,
