@@ -248,8 +248,6 @@ class Config:
         tp, cp = self.parallel.tensor, self.parallel.context
         if tp < 1 or cp < 1:
             raise ValueError("parallel.tensor and parallel.context must be >= 1")
-        if self.parallel.timeout_minutes <= 0:
-            raise ValueError(f"parallel.timeout_minutes={self.parallel.timeout_minutes} must be positive")
         self.parallel.validate(self.model)
         if self.model.num_attention_heads % tp or self.model.kv_groups % tp:
             raise ValueError(
@@ -356,7 +354,7 @@ _LOWER_BOUNDS = (
     ("train.warmup_steps", 0, True), ("train.weight_decay", 0.0, True), ("train.adam_beta1", 0.0, True),
     ("train.adam_beta2", 0.0, True), ("train.adam_eps", 0.0, False), ("train.clip_grad", 0.0, True),
     ("train.exit_after_steps", 0, True), ("checkpoint.save_interval", 0, True), ("logging.log_interval", 1, True),
-    ("eval.interval", 0, True), ("eval.samples", 1, True),
+    ("eval.interval", 0, True), ("eval.samples", 1, True), ("parallel.timeout_minutes", 0.0, False),
 )
 
 

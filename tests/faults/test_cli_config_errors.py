@@ -24,6 +24,7 @@ DRY_RUN = ("--dry-run", "--world-size", "2")
         (["--train.micro_batch_size", "0"], "train.micro_batch_size=0"),
         (["--train.global_batch_size", "0"], "train.global_batch_size=0"),
         (["--train.adam_beta2", "1.5"], "train.adam_beta2=1.5"),
+        (["--parallel.timeout_minutes", "0"], "parallel.timeout_minutes=0.0 must be > 0.0"),
         (["--checkpoint.keep_last", "0"], "checkpoint.keep_last=0"),
     ],
 )
