@@ -54,14 +54,15 @@ def document_lengths(total_tokens: int, full_length: int, short_share: float, rn
     return lengths
 
 
-def write_jsonl(path: Path, lengths: list[int], seed: int) -> Path:
-    """One {"text": ...} per document, written to a temporary name and renamed."""
+def write_jsonl(path: Path, lengths: list[int], seed: int, grammar: dict | None = None) -> Path:
+    """One {"text": ...} per document, written to a temporary name and renamed; `grammar`
+    (mean_gap, query_share) goes to `training_document`."""
     rng = random.Random(seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + ".tmp")
     with temporary.open("w") as handle:
         for length in lengths:
-            handle.write(json.dumps({"text": training_document(length - SPECIAL_TOKENS_PER_DOCUMENT, rng)}) + "\n")
+            handle.write(json.dumps({"text": training_document(length - SPECIAL_TOKENS_PER_DOCUMENT, rng, **(grammar or {}))}) + "\n")
     temporary.replace(path)
     return path
 
@@ -77,6 +78,7 @@ def tokenize_command(jsonl: Path, tokenizer: Path, prefix: Path) -> list[str]:
 
 def write_corpus(
     output: Path, name: str, total_tokens: int, full_length: int, short_share: float, seed: int, tokenizer: Path,
+    grammar: dict | None = None,
 ) -> tuple[Path, list[str]]:
     """Write the jsonl of one corpus (unless its dataset exists); returns (dataset prefix, the
     prepare_data.py command that tokenizes it)."""
@@ -84,7 +86,7 @@ def write_corpus(
     jsonl = output / f"{name}.jsonl"
     if not (prefix.with_suffix(".bin").exists() and prefix.with_suffix(".idx").exists()):
         lengths = document_lengths(total_tokens, full_length, short_share, random.Random(seed))
-        write_jsonl(jsonl, lengths, seed)
+        write_jsonl(jsonl, lengths, seed, grammar)
     return prefix, tokenize_command(jsonl, tokenizer, prefix)
 
 

@@ -71,11 +71,12 @@ class Runner:
         with self.commands.open("a") as handle:
             handle.write(f"    {shown}\n")
 
-    def run_all(self, phase: str, chains: list[list[Job]]) -> None:
+    def run_all(self, phase: str, chains: list[list[Job]], costs: dict[str, float] | None = None) -> None:
         """Run the (name, command, done-marker) jobs whose marker is missing, spread over `jobs`
         worker processes (worker.py: one import of torch/megatron per worker, not per run).
         The jobs of one chain (e.g. train a model, then evaluate it) run in order in one worker.
-        Raise if any fails."""
+        `costs` (job name -> relative cost, e.g. tokens) weights the time-left estimate; without
+        it every job counts the same. Raise if any fails."""
         pending_chains = [[job for job in chain if not job[2].exists()] for chain in chains]
         pending_chains = [chain for chain in pending_chains if chain]
         pending = [job for chain in pending_chains for job in chain]
@@ -98,22 +99,27 @@ class Runner:
         threads = str(max(1, (os.cpu_count() or 2) // worker_count))  # the cores shared among the workers
         env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", threads), PYTHONWARNINGS="ignore")
         workers = []
-        for index in range(worker_count):
+        for index, share_chains in enumerate(balance(pending_chains, worker_count, costs or {})):
             share = [{"name": name, "command": command, "marker": str(marker),
                       "log": str(self.workdir / "logs" / f"{name}.log")}
-                     for chain in pending_chains[index :: self.jobs] for name, command, marker in chain]
+                     for chain in share_chains for name, command, marker in chain]
             jobs_file = self.workdir / "logs" / f"{phase}_worker{index}.json"
             jobs_file.write_text(json.dumps(share, indent=1))
             workers.append(subprocess.Popen([sys.executable, str(Path(__file__).parent / "worker.py"), str(jobs_file)],
                                             cwd=REPO, env=env, stdout=subprocess.PIPE, text=True))
         finished, phase_started = [0], time.time()
+        cost = {name: (costs or {}).get(name, 1.0) for name, _, _ in pending}
+        cost_done, cost_total = [0.0], sum(cost.values())
 
         def relay(worker: subprocess.Popen) -> None:
             assert worker.stdout is not None
             for line in worker.stdout:
                 finished[0] += 1
+                words = line.split()
+                cost_done[0] += cost.get(words[1], 1.0) if len(words) > 1 else 1.0
                 done, left = finished[0], len(pending) - finished[0]
-                eta = (time.time() - phase_started) / done * left  # jobs differ in cost: a rough guide
+                # a rough guide: the cost left at the pace so far (parallel workers finish out of order)
+                eta = (time.time() - phase_started) / max(cost_done[0], 1e-9) * max(cost_total - cost_done[0], 0.0)
                 bar = "#" * (20 * done // len(pending))
                 self.progress(f"{phase}: [{bar:<20}] {done}/{len(pending)} {line.strip()}"
                               + (f", about {eta / 60:.0f} min left" if left else ""))
@@ -126,6 +132,18 @@ class Runner:
         failed = [job[0] for job in pending if not job[2].exists()]
         if any(worker.wait() for worker in workers) or failed:
             raise RuntimeError(f"{phase}: {', '.join(failed)} failed; see the logs in {self.workdir / 'logs'}")
+
+
+def balance(chains: list[list[Job]], workers: int, costs: dict[str, float]) -> list[list[list[Job]]]:
+    """Chains shared among `workers` so their total costs come out even: the costliest chain
+    first, each to the least loaded worker (a worker's chains keep their given order)."""
+    chain_cost = [sum(costs.get(name, 1.0) for name, _, _ in chain) for chain in chains]
+    loads, shares = [0.0] * workers, [[] for _ in range(workers)]
+    for index in sorted(range(len(chains)), key=lambda i: -chain_cost[i]):
+        lightest = loads.index(min(loads))
+        loads[lightest] += chain_cost[index]
+        shares[lightest].append(index)
+    return [[chains[i] for i in sorted(share)] for share in shares]
 
 
 class _PlainDumper(yaml.SafeDumper):
