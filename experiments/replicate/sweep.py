@@ -1,0 +1,217 @@
+"""The replication's open question (issue 19): does HARPE catch up with multi-stage ABF as the
+adaptation budget and the number of heads grow?
+
+    python experiments/replicate/sweep.py --output experiments/replicate/sweep --jobs 2    # full sweep
+    python experiments/replicate/sweep.py --output /tmp/sweep_smoke --smoke --jobs 0        # < 1 min
+
+The same entry points and worker processes as run.py (`tools/prepare_data.py`,
+`pretrain_harpe.py`, `tools/evaluate.py`), over a grid:
+
+1. data: the synthetic corpora of corpus.py; the base corpus uses a denser grammar (more
+   needles per query, `Sweep.base_grammar`) so every base model sees many distractors, as
+   the evaluation prompts hold five;
+2. base: per heads setting and seed, a base model trained in rounds of `base_round_tokens`,
+   each round from the previous weights and evaluated; a seed stops when its exact match at
+   the base length reaches `base_gate` (80%) or after `base_max_rounds`. The tokens each seed
+   took go into the report;
+3. extend+eval: harpe, abf and abf_multistage (methods.py) from every base model, for every
+   adaptation budget at `heads[0]` heads and at `heads_budget` for the other heads settings,
+   each model evaluated right after it is trained;
+4. report (sweep_report.py): exact match and digit accuracy vs budget, paired differences,
+   the heads comparison and the trend, in --output.
+
+A job whose marker exists is skipped, so an interrupted sweep resumes where it stopped; each
+finished job prints a progress line with the time left. The scale is recorded in scale.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from corpus import write_answer_mask, write_corpus  # noqa: E402
+from methods import Scale, base_config, extension_config  # noqa: E402
+from run import MODEL_VOCAB_MULTIPLE, Runner, eval_command, train_command, write_yaml  # noqa: E402
+from sweep_report import write_sweep_report  # noqa: E402
+
+from megatron_harpe.eval.synthetic_kv import vocabulary, write_tokenizer  # noqa: E402
+
+SWEEP_METHODS = ("harpe", "abf", "abf_multistage")
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+    """The grid and its scale (the full sweep and --smoke differ only here)."""
+
+    scale: Scale
+    budgets: tuple[int, ...]
+    """Adaptation tokens per extension run, at heads[0] heads."""
+    heads: tuple[int, ...]
+    """Heads per layer at equal width (hidden size fixed); heads[0] gets the budget sweep."""
+    heads_budget: int
+    """The budget every other heads setting is extended with."""
+    base_round_tokens: int
+    base_max_rounds: int
+    base_gate: float
+    """Exact match (%) at the base length that ends a seed's base training."""
+    base_grammar: dict[str, float]
+    """training_document's mean_gap and query_share for the base corpus."""
+    methods: tuple[str, ...] = SWEEP_METHODS
+
+    def runs(self) -> list[tuple[int, int, str, int]]:
+        """(heads, budget, method, seed) of every extension run."""
+        grid = [(self.heads[0], budget) for budget in self.budgets]
+        grid += [(heads, self.heads_budget) for heads in self.heads[1:]]
+        return [(heads, budget, method, seed) for heads, budget in grid for seed in self.scale.seeds
+                for method in self.methods]
+
+    def validate(self) -> None:
+        self.scale.validate()
+        if len(self.budgets) < 1 or sorted(self.budgets) != list(self.budgets):
+            raise ValueError(f"budgets must be given in increasing order, got {self.budgets}")
+        if any(self.scale.hidden_size % heads for heads in self.heads):
+            raise ValueError(f"every heads setting must divide hidden_size={self.scale.hidden_size}: {self.heads}")
+        if not 0 < self.base_gate <= 100 or self.base_max_rounds < 1:
+            raise ValueError("base_gate must be in (0, 100] and base_max_rounds >= 1")
+
+
+FULL_SWEEP = Sweep(
+    scale=Scale(base_length=64, target_length=512, eval_lengths=(64, 128, 256, 512, 1024), eval_samples=100,
+                base_tokens=3_000_000, base_rounds=1, later_round_tokens=3_000_000, extension_batch=4),
+    budgets=(100_000, 300_000, 1_000_000), heads=(8, 16), heads_budget=300_000,
+    base_round_tokens=3_000_000, base_max_rounds=3, base_gate=80.0,
+    base_grammar={"mean_gap": 1.5, "query_share": 0.3},
+)
+SMOKE_SWEEP = Sweep(
+    scale=Scale(base_length=64, target_length=256, num_layers=2, hidden_size=32, num_attention_heads=4,
+                ffn_hidden_size=64, base_tokens=8192, later_round_tokens=8192, base_rounds=1, extension_tokens=4096,
+                base_batch=8, extension_batch=2, seeds=(1, 2), eval_lengths=(64, 256), eval_samples=3),
+    budgets=(4096, 8192), heads=(4, 8), heads_budget=4096,
+    base_round_tokens=8192, base_max_rounds=2, base_gate=100.0,
+    base_grammar={"mean_gap": 1.5, "query_share": 0.3},
+)
+
+
+def prepare_sweep_data(runner: Runner, sweep: Sweep) -> dict[str, Any]:
+    """Tokenizer and the two corpora: the base one in the sweep's grammar, the extension one
+    large enough for the largest budget twice over (seeds read it in different orders)."""
+    scale, data_dir = sweep.scale, runner.workdir / "data"
+    tokenizer = write_tokenizer(data_dir / "tokenizer.json")
+    base_tokens = sweep.base_round_tokens * sweep.base_max_rounds
+    base_prefix, base_command = write_corpus(data_dir, "base", base_tokens, scale.base_length, 0.0, 0, tokenizer,
+                                             grammar=sweep.base_grammar)
+    extension_prefix, extension_command = write_corpus(
+        data_dir, "extension", max(sweep.budgets + (sweep.heads_budget,)) * 2, scale.target_length,
+        scale.short_share, 1, tokenizer)
+    runner.run_all("data", [[("tokenize_base", base_command, data_dir / "base.DONE")],
+                            [("tokenize_extension", extension_command, data_dir / "extension.DONE")]])
+    return {"tokenizer": str(tokenizer), "base_prefix": str(base_prefix), "extension_prefix": str(extension_prefix),
+            "base_mask": str(write_answer_mask(base_prefix)), "extension_mask": str(write_answer_mask(extension_prefix)),
+            "vocab_size": -(-len(vocabulary()) // MODEL_VOCAB_MULTIPLE) * MODEL_VOCAB_MULTIPLE}
+
+
+def scale_with_heads(scale: Scale, heads: int, **changes: Any) -> Scale:
+    return dataclasses.replace(scale, num_attention_heads=heads, **changes)
+
+
+def exact_match_at(eval_dir: Path, length: int) -> float | None:
+    results = eval_dir / "results.json"
+    if not results.exists():
+        return None
+    return float(json.loads(results.read_text())["tasks"]["synthetic_kv"][str(length)]["score"])
+
+
+def train_base_models(runner: Runner, sweep: Sweep, data: dict[str, Any], output: Path) -> dict[tuple[int, int], dict]:
+    """Base models per (heads, seed) in rounds until each passes the gate; returns
+    {(heads, seed): {"checkpoint", "eval", "rounds", "tokens", "exact_match"}}."""
+    workdir, scale = runner.workdir, sweep.scale
+    state = {(heads, seed): {"rounds": 0, "passed": False} for heads in sweep.heads for seed in scale.seeds}
+    for round_index in range(sweep.base_max_rounds):
+        chains, costs = [], {}
+        for (heads, seed), entry in state.items():
+            if entry["passed"]:
+                continue
+            name = f"h{heads}_base_seed{seed}" + (f"_round{round_index + 1}" if round_index else "")
+            checkpoint, eval_dir = workdir / "checkpoints" / name, workdir / "eval" / name
+            round_scale = scale_with_heads(scale, heads, base_tokens=sweep.base_round_tokens,
+                                           later_round_tokens=sweep.base_round_tokens)
+            tree = base_config(round_scale, data, str(checkpoint), seed=100 * seed + round_index,
+                               pretrained=entry.get("checkpoint"))
+            command = train_command(write_yaml(tree, output / "configs" / f"{name}.yaml"))
+            chains.append([(name, command, checkpoint / "DONE"),
+                           (f"eval_{name}", eval_command(checkpoint, eval_dir, scale), eval_dir / "DONE")])
+            costs[name] = sweep.base_round_tokens
+            costs[f"eval_{name}"] = sweep.base_round_tokens / 20
+            entry.update(checkpoint=str(checkpoint), eval=eval_dir, rounds=round_index + 1,
+                         tokens=(round_index + 1) * sweep.base_round_tokens)
+        if not chains:
+            break
+        runner.run_all(f"base round {round_index + 1}", chains, costs)
+        for (heads, seed), entry in state.items():
+            if not entry["passed"]:
+                entry["exact_match"] = exact_match_at(entry["eval"], scale.base_length)
+                entry["passed"] = (entry["exact_match"] or 0.0) >= sweep.base_gate
+                runner.progress(f"base: {heads} heads, seed {seed}: {entry['exact_match']:.1f}% exact match at "
+                                f"{scale.base_length} after {entry['tokens']:,} tokens"
+                                + ("" if entry["passed"] else f" (below the {sweep.base_gate:.0f}% gate)"))
+    return state
+
+
+def extend_and_evaluate(runner: Runner, sweep: Sweep, data: dict[str, Any], output: Path,
+                        bases: dict[tuple[int, int], dict]) -> None:
+    workdir, chains, costs = runner.workdir, [], {}
+    for heads, budget, method, seed in sweep.runs():
+        name = run_name(heads, budget, method, seed)
+        checkpoint, eval_dir = workdir / "checkpoints" / name, workdir / "eval" / name
+        run_scale = scale_with_heads(sweep.scale, heads, extension_tokens=budget)
+        tree = extension_config(method, run_scale, data, bases[heads, seed]["checkpoint"], str(checkpoint), seed)
+        chains.append([(name, train_command(write_yaml(tree, output / "configs" / f"{name}.yaml")), checkpoint / "DONE"),
+                       (f"eval_{name}", eval_command(checkpoint, eval_dir, sweep.scale), eval_dir / "DONE")])
+        costs[name] = budget * 2  # a token at the target length costs about twice one at the base length
+        costs[f"eval_{name}"] = sweep.base_round_tokens / 20
+    runner.run_all("extend+eval", chains, costs)
+
+
+def run_name(heads: int, budget: int, method: str, seed: int) -> str:
+    return f"h{heads}_{method}_{budget // 1000}k_seed{seed}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", required=True, type=Path, help="results folder (small files only)")
+    parser.add_argument("--workdir", type=Path, default=None, help="data, checkpoints, logs (default runs/sweep)")
+    parser.add_argument("--smoke", action="store_true", help="a tiny grid of tiny models, a few steps each")
+    parser.add_argument("--jobs", type=int, default=2,
+                        help="worker processes running in parallel (one core each); 0 runs everything in this process")
+    args = parser.parse_args(argv)
+    sweep = SMOKE_SWEEP if args.smoke else FULL_SWEEP
+    sweep.validate()
+    repo = Path(__file__).resolve().parents[2]
+    workdir = (args.workdir or repo / "runs" / ("sweep_smoke" if args.smoke else "sweep")).resolve()
+    output = args.output.resolve()
+    output.mkdir(parents=True, exist_ok=True)
+    runner = Runner(output, workdir, args.jobs)
+    with runner.commands.open("a") as handle:
+        handle.write(f"\n## run of {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n"
+                     f"    python experiments/replicate/sweep.py {' '.join(sys.argv[1:] if argv is None else argv)}\n\n")
+    (output / "scale.json").write_text(json.dumps(
+        {**dataclasses.asdict(sweep), "ratio": sweep.scale.ratio, "runs": len(sweep.runs())}, indent=2))
+
+    runner.progress(f"data: tokenizer and synthetic corpora; {len(sweep.runs())} extension runs planned")
+    data = prepare_sweep_data(runner, sweep)
+    bases = train_base_models(runner, sweep, data, output)
+    extend_and_evaluate(runner, sweep, data, output, bases)
+    paths = write_sweep_report(workdir / "eval", output, sweep, bases, run_name)
+    runner.progress("report: " + ", ".join(str(path) for path in paths))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

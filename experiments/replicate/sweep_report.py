@@ -1,0 +1,208 @@
+"""The sweep's report: exact match and digit accuracy vs adaptation budget, paired differences
+to multi-stage ABF, the heads comparison and a plain statement of the trend.
+
+Written by sweep.py into its --output folder: sweep.md, sweep.png, sweep_summary.json.
+Spread is the sample standard deviation over seeds; differences are paired by seed (same base
+model, same prompts), so the spread between base models cancels.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any, Callable
+
+from report import digit_accuracy, load_run, mean_and_spread
+
+REFERENCE = "abf_multistage"
+
+
+def collect(eval_dir: Path, sweep: Any, name_of: Callable[..., str]) -> dict:
+    """{(heads, budget, method): {seed: {"exact": {length: %}, "digits": {length: %}}}} of every
+    evaluated run."""
+    table: dict = {}
+    for heads, budget, method, seed in sweep.runs():
+        run = load_run(eval_dir, name_of(heads, budget, method, seed))
+        if run is None:
+            continue
+        table.setdefault((heads, budget, method), {})[seed] = {
+            "exact": run["scores"], "digits": digit_accuracy(run["records"], sweep.scale.eval_lengths)}
+    return table
+
+
+def paired(cells: dict, method: str, reference: str, heads: int, budget: int, length: int) -> list[float]:
+    """method - reference exact match at one length, one value per seed both have."""
+    mine, theirs = cells.get((heads, budget, method), {}), cells.get((heads, budget, reference), {})
+    return [mine[seed]["exact"][length] - theirs[seed]["exact"][length]
+            for seed in sorted(set(mine) & set(theirs)) if length in mine[seed]["exact"]]
+
+
+def slope(xs: list[float], ys: list[float]) -> float:
+    """Least-squares slope of ys on xs."""
+    mean_x, mean_y = statistics.fmean(xs), statistics.fmean(ys)
+    spread = sum((x - mean_x) ** 2 for x in xs)
+    return sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / spread if spread else 0.0
+
+
+def trend(cells: dict, sweep: Any, method: str, length: int) -> dict[str, float] | None:
+    """How (method - reference) exact match at `length` moves per 10x budget: the slope over
+    log10(budget) per seed, then mean, std and standard error over seeds."""
+    heads, slopes = sweep.heads[0], []
+    for seed in sweep.scale.seeds:
+        points = []
+        for budget in sweep.budgets:
+            mine = cells.get((heads, budget, method), {}).get(seed)
+            theirs = cells.get((heads, budget, REFERENCE), {}).get(seed)
+            if mine and theirs and length in mine["exact"]:
+                points.append((math.log10(budget), mine["exact"][length] - theirs["exact"][length]))
+        if len(points) >= 2:
+            slopes.append(slope([x for x, _ in points], [y for _, y in points]))
+    if not slopes:
+        return None
+    mean, spread = mean_and_spread(slopes)
+    return {"slope_per_10x": mean, "std": spread, "stderr": spread / math.sqrt(len(slopes)), "seeds": len(slopes)}
+
+
+def verdict(fit: dict[str, float] | None) -> str:
+    if fit is None:
+        return "not measured"
+    if fit["seeds"] < 2:
+        return "one seed only: no spread to judge against"
+    if abs(fit["slope_per_10x"]) <= 2 * fit["stderr"]:
+        return "no trend beyond the seed spread"
+    return "the gap narrows as the budget grows" if fit["slope_per_10x"] > 0 else "the gap widens as the budget grows"
+
+
+def format_cell(values: list[float]) -> str:
+    if not values:
+        return "-"
+    mean, spread = mean_and_spread(values)
+    return f"{mean:.1f} ± {spread:.1f}"
+
+
+def markdown(cells: dict, sweep: Any, bases: dict) -> tuple[str, dict]:
+    scale, lengths = sweep.scale, sweep.scale.eval_lengths
+    heads0 = sweep.heads[0]
+    lines = [f"Sweep: base length {scale.base_length} -> target {scale.target_length}, {scale.num_layers} layers, "
+             f"hidden {scale.hidden_size}, {len(scale.seeds)} seeds, {scale.eval_samples} samples per length and "
+             f"model (teacher forced); budgets {', '.join(f'{b:,}' for b in sweep.budgets)} tokens at {heads0} heads, "
+             f"{sweep.heads_budget:,} tokens for {', '.join(str(h) for h in sweep.heads[1:])} heads.", "",
+             "## Base models", "",
+             f"Rounds of {sweep.base_round_tokens:,} tokens until exact match at {scale.base_length} reaches "
+             f"{sweep.base_gate:.0f}% (at most {sweep.base_max_rounds} rounds):", "",
+             "| heads | seed | rounds | tokens | exact match at base length |", "|---|---|---|---|---|"]
+    for (heads, seed), entry in sorted(bases.items()):
+        match = entry.get("exact_match")
+        lines.append(f"| {heads} | {seed} | {entry['rounds']} | {entry['tokens']:,} | "
+                     + (f"{match:.1f}" if match is not None else "-") + (" (below the gate)" if not entry.get("passed") else "")
+                     + " |")
+    for key, title in (("exact", "Exact match (%)"), ("digits", "Digit accuracy (%), chance 10")):
+        lines += ["", f"## {title} vs adaptation budget, {heads0} heads, mean ± std over seeds", "",
+                  "| method | budget | " + " | ".join(str(k) for k in lengths) + " |", "|---" * (len(lengths) + 2) + "|"]
+        for method in sweep.methods:
+            for budget in sweep.budgets:
+                seeds = cells.get((heads0, budget, method), {})
+                lines.append(f"| {method} | {budget:,} | " + " | ".join(
+                    format_cell([s[key][k] for s in seeds.values() if k in s[key]]) for k in lengths) + " |")
+    lines += ["", f"## Exact match minus {REFERENCE}'s, paired by seed ({heads0} heads)", "",
+              "Percentage points, mean ± std over seeds (higher in how many seeds):", "",
+              "| method | budget | " + " | ".join(str(k) for k in lengths) + " |", "|---" * (len(lengths) + 2) + "|"]
+    for method in [m for m in sweep.methods if m != REFERENCE]:
+        for budget in sweep.budgets:
+            row = []
+            for length in lengths:
+                differences = paired(cells, method, REFERENCE, heads0, budget, length)
+                row.append(f"{statistics.fmean(differences):+.1f} ± {mean_and_spread(differences)[1]:.1f} "
+                           f"({sum(d > 0 for d in differences)}/{len(differences)})" if differences else "-")
+            lines.append(f"| {method} | {budget:,} | " + " | ".join(row) + " |")
+    summary: dict[str, Any] = {"trend": {}, "heads": {}}
+    lines += ["", f"## Trend: (method - {REFERENCE}) per 10x budget", "",
+              "Least-squares slope of the paired difference over log10(budget), per seed, then mean ± std over "
+              "seeds; judged against twice its standard error.", "",
+              "| method | length | slope (points per 10x) | verdict |", "|---|---|---|---|"]
+    for method in [m for m in sweep.methods if m != REFERENCE]:
+        for length in [k for k in lengths if k > scale.base_length]:
+            fit = trend(cells, sweep, method, length)
+            summary["trend"][f"{method}@{length}"] = fit
+            shown = f"{fit['slope_per_10x']:+.1f} ± {fit['std']:.1f}" if fit else "-"
+            lines.append(f"| {method} | {length} | {shown} | {verdict(fit)} |")
+    if len(sweep.heads) > 1:
+        lines += ["", f"## Heads per layer at {sweep.heads_budget:,} tokens (equal width), exact match (%)", "",
+                  "| method | heads | " + " | ".join(str(k) for k in lengths) + " |", "|---" * (len(lengths) + 2) + "|"]
+        for method in sweep.methods:
+            for heads in sweep.heads:
+                seeds = cells.get((heads, sweep.heads_budget, method), {})
+                lines.append(f"| {method} | {heads} | " + " | ".join(
+                    format_cell([s["exact"][k] for s in seeds.values() if k in s["exact"]]) for k in lengths) + " |")
+        lines += ["", f"HARPE minus {REFERENCE}, paired by seed, at {sweep.heads_budget:,} tokens:", "",
+                  "| heads | " + " | ".join(str(k) for k in lengths) + " |", "|---" * (len(lengths) + 1) + "|"]
+        for heads in sweep.heads:
+            row = []
+            for length in lengths:
+                differences = paired(cells, "harpe", REFERENCE, heads, sweep.heads_budget, length)
+                summary["heads"][f"{heads}@{length}"] = differences
+                row.append(f"{statistics.fmean(differences):+.1f} ± {mean_and_spread(differences)[1]:.1f}"
+                           if differences else "-")
+            lines.append(f"| {heads} | " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n", summary
+
+
+def plot(cells: dict, sweep: Any, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scale, heads0 = sweep.scale, sweep.heads[0]
+    shown = [k for k in scale.eval_lengths if k >= scale.target_length // 2][:3]
+    figure, axes = plt.subplots(1, len(shown) + 1, figsize=(4.2 * (len(shown) + 1), 4), squeeze=False)
+    for axis, length in zip(axes[0], shown):
+        for method in sweep.methods:
+            xs, ys, errors = [], [], []
+            for budget in sweep.budgets:
+                values = [s["exact"][length] for s in cells.get((heads0, budget, method), {}).values() if length in s["exact"]]
+                if values:
+                    xs.append(budget)
+                    ys.append(statistics.fmean(values))
+                    errors.append(mean_and_spread(values)[1])
+            axis.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, label=method)
+        axis.set_xscale("log")
+        axis.set_xlabel("adaptation tokens")
+        axis.set_ylabel(f"exact match at {length} (%)")
+        axis.set_title(f"length {length}, {heads0} heads")
+    axes[0][0].legend(fontsize=8)
+    axis, width = axes[0][-1], 0.8 / max(1, len(sweep.heads))
+    length = scale.target_length
+    for index, heads in enumerate(sweep.heads):
+        means = [statistics.fmean(values) if (values := [s["exact"][length] for s in cells.get(
+            (heads, sweep.heads_budget, method), {}).values() if length in s["exact"]]) else 0.0 for method in sweep.methods]
+        axis.bar([i + index * width for i in range(len(sweep.methods))], means, width, label=f"{heads} heads")
+    axis.set_xticks([i + width * (len(sweep.heads) - 1) / 2 for i in range(len(sweep.methods))], list(sweep.methods))
+    axis.set_ylabel(f"exact match at {length} (%)")
+    axis.set_title(f"heads at {sweep.heads_budget:,} tokens")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    temporary = path.with_name(path.stem + ".tmp.png")
+    figure.savefig(temporary, dpi=110)
+    plt.close(figure)
+    temporary.replace(path)
+    return path
+
+
+def write_sweep_report(eval_dir: Path, output: Path, sweep: Any, bases: dict, name_of: Callable[..., str]) -> list[Path]:
+    cells = collect(eval_dir, sweep, name_of)
+    if not cells:
+        raise ValueError(f"no evaluation results under {eval_dir}: run the sweep first")
+    text, summary = markdown(cells, sweep, bases)
+    report = output / "sweep.md"
+    report.with_name("sweep.md.tmp").write_text(text)
+    report.with_name("sweep.md.tmp").replace(report)
+    summary["cells"] = {f"h{h}_{m}_{b}": seeds for (h, b, m), seeds in cells.items()}
+    summary["bases"] = {f"h{h}_seed{s}": {k: v for k, v in entry.items() if k != "eval"}
+                        for (h, s), entry in bases.items()}
+    data = output / "sweep_summary.json"
+    data.with_name("sweep_summary.json.tmp").write_text(json.dumps(summary, indent=2, default=str))
+    data.with_name("sweep_summary.json.tmp").replace(data)
+    return [report, plot(cells, sweep, output / "sweep.png"), data]

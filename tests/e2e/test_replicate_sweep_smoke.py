@@ -1,0 +1,107 @@
+"""The replication's budget and heads sweep (experiments/replicate/sweep.py, issue 19) end to end
+at smoke scale, and the arithmetic of its report.
+
+Run: pytest tests/e2e/test_replicate_sweep_smoke.py   (about 30 s on an idle 2-core machine)
+
+The smoke sweep goes through the real entry points with tiny models: two seeds, two heads
+settings, two budgets, base models in gated rounds; a second invocation must resume without
+rerunning anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+SWEEP = REPO / "experiments" / "replicate" / "sweep.py"
+sys.path.insert(0, str(REPO / "experiments" / "replicate"))
+
+
+def run_sweep(output: Path, workdir: Path) -> subprocess.CompletedProcess:
+    environment = dict(os.environ, OMP_NUM_THREADS="2", PYTHONWARNINGS="ignore")
+    command = [sys.executable, str(SWEEP), "--output", str(output), "--workdir", str(workdir), "--smoke", "--jobs", "0"]
+    return subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=environment, timeout=600)
+
+
+def test_smoke_sweep_trains_every_cell_reports_and_resumes(tmp_path):
+    from sweep import SMOKE_SWEEP, run_name
+
+    output, workdir = tmp_path / "results", tmp_path / "work"
+    result = run_sweep(output, workdir)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    sweep = SMOKE_SWEEP
+    scale = json.loads((output / "scale.json").read_text())
+    assert scale["budgets"] == list(sweep.budgets) and scale["heads"] == list(sweep.heads)
+    assert scale["runs"] == len(sweep.runs()) == len(sweep.methods) * len(sweep.scale.seeds) * (
+        len(sweep.budgets) + len(sweep.heads) - 1)
+
+    steps_by_budget: dict[tuple[int, int], set] = {}
+    for heads, budget, method, seed in sweep.runs():
+        name = run_name(heads, budget, method, seed)
+        config = yaml.safe_load((output / "configs" / f"{name}.yaml").read_text())
+        assert config["model"]["num_attention_heads"] == heads
+        assert config["model"]["hidden_size"] == sweep.scale.hidden_size  # equal width
+        tokens = sum(stage["tokens"] for stage in config["stages"]) if "stages" in config else config["train"]["train_tokens"]
+        assert tokens == budget
+        steps = int((workdir / "checkpoints" / name / "latest_checkpointed_iteration.txt").read_text())
+        steps_by_budget.setdefault((heads, budget), set()).add(steps)
+        assert (workdir / "eval" / name / "results.json").exists()
+        base = config["checkpoint"]["pretrained"]
+        assert f"h{heads}_base_seed{seed}" in base
+    assert all(len(steps) == 1 for steps in steps_by_budget.values()), steps_by_budget  # equal steps per cell
+    small, large = (steps_by_budget[sweep.heads[0], budget].pop() for budget in sweep.budgets)
+    assert large == 2 * small
+
+    # the gate is unreachable at smoke scale: every base model trains every round, each from the last
+    round2 = yaml.safe_load((output / "configs" / "h4_base_seed1_round2.yaml").read_text())
+    assert round2["checkpoint"]["pretrained"].endswith("h4_base_seed1")
+    assert "base_grammar" in scale and scale["base_grammar"]["query_share"] == sweep.base_grammar["query_share"]
+
+    report = (output / "sweep.md").read_text()
+    for section in ("## Base models", "vs adaptation budget", "paired by seed", "## Trend", "## Heads per layer"):
+        assert section in report
+    assert "| 4 | 1 | 2 | 16,384 |" in report  # rounds and tokens of a base model
+    summary = json.loads((output / "sweep_summary.json").read_text())
+    assert set(summary["trend"]) == {f"{m}@{k}" for m in ("harpe", "abf") for k in sweep.scale.eval_lengths[1:]}
+    assert (output / "sweep.png").stat().st_size > 1000
+
+    commands_before = (output / "commands.md").read_text()
+    again = run_sweep(output, workdir)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "running 0" in again.stdout and "running 1" not in again.stdout
+    assert (output / "commands.md").read_text().count("pretrain_harpe.py") == commands_before.count("pretrain_harpe.py")
+
+
+def test_trend_is_the_per_seed_slope_over_log_budget():
+    from sweep import SMOKE_SWEEP
+    from sweep_report import trend, verdict
+
+    sweep = SMOKE_SWEEP  # budgets 4096, 8192 at 4 heads; seeds 1 and 2
+    cells = {}
+    for budget, gaps in zip(sweep.budgets, ((-20.0, -10.0), (-10.0, -4.0))):
+        cells[4, budget, "abf_multistage"] = {seed: {"exact": {256: 50.0}} for seed in (1, 2)}
+        cells[4, budget, "harpe"] = {seed: {"exact": {256: 50.0 + gap}} for seed, gap in zip((1, 2), gaps)}
+    fit = trend(cells, sweep, "harpe", 256)
+    per_doubling = [10.0, 6.0]  # the gap closes by 10 and 6 points per doubling of the budget
+    expected = [value / 0.30103 for value in per_doubling]  # per 10x
+    assert fit["slope_per_10x"] == pytest.approx(sum(expected) / 2)
+    assert fit["seeds"] == 2 and verdict(fit) == "the gap narrows as the budget grows"
+    assert verdict({"slope_per_10x": 1.0, "std": 10.0, "stderr": 7.0, "seeds": 2}) == "no trend beyond the seed spread"
+    assert verdict(None) == "not measured"
+
+
+def test_balance_spreads_costly_chains_over_workers():
+    from run import balance
+
+    chains = [[(name, [], Path(name))] for name in ("a", "b", "c", "d")]
+    shares = balance(chains, 2, {"a": 10.0, "b": 1.0, "c": 1.0, "d": 8.0})
+    loads = sorted(sum({"a": 10.0, "b": 1.0, "c": 1.0, "d": 8.0}[chain[0][0]] for chain in share) for share in shares)
+    assert loads == [10.0, 10.0]
+    assert sorted(chain[0][0] for share in shares for chain in share) == ["a", "b", "c", "d"]
