@@ -115,18 +115,25 @@ class FillerCycle:
         return words
 
 
-def training_document(words: int, rng: random.Random, mean_gap: float = 3.0, query_share: float = 0.5) -> str:
+def training_document(
+    words: int, rng: random.Random, mean_gap: float = 3.0, query_share: float = 0.5, fresh_queries: bool = False
+) -> str:
     """A training document of exactly `words` words: filler with needles and queries.
 
     Between events come on average `mean_gap` filler words (geometric); an event is a query
     (of a key set earlier in the document, chosen uniformly, answered by its latest value)
     with probability `query_share` once a key exists, otherwise a needle for a fresh key (an
     already used key once all 64 are taken, which makes "latest value" matter).
+
+    With `fresh_queries`, a key is queried at most once per value, as in the evaluation
+    prompts: the answer is only in its needle, never after an earlier `get KEY`, so copying
+    the previous answer to the same query cannot stand in for finding the needle.
     """
     if words < 1:
         raise ValueError(f"a training document needs at least one word, got {words}")
     filler = FillerCycle(rng.randrange(len(FILLER_WORDS)))
     values: dict[str, list[str]] = {}
+    unqueried: set[str] = set()
     out: list[str] = []
     while len(out) < words:
         gap = min(_geometric(rng, mean_gap), words - len(out))
@@ -134,13 +141,16 @@ def training_document(words: int, rng: random.Random, mean_gap: float = 3.0, que
         room = words - len(out)
         if room <= 0:
             break
-        if values and rng.random() < query_share and room >= QUERY_TOKENS + ANSWER_BUDGET:
-            key = rng.choice(sorted(values))
+        askable = sorted(unqueried if fresh_queries else values)
+        if askable and rng.random() < query_share and room >= QUERY_TOKENS + ANSWER_BUDGET:
+            key = rng.choice(askable)
+            unqueried.discard(key)
             out.extend([*query_words(key), *values[key], "."])
         elif room >= NEEDLE_TOKENS:
             unused = [key for key in KEYS if key not in values]
             key = rng.choice(unused or list(KEYS))
             values[key] = random_value(rng)
+            unqueried.add(key)
             out.extend(needle_words(key, values[key]))
         else:
             out.extend(filler.take(room))

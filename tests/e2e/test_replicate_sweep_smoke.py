@@ -105,3 +105,27 @@ def test_balance_spreads_costly_chains_over_workers():
     loads = sorted(sum({"a": 10.0, "b": 1.0, "c": 1.0, "d": 8.0}[chain[0][0]] for chain in share) for share in shares)
     assert loads == [10.0, 10.0]
     assert sorted(chain[0][0] for share in shares for chain in share) == ["a", "b", "c", "d"]
+
+
+def test_fresh_queries_ask_each_value_once_and_only_after_its_needle():
+    import random
+
+    from megatron_harpe.eval.synthetic_kv import training_document
+
+    for seed in range(20):
+        words = training_document(254, random.Random(seed), mean_gap=1.5, query_share=0.4, fresh_queries=True).split()
+        assert len(words) == 254
+        latest: dict[str, list[str]] = {}
+        asked: set[str] = set()
+        queries = 0
+        for index, word in enumerate(words[:-4]):
+            if word == "set":
+                latest[words[index + 1]] = words[index + 2 : index + 5]
+                asked.discard(words[index + 1])
+            elif word == "get":
+                key = words[index + 1]
+                assert key not in asked, f"seed {seed}: {key} asked twice for one value"
+                assert words[index + 2 : index + 5] == latest[key]
+                asked.add(key)
+                queries += 1
+        assert queries >= 3
