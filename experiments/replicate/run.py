@@ -37,6 +37,10 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from megatron_harpe.cli import quiet_third_party  # noqa: E402
+
+quiet_third_party()  # before megatron-core is imported below: our progress lines, not its warnings
+
 import yaml  # noqa: E402
 
 from corpus import write_answer_mask, write_corpus  # noqa: E402

@@ -38,9 +38,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from run import MODEL_VOCAB_MULTIPLE, Runner, eval_command, train_command, write_yaml  # noqa: E402  (first: it quiets megatron-core)
 from corpus import write_answer_mask, write_corpus  # noqa: E402
 from methods import Scale, base_config, extension_config  # noqa: E402
-from run import MODEL_VOCAB_MULTIPLE, Runner, eval_command, train_command, write_yaml  # noqa: E402
 from sweep_report import write_sweep_report  # noqa: E402
 
 from megatron_harpe.eval.synthetic_kv import vocabulary, write_tokenizer  # noqa: E402
@@ -86,9 +86,10 @@ class Sweep:
 
 FULL_SWEEP = Sweep(
     scale=Scale(base_length=64, target_length=512, eval_lengths=(64, 128, 256, 512, 1024), eval_samples=100,
-                base_tokens=2_500_000, base_rounds=1, later_round_tokens=2_500_000, extension_batch=4),
-    budgets=(100_000, 300_000, 1_000_000), heads=(8, 16), heads_budget=300_000,
-    base_round_tokens=2_500_000, base_max_rounds=3, base_gate=80.0,
+                base_tokens=2_500_000, base_rounds=1, later_round_tokens=2_500_000, base_batch=4, base_lr=1e-3,
+                extension_batch=4),
+    budgets=(150_000, 500_000, 1_500_000), heads=(8, 16), heads_budget=500_000,
+    base_round_tokens=2_500_000, base_max_rounds=2, base_gate=80.0,
     base_grammar={"mean_gap": 1.5, "query_share": 0.4, "fresh_queries": True},
 )
 SMOKE_SWEEP = Sweep(
