@@ -185,8 +185,8 @@ def convert_hf_to_megatron(
 
     ensure_single_process()
     position = config.resolved_stages()[0].position  # training starts in the first stage
-    with torch.device("meta"):  # shapes only: the weights are made one by one while written
-        gpt = build_model(config.model, position, params_dtype=params_dtype, initialize=False)
+    # shapes only: the weights are made one by one while written
+    gpt = build_model(config.model, position, params_dtype=params_dtype, initialize=False, on_meta_device=True)
     with staging_directory(output_dir) as staging:
         train_state = {
             "weights_only": True,

@@ -68,8 +68,7 @@ def _convert_both_ways(hf_dir: str, streamed: str, reference: str, dtype: torch.
     load_hf_weights_into(real, weights, config.model)
     save_checkpoint(reference, 0, model=real, config=config.to_dict(), train_state={"weights_only": True})
 
-    with torch.device("meta"):
-        meta = build_model(config.model, position, params_dtype=params_dtype, initialize=False)
+    meta = build_model(config.model, position, params_dtype=params_dtype, initialize=False, on_meta_device=True)
     maker = StreamedHFWeights(meta, weights, config.model)
     save_checkpoint(f"{reference}-again", 0, model=meta, config=config.to_dict(), train_state={},
                     sharded_strategy=StreamingSaveStrategy(maker))
