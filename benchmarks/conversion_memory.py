@@ -7,7 +7,7 @@
 Builds a random Llama with transformers on CPU (fp32, saved in shards of --shard-mb), or takes
 --hf-dir, then runs hf-to-megatron and megatron-to-hf, each in a fresh process that first
 imports everything and creates its process group, reads its resident memory, converts, and
-reports the peak resident memory (`ru_maxrss`) minus that baseline. Printed: the model's bytes,
+reports the peak resident memory (VmHWM) minus that baseline. Printed: the model's bytes,
 its largest shard, one layer and its largest megatron weight (the embedding, or a fused
 gate/up), and each direction's peak in MB, as a multiple of the model's size and of (largest
 shard + one layer).
@@ -17,33 +17,39 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 CHILD = r"""
-import json, resource, sys
+import json, sys
 from pathlib import Path
 import torch
 from megatron_harpe.convert.hf_to_megatron import convert_hf_to_megatron
 from megatron_harpe.convert.megatron_to_hf import convert_megatron_to_hf
 from megatron_harpe.convert.megatron_side import ensure_single_process
 
-def rss_bytes():
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * resource.getpagesize()
+def status_bytes(field):
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(field)
 
 ensure_single_process()
 direction, source, target = sys.argv[1:4]
-baseline = rss_bytes()
+Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) restarts from the current size
+baseline = status_bytes("VmRSS")
 if direction == "hf-to-megatron":
     convert_hf_to_megatron(source, target)
 else:
     convert_megatron_to_hf(source, target)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({"baseline": baseline, "peak": peak}))
+print(json.dumps({"baseline": baseline, "peak": status_bytes("VmHWM")}))
 """
+# Why VmHWM after clear_refs and not ru_maxrss: Linux carries ru_maxrss across exec, and
+# subprocess starts the child with vfork, so ru_maxrss starts at the parent's resident size
+# (this script's, which held a whole model when it made one).
 
 
 def make_model(directory: Path, layers: int, hidden: int, vocab: int, shard_mb: int) -> None:
@@ -62,7 +68,7 @@ def model_sizes(directory: Path) -> dict:
     from megatron_harpe.convert.hf_files import HFWeights
 
     weights = HFWeights(directory)
-    nbytes = {name: weights.get(name).numel() * weights.get(name).element_size() for name in weights.names}
+    nbytes = {name: math.prod(weights.shape(name)) * weights.dtype(name).itemsize for name in weights.names}
     fused_fc1 = nbytes["model.layers.0.mlp.gate_proj.weight"] + nbytes["model.layers.0.mlp.up_proj.weight"]
     shards = [f.stat().st_size for f in directory.glob("*.safetensors")]
     return {

@@ -19,6 +19,8 @@ copies along.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import dataclasses
 import shutil
 from collections.abc import Sequence
@@ -146,9 +148,11 @@ class StreamedHFWeights:
         name, parameter = found
         if self._current is None or self._current[0] != name:
             self._current = None  # free the previous weight before making the next
-            sources = [self._weights.get(source) for source in hf_sources(name)]
-            tensor = hf_to_megatron_tensor(name, sources, self._model).to(parameter.dtype).contiguous()
-            del sources
+            _return_free_memory()
+            # the sources are freed once fused, before a change of dtype copies the result
+            fused = hf_to_megatron_tensor(name, [self._weights.get(source) for source in hf_sources(name)], self._model)
+            tensor = fused.to(parameter.dtype).contiguous()
+            del fused
             if tensor.shape != parameter.shape:
                 raise RuntimeError(f"{name}: HF weights make {tuple(tensor.shape)}, the model has {tuple(parameter.shape)}")
             self._current = (name, tensor)
@@ -157,6 +161,26 @@ class StreamedHFWeights:
         # the placeholder's layout relative to its (contiguous) parameter, applied to the real weight
         offset = tensor.storage_offset() + placeholder.storage_offset() - parameter.storage_offset()
         return tensor.as_strided(placeholder.shape, placeholder.stride(), offset)
+
+
+def _return_free_memory() -> None:
+    """Give freed heap pages back to the OS (glibc). Weights under glibc's mmap threshold
+    (at most 32 MiB, raised by every large block freed) come from the heap, where the holes
+    they leave stay resident: without this the resident size grew by about a third of the
+    model's layers over a conversion of one made of 4-22 MiB weights."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "malloc_trim") else None  # glibc only
+
+
+_LIBC = _load_libc()
 
 
 def _storage_id(tensor: torch.Tensor) -> int:
