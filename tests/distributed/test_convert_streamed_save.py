@@ -1,7 +1,7 @@
 """HF -> megatron conversion that makes each weight only when the checkpoint writer reaches it
 (convert/streaming_save.py) writes the checkpoint the in-memory conversion writes.
 
-    python -m pytest tests/distributed/test_convert_streaming.py -q
+    python -m pytest tests/distributed/test_convert_streamed_save.py -q
 
 The reference is the conversion as it was before streaming: a real TP=1 model filled by
 `load_hf_weights_into` and saved by megatron-core's own torch_dist writer. Both checkpoints
