@@ -59,8 +59,13 @@ class _MakingPlanner(MCoreSavePlanner):
 
     def resolve_data(self, write_item: WriteItem):
         data = super().resolve_data(write_item)
-        if write_item.type == WriteItemType.BYTE_IO or not data.is_meta:
+        if write_item.type == WriteItemType.BYTE_IO:
             return data
+        if not data.is_meta:  # e.g. a module that put its parameters on a device of its choosing
+            raise RuntimeError(
+                f"{write_item.index.fqn} is not on the meta device: the streaming writer writes only the "
+                "tensors it makes, so the model must be built with build_model(on_meta_device=True)"
+            )
         made = self._make_tensor(data)
         if made.shape != data.shape or made.dtype != data.dtype or made.device.type != "cpu":
             raise RuntimeError(

@@ -33,7 +33,7 @@ from megatron_harpe.convert.keymap import megatron_names
 from megatron_harpe.convert.megatron_side import ensure_single_process, read_checkpoint_spec
 from megatron_harpe.convert.streaming_save import StreamingSaveStrategy
 from megatron_harpe.model import build_model
-from megatron_harpe.training.checkpoint import load_checkpoint, save_checkpoint
+from megatron_harpe.training.checkpoint import CheckpointWriteError, load_checkpoint, save_checkpoint
 
 pytestmark = pytest.mark.distributed
 
@@ -67,6 +67,9 @@ def _convert_both_ways(hf_dir: str, streamed: str, reference: str, dtype: torch.
     real = build_model(config.model, position, params_dtype=params_dtype, initialize=False)
     load_hf_weights_into(real, weights, config.model)
     save_checkpoint(reference, 0, model=real, config=config.to_dict(), train_state={"weights_only": True})
+    with pytest.raises(CheckpointWriteError, match="not on the meta device"):  # it would write stale weights
+        save_checkpoint(f"{reference}-real", 0, model=real, config=config.to_dict(), train_state={},
+                        sharded_strategy=StreamingSaveStrategy(StreamedHFWeights(real, weights, config.model)))
 
     meta = build_model(config.model, position, params_dtype=params_dtype, initialize=False, on_meta_device=True)
     maker = StreamedHFWeights(meta, weights, config.model)
