@@ -38,12 +38,12 @@ from megatron_harpe.training.checkpoint import CheckpointWriteError, load_checkp
 pytestmark = pytest.mark.distributed
 
 
-def make_hf_model(path: Path, dtype: torch.dtype) -> Path:
-    """A random GQA Llama (3 layers, untied output) in several small shards."""
+def make_hf_model(path: Path, dtype: torch.dtype, tied: bool) -> Path:
+    """A random GQA Llama (3 layers) in several small shards."""
     torch.manual_seed(3)
     config = LlamaConfig(
         vocab_size=96, hidden_size=64, intermediate_size=80, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tied,
     )  # fmt: skip
     LlamaForCausalLM(config).to(dtype).save_pretrained(path, max_shard_size="40KB")
     assert len(list(path.glob("*.safetensors"))) > 2
@@ -52,8 +52,9 @@ def make_hf_model(path: Path, dtype: torch.dtype) -> Path:
 
 # ------------------------------------------------------------------------------ rank functions
 
-CASES = {"fp32": (torch.float32, None), "bf16_to_fp32": (torch.bfloat16, torch.float32)}
-"""name -> (dtype of the HF weights, dtype asked of the converter: None keeps the source's)"""
+CASES = {"fp32": (torch.float32, None, False), "bf16_to_fp32_tied": (torch.bfloat16, torch.float32, True)}
+"""name -> (dtype of the HF weights, dtype asked of the converter (None keeps the source's),
+tied input and output embeddings)"""
 
 
 def _convert_both_ways(hf_dir: str, streamed: str, reference: str, dtype: torch.dtype | None) -> list[str]:
@@ -94,7 +95,7 @@ def _load_both(streamed: str, reference: str) -> list[tuple[str, torch.Tensor, t
 def _convert_and_load_at_tp1(root: str) -> dict:
     ensure_single_process()
     results = {}
-    for case, (_, dtype) in CASES.items():
+    for case, (_, dtype, _) in CASES.items():
         made = _convert_both_ways(f"{root}/{case}/hf", f"{root}/{case}/streamed", f"{root}/{case}/reference", dtype)
         results[case] = (made, _load_both(f"{root}/{case}/streamed", f"{root}/{case}/reference"))
     return results
@@ -121,8 +122,8 @@ def _assert_same_tensors(pairs: list, count: int, label: str) -> None:
 
 
 def test_streamed_checkpoint_equals_in_memory_conversion(tmp_path: Path) -> None:
-    for case, (source_dtype, _) in CASES.items():
-        make_hf_model(tmp_path / case / "hf", source_dtype)
+    for case, (source_dtype, _, tied) in CASES.items():
+        make_hf_model(tmp_path / case / "hf", source_dtype, tied)
     at_tp1 = parallel.run_on_ranks(_convert_and_load_at_tp1, 1, str(tmp_path))[0]
     at_tp2 = parallel.run_on_ranks(_load_at_tp2, 2, str(tmp_path))
 
