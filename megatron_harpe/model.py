@@ -20,6 +20,8 @@ What is swapped in megatron-core's GPTModel, and why:
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
@@ -117,22 +119,25 @@ def build_model(
     initialize: bool = True,
     recompute: str = "none",
     parallel: ParallelConfig | None = None,
+    on_meta_device: bool = False,
 ) -> GPTModel:
     """Build this rank's shard of the model. Needs `parallel.initialize()` first and a
-    resolved `position` (explicit bases)."""
+    resolved `position` (explicit bases). `on_meta_device`: parameters with shapes and no data
+    (the converter's streaming save describes the checkpoint with them; the model cannot run)."""
     config = transformer_config(model, position, params_dtype=params_dtype, initialize=initialize, parallel=parallel)
-    gpt = GPTModel(
-        config=config,
-        transformer_layer_spec=layer_spec(model, position),
-        vocab_size=model.vocab_size,
-        max_sequence_length=model.max_position_embeddings,
-        share_embeddings_and_output_weights=model.tie_word_embeddings,
-        position_embedding_type="rope",
-        rotary_base=10000,  # replaced below by the per-head rotary
-    )
+    with torch.device("meta") if on_meta_device else contextlib.nullcontext():
+        gpt = GPTModel(
+            config=config,
+            transformer_layer_spec=layer_spec(model, position),
+            vocab_size=model.vocab_size,
+            max_sequence_length=model.max_position_embeddings,
+            share_embeddings_and_output_weights=model.tie_word_embeddings,
+            position_embedding_type="rope",
+            rotary_base=10000,  # replaced below by the per-head rotary
+        )
     set_position_encoding(gpt, model, position)
     apply_recompute(gpt, recompute)
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and not on_meta_device:
         gpt = gpt.to(torch.cuda.current_device())
     return gpt
 

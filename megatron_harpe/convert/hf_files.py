@@ -95,7 +95,10 @@ class HFWeights:
         return tuple(handle[name].shape)
 
     def dtype(self, name: str) -> torch.dtype:
-        return self.get(name).dtype
+        handle = self._open(self.file_of[name])
+        if isinstance(handle, SafetensorsReader):
+            return handle.dtype(name)  # from the header: the tensor is not read
+        return handle[name].dtype
 
 
 def read_json(path: Path) -> dict:
@@ -132,6 +135,8 @@ def check_weights_match(weights: HFWeights, expected: dict[str, tuple[int, ...]]
         problems.append(f"wrong shapes {wrong[:8]}")
     if problems:
         raise ValueError(f"config.json does not match the weights in {weights.directory}: " + "; ".join(problems))
+    for name in expected:  # a dtype the converter cannot read fails here, before anything is written
+        weights.dtype(name)
 
 
 def write_safetensors(

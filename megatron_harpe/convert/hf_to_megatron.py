@@ -6,10 +6,10 @@
 
 The model shape comes from config.json; the position encoding (and anything else of the run) from
 the YAML config and `section.key=value` overrides, defaulting to the HF model's own RoPE. The
-megatron checkpoint is TP-agnostic, so the model is built once at TP=1 in the source dtype and
-filled weight by weight from shards read tensor by tensor (peak memory about 1.35x the layers'
-bytes plus 1.5x the embeddings', see benchmarks/conversion_memory.py: megatron-core's writer
-needs every tensor of the state dict at once, so the model is built whole);
+megatron checkpoint is TP-agnostic, so the model is built at TP=1, on the meta device (shapes, no
+memory), and each weight is made from the HF shards, read tensor by tensor, only when the
+checkpoint writer reaches it, then written and dropped (convert/streaming_save.py): peak memory
+is about one weight and its HF sources, not the model (benchmarks/conversion_memory.py);
 `tensor_parallel` is validated (it must divide the heads) and recorded in the config.
 
 Output layout: the checkpoint of `training/checkpoint.py` (iteration 0, weights only) plus
@@ -19,6 +19,8 @@ copies along.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import dataclasses
 import shutil
 from collections.abc import Sequence
@@ -39,6 +41,7 @@ from megatron_harpe.convert.hf_files import (
 )
 from megatron_harpe.convert.keymap import expected_hf_shapes, hf_sources, hf_to_megatron_tensor, megatron_names
 from megatron_harpe.convert.megatron_side import ensure_single_process
+from megatron_harpe.convert.streaming_save import StreamingSaveStrategy
 from megatron_harpe.model import build_model
 from megatron_harpe.training.checkpoint import save_checkpoint
 
@@ -108,7 +111,8 @@ def _check_tensor_parallel(model: ModelConfig, tp: int) -> None:
 
 
 def load_hf_weights_into(gpt: torch.nn.Module, weights: HFWeights, model: ModelConfig) -> None:
-    """Fill a TP=1 megatron model from HF weights, one megatron weight at a time."""
+    """Fill a real TP=1 megatron model from HF weights, one megatron weight at a time (the whole
+    model in memory; the converter streams instead, see `StreamedHFWeights`)."""
     params = dict(gpt.named_parameters())
     names = megatron_names(model)
     assert set(names) == set(params), sorted(set(names) ^ set(params))
@@ -117,6 +121,70 @@ def load_hf_weights_into(gpt: torch.nn.Module, weights: HFWeights, model: ModelC
             tensor = hf_to_megatron_tensor(name, [weights.get(source) for source in hf_sources(name)], model)
             assert tensor.shape == params[name].shape, (name, tensor.shape, params[name].shape)
             params[name].copy_(tensor)
+
+
+class StreamedHFWeights:
+    """The `make_tensor` of StreamingSaveStrategy for a meta-device TP=1 model: a parameter, or a
+    view of one (megatron saves the SwiGLU fc1 as two halves), made from its HF weights in the
+    model's dtype. The last weight made is kept for its other views, so each is made once when
+    the writer asks for a weight's views one after the other (it does, in state-dict order)."""
+
+    def __init__(self, gpt: torch.nn.Module, weights: HFWeights, model: ModelConfig) -> None:
+        # megatron hands out detached copies and views of the parameters: what they share with
+        # their parameter is its storage (on the meta device a storage with no data, but its own)
+        self._parameter_of = {_storage_id(param): (name, param) for name, param in gpt.named_parameters()}
+        names = megatron_names(model)
+        found = {name for name, _ in self._parameter_of.values()}
+        assert set(names) == found, sorted(set(names) ^ found)
+        self._weights, self._model = weights, model
+        self._current: tuple[str, torch.Tensor] | None = None
+        self.made: list[str] = []
+        """Names of the weights made, in order (a weight twice here was made twice)."""
+
+    def __call__(self, placeholder: torch.Tensor) -> torch.Tensor:
+        found = self._parameter_of.get(_storage_id(placeholder))
+        if found is None:
+            raise RuntimeError(f"a checkpoint tensor {tuple(placeholder.shape)} is not a view of a model parameter")
+        name, parameter = found
+        if self._current is None or self._current[0] != name:
+            self._current = None  # free the previous weight before making the next
+            _return_free_memory()
+            # the sources are freed once fused, before a change of dtype copies the result
+            fused = hf_to_megatron_tensor(name, [self._weights.get(source) for source in hf_sources(name)], self._model)
+            tensor = fused.to(parameter.dtype).contiguous()
+            del fused
+            if tensor.shape != parameter.shape:
+                raise RuntimeError(f"{name}: HF weights make {tuple(tensor.shape)}, the model has {tuple(parameter.shape)}")
+            self._current = (name, tensor)
+            self.made.append(name)
+        tensor = self._current[1]
+        # the placeholder's layout relative to its (contiguous) parameter, applied to the real weight
+        offset = tensor.storage_offset() + placeholder.storage_offset() - parameter.storage_offset()
+        return tensor.as_strided(placeholder.shape, placeholder.stride(), offset)
+
+
+def _return_free_memory() -> None:
+    """Give freed heap pages back to the OS (glibc). Weights under glibc's mmap threshold
+    (at most 32 MiB, raised by every large block freed) come from the heap, where the holes
+    they leave stay resident: without this the resident size grew by about a third of the
+    model's layers over a conversion of one made of 4-22 MiB weights."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "malloc_trim") else None  # glibc only
+
+
+_LIBC = _load_libc()
+
+
+def _storage_id(tensor: torch.Tensor) -> int:
+    return tensor.untyped_storage()._cdata
 
 
 def convert_hf_to_megatron(
@@ -141,9 +209,9 @@ def convert_hf_to_megatron(
 
     ensure_single_process()
     position = config.resolved_stages()[0].position  # training starts in the first stage
-    gpt = build_model(config.model, position, params_dtype=params_dtype, initialize=False)
+    # shapes only: the weights are made one by one while written
+    gpt = build_model(config.model, position, params_dtype=params_dtype, initialize=False, on_meta_device=True)
     with staging_directory(output_dir) as staging:
-        load_hf_weights_into(gpt, weights, config.model)
         train_state = {
             "weights_only": True,
             "stage": 0,
@@ -151,7 +219,9 @@ def convert_hf_to_megatron(
             "consumed_tokens": 0,
             "converted_from": source_name or str(Path(hf_dir).resolve()),
         }
-        save_checkpoint(staging, 0, model=gpt, config=config.to_dict(), train_state=train_state)
+        streamed = StreamingSaveStrategy(StreamedHFWeights(gpt, weights, config.model))
+        save_checkpoint(staging, 0, model=gpt, config=config.to_dict(), train_state=train_state,
+                        sharded_strategy=streamed)
         source_files = staging / HF_SOURCE_DIR
         source_files.mkdir()
         shutil.copy2(Path(hf_dir) / "config.json", source_files / "config.json")

@@ -53,11 +53,15 @@ class SafetensorsReader:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._entries[name]["shape"])
 
+    def dtype(self, name: str) -> torch.dtype:
+        stored = self._entries[name]["dtype"]
+        if stored not in _DTYPES:
+            raise ValueError(f"{self.path}: tensor {name} has dtype {stored}, which the converter does not read")
+        return _DTYPES[stored]
+
     def get_tensor(self, name: str) -> torch.Tensor:
         entry = self._entries[name]
-        dtype = _DTYPES.get(entry["dtype"])
-        if dtype is None:
-            raise ValueError(f"{self.path}: tensor {name} has dtype {entry['dtype']}, which the converter does not read")
+        dtype = self.dtype(name)
         begin, end = entry["data_offsets"]
         buffer = bytearray(end - begin)
         with open(self.path, "rb") as handle:

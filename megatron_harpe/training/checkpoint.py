@@ -46,6 +46,7 @@ from megatron.core.dist_checkpointing.optimizer import (
     get_param_id_to_sharded_param_map,
     make_sharded_optimizer_tensor,
 )
+from megatron.core.dist_checkpointing.strategies.base import SaveShardedStrategy
 from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint.utils import _get_failure_dict
@@ -79,11 +80,13 @@ def save_checkpoint(
     train_state: dict,
     optimizer: torch.optim.Optimizer | None = None,
     keep_last: int | None = None,
+    sharded_strategy: SaveShardedStrategy | None = None,
 ) -> Path:
     """Write `iter_<iteration>` under `save_dir` and make it the latest checkpoint (collective).
 
     Returns the final iteration directory. `keep_last=N` keeps the N newest iterations up to this
-    one and deletes older ones (None keeps all)."""
+    one and deletes older ones (None keeps all). `sharded_strategy` replaces the torch_dist writer
+    (the converter's streaming one, convert/streaming_save.py, writes the same format)."""
     _require_process_group()
     if iteration < 0:
         raise ValueError(f"iteration must be >= 0, got {iteration}")
@@ -119,7 +122,8 @@ def save_checkpoint(
         if optimizer is not None:
             sharded["optimizer"] = _optimizer_state_for_checkpoint(optimizer, sharded["model"], placeholders=None)
         dist_checkpointing.save(
-            sharded, str(work_dir / "dist"), sharded_strategy=_save_strategy(), async_sharded_save=False
+            sharded, str(work_dir / "dist"), sharded_strategy=sharded_strategy or _save_strategy(),
+            async_sharded_save=False,
         )
         _save_rng_state(work_dir / "rng" / f"rank_{rank:05d}.pt")
         if rank == 0:

@@ -177,3 +177,28 @@ def test_bad_sources_and_destinations(hf_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unsupported architecture"):
         convert_hf_to_megatron(mistral, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_weight_of_an_unreadable_dtype_is_rejected_before_writing(hf_dir: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    source = tmp_path / "fp8"
+    source.mkdir()
+    for item in hf_dir.iterdir():
+        (source / item.name).write_bytes(item.read_bytes())
+    shard = source / json.loads((hf_dir / "model.safetensors.index.json").read_text())["weight_map"][
+        "model.layers.1.mlp.down_proj.weight"
+    ]
+    tensors = load_file(shard)
+    tensors["model.layers.1.mlp.down_proj.weight"] = tensors["model.layers.1.mlp.down_proj.weight"].to(
+        torch.float8_e4m3fn
+    )
+    save_file(tensors, shard)
+    message = "down_proj.weight has dtype F8_E4M3, which the converter does not read"
+    model = model_config_from_hf(json.loads((source / "config.json").read_text()))
+    with pytest.raises(ValueError, match=message):  # among the checks that precede writing
+        check_weights_match(HFWeights(source), expected_hf_shapes(model))
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=message):
+        convert_hf_to_megatron(source, out)
+    assert not out.exists()
