@@ -32,10 +32,10 @@ checkpoints and an export loses nothing.
 
 from __future__ import annotations
 
-import torch
-import torch.distributed as dist
 from dataclasses import replace
 
+import torch
+import torch.distributed as dist
 from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject
 from megatron.core.dist_checkpointing.optimizer import get_param_id_to_sharded_param_map, make_sharded_optimizer_tensor
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
@@ -193,7 +193,6 @@ class ShardedAdamW:
                 "step": step.to(param.device) if fused else step,
                 **{key: value.to(device=param.device, dtype=param.dtype) for key, value in moments.items()},
             }
-
 
     # ---------------------------------------------------------------- fp32 main weights in checkpoints
 

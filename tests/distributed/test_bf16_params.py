@@ -99,10 +99,12 @@ def test_main_weights_are_fp32_and_params_bf16_as_the_planner_plans(demo_data, w
     assert sum(report["bytes"]["optimizer"] for report in reports) == reports[0]["planned"]["optimizer"]
 
 
-def test_sharded_data_parallel_equals_single_process(demo_data, bf16_reference):
-    """DP2 with the CUDA plan (sharded optimizer, gradient buckets reduced during backward) in
-    bf16-params mode: the single process's losses within bf16 rounding."""
-    history = run(2, tiny_config(demo_data, parallel=CUDA_PLAN, train=BF16))
+@pytest.mark.parametrize("parallel_keys", [CUDA_PLAN, pytest.param({}, marks=pytest.mark.slow)], ids=["sharded", "replicated"])
+def test_data_parallel_equals_single_process(demo_data, bf16_reference, parallel_keys):
+    """DP2 with the CUDA plan (sharded optimizer, gradient buckets reduced during backward; and,
+    slow, a replicated optimizer reducing after backward) in bf16-params mode: the single
+    process's losses within bf16 rounding."""
+    history = run(2, tiny_config(demo_data, parallel=parallel_keys, train=BF16))
     assert_same_history(history, bf16_reference, tol=BF16_TOLERANCE)
 
 
