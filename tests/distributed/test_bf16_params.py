@@ -101,11 +101,15 @@ def test_main_weights_are_fp32_and_params_bf16_as_the_planner_plans(demo_data, w
     assert sum(report["bytes"]["optimizer"] for report in reports) == reports[0]["planned"]["optimizer"]
 
 
-@pytest.mark.parametrize("parallel_keys", [CUDA_PLAN, pytest.param({}, marks=pytest.mark.slow)], ids=["sharded", "replicated"])
-def test_data_parallel_equals_single_process(demo_data, bf16_reference, parallel_keys):
+SLOW_SPLITS = [{}, {"context": 2, **CUDA_PLAN}, {"tensor": 2}]
+
+
+@pytest.mark.parametrize("parallel_keys", [CUDA_PLAN, *(pytest.param(keys, marks=pytest.mark.slow) for keys in SLOW_SPLITS)],
+                         ids=["dp2-sharded", "dp2-replicated", "cp2-sharded", "tp2"])  # fmt: skip
+def test_parallel_splits_equal_single_process(demo_data, bf16_reference, parallel_keys):
     """DP2 with the CUDA plan (sharded optimizer, gradient buckets reduced during backward; and,
-    slow, a replicated optimizer reducing after backward) in bf16-params mode: the single
-    process's losses within bf16 rounding."""
+    slow, a replicated optimizer reducing after backward, CP2 with the CUDA plan, TP2) in
+    bf16-params mode: the single process's losses within bf16 rounding."""
     history = run(2, tiny_config(demo_data, parallel=parallel_keys, train=BF16))
     assert_same_history(history, bf16_reference, tol=BF16_TOLERANCE)
 
