@@ -53,6 +53,12 @@ def main(argv: list[str] | None = None) -> int:
             if not planning:
                 raise
             print(f"warning: {missing} (a launch would stop here)", file=sys.stderr)
+        if not args.dry_run:  # a precision this device cannot run stops here, in one line
+            import torch
+
+            from megatron_harpe.training.mixed_precision import training_precision
+
+            training_precision(cfg.train, "cuda" if torch.cuda.is_available() else "cpu")
     except (ValueError, OSError) as error:
         return cli.report_user_error(error)  # once, by rank 0
     if args.dry_run:

@@ -171,7 +171,11 @@ class TrainConfig:
     clip_grad: float = 1.0
     seed: int = 1234
     precision: str = "auto"
-    """auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16"""
+    """Compute precision: auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16"""
+    params_dtype: str = "auto"
+    """The model's parameters: auto (bf16 whenever the compute is bf16) | bf16 | fp32. bf16 keeps
+    fp32 main weights and gradients in the optimizer (training/mixed_precision.py) and selects
+    bf16 compute on the CPU too; fp32 with bf16 compute is fp32 weights under bf16 autocast (GPU only)."""
     recompute: str = "none"
     """none | selective (core attention) | full (whole layers)"""
     on_nonfinite: str = "stop"
@@ -293,6 +297,10 @@ class Config:
         train = self.train
         _choice("train.lr_schedule", train.lr_schedule, ("constant", "cosine"))
         _choice("train.precision", train.precision, ("auto", "fp32", "bf16"))
+        _choice("train.params_dtype", train.params_dtype, ("auto", "fp32", "bf16"))
+        if train.params_dtype == "bf16" and train.precision == "fp32":
+            raise ValueError("train.params_dtype=bf16 computes in bf16 but train.precision=fp32: set train.precision "
+                             "to bf16 or auto, or train.params_dtype to fp32")  # fmt: skip
         _choice("train.recompute", train.recompute, ("none", "selective", "full"))
         _choice("train.on_nonfinite", train.on_nonfinite, ("stop", "skip"))
         if world_size is not None:

@@ -137,6 +137,9 @@ def build_model(
         )
     set_position_encoding(gpt, model, position)
     apply_recompute(gpt, recompute)
+    for param in gpt.parameters():  # megatron's torch norms ignore params_dtype (its Float16Module casts them too)
+        if param.dtype != params_dtype:
+            param.data = param.data.to(params_dtype)
     if torch.cuda.is_available() and not on_meta_device:
         gpt = gpt.to(torch.cuda.current_device())
     return gpt

@@ -15,7 +15,9 @@ parallel layouts that fit, fastest first.
 Memory is an upper bound for one rank at its peak (weights, gradients, optimizer states, one
 micro-batch of activations, rotary tables, the largest transient buffer); see the formulas and
 their sources in megatron_harpe/training/memory.py. `--precision trainer` (default) is what
-pretrain_harpe.py does today: fp32 weights with bf16 autocast on GPU. Sequence parallelism,
+pretrain_harpe.py will do (the trainer's own choice, training/mixed_precision.py): on GPU with
+bf16 compute, bf16 params with fp32 main gradients and fp32 main weights; `--precision autocast`
+plans fp32 weights under bf16 autocast (`train.params_dtype: fp32`). Sequence parallelism,
 optimizer sharding and gradient-reduction overlap follow the config's `parallel` section unless
 --[no-]sequence-parallel / --[no-]optimizer-sharding / --[no-]overlap-grad-reduce say otherwise.
 The step time adds to compute the communication compute does not hide (TP, CP, DP x CP traffic
@@ -200,7 +202,10 @@ def main(argv: list[str] | None = None) -> int:
     hardware = Hardware(args.gpu_memory, args.peak_tflops, args.utilization, args.gpus_per_node,
                         nvlink_gbs=args.nvlink_gbs, ib_gbs=args.ib_gbs)
     device = "cpu" if args.cpu else "gpu"
-    precision = trainer_precision(cfg, device) if args.precision == "trainer" else PRECISIONS[args.precision]
+    try:
+        precision = trainer_precision(cfg, device) if args.precision == "trainer" else PRECISIONS[args.precision]
+    except ValueError as error:  # a precision the trainer refuses on this device
+        return cli.report_user_error(error)
     plans = rank_layouts(
         cfg, hardware, args.gpus, precision, backend=backend, device=device,
         optimizer_sharding=args.optimizer_sharding, sequence_parallel=args.sequence_parallel,

@@ -9,7 +9,9 @@ Used by the trainer (resume), the converter (HF <-> megatron) and the evaluator.
     <dir>/iter_0000012/dist/                  megatron.core.dist_checkpointing: {"model": ..., "optimizer": ...}
 
 Weights and optimizer moments are saved as global (TP-agnostic) tensors, so a checkpoint saved at
-TP=2 loads at TP=1 or TP=4. Every rank calls `save_checkpoint` / `load_checkpoint`:
+TP=2 loads at TP=1 or TP=4. Weights are fp32 also when the model trains in bf16 (the optimizer's
+fp32 main weights are saved, see sharded_optimizer.py), so fp32 and bf16-params runs load each
+other's checkpoints. Every rank calls `save_checkpoint` / `load_checkpoint`:
 
     path = save_checkpoint("ckpt", 12, model=gpt, config=cfg.to_dict(), train_state={...}, optimizer=adamw)
     train_state = load_checkpoint("ckpt", model=gpt, optimizer=adamw)   # newest complete checkpoint
@@ -121,6 +123,7 @@ def save_checkpoint(
         sharded: dict[str, Any] = {"model": model.sharded_state_dict()}
         if optimizer is not None:
             sharded["optimizer"] = _optimizer_state_for_checkpoint(optimizer, sharded["model"], placeholders=None)
+            sharded["model"], _ = _weights_for_checkpoint(optimizer, sharded["model"], loading=False)
         dist_checkpointing.save(
             sharded, str(work_dir / "dist"), sharded_strategy=sharded_strategy or _save_strategy(),
             async_sharded_save=False,
@@ -385,7 +388,8 @@ def load_checkpoint(
     whatever TP/CP layout the checkpoint was saved with (collective). Returns train_state.
 
     `weights_only=True` loads only the weights (continual pretraining from a converted model):
-    the optimizer and the RNG are left as they are."""
+    the optimizer and the RNG are left as they are, except that an optimizer holding fp32 main
+    weights for bf16 parameters (sharded_optimizer.py) gets them from the checkpoint's fp32 values."""
     _require_process_group()
     checkpoint = _resolve(path)
     train_state = json.loads((checkpoint / TRAIN_STATE_FILE).read_text())
@@ -400,6 +404,9 @@ def load_checkpoint(
     if load_optimizer:
         saved = dist_checkpointing.load_common_state_dict(dist_dir)["optimizer"]
         sharded["optimizer"] = _optimizer_state_for_checkpoint(optimizer, sharded["model"], placeholders=saved)
+    main_entries: dict = {}
+    if optimizer is not None:
+        sharded["model"], main_entries = _weights_for_checkpoint(optimizer, sharded["model"], loading=True)
     try:
         loaded = load_sharded(sharded, dist_dir)  # tolerates TE's _extra_state either way round
     except Exception as error:  # dist_checkpointing raises bare exceptions on shape/key mismatch
@@ -412,6 +419,8 @@ def load_checkpoint(
     real_missing = [key for key in missing if not key.endswith("_extra_state")]
     if real_missing or unexpected:
         raise ValueError(f"{checkpoint}: weights missing {real_missing}, unexpected {unexpected}")
+    if main_entries:
+        optimizer.load_main_weights(loaded["model"], main_entries)
     if load_optimizer and hasattr(optimizer, "load_sharded"):  # sharded over DP x CP (sharded_optimizer.py)
         optimizer.load_sharded(loaded["optimizer"], saved)
     elif load_optimizer:
@@ -445,6 +454,14 @@ def _optimizer_state_for_checkpoint(optimizer, model_sharded: dict, placeholders
     if hasattr(optimizer, "sharded_state"):
         return optimizer.sharded_state(model_sharded, placeholders)
     return _optimizer_sharded_state(optimizer, model_sharded, placeholders)
+
+
+def _weights_for_checkpoint(optimizer, model_sharded: dict, loading: bool) -> tuple[dict, dict]:
+    """The model's entries with fp32 main weights in place of bf16 parameters, when the optimizer
+    keeps them (sharded_optimizer.py); otherwise unchanged."""
+    if hasattr(optimizer, "weights_for_checkpoint"):
+        return optimizer.weights_for_checkpoint(model_sharded, loading)
+    return model_sharded, {}
 
 
 def _optimizer_sharded_state(

@@ -22,8 +22,9 @@ m = micro-batches per step, L = layers, P = parameters per rank, n = DP x CP):
   all_gather): a synchronous all-gather of k/v per layer and pass, and its reduce-scatter in
   backward: exposed. TE a2a: two all-to-alls of q/k/v per layer and pass each way, exposed.
 - DP x CP gradients (what training/sharded_optimizer.py and grad_overlap.py do): all-reduce of
-  fp32 gradients 2 (n-1)/n P x 4 B; with optimizer sharding each owner then broadcasts the
-  weights it updated, (n-1)/n P x weight bytes per GPU (megatron's reduce-scatter would halve
+  fp32 gradients 2 (n-1)/n P x 4 B (under bf16 params their fp32 main gradients); with optimizer
+  sharding each owner then broadcasts the weights it updated, (n-1)/n P x weight bytes per GPU
+  (2 B under bf16 params; megatron's reduce-scatter would halve
   the gradient traffic). With `overlap_grad_reduce` the gradient reduction runs during the
   backward of the last micro-batch (hidden up to that time); the weight broadcast is exposed.
 """

@@ -7,6 +7,9 @@
         loss(batch).backward()            # each full bucket starts its all-reduce here
     reducer.finish()                      # the rest, then wait: .grad holds the SUM over the group
 
+Under bf16 parameters the buckets reduce the fp32 ``main_grad`` (mixed_precision.py), whose
+hooks must be registered before this class's so they run first.
+
 Buckets hold parameters in reverse registration order (backward reaches the last layers first)
 up to `bucket_numel` elements; a bucket's SUM all-reduce starts (asynchronously, through
 `megatron_harpe.collectives`) when a post-accumulate-grad hook has fired for each of its
@@ -24,6 +27,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from megatron_harpe import collectives
 from megatron_harpe.training.grads import DEFAULT_BUCKET_NUMEL, _buckets
+from megatron_harpe.training.mixed_precision import gradient_of
 
 
 class OverlappedGradientReduction:
@@ -52,9 +56,9 @@ class OverlappedGradientReduction:
     def _launch(self, index: int) -> None:
         bucket = self.buckets[index]
         for param in bucket:
-            if param.grad is None:
+            if gradient_of(param) is None:
                 param.grad = torch.zeros_like(param)
-        flat = _flatten_dense_tensors([param.grad for param in bucket])
+        flat = _flatten_dense_tensors([gradient_of(param) for param in bucket])
         self.pending[index] = (collectives.all_reduce_async(flat, group=self.group), flat)
 
     def finish(self) -> None:
@@ -68,6 +72,7 @@ class OverlappedGradientReduction:
         for index, (reduction, flat) in sorted(self.pending.items()):
             reduction.wait()
             bucket = self.buckets[index]
-            for param, reduced in zip(bucket, _unflatten_dense_tensors(flat, [p.grad for p in bucket])):
-                param.grad.copy_(reduced)
+            grads = [gradient_of(param) for param in bucket]
+            for grad, reduced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+                grad.copy_(reduced)
         self.armed, self.pending = False, {}

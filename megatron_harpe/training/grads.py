@@ -48,6 +48,7 @@ from megatron.core.transformer.module import param_is_not_shared
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from megatron_harpe import collectives
+from megatron_harpe.training.mixed_precision import gradient_of
 
 DEFAULT_BUCKET_NUMEL = 2**25
 """Elements per all-reduce bucket (128 MiB in fp32): few calls, bounded extra memory."""
@@ -87,7 +88,8 @@ def allreduce_gradients(
     bucket_numel: int = DEFAULT_BUCKET_NUMEL,
     reduce_in_fp32: bool = False,
 ) -> None:
-    """SUM-all-reduce the ``.grad`` of every trainable parameter over `group` (DP x CP ranks).
+    """SUM-all-reduce the gradient of every trainable parameter over `group` (DP x CP ranks):
+    ``.grad``, or the fp32 ``main_grad`` of bf16 parameters (mixed_precision.py).
 
     Gradients are flattened into buckets of up to `bucket_numel` elements per device and dtype,
     so the cost is a handful of collectives rather than one per tensor. A trainable parameter
@@ -104,13 +106,13 @@ def allreduce_gradients(
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if param.grad is None:
+        if gradient_of(param) is None:
             param.grad = torch.zeros_like(param)
-        if param.grad.is_sparse:
+        if gradient_of(param).is_sparse:
             raise ValueError(
                 f"parameter {name} has a sparse gradient; use a dense embedding (sparse=False)"
             )
-        grads.append(param.grad)
+        grads.append(gradient_of(param))
     for bucket in _buckets(grads, bucket_numel):
         flat = _flatten_dense_tensors(bucket)
         if reduce_in_fp32 and flat.dtype != torch.float32:
@@ -126,8 +128,8 @@ def allreduce_sequence_parallel_gradients(model: torch.nn.Module, tp_group: dist
     its gradient is a partial sum (what megatron's ``finalize_model_grads`` does for its DDP)."""
     if _group_size(tp_group) == 1:
         return
-    grads = [param.grad for param in model.parameters()
-             if getattr(param, "sequence_parallel", False) and param.requires_grad and param.grad is not None]  # fmt: skip
+    grads = [gradient_of(param) for param in model.parameters()
+             if getattr(param, "sequence_parallel", False) and param.requires_grad and gradient_of(param) is not None]  # fmt: skip
     for bucket in _buckets(grads, DEFAULT_BUCKET_NUMEL):
         flat = _flatten_dense_tensors(bucket)
         collectives.all_reduce(flat, op=dist.ReduceOp.SUM, group=tp_group)
@@ -156,10 +158,11 @@ def clip_grad_norm(
     `allreduce_gradients`, when DP / CP ranks hold identical gradients.
 
     `max_norm <= 0` disables clipping but still returns the norm. A NaN/inf norm is returned
-    as such and gradients are left untouched: the caller decides to skip or stop.
+    as such and gradients are left untouched: the caller decides to skip or stop. Under bf16
+    parameters the norm and the clipping are those of the fp32 ``main_grad``.
     """
-    with_grad = [param for param in model.parameters() if param.grad is not None]
-    for_norm = [param.grad for param in with_grad if _counts_towards_norm(param, tp_group)]
+    with_grad = [param for param in model.parameters() if gradient_of(param) is not None]
+    for_norm = [gradient_of(param) for param in with_grad if _counts_towards_norm(param, tp_group)]
     if for_norm:
         per_tensor = torch._foreach_norm(for_norm, 2, dtype=torch.float32)
         device = for_norm[0].device
@@ -172,8 +175,19 @@ def clip_grad_norm(
     total_norm = squared_sum.sqrt()
     norm = float(total_norm)
     if max_norm > 0 and math.isfinite(norm) and norm > max_norm:
-        torch.nn.utils.clip_grads_with_norm_(with_grad, max_norm, total_norm)
+        _scale_to_norm([gradient_of(param) for param in with_grad], max_norm, total_norm)
     return norm
+
+
+def _scale_to_norm(grads: list[torch.Tensor], max_norm: float, total_norm: torch.Tensor) -> None:
+    """torch.nn.utils.clip_grads_with_norm_'s arithmetic, on gradient tensors rather than on
+    parameters' ``.grad`` (a bf16 parameter's fp32 ``main_grad`` is not its ``.grad``)."""
+    coefficient = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+    by_kind: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = defaultdict(list)
+    for grad in grads:
+        by_kind[(grad.device, grad.dtype)].append(grad)
+    for (device, _), same_kind in by_kind.items():
+        torch._foreach_mul_(same_kind, coefficient.to(device))
 
 
 def global_token_count(

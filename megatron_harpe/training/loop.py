@@ -28,6 +28,7 @@ from megatron_harpe.rank_health import CollectiveGuard
 from megatron_harpe.training import checkpoint, resume_check, run_lock
 from megatron_harpe.training.data import StageData, prepare_training_data
 from megatron_harpe.training.grad_overlap import OverlappedGradientReduction
+from megatron_harpe.training.mixed_precision import PARAMS_DTYPE, attach_main_grads, training_precision
 from megatron_harpe.training.grads import (
     allreduce_gradients,
     allreduce_sequence_parallel_gradients,
@@ -92,17 +93,7 @@ def _train(cfg: Config, ctx: ParallelContext, log, guard: CollectiveGuard) -> li
     training_data = prepare_training_data(cfg, ctx, total_samples=_samples_per_stage(cfg, plans))
 
     # Model, optimizer, learning-rate schedule.
-    params_dtype = _params_dtype(cfg, ctx)
-    model = build_model(
-        cfg.model, plans[0].config.position, params_dtype=params_dtype, recompute=cfg.train.recompute,
-        parallel=cfg.parallel,
-    )
-    adamw = dict(lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-                 betas=(cfg.train.adam_beta1, cfg.train.adam_beta2), eps=cfg.train.adam_eps)  # fmt: skip
-    if cfg.parallel.distributed_optimizer:  # states sharded over DP x CP; the reasons in sharded_optimizer.py
-        optimizer = ShardedAdamW(model, ctx.dp_cp_group, **adamw)
-    else:
-        optimizer = build_optimizer(model, **adamw)
+    model, optimizer = build_model_and_optimizer(cfg, ctx, plans[0].config.position)
     schedule = LearningRateSchedule(
         peak_lr=cfg.train.lr,
         warmup_steps=cfg.train.warmup_steps,
@@ -161,6 +152,25 @@ def _train(cfg: Config, ctx: ParallelContext, log, guard: CollectiveGuard) -> li
     return history
 
 
+def build_model_and_optimizer(cfg: Config, ctx: ParallelContext, position):
+    """This rank's model and its AdamW in the run's precision: fp32, bf16 autocast over fp32
+    weights, or bf16 params with fp32 main weights and gradients (mixed_precision.py)."""
+    precision = training_precision(cfg.train, ctx.device.type)
+    model = build_model(cfg.model, position, params_dtype=PARAMS_DTYPE[precision], recompute=cfg.train.recompute,
+                        parallel=cfg.parallel)  # fmt: skip
+    adamw = dict(lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                 betas=(cfg.train.adam_beta1, cfg.train.adam_beta2), eps=cfg.train.adam_eps)  # fmt: skip
+    if precision == "bf16":  # the fp32 gradients first: the optimizer and the reducer's hooks use them
+        attach_main_grads(model)
+        optimizer = ShardedAdamW(model, ctx.dp_cp_group, shard=cfg.parallel.distributed_optimizer,
+                                 fp32_main_weights=True, **adamw)  # fmt: skip
+    elif cfg.parallel.distributed_optimizer:  # states sharded over DP x CP; the reasons in sharded_optimizer.py
+        optimizer = ShardedAdamW(model, ctx.dp_cp_group, **adamw)
+    else:
+        optimizer = build_optimizer(model, **adamw)
+    return model, optimizer
+
+
 def train_step(cfg: Config, ctx: ParallelContext, stage: StageConfig, model, optimizer, schedule, batches, step: int,
                reducer: OverlappedGradientReduction | None = None):
     """One optimizer step of `stage` over this rank's micro-batches. Returns (global mean loss,
@@ -171,7 +181,7 @@ def train_step(cfg: Config, ctx: ParallelContext, stage: StageConfig, model, opt
     loss_tokens = global_token_count([b["loss_mask"] for b in micro_batches], ctx.dp_cp_group)
     model.train()
     step_loss = torch.zeros((), dtype=torch.float64, device=ctx.device)
-    autocast = _autocast(cfg, ctx)
+    autocast = _autocast(training_precision(cfg.train, ctx.device.type), ctx)
     for index, batch in enumerate(micro_batches):
         if reducer is not None and index == len(micro_batches) - 1:
             reducer.arm()  # the last backward completes the gradients: buckets reduce as they fill
@@ -205,15 +215,9 @@ def _samples_per_stage(cfg: Config, plans: list[StagePlan]) -> list[int]:
     return [plan.steps * plan.config.global_batch_size for plan in plans]
 
 
-def _params_dtype(cfg: Config, ctx: ParallelContext) -> torch.dtype:
-    if cfg.train.precision == "bf16" and ctx.device.type == "cpu":
-        raise ValueError("train.precision=bf16 needs a GPU; use fp32 (or auto) on CPU")
-    return torch.float32  # bf16 runs as autocast over fp32 master weights (see _autocast)
-
-
-def _autocast(cfg: Config, ctx: ParallelContext):
-    wants_bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and ctx.device.type == "cuda")
-    if wants_bf16:
+def _autocast(precision: str, ctx: ParallelContext):
+    """bf16 autocast over fp32 weights; bf16 params compute in bf16 without it, as megatron's do."""
+    if precision == "autocast":
         return torch.autocast(device_type=ctx.device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -229,8 +233,9 @@ def _restore(cfg: Config, model, optimizer, schedule, log) -> TrainState:
         schedule.load_state_dict(saved["schedule"])
         log(f"resumed from {latest} at step {saved['iteration']}")
         return TrainState(saved["iteration"], saved["stage"], saved["stage_step"], saved["consumed_tokens"])
-    if cfg.checkpoint.pretrained:
-        checkpoint.load_checkpoint(cfg.checkpoint.pretrained, model=model, weights_only=True, load_rng=False)
+    if cfg.checkpoint.pretrained:  # the optimizer only for its fp32 main weights (bf16 params)
+        checkpoint.load_checkpoint(cfg.checkpoint.pretrained, model=model, optimizer=optimizer, weights_only=True,
+                                   load_rng=False)  # fmt: skip
         log(f"continual pretraining from the weights of {cfg.checkpoint.pretrained} (fresh optimizer and schedule)")
     return TrainState()
 

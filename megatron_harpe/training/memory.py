@@ -11,11 +11,13 @@ query and k/v heads per TP rank, d = head dim, f = FFN size / TP, V = vocabulary
 per activation element, L = layers; all per micro-batch and per rank):
 
 - Parameters per rank: `plan.parameters_per_rank` (exact for megatron-core's sharding). Bytes
-  per parameter follow the trainer: fp32 weights, fp32 gradients and AdamW's two fp32 moments
-  (16 B); under bf16 autocast the bf16 weight copies live from forward to backward (+2 B).
-  `bf16` is megatron's mixed precision (bf16 weights 2 + fp32 grads 4 + fp32 master and moments
-  12); optimizer sharding (megatron's distributed optimizer) divides the optimizer states by
-  DP x CP (CP ranks hold the same weights).
+  per parameter follow the trainer's mode (`mixed_precision.training_precision`, the same
+  function the trainer asks): `fp32` weights, gradients and AdamW's two moments (16 B);
+  `autocast` adds the bf16 weight copies living from forward to backward (+2 B); `bf16` params
+  (the default on GPU) are bf16 weights 2 + fp32 main gradients 4 + fp32 main weights and
+  moments 12. Optimizer sharding divides the optimizer states (with the main weights) by DP x CP
+  (CP ranks hold the same weights). tests/distributed/test_bf16_params.py checks these bytes
+  against what the trainer allocates.
 - Activations: the tensors autograd keeps for backward, counted per layer for this model
   (RMSNorm, SwiGLU, no biases, no dropout), in the spirit of Korthikanti et al. 2022 ("Reducing
   Activation Recomputation in Large Transformer Models", sbh(34 + 5as/h) for GPT): their 34 and
@@ -99,15 +101,16 @@ class Precision:
 PRECISIONS = {
     "fp32": Precision("fp32", 4, 4, 8, 4),
     "autocast": Precision("autocast (fp32 weights, bf16 compute)", 6, 4, 8, 2),
-    "bf16": Precision("bf16 (megatron mixed precision)", 2, 4, 12, 2, 2),
+    "bf16": Precision("bf16 params, fp32 main weights and gradients", 2, 4, 12, 2, 2),
 }
 
 
 def trainer_precision(cfg: Config, device: str = "gpu") -> Precision:
-    """What this project's trainer does for `train.precision` on `device`."""
-    if cfg.train.precision == "fp32" or device == "cpu":
-        return PRECISIONS["fp32"]
-    return PRECISIONS["autocast"]
+    """What this project's trainer does for `train.precision` / `train.params_dtype` on `device`
+    ("gpu" or "cpu"); ValueError for a combination the trainer refuses there."""
+    from megatron_harpe.training.mixed_precision import training_precision
+
+    return PRECISIONS[training_precision(cfg.train, "cuda" if device == "gpu" else "cpu")]
 
 
 @dataclasses.dataclass(frozen=True)

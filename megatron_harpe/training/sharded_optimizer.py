@@ -20,9 +20,19 @@ Checkpoints: `sharded_state(model_sharded_state, placeholders)` describes the ow
 the same global tensors the replicated AdamW saves (`optimizer.state.exp_avg.<param>`), written
 by their owner only, so a checkpoint saved sharded loads replicated and the other way round,
 under any DP x CP size (dist_checkpointing reshards).
+
+bf16 parameters (`fp32_main_weights=True`, training/mixed_precision.py): each owner keeps an
+fp32 main weight per owned parameter, whose `.grad` is the parameter's fp32 `main_grad`; the
+step updates the main weights, copies them into the bf16 parameters and broadcasts those (bf16:
+half the bytes). `shard=False` owns everything on every rank (the replicated optimizer of this
+mode). The checkpoint's model tensors then hold the fp32 main weights, each written by its
+owner (`weights_for_checkpoint`), so an fp32 run and a bf16-params run load each other's
+checkpoints and an export loses nothing.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
@@ -53,13 +63,14 @@ class ShardedAdamW:
     and the checkpoint use. `param_groups` holds every parameter (the schedule sets lr there);
     the inner AdamW only the owned ones."""
 
-    def __init__(self, model: torch.nn.Module, group: dist.ProcessGroup | None, **adamw) -> None:
+    def __init__(self, model: torch.nn.Module, group: dist.ProcessGroup | None, *, shard: bool = True,
+                 fp32_main_weights: bool = False, **adamw) -> None:  # fmt: skip
         full = build_optimizer(model, **adamw)  # validates; holds no state until a step
         self.param_groups = full.param_groups
         self.defaults = full.defaults
         self.group = group
-        self.ranks = dist.get_world_size(group) if dist.is_initialized() else 1
-        self.rank = dist.get_rank(group) if dist.is_initialized() else 0
+        self.ranks = dist.get_world_size(group) if dist.is_initialized() and shard else 1
+        self.rank = dist.get_rank(group) if dist.is_initialized() and shard else 0
         self.params = [param for group_ in self.param_groups for param in group_["params"]]
         self.owners = partition([param.numel() for param in self.params], self.ranks)
         local_groups = [
@@ -67,9 +78,28 @@ class ShardedAdamW:
              "params": [p for p in group_["params"] if self.owners[self._index(p)] == self.rank]}
             for group_ in self.param_groups
         ]  # fmt: skip
+        self.main: dict[int, torch.nn.Parameter] = {}
+        """id of an owned parameter -> its fp32 main weight (bf16 parameters only)."""
+        if fp32_main_weights:
+            for group_ in local_groups:
+                group_["params"] = [self._make_main(param) for param in group_["params"]]
         owned = [p for group_ in local_groups for p in group_["params"]]
         hyper = {k: v for k, v in full.defaults.items() if k in ("lr", "betas", "eps", "weight_decay")}
         self.local = torch.optim.AdamW(local_groups, **hyper, **_kernel_options(owned or self.params))
+        self.fp32_main_weights = fp32_main_weights
+
+    def _make_main(self, param: torch.nn.Parameter) -> torch.nn.Parameter:
+        if not hasattr(param, "main_grad"):
+            raise RuntimeError("fp32_main_weights needs the model's fp32 main_grad buffers: call "
+                               "mixed_precision.attach_main_grads(model) before building the optimizer")  # fmt: skip
+        main = torch.nn.Parameter(param.detach().to(torch.float32, copy=True))
+        main.grad = param.main_grad  # the same tensor: reduced and clipped in place before the step
+        self.main[id(param)] = main
+        return main
+
+    def _optimized(self, param: torch.nn.Parameter) -> torch.nn.Parameter:
+        """The tensor AdamW updates for `param`: its fp32 main weight, else the parameter itself."""
+        return self.main.get(id(param), param)
 
     def _index(self, param: torch.nn.Parameter) -> int:
         if not hasattr(self, "_indices"):
@@ -81,8 +111,12 @@ class ShardedAdamW:
         return self.local.state
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """Under bf16 parameters the fp32 main gradients are zeroed in place (they are buffers)."""
         for param in self.params:
-            if set_to_none:
+            if self.fp32_main_weights:
+                param.main_grad.zero_()
+                param.grad = None
+            elif set_to_none:
                 param.grad = None
             elif param.grad is not None:
                 param.grad.zero_()
@@ -93,6 +127,9 @@ class ShardedAdamW:
         for full, local in zip(self.param_groups, self.local.param_groups):
             local.update({k: v for k, v in full.items() if k != "params"})
         self.local.step()
+        for param in self.params:
+            if id(param) in self.main:
+                param.copy_(self.main[id(param)])  # fp32 -> bf16, rounded to nearest
         if self.ranks > 1:
             self._broadcast_updated()
 
@@ -118,13 +155,15 @@ class ShardedAdamW:
         for index, (param, owner) in enumerate(zip(self.params, self.owners)):
             if owner != self.rank:
                 continue
+            optimized = self._optimized(param)
             if placeholders is None:
-                values = {key: self.local.state[param][key] for key in MOMENTS if key in self.local.state.get(param, {})}
+                values = {key: self.local.state[optimized][key] for key in MOMENTS if key in self.local.state.get(optimized, {})}
             else:
-                values = {key: torch.empty_like(param) for key in stepped.get(index, ())}
+                values = {key: torch.empty_like(optimized) for key in stepped.get(index, ())}
             for key, value in values.items():
                 sharded = make_sharded_optimizer_tensor(param_to_sharded[index], value, prefix=f"optimizer.state.{key}")
-                sharded.replica_id = _owner_writes(sharded.replica_id)
+                if self.ranks > 1:
+                    sharded.replica_id = _owner_writes(sharded.replica_id)
                 tensor_state.setdefault(index, {})[key] = sharded
         groups = [{**{k: v for k, v in group.items() if k != "params"},
                    "params": LocalNonpersistentObject(list(range(len(group["params"]))))}
@@ -148,12 +187,50 @@ class ShardedAdamW:
             current.update({k: v for k, v in saved.items() if k != "params"})
         fused = bool(self.local.defaults.get("fused"))
         for index, moments in loaded["tensor_state"].items():
-            param = self.params[index]
+            param = self._optimized(self.params[index])
             step = torch.as_tensor(common["scalar_state"][index]["step"], dtype=torch.float32)
             self.local.state[param] = {
                 "step": step.to(param.device) if fused else step,
                 **{key: value.to(device=param.device, dtype=param.dtype) for key, value in moments.items()},
             }
+
+    # ---------------------------------------------------------------- fp32 main weights in checkpoints
+
+    def weights_for_checkpoint(self, model_sharded: dict, loading: bool) -> tuple[dict, dict[str, torch.nn.Parameter]]:
+        """bf16 parameters: the model's checkpoint entries with the fp32 main weights in place of
+        the bf16 parameters. Saving: each owner writes its main weights (other ranks leave the
+        entry out). Loading: every rank reads fp32 values for all its parameters (empty
+        tensors to fill). Also returns {entry key: parameter} of the replaced entries, for
+        `load_main_weights`. Without fp32 main weights: `model_sharded` unchanged."""
+        if not self.fp32_main_weights:
+            return model_sharded, {}
+        by_id = {id(param): param for param in self.params}
+        replaced, entries = {}, {}
+        for key, entry in model_sharded.items():
+            param = by_id.get(id(getattr(entry, "data", None)))
+            if param is None:  # _extra_state, frozen parameters
+                replaced[key] = entry
+                continue
+            entries[key] = param
+            if loading:
+                value = torch.empty_like(param, dtype=torch.float32)
+            elif id(param) in self.main:
+                value = self.main[id(param)].detach()
+            else:
+                continue  # its owner writes it
+            changes = {"data": value} | ({"dtype": torch.float32} if hasattr(entry, "dtype") else {})
+            if not loading and self.ranks > 1:
+                changes["replica_id"] = _owner_writes(entry.replica_id)
+            replaced[key] = replace(entry, **changes)
+        return replaced, entries
+
+    @torch.no_grad()
+    def load_main_weights(self, loaded_model: dict, entries: dict[str, torch.nn.Parameter]) -> None:
+        """Set the owned fp32 main weights from the loaded fp32 values (the bf16 parameters are
+        loaded by `model.load_state_dict`)."""
+        for key, param in entries.items():
+            if id(param) in self.main:
+                self.main[id(param)].copy_(loaded_model[key])
 
 
 def _owner_writes(replica_id):

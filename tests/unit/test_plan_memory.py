@@ -68,16 +68,18 @@ def preset():
 
 def test_parameters_and_their_bytes(llama) -> None:
     assert estimate_memory(llama, Layout()).parameters == 6_738_415_616
-    memory = estimate_memory(llama, PAPER_LAYOUT)  # the trainer: fp32 weights + bf16 autocast copies
+    memory = estimate_memory(llama, PAPER_LAYOUT)  # the trainer on GPU: bf16 params, fp32 main grads and weights
+    assert memory.precision == PRECISIONS["bf16"]
     assert memory.parameters == 1_684_803_584
-    assert memory.weights == 6 * 1_684_803_584
+    assert memory.weights == 2 * 1_684_803_584
     assert memory.gradients == 4 * 1_684_803_584
-    assert memory.optimizer == memory.optimizer_unsharded == 8 * 1_684_803_584
-    assert memory.optimizer_sharded == 8 * 1_684_803_584 // 8  # over DP 2 x CP 4
+    assert memory.optimizer == memory.optimizer_unsharded == 12 * 1_684_803_584  # main weights + 2 moments
+    assert memory.optimizer_sharded == 12 * 1_684_803_584 // 8  # over DP 2 x CP 4
 
-    megatron = estimate_memory(llama, Layout(4, 4, 2, optimizer_sharding=True), PRECISIONS["bf16"])
-    assert megatron.weights == 2 * 1_684_803_584
-    assert megatron.optimizer == 12 * 1_684_803_584 // 8
+    autocast = estimate_memory(llama, Layout(4, 4, 2, optimizer_sharding=True), PRECISIONS["autocast"])
+    assert autocast.weights == 6 * 1_684_803_584  # fp32 weights + their bf16 copies
+    assert autocast.optimizer == 8 * 1_684_803_584 // 8
+    assert estimate_memory(llama, PAPER_LAYOUT, device="cpu").precision == PRECISIONS["bf16"]  # precision: bf16 on CPU too
 
 
 def test_flops_per_token(llama) -> None:
@@ -110,11 +112,11 @@ def test_communication_of_the_paper_layout(preset) -> None:
     assert context.sent_bytes == 4 * 3 * 2 * 32768 * 8 * 128 * 2 * 32 * 16 == 768 * GIB
     assert context.link == "infiniband" and context.seconds == pytest.approx(768 * GIB / 40e9)
     assert context.exposed_seconds == 0.0  # 20.6 s under 45.5 s of attention (4 x 34.4 of 190.3 GFLOP per token)
-    # DP x CP = 8: all-reduce fp32 gradients (hidden by the last backward: 0.29 s < 2.6 s), owners broadcast fp32 weights (exposed)
+    # DP x CP = 8: all-reduce fp32 main gradients (hidden by the last backward: 0.29 s < 2.6 s), owners broadcast bf16 weights (exposed)
     reduce, gather = items["data:gradient all-reduce (fp32)"], items["data:updated weight broadcast from owners"]
-    assert reduce.sent_bytes == 2 * 7 / 8 * 1_684_803_584 * 4 and gather.sent_bytes == 7 / 8 * 1_684_803_584 * 4
-    assert reduce.exposed_seconds == 0.0 and gather.exposed_seconds == pytest.approx(7 / 8 * 1_684_803_584 * 4 / 40e9)
-    assert step.step_seconds == pytest.approx(compute + 1152 * GIB / 360e9 + 7 / 8 * 1_684_803_584 * 4 / 40e9)
+    assert reduce.sent_bytes == 2 * 7 / 8 * 1_684_803_584 * 4 and gather.sent_bytes == 7 / 8 * 1_684_803_584 * 2
+    assert reduce.exposed_seconds == 0.0 and gather.exposed_seconds == pytest.approx(7 / 8 * 1_684_803_584 * 2 / 40e9)
+    assert step.step_seconds == pytest.approx(compute + 1152 * GIB / 360e9 + 7 / 8 * 1_684_803_584 * 2 / 40e9)
 
 
 def test_step_times_differ_by_their_communication(llama, preset) -> None:
@@ -134,7 +136,7 @@ def test_step_times_differ_by_their_communication(llama, preset) -> None:
 
 def test_the_paper_preset_fits_30_gib(preset) -> None:
     memory = estimate_memory(preset, config_layout(preset, 32))
-    assert memory.optimizer == 8 * 1_684_803_584 // 8
+    assert memory.optimizer == 12 * 1_684_803_584 // 8  # fp32 main weights and moments, sharded
     assert memory.total <= 30 * GIB
 
 
