@@ -17,17 +17,22 @@ Long texts and sentencepiece: its BPE/unigram encoders cost more per token on lo
 heap / lattice over the whole text), so long texts are cut at spaces no vocabulary piece can
 span and the pieces encoded separately. The ids are identical to encoding the whole text (the
 dropped space comes back as the piece's dummy prefix); the cut is used only when the model's
-own settings make that exact (`_safe_cut_context`), which holds for Llama2's tokenizer.
+own settings make that exact (`_safe_cut_context`: identity normalization, dummy prefix, BPE),
+which holds for Llama2's tokenizer.
 
 Data preparation goes further (`encode_flat`): it cuts at every such space and keeps the ids of
 each segment (mostly a word with its leading space) in a bounded cache, so only segments not
 seen before reach sentencepiece; natural text and code repeat most of their segments, and the
-ids are again identical to encoding whole texts.
+ids are again identical to encoding whole texts. When no vocabulary piece holds "▁" after its
+first character (models from `train_sentencepiece`; not Llama2, which has "▁▁" pieces), every
+space is such a cut and segments come from `str.split(" ")`, several times cheaper than the
+regex the general case needs.
 """
 
 from __future__ import annotations
 
 import array
+import gc
 import io
 import itertools
 import json
@@ -54,7 +59,6 @@ SEGMENT_CACHE_ENTRIES = 500_000
 """Segments whose ids `encode_flat` keeps per tokenizer (up to about 60 MB); full -> emptied."""
 CACHED_SEGMENT_CHARS = 48
 """Longer segments are encoded but not kept."""
-
 
 class Tokenizer:
     """A loaded tokenizer: either a sentencepiece `.model` or a Hugging Face `tokenizer.json`.
@@ -89,9 +93,14 @@ class Tokenizer:
         self.kind = "sentencepiece"
         self._sp = processor
         self._hf = None
-        self._unsafe_before_space = _safe_cut_context(Path(self.path).read_bytes())
+        model = _model_proto(Path(self.path).read_bytes())
+        self._unsafe_before_space = _safe_cut_context(model) if model is not None else None
         self._segment_pattern = _safe_space_pattern(self._unsafe_before_space)
+        self._cut_at_every_space = self._unsafe_before_space is not None and _spaces_only_start_pieces(model)
         self._segment_cache: dict[str, bytes] = {}  # segment -> its ids as int32 bytes
+        self._empty_word_ids = _lone_space_ids(processor) if self._cut_at_every_space else None
+        if self._empty_word_ids is None:
+            self._cut_at_every_space = False
         self.vocab_size = processor.GetPieceSize()
         self.bos_id = _none_if_negative(processor.bos_id())
         self.eos_id = _none_if_negative(processor.eos_id())
@@ -109,6 +118,8 @@ class Tokenizer:
         self._hf = hf_tokenizer
         self._unsafe_before_space = None
         self._segment_pattern = None
+        self._cut_at_every_space = False
+        self._empty_word_ids = None
         self.vocab_size = hf_tokenizer.get_vocab_size(with_added_tokens=True)
         configured = _special_tokens_from_config(Path(self.path).parent)
         self.bos_id = self._hf_special_id(configured.get("bos_token"), _HF_BOS_CANDIDATES)
@@ -165,27 +176,43 @@ class Tokenizer:
             counts = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
             flat = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int32, count=int(counts.sum()))
             return flat, counts
-        segments_per_text = [self._segment_pattern.split(text) for text in texts]
-        segments = list(itertools.chain.from_iterable(segments_per_text))
+        if self._cut_at_every_space:  # "a  b" -> "a", "", "b": each is "▁" + itself in place
+            segments_per_text = [text.split(" ") if text else [] for text in texts]
+        else:
+            segments_per_text = [self._segment_pattern.split(text) for text in texts]
+        collecting = gc.isenabled()
+        gc.disable()  # no cycles are made here; collections would only walk the new id lists
+        try:
+            dropped = self._cache_new_segments(segments_per_text, num_threads)
+            lookup = self._segment_cache.__getitem__
+            per_text = [b"".join(map(lookup, segments)) for segments in segments_per_text]
+            for segment in dropped:
+                del self._segment_cache[segment]
+        finally:
+            if collecting:
+                gc.enable()
+        counts = np.fromiter(map(len, per_text), dtype=np.int64, count=len(per_text)) // 4
+        return np.frombuffer(b"".join(per_text), dtype=np.int32), counts
+
+    def _cache_new_segments(self, segments_per_text: list[list[str]], num_threads: int) -> list[str]:
+        """Put the int32 ids (as bytes) of every segment not in the cache into it (each encoded
+        alone, with the dummy prefix, all in one batch); return the new segments too long to
+        keep once they have been used (long segments rarely recur: the room is for words)."""
         cache = self._segment_cache
-        distinct = set(segments)
+        distinct = set(itertools.chain.from_iterable(segments_per_text))
         unseen = distinct.difference(cache)
-        if unseen:
-            if len(cache) + len(unseen) > SEGMENT_CACHE_ENTRIES:
-                cache.clear()
-                unseen = distinct
-            unseen = list(unseen)
-            encoded = self._sp.Encode(unseen, out_type=int, num_threads=num_threads)
-            cache.update(zip(unseen, (array.array("i", ids).tobytes() for ids in encoded)))
-        found = list(map(cache.__getitem__, segments))
-        for segment in unseen:  # long segments rarely recur: keep the room for words
-            if len(segment) > CACHED_SEGMENT_CHARS:
-                del cache[segment]
-        flat = np.frombuffer(b"".join(found), dtype=np.int32)
-        segment_tokens = np.fromiter(map(len, found), dtype=np.int64, count=len(found)) // 4
-        first_segments = np.cumsum([0] + [len(parts) for parts in segments_per_text[:-1]])
-        counts = np.add.reduceat(segment_tokens, first_segments) if texts else np.zeros(0, dtype=np.int64)
-        return flat, counts
+        if not unseen:
+            return []
+        if len(cache) + len(unseen) > SEGMENT_CACHE_ENTRIES:
+            cache.clear()
+            unseen = distinct
+        if self._empty_word_ids is not None and "" in unseen:  # between two spaces: one "▁"
+            unseen.discard("")
+            cache[""] = self._empty_word_ids
+        new = list(unseen)
+        encoded = self._sp.Encode(new, out_type=int, num_threads=num_threads)
+        cache.update(zip(new, map(bytes, map(array.array, itertools.repeat("i"), encoded))))
+        return [segment for segment in new if len(segment) > CACHED_SEGMENT_CHARS]
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of `ids`; BOS/EOS/PAD are dropped."""
@@ -212,22 +239,32 @@ def _none_if_negative(token_id: int) -> int | None:
     return token_id if token_id >= 0 else None
 
 
-def _safe_cut_context(model_bytes: bytes) -> frozenset[str] | None:
+def _model_proto(model_bytes: bytes) -> Any:
+    """The parsed sentencepiece ModelProto, or None without protobuf (texts are then encoded whole)."""
+    try:
+        from sentencepiece import sentencepiece_model_pb2
+    except ImportError:
+        return None
+    model = sentencepiece_model_pb2.ModelProto()
+    model.ParseFromString(model_bytes)
+    return model
+
+
+def _safe_cut_context(model: Any) -> frozenset[str] | None:
     """Characters after which a space must not be cut, or None if this sentencepiece model
     cannot be cut exactly at all.
 
     Cutting `...c x...` into `...c` and `x...` is exact when: normalization is the identity
     and adds a dummy prefix (the dropped space returns as the second piece's leading space)
-    without collapsing whitespace, whitespace is a prefix (not a suffix) of pieces, and no
-    vocabulary piece holds `c` followed by a space: then no merge (BPE) and no lattice path
-    (unigram) crosses the cut, and both halves are encoded as they would be in place.
+    without collapsing whitespace, whitespace is a prefix (not a suffix) of pieces, the model
+    is BPE and no vocabulary piece holds `c` followed by a space: then no merge crosses the
+    cut (a merge needs the joined string in the vocabulary), merges on either side never
+    meet, and both halves are encoded as they would be in place. Unigram models are never
+    cut: their Viterbi ties (e.g. "*" "**" against "**" "*") can break differently once the
+    scores before the cut are gone.
     """
-    try:
-        from sentencepiece import sentencepiece_model_pb2
-    except ImportError:  # protobuf missing: encode whole texts
-        return None
-    model = sentencepiece_model_pb2.ModelProto()
-    model.ParseFromString(model_bytes)
+    from sentencepiece import sentencepiece_model_pb2
+
     normalizer, trainer = model.normalizer_spec, model.trainer_spec
     exact = (
         normalizer.name == "identity"
@@ -236,7 +273,7 @@ def _safe_cut_context(model_bytes: bytes) -> frozenset[str] | None:
         and normalizer.add_dummy_prefix
         and not normalizer.remove_extra_whitespaces
         and not trainer.treat_whitespace_as_suffix
-        and trainer.model_type in (sentencepiece_model_pb2.TrainerSpec.UNIGRAM, sentencepiece_model_pb2.TrainerSpec.BPE)
+        and trainer.model_type == sentencepiece_model_pb2.TrainerSpec.BPE
     )
     if not exact:
         return None
@@ -247,6 +284,22 @@ def _safe_cut_context(model_bytes: bytes) -> frozenset[str] | None:
             if piece[index] == _SPACE_SYMBOL and piece[index - 1] != _SPACE_SYMBOL:
                 unsafe.add(piece[index - 1])
     return frozenset(unsafe)
+
+
+def _spaces_only_start_pieces(model: Any) -> bool:
+    """Whether no piece holds "▁" after its first character: then a cut before every space is
+    exact, also inside runs of spaces (unlike Llama2's vocabulary, which has "▁▁" pieces)."""
+    return all(_SPACE_SYMBOL not in entry.piece[1:] for entry in model.pieces)
+
+
+def _lone_space_ids(processor: sentencepiece.SentencePieceProcessor) -> bytes | None:
+    """The int32 ids of one "▁" symbol: half of what " " gives (two "▁" with the dummy
+    prefix, never merged when no piece spans them); None if the halves differ."""
+    doubled = processor.Encode(" ", out_type=int)
+    half = len(doubled) // 2
+    if not doubled or len(doubled) % 2 or doubled[:half] != doubled[half:]:
+        return None
+    return array.array("i", doubled[:half]).tobytes()
 
 
 def _safe_space_pattern(unsafe_before: frozenset[str] | None) -> re.Pattern | None:

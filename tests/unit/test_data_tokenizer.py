@@ -137,7 +137,7 @@ def _cuttable_tokenizer(tmp_path: Path, kind: str):
     return load_tokenizer(_train_raw(tmp_path, kind, **options))
 
 
-@pytest.mark.parametrize("kind", ["bpe", "unigram", "llama_like_whitespace_pieces"])
+@pytest.mark.parametrize("kind", ["bpe", "llama_like_whitespace_pieces"])
 def test_long_texts_cut_at_safe_spaces_encode_exactly_like_whole_texts(kind, tmp_path, monkeypatch):
     tokenizer = _cuttable_tokenizer(tmp_path, kind)
     assert tokenizer._unsafe_before_space is not None
@@ -160,11 +160,24 @@ def test_models_whose_normalizer_could_move_a_cut_are_never_cut(tmp_path):
     assert nfkc.encode(text) == nfkc._sp.EncodeAsIds(text)
 
 
+def test_unigram_models_are_never_cut(tmp_path):
+    """Unigram Viterbi ties break by the score carried from before a cut: "x = 1 '***'" cut at
+    its last space gives "'", "**", "*" alone but "'", "*", "**" in place (for this model)."""
+    unigram = _cuttable_tokenizer(tmp_path, "unigram")
+    assert unigram._unsafe_before_space is None and unigram._segment_pattern is None
+    assert not unigram._cut_at_every_space
+    texts = [f"{prefix} '{'*' * stars}'" for prefix in ("a", "x = 1", "**") for stars in range(1, 12)] + TRAINING_TEXTS
+    flat, counts = unigram.encode_flat(texts)
+    assert (flat.tolist(), counts.tolist()) == _flat_reference(unigram._sp.Encode(texts, out_type=int))
+    cut_alone = unigram._sp.EncodeAsIds("x = 1") + unigram._sp.EncodeAsIds("'***'")
+    assert cut_alone != unigram._sp.EncodeAsIds("x = 1 '***'")  # why cutting is refused
+
+
 def _flat_reference(encoded: list[list[int]]) -> tuple[list[int], list[int]]:
     return [token for ids in encoded for token in ids], [len(ids) for ids in encoded]
 
 
-@pytest.mark.parametrize("kind", ["bpe", "unigram", "llama_like_whitespace_pieces"])
+@pytest.mark.parametrize("kind", ["bpe", "llama_like_whitespace_pieces"])
 def test_segment_cache_encodes_exactly_like_whole_texts(kind, tmp_path, monkeypatch):
     tokenizer = _cuttable_tokenizer(tmp_path, kind)
     texts = TRAINING_TEXTS + CUT_EDGE_CASES + AWKWARD_TEXTS + ["", " ", "x y", "x  y", "a b"]
@@ -193,3 +206,65 @@ def test_encode_flat_without_the_cache_matches_encode_batch(tmp_path, hf_tokeniz
         assert tokenizer._segment_pattern is None
         flat, counts = tokenizer.encode_flat(AWKWARD_TEXTS + CUT_EDGE_CASES)
         assert (flat.tolist(), counts.tolist()) == _flat_reference(tokenizer.encode_batch(AWKWARD_TEXTS + CUT_EDGE_CASES))
+
+
+ADVERSARIAL_TEXTS = [
+    "a  b   c    d", "  leading spaces", "trailing spaces  ", " ", "  ", "\t", "tab\tseparated\twords\t",
+    "new\nlines\n\n    indented\n", "crlf\r\nline \r\n", "\ufb01ne ligature \uff26\uff35\uff2c\uff2c width \u2460\u2461",
+    "e\u0301 combining, A\u030a", "digits 1234567890 3.14159 1e-10 0x1F", "emoji \U0001f600\U0001f44d\U0001f3fd and \U0001d518",
+    "\u4e2d\u6587\u5b57\u7b26 \u65e5\u672c\u8a9e \ud55c\uad6d\uc5b4", "literal \u2581 mark \u2581\u2581 x\u2581y \u2581",
+    "ideographic\u3000space", "nbsp\u00a0space", "zero\u200bwidth", "\x00nul \x01ctrl \x7f", "\u2581", " \u2581 ", "x", "",
+    "    def f(x):\n        return x  # comment\n",
+]
+
+
+def _random_texts(count: int, seed: int = 0) -> list[str]:
+    """Short texts over an alphabet of separators, letters, digits, marks and unknown characters."""
+    import random
+
+    alphabet = [" ", " ", " ", "\t", "\n", "a", "b", "e", "th", "\u2581", "1", "7", "\U0001f600", "\u00e9", "\ufb01", "\u3000", "*"]
+    generator = random.Random(seed)
+    return ["".join(generator.choice(alphabet) for _ in range(generator.randint(0, 40))) for _ in range(count)]
+
+
+def test_word_cache_is_used_only_when_every_space_is_an_exact_cut(sentencepiece_model, tmp_path):
+    ours = load_tokenizer(sentencepiece_model)  # train_sentencepiece: identity, BPE, no "▁▁" pieces
+    assert ours._cut_at_every_space
+    pieces = [ours._sp.IdToPiece(index) for index in range(ours.vocab_size)]
+    assert all("\u2581" not in piece[1:] for piece in pieces)
+    llama_like = _cuttable_tokenizer(tmp_path, "llama_like_whitespace_pieces")  # has "▁▁" pieces
+    assert llama_like._segment_pattern is not None and not llama_like._cut_at_every_space
+    nfkc = load_tokenizer(_train_raw(tmp_path, "nfkc", model_type="bpe"))
+    assert not nfkc._cut_at_every_space
+
+
+def test_word_cache_encodes_adversarial_and_random_text_exactly(sentencepiece_model, tmp_path, monkeypatch):
+    """The fast path (one cached lookup per space-separated word) against sentencepiece on whole
+    texts: runs of spaces, tabs, newlines, text NFKC would change (kept as is: identity),
+    leading/trailing whitespace, digits, byte fallback, literal "▁", empty texts."""
+    tokenizers = [load_tokenizer(sentencepiece_model), _cuttable_tokenizer(tmp_path, "llama_like_whitespace_pieces")]
+    texts = ADVERSARIAL_TEXTS + _random_texts(3000) + CUT_EDGE_CASES + TRAINING_TEXTS
+    for tokenizer in tokenizers:
+        expected = tokenizer._sp.Encode(texts, out_type=int)
+        assert any(tokenizer._sp.IsByte(token) for ids in expected for token in ids)  # byte fallback is exercised
+        for text, ids in zip(ADVERSARIAL_TEXTS, expected):  # one text at a time, cold and warm
+            for _ in range(2):
+                flat, counts = tokenizer.encode_flat([text])
+                assert flat.tolist() == ids and counts.tolist() == [len(ids)], repr(text)
+        monkeypatch.setattr(tokenizer_module, "SEGMENT_CACHE_ENTRIES", 200)  # emptied again and again
+        for start in range(0, len(texts), 97):
+            flat, counts = tokenizer.encode_flat(texts[start : start + 97], num_threads=1)
+            assert (flat.tolist(), counts.tolist()) == _flat_reference(expected[start : start + 97])
+        monkeypatch.undo()
+
+
+def test_word_cache_matches_on_python_sources(sentencepiece_model):
+    """Code, as in the data-preparation benchmark: indentation, blank lines, long lines."""
+    import inspect
+    import json as json_module
+
+    texts = [inspect.getsource(module) for module in (json_module.decoder, json_module.encoder, pytest, io, pickle)]
+    tokenizer = load_tokenizer(sentencepiece_model)
+    for _ in range(2):  # cold, then warm
+        flat, counts = tokenizer.encode_flat(texts)
+        assert (flat.tolist(), counts.tolist()) == _flat_reference(tokenizer._sp.Encode(texts, out_type=int))
