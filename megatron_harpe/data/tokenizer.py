@@ -59,6 +59,9 @@ SEGMENT_CACHE_ENTRIES = 500_000
 """Segments whose ids `encode_flat` keeps per tokenizer (up to about 60 MB); full -> emptied."""
 CACHED_SEGMENT_CHARS = 48
 """Longer segments are encoded but not kept."""
+WORDS_PER_CALL = 8
+"""New words are encoded this many to a string (joined by spaces), not one by one (8: about 8%
+less CPU than one by one on Python sources; longer strings cost sentencepiece more per id)."""
 
 class Tokenizer:
     """A loaded tokenizer: either a sentencepiece `.model` or a Hugging Face `tokenizer.json`.
@@ -101,6 +104,10 @@ class Tokenizer:
         self._empty_word_ids = _lone_space_ids(processor) if self._cut_at_every_space else None
         if self._empty_word_ids is None:
             self._cut_at_every_space = False
+        self._word_start = None  # for each id: does its piece start with "▁"
+        space_id = processor.PieceToId(_SPACE_SYMBOL)
+        if self._cut_at_every_space and not (processor.IsUnknown(space_id) or processor.IsControl(space_id) or processor.IsByte(space_id)):
+            self._word_start = np.array([entry.piece.startswith(_SPACE_SYMBOL) for entry in model.pieces], dtype=bool)
         self.vocab_size = processor.GetPieceSize()
         self.bos_id = _none_if_negative(processor.bos_id())
         self.eos_id = _none_if_negative(processor.eos_id())
@@ -120,6 +127,7 @@ class Tokenizer:
         self._segment_pattern = None
         self._cut_at_every_space = False
         self._empty_word_ids = None
+        self._word_start = None
         self.vocab_size = hf_tokenizer.get_vocab_size(with_added_tokens=True)
         configured = _special_tokens_from_config(Path(self.path).parent)
         self.bos_id = self._hf_special_id(configured.get("bos_token"), _HF_BOS_CANDIDATES)
@@ -210,9 +218,30 @@ class Tokenizer:
             unseen.discard("")
             cache[""] = self._empty_word_ids
         new = list(unseen)
-        encoded = self._sp.Encode(new, out_type=int, num_threads=num_threads)
-        cache.update(zip(new, map(bytes, map(array.array, itertools.repeat("i"), encoded))))
+        ids = self._encode_words_joined(new, num_threads) if self._word_start is not None else None
+        if ids is None:
+            encoded = self._sp.Encode(new, out_type=int, num_threads=num_threads)
+            ids = map(bytes, map(array.array, itertools.repeat("i"), encoded))
+        cache.update(zip(new, ids))
         return [segment for segment in new if len(segment) > CACHED_SEGMENT_CHARS]
+
+    def _encode_words_joined(self, words: list[str], num_threads: int) -> list[bytes] | None:
+        """The int32 ids (as bytes) of each space-free word, from encoding them joined by spaces
+        a few at a time: cheaper than one sentencepiece call and one id list per word.
+        Exact for `_cut_at_every_space` models: the joined text cuts before every space, and
+        each word's ids begin with the only id whose piece starts with "▁". None if a word
+        holds a literal "▁" (it would start a piece too) or the starts do not add up."""
+        if _SPACE_SYMBOL in "".join(words):
+            return None
+        groups = [" ".join(words[start : start + WORDS_PER_CALL]) for start in range(0, len(words), WORDS_PER_CALL)]
+        encoded = self._sp.Encode(groups, out_type=int, num_threads=num_threads)
+        flat = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int32)
+        starts = np.flatnonzero(self._word_start[flat])
+        if starts.size != len(words) or (starts.size and starts[0] != 0):
+            return None
+        bounds = (np.append(starts, flat.size) * 4).tolist()
+        buffer = flat.tobytes()
+        return list(map(buffer.__getitem__, map(slice, bounds[:-1], bounds[1:])))
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of `ids`; BOS/EOS/PAD are dropped."""

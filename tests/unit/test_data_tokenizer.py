@@ -268,3 +268,15 @@ def test_word_cache_matches_on_python_sources(sentencepiece_model):
     for _ in range(2):  # cold, then warm
         flat, counts = tokenizer.encode_flat(texts)
         assert (flat.tolist(), counts.tolist()) == _flat_reference(tokenizer._sp.Encode(texts, out_type=int))
+
+
+def test_new_words_encoded_joined_equal_words_encoded_one_by_one(sentencepiece_model):
+    import array
+
+    tokenizer = load_tokenizer(sentencepiece_model)
+    assert tokenizer._word_start is not None
+    texts = ADVERSARIAL_TEXTS + _random_texts(500, seed=1) + TRAINING_TEXTS
+    words = sorted({word for text in texts for word in text.split(" ") if word and "\u2581" not in word})
+    one_by_one = [array.array("i", ids).tobytes() for ids in tokenizer._sp.Encode(words, out_type=int)]
+    assert tokenizer._encode_words_joined(words, num_threads=1) == one_by_one
+    assert tokenizer._encode_words_joined(words + ["x\u2581y"], num_threads=1) is None  # a literal "▁" starts a piece too
