@@ -104,9 +104,12 @@ class Tokenizer:
         self._empty_word_ids = _lone_space_ids(processor) if self._cut_at_every_space else None
         if self._empty_word_ids is None:
             self._cut_at_every_space = False
+        # Llama2-like ("▁▁" pieces, but none ending in another character + "▁"): every single
+        # space between two words is a cut, so texts without runs of spaces split with str.split
+        self._cut_at_single_spaces = self._unsafe_before_space == frozenset({" ", _SPACE_SYMBOL})
         self._word_start = None  # for each id: does its piece start with "▁"
         space_id = processor.PieceToId(_SPACE_SYMBOL)
-        if self._cut_at_every_space and not (processor.IsUnknown(space_id) or processor.IsControl(space_id) or processor.IsByte(space_id)):
+        if self._cut_at_single_spaces and not (processor.IsUnknown(space_id) or processor.IsControl(space_id) or processor.IsByte(space_id)):
             self._word_start = np.array([entry.piece.startswith(_SPACE_SYMBOL) for entry in model.pieces], dtype=bool)
         self.vocab_size = processor.GetPieceSize()
         self.bos_id = _none_if_negative(processor.bos_id())
@@ -125,7 +128,7 @@ class Tokenizer:
         self._hf = hf_tokenizer
         self._unsafe_before_space = None
         self._segment_pattern = None
-        self._cut_at_every_space = False
+        self._cut_at_every_space = self._cut_at_single_spaces = False
         self._empty_word_ids = None
         self._word_start = None
         self.vocab_size = hf_tokenizer.get_vocab_size(with_added_tokens=True)
@@ -186,6 +189,9 @@ class Tokenizer:
             return flat, counts
         if self._cut_at_every_space:  # "a  b" -> "a", "", "b": each is "▁" + itself in place
             segments_per_text = [text.split(" ") if text else [] for text in texts]
+        elif self._cut_at_single_spaces:
+            split = self._segment_pattern.split
+            segments_per_text = [text.split(" ") if _single_spaces_between_words(text) else split(text) for text in texts]
         else:
             segments_per_text = [self._segment_pattern.split(text) for text in texts]
         collecting = gc.isenabled()
@@ -228,10 +234,12 @@ class Tokenizer:
     def _encode_words_joined(self, words: list[str], num_threads: int) -> list[bytes] | None:
         """The int32 ids (as bytes) of each space-free word, from encoding them joined by spaces
         a few at a time: cheaper than one sentencepiece call and one id list per word.
-        Exact for `_cut_at_every_space` models: the joined text cuts before every space, and
-        each word's ids begin with the only id whose piece starts with "▁". None if a word
-        holds a literal "▁" (it would start a piece too) or the starts do not add up."""
-        if _SPACE_SYMBOL in "".join(words):
+        Exact for `_cut_at_single_spaces` models: the joined text is cut at each of its single
+        spaces, and each word's ids begin with the only id whose piece starts with "▁". None if
+        a word is empty or holds a space or a literal "▁" (it would start a piece too), or if
+        the starts do not add up."""
+        together = "".join(words)
+        if _SPACE_SYMBOL in together or " " in together or "" in words:
             return None
         groups = [" ".join(words[start : start + WORDS_PER_CALL]) for start in range(0, len(words), WORDS_PER_CALL)]
         encoded = self._sp.Encode(groups, out_type=int, num_threads=num_threads)
@@ -319,6 +327,12 @@ def _spaces_only_start_pieces(model: Any) -> bool:
     """Whether no piece holds "▁" after its first character: then a cut before every space is
     exact, also inside runs of spaces (unlike Llama2's vocabulary, which has "▁▁" pieces)."""
     return all(_SPACE_SYMBOL not in entry.piece[1:] for entry in model.pieces)
+
+
+def _single_spaces_between_words(text: str) -> bool:
+    """Whether every space of `text` stands alone between two other characters and it holds
+    no literal "▁": then `str.split(" ")` cuts it as `_safe_space_pattern` would."""
+    return "  " not in text and _SPACE_SYMBOL not in text and not text.startswith(" ") and not text.endswith(" ")
 
 
 def _lone_space_ids(processor: sentencepiece.SentencePieceProcessor) -> bytes | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -132,12 +133,14 @@ def _cuttable_tokenizer(tmp_path: Path, kind: str):
     """A model whose settings allow exact cuts at spaces (identity normalization, ...)."""
     options = {"model_type": "unigram" if kind == "unigram" else "bpe", "normalization_rule_name": "identity",
                "remove_extra_whitespaces": False, "byte_fallback": True}
+    if kind.startswith("llama_like"):
+        options.update(allow_whitespace_only_pieces=True, split_digits=True)
     if kind == "llama_like_whitespace_pieces":
-        options.update(allow_whitespace_only_pieces=True, split_digits=True, user_defined_symbols=["x\u2581y"])
+        options.update(user_defined_symbols=["x\u2581y"])
     return load_tokenizer(_train_raw(tmp_path, kind, **options))
 
 
-@pytest.mark.parametrize("kind", ["bpe", "llama_like_whitespace_pieces"])
+@pytest.mark.parametrize("kind", ["bpe", "llama_like", "llama_like_whitespace_pieces"])
 def test_long_texts_cut_at_safe_spaces_encode_exactly_like_whole_texts(kind, tmp_path, monkeypatch):
     tokenizer = _cuttable_tokenizer(tmp_path, kind)
     assert tokenizer._unsafe_before_space is not None
@@ -177,7 +180,7 @@ def _flat_reference(encoded: list[list[int]]) -> tuple[list[int], list[int]]:
     return [token for ids in encoded for token in ids], [len(ids) for ids in encoded]
 
 
-@pytest.mark.parametrize("kind", ["bpe", "llama_like_whitespace_pieces"])
+@pytest.mark.parametrize("kind", ["bpe", "llama_like", "llama_like_whitespace_pieces"])
 def test_segment_cache_encodes_exactly_like_whole_texts(kind, tmp_path, monkeypatch):
     tokenizer = _cuttable_tokenizer(tmp_path, kind)
     texts = TRAINING_TEXTS + CUT_EDGE_CASES + AWKWARD_TEXTS + ["", " ", "x y", "x  y", "a b"]
@@ -232,8 +235,12 @@ def test_word_cache_is_used_only_when_every_space_is_an_exact_cut(sentencepiece_
     assert ours._cut_at_every_space
     pieces = [ours._sp.IdToPiece(index) for index in range(ours.vocab_size)]
     assert all("\u2581" not in piece[1:] for piece in pieces)
-    llama_like = _cuttable_tokenizer(tmp_path, "llama_like_whitespace_pieces")  # has "▁▁" pieces
-    assert llama_like._segment_pattern is not None and not llama_like._cut_at_every_space
+    assert ours._cut_at_single_spaces and ours._word_start is not None
+    llama_like = _cuttable_tokenizer(tmp_path, "llama_like")  # has "▁▁" pieces: runs of spaces are not cut
+    assert llama_like._sp.PieceToId("\u2581\u2581") != llama_like._sp.unk_id()
+    assert not llama_like._cut_at_every_space and llama_like._cut_at_single_spaces and llama_like._word_start is not None
+    symbol = _cuttable_tokenizer(tmp_path, "llama_like_whitespace_pieces")  # a piece "x▁y": no cut after "x"
+    assert symbol._segment_pattern is not None and not symbol._cut_at_single_spaces and symbol._word_start is None
     nfkc = load_tokenizer(_train_raw(tmp_path, "nfkc", model_type="bpe"))
     assert not nfkc._cut_at_every_space
 
@@ -242,8 +249,11 @@ def test_word_cache_encodes_adversarial_and_random_text_exactly(sentencepiece_mo
     """The fast path (one cached lookup per space-separated word) against sentencepiece on whole
     texts: runs of spaces, tabs, newlines, text NFKC would change (kept as is: identity),
     leading/trailing whitespace, digits, byte fallback, literal "▁", empty texts."""
-    tokenizers = [load_tokenizer(sentencepiece_model), _cuttable_tokenizer(tmp_path, "llama_like_whitespace_pieces")]
-    texts = ADVERSARIAL_TEXTS + _random_texts(3000) + CUT_EDGE_CASES + TRAINING_TEXTS
+    tokenizers = [load_tokenizer(sentencepiece_model), _cuttable_tokenizer(tmp_path, "llama_like"),
+                  _cuttable_tokenizer(tmp_path, "llama_like_whitespace_pieces")]
+    prose = [re.sub(" +", " ", text).strip(" ").replace("\u2581", "") for text in TRAINING_TEXTS]
+    assert all(map(tokenizer_module._single_spaces_between_words, prose))  # str.split for Llama-like models too
+    texts = ADVERSARIAL_TEXTS + _random_texts(3000) + CUT_EDGE_CASES + TRAINING_TEXTS + prose
     for tokenizer in tokenizers:
         expected = tokenizer._sp.Encode(texts, out_type=int)
         assert any(tokenizer._sp.IsByte(token) for ids in expected for token in ids)  # byte fallback is exercised
