@@ -63,6 +63,7 @@ WORDS_PER_CALL = 8
 """New words are encoded this many to a string (joined by spaces), not one by one (8: about 8%
 less CPU than one by one on Python sources; longer strings cost sentencepiece more per id)."""
 
+
 class Tokenizer:
     """A loaded tokenizer: either a sentencepiece `.model` or a Hugging Face `tokenizer.json`.
 
@@ -96,25 +97,28 @@ class Tokenizer:
         self.kind = "sentencepiece"
         self._sp = processor
         self._hf = None
-        model = _model_proto(Path(self.path).read_bytes())
-        self._unsafe_before_space = _safe_cut_context(model) if model is not None else None
-        self._segment_pattern = _safe_space_pattern(self._unsafe_before_space)
-        self._cut_at_every_space = self._unsafe_before_space is not None and _spaces_only_start_pieces(model)
+        self._find_exact_cuts(processor, _model_proto(Path(self.path).read_bytes()))
         self._segment_cache: dict[str, bytes] = {}  # segment -> its ids as int32 bytes
-        self._empty_word_ids = _lone_space_ids(processor) if self._cut_at_every_space else None
-        if self._empty_word_ids is None:
-            self._cut_at_every_space = False
-        # Llama2-like ("▁▁" pieces, but none ending in another character + "▁"): every single
-        # space between two words is a cut, so texts without runs of spaces split with str.split
-        self._cut_at_single_spaces = self._unsafe_before_space == frozenset({" ", _SPACE_SYMBOL})
-        self._word_start = None  # for each id: does its piece start with "▁"
-        space_id = processor.PieceToId(_SPACE_SYMBOL)
-        if self._cut_at_single_spaces and not (processor.IsUnknown(space_id) or processor.IsControl(space_id) or processor.IsByte(space_id)):
-            self._word_start = np.array([entry.piece.startswith(_SPACE_SYMBOL) for entry in model.pieces], dtype=bool)
         self.vocab_size = processor.GetPieceSize()
         self.bos_id = _none_if_negative(processor.bos_id())
         self.eos_id = _none_if_negative(processor.eos_id())
         self.pad_id = _none_if_negative(processor.pad_id())
+
+    def _find_exact_cuts(self, processor: sentencepiece.SentencePieceProcessor, model: Any) -> None:
+        """Where this model's texts can be cut without changing their ids (see `encode_flat`)."""
+        self._unsafe_before_space = _safe_cut_context(model) if model is not None else None
+        self._segment_pattern = _safe_space_pattern(self._unsafe_before_space)
+        # Llama2-like ("▁▁" pieces, but none ending in another character + "▁"): every single
+        # space between two words is a cut, so texts without runs of spaces split with str.split
+        self._cut_at_single_spaces = self._unsafe_before_space == frozenset({" ", _SPACE_SYMBOL})
+        # no piece holds an inner "▁" (train_sentencepiece's models): every space is a cut
+        every = self._cut_at_single_spaces and _spaces_only_start_pieces(model)
+        self._empty_word_ids = _lone_space_ids(processor) if every else None
+        self._cut_at_every_space = self._empty_word_ids is not None
+        self._word_start = None  # for each id: does its piece start with "▁"
+        space_id = processor.PieceToId(_SPACE_SYMBOL)
+        if self._cut_at_single_spaces and not (processor.IsUnknown(space_id) or processor.IsControl(space_id) or processor.IsByte(space_id)):
+            self._word_start = np.array([entry.piece.startswith(_SPACE_SYMBOL) for entry in model.pieces], dtype=bool)
 
     def _load_huggingface(self) -> None:
         import tokenizers
