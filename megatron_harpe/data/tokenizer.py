@@ -26,7 +26,10 @@ seen before reach sentencepiece; natural text and code repeat most of their segm
 ids are again identical to encoding whole texts. When no vocabulary piece holds "▁" after its
 first character (models from `train_sentencepiece`; not Llama2, which has "▁▁" pieces), every
 space is such a cut and segments come from `str.split(" ")`, several times cheaper than the
-regex the general case needs.
+regex the general case needs. BPE models with another normalizer (nmt_nfkc, collapsed
+whitespace) get the same cache on their normalized text: sentencepiece's own `Normalize`, then
+cuts before every "▁", the words encoded by a copy of the model without normalization.
+Unigram models are always encoded whole.
 """
 
 from __future__ import annotations
@@ -115,9 +118,19 @@ class Tokenizer:
         every = self._cut_at_single_spaces and _spaces_only_start_pieces(model)
         self._empty_word_ids = _lone_space_ids(processor) if every else None
         self._cut_at_every_space = self._empty_word_ids is not None
+        self._segment_encoder = processor  # encodes each cached segment, with the dummy prefix
+        self._normalize = None
+        if self._unsafe_before_space is None and _normalized_text_cuts_at_every_space(model):
+            # e.g. nmt_nfkc: normalize whole texts as sentencepiece does, then cut the normalized
+            # text before every "▁" and encode its words with the same pieces, no normalization
+            self._normalize = processor.Normalize
+            self._segment_encoder = _without_normalization(model)
+            self._empty_word_ids = _lone_space_ids(self._segment_encoder)
+            self._cut_at_every_space = self._cut_at_single_spaces = self._empty_word_ids is not None
         self._word_start = None  # for each id: does its piece start with "▁"
-        space_id = processor.PieceToId(_SPACE_SYMBOL)
-        if self._cut_at_single_spaces and not (processor.IsUnknown(space_id) or processor.IsControl(space_id) or processor.IsByte(space_id)):
+        encoder = self._segment_encoder
+        space_id = encoder.PieceToId(_SPACE_SYMBOL)
+        if self._cut_at_single_spaces and not (encoder.IsUnknown(space_id) or encoder.IsControl(space_id) or encoder.IsByte(space_id)):
             self._word_start = np.array([entry.piece.startswith(_SPACE_SYMBOL) for entry in model.pieces], dtype=bool)
 
     def _load_huggingface(self) -> None:
@@ -133,8 +146,7 @@ class Tokenizer:
         self._unsafe_before_space = None
         self._segment_pattern = None
         self._cut_at_every_space = self._cut_at_single_spaces = False
-        self._empty_word_ids = None
-        self._word_start = None
+        self._empty_word_ids = self._word_start = self._normalize = self._segment_encoder = None
         self.vocab_size = hf_tokenizer.get_vocab_size(with_added_tokens=True)
         configured = _special_tokens_from_config(Path(self.path).parent)
         self.bos_id = self._hf_special_id(configured.get("bos_token"), _HF_BOS_CANDIDATES)
@@ -183,7 +195,7 @@ class Tokenizer:
         `encode_batch` gives, without a Python list per text. Sentencepiece models that can be
         cut exactly go through the segment cache; `num_threads` bounds sentencepiece's threads
         (1 inside worker processes, so workers do not compete for cores)."""
-        if self._segment_pattern is None:
+        if self._segment_pattern is None and self._normalize is None:
             if self._sp is None:
                 encoded = self.encode_batch(texts)
             else:
@@ -191,7 +203,9 @@ class Tokenizer:
             counts = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
             flat = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int32, count=int(counts.sum()))
             return flat, counts
-        if self._cut_at_every_space:  # "a  b" -> "a", "", "b": each is "▁" + itself in place
+        if self._normalize is not None:  # "▁a▁▁b" -> "a", "", "b", as below
+            segments_per_text = [self._normalized_words(text) for text in texts]
+        elif self._cut_at_every_space:  # "a  b" -> "a", "", "b": each is "▁" + itself in place
             segments_per_text = [text.split(" ") if text else [] for text in texts]
         elif self._cut_at_single_spaces:
             split = self._segment_pattern.split
@@ -212,6 +226,12 @@ class Tokenizer:
         counts = np.fromiter(map(len, per_text), dtype=np.int64, count=len(per_text)) // 4
         return np.frombuffer(b"".join(per_text), dtype=np.int32), counts
 
+    def _normalized_words(self, text: str) -> list[str]:
+        normalized = self._normalize(text)
+        if normalized and not normalized.startswith(_SPACE_SYMBOL):
+            raise AssertionError(f"sentencepiece normalized a text of {self.path} without its dummy prefix")
+        return normalized.split(_SPACE_SYMBOL)[1:]
+
     def _cache_new_segments(self, segments_per_text: list[list[str]], num_threads: int) -> list[str]:
         """Put the int32 ids (as bytes) of every segment not in the cache into it (each encoded
         alone, with the dummy prefix, all in one batch); return the new segments too long to
@@ -230,7 +250,7 @@ class Tokenizer:
         new = list(unseen)
         ids = self._encode_words_joined(new, num_threads) if self._word_start is not None else None
         if ids is None:
-            encoded = self._sp.Encode(new, out_type=int, num_threads=num_threads)
+            encoded = self._segment_encoder.Encode(new, out_type=int, num_threads=num_threads)
             ids = map(bytes, map(array.array, itertools.repeat("i"), encoded))
         cache.update(zip(new, ids))
         return [segment for segment in new if len(segment) > CACHED_SEGMENT_CHARS]
@@ -246,7 +266,7 @@ class Tokenizer:
         if _SPACE_SYMBOL in together or " " in together or "" in words:
             return None
         groups = [" ".join(words[start : start + WORDS_PER_CALL]) for start in range(0, len(words), WORDS_PER_CALL)]
-        encoded = self._sp.Encode(groups, out_type=int, num_threads=num_threads)
+        encoded = self._segment_encoder.Encode(groups, out_type=int, num_threads=num_threads)
         flat = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int32)
         starts = np.flatnonzero(self._word_start[flat])
         if starts.size != len(words) or (starts.size and starts[0] != 0):
@@ -331,6 +351,33 @@ def _spaces_only_start_pieces(model: Any) -> bool:
     """Whether no piece holds "▁" after its first character: then a cut before every space is
     exact, also inside runs of spaces (unlike Llama2's vocabulary, which has "▁▁" pieces)."""
     return all(_SPACE_SYMBOL not in entry.piece[1:] for entry in model.pieces)
+
+
+def _normalized_text_cuts_at_every_space(model: Any) -> bool:
+    """Whether a BPE model's normalized text (whitespace escaped to "▁", a dummy prefix, then
+    whatever its normalizer does) can be cut before every "▁": no piece holds an inner "▁"."""
+    if model is None:
+        return False
+    from sentencepiece import sentencepiece_model_pb2
+
+    normalizer, trainer = model.normalizer_spec, model.trainer_spec
+    return (normalizer.escape_whitespaces and normalizer.add_dummy_prefix and not trainer.treat_whitespace_as_suffix
+            and trainer.model_type == sentencepiece_model_pb2.TrainerSpec.BPE and _spaces_only_start_pieces(model))
+
+
+def _without_normalization(model: Any) -> sentencepiece.SentencePieceProcessor:
+    """The same model with the identity normalizer (dummy prefix kept, whitespace kept as is):
+    encodes text that was already normalized exactly as the original encodes it."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    copy = sentencepiece_model_pb2.ModelProto()
+    copy.CopyFrom(model)
+    copy.normalizer_spec.name = "identity"
+    copy.normalizer_spec.precompiled_charsmap = b""
+    copy.normalizer_spec.remove_extra_whitespaces = False
+    processor = sentencepiece.SentencePieceProcessor()
+    processor.LoadFromSerializedProto(copy.SerializeToString())
+    return processor
 
 
 def _single_spaces_between_words(text: str) -> bool:

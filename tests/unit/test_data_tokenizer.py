@@ -207,9 +207,9 @@ def test_segment_cache_encodes_exactly_like_whole_texts(kind, tmp_path, monkeypa
 
 
 def test_encode_flat_without_the_cache_matches_encode_batch(tmp_path, hf_tokenizer_dir):
-    nfkc = load_tokenizer(_train_raw(tmp_path, "nfkc", model_type="bpe"))  # cannot be cut: no segment cache
-    for tokenizer in (nfkc, load_tokenizer(hf_tokenizer_dir)):
-        assert tokenizer._segment_pattern is None
+    unigram = load_tokenizer(_train_raw(tmp_path, "nfkc_unigram", model_type="unigram"))  # cannot be cut: no segment cache
+    for tokenizer in (unigram, load_tokenizer(hf_tokenizer_dir)):
+        assert tokenizer._segment_pattern is None and tokenizer._normalize is None
         flat, counts = tokenizer.encode_flat(AWKWARD_TEXTS + CUT_EDGE_CASES)
         assert (flat.tolist(), counts.tolist()) == _flat_reference(tokenizer.encode_batch(AWKWARD_TEXTS + CUT_EDGE_CASES))
 
@@ -242,22 +242,30 @@ def test_word_cache_is_used_only_when_every_space_is_an_exact_cut(sentencepiece_
     assert not llama_like._cut_at_every_space and llama_like._cut_at_single_spaces and llama_like._word_start is not None
     symbol = _cuttable_tokenizer(tmp_path, "llama_like_whitespace_pieces")  # a piece "x▁y": no cut after "x"
     assert symbol._segment_pattern is not None and not symbol._cut_at_single_spaces and symbol._word_start is None
-    nfkc = load_tokenizer(_train_raw(tmp_path, "nfkc", model_type="bpe"))
-    assert not nfkc._cut_at_every_space
+    nfkc = load_tokenizer(_train_raw(tmp_path, "nfkc", model_type="bpe"))  # normalized first, then cut at every "▁"
+    assert nfkc._unsafe_before_space is None and nfkc._normalize is not None and nfkc._cut_at_every_space
+    suffix = load_tokenizer(_train_raw(tmp_path, "suffix", model_type="bpe", treat_whitespace_as_suffix=True))
+    assert suffix._normalize is None and not suffix._cut_at_every_space and suffix._segment_pattern is None
 
 
 def test_word_cache_encodes_adversarial_and_random_text_exactly(sentencepiece_model, tmp_path, monkeypatch):
     """The fast path (one cached lookup per space-separated word) against sentencepiece on whole
-    texts: runs of spaces, tabs, newlines, text NFKC would change (kept as is: identity),
-    leading/trailing whitespace, digits, byte fallback, literal "▁", empty texts."""
+    texts: runs of spaces, tabs, newlines, text NFKC changes (kept by identity models, normalized
+    first for nmt_nfkc ones), leading/trailing whitespace, digits, byte fallback or unknown
+    characters, literal "▁", empty texts."""
     tokenizers = [load_tokenizer(sentencepiece_model), _cuttable_tokenizer(tmp_path, "llama_like"),
-                  _cuttable_tokenizer(tmp_path, "llama_like_whitespace_pieces")]
+                  _cuttable_tokenizer(tmp_path, "llama_like_whitespace_pieces"),
+                  load_tokenizer(_train_raw(tmp_path, "nfkc_bytes", model_type="bpe", byte_fallback=True)),
+                  load_tokenizer(_train_raw(tmp_path, "nfkc_unknown", model_type="bpe"))]
+    assert tokenizers[3]._normalize is not None and tokenizers[4]._normalize is not None
     prose = [re.sub(" +", " ", text).strip(" ").replace("\u2581", "") for text in TRAINING_TEXTS]
     assert all(map(tokenizer_module._single_spaces_between_words, prose))  # str.split for Llama-like models too
     texts = ADVERSARIAL_TEXTS + _random_texts(1500) + CUT_EDGE_CASES + TRAINING_TEXTS + prose
     for tokenizer in tokenizers:
         expected = tokenizer._sp.Encode(texts, out_type=int)
-        assert any(tokenizer._sp.IsByte(token) for ids in expected for token in ids)  # byte fallback is exercised
+        byte_fallback = any(map(tokenizer._sp.IsByte, range(tokenizer.vocab_size)))
+        unknown = tokenizer._sp.IsByte if byte_fallback else tokenizer._sp.IsUnknown
+        assert any(unknown(token) for ids in expected for token in ids)  # byte fallback or <unk> is exercised
         for text, ids in zip(ADVERSARIAL_TEXTS, expected):  # one text at a time, cold and warm
             for _ in range(2):
                 flat, counts = tokenizer.encode_flat([text])
