@@ -123,10 +123,11 @@ class Tokenizer:
         if self._unsafe_before_space is None and _normalized_text_cuts_at_every_space(model):
             # e.g. nmt_nfkc: normalize whole texts as sentencepiece does, then cut the normalized
             # text before every "▁" and encode its words with the same pieces, no normalization
-            self._normalize = processor.Normalize
-            self._segment_encoder = _without_normalization(model)
-            self._empty_word_ids = _lone_space_ids(self._segment_encoder)
-            self._cut_at_every_space = self._cut_at_single_spaces = self._empty_word_ids is not None
+            encoder = _without_normalization(model)
+            self._empty_word_ids = _lone_space_ids(encoder)
+            if self._empty_word_ids is not None:
+                self._normalize, self._segment_encoder = processor.Normalize, encoder
+                self._cut_at_every_space = self._cut_at_single_spaces = True
         self._word_start = None  # for each id: does its piece start with "▁"
         encoder = self._segment_encoder
         space_id = encoder.PieceToId(_SPACE_SYMBOL)
