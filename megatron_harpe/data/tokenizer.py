@@ -17,17 +17,25 @@ Long texts and sentencepiece: its BPE/unigram encoders cost more per token on lo
 heap / lattice over the whole text), so long texts are cut at spaces no vocabulary piece can
 span and the pieces encoded separately. The ids are identical to encoding the whole text (the
 dropped space comes back as the piece's dummy prefix); the cut is used only when the model's
-own settings make that exact (`_safe_cut_context`), which holds for Llama2's tokenizer.
+own settings make that exact (`_safe_cut_context`: identity normalization, dummy prefix, BPE),
+which holds for Llama2's tokenizer.
 
 Data preparation goes further (`encode_flat`): it cuts at every such space and keeps the ids of
 each segment (mostly a word with its leading space) in a bounded cache, so only segments not
 seen before reach sentencepiece; natural text and code repeat most of their segments, and the
-ids are again identical to encoding whole texts.
+ids are again identical to encoding whole texts. When no vocabulary piece holds "▁" after its
+first character (models from `train_sentencepiece`; not Llama2, which has "▁▁" pieces), every
+space is such a cut and segments come from `str.split(" ")`, several times cheaper than the
+regex the general case needs. BPE models with another normalizer (nmt_nfkc, collapsed
+whitespace) get the same cache on their normalized text: sentencepiece's own `Normalize`, then
+cuts before every "▁", the words encoded by a copy of the model without normalization.
+Unigram models are always encoded whole.
 """
 
 from __future__ import annotations
 
 import array
+import gc
 import io
 import itertools
 import json
@@ -54,6 +62,9 @@ SEGMENT_CACHE_ENTRIES = 500_000
 """Segments whose ids `encode_flat` keeps per tokenizer (up to about 60 MB); full -> emptied."""
 CACHED_SEGMENT_CHARS = 48
 """Longer segments are encoded but not kept."""
+WORDS_PER_CALL = 8
+"""New words are encoded this many to a string (joined by spaces), not one by one (8: about 8%
+less CPU than one by one on Python sources; longer strings cost sentencepiece more per id)."""
 
 
 class Tokenizer:
@@ -89,13 +100,39 @@ class Tokenizer:
         self.kind = "sentencepiece"
         self._sp = processor
         self._hf = None
-        self._unsafe_before_space = _safe_cut_context(Path(self.path).read_bytes())
-        self._segment_pattern = _safe_space_pattern(self._unsafe_before_space)
+        self._find_exact_cuts(processor, _model_proto(Path(self.path).read_bytes()))
         self._segment_cache: dict[str, bytes] = {}  # segment -> its ids as int32 bytes
         self.vocab_size = processor.GetPieceSize()
         self.bos_id = _none_if_negative(processor.bos_id())
         self.eos_id = _none_if_negative(processor.eos_id())
         self.pad_id = _none_if_negative(processor.pad_id())
+
+    def _find_exact_cuts(self, processor: sentencepiece.SentencePieceProcessor, model: Any) -> None:
+        """Where this model's texts can be cut without changing their ids (see `encode_flat`)."""
+        self._unsafe_before_space = _safe_cut_context(model) if model is not None else None
+        self._segment_pattern = _safe_space_pattern(self._unsafe_before_space)
+        # Llama2-like ("▁▁" pieces, but none ending in another character + "▁"): every single
+        # space between two words is a cut, so texts without runs of spaces split with str.split
+        self._cut_at_single_spaces = self._unsafe_before_space == frozenset({" ", _SPACE_SYMBOL})
+        # no piece holds an inner "▁" (train_sentencepiece's models): every space is a cut
+        every = self._cut_at_single_spaces and _spaces_only_start_pieces(model)
+        self._empty_word_ids = _lone_space_ids(processor) if every else None
+        self._cut_at_every_space = self._empty_word_ids is not None
+        self._segment_encoder = processor  # encodes each cached segment, with the dummy prefix
+        self._normalize = None
+        if self._unsafe_before_space is None and _normalized_text_cuts_at_every_space(model):
+            # e.g. nmt_nfkc: normalize whole texts as sentencepiece does, then cut the normalized
+            # text before every "▁" and encode its words with the same pieces, no normalization
+            encoder = _without_normalization(model)
+            self._empty_word_ids = _lone_space_ids(encoder)
+            if self._empty_word_ids is not None:
+                self._normalize, self._segment_encoder = processor.Normalize, encoder
+                self._cut_at_every_space = self._cut_at_single_spaces = True
+        self._word_start = None  # for each id: does its piece start with "▁"
+        encoder = self._segment_encoder
+        space_id = encoder.PieceToId(_SPACE_SYMBOL)
+        if self._cut_at_single_spaces and not (encoder.IsUnknown(space_id) or encoder.IsControl(space_id) or encoder.IsByte(space_id)):
+            self._word_start = np.array([entry.piece.startswith(_SPACE_SYMBOL) for entry in model.pieces], dtype=bool)
 
     def _load_huggingface(self) -> None:
         import tokenizers
@@ -109,6 +146,8 @@ class Tokenizer:
         self._hf = hf_tokenizer
         self._unsafe_before_space = None
         self._segment_pattern = None
+        self._cut_at_every_space = self._cut_at_single_spaces = False
+        self._empty_word_ids = self._word_start = self._normalize = self._segment_encoder = None
         self.vocab_size = hf_tokenizer.get_vocab_size(with_added_tokens=True)
         configured = _special_tokens_from_config(Path(self.path).parent)
         self.bos_id = self._hf_special_id(configured.get("bos_token"), _HF_BOS_CANDIDATES)
@@ -157,7 +196,7 @@ class Tokenizer:
         `encode_batch` gives, without a Python list per text. Sentencepiece models that can be
         cut exactly go through the segment cache; `num_threads` bounds sentencepiece's threads
         (1 inside worker processes, so workers do not compete for cores)."""
-        if self._segment_pattern is None:
+        if self._segment_pattern is None and self._normalize is None:
             if self._sp is None:
                 encoded = self.encode_batch(texts)
             else:
@@ -165,27 +204,77 @@ class Tokenizer:
             counts = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
             flat = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int32, count=int(counts.sum()))
             return flat, counts
-        segments_per_text = [self._segment_pattern.split(text) for text in texts]
-        segments = list(itertools.chain.from_iterable(segments_per_text))
+        if self._normalize is not None:  # "▁a▁▁b" -> "a", "", "b", as below
+            segments_per_text = [self._normalized_words(text) for text in texts]
+        elif self._cut_at_every_space:  # "a  b" -> "a", "", "b": each is "▁" + itself in place
+            segments_per_text = [text.split(" ") if text else [] for text in texts]
+        elif self._cut_at_single_spaces:
+            split = self._segment_pattern.split
+            segments_per_text = [text.split(" ") if _single_spaces_between_words(text) else split(text) for text in texts]
+        else:
+            segments_per_text = [self._segment_pattern.split(text) for text in texts]
+        collecting = gc.isenabled()
+        gc.disable()  # no cycles are made here; collections would only walk the new id lists
+        try:
+            dropped = self._cache_new_segments(segments_per_text, num_threads)
+            lookup = self._segment_cache.__getitem__
+            per_text = [b"".join(map(lookup, segments)) for segments in segments_per_text]
+            for segment in dropped:
+                del self._segment_cache[segment]
+        finally:
+            if collecting:
+                gc.enable()
+        counts = np.fromiter(map(len, per_text), dtype=np.int64, count=len(per_text)) // 4
+        return np.frombuffer(b"".join(per_text), dtype=np.int32), counts
+
+    def _normalized_words(self, text: str) -> list[str]:
+        normalized = self._normalize(text)
+        if normalized and not normalized.startswith(_SPACE_SYMBOL):
+            raise AssertionError(f"sentencepiece normalized a text of {self.path} without its dummy prefix")
+        return normalized.split(_SPACE_SYMBOL)[1:]
+
+    def _cache_new_segments(self, segments_per_text: list[list[str]], num_threads: int) -> list[str]:
+        """Put the int32 ids (as bytes) of every segment not in the cache into it (each encoded
+        alone, with the dummy prefix, all in one batch); return the new segments too long to
+        keep once they have been used (long segments rarely recur: the room is for words)."""
         cache = self._segment_cache
-        distinct = set(segments)
+        distinct = set(itertools.chain.from_iterable(segments_per_text))
         unseen = distinct.difference(cache)
-        if unseen:
-            if len(cache) + len(unseen) > SEGMENT_CACHE_ENTRIES:
-                cache.clear()
-                unseen = distinct
-            unseen = list(unseen)
-            encoded = self._sp.Encode(unseen, out_type=int, num_threads=num_threads)
-            cache.update(zip(unseen, (array.array("i", ids).tobytes() for ids in encoded)))
-        found = list(map(cache.__getitem__, segments))
-        for segment in unseen:  # long segments rarely recur: keep the room for words
-            if len(segment) > CACHED_SEGMENT_CHARS:
-                del cache[segment]
-        flat = np.frombuffer(b"".join(found), dtype=np.int32)
-        segment_tokens = np.fromiter(map(len, found), dtype=np.int64, count=len(found)) // 4
-        first_segments = np.cumsum([0] + [len(parts) for parts in segments_per_text[:-1]])
-        counts = np.add.reduceat(segment_tokens, first_segments) if texts else np.zeros(0, dtype=np.int64)
-        return flat, counts
+        if not unseen:
+            return []
+        if len(cache) + len(unseen) > SEGMENT_CACHE_ENTRIES:
+            cache.clear()
+            unseen = distinct
+        if self._empty_word_ids is not None and "" in unseen:  # between two spaces: one "▁"
+            unseen.discard("")
+            cache[""] = self._empty_word_ids
+        new = list(unseen)
+        ids = self._encode_words_joined(new, num_threads) if self._word_start is not None else None
+        if ids is None:
+            encoded = self._segment_encoder.Encode(new, out_type=int, num_threads=num_threads)
+            ids = map(bytes, map(array.array, itertools.repeat("i"), encoded))
+        cache.update(zip(new, ids))
+        return [segment for segment in new if len(segment) > CACHED_SEGMENT_CHARS]
+
+    def _encode_words_joined(self, words: list[str], num_threads: int) -> list[bytes] | None:
+        """The int32 ids (as bytes) of each space-free word, from encoding them joined by spaces
+        a few at a time: cheaper than one sentencepiece call and one id list per word.
+        Exact for `_cut_at_single_spaces` models: the joined text is cut at each of its single
+        spaces, and each word's ids begin with the only id whose piece starts with "▁". None if
+        a word is empty or holds a space or a literal "▁" (it would start a piece too), or if
+        the starts do not add up."""
+        together = "".join(words)
+        if _SPACE_SYMBOL in together or " " in together or "" in words:
+            return None
+        groups = [" ".join(words[start : start + WORDS_PER_CALL]) for start in range(0, len(words), WORDS_PER_CALL)]
+        encoded = self._segment_encoder.Encode(groups, out_type=int, num_threads=num_threads)
+        flat = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int32)
+        starts = np.flatnonzero(self._word_start[flat])
+        if starts.size != len(words) or (starts.size and starts[0] != 0):
+            return None
+        bounds = (np.append(starts, flat.size) * 4).tolist()
+        buffer = flat.tobytes()
+        return list(map(buffer.__getitem__, map(slice, bounds[:-1], bounds[1:])))
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of `ids`; BOS/EOS/PAD are dropped."""
@@ -212,22 +301,32 @@ def _none_if_negative(token_id: int) -> int | None:
     return token_id if token_id >= 0 else None
 
 
-def _safe_cut_context(model_bytes: bytes) -> frozenset[str] | None:
+def _model_proto(model_bytes: bytes) -> Any:
+    """The parsed sentencepiece ModelProto, or None without protobuf (texts are then encoded whole)."""
+    try:
+        from sentencepiece import sentencepiece_model_pb2
+    except ImportError:
+        return None
+    model = sentencepiece_model_pb2.ModelProto()
+    model.ParseFromString(model_bytes)
+    return model
+
+
+def _safe_cut_context(model: Any) -> frozenset[str] | None:
     """Characters after which a space must not be cut, or None if this sentencepiece model
     cannot be cut exactly at all.
 
     Cutting `...c x...` into `...c` and `x...` is exact when: normalization is the identity
     and adds a dummy prefix (the dropped space returns as the second piece's leading space)
-    without collapsing whitespace, whitespace is a prefix (not a suffix) of pieces, and no
-    vocabulary piece holds `c` followed by a space: then no merge (BPE) and no lattice path
-    (unigram) crosses the cut, and both halves are encoded as they would be in place.
+    without collapsing whitespace, whitespace is a prefix (not a suffix) of pieces, the model
+    is BPE and no vocabulary piece holds `c` followed by a space: then no merge crosses the
+    cut (a merge needs the joined string in the vocabulary), merges on either side never
+    meet, and both halves are encoded as they would be in place. Unigram models are never
+    cut: their Viterbi ties (e.g. "*" "**" against "**" "*") can break differently once the
+    scores before the cut are gone.
     """
-    try:
-        from sentencepiece import sentencepiece_model_pb2
-    except ImportError:  # protobuf missing: encode whole texts
-        return None
-    model = sentencepiece_model_pb2.ModelProto()
-    model.ParseFromString(model_bytes)
+    from sentencepiece import sentencepiece_model_pb2
+
     normalizer, trainer = model.normalizer_spec, model.trainer_spec
     exact = (
         normalizer.name == "identity"
@@ -236,7 +335,7 @@ def _safe_cut_context(model_bytes: bytes) -> frozenset[str] | None:
         and normalizer.add_dummy_prefix
         and not normalizer.remove_extra_whitespaces
         and not trainer.treat_whitespace_as_suffix
-        and trainer.model_type in (sentencepiece_model_pb2.TrainerSpec.UNIGRAM, sentencepiece_model_pb2.TrainerSpec.BPE)
+        and trainer.model_type == sentencepiece_model_pb2.TrainerSpec.BPE
     )
     if not exact:
         return None
@@ -247,6 +346,55 @@ def _safe_cut_context(model_bytes: bytes) -> frozenset[str] | None:
             if piece[index] == _SPACE_SYMBOL and piece[index - 1] != _SPACE_SYMBOL:
                 unsafe.add(piece[index - 1])
     return frozenset(unsafe)
+
+
+def _spaces_only_start_pieces(model: Any) -> bool:
+    """Whether no piece holds "▁" after its first character: then a cut before every space is
+    exact, also inside runs of spaces (unlike Llama2's vocabulary, which has "▁▁" pieces)."""
+    return all(_SPACE_SYMBOL not in entry.piece[1:] for entry in model.pieces)
+
+
+def _normalized_text_cuts_at_every_space(model: Any) -> bool:
+    """Whether a BPE model's normalized text (whitespace escaped to "▁", a dummy prefix, then
+    whatever its normalizer does) can be cut before every "▁": no piece holds an inner "▁"."""
+    if model is None:
+        return False
+    from sentencepiece import sentencepiece_model_pb2
+
+    normalizer, trainer = model.normalizer_spec, model.trainer_spec
+    return (normalizer.escape_whitespaces and normalizer.add_dummy_prefix and not trainer.treat_whitespace_as_suffix
+            and trainer.model_type == sentencepiece_model_pb2.TrainerSpec.BPE and _spaces_only_start_pieces(model))
+
+
+def _without_normalization(model: Any) -> sentencepiece.SentencePieceProcessor:
+    """The same model with the identity normalizer (dummy prefix kept, whitespace kept as is):
+    encodes text that was already normalized exactly as the original encodes it."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    copy = sentencepiece_model_pb2.ModelProto()
+    copy.CopyFrom(model)
+    copy.normalizer_spec.name = "identity"
+    copy.normalizer_spec.precompiled_charsmap = b""
+    copy.normalizer_spec.remove_extra_whitespaces = False
+    processor = sentencepiece.SentencePieceProcessor()
+    processor.LoadFromSerializedProto(copy.SerializeToString())
+    return processor
+
+
+def _single_spaces_between_words(text: str) -> bool:
+    """Whether every space of `text` stands alone between two other characters and it holds
+    no literal "▁": then `str.split(" ")` cuts it as `_safe_space_pattern` would."""
+    return "  " not in text and _SPACE_SYMBOL not in text and not text.startswith(" ") and not text.endswith(" ")
+
+
+def _lone_space_ids(processor: sentencepiece.SentencePieceProcessor) -> bytes | None:
+    """The int32 ids of one "▁" symbol: half of what " " gives (two "▁" with the dummy
+    prefix, never merged when no piece spans them); None if the halves differ."""
+    doubled = processor.Encode(" ", out_type=int)
+    half = len(doubled) // 2
+    if not doubled or len(doubled) % 2 or doubled[:half] != doubled[half:]:
+        return None
+    return array.array("i", doubled[:half]).tobytes()
 
 
 def _safe_space_pattern(unsafe_before: frozenset[str] | None) -> re.Pattern | None:
