@@ -189,9 +189,16 @@ def plot(rows: dict, lengths: tuple[int, ...], scale: Any, path: Path) -> Path:
         axis.set_ylabel(label)
     axes[0].legend(fontsize=8, loc="upper right")
     figure.suptitle(f"CPU replication: {scale.base_length} -> {scale.target_length} tokens, mean ± std over seeds")
+    return save_figure(figure, path, dpi=120)
+
+
+def save_figure(figure: Any, path: Path, dpi: int) -> Path:
+    """Lay out, write under a temporary name, rename, close."""
+    import matplotlib.pyplot as plt
+
     figure.tight_layout()
     temporary = path.with_name(path.stem + ".tmp.png")
-    figure.savefig(temporary, dpi=120)
+    figure.savefig(temporary, dpi=dpi)
     plt.close(figure)
     temporary.replace(path)
     return path

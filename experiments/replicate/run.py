@@ -150,6 +150,17 @@ def balance(chains: list[list[Job]], workers: int, costs: dict[str, float]) -> l
     return [[chains[i] for i in sorted(share)] for share in shares]
 
 
+def start_runner(output: Path, workdir: Path, jobs: int, script: str, argv: list[str]) -> Runner:
+    """A Runner writing into `output` (created), with this invocation recorded in commands.md."""
+    output = output.resolve()
+    output.mkdir(parents=True, exist_ok=True)
+    runner = Runner(output, workdir, jobs)
+    with runner.commands.open("a") as handle:
+        handle.write(f"\n## run of {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n"
+                     f"    python experiments/replicate/{script} {' '.join(argv)}\n\n")
+    return runner
+
+
 class _PlainDumper(yaml.SafeDumper):
     def ignore_aliases(self, data) -> bool:  # write repeated blocks out in full (no &id001 anchors)
         return True
@@ -222,12 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"error: unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS + ABLATIONS)}")
     workdir = (args.workdir or REPO / "runs" / ("replicate_smoke" if args.smoke else "replicate")).resolve()
-    output = args.output.resolve()
-    output.mkdir(parents=True, exist_ok=True)
-    runner = Runner(output, workdir, args.jobs)
-    with runner.commands.open("a") as handle:
-        handle.write(f"\n## run of {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n"
-                     f"    python experiments/replicate/run.py {' '.join(sys.argv[1:] if argv is None else argv)}\n\n")
+    runner = start_runner(args.output, workdir, args.jobs, "run.py", sys.argv[1:] if argv is None else argv)
+    output = runner.output
 
     # 1. data
     runner.progress("data: tokenizer and synthetic corpora")

@@ -32,13 +32,12 @@ import argparse
 import dataclasses
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run import MODEL_VOCAB_MULTIPLE, Runner, eval_command, train_command, write_yaml  # noqa: E402  (first: it quiets megatron-core)
+from run import MODEL_VOCAB_MULTIPLE, Runner, eval_command, start_runner, train_command, write_yaml  # noqa: E402  (first: it quiets megatron-core)
 from corpus import write_answer_mask, write_corpus  # noqa: E402
 from methods import Scale, base_config, extension_config  # noqa: E402
 from sweep_report import write_sweep_report  # noqa: E402
@@ -88,8 +87,8 @@ FULL_SWEEP = Sweep(
     scale=Scale(base_length=64, target_length=512, eval_lengths=(64, 128, 256, 512, 1024), eval_samples=100,
                 base_tokens=2_500_000, base_rounds=1, later_round_tokens=2_500_000, base_batch=4, base_lr=1e-3,
                 extension_batch=4),
-    budgets=(150_000, 500_000, 1_500_000), heads=(8, 16), heads_budget=500_000,
-    base_round_tokens=2_500_000, base_max_rounds=2, base_gate=80.0,
+    budgets=(100_000, 300_000, 1_000_000), heads=(8, 16), heads_budget=300_000,
+    base_round_tokens=2_500_000, base_max_rounds=3, base_gate=80.0,
     base_grammar={"mean_gap": 1.5, "query_share": 0.4, "fresh_queries": True},
 )
 SMOKE_SWEEP = Sweep(
@@ -198,12 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     sweep.validate()
     repo = Path(__file__).resolve().parents[2]
     workdir = (args.workdir or repo / "runs" / ("sweep_smoke" if args.smoke else "sweep")).resolve()
-    output = args.output.resolve()
-    output.mkdir(parents=True, exist_ok=True)
-    runner = Runner(output, workdir, args.jobs)
-    with runner.commands.open("a") as handle:
-        handle.write(f"\n## run of {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n"
-                     f"    python experiments/replicate/sweep.py {' '.join(sys.argv[1:] if argv is None else argv)}\n\n")
+    runner = start_runner(args.output, workdir, args.jobs, "sweep.py", sys.argv[1:] if argv is None else argv)
+    output = runner.output
     (output / "scale.json").write_text(json.dumps(
         {**dataclasses.asdict(sweep), "ratio": sweep.scale.ratio, "runs": len(sweep.runs())}, indent=2))
 

@@ -14,7 +14,7 @@ import statistics
 from pathlib import Path
 from typing import Any, Callable
 
-from report import digit_accuracy, load_run, mean_and_spread
+from report import digit_accuracy, load_run, mean_and_spread, save_figure
 
 REFERENCE = "abf_multistage"
 
@@ -183,12 +183,7 @@ def plot(cells: dict, sweep: Any, path: Path) -> Path:
     axis.set_ylabel(f"exact match at {length} (%)")
     axis.set_title(f"heads at {sweep.heads_budget:,} tokens")
     axis.legend(fontsize=8)
-    figure.tight_layout()
-    temporary = path.with_name(path.stem + ".tmp.png")
-    figure.savefig(temporary, dpi=110)
-    plt.close(figure)
-    temporary.replace(path)
-    return path
+    return save_figure(figure, path, dpi=110)
 
 
 def write_sweep_report(eval_dir: Path, output: Path, sweep: Any, bases: dict, name_of: Callable[..., str]) -> list[Path]:
