@@ -74,14 +74,49 @@ def _range_module():
     return configuration_harpe_llama
 
 
+def declared_range() -> str:
+    """The transformers specifier of pyproject.toml's dependencies (e.g. ">=5.4,<5.25")."""
+    import tomllib
+
+    dependencies = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    for requirement in dependencies:
+        match = re.fullmatch(r"transformers\s*([<>=!~].*)?", requirement.strip())
+        if match:
+            return (match.group(1) or "").strip()
+    raise SystemExit("error: pyproject.toml declares no transformers dependency")
+
+
+def newest_in_range(index_listing: str, specifier: str) -> tuple[str | None, str | None]:
+    """(newest release in `specifier`, newest release of all) from `pip index versions` output:
+    the upper end of the range is what a user resolves, so that is the version to test."""
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import InvalidVersion, Version
+
+    match = re.search(r"^Available versions: (.+)$", index_listing, re.MULTILINE)
+    versions = []
+    for text in (match.group(1).split(",") if match else []):
+        try:
+            versions.append(Version(text.strip()))
+        except InvalidVersion:
+            continue
+    releases = [version for version in versions if not version.is_prerelease]
+    allowed = [version for version in releases if version in SpecifierSet(specifier)]
+    return (str(max(allowed)) if allowed else None), (str(max(releases)) if releases else None)
+
+
 def newest_on_index() -> str | None:
-    """The newest transformers release pip can install here (one `pip index` look-up)."""
+    """The newest transformers release on the index that pyproject.toml's range admits (one
+    `pip index` look-up); a newer release outside the range is named, not tested."""
     result = subprocess.run(
         [sys.executable, "-m", "pip", "index", "versions", "transformers", "--disable-pip-version-check"],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
-    match = re.search(r"^transformers \(([^)]+)\)", result.stdout, re.MULTILINE)
-    return match.group(1) if match else None
+    specifier = declared_range()
+    newest, newest_of_all = newest_in_range(result.stdout, specifier)
+    if newest_of_all and newest_of_all != newest:
+        print(f"compat matrix: transformers {newest_of_all} is on the index but outside pyproject.toml's range "
+              f"({specifier}): not tested", flush=True)
+    return newest
 
 
 def resolve_versions(names: list[str]) -> list[str]:
