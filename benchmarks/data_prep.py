@@ -36,10 +36,15 @@ import time
 from pathlib import Path
 
 import sentencepiece
-from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
-from megatron_harpe.data.demo_corpus import prepare_demo_data
-from megatron_harpe.data.pipeline import tokenize_corpus
+from megatron_harpe.cli import quiet_third_party
+
+quiet_third_party()  # before megatron-core's import: its fallback warnings are not this benchmark's output
+
+from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder  # noqa: E402
+
+from megatron_harpe.data.demo_corpus import prepare_demo_data  # noqa: E402
+from megatron_harpe.data.pipeline import tokenize_corpus  # noqa: E402
 
 _SKIPPED_DIRECTORIES = {"test", "tests", "__pycache__", "idlelib", "tkinter", "turtledemo", "lib2to3"}
 

@@ -23,11 +23,15 @@ import resource
 
 import torch
 
-from megatron_harpe import parallel
-from megatron_harpe.config import Config, load_config
-from megatron_harpe.model import build_model
-from megatron_harpe.position.rotary import context_parallel_positions
-from megatron_harpe.training.memory import Layout, estimate_memory
+from megatron_harpe.cli import quiet_third_party
+
+quiet_third_party()  # before megatron-core's import: its warnings are not this benchmark's output
+
+from megatron_harpe import parallel  # noqa: E402
+from megatron_harpe.config import Config, load_config  # noqa: E402
+from megatron_harpe.model import build_model  # noqa: E402
+from megatron_harpe.position.rotary import context_parallel_positions  # noqa: E402
+from megatron_harpe.training.memory import Layout, estimate_memory  # noqa: E402
 
 GIB = 2**30
 

@@ -20,11 +20,15 @@ import time
 
 import torch
 
-from megatron_harpe import parallel
-from megatron_harpe.config import ModelConfig
-from megatron_harpe.model import build_model
-from megatron_harpe.position.config import PositionConfig
-from megatron_harpe.position.rotary import HeadwiseRotaryEmbedding
+from megatron_harpe.cli import quiet_third_party
+
+quiet_third_party()  # before megatron-core's import: its warnings are not this benchmark's output
+
+from megatron_harpe import parallel  # noqa: E402
+from megatron_harpe.config import ModelConfig  # noqa: E402
+from megatron_harpe.model import build_model  # noqa: E402
+from megatron_harpe.position.config import PositionConfig  # noqa: E402
+from megatron_harpe.position.rotary import HeadwiseRotaryEmbedding  # noqa: E402
 
 
 def time_step(model, tokens, positions) -> tuple[float, float]:

@@ -169,6 +169,8 @@ def plot(cells: dict, sweep: Any, path: Path) -> Path:
                     errors.append(mean_and_spread(values)[1])
             axis.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, label=method)
         axis.set_xscale("log")
+        axis.set_xticks(list(sweep.budgets), [f"{budget // 1000}k" for budget in sweep.budgets])
+        axis.minorticks_off()
         axis.set_xlabel("adaptation tokens")
         axis.set_ylabel(f"exact match at {length} (%)")
         axis.set_title(f"length {length}, {heads0} heads")
