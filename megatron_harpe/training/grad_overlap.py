@@ -55,10 +55,13 @@ class OverlappedGradientReduction:
 
     def _launch(self, index: int) -> None:
         bucket = self.buckets[index]
+        grads = []
         for param in bucket:
-            if gradient_of(param) is None:
-                param.grad = torch.zeros_like(param)
-        flat = _flatten_dense_tensors([gradient_of(param) for param in bucket])
+            grad = gradient_of(param)
+            if grad is None:
+                grad = param.grad = torch.zeros_like(param)
+            grads.append(grad)
+        flat = _flatten_dense_tensors(grads)
         self.pending[index] = (collectives.all_reduce_async(flat, group=self.group), flat)
 
     def finish(self) -> None:

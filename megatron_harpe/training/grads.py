@@ -106,13 +106,14 @@ def allreduce_gradients(
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if gradient_of(param) is None:
-            param.grad = torch.zeros_like(param)
-        if gradient_of(param).is_sparse:
+        grad = gradient_of(param)
+        if grad is None:
+            grad = param.grad = torch.zeros_like(param)
+        if grad.is_sparse:
             raise ValueError(
                 f"parameter {name} has a sparse gradient; use a dense embedding (sparse=False)"
             )
-        grads.append(gradient_of(param))
+        grads.append(grad)
     for bucket in _buckets(grads, bucket_numel):
         flat = _flatten_dense_tensors(bucket)
         if reduce_in_fp32 and flat.dtype != torch.float32:
@@ -128,8 +129,8 @@ def allreduce_sequence_parallel_gradients(model: torch.nn.Module, tp_group: dist
     its gradient is a partial sum (what megatron's ``finalize_model_grads`` does for its DDP)."""
     if _group_size(tp_group) == 1:
         return
-    grads = [gradient_of(param) for param in model.parameters()
-             if getattr(param, "sequence_parallel", False) and param.requires_grad and gradient_of(param) is not None]  # fmt: skip
+    grads = [grad for param in model.parameters()
+             if getattr(param, "sequence_parallel", False) and param.requires_grad and (grad := gradient_of(param)) is not None]  # fmt: skip
     for bucket in _buckets(grads, DEFAULT_BUCKET_NUMEL):
         flat = _flatten_dense_tensors(bucket)
         collectives.all_reduce(flat, op=dist.ReduceOp.SUM, group=tp_group)
