@@ -18,7 +18,8 @@ The same entry points and worker processes as run.py (`tools/prepare_data.py`,
    took go into the report;
 3. extend+eval: harpe, abf and abf_multistage (methods.py) from every base model, for every
    adaptation budget at `heads[0]` heads and at `heads_budget` for the other heads settings,
-   each model evaluated right after it is trained;
+   each model evaluated right after it is trained. A base model's extensions start in the
+   first base round after it passed the gate, beside the seeds still training;
 4. report (sweep_report.py): exact match and digit accuracy vs budget, paired differences,
    the heads comparison and the trend, in --output.
 
@@ -84,11 +85,12 @@ class Sweep:
 
 
 FULL_SWEEP = Sweep(
-    scale=Scale(base_length=64, target_length=512, eval_lengths=(64, 128, 256, 512, 1024), eval_samples=100,
-                base_tokens=2_500_000, base_rounds=1, later_round_tokens=2_500_000, base_batch=4, base_lr=1e-3,
+    scale=Scale(base_length=64, target_length=512, hidden_size=256, ffn_hidden_size=688,
+                eval_lengths=(64, 128, 256, 512, 1024), eval_samples=100,
+                base_tokens=2_000_000, base_rounds=1, later_round_tokens=2_000_000, base_batch=4, base_lr=1e-3,
                 extension_batch=4),
-    budgets=(50_000, 150_000, 500_000), heads=(8, 16), heads_budget=150_000,
-    base_round_tokens=2_500_000, base_max_rounds=3, base_gate=80.0,
+    budgets=(150_000, 500_000, 1_500_000), heads=(8, 16), heads_budget=500_000,
+    base_round_tokens=2_000_000, base_max_rounds=4, base_gate=80.0,
     base_grammar={"mean_gap": 1.5, "query_share": 0.4, "fresh_queries": True},
 )
 SMOKE_SWEEP = Sweep(
@@ -130,46 +132,36 @@ def exact_match_at(eval_dir: Path, length: int) -> float | None:
     return float(json.loads(results.read_text())["tasks"]["synthetic_kv"][str(length)]["score"])
 
 
-def train_base_models(runner: Runner, sweep: Sweep, data: dict[str, Any], output: Path) -> dict[tuple[int, int], dict]:
-    """Base models per (heads, seed) in rounds until each passes the gate; returns
-    {(heads, seed): {"checkpoint", "eval", "rounds", "tokens", "exact_match"}}."""
-    workdir, scale = runner.workdir, sweep.scale
-    state = {(heads, seed): {"rounds": 0, "passed": False} for heads in sweep.heads for seed in scale.seeds}
-    for round_index in range(sweep.base_max_rounds):
-        chains, costs = [], {}
-        for (heads, seed), entry in state.items():
-            if entry["passed"]:
-                continue
-            name = f"h{heads}_base_seed{seed}" + (f"_round{round_index + 1}" if round_index else "")
-            checkpoint, eval_dir = workdir / "checkpoints" / name, workdir / "eval" / name
-            round_scale = scale_with_heads(scale, heads, base_tokens=sweep.base_round_tokens,
-                                           later_round_tokens=sweep.base_round_tokens)
-            tree = base_config(round_scale, data, str(checkpoint), seed=100 * seed + round_index,
-                               pretrained=entry.get("checkpoint"))
-            command = train_command(write_yaml(tree, output / "configs" / f"{name}.yaml"))
-            chains.append([(name, command, checkpoint / "DONE"),
-                           (f"eval_{name}", eval_command(checkpoint, eval_dir, scale), eval_dir / "DONE")])
-            costs[name] = sweep.base_round_tokens
-            costs[f"eval_{name}"] = sweep.base_round_tokens / 20
-            entry.update(checkpoint=str(checkpoint), eval=eval_dir, rounds=round_index + 1,
-                         tokens=(round_index + 1) * sweep.base_round_tokens)
-        if not chains:
-            break
-        runner.run_all(f"base round {round_index + 1}", chains, costs)
-        for (heads, seed), entry in state.items():
-            if not entry["passed"]:
-                entry["exact_match"] = exact_match_at(entry["eval"], scale.base_length)
-                entry["passed"] = (entry["exact_match"] or 0.0) >= sweep.base_gate
-                runner.progress(f"base: {heads} heads, seed {seed}: {entry['exact_match']:.1f}% exact match at "
-                                f"{scale.base_length} after {entry['tokens']:,} tokens"
-                                + ("" if entry["passed"] else f" (below the {sweep.base_gate:.0f}% gate)"))
-    return state
+def base_round_chains(runner: Runner, sweep: Sweep, data: dict[str, Any], output: Path, state: dict,
+                      round_index: int) -> tuple[list, dict[str, float]]:
+    """The train+eval chains of one base round for every base model still below the gate."""
+    workdir, chains, costs = runner.workdir, [], {}
+    for (heads, seed), entry in state.items():
+        if entry["passed"]:
+            continue
+        name = f"h{heads}_base_seed{seed}" + (f"_round{round_index + 1}" if round_index else "")
+        checkpoint, eval_dir = workdir / "checkpoints" / name, workdir / "eval" / name
+        round_scale = scale_with_heads(sweep.scale, heads, base_tokens=sweep.base_round_tokens,
+                                       later_round_tokens=sweep.base_round_tokens)
+        tree = base_config(round_scale, data, str(checkpoint), seed=100 * seed + round_index,
+                           pretrained=entry.get("checkpoint"))
+        command = train_command(write_yaml(tree, output / "configs" / f"{name}.yaml"))
+        chains.append([(name, command, checkpoint / "DONE"),
+                       (f"eval_{name}", eval_command(checkpoint, eval_dir, sweep.scale), eval_dir / "DONE")])
+        costs[name] = sweep.base_round_tokens
+        costs[f"eval_{name}"] = sweep.base_round_tokens / 20
+        entry.update(checkpoint=str(checkpoint), eval=eval_dir, rounds=round_index + 1,
+                     tokens=(round_index + 1) * sweep.base_round_tokens)
+    return chains, costs
 
 
-def extend_and_evaluate(runner: Runner, sweep: Sweep, data: dict[str, Any], output: Path,
-                        bases: dict[tuple[int, int], dict]) -> None:
+def extension_chains(runner: Runner, sweep: Sweep, data: dict[str, Any], output: Path, bases: dict,
+                     keys: set[tuple[int, int]]) -> tuple[list, dict[str, float]]:
+    """The extend+eval chains of every run whose base model, (heads, seed), is in `keys`."""
     workdir, chains, costs = runner.workdir, [], {}
     for heads, budget, method, seed in sweep.runs():
+        if (heads, seed) not in keys:
+            continue
         name = run_name(heads, budget, method, seed)
         checkpoint, eval_dir = workdir / "checkpoints" / name, workdir / "eval" / name
         run_scale = scale_with_heads(sweep.scale, heads, extension_tokens=budget)
@@ -178,7 +170,39 @@ def extend_and_evaluate(runner: Runner, sweep: Sweep, data: dict[str, Any], outp
                        (f"eval_{name}", eval_command(checkpoint, eval_dir, sweep.scale), eval_dir / "DONE")])
         costs[name] = budget * 2  # a token at the target length costs about twice one at the base length
         costs[f"eval_{name}"] = sweep.base_round_tokens / 20
+    return chains, costs
+
+
+def train_and_extend(runner: Runner, sweep: Sweep, data: dict[str, Any], output: Path) -> dict[tuple[int, int], dict]:
+    """Base models per (heads, seed) in rounds until each passes the gate, then every extension
+    run from them; returns {(heads, seed): {"checkpoint", "eval", "rounds", "tokens", "exact_match",
+    "passed"}}.
+
+    A round's phase also runs the extensions of the base models that passed before it, so the
+    workers stay busy while a few seeds take another round. A base model still below the gate
+    after base_max_rounds is extended all the same (the report marks it)."""
+    scale = sweep.scale
+    state = {(heads, seed): {"rounds": 0, "passed": False} for heads in sweep.heads for seed in scale.seeds}
+    extended: set[tuple[int, int]] = set()
+    for round_index in range(sweep.base_max_rounds):
+        chains, costs = base_round_chains(runner, sweep, data, output, state, round_index)
+        if not chains:
+            break
+        ready = {key for key, entry in state.items() if entry["passed"]} - extended
+        more, more_costs = extension_chains(runner, sweep, data, output, state, ready)
+        extended |= ready
+        beside = f" + extensions of {len(ready)} base model{'s' * (len(ready) > 1)}" if ready else ""
+        runner.run_all(f"base round {round_index + 1}{beside}", chains + more, {**costs, **more_costs})
+        for (heads, seed), entry in state.items():
+            if not entry["passed"]:
+                entry["exact_match"] = exact_match_at(entry["eval"], scale.base_length)
+                entry["passed"] = (entry["exact_match"] or 0.0) >= sweep.base_gate
+                runner.progress(f"base: {heads} heads, seed {seed}: {entry['exact_match']:.1f}% exact match at "
+                                f"{scale.base_length} after {entry['tokens']:,} tokens"
+                                + ("" if entry["passed"] else f" (below the {sweep.base_gate:.0f}% gate)"))
+    chains, costs = extension_chains(runner, sweep, data, output, state, set(state) - extended)
     runner.run_all("extend+eval", chains, costs)
+    return state
 
 
 def run_name(heads: int, budget: int, method: str, seed: int) -> str:
@@ -204,8 +228,7 @@ def main(argv: list[str] | None = None) -> int:
 
     runner.progress(f"data: tokenizer and synthetic corpora; {len(sweep.runs())} extension runs planned")
     data = prepare_sweep_data(runner, sweep)
-    bases = train_base_models(runner, sweep, data, output)
-    extend_and_evaluate(runner, sweep, data, output, bases)
+    bases = train_and_extend(runner, sweep, data, output)
     paths = write_sweep_report(workdir / "eval", output, sweep, bases, run_name)
     runner.progress("report: " + ", ".join(str(path) for path in paths))
     return 0

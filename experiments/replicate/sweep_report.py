@@ -32,11 +32,12 @@ def collect(eval_dir: Path, sweep: Any, name_of: Callable[..., str]) -> dict:
     return table
 
 
-def paired(cells: dict, method: str, reference: str, heads: int, budget: int, length: int) -> list[float]:
-    """method - reference exact match at one length, one value per seed both have."""
+def paired(cells: dict, method: str, reference: str, heads: int, budget: int, length: int,
+           key: str = "exact") -> list[float]:
+    """method - reference score (`key`: exact or digits) at one length, one value per seed both have."""
     mine, theirs = cells.get((heads, budget, method), {}), cells.get((heads, budget, reference), {})
-    return [mine[seed]["exact"][length] - theirs[seed]["exact"][length]
-            for seed in sorted(set(mine) & set(theirs)) if length in mine[seed]["exact"]]
+    return [mine[seed][key][length] - theirs[seed][key][length]
+            for seed in sorted(set(mine) & set(theirs)) if length in mine[seed][key]]
 
 
 def slope(xs: list[float], ys: list[float]) -> float:
@@ -106,17 +107,18 @@ def markdown(cells: dict, sweep: Any, bases: dict) -> tuple[str, dict]:
                 seeds = cells.get((heads0, budget, method), {})
                 lines.append(f"| {method} | {budget:,} | " + " | ".join(
                     format_cell([s[key][k] for s in seeds.values() if k in s[key]]) for k in lengths) + " |")
-    lines += ["", f"## Exact match minus {REFERENCE}'s, paired by seed ({heads0} heads)", "",
-              "Percentage points, mean ± std over seeds (higher in how many seeds):", "",
-              "| method | budget | " + " | ".join(str(k) for k in lengths) + " |", "|---" * (len(lengths) + 2) + "|"]
-    for method in [m for m in sweep.methods if m != REFERENCE]:
-        for budget in sweep.budgets:
-            row = []
-            for length in lengths:
-                differences = paired(cells, method, REFERENCE, heads0, budget, length)
-                row.append(f"{statistics.fmean(differences):+.1f} ± {mean_and_spread(differences)[1]:.1f} "
-                           f"({sum(d > 0 for d in differences)}/{len(differences)})" if differences else "-")
-            lines.append(f"| {method} | {budget:,} | " + " | ".join(row) + " |")
+    for key, title in (("exact", "Exact match"), ("digits", "Digit accuracy")):
+        lines += ["", f"## {title} minus {REFERENCE}'s, paired by seed ({heads0} heads)", "",
+                  "Percentage points, mean ± std over seeds (higher in how many seeds):", "",
+                  "| method | budget | " + " | ".join(str(k) for k in lengths) + " |", "|---" * (len(lengths) + 2) + "|"]
+        for method in [m for m in sweep.methods if m != REFERENCE]:
+            for budget in sweep.budgets:
+                row = []
+                for length in lengths:
+                    differences = paired(cells, method, REFERENCE, heads0, budget, length, key)
+                    row.append(f"{statistics.fmean(differences):+.1f} ± {mean_and_spread(differences)[1]:.1f} "
+                               f"({sum(d > 0 for d in differences)}/{len(differences)})" if differences else "-")
+                lines.append(f"| {method} | {budget:,} | " + " | ".join(row) + " |")
     summary: dict[str, Any] = {"trend": {}, "heads": {}}
     lines += ["", f"## Trend: (method - {REFERENCE}) per 10x budget", "",
               "Least-squares slope of the paired difference over log10(budget), per seed, then mean ± std over "

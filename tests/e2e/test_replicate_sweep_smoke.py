@@ -65,7 +65,8 @@ def test_smoke_sweep_trains_every_cell_reports_and_resumes(tmp_path):
     assert "base_grammar" in scale and scale["base_grammar"]["query_share"] == sweep.base_grammar["query_share"]
 
     report = (output / "sweep.md").read_text()
-    for section in ("## Base models", "vs adaptation budget", "paired by seed", "## Trend", "## Heads per layer"):
+    for section in ("## Base models", "vs adaptation budget", "## Exact match minus abf_multistage's, paired by seed",
+                    "## Digit accuracy minus abf_multistage's, paired by seed", "## Trend", "## Heads per layer"):
         assert section in report
     assert "| 4 | 1 | 2 | 16,384 |" in report  # rounds and tokens of a base model
     summary = json.loads((output / "sweep_summary.json").read_text())
@@ -129,3 +130,46 @@ def test_fresh_queries_ask_each_value_once_and_only_after_its_needle():
                 asked.add(key)
                 queries += 1
         assert queries >= 3
+
+
+def test_paired_differences_compare_the_same_seed_on_either_score():
+    from sweep_report import paired
+
+    cells = {(8, 100, "harpe"): {1: {"exact": {512: 30.0}, "digits": {512: 60.0}},
+                                 2: {"exact": {512: 10.0}, "digits": {512: 50.0}}},
+             (8, 100, "abf_multistage"): {2: {"exact": {512: 25.0}, "digits": {512: 45.0}},
+                                          3: {"exact": {512: 5.0}, "digits": {512: 20.0}}}}
+    assert paired(cells, "harpe", "abf_multistage", 8, 100, 512) == [-15.0]  # seed 2 only: both have it
+    assert paired(cells, "harpe", "abf_multistage", 8, 100, 512, "digits") == [5.0]
+
+
+def test_extensions_of_a_passed_base_model_run_beside_the_next_base_round(tmp_path, monkeypatch):
+    import sweep as sweep_module
+
+    class RecordingRunner:  # the phases sweep.py would run, without running them
+        def __init__(self) -> None:
+            self.workdir, self.phases = tmp_path / "work", []
+
+        def progress(self, message: str) -> None:
+            pass
+
+        def run_all(self, phase, chains, costs=None) -> None:
+            self.phases.append((phase, [chain[0][0] for chain in chains]))
+
+    # seed 1 of the first heads setting passes in round 1, everything else never does
+    monkeypatch.setattr(sweep_module, "exact_match_at",
+                        lambda eval_dir, length: 100.0 if eval_dir.name == "h4_base_seed1" else 0.0)
+    sweep, runner = sweep_module.SMOKE_SWEEP, RecordingRunner()
+    data = {"tokenizer": "t.json", "base_prefix": "b", "extension_prefix": "e", "base_mask": "bm",
+            "extension_mask": "em", "vocab_size": 128}
+    bases = sweep_module.train_and_extend(runner, sweep, data, data_dir := tmp_path / "out")
+    (phase1, names1), (phase2, names2), (phase3, names3) = runner.phases
+    assert phase1 == "base round 1" and len(names1) == 4  # 2 heads settings x 2 seeds
+    assert phase2 == "base round 2 + extensions of 1 base model"
+    seed1_runs = {sweep_module.run_name(h, b, m, s) for h, b, m, s in sweep.runs() if (h, s) == (4, 1)}
+    assert "h4_base_seed1_round2" not in names2 and seed1_runs <= set(names2) and len(names2) == 3 + len(seed1_runs)
+    assert phase3 == "extend+eval" and not seed1_runs & set(names3)
+    assert sorted(names2[3:] + names3) == sorted(sweep_module.run_name(*run) for run in sweep.runs())  # each once
+    assert bases[4, 1]["passed"] and bases[4, 1]["rounds"] == 1 and not bases[8, 2]["passed"]
+    assert bases[8, 2]["rounds"] == sweep.base_max_rounds
+    assert (data_dir / "configs" / "h4_harpe_4k_seed1.yaml").exists()
