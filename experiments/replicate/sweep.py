@@ -85,12 +85,11 @@ class Sweep:
 
 
 FULL_SWEEP = Sweep(
-    scale=Scale(base_length=64, target_length=512, hidden_size=256, ffn_hidden_size=688,
-                eval_lengths=(64, 128, 256, 512, 1024), eval_samples=100,
-                base_tokens=2_000_000, base_rounds=1, later_round_tokens=2_000_000, base_batch=4, base_lr=1e-3,
+    scale=Scale(base_length=64, target_length=512, eval_lengths=(64, 128, 256, 512, 1024), eval_samples=100,
+                base_tokens=3_000_000, base_rounds=1, later_round_tokens=3_000_000, base_batch=16, base_lr=1e-3,
                 extension_batch=4),
     budgets=(150_000, 500_000, 1_500_000), heads=(8, 16), heads_budget=500_000,
-    base_round_tokens=2_000_000, base_max_rounds=4, base_gate=80.0,
+    base_round_tokens=3_000_000, base_max_rounds=4, base_gate=80.0,
     base_grammar={"mean_gap": 1.5, "query_share": 0.4, "fresh_queries": True},
 )
 SMOKE_SWEEP = Sweep(
