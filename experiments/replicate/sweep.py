@@ -16,9 +16,10 @@ The same entry points and worker processes as run.py (`tools/prepare_data.py`,
    each round from the previous weights and evaluated; a seed stops when its exact match at
    the base length reaches `base_gate` (80%) or after `base_max_rounds`. The tokens each seed
    took go into the report;
-3. extend+eval: harpe, abf and abf_multistage (methods.py) from every base model, for every
-   adaptation budget at `heads[0]` heads and at `heads_budget` for the other heads settings,
-   each model evaluated right after it is trained. A base model's extensions start in the
+3. extend+eval: harpe, abf and abf_multistage (methods.py) from every base model: for every
+   adaptation budget at `heads[0]` heads (hidden size `scale.hidden_size`), and at `heads_budget`
+   for every heads setting at the comparison's width (`heads_hidden`), each model evaluated
+   right after it is trained. A base model's extensions start in the
    first base round after it passed the gate, beside the seeds still training;
 4. report (sweep_report.py): exact match and digit accuracy vs budget, paired differences,
    the heads comparison and the trend, in --output.
@@ -54,11 +55,11 @@ class Sweep:
 
     scale: Scale
     budgets: tuple[int, ...]
-    """Adaptation tokens per extension run, at heads[0] heads."""
+    """Adaptation tokens per extension run of the budget sweep: heads[0] heads at scale.hidden_size."""
     heads: tuple[int, ...]
-    """Heads per layer at equal width (hidden size fixed); heads[0] gets the budget sweep."""
+    """Heads per layer compared at equal width (`heads_hidden`); heads[0] also gets the budget sweep."""
     heads_budget: int
-    """The budget every other heads setting is extended with."""
+    """The budget of the heads comparison."""
     base_round_tokens: int
     base_max_rounds: int
     base_gate: float
@@ -66,20 +67,46 @@ class Sweep:
     base_grammar: dict[str, Any]
     """training_document's mean_gap, query_share and fresh_queries for the base corpus."""
     methods: tuple[str, ...] = SWEEP_METHODS
+    heads_hidden: int = 0
+    """Hidden size of the heads comparison (0: scale.hidden_size). A wider one keeps the heads
+    of every setting large enough to learn the lookup (16 heads of 8 dimensions did not)."""
 
-    def runs(self) -> list[tuple[int, int, str, int]]:
-        """(heads, budget, method, seed) of every extension run."""
-        grid = [(self.heads[0], budget) for budget in self.budgets]
-        grid += [(heads, self.heads_budget) for heads in self.heads[1:]]
-        return [(heads, budget, method, seed) for heads, budget in grid for seed in self.scale.seeds
+    @property
+    def comparison_hidden(self) -> int:
+        return self.heads_hidden or self.scale.hidden_size
+
+    def models(self) -> list[tuple[int, int]]:
+        """(hidden, heads) of every model shape: the budget sweep's first, then the heads comparison's."""
+        shapes = [(self.scale.hidden_size, self.heads[0])]
+        return shapes + [(self.comparison_hidden, heads) for heads in self.heads
+                         if (self.comparison_hidden, heads) not in shapes]
+
+    def runs(self) -> list[tuple[int, int, int, str, int]]:
+        """(hidden, heads, budget, method, seed) of every extension run."""
+        grid = [(self.scale.hidden_size, self.heads[0], budget) for budget in self.budgets]
+        grid += [(self.comparison_hidden, heads, self.heads_budget) for heads in self.heads
+                 if (self.comparison_hidden, heads, self.heads_budget) not in grid]
+        return [(hidden, heads, budget, method, seed) for hidden, heads, budget in grid for seed in self.scale.seeds
                 for method in self.methods]
+
+    def scale_of(self, hidden: int, heads: int, **changes: Any) -> Scale:
+        """The scale of one model shape (the feed-forward size grows with the width)."""
+        return dataclasses.replace(self.scale, hidden_size=hidden, num_attention_heads=heads,
+                                   ffn_hidden_size=self.scale.ffn_hidden_size * hidden // self.scale.hidden_size,
+                                   **changes)
+
+    def model_name(self, hidden: int, heads: int) -> str:
+        return f"h{heads}" if hidden == self.scale.hidden_size else f"w{hidden}_h{heads}"
+
+    def run_name(self, hidden: int, heads: int, budget: int, method: str, seed: int) -> str:
+        return f"{self.model_name(hidden, heads)}_{method}_{budget // 1000}k_seed{seed}"
 
     def validate(self) -> None:
         self.scale.validate()
         if len(self.budgets) < 1 or sorted(self.budgets) != list(self.budgets):
             raise ValueError(f"budgets must be given in increasing order, got {self.budgets}")
-        if any(self.scale.hidden_size % heads for heads in self.heads):
-            raise ValueError(f"every heads setting must divide hidden_size={self.scale.hidden_size}: {self.heads}")
+        if any(hidden % heads for hidden, heads in self.models()):
+            raise ValueError(f"every heads setting must divide its hidden size: {self.models()}")
         if not 0 < self.base_gate <= 100 or self.base_max_rounds < 1:
             raise ValueError("base_gate must be in (0, 100] and base_max_rounds >= 1")
 
@@ -88,7 +115,7 @@ FULL_SWEEP = Sweep(
     scale=Scale(base_length=64, target_length=512, eval_lengths=(64, 128, 256, 512, 1024), eval_samples=100,
                 base_tokens=3_000_000, base_rounds=1, later_round_tokens=3_000_000, base_batch=16, base_lr=1e-3,
                 extension_batch=4),
-    budgets=(150_000, 500_000, 1_500_000), heads=(8, 16), heads_budget=500_000,
+    budgets=(150_000, 500_000, 1_500_000), heads=(8, 16), heads_budget=500_000, heads_hidden=256,
     base_round_tokens=3_000_000, base_max_rounds=4, base_gate=80.0,
     base_grammar={"mean_gap": 1.5, "query_share": 0.4, "fresh_queries": True},
 )
@@ -96,7 +123,7 @@ SMOKE_SWEEP = Sweep(
     scale=Scale(base_length=64, target_length=256, num_layers=2, hidden_size=32, num_attention_heads=4,
                 ffn_hidden_size=64, base_tokens=8192, later_round_tokens=8192, base_rounds=1, extension_tokens=4096,
                 base_batch=8, extension_batch=2, seeds=(1, 2), eval_lengths=(64, 256), eval_samples=3),
-    budgets=(4096, 8192), heads=(4, 8), heads_budget=4096,
+    budgets=(4096, 8192), heads=(4, 8), heads_budget=4096, heads_hidden=64,
     base_round_tokens=8192, base_max_rounds=2, base_gate=100.0,
     base_grammar={"mean_gap": 1.5, "query_share": 0.4, "fresh_queries": True},
 )
@@ -120,10 +147,6 @@ def prepare_sweep_data(runner: Runner, sweep: Sweep) -> dict[str, Any]:
             "vocab_size": -(-len(vocabulary()) // MODEL_VOCAB_MULTIPLE) * MODEL_VOCAB_MULTIPLE}
 
 
-def scale_with_heads(scale: Scale, heads: int, **changes: Any) -> Scale:
-    return dataclasses.replace(scale, num_attention_heads=heads, **changes)
-
-
 def exact_match_at(eval_dir: Path, length: int) -> float | None:
     results = eval_dir / "results.json"
     if not results.exists():
@@ -135,19 +158,19 @@ def base_round_chains(runner: Runner, sweep: Sweep, data: dict[str, Any], output
                       round_index: int) -> tuple[list, dict[str, float]]:
     """The train+eval chains of one base round for every base model still below the gate."""
     workdir, chains, costs = runner.workdir, [], {}
-    for (heads, seed), entry in state.items():
+    for (hidden, heads, seed), entry in state.items():
         if entry["passed"]:
             continue
-        name = f"h{heads}_base_seed{seed}" + (f"_round{round_index + 1}" if round_index else "")
+        name = f"{sweep.model_name(hidden, heads)}_base_seed{seed}" + (f"_round{round_index + 1}" if round_index else "")
         checkpoint, eval_dir = workdir / "checkpoints" / name, workdir / "eval" / name
-        round_scale = scale_with_heads(sweep.scale, heads, base_tokens=sweep.base_round_tokens,
-                                       later_round_tokens=sweep.base_round_tokens)
+        round_scale = sweep.scale_of(hidden, heads, base_tokens=sweep.base_round_tokens,
+                                     later_round_tokens=sweep.base_round_tokens)
         tree = base_config(round_scale, data, str(checkpoint), seed=100 * seed + round_index,
                            pretrained=entry.get("checkpoint"))
         command = train_command(write_yaml(tree, output / "configs" / f"{name}.yaml"))
         chains.append([(name, command, checkpoint / "DONE"),
                        (f"eval_{name}", eval_command(checkpoint, eval_dir, sweep.scale), eval_dir / "DONE")])
-        costs[name] = sweep.base_round_tokens
+        costs[name] = sweep.base_round_tokens * hidden / sweep.scale.hidden_size  # time grows about with width
         costs[f"eval_{name}"] = sweep.base_round_tokens / 20
         entry.update(checkpoint=str(checkpoint), eval=eval_dir, rounds=round_index + 1,
                      tokens=(round_index + 1) * sweep.base_round_tokens)
@@ -155,34 +178,37 @@ def base_round_chains(runner: Runner, sweep: Sweep, data: dict[str, Any], output
 
 
 def extension_chains(runner: Runner, sweep: Sweep, data: dict[str, Any], output: Path, bases: dict,
-                     keys: set[tuple[int, int]]) -> tuple[list, dict[str, float]]:
-    """The extend+eval chains of every run whose base model, (heads, seed), is in `keys`."""
+                     keys: set[tuple[int, int, int]]) -> tuple[list, dict[str, float]]:
+    """The extend+eval chains of every run whose base model, (hidden, heads, seed), is in `keys`."""
     workdir, chains, costs = runner.workdir, [], {}
-    for heads, budget, method, seed in sweep.runs():
-        if (heads, seed) not in keys:
+    for hidden, heads, budget, method, seed in sweep.runs():
+        if (hidden, heads, seed) not in keys:
             continue
-        name = run_name(heads, budget, method, seed)
+        name = sweep.run_name(hidden, heads, budget, method, seed)
         checkpoint, eval_dir = workdir / "checkpoints" / name, workdir / "eval" / name
-        run_scale = scale_with_heads(sweep.scale, heads, extension_tokens=budget)
-        tree = extension_config(method, run_scale, data, bases[heads, seed]["checkpoint"], str(checkpoint), seed)
+        run_scale = sweep.scale_of(hidden, heads, extension_tokens=budget)
+        tree = extension_config(method, run_scale, data, bases[hidden, heads, seed]["checkpoint"], str(checkpoint),
+                                seed)
         chains.append([(name, train_command(write_yaml(tree, output / "configs" / f"{name}.yaml")), checkpoint / "DONE"),
                        (f"eval_{name}", eval_command(checkpoint, eval_dir, sweep.scale), eval_dir / "DONE")])
-        costs[name] = budget * 2  # a token at the target length costs about twice one at the base length
+        # a token at the target length costs about twice one at the base length; time grows about with width
+        costs[name] = budget * 2 * hidden / sweep.scale.hidden_size
         costs[f"eval_{name}"] = sweep.base_round_tokens / 20
     return chains, costs
 
 
-def train_and_extend(runner: Runner, sweep: Sweep, data: dict[str, Any], output: Path) -> dict[tuple[int, int], dict]:
-    """Base models per (heads, seed) in rounds until each passes the gate, then every extension
-    run from them; returns {(heads, seed): {"checkpoint", "eval", "rounds", "tokens", "exact_match",
-    "passed"}}.
+def train_and_extend(runner: Runner, sweep: Sweep, data: dict[str, Any], output: Path) -> dict[tuple, dict]:
+    """Base models per (hidden, heads, seed) in rounds until each passes the gate, then every
+    extension run from them; returns {(hidden, heads, seed): {"checkpoint", "eval", "rounds",
+    "tokens", "exact_match", "passed"}}.
 
     A round's phase also runs the extensions of the base models that passed before it, so the
     workers stay busy while a few seeds take another round. A base model still below the gate
     after base_max_rounds is extended all the same (the report marks it)."""
     scale = sweep.scale
-    state = {(heads, seed): {"rounds": 0, "passed": False} for heads in sweep.heads for seed in scale.seeds}
-    extended: set[tuple[int, int]] = set()
+    state = {(hidden, heads, seed): {"rounds": 0, "passed": False}
+             for hidden, heads in sweep.models() for seed in scale.seeds}
+    extended: set[tuple[int, int, int]] = set()
     for round_index in range(sweep.base_max_rounds):
         chains, costs = base_round_chains(runner, sweep, data, output, state, round_index)
         if not chains:
@@ -192,20 +218,16 @@ def train_and_extend(runner: Runner, sweep: Sweep, data: dict[str, Any], output:
         extended |= ready
         beside = f" + extensions of {len(ready)} base model{'s' * (len(ready) > 1)}" if ready else ""
         runner.run_all(f"base round {round_index + 1}{beside}", chains + more, {**costs, **more_costs})
-        for (heads, seed), entry in state.items():
+        for (hidden, heads, seed), entry in state.items():
             if not entry["passed"]:
                 entry["exact_match"] = exact_match_at(entry["eval"], scale.base_length)
                 entry["passed"] = (entry["exact_match"] or 0.0) >= sweep.base_gate
-                runner.progress(f"base: {heads} heads, seed {seed}: {entry['exact_match']:.1f}% exact match at "
+                runner.progress(f"base: hidden {hidden}, {heads} heads, seed {seed}: {entry['exact_match']:.1f}% exact match at "
                                 f"{scale.base_length} after {entry['tokens']:,} tokens"
                                 + ("" if entry["passed"] else f" (below the {sweep.base_gate:.0f}% gate)"))
     chains, costs = extension_chains(runner, sweep, data, output, state, set(state) - extended)
     runner.run_all("extend+eval", chains, costs)
     return state
-
-
-def run_name(heads: int, budget: int, method: str, seed: int) -> str:
-    return f"h{heads}_{method}_{budget // 1000}k_seed{seed}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -223,12 +245,12 @@ def main(argv: list[str] | None = None) -> int:
     runner = start_runner(args.output, workdir, args.jobs, "sweep.py", sys.argv[1:] if argv is None else argv)
     output = runner.output
     (output / "scale.json").write_text(json.dumps(
-        {**dataclasses.asdict(sweep), "ratio": sweep.scale.ratio, "runs": len(sweep.runs())}, indent=2))
+        {**dataclasses.asdict(sweep), "models": sweep.models(), "ratio": sweep.scale.ratio, "runs": len(sweep.runs())}, indent=2))
 
     runner.progress(f"data: tokenizer and synthetic corpora; {len(sweep.runs())} extension runs planned")
     data = prepare_sweep_data(runner, sweep)
     bases = train_and_extend(runner, sweep, data, output)
-    paths = write_sweep_report(workdir / "eval", output, sweep, bases, run_name)
+    paths = write_sweep_report(workdir / "eval", output, sweep, bases)
     runner.progress("report: " + ", ".join(str(path) for path in paths))
     return 0
 

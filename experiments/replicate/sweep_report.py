@@ -12,30 +12,31 @@ import json
 import math
 import statistics
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from report import digit_accuracy, load_run, mean_and_spread, save_figure
 
 REFERENCE = "abf_multistage"
 
 
-def collect(eval_dir: Path, sweep: Any, name_of: Callable[..., str]) -> dict:
-    """{(heads, budget, method): {seed: {"exact": {length: %}, "digits": {length: %}}}} of every
-    evaluated run."""
+def collect(eval_dir: Path, sweep: Any) -> dict:
+    """{(hidden, heads, budget, method): {seed: {"exact": {length: %}, "digits": {length: %}}}} of
+    every evaluated run."""
     table: dict = {}
-    for heads, budget, method, seed in sweep.runs():
-        run = load_run(eval_dir, name_of(heads, budget, method, seed))
+    for hidden, heads, budget, method, seed in sweep.runs():
+        run = load_run(eval_dir, sweep.run_name(hidden, heads, budget, method, seed))
         if run is None:
             continue
-        table.setdefault((heads, budget, method), {})[seed] = {
+        table.setdefault((hidden, heads, budget, method), {})[seed] = {
             "exact": run["scores"], "digits": digit_accuracy(run["records"], sweep.scale.eval_lengths)}
     return table
 
 
-def paired(cells: dict, method: str, reference: str, heads: int, budget: int, length: int,
+def paired(cells: dict, method: str, reference: str, model: tuple[int, int], budget: int, length: int,
            key: str = "exact") -> list[float]:
-    """method - reference score (`key`: exact or digits) at one length, one value per seed both have."""
-    mine, theirs = cells.get((heads, budget, method), {}), cells.get((heads, budget, reference), {})
+    """method - reference score (`key`: exact or digits) at one length for one model shape
+    (hidden, heads), one value per seed both have."""
+    mine, theirs = cells.get((*model, budget, method), {}), cells.get((*model, budget, reference), {})
     return [mine[seed][key][length] - theirs[seed][key][length]
             for seed in sorted(set(mine) & set(theirs)) if length in mine[seed][key]]
 
@@ -50,12 +51,12 @@ def slope(xs: list[float], ys: list[float]) -> float:
 def trend(cells: dict, sweep: Any, method: str, length: int) -> dict[str, float] | None:
     """How (method - reference) exact match at `length` moves per 10x budget: the slope over
     log10(budget) per seed, then mean, std and standard error over seeds."""
-    heads, slopes = sweep.heads[0], []
+    model, slopes = sweep.models()[0], []
     for seed in sweep.scale.seeds:
         points = []
         for budget in sweep.budgets:
-            mine = cells.get((heads, budget, method), {}).get(seed)
-            theirs = cells.get((heads, budget, REFERENCE), {}).get(seed)
+            mine = cells.get((*model, budget, method), {}).get(seed)
+            theirs = cells.get((*model, budget, REFERENCE), {}).get(seed)
             if mine and theirs and length in mine["exact"]:
                 points.append((math.log10(budget), mine["exact"][length] - theirs["exact"][length]))
         if len(points) >= 2:
@@ -76,6 +77,10 @@ def verdict(fit: dict[str, float] | None) -> str:
     return "the gap narrows as the budget grows" if fit["slope_per_10x"] > 0 else "the gap widens as the budget grows"
 
 
+def cells_at(cells: dict, model: tuple[int, int], budget: int) -> bool:
+    return any(key[:3] == (*model, budget) for key in cells)
+
+
 def format_cell(values: list[float]) -> str:
     if not values:
         return "-"
@@ -85,37 +90,39 @@ def format_cell(values: list[float]) -> str:
 
 def markdown(cells: dict, sweep: Any, bases: dict) -> tuple[str, dict]:
     scale, lengths = sweep.scale, sweep.scale.eval_lengths
-    heads0 = sweep.heads[0]
+    model0 = sweep.models()[0]
+    heads0 = model0[1]
     lines = [f"Sweep: base length {scale.base_length} -> target {scale.target_length}, {scale.num_layers} layers, "
-             f"hidden {scale.hidden_size}, {len(scale.seeds)} seeds, {scale.eval_samples} samples per length and "
-             f"model (teacher forced); budgets {', '.join(f'{b:,}' for b in sweep.budgets)} tokens at {heads0} heads, "
-             f"{sweep.heads_budget:,} tokens for {', '.join(str(h) for h in sweep.heads[1:])} heads.", "",
+             f"{len(scale.seeds)} seeds, {scale.eval_samples} samples per length and model (teacher forced); "
+             f"budgets {', '.join(f'{b:,}' for b in sweep.budgets)} tokens at {heads0} heads, hidden {model0[0]}; "
+             f"heads {', '.join(str(h) for h in sweep.heads)} at hidden {sweep.comparison_hidden} with "
+             f"{sweep.heads_budget:,} tokens.", "",
              "## Base models", "",
              f"Rounds of {sweep.base_round_tokens:,} tokens until exact match at {scale.base_length} reaches "
              f"{sweep.base_gate:.0f}% (at most {sweep.base_max_rounds} rounds):", "",
-             "| heads | seed | rounds | tokens | exact match at base length |", "|---|---|---|---|---|"]
-    for (heads, seed), entry in sorted(bases.items()):
+             "| hidden | heads | seed | rounds | tokens | exact match at base length |", "|---|---|---|---|---|---|"]
+    for (hidden, heads, seed), entry in sorted(bases.items()):
         match = entry.get("exact_match")
-        lines.append(f"| {heads} | {seed} | {entry['rounds']} | {entry['tokens']:,} | "
+        lines.append(f"| {hidden} | {heads} | {seed} | {entry['rounds']} | {entry['tokens']:,} | "
                      + (f"{match:.1f}" if match is not None else "-") + (" (below the gate)" if not entry.get("passed") else "")
                      + " |")
     for key, title in (("exact", "Exact match (%)"), ("digits", "Digit accuracy (%), chance 10")):
-        lines += ["", f"## {title} vs adaptation budget, {heads0} heads, mean ± std over seeds", "",
+        lines += ["", f"## {title} vs adaptation budget, {heads0} heads, hidden {model0[0]}, mean ± std over seeds", "",
                   "| method | budget | " + " | ".join(str(k) for k in lengths) + " |", "|---" * (len(lengths) + 2) + "|"]
         for method in sweep.methods:
             for budget in sweep.budgets:
-                seeds = cells.get((heads0, budget, method), {})
+                seeds = cells.get((*model0, budget, method), {})
                 lines.append(f"| {method} | {budget:,} | " + " | ".join(
                     format_cell([s[key][k] for s in seeds.values() if k in s[key]]) for k in lengths) + " |")
     for key, title in (("exact", "Exact match"), ("digits", "Digit accuracy")):
-        lines += ["", f"## {title} minus {REFERENCE}'s, paired by seed ({heads0} heads)", "",
+        lines += ["", f"## {title} minus {REFERENCE}'s, paired by seed ({heads0} heads, hidden {model0[0]})", "",
                   "Percentage points, mean ± std over seeds (higher in how many seeds):", "",
                   "| method | budget | " + " | ".join(str(k) for k in lengths) + " |", "|---" * (len(lengths) + 2) + "|"]
         for method in [m for m in sweep.methods if m != REFERENCE]:
             for budget in sweep.budgets:
                 row = []
                 for length in lengths:
-                    differences = paired(cells, method, REFERENCE, heads0, budget, length, key)
+                    differences = paired(cells, method, REFERENCE, model0, budget, length, key)
                     row.append(f"{statistics.fmean(differences):+.1f} ± {mean_and_spread(differences)[1]:.1f} "
                                f"({sum(d > 0 for d in differences)}/{len(differences)})" if differences else "-")
                 lines.append(f"| {method} | {budget:,} | " + " | ".join(row) + " |")
@@ -130,24 +137,29 @@ def markdown(cells: dict, sweep: Any, bases: dict) -> tuple[str, dict]:
             summary["trend"][f"{method}@{length}"] = fit
             shown = f"{fit['slope_per_10x']:+.1f} ± {fit['std']:.1f}" if fit else "-"
             lines.append(f"| {method} | {length} | {shown} | {verdict(fit)} |")
+    compared = [model for model in sweep.models() if cells_at(cells, model, sweep.heads_budget)]
     if len(sweep.heads) > 1:
-        lines += ["", f"## Heads per layer at {sweep.heads_budget:,} tokens (equal width), exact match (%)", "",
-                  "| method | heads | " + " | ".join(str(k) for k in lengths) + " |", "|---" * (len(lengths) + 2) + "|"]
+        lines += ["", f"## Model shapes at {sweep.heads_budget:,} tokens, exact match (%)", "",
+                  f"Heads per layer at equal width (hidden {sweep.comparison_hidden}), and the budget sweep's model:", "",
+                  "| method | hidden | heads | " + " | ".join(str(k) for k in lengths) + " |",
+                  "|---" * (len(lengths) + 3) + "|"]
         for method in sweep.methods:
-            for heads in sweep.heads:
-                seeds = cells.get((heads, sweep.heads_budget, method), {})
-                lines.append(f"| {method} | {heads} | " + " | ".join(
+            for hidden, heads in compared:
+                seeds = cells.get((hidden, heads, sweep.heads_budget, method), {})
+                lines.append(f"| {method} | {hidden} | {heads} | " + " | ".join(
                     format_cell([s["exact"][k] for s in seeds.values() if k in s["exact"]]) for k in lengths) + " |")
-        lines += ["", f"HARPE minus {REFERENCE}, paired by seed, at {sweep.heads_budget:,} tokens:", "",
-                  "| heads | " + " | ".join(str(k) for k in lengths) + " |", "|---" * (len(lengths) + 1) + "|"]
-        for heads in sweep.heads:
-            row = []
-            for length in lengths:
-                differences = paired(cells, "harpe", REFERENCE, heads, sweep.heads_budget, length)
-                summary["heads"][f"{heads}@{length}"] = differences
-                row.append(f"{statistics.fmean(differences):+.1f} ± {mean_and_spread(differences)[1]:.1f}"
-                           if differences else "-")
-            lines.append(f"| {heads} | " + " | ".join(row) + " |")
+        for other in [m for m in sweep.methods if m != REFERENCE]:
+            lines += ["", f"{other} minus {REFERENCE}, exact match paired by seed, at {sweep.heads_budget:,} tokens "
+                      "(higher in how many seeds):", "",
+                      "| hidden | heads | " + " | ".join(str(k) for k in lengths) + " |", "|---" * (len(lengths) + 2) + "|"]
+            for model in compared:
+                row = []
+                for length in lengths:
+                    differences = paired(cells, other, REFERENCE, model, sweep.heads_budget, length)
+                    summary["heads"][f"{other}:{model[0]}x{model[1]}@{length}"] = differences
+                    row.append(f"{statistics.fmean(differences):+.1f} ± {mean_and_spread(differences)[1]:.1f} "
+                               f"({sum(d > 0 for d in differences)}/{len(differences)})" if differences else "-")
+                lines.append(f"| {model[0]} | {model[1]} | " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n", summary
 
 
@@ -157,14 +169,15 @@ def plot(cells: dict, sweep: Any, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    scale, heads0 = sweep.scale, sweep.heads[0]
+    scale, model0 = sweep.scale, sweep.models()[0]
     shown = [k for k in scale.eval_lengths if k >= scale.target_length // 2][:3]
     figure, axes = plt.subplots(1, len(shown) + 1, figsize=(4.2 * (len(shown) + 1), 4), squeeze=False)
     for axis, length in zip(axes[0], shown):
         for method in sweep.methods:
             xs, ys, errors = [], [], []
             for budget in sweep.budgets:
-                values = [s["exact"][length] for s in cells.get((heads0, budget, method), {}).values() if length in s["exact"]]
+                values = [s["exact"][length] for s in cells.get((*model0, budget, method), {}).values()
+                          if length in s["exact"]]
                 if values:
                     xs.append(budget)
                     ys.append(statistics.fmean(values))
@@ -175,32 +188,35 @@ def plot(cells: dict, sweep: Any, path: Path) -> Path:
         axis.minorticks_off()
         axis.set_xlabel("adaptation tokens")
         axis.set_ylabel(f"exact match at {length} (%)")
-        axis.set_title(f"length {length}, {heads0} heads")
+        axis.set_title(f"length {length}, {model0[1]} heads, hidden {model0[0]}")
     axes[0][0].legend(fontsize=8)
-    axis, width = axes[0][-1], 0.8 / max(1, len(sweep.heads))
-    length = scale.target_length
-    for index, heads in enumerate(sweep.heads):
+    models, length = sweep.models(), scale.target_length
+    axis, width = axes[0][-1], 0.8 / len(models)
+    for index, (hidden, heads) in enumerate(models):
         means = [statistics.fmean(values) if (values := [s["exact"][length] for s in cells.get(
-            (heads, sweep.heads_budget, method), {}).values() if length in s["exact"]]) else 0.0 for method in sweep.methods]
-        axis.bar([i + index * width for i in range(len(sweep.methods))], means, width, label=f"{heads} heads")
-    axis.set_xticks([i + width * (len(sweep.heads) - 1) / 2 for i in range(len(sweep.methods))], list(sweep.methods))
+            (hidden, heads, sweep.heads_budget, method), {}).values() if length in s["exact"]]) else 0.0
+            for method in sweep.methods]
+        axis.bar([i + index * width for i in range(len(sweep.methods))], means, width,
+                 label=f"{heads} heads, hidden {hidden}")
+    axis.set_xticks([i + width * (len(models) - 1) / 2 for i in range(len(sweep.methods))], list(sweep.methods))
     axis.set_ylabel(f"exact match at {length} (%)")
-    axis.set_title(f"heads at {sweep.heads_budget:,} tokens")
+    axis.set_title(f"model shapes at {sweep.heads_budget:,} tokens")
     axis.legend(fontsize=8)
     return save_figure(figure, path, dpi=110)
 
 
-def write_sweep_report(eval_dir: Path, output: Path, sweep: Any, bases: dict, name_of: Callable[..., str]) -> list[Path]:
-    cells = collect(eval_dir, sweep, name_of)
+def write_sweep_report(eval_dir: Path, output: Path, sweep: Any, bases: dict) -> list[Path]:
+    cells = collect(eval_dir, sweep)
     if not cells:
         raise ValueError(f"no evaluation results under {eval_dir}: run the sweep first")
     text, summary = markdown(cells, sweep, bases)
     report = output / "sweep.md"
     report.with_name("sweep.md.tmp").write_text(text)
     report.with_name("sweep.md.tmp").replace(report)
-    summary["cells"] = {f"h{h}_{m}_{b}": seeds for (h, b, m), seeds in cells.items()}
-    summary["bases"] = {f"h{h}_seed{s}": {k: v for k, v in entry.items() if k != "eval"}
-                        for (h, s), entry in bases.items()}
+    summary["cells"] = {f"{sweep.model_name(hidden, heads)}_{method}_{budget}": seeds
+                        for (hidden, heads, budget, method), seeds in cells.items()}
+    summary["bases"] = {f"{sweep.model_name(hidden, heads)}_seed{seed}": {k: v for k, v in entry.items() if k != "eval"}
+                        for (hidden, heads, seed), entry in bases.items()}
     data = output / "sweep_summary.json"
     data.with_name("sweep_summary.json.tmp").write_text(json.dumps(summary, indent=2, default=str))
     data.with_name("sweep_summary.json.tmp").replace(data)

@@ -31,7 +31,7 @@ def run_sweep(output: Path, workdir: Path) -> subprocess.CompletedProcess:
 
 
 def test_smoke_sweep_trains_every_cell_reports_and_resumes(tmp_path):
-    from sweep import SMOKE_SWEEP, run_name
+    from sweep import SMOKE_SWEEP
 
     output, workdir = tmp_path / "results", tmp_path / "work"
     result = run_sweep(output, workdir)
@@ -39,24 +39,28 @@ def test_smoke_sweep_trains_every_cell_reports_and_resumes(tmp_path):
     sweep = SMOKE_SWEEP
     scale = json.loads((output / "scale.json").read_text())
     assert scale["budgets"] == list(sweep.budgets) and scale["heads"] == list(sweep.heads)
+    # the budget sweep at (32 wide, 4 heads); the heads comparison, 4 and 8 heads, at 64 wide
+    assert sweep.models() == [(32, 4), (64, 4), (64, 8)] and scale["models"] == [[32, 4], [64, 4], [64, 8]]
     assert scale["runs"] == len(sweep.runs()) == len(sweep.methods) * len(sweep.scale.seeds) * (
-        len(sweep.budgets) + len(sweep.heads) - 1)
+        len(sweep.budgets) + len(sweep.heads))
 
-    steps_by_budget: dict[tuple[int, int], set] = {}
-    for heads, budget, method, seed in sweep.runs():
-        name = run_name(heads, budget, method, seed)
+    steps_by_budget: dict[tuple[int, int, int], set] = {}
+    for hidden, heads, budget, method, seed in sweep.runs():
+        name = sweep.run_name(hidden, heads, budget, method, seed)
         config = yaml.safe_load((output / "configs" / f"{name}.yaml").read_text())
-        assert config["model"]["num_attention_heads"] == heads
-        assert config["model"]["hidden_size"] == sweep.scale.hidden_size  # equal width
+        assert (config["model"]["hidden_size"], config["model"]["num_attention_heads"]) == (hidden, heads)
+        assert config["model"]["ffn_hidden_size"] == sweep.scale.ffn_hidden_size * hidden // sweep.scale.hidden_size
         tokens = sum(stage["tokens"] for stage in config["stages"]) if "stages" in config else config["train"]["train_tokens"]
         assert tokens == budget
         steps = int((workdir / "checkpoints" / name / "latest_checkpointed_iteration.txt").read_text())
-        steps_by_budget.setdefault((heads, budget), set()).add(steps)
+        steps_by_budget.setdefault((hidden, heads, budget), set()).add(steps)
         assert (workdir / "eval" / name / "results.json").exists()
         base = config["checkpoint"]["pretrained"]
-        assert f"h{heads}_base_seed{seed}" in base
+        assert f"/{sweep.model_name(hidden, heads)}_base_seed{seed}" in base
+        base_config = yaml.safe_load((output / "configs" / f"{Path(base).name}.yaml").read_text())
+        assert base_config["model"] == {**config["model"], "max_position_embeddings": sweep.scale.base_length}
     assert all(len(steps) == 1 for steps in steps_by_budget.values()), steps_by_budget  # equal steps per cell
-    small, large = (steps_by_budget[sweep.heads[0], budget].pop() for budget in sweep.budgets)
+    small, large = (steps_by_budget[sweep.scale.hidden_size, sweep.heads[0], budget].pop() for budget in sweep.budgets)
     assert large == 2 * small
 
     # the gate is unreachable at smoke scale: every base model trains every round, each from the last
@@ -66,9 +70,11 @@ def test_smoke_sweep_trains_every_cell_reports_and_resumes(tmp_path):
 
     report = (output / "sweep.md").read_text()
     for section in ("## Base models", "vs adaptation budget", "## Exact match minus abf_multistage's, paired by seed",
-                    "## Digit accuracy minus abf_multistage's, paired by seed", "## Trend", "## Heads per layer"):
+                    "## Digit accuracy minus abf_multistage's, paired by seed", "## Trend", "## Model shapes at"):
         assert section in report
-    assert "| 4 | 1 | 2 | 16,384 |" in report  # rounds and tokens of a base model
+    assert "| 32 | 4 | 1 | 2 | 16,384 |" in report and "| 64 | 8 | 2 | 2 | 16,384 |" in report  # rounds, tokens
+    for model in sweep.models():  # every shape in the comparison at heads_budget, with HARPE's paired difference
+        assert f"| harpe | {model[0]} | {model[1]} |" in report and f"| {model[0]} | {model[1]} | " in report
     summary = json.loads((output / "sweep_summary.json").read_text())
     assert set(summary["trend"]) == {f"{m}@{k}" for m in ("harpe", "abf") for k in sweep.scale.eval_lengths[1:]}
     assert (output / "sweep.png").stat().st_size > 1000
@@ -84,11 +90,12 @@ def test_trend_is_the_per_seed_slope_over_log_budget():
     from sweep import SMOKE_SWEEP
     from sweep_report import trend, verdict
 
-    sweep = SMOKE_SWEEP  # budgets 4096, 8192 at 4 heads; seeds 1 and 2
+    sweep = SMOKE_SWEEP  # budgets 4096, 8192 at 4 heads, hidden 32; seeds 1 and 2
     cells = {}
     for budget, gaps in zip(sweep.budgets, ((-20.0, -10.0), (-10.0, -4.0))):
-        cells[4, budget, "abf_multistage"] = {seed: {"exact": {256: 50.0}} for seed in (1, 2)}
-        cells[4, budget, "harpe"] = {seed: {"exact": {256: 50.0 + gap}} for seed, gap in zip((1, 2), gaps)}
+        cells[32, 4, budget, "abf_multistage"] = {seed: {"exact": {256: 50.0}} for seed in (1, 2)}
+        cells[32, 4, budget, "harpe"] = {seed: {"exact": {256: 50.0 + gap}} for seed, gap in zip((1, 2), gaps)}
+        cells[64, 4, budget, "harpe"] = {seed: {"exact": {256: 0.0}} for seed in (1, 2)}  # another shape: not in it
     fit = trend(cells, sweep, "harpe", 256)
     per_doubling = [10.0, 6.0]  # the gap closes by 10 and 6 points per doubling of the budget
     expected = [value / 0.30103 for value in per_doubling]  # per 10x
@@ -135,12 +142,13 @@ def test_fresh_queries_ask_each_value_once_and_only_after_its_needle():
 def test_paired_differences_compare_the_same_seed_on_either_score():
     from sweep_report import paired
 
-    cells = {(8, 100, "harpe"): {1: {"exact": {512: 30.0}, "digits": {512: 60.0}},
-                                 2: {"exact": {512: 10.0}, "digits": {512: 50.0}}},
-             (8, 100, "abf_multistage"): {2: {"exact": {512: 25.0}, "digits": {512: 45.0}},
-                                          3: {"exact": {512: 5.0}, "digits": {512: 20.0}}}}
-    assert paired(cells, "harpe", "abf_multistage", 8, 100, 512) == [-15.0]  # seed 2 only: both have it
-    assert paired(cells, "harpe", "abf_multistage", 8, 100, 512, "digits") == [5.0]
+    cells = {(128, 8, 100, "harpe"): {1: {"exact": {512: 30.0}, "digits": {512: 60.0}},
+                                      2: {"exact": {512: 10.0}, "digits": {512: 50.0}}},
+             (128, 8, 100, "abf_multistage"): {2: {"exact": {512: 25.0}, "digits": {512: 45.0}},
+                                               3: {"exact": {512: 5.0}, "digits": {512: 20.0}}},
+             (256, 8, 100, "abf_multistage"): {1: {"exact": {512: 0.0}, "digits": {512: 0.0}}}}
+    assert paired(cells, "harpe", "abf_multistage", (128, 8), 100, 512) == [-15.0]  # seed 2 only: both have it
+    assert paired(cells, "harpe", "abf_multistage", (128, 8), 100, 512, "digits") == [5.0]
 
 
 def test_extensions_of_a_passed_base_model_run_beside_the_next_base_round(tmp_path, monkeypatch):
@@ -156,7 +164,7 @@ def test_extensions_of_a_passed_base_model_run_beside_the_next_base_round(tmp_pa
         def run_all(self, phase, chains, costs=None) -> None:
             self.phases.append((phase, [chain[0][0] for chain in chains]))
 
-    # seed 1 of the first heads setting passes in round 1, everything else never does
+    # seed 1 of the budget sweep's model passes in round 1, everything else never does
     monkeypatch.setattr(sweep_module, "exact_match_at",
                         lambda eval_dir, length: 100.0 if eval_dir.name == "h4_base_seed1" else 0.0)
     sweep, runner = sweep_module.SMOKE_SWEEP, RecordingRunner()
@@ -164,12 +172,12 @@ def test_extensions_of_a_passed_base_model_run_beside_the_next_base_round(tmp_pa
             "extension_mask": "em", "vocab_size": 128}
     bases = sweep_module.train_and_extend(runner, sweep, data, data_dir := tmp_path / "out")
     (phase1, names1), (phase2, names2), (phase3, names3) = runner.phases
-    assert phase1 == "base round 1" and len(names1) == 4  # 2 heads settings x 2 seeds
+    assert phase1 == "base round 1" and len(names1) == 6  # 3 model shapes x 2 seeds
     assert phase2 == "base round 2 + extensions of 1 base model"
-    seed1_runs = {sweep_module.run_name(h, b, m, s) for h, b, m, s in sweep.runs() if (h, s) == (4, 1)}
-    assert "h4_base_seed1_round2" not in names2 and seed1_runs <= set(names2) and len(names2) == 3 + len(seed1_runs)
+    seed1_runs = {sweep.run_name(*run) for run in sweep.runs() if (run[0], run[1], run[4]) == (32, 4, 1)}
+    assert "h4_base_seed1_round2" not in names2 and seed1_runs <= set(names2) and len(names2) == 5 + len(seed1_runs)
     assert phase3 == "extend+eval" and not seed1_runs & set(names3)
-    assert sorted(names2[3:] + names3) == sorted(sweep_module.run_name(*run) for run in sweep.runs())  # each once
-    assert bases[4, 1]["passed"] and bases[4, 1]["rounds"] == 1 and not bases[8, 2]["passed"]
-    assert bases[8, 2]["rounds"] == sweep.base_max_rounds
+    assert sorted(names2[5:] + names3) == sorted(sweep.run_name(*run) for run in sweep.runs())  # each once
+    assert bases[32, 4, 1]["passed"] and bases[32, 4, 1]["rounds"] == 1 and not bases[64, 8, 2]["passed"]
+    assert bases[64, 8, 2]["rounds"] == sweep.base_max_rounds
     assert (data_dir / "configs" / "h4_harpe_4k_seed1.yaml").exists()
