@@ -70,6 +70,8 @@ class Sweep:
     heads_hidden: int = 0
     """Hidden size of the heads comparison (0: scale.hidden_size). A wider one keeps the heads
     of every setting large enough to learn the lookup (16 heads of 8 dimensions did not)."""
+    heads_round_tokens: int = 0
+    """Tokens per base round of the models wider than scale.hidden_size (0: base_round_tokens)."""
 
     @property
     def comparison_hidden(self) -> int:
@@ -95,6 +97,11 @@ class Sweep:
                                    ffn_hidden_size=self.scale.ffn_hidden_size * hidden // self.scale.hidden_size,
                                    **changes)
 
+    def round_tokens(self, hidden: int) -> int:
+        """Tokens per base round of a model `hidden` wide."""
+        wider = hidden != self.scale.hidden_size and self.heads_round_tokens
+        return self.heads_round_tokens if wider else self.base_round_tokens
+
     def model_name(self, hidden: int, heads: int) -> str:
         return f"h{heads}" if hidden == self.scale.hidden_size else f"w{hidden}_h{heads}"
 
@@ -115,7 +122,8 @@ FULL_SWEEP = Sweep(
     scale=Scale(base_length=64, target_length=512, eval_lengths=(64, 128, 256, 512, 1024), eval_samples=100,
                 base_tokens=3_000_000, base_rounds=1, later_round_tokens=3_000_000, base_batch=16, base_lr=1e-3,
                 extension_batch=4),
-    budgets=(150_000, 500_000, 1_500_000), heads=(8, 16), heads_budget=500_000, heads_hidden=256,
+    budgets=(150_000, 500_000, 1_500_000), heads=(8, 16), heads_budget=150_000, heads_hidden=256,
+    heads_round_tokens=1_500_000,
     base_round_tokens=3_000_000, base_max_rounds=4, base_gate=80.0,
     base_grammar={"mean_gap": 1.5, "query_share": 0.4, "fresh_queries": True},
 )
@@ -123,7 +131,7 @@ SMOKE_SWEEP = Sweep(
     scale=Scale(base_length=64, target_length=256, num_layers=2, hidden_size=32, num_attention_heads=4,
                 ffn_hidden_size=64, base_tokens=8192, later_round_tokens=8192, base_rounds=1, extension_tokens=4096,
                 base_batch=8, extension_batch=2, seeds=(1, 2), eval_lengths=(64, 256), eval_samples=3),
-    budgets=(4096, 8192), heads=(4, 8), heads_budget=4096, heads_hidden=64,
+    budgets=(4096, 8192), heads=(4, 8), heads_budget=4096, heads_hidden=64, heads_round_tokens=4096,
     base_round_tokens=8192, base_max_rounds=2, base_gate=100.0,
     base_grammar={"mean_gap": 1.5, "query_share": 0.4, "fresh_queries": True},
 )
@@ -163,17 +171,17 @@ def base_round_chains(runner: Runner, sweep: Sweep, data: dict[str, Any], output
             continue
         name = f"{sweep.model_name(hidden, heads)}_base_seed{seed}" + (f"_round{round_index + 1}" if round_index else "")
         checkpoint, eval_dir = workdir / "checkpoints" / name, workdir / "eval" / name
-        round_scale = sweep.scale_of(hidden, heads, base_tokens=sweep.base_round_tokens,
-                                     later_round_tokens=sweep.base_round_tokens)
+        tokens = sweep.round_tokens(hidden)
+        round_scale = sweep.scale_of(hidden, heads, base_tokens=tokens, later_round_tokens=tokens)
         tree = base_config(round_scale, data, str(checkpoint), seed=100 * seed + round_index,
                            pretrained=entry.get("checkpoint"))
         command = train_command(write_yaml(tree, output / "configs" / f"{name}.yaml"))
         chains.append([(name, command, checkpoint / "DONE"),
                        (f"eval_{name}", eval_command(checkpoint, eval_dir, sweep.scale), eval_dir / "DONE")])
-        costs[name] = sweep.base_round_tokens * hidden / sweep.scale.hidden_size  # time grows about with width
+        costs[name] = tokens * hidden / sweep.scale.hidden_size  # time grows about with width
         costs[f"eval_{name}"] = sweep.base_round_tokens / 20
         entry.update(checkpoint=str(checkpoint), eval=eval_dir, rounds=round_index + 1,
-                     tokens=(round_index + 1) * sweep.base_round_tokens)
+                     tokens=entry.get("tokens", 0) + tokens)
     return chains, costs
 
 

@@ -72,7 +72,7 @@ def test_smoke_sweep_trains_every_cell_reports_and_resumes(tmp_path):
     for section in ("## Base models", "vs adaptation budget", "## Exact match minus abf_multistage's, paired by seed",
                     "## Digit accuracy minus abf_multistage's, paired by seed", "## Trend", "## Model shapes at"):
         assert section in report
-    assert "| 32 | 4 | 1 | 2 | 16,384 |" in report and "| 64 | 8 | 2 | 2 | 16,384 |" in report  # rounds, tokens
+    assert "| 32 | 4 | 1 | 2 | 16,384 |" in report and "| 64 | 8 | 2 | 2 | 8,192 |" in report  # rounds, tokens
     for model in sweep.models():  # every shape in the comparison at heads_budget, with HARPE's paired difference
         assert f"| harpe | {model[0]} | {model[1]} |" in report and f"| {model[0]} | {model[1]} | " in report
     summary = json.loads((output / "sweep_summary.json").read_text())
