@@ -123,7 +123,7 @@ FULL_SWEEP = Sweep(
                 base_tokens=3_000_000, base_rounds=1, later_round_tokens=3_000_000, base_batch=16, base_lr=1e-3,
                 extension_batch=4),
     budgets=(150_000, 500_000, 1_500_000), heads=(8, 4), heads_budget=150_000,
-    base_round_tokens=3_000_000, base_max_rounds=4, base_gate=80.0,
+    base_round_tokens=3_000_000, base_max_rounds=3, base_gate=80.0,
     base_grammar={"mean_gap": 1.5, "query_share": 0.4, "fresh_queries": True},
 )
 SMOKE_SWEEP = Sweep(
