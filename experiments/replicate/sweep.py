@@ -3,6 +3,8 @@ adaptation budget and the number of heads grow?
 
     python experiments/replicate/sweep.py --output experiments/replicate/sweep --jobs 2    # full sweep
     python experiments/replicate/sweep.py --output /tmp/sweep_smoke --smoke --jobs 0        # < 1 min
+    python experiments/replicate/sweep.py --output experiments/replicate/sweep_wide --heads 8 16 \
+        --heads-hidden 256 --heads-round-tokens 1500000 --jobs 2    # 8 against 16 heads, 256 wide
 
 The same entry points and worker processes as run.py (`tools/prepare_data.py`,
 `pretrain_harpe.py`, `tools/evaluate.py`), over a grid:
@@ -112,8 +114,12 @@ class Sweep:
         self.scale.validate()
         if len(self.budgets) < 1 or sorted(self.budgets) != list(self.budgets):
             raise ValueError(f"budgets must be given in increasing order, got {self.budgets}")
-        if any(hidden % heads for hidden, heads in self.models()):
-            raise ValueError(f"every heads setting must divide its hidden size: {self.models()}")
+        if min(self.heads) < 1 or self.heads_hidden < 0 or self.heads_round_tokens < 0:
+            raise ValueError("heads must be at least 1, heads_hidden and heads_round_tokens positive (or 0: default)")
+        if any(hidden % heads or hidden // heads % 2 for hidden, heads in self.models()):
+            shapes = ", ".join(f"hidden {hidden} / {heads} heads" for hidden, heads in self.models())
+            raise ValueError(f"every heads setting must split its hidden size into heads of an even size (rotary "
+                             f"pairs): {shapes}")
         if not 0 < self.base_gate <= 100 or self.base_max_rounds < 1:
             raise ValueError("base_gate must be in (0, 100] and base_max_rounds >= 1")
 
@@ -237,16 +243,41 @@ def train_and_extend(runner: Runner, sweep: Sweep, data: dict[str, Any], output:
     return state
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", required=True, type=Path, help="results folder (small files only)")
     parser.add_argument("--workdir", type=Path, default=None, help="data, checkpoints, logs (default runs/sweep)")
     parser.add_argument("--smoke", action="store_true", help="a tiny grid of tiny models, a few steps each")
     parser.add_argument("--jobs", type=int, default=2,
                         help="worker processes running in parallel (one core each); 0 runs everything in this process")
-    args = parser.parse_args(argv)
-    sweep = SMOKE_SWEEP if args.smoke else FULL_SWEEP
+    parser.add_argument("--heads", type=int, nargs="+", default=None,
+                        help="heads per layer to compare, the first also gets the budget sweep (default: 8 4)")
+    parser.add_argument("--heads-hidden", type=int, default=None,
+                        help="hidden size of the heads comparison, e.g. 256 for 8 against 16 heads of 32 and 16 "
+                             "dimensions (default: the budget sweep's 128)")
+    parser.add_argument("--heads-round-tokens", type=int, default=None,
+                        help="tokens per base round of the models wider than the budget sweep's")
+    return parser
+
+
+def sweep_from_args(args: argparse.Namespace) -> Sweep:
+    """FULL_SWEEP (or SMOKE_SWEEP) with the heads comparison the options ask for; ValueError if it
+    cannot work."""
+    changes = {"heads": tuple(args.heads) if args.heads else None, "heads_hidden": args.heads_hidden,
+               "heads_round_tokens": args.heads_round_tokens}
+    sweep = dataclasses.replace(SMOKE_SWEEP if args.smoke else FULL_SWEEP,
+                                **{name: value for name, value in changes.items() if value is not None})
     sweep.validate()
+    return sweep
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        sweep = sweep_from_args(args)
+    except ValueError as error:
+        parser.error(str(error))  # one line and exit code 2
     repo = Path(__file__).resolve().parents[2]
     workdir = (args.workdir or repo / "runs" / ("sweep_smoke" if args.smoke else "sweep")).resolve()
     runner = start_runner(args.output, workdir, args.jobs, "sweep.py", sys.argv[1:] if argv is None else argv)

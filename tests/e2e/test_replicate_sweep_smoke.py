@@ -181,3 +181,25 @@ def test_extensions_of_a_passed_base_model_run_beside_the_next_base_round(tmp_pa
     assert bases[32, 4, 1]["passed"] and bases[32, 4, 1]["rounds"] == 1 and not bases[64, 8, 2]["passed"]
     assert bases[64, 8, 2]["rounds"] == sweep.base_max_rounds
     assert (data_dir / "configs" / "h4_harpe_4k_seed1.yaml").exists()
+
+
+def test_the_heads_comparison_is_chosen_on_the_command_line_and_checked(capsys):
+    from sweep import build_parser, main, sweep_from_args
+
+    wide = sweep_from_args(build_parser().parse_args(
+        ["--output", "x", "--heads", "8", "16", "--heads-hidden", "256", "--heads-round-tokens", "1500000"]))
+    assert wide.models() == [(128, 8), (256, 8), (256, 16)] and wide.round_tokens(256) == 1_500_000
+    assert wide.round_tokens(128) == wide.base_round_tokens
+    budget_runs = [run for run in wide.runs() if run[:2] == (128, 8)]
+    assert len(budget_runs) == len(wide.budgets) * 3 * 3 and len(wide.runs()) == len(budget_runs) + 2 * 3 * 3
+    assert wide.run_name(128, 8, 150_000, "harpe", 1) == "h8_harpe_150k_seed1"  # shared with the default sweep
+    assert wide.run_name(256, 16, 150_000, "harpe", 1) == "w256_h16_harpe_150k_seed1"
+    default = sweep_from_args(build_parser().parse_args(["--output", "x"]))
+    assert default.models() == [(128, 8), (128, 4)]
+
+    for bad in (["--heads", "8", "5", "--heads-hidden", "256"], ["--heads", "0"], ["--heads", "8", "128"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--output", "x", *bad])
+        assert exit_info.value.code == 2
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert "heads" in error and "Traceback" not in error
