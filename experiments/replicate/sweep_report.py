@@ -98,9 +98,10 @@ def markdown(cells: dict, sweep: Any, bases: dict) -> tuple[str, dict]:
              f"heads {', '.join(str(h) for h in sweep.heads)} at hidden {sweep.comparison_hidden} with "
              f"{sweep.heads_budget:,} tokens.", "",
              "## Base models", "",
-             f"Rounds of {sweep.base_round_tokens:,} tokens (hidden {scale.hidden_size}) or "
-             f"{sweep.round_tokens(sweep.comparison_hidden):,} (hidden {sweep.comparison_hidden}) until exact match at "
-             f"{scale.base_length} reaches "
+             f"Rounds of {sweep.base_round_tokens:,} tokens"
+             + (f" (hidden {scale.hidden_size}) or {sweep.round_tokens(sweep.comparison_hidden):,} (hidden "
+                f"{sweep.comparison_hidden})" if sweep.comparison_hidden != scale.hidden_size else "")
+             + f" until exact match at {scale.base_length} reaches "
              f"{sweep.base_gate:.0f}% (at most {sweep.base_max_rounds} rounds):", "",
              "| hidden | heads | seed | rounds | tokens | exact match at base length |", "|---|---|---|---|---|---|"]
     for (hidden, heads, seed), entry in sorted(bases.items()):
