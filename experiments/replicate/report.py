@@ -210,14 +210,14 @@ def write_report(eval_dir: Path, output: Path, scale: Any, methods: list[str], r
     rows = summarize(eval_dir, methods, runs, scale.eval_lengths)
     if not rows:
         raise ValueError(f"no evaluation results under {eval_dir}: run the eval phase first")
+    from megatron_harpe.eval.report import write_text_atomic  # imports pyplot: only when a report is written
+
     output.mkdir(parents=True, exist_ok=True)
     table = output / "results.md"
-    table.with_name("results.md.tmp").write_text(markdown(rows, scale.eval_lengths, scale))
-    table.with_name("results.md.tmp").replace(table)
+    write_text_atomic(str(table), markdown(rows, scale.eval_lengths, scale))
     summary = output / "summary.json"
     serializable = {row: {key: value for key, value in data.items()} for row, data in rows.items()}
-    summary.with_name("summary.json.tmp").write_text(json.dumps(serializable, indent=2, default=str))
-    summary.with_name("summary.json.tmp").replace(summary)
+    write_text_atomic(str(summary), json.dumps(serializable, indent=2, default=str))
     figure = plot(rows, scale.eval_lengths, scale, output / "results.png")
     log(f"report: {len(rows)} rows ({', '.join(rows)})")
     return [table, figure, summary]

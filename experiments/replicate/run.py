@@ -203,6 +203,14 @@ def eval_command(checkpoint: Path, out_dir: Path, scale: Scale) -> list[str]:
             "--no-progress"]
 
 
+def train_then_evaluate(runner: Runner, output: Path, name: str, tree: dict, scale: Scale) -> list[Job]:
+    """The jobs that train `tree` (config in <output>/configs/<name>.yaml, weights in its
+    checkpoint.save) and then evaluate that checkpoint into <workdir>/eval/<name>."""
+    checkpoint, eval_dir = Path(tree["checkpoint"]["save"]), runner.workdir / "eval" / name
+    return [(name, train_command(write_yaml(tree, output / "configs" / f"{name}.yaml")), checkpoint / "DONE"),
+            (f"eval_{name}", eval_command(checkpoint, eval_dir, scale), eval_dir / "DONE")]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", required=True, type=Path, help="results folder (small files only)")
@@ -266,10 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         name = f"{method}_seed{seed}"
         checkpoint = workdir / "checkpoints" / name
         tree = extension_config(method, scale, data, str(base_dirs[seed]), str(checkpoint), seed)
-        chains.append([
-            (name, train_command(write_yaml(tree, output / "configs" / f"{name}.yaml")), checkpoint / "DONE"),
-            (f"eval_{name}", eval_command(checkpoint, workdir / "eval" / name, scale), workdir / "eval" / name / "DONE"),
-        ])
+        chains.append(train_then_evaluate(runner, output, name, tree, scale))
     runner.run_all("extend+eval", chains)
 
     # 5. report

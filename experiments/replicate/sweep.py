@@ -41,7 +41,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run import MODEL_VOCAB_MULTIPLE, Runner, eval_command, start_runner, train_command, write_yaml  # noqa: E402  (first: it quiets megatron-core)
+from run import MODEL_VOCAB_MULTIPLE, Runner, start_runner, train_then_evaluate  # noqa: E402  (first: it quiets megatron-core)
 from corpus import write_answer_mask, write_corpus  # noqa: E402
 from methods import Scale, base_config, extension_config  # noqa: E402
 from sweep_report import write_sweep_report  # noqa: E402
@@ -175,17 +175,16 @@ def base_round_chains(runner: Runner, sweep: Sweep, data: dict[str, Any], output
         if entry["passed"]:
             continue
         name = f"{sweep.model_name(hidden, heads)}_base_seed{seed}" + (f"_round{round_index + 1}" if round_index else "")
-        checkpoint, eval_dir = workdir / "checkpoints" / name, workdir / "eval" / name
+        checkpoint = workdir / "checkpoints" / name
         tokens = sweep.round_tokens(hidden)
         round_scale = sweep.scale_of(hidden, heads, base_tokens=tokens, later_round_tokens=tokens)
         tree = base_config(round_scale, data, str(checkpoint), seed=100 * seed + round_index,
                            pretrained=entry.get("checkpoint"))
-        command = train_command(write_yaml(tree, output / "configs" / f"{name}.yaml"))
-        chains.append([(name, command, checkpoint / "DONE"),
-                       (f"eval_{name}", eval_command(checkpoint, eval_dir, sweep.scale), eval_dir / "DONE")])
+        chain = train_then_evaluate(runner, output, name, tree, sweep.scale)
+        chains.append(chain)
         costs[name] = tokens * hidden / sweep.scale.hidden_size  # time grows about with width
         costs[f"eval_{name}"] = sweep.base_round_tokens / 20
-        entry.update(checkpoint=str(checkpoint), eval=eval_dir, rounds=round_index + 1,
+        entry.update(checkpoint=str(checkpoint), eval=chain[-1][2].parent, rounds=round_index + 1,  # eval marker: in its folder
                      tokens=entry.get("tokens", 0) + tokens)
     return chains, costs
 
@@ -198,12 +197,10 @@ def extension_chains(runner: Runner, sweep: Sweep, data: dict[str, Any], output:
         if (hidden, heads, seed) not in keys:
             continue
         name = sweep.run_name(hidden, heads, budget, method, seed)
-        checkpoint, eval_dir = workdir / "checkpoints" / name, workdir / "eval" / name
         run_scale = sweep.scale_of(hidden, heads, extension_tokens=budget)
-        tree = extension_config(method, run_scale, data, bases[hidden, heads, seed]["checkpoint"], str(checkpoint),
-                                seed)
-        chains.append([(name, train_command(write_yaml(tree, output / "configs" / f"{name}.yaml")), checkpoint / "DONE"),
-                       (f"eval_{name}", eval_command(checkpoint, eval_dir, sweep.scale), eval_dir / "DONE")])
+        tree = extension_config(method, run_scale, data, bases[hidden, heads, seed]["checkpoint"],
+                                str(workdir / "checkpoints" / name), seed)
+        chains.append(train_then_evaluate(runner, output, name, tree, sweep.scale))
         # a token at the target length costs about twice one at the base length; time grows about with width
         costs[name] = budget * 2 * hidden / sweep.scale.hidden_size
         costs[f"eval_{name}"] = sweep.base_round_tokens / 20

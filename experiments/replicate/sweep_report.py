@@ -81,6 +81,14 @@ def cells_at(cells: dict, model: tuple[int, int], budget: int) -> bool:
     return any(key[:3] == (*model, budget) for key in cells)
 
 
+def format_difference(differences: list[float]) -> str:
+    """Mean ± std of paired differences, and in how many pairs the method was higher."""
+    if not differences:
+        return "-"
+    mean, spread = mean_and_spread(differences)
+    return f"{mean:+.1f} ± {spread:.1f} ({sum(d > 0 for d in differences)}/{len(differences)})"
+
+
 def format_cell(values: list[float]) -> str:
     if not values:
         return "-"
@@ -123,11 +131,8 @@ def markdown(cells: dict, sweep: Any, bases: dict) -> tuple[str, dict]:
                   "| method | budget | " + " | ".join(str(k) for k in lengths) + " |", "|---" * (len(lengths) + 2) + "|"]
         for method in [m for m in sweep.methods if m != REFERENCE]:
             for budget in sweep.budgets:
-                row = []
-                for length in lengths:
-                    differences = paired(cells, method, REFERENCE, model0, budget, length, key)
-                    row.append(f"{statistics.fmean(differences):+.1f} ± {mean_and_spread(differences)[1]:.1f} "
-                               f"({sum(d > 0 for d in differences)}/{len(differences)})" if differences else "-")
+                row = [format_difference(paired(cells, method, REFERENCE, model0, budget, length, key))
+                       for length in lengths]
                 lines.append(f"| {method} | {budget:,} | " + " | ".join(row) + " |")
     summary: dict[str, Any] = {"trend": {}, "heads": {}}
     lines += ["", f"## Trend: (method - {REFERENCE}) per 10x budget", "",
@@ -160,8 +165,7 @@ def markdown(cells: dict, sweep: Any, bases: dict) -> tuple[str, dict]:
                 for length in lengths:
                     differences = paired(cells, other, REFERENCE, model, sweep.heads_budget, length)
                     summary["heads"][f"{other}:{model[0]}x{model[1]}@{length}"] = differences
-                    row.append(f"{statistics.fmean(differences):+.1f} ± {mean_and_spread(differences)[1]:.1f} "
-                               f"({sum(d > 0 for d in differences)}/{len(differences)})" if differences else "-")
+                    row.append(format_difference(differences))
                 lines.append(f"| {model[0]} | {model[1]} | " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n", summary
 
@@ -212,15 +216,15 @@ def write_sweep_report(eval_dir: Path, output: Path, sweep: Any, bases: dict) ->
     cells = collect(eval_dir, sweep)
     if not cells:
         raise ValueError(f"no evaluation results under {eval_dir}: run the sweep first")
+    from megatron_harpe.eval.report import write_text_atomic  # imports pyplot: only when a report is written
+
     text, summary = markdown(cells, sweep, bases)
     report = output / "sweep.md"
-    report.with_name("sweep.md.tmp").write_text(text)
-    report.with_name("sweep.md.tmp").replace(report)
+    write_text_atomic(str(report), text)
     summary["cells"] = {f"{sweep.model_name(hidden, heads)}_{method}_{budget}": seeds
                         for (hidden, heads, budget, method), seeds in cells.items()}
     summary["bases"] = {f"{sweep.model_name(hidden, heads)}_seed{seed}": {k: v for k, v in entry.items() if k != "eval"}
                         for (hidden, heads, seed), entry in bases.items()}
     data = output / "sweep_summary.json"
-    data.with_name("sweep_summary.json.tmp").write_text(json.dumps(summary, indent=2, default=str))
-    data.with_name("sweep_summary.json.tmp").replace(data)
+    write_text_atomic(str(data), json.dumps(summary, indent=2, default=str))
     return [report, plot(cells, sweep, output / "sweep.png"), data]
