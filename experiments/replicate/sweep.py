@@ -4,7 +4,7 @@ adaptation budget and the number of heads grow?
     python experiments/replicate/sweep.py --output experiments/replicate/sweep --jobs 2    # full sweep
     python experiments/replicate/sweep.py --output /tmp/sweep_smoke --smoke --jobs 0        # < 1 min
     python experiments/replicate/sweep.py --output experiments/replicate/sweep_wide --heads 8 16 \
-        --heads-hidden 256 --heads-round-tokens 1500000 --jobs 2    # 8 against 16 heads, 256 wide
+        --heads-hidden 256 --heads-round-tokens 1500000 --heads-only --jobs 2    # 8 against 16 heads, 256 wide
 
 The same entry points and worker processes as run.py (`tools/prepare_data.py`,
 `pretrain_harpe.py`, `tools/evaluate.py`), over a grid:
@@ -21,8 +21,9 @@ The same entry points and worker processes as run.py (`tools/prepare_data.py`,
 3. extend+eval: harpe, abf and abf_multistage (methods.py) from every base model: for every
    adaptation budget at `heads[0]` heads (hidden size `scale.hidden_size`), and at `heads_budget`
    for every heads setting at the comparison's width (`heads_hidden`), each model evaluated
-   right after it is trained. A base model's extensions start in the
-   first base round after it passed the gate, beside the seeds still training;
+   right after it is trained (with --heads-only, the heads comparison alone). A base model's
+   extensions start in the first base round after it passed the gate, beside the seeds still
+   training;
 4. report (sweep_report.py): exact match and digit accuracy vs budget, paired differences,
    the heads comparison and the trend, in --output.
 
@@ -74,20 +75,23 @@ class Sweep:
     of every setting large enough to learn the lookup (16 heads of 8 dimensions did not)."""
     heads_round_tokens: int = 0
     """Tokens per base round of the models wider than scale.hidden_size (0: base_round_tokens)."""
+    heads_only: bool = False
+    """Only the heads comparison: no budget sweep, no model at scale.hidden_size unless compared."""
 
     @property
     def comparison_hidden(self) -> int:
         return self.heads_hidden or self.scale.hidden_size
 
     def models(self) -> list[tuple[int, int]]:
-        """(hidden, heads) of every model shape: the budget sweep's first, then the heads comparison's."""
-        shapes = [(self.scale.hidden_size, self.heads[0])]
+        """(hidden, heads) of every model shape: the budget sweep's first (unless heads_only), then the
+        heads comparison's."""
+        shapes = [] if self.heads_only else [(self.scale.hidden_size, self.heads[0])]
         return shapes + [(self.comparison_hidden, heads) for heads in self.heads
                          if (self.comparison_hidden, heads) not in shapes]
 
     def runs(self) -> list[tuple[int, int, int, str, int]]:
         """(hidden, heads, budget, method, seed) of every extension run."""
-        grid = [(self.scale.hidden_size, self.heads[0], budget) for budget in self.budgets]
+        grid = [] if self.heads_only else [(self.scale.hidden_size, self.heads[0], budget) for budget in self.budgets]
         grid += [(self.comparison_hidden, heads, self.heads_budget) for heads in self.heads
                  if (self.comparison_hidden, heads, self.heads_budget) not in grid]
         return [(hidden, heads, budget, method, seed) for hidden, heads, budget in grid for seed in self.scale.seeds
@@ -147,7 +151,7 @@ def prepare_sweep_data(runner: Runner, sweep: Sweep) -> dict[str, Any]:
     large enough for the largest budget twice over (seeds read it in different orders)."""
     scale, data_dir = sweep.scale, runner.workdir / "data"
     tokenizer = write_tokenizer(data_dir / "tokenizer.json")
-    base_tokens = sweep.base_round_tokens * sweep.base_max_rounds
+    base_tokens = max(sweep.round_tokens(hidden) for hidden, _ in sweep.models()) * sweep.base_max_rounds
     base_prefix, base_command = write_corpus(data_dir, "base", base_tokens, scale.base_length, 0.0, 0, tokenizer,
                                              grammar=sweep.base_grammar)
     extension_prefix, extension_command = write_corpus(
@@ -254,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "dimensions (default: the budget sweep's 128)")
     parser.add_argument("--heads-round-tokens", type=int, default=None,
                         help="tokens per base round of the models wider than the budget sweep's")
+    parser.add_argument("--heads-only", action="store_true",
+                        help="run only the heads comparison (its report has no budget tables)")
     return parser
 
 
@@ -261,7 +267,7 @@ def sweep_from_args(args: argparse.Namespace) -> Sweep:
     """FULL_SWEEP (or SMOKE_SWEEP) with the heads comparison the options ask for; ValueError if it
     cannot work."""
     changes = {"heads": tuple(args.heads) if args.heads else None, "heads_hidden": args.heads_hidden,
-               "heads_round_tokens": args.heads_round_tokens}
+               "heads_round_tokens": args.heads_round_tokens, "heads_only": args.heads_only or None}
     sweep = dataclasses.replace(SMOKE_SWEEP if args.smoke else FULL_SWEEP,
                                 **{name: value for name, value in changes.items() if value is not None})
     sweep.validate()

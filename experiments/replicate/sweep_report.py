@@ -96,27 +96,11 @@ def format_cell(values: list[float]) -> str:
     return f"{mean:.1f} ± {spread:.1f}"
 
 
-def markdown(cells: dict, sweep: Any, bases: dict) -> tuple[str, dict]:
-    scale, lengths = sweep.scale, sweep.scale.eval_lengths
+def budget_sections(cells: dict, sweep: Any, summary: dict) -> list[str]:
+    """The budget sweep's tables and trend (the model of sweep.models()[0]); fills summary["trend"]."""
+    scale, lengths, lines = sweep.scale, sweep.scale.eval_lengths, []
     model0 = sweep.models()[0]
     heads0 = model0[1]
-    lines = [f"Sweep: base length {scale.base_length} -> target {scale.target_length}, {scale.num_layers} layers, "
-             f"{len(scale.seeds)} seeds, {scale.eval_samples} samples per length and model (teacher forced); "
-             f"budgets {', '.join(f'{b:,}' for b in sweep.budgets)} tokens at {heads0} heads, hidden {model0[0]}; "
-             f"heads {', '.join(str(h) for h in sweep.heads)} at hidden {sweep.comparison_hidden} with "
-             f"{sweep.heads_budget:,} tokens.", "",
-             "## Base models", "",
-             f"Rounds of {sweep.base_round_tokens:,} tokens"
-             + (f" (hidden {scale.hidden_size}) or {sweep.round_tokens(sweep.comparison_hidden):,} (hidden "
-                f"{sweep.comparison_hidden})" if sweep.comparison_hidden != scale.hidden_size else "")
-             + f" until exact match at {scale.base_length} reaches "
-             f"{sweep.base_gate:.0f}% (at most {sweep.base_max_rounds} rounds):", "",
-             "| hidden | heads | seed | rounds | tokens | exact match at base length |", "|---|---|---|---|---|---|"]
-    for (hidden, heads, seed), entry in sorted(bases.items()):
-        match = entry.get("exact_match")
-        lines.append(f"| {hidden} | {heads} | {seed} | {entry['rounds']} | {entry['tokens']:,} | "
-                     + (f"{match:.1f}" if match is not None else "-") + (" (below the gate)" if not entry.get("passed") else "")
-                     + " |")
     for key, title in (("exact", "Exact match (%)"), ("digits", "Digit accuracy (%), chance 10")):
         lines += ["", f"## {title} vs adaptation budget, {heads0} heads, hidden {model0[0]}, mean ± std over seeds", "",
                   "| method | budget | " + " | ".join(str(k) for k in lengths) + " |", "|---" * (len(lengths) + 2) + "|"]
@@ -134,7 +118,6 @@ def markdown(cells: dict, sweep: Any, bases: dict) -> tuple[str, dict]:
                 row = [format_difference(paired(cells, method, REFERENCE, model0, budget, length, key))
                        for length in lengths]
                 lines.append(f"| {method} | {budget:,} | " + " | ".join(row) + " |")
-    summary: dict[str, Any] = {"trend": {}, "heads": {}}
     lines += ["", f"## Trend: (method - {REFERENCE}) per 10x budget", "",
               "Least-squares slope of the paired difference over log10(budget), per seed, then mean ± std over "
               "seeds; judged against twice its standard error.", "",
@@ -145,10 +128,38 @@ def markdown(cells: dict, sweep: Any, bases: dict) -> tuple[str, dict]:
             summary["trend"][f"{method}@{length}"] = fit
             shown = f"{fit['slope_per_10x']:+.1f} ± {fit['std']:.1f}" if fit else "-"
             lines.append(f"| {method} | {length} | {shown} | {verdict(fit)} |")
+    return lines
+
+
+def markdown(cells: dict, sweep: Any, bases: dict) -> tuple[str, dict]:
+    scale, lengths = sweep.scale, sweep.scale.eval_lengths
+    hidden0, heads0 = sweep.models()[0]
+    budgets = "" if sweep.heads_only else (f"budgets {', '.join(f'{b:,}' for b in sweep.budgets)} tokens at {heads0} "
+                                           f"heads, hidden {hidden0}; ")
+    lines = [f"Sweep: base length {scale.base_length} -> target {scale.target_length}, {scale.num_layers} layers, "
+             f"{len(scale.seeds)} seeds, {scale.eval_samples} samples per length and model (teacher forced); "
+             f"{budgets}heads {', '.join(str(h) for h in sweep.heads)} at hidden {sweep.comparison_hidden} with "
+             f"{sweep.heads_budget:,} tokens.", "",
+             "## Base models", "",
+             f"Rounds of {sweep.round_tokens(hidden0):,} tokens"
+             + (f" (hidden {hidden0}) or {sweep.round_tokens(sweep.comparison_hidden):,} (hidden "
+                f"{sweep.comparison_hidden})" if sweep.comparison_hidden != hidden0 else "")
+             + f" until exact match at {scale.base_length} reaches "
+             f"{sweep.base_gate:.0f}% (at most {sweep.base_max_rounds} rounds):", "",
+             "| hidden | heads | seed | rounds | tokens | exact match at base length |", "|---|---|---|---|---|---|"]
+    for (hidden, heads, seed), entry in sorted(bases.items()):
+        match = entry.get("exact_match")
+        lines.append(f"| {hidden} | {heads} | {seed} | {entry['rounds']} | {entry['tokens']:,} | "
+                     + (f"{match:.1f}" if match is not None else "-") + (" (below the gate)" if not entry.get("passed") else "")
+                     + " |")
+    summary: dict[str, Any] = {"trend": {}, "heads": {}}
+    if not sweep.heads_only:
+        lines += budget_sections(cells, sweep, summary)
     compared = [model for model in sweep.models() if cells_at(cells, model, sweep.heads_budget)]
     if len(sweep.heads) > 1:
         lines += ["", f"## Model shapes at {sweep.heads_budget:,} tokens, exact match (%)", "",
-                  f"Heads per layer at equal width (hidden {sweep.comparison_hidden}), and the budget sweep's model:", "",
+                  f"Heads per layer at equal width (hidden {sweep.comparison_hidden})"
+                  + (":" if sweep.heads_only else ", and the budget sweep's model:"), "",
                   "| method | hidden | heads | " + " | ".join(str(k) for k in lengths) + " |",
                   "|---" * (len(lengths) + 3) + "|"]
         for method in sweep.methods:
@@ -177,7 +188,7 @@ def plot(cells: dict, sweep: Any, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     scale, model0 = sweep.scale, sweep.models()[0]
-    shown = [k for k in scale.eval_lengths if k >= scale.target_length // 2][:3]
+    shown = [] if sweep.heads_only else [k for k in scale.eval_lengths if k >= scale.target_length // 2][:3]
     figure, axes = plt.subplots(1, len(shown) + 1, figsize=(4.2 * (len(shown) + 1), 4), squeeze=False)
     for axis, length in zip(axes[0], shown):
         for method in sweep.methods:
@@ -196,7 +207,8 @@ def plot(cells: dict, sweep: Any, path: Path) -> Path:
         axis.set_xlabel("adaptation tokens")
         axis.set_ylabel(f"exact match at {length} (%)")
         axis.set_title(f"length {length}, {model0[1]} heads, hidden {model0[0]}")
-    axes[0][0].legend(fontsize=8)
+    if shown:
+        axes[0][0].legend(fontsize=8)
     models, length = sweep.models(), scale.target_length
     axis, width = axes[0][-1], 0.8 / len(models)
     for index, (hidden, heads) in enumerate(models):

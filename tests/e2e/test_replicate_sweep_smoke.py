@@ -196,6 +196,11 @@ def test_the_heads_comparison_is_chosen_on_the_command_line_and_checked(capsys):
     assert wide.run_name(256, 16, 150_000, "harpe", 1) == "w256_h16_harpe_150k_seed1"
     default = sweep_from_args(build_parser().parse_args(["--output", "x"]))
     assert default.models() == [(128, 8), (128, 4)]
+    only = sweep_from_args(build_parser().parse_args(
+        ["--output", "x", "--heads", "8", "16", "--heads-hidden", "256", "--heads-only"]))
+    assert only.models() == [(256, 8), (256, 16)]  # no 128-wide model, no budget sweep
+    assert sorted({run[:3] for run in only.runs()}) == [(256, 8, 150_000), (256, 16, 150_000)]
+    assert len(only.runs()) == 2 * 3 * 3
 
     for bad in (["--heads", "8", "5", "--heads-hidden", "256"], ["--heads", "0"], ["--heads", "8", "128"]):
         with pytest.raises(SystemExit) as exit_info:
@@ -203,3 +208,23 @@ def test_the_heads_comparison_is_chosen_on_the_command_line_and_checked(capsys):
         assert exit_info.value.code == 2
         error = capsys.readouterr().err.strip().splitlines()[-1]
         assert "heads" in error and "Traceback" not in error
+
+
+def test_a_heads_only_report_has_the_comparison_and_no_budget_tables():
+    import dataclasses
+
+    from sweep import SMOKE_SWEEP
+    from sweep_report import markdown
+
+    sweep = dataclasses.replace(SMOKE_SWEEP, heads_only=True)  # 4 and 8 heads at hidden 64
+    cells = {(64, heads, sweep.heads_budget, method): {
+        seed: {"exact": {64: 90.0, 256: score + seed}, "digits": {64: 95.0, 256: 50.0}} for seed in (1, 2)}
+        for heads in (4, 8) for method, score in (("harpe", 40.0 + heads), ("abf", 30.0), ("abf_multistage", 35.0))}
+    bases = {(64, heads, seed): {"rounds": 1, "tokens": 4096, "exact_match": 90.0, "passed": True}
+             for heads in (4, 8) for seed in (1, 2)}
+    text, summary = markdown(cells, sweep, bases)
+    assert "vs adaptation budget" not in text and "## Trend" not in text and "budgets" not in text
+    assert "Heads per layer at equal width (hidden 64):" in text and "Rounds of 4,096 tokens until" in text
+    assert "| harpe | 64 | 8 | 90.0 ± 0.0 | 49.5 ± 0.7 |" in text
+    assert "| 64 | 8 | +0.0 ± 0.0 (0/2) | +13.0 ± 0.0 (2/2) |" in text  # harpe 48+seed minus 35+seed
+    assert summary["trend"] == {} and summary["heads"]["harpe:64x4@256"] == [9.0, 9.0]
