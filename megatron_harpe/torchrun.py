@@ -11,7 +11,10 @@ arguments) with three differences that matter when Slurm stops a job:
 - SIGUSR1 (`#SBATCH --signal=USR1@N`) is forwarded to the ranks like SIGTERM; stock torchrun
   handles it only when asked (--signals-to-handle) and otherwise dies of it;
 - after such a signal it prints one line and exits with 128 + the signal's number, the code the
-  ranks exit with once they have saved (training/preemption.py), instead of a traceback and 1.
+  ranks exit with once they have saved (training/preemption.py), instead of a traceback and 1;
+- when a rank fails, it prints one line naming the first rank that failed and exits with that
+  rank's code (2 for a config or input error, whose one-line message the rank printed),
+  instead of torchrun's ChildFailedError report and 1.
 
 The ranks get torchrun's --shutdown-timeout (the launcher passes 600 s) to save and exit before
 torchrun kills them; under Slurm the cluster's KillWait is the limit that counts.
@@ -30,6 +33,7 @@ TORCHRUN_HANDLES = "SIGINT,SIGHUP,SIGQUIT"
 
 def main(argv: Sequence[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun_main
 
     received: list[int] = []
@@ -53,6 +57,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"[launch] {name}: the ranks were asked to save after their current step and exit; exit code {code}",
               file=sys.stderr, flush=True)  # fmt: skip
         return code
+    except ChildFailedError as error:
+        rank, failure = error.get_first_failure()
+        code = failure.exitcode if failure.exitcode >= 0 else 128 - failure.exitcode  # -N: killed by signal N
+        how = (f"was killed by {failure.signal_name()}" if failure.exitcode < 0 else f"exited with code {code}")
+        print(f"[launch] {error.name} failed: rank {rank} {how} first (its messages are above)",
+              file=sys.stderr, flush=True)  # fmt: skip
+        return code or 1
     return 0
 
 

@@ -1,0 +1,115 @@
+"""Preemption loses nothing: a `torchrun --nproc-per-node 2 pretrain_harpe.py` run sent SIGTERM
+between two checkpoints saves after its current step, and the next launch resumes to the losses
+of a run that was never stopped.
+
+    python -m pytest -q tests/faults/test_preemption.py
+
+The first stop is a SIGTERM to torchrun alone (`kill <pid>`: torchrun forwards it to its ranks);
+the second is SIGTERM sent twice to every process of the run, as Slurm does when it stops a job
+(torchrun, the ranks and their checkpoint-writer helper process all get it, torchrun twice, and
+stock torchrun exits on the second one while its ranks are still saving).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from megatron_harpe.parallel import free_port
+from megatron_harpe.training.checkpoint import find_latest_checkpoint
+from cli_support import REPO, environment
+
+STEPS = 24
+TINY = [
+    "--model.num_layers", "2", "--model.hidden_size", "64", "--model.num_attention_heads", "4",
+    "--model.num_query_groups", "2", "--model.ffn_hidden_size", "128", "--model.max_position_embeddings", "128",
+    "--data.seq_length", "128", "--train.global_batch_size", "4", "--train.micro_batch_size", "2",
+    "--train.warmup_steps", "0", "--train.train_tokens", str(STEPS * 4 * 128),
+    "--logging.log_interval", "1", "--logging.tensorboard_dir", "null",
+]  # fmt: skip
+STEP_LINE = re.compile(r"^step (\d+)/\d+ \| (loss \S+ \| lr \S+ \| grad norm \S+)", re.M)
+
+
+def _command(demo_data, save: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+            str(REPO / "pretrain_harpe.py"), "--config", str(REPO / "configs" / "demo_cpu.yaml"),
+            "--data.demo_workdir", str(demo_data.corpus.parent), "--checkpoint.save", save,
+            "--checkpoint.save_interval", "100", *TINY]  # fmt: skip
+
+
+def _steps(log: str) -> dict[int, str]:
+    return {int(step): values for step, values in STEP_LINE.findall(log)}
+
+
+@pytest.fixture(scope="module")
+def reference(demo_data) -> dict[int, str]:
+    """The losses, learning rates and gradient norms of a run that is never stopped."""
+    result = subprocess.run(_command(demo_data, "null"), cwd=REPO, env=environment(PYTHONUNBUFFERED="1"), capture_output=True, text=True,
+                            timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    steps = _steps(result.stdout)
+    assert sorted(steps) == list(range(1, STEPS + 1))
+    return steps
+
+
+def _interrupt(command: list[str], after_step: int, every_process: bool) -> tuple[int, str]:
+    """Start the run, SIGTERM it once step `after_step` is logged; returns (exit code, output)."""
+    run = subprocess.Popen(command, cwd=REPO, env=environment(PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True, start_new_session=True)  # fmt: skip
+    output = []
+    for line in run.stdout:
+        output.append(line)
+        if line.startswith(f"step {after_step}/"):
+            break
+    if every_process:  # twice, like slurmstepd and then srun
+        for _ in range(2):
+            os.killpg(run.pid, signal.SIGTERM)
+            time.sleep(0.2)
+    else:
+        run.send_signal(signal.SIGTERM)
+    output.extend(run.stdout)
+    code = run.wait(timeout=300)
+    deadline = time.monotonic() + 300  # ranks outlive a torchrun that exits on the second signal
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(run.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        os.killpg(run.pid, signal.SIGKILL)
+        pytest.fail("the ranks did not exit within 300 s of SIGTERM")
+    return code, "".join(output)
+
+
+def test_sigterm_between_checkpoints_saves_and_the_next_launch_resumes_exactly(demo_data, reference, tmp_path):
+    save = tmp_path / "ckpt"
+    command = _command(demo_data, str(save))
+
+    code, first = _interrupt(command, after_step=3, every_process=False)
+    stopped = re.search(r"stopping after step (\d+) \(SIGTERM received\); the next launch resumes", first)
+    assert stopped and code != 0, first[-3000:]
+    first_stop = int(stopped.group(1))
+    assert 3 <= first_stop < STEPS and find_latest_checkpoint(save).name == f"iter_{first_stop:07d}"
+
+    code, second = _interrupt(command, after_step=first_stop + 3, every_process=True)
+    assert f"resumed from {save}/iter_{first_stop:07d} at step {first_stop}" in second, second[-3000:]
+    stopped = re.search(r"stopping after step (\d+) \(SIGTERM received\)", second)
+    assert stopped and code != 0, second[-3000:]
+    second_stop = int(stopped.group(1))
+    assert find_latest_checkpoint(save).name == f"iter_{second_stop:07d}", second[-3000:]
+    assert not list(save.glob("*.tmp")), "a save was cut short"
+
+    last = subprocess.run(command, cwd=REPO, env=environment(PYTHONUNBUFFERED="1"), capture_output=True, text=True, timeout=600)
+    assert last.returncode == 0, last.stderr[-3000:]
+    steps = {**_steps(first), **_steps(second), **_steps(last.stdout)}
+    assert sorted(steps) == list(range(1, STEPS + 1))
+    assert sorted(_steps(second)) == list(range(first_stop + 1, second_stop + 1))
+    assert steps == reference  # loss, learning rate and gradient norm of every step
