@@ -149,6 +149,9 @@ def _train(cfg: Config, ctx: ParallelContext, log, guard: CollectiveGuard,
             if _should_save(cfg, state.iteration, total_steps) or (exiting and cfg.checkpoint.save):
                 guard.phase = f"the checkpoint save of step {state.iteration}"
                 _save(cfg, model, optimizer, schedule, state, training_data[plan.index])
+                if not exiting and state.iteration < total_steps:  # asked during the save: stop now, it is saved
+                    stop_file, stop_signal = _stop_requested(cfg, ctx, signals)
+                    exiting = stop_file or stop_signal
             if exiting:
                 reason = (f"{signals.name(stop_signal)} received" if stop_signal else
                           f"{cfg.checkpoint.stop_file} appeared" if stop_file else "train.exit_after_steps")  # fmt: skip

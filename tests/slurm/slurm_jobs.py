@@ -27,7 +27,7 @@ TINY_DEMO = [
     "--train.warmup_steps", "0", "--logging.log_interval", "1", "--logging.tensorboard_dir", "null",
 ]  # fmt: skip
 """configs/demo_cpu.yaml made tiny: 2 ranks (context parallel 2) train a step in well under a second."""
-STEP_LINE = re.compile(r"step (\d+)/\d+ \| (loss \S+ \| lr \S+ \| grad norm \S+)")
+STEP_LINE = re.compile(r"step (\d+)/\d+ \| loss (\S+) \| lr (\S+) \| grad norm (\S+)")
 FINISHED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL",
             "DEADLINE")  # fmt: skip
 
@@ -39,9 +39,20 @@ def tiny_demo_args(demo_data, save: Path, steps: int = STEPS, save_interval: int
             *TINY_DEMO]  # fmt: skip
 
 
-def logged_steps(text: str) -> dict[int, str]:
-    """{step: "loss .. | lr .. | grad norm .."} of every step line in a job's output."""
-    return {int(step): values for step, values in STEP_LINE.findall(text)}
+def logged_steps(text: str) -> dict[int, tuple[str, str, str]]:
+    """{step: (loss, lr, grad norm) as printed} of every step line in a job's output."""
+    return {int(step): (loss, lr, norm) for step, loss, lr, norm in STEP_LINE.findall(text)}
+
+
+def assert_same_training(got: dict, want: dict, tolerance: float) -> None:
+    """The same steps with the same printed loss, learning rate and gradient norm; `tolerance`
+    (relative, for loss and gradient norm) is 0 on CPU, where a resumed run is bitwise the same."""
+    assert sorted(got) == sorted(want), f"steps {sorted(got)} != {sorted(want)}"
+    for step in sorted(want):
+        (loss, lr, norm), (want_loss, want_lr, want_norm) = got[step], want[step]
+        same = lr == want_lr and all(abs(float(a) - float(b)) <= tolerance * abs(float(b)) for a, b in
+                                     ((loss, want_loss), (norm, want_norm)))  # fmt: skip
+        assert same, f"step {step}: loss, lr, grad norm {got[step]} != {want[step]} (uninterrupted)"
 
 
 @dataclasses.dataclass
@@ -51,6 +62,9 @@ class Slurm:
 
     env: dict[str, str]
     sbatch_options: list[str]
+    tolerance: float = 0.0
+    """For assert_same_training: 0 on the private cluster (CPU); GPU kernels are not bitwise
+    deterministic, so a site's cluster gets MEGATRON_HARPE_SLURM_TOLERANCE (default 1e-3)."""
     describe: Callable[[], str] = lambda: ""
     """The daemons' logs (private cluster), added to failure messages."""
 
