@@ -7,7 +7,9 @@ torchrun forwards SIGTERM to its ranks (SIGUSR1 too when started by `megatron_ha
 kills them after its `--shutdown-timeout`. What the trainer does with either signal:
 
 1. the handler only records the first signal (a repeated one changes nothing, so a save in
-   progress completes; checkpoints are written to a temporary name and renamed anyway);
+   progress completes; checkpoints are written to a temporary name and renamed anyway), and
+   from then on the rank outlives its launcher (rank_health.outlive_launcher: stock torchrun
+   exits on a repeated SIGTERM while its ranks save);
 2. after the step it is in, each rank reports what it received in the step's stop check (an
    all-reduce, `loop._stop_requested`), so all ranks stop after the same step even when the
    signal reaches them at different moments;
@@ -16,8 +18,10 @@ kills them after its `--shutdown-timeout`. What the trainer does with either sig
    of training); the next launch resumes from that checkpoint, with the losses of a run that
    was never stopped.
 
-A signal that arrives before the first step stops the run after it. The trainer installs the
-handlers itself (`stop_signals()` in training.loop.train): nothing to configure.
+A signal that arrives before the first step stops the run after it; one that arrives during a
+checkpoint save stops it right after that save. The trainer installs the handlers itself
+(`stop_signals()` in training.loop.train): nothing to configure. docs/slurm.md says what each
+kind of Slurm stop does with this.
 
 Helper processes must survive the signal too: Slurm signals every process of the job step,
 and megatron-core's checkpoint writer hands its results back through a multiprocessing Manager
