@@ -6,8 +6,9 @@
   `CollectiveFailed` line naming the rank, the phase and the likely cause.
 - `exit_when_launcher_dies`: a daemon thread that ends a worker whose launcher (torchrun,
   `run_on_ranks`) is gone, so no orphaned ranks keep training and saving; except a rank that is
-  saving after a stop signal (`outlive_launcher`): a stock torchrun exits on a repeated SIGTERM
-  while its ranks save, and the rank exits by itself once the checkpoint is written.
+  saving after a stop signal (`outlive_launcher`): stock torchrun stops waiting for its ranks
+  and exits when SIGTERMs keep coming (at the third), and the rank exits by itself once the
+  checkpoint is written.
 - `any_rank_failed`: every rank learns whether some rank failed a local step, so all of them
   raise instead of the healthy ones waiting in the next collective.
 """

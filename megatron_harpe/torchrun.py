@@ -4,10 +4,11 @@
 this instead of `python -m torch.distributed.run`. It is torchrun (its own `main`, all its
 arguments) with three differences that matter when Slurm stops a job:
 
-- a repeated SIGTERM does not cut the shutdown short. Slurm signals every process of the job
-  step and srun forwards the signal again, so torchrun gets it twice; stock torchrun exits on the
-  second one at once, and the ranks that are saving a checkpoint die with it. Here the first
-  SIGTERM (or SIGUSR1) is forwarded to the ranks and later ones are ignored;
+- repeated SIGTERMs do not cut the shutdown short. Slurm signals every process of the job step
+  and srun forwards the signal again, so torchrun gets it at least twice; stock torchrun starts
+  its shutdown again on the second and exits on the third without waiting for its ranks, which
+  may be saving a checkpoint. Here the first SIGTERM (or SIGUSR1) is forwarded to the ranks and
+  later ones are ignored;
 - SIGUSR1 (`#SBATCH --signal=USR1@N`) is forwarded to the ranks like SIGTERM; stock torchrun
   handles it only when asked (--signals-to-handle) and otherwise dies of it;
 - after such a signal it prints one line and exits with 128 + the signal's number, the code the

@@ -9,7 +9,7 @@ kills them after its `--shutdown-timeout`. What the trainer does with either sig
 1. the handler only records the first signal (a repeated one changes nothing, so a save in
    progress completes; checkpoints are written to a temporary name and renamed anyway), and
    from then on the rank outlives its launcher (rank_health.outlive_launcher: stock torchrun
-   exits on a repeated SIGTERM while its ranks save);
+   exits without waiting for its ranks when SIGTERMs keep coming);
 2. after the step it is in, each rank reports what it received in the step's stop check (an
    all-reduce, `loop._stop_requested`), so all ranks stop after the same step even when the
    signal reaches them at different moments;

@@ -5,9 +5,10 @@ of a run that was never stopped.
     python -m pytest -q tests/faults/test_preemption.py
 
 The first stop is a SIGTERM to torchrun alone (`kill <pid>`: torchrun forwards it to its ranks);
-the second is SIGTERM sent twice to every process of the run, as Slurm does when it stops a job
-(torchrun, the ranks and their checkpoint-writer helper process all get it, torchrun twice, and
-stock torchrun exits on the second one while its ranks are still saving).
+the second sends SIGTERM to every process of the run, as Slurm does when it stops a job
+(torchrun, the ranks and their checkpoint-writer helper process all get it), three times: stock
+torchrun exits on the third without waiting for its ranks, which must finish their save alone.
+The last two tests check the launcher's torchrun (megatron_harpe/torchrun.py) on a toy rank.
 """
 
 from __future__ import annotations
@@ -68,15 +69,15 @@ def _interrupt(command: list[str], after_step: int, every_process: bool) -> tupl
         output.append(line)
         if line.startswith(f"step {after_step}/"):
             break
-    if every_process:  # twice, like slurmstepd and then srun
-        for _ in range(2):
+    if every_process:  # slurmstepd, srun, and once more
+        for _ in range(3):
             os.killpg(run.pid, signal.SIGTERM)
             time.sleep(0.2)
     else:
         run.send_signal(signal.SIGTERM)
     output.extend(run.stdout)
     code = run.wait(timeout=300)
-    deadline = time.monotonic() + 300  # ranks outlive a torchrun that exits on the second signal
+    deadline = time.monotonic() + 300  # the ranks outlive a torchrun that exits on the third signal
     while time.monotonic() < deadline:
         try:
             os.killpg(run.pid, 0)
@@ -113,3 +114,57 @@ def test_sigterm_between_checkpoints_saves_and_the_next_launch_resumes_exactly(d
     assert sorted(steps) == list(range(1, STEPS + 1))
     assert sorted(_steps(second)) == list(range(first_stop + 1, second_stop + 1))
     assert steps == reference  # loss, learning rate and gradient norm of every step
+
+
+# A rank that takes 2 s to "save" after SIGTERM, then writes a file and exits like the trainer.
+SLOW_SAVER = """
+import os, signal, sys, time
+from pathlib import Path
+got = []
+signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))
+Path(sys.argv[1], f"ready-{os.environ['RANK']}").touch()
+while not got:
+    time.sleep(0.05)
+time.sleep(2)
+Path(sys.argv[1], f"saved-{os.environ['RANK']}").touch()
+sys.exit(128 + signal.SIGTERM)
+"""
+
+
+def _launcher(script: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "megatron_harpe.torchrun", "--nproc-per-node", "2", "--master-port", str(free_port()),
+            str(script), *args]  # fmt: skip
+
+
+def test_the_launchers_torchrun_lets_ranks_save_through_a_repeated_sigterm(tmp_path):
+    """Stock torchrun exits on the third SIGTERM before its ranks have saved (and prints a
+    traceback); megatron_harpe.torchrun waits for them and exits 143 with one line."""
+    script = tmp_path / "rank.py"
+    script.write_text(SLOW_SAVER)
+    with open(tmp_path / "launcher.log", "w") as log:
+        run = subprocess.Popen(_launcher(script, str(tmp_path)), cwd=tmp_path, env=environment(), stdout=log,
+                               stderr=subprocess.STDOUT)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("ready-*"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for _ in range(3):
+        run.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+    code = run.wait(timeout=120)
+    saved = sorted(p.name for p in tmp_path.glob("saved-*"))  # when the launcher exits, not later
+    stderr = (tmp_path / "launcher.log").read_text()
+    assert saved == ["saved-0", "saved-1"], stderr
+    assert code == 143, stderr
+    assert "[launch] SIGTERM: the ranks were asked to save after their current step and exit" in stderr
+    assert "Traceback" not in stderr
+
+
+def test_the_launchers_torchrun_names_the_failed_rank_in_one_line(tmp_path):
+    script = tmp_path / "rank.py"
+    script.write_text("import os, sys\nif os.environ['RANK'] == '1':\n    print('error: bad config', file=sys.stderr)\n"
+                      "    sys.exit(2)\n")  # fmt: skip
+    result = subprocess.run(_launcher(script), cwd=tmp_path, env=environment(), capture_output=True, text=True,
+                            timeout=120)  # fmt: skip
+    assert result.returncode == 2, result.stderr  # the rank's code: a user error stays exit code 2
+    assert "[launch] " in result.stderr and "rank 1 exited with code 2 first" in result.stderr
+    assert "Traceback" not in result.stderr and "ChildFailedError" not in result.stderr

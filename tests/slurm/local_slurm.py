@@ -44,6 +44,11 @@ def unavailable_reason() -> str | None:
         return f"Slurm is not installed ({', '.join(missing)} not found; apt-get install slurm-wlm munge)"
     if os.geteuid() != 0:
         return "a private Slurm cluster needs root (munged, slurmctld and slurmd run as root)"
+    host = socket.gethostname().split(".")[0]
+    try:
+        socket.gethostbyname(host)
+    except OSError:
+        return f"this host's name {host!r} does not resolve (the launcher's rendezvous uses node names): add it to /etc/hosts"
     return None
 
 
