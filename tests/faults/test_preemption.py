@@ -18,6 +18,7 @@ import re
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -168,3 +169,38 @@ def test_the_launchers_torchrun_names_the_failed_rank_in_one_line(tmp_path):
     assert result.returncode == 2, result.stderr  # the rank's code: a user error stays exit code 2
     assert "[launch] " in result.stderr and "rank 1 exited with code 2 first" in result.stderr
     assert "Traceback" not in result.stderr and "ChildFailedError" not in result.stderr
+
+
+def test_a_rank_saving_after_sigterm_outlives_its_launcher(tmp_path):
+    """A rank's watchdog ends it when its launcher dies (test_rank_failures.py), except after a
+    stop signal: it is saving, and a stock torchrun may be gone before the save ends."""
+    worker = textwrap.dedent("""
+        import os, signal, sys, time
+        os.environ["TORCHELASTIC_RUN_ID"] = "test"
+        from megatron_harpe.rank_health import exit_when_launcher_dies
+        from megatron_harpe.training import preemption
+        assert exit_when_launcher_dies(poll_seconds=0.2)
+        with preemption.stop_signals() as signals:
+            print(os.getpid(), flush=True)
+            while not signals.received:
+                time.sleep(0.05)
+            time.sleep(2)  # the save, during which the launcher dies
+            open(sys.argv[1], "w").close()
+    """)
+    launcher = f"import subprocess, sys, time\nsubprocess.Popen([sys.executable, '-c', {worker!r}, sys.argv[1]])\ntime.sleep(120)"
+    log, saved = tmp_path / "worker.log", tmp_path / "saved"
+    with open(log, "w") as out:
+        process = subprocess.Popen([sys.executable, "-c", launcher, str(saved)], stdout=out, stderr=subprocess.STDOUT,
+                                   env=environment())  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not log.read_text().strip() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    os.kill(int(log.read_text().split()[0]), signal.SIGTERM)
+    time.sleep(0.3)
+    process.kill()
+    process.wait()
+    deadline = time.monotonic() + 30
+    while not saved.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert saved.exists(), log.read_text()
+    assert "is gone; exiting" not in log.read_text()
