@@ -7,6 +7,9 @@ train.global_batch_size) in sequences = micro_batch_size x accumulation x DP.
 The loss is token-weighted: every micro-batch's summed token loss is divided by the number of
 loss tokens of the whole step on all DP x CP ranks, and gradients are then summed over DP x CP,
 so the update is the same for any split of the batch or the sequence.
+
+SIGTERM or SIGUSR1 (a preemption, a time limit) stop the run after the current step with a
+checkpoint and exit code 128 + the signal's number; the next launch resumes (preemption.py).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from megatron_harpe.config import Config, StageConfig
 from megatron_harpe.model import build_model, set_position_encoding
 from megatron_harpe.parallel import ParallelContext
 from megatron_harpe.rank_health import CollectiveGuard
-from megatron_harpe.training import checkpoint, resume_check, run_lock
+from megatron_harpe.training import checkpoint, preemption, resume_check, run_lock
 from megatron_harpe.training.data import StageData, prepare_training_data
 from megatron_harpe.training.grad_overlap import OverlappedGradientReduction
 from megatron_harpe.training.mixed_precision import PARAMS_DTYPE, attach_main_grads, training_precision
@@ -73,16 +76,21 @@ def train(cfg: Config) -> list[dict[str, float]]:
     gradient norm and learning rate of every step run in this launch."""
     # Process groups: TP x CP x DP from the config and the launcher's world size. A stuck
     # collective fails after parallel.timeout_minutes, naming this rank and its phase; one run
-    # at a time holds the checkpoint directory.
-    ctx = parallel.initialize(cfg.parallel.tensor, cfg.parallel.context, cfg.parallel.timeout_minutes)
-    cfg.validate(world_size=ctx.world_size)
-    log = _rank0_print(ctx)
-    with CollectiveGuard(ctx.rank, cfg.parallel.timeout_minutes) as guard:
-        with run_lock.hold_checkpoint_dir(cfg.checkpoint.save, ctx, log):
-            return _train(cfg, ctx, log, guard)
+    # at a time holds the checkpoint directory; SIGTERM / SIGUSR1 from here on stop the run
+    # after a step, with a checkpoint.
+    with preemption.stop_signals() as signals:
+        ctx = parallel.initialize(cfg.parallel.tensor, cfg.parallel.context, cfg.parallel.timeout_minutes)
+        cfg.validate(world_size=ctx.world_size)
+        log = _rank0_print(ctx)
+        if cfg.checkpoint.save:
+            preemption.start_checkpoint_writer_helper()
+        with CollectiveGuard(ctx.rank, cfg.parallel.timeout_minutes) as guard:
+            with run_lock.hold_checkpoint_dir(cfg.checkpoint.save, ctx, log):
+                return _train(cfg, ctx, log, guard, signals)
 
 
-def _train(cfg: Config, ctx: ParallelContext, log, guard: CollectiveGuard) -> list[dict[str, float]]:
+def _train(cfg: Config, ctx: ParallelContext, log, guard: CollectiveGuard,
+           signals: preemption.StopSignals) -> list[dict[str, float]]:  # fmt: skip
     parallel.seed_everything(cfg.train.seed)
     plans = plan_stages(cfg)
     total_steps = plans[-1].first_step + plans[-1].steps
@@ -124,7 +132,7 @@ def _train(cfg: Config, ctx: ParallelContext, log, guard: CollectiveGuard) -> li
         set_position_encoding(model, cfg.model, plan.config.position)
         batches = training_data[plan.index].micro_batches(consumed_steps=state.stage_step)
         while state.stage_step < plan.steps:
-            guard.phase = f"training step {state.iteration + 1} (gradient / loss all-reduce, stop-file check)"
+            guard.phase = f"training step {state.iteration + 1} (gradient / loss all-reduce, stop check)"
             loss, grad_norm, lr, tokens, skipped = train_step(
                 cfg, ctx, plan.config, model, optimizer, schedule, batches, state.iteration + 1, reducer
             )
@@ -135,18 +143,25 @@ def _train(cfg: Config, ctx: ParallelContext, log, guard: CollectiveGuard) -> li
             monitor.log_step(state.iteration, loss=loss, lr=lr, grad_norm=grad_norm, tokens=tokens, skipped=skipped)
             if cfg.eval.interval and state.iteration % cfg.eval.interval == 0:
                 _evaluate(cfg, model, monitor, state.iteration, plan.config.seq_length)
-            stop_requested = state.iteration < total_steps and _stop_requested(cfg, ctx)  # done: nothing to resume
-            exiting = stop_requested or (cfg.train.exit_after_steps and len(history) == cfg.train.exit_after_steps)
+            stop_file, stop_signal = (  # done: nothing to resume
+                _stop_requested(cfg, ctx, signals) if state.iteration < total_steps else (False, 0))
+            exiting = stop_file or stop_signal or (cfg.train.exit_after_steps and len(history) == cfg.train.exit_after_steps)
             if _should_save(cfg, state.iteration, total_steps) or (exiting and cfg.checkpoint.save):
                 guard.phase = f"the checkpoint save of step {state.iteration}"
                 _save(cfg, model, optimizer, schedule, state, training_data[plan.index])
+                if not exiting and state.iteration < total_steps:  # asked during the save: stop now, it is saved
+                    stop_file, stop_signal = _stop_requested(cfg, ctx, signals)
+                    exiting = stop_file or stop_signal
             if exiting:
-                reason = f"{cfg.checkpoint.stop_file} appeared" if stop_requested else "train.exit_after_steps"
+                reason = (f"{signals.name(stop_signal)} received" if stop_signal else
+                          f"{cfg.checkpoint.stop_file} appeared" if stop_file else "train.exit_after_steps")  # fmt: skip
                 log(f"stopping after step {state.iteration} ({reason})"
                     + ("; the next launch resumes" if cfg.checkpoint.save else "; no checkpoint.save, nothing saved"))
-                if stop_requested and ctx.is_main:
+                if stop_file and ctx.is_main:
                     os.remove(cfg.checkpoint.stop_file)  # after the save: a requeued run must not stop again
                 monitor.close()
+                if stop_signal:
+                    raise preemption.Preempted(stop_signal)
                 return history
     monitor.close()
     return history
@@ -240,15 +255,15 @@ def _restore(cfg: Config, model, optimizer, schedule, log) -> TrainState:
     return TrainState()
 
 
-def _stop_requested(cfg: Config, ctx: ParallelContext) -> bool:
-    """Whether the stop file exists, agreed by all ranks (a shared filesystem can show it to
-    some ranks a step before others; all must stop after the same step)."""
-    if not cfg.checkpoint.stop_file:
-        return False
-    seen = torch.tensor(float(os.path.exists(cfg.checkpoint.stop_file)), device=ctx.device)
+def _stop_requested(cfg: Config, ctx: ParallelContext, signals: preemption.StopSignals) -> tuple[bool, int]:
+    """(the stop file exists, the stop signal received or 0), agreed by all ranks: a shared
+    filesystem can show the file, and a signal can reach, some ranks a step before others; all
+    must stop after the same step."""
+    stop_file = bool(cfg.checkpoint.stop_file) and os.path.exists(cfg.checkpoint.stop_file)
+    seen = torch.tensor([float(stop_file), float(signals.received)], device=ctx.device)
     if ctx.world_size > 1:
         collectives.all_reduce(seen, op=collectives.ReduceOp.MAX)
-    return bool(seen.item())
+    return bool(seen[0].item()), int(seen[1].item())
 
 
 def _should_save(cfg: Config, iteration: int, total_steps: int) -> bool:
