@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 from importlib import metadata
 from typing import Any
 
@@ -199,6 +200,28 @@ def _write_samples(path: str, output: dict[str, Any], append: bool) -> None:
                 handle.write(json.dumps(record) + "\n")
 
 
+def request_cache(directory: str, identity: dict[str, Any], resume: bool, rank: int = 0) -> str:
+    """lm-eval's request cache (its `use_cache`) for this run in `directory`: every scored request
+    is kept in an SQLite file as it is computed, so `--resume` reuses them. A fresh run clears it;
+    a resume with another model or options is refused. One directory per rank (under torchrun
+    every rank scores every request)."""
+    own = os.path.join(directory, f"rank{rank}")
+    marker = os.path.join(own, "model.json")
+    identity = json.loads(json.dumps(identity))
+    if resume and os.path.exists(marker):
+        with open(marker, encoding="utf-8") as handle:
+            previous = json.load(handle)
+        if previous != identity:
+            raise ValueError(f"--resume: the short tasks in {directory} were scored for {previous.get('model')} with "
+                             "other options: resume with the same ones, or use another --output-dir")
+    elif os.path.isdir(own):
+        shutil.rmtree(own)
+    os.makedirs(own, exist_ok=True)
+    with open(marker, "w", encoding="utf-8") as handle:
+        json.dump(identity, handle)
+    return os.path.join(own, "requests")
+
+
 def run_short_tasks(
     lm: Any,
     tasks: list[ShortTask],
@@ -209,9 +232,14 @@ def run_short_tasks(
     samples_path: str | None = None,
     log_path: str | None = None,
     progress: bool = True,
+    cache: str | None = None,
+    announce: Any = None,
+    on_group: Any = None,
 ) -> dict[str, Any]:
     """Run `tasks` (checked by `load_task_manager`) on `lm`; returns the "short" section of
-    results.json: per task score, stderr, metric, shots, version and item count, and the mean."""
+    results.json: per task score, stderr, metric, shots, version and item count, and the mean.
+    `cache`: a `request_cache` path; `announce(line)` prints each task's score as it finishes;
+    `on_group(section)` sees the section after each group of tasks (one group per shot count)."""
     import lm_eval
 
     from megatron_harpe.eval.lm_eval_adapter import ProgressLM, quiet_lm_eval
@@ -228,19 +256,30 @@ def run_short_tasks(
         for number, (shots, group) in enumerate(by_shots.items()):
             output = lm_eval.simple_evaluate(
                 model=wrapped, tasks=[task.name for task in group], num_fewshot=shots, limit=limit, task_manager=manager,
-                log_samples=samples_path is not None, verbosity="ERROR", bootstrap_iters=100000,
+                log_samples=samples_path is not None, verbosity="ERROR", bootstrap_iters=100000, use_cache=cache,
                 **DEFAULT_SAMPLE_SEEDS,
             )
             if output is None:  # a non-zero rank under torchrun
                 continue
             for task in group:
-                section["tasks"][task.name] = _task_score(output, task)
+                cell = section["tasks"][task.name] = _task_score(output, task)
+                if announce is not None:
+                    stderr = f" ± {cell['stderr']:.2f}" if cell["stderr"] is not None else ""
+                    announce(f"{task.name} ({task.shots}-shot {cell['metric']}): {cell['score']:.2f}{stderr} "
+                             f"({cell['samples']} items)")
             if samples_path is not None:
                 _write_samples(samples_path, output, append=number > 0)
+            _summarize(section)
+            if on_group is not None:
+                on_group(section)
+    _summarize(section)
+    return section
+
+
+def _summarize(section: dict[str, Any]) -> None:
     averaged = [name for name, cell in section["tasks"].items() if cell["percent"]]
     section["mean_over"] = averaged
     section["mean"] = sum(section["tasks"][name]["score"] for name in averaged) / len(averaged) if averaged else None
-    return section
 
 
 def load_baseline(spec: str) -> dict[str, Any] | None:
@@ -280,11 +319,11 @@ def add_retention(short: dict[str, Any], baseline: dict[str, Any], baseline_name
         cells[name] = {"baseline_score": base["score"], "baseline_stderr": base.get("stderr"),
                        "retention": None if ratio is None else 100.0 * ratio,
                        "baseline_version": base.get("version")}
-    kept = [cell["retention"] for cell in cells.values() if cell["retention"] is not None]
-    short["retention"] = {"baseline": baseline_name, "tasks": cells,
-                          "mean": sum(kept) / len(kept) if kept else None,
+    averaged = [name for name in short.get("mean_over", []) if cells[name]["retention"] is not None]
+    short["retention"] = {"baseline": baseline_name, "tasks": cells, "mean_over": averaged,
+                          "mean": sum(cells[name]["retention"] for name in averaged) / len(averaged) if averaged else None,
                           "definition": "extended / base x 100 per task (base / extended where lower is better); "
-                                        "mean = average of the tasks' retentions"}
+                                        "mean = average of the retentions of the tasks in the score mean"}
 
 
 def markdown_section(short: dict[str, Any]) -> list[str]:
@@ -300,17 +339,20 @@ def markdown_section(short: dict[str, Any]) -> list[str]:
             return "n/a"
         return f"{value:.2f}" + (f" ± {stderr:.2f}" if stderr is not None else "")
 
+    def percent(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.1f}%"
+
     for name, cell in short["tasks"].items():
         row = (f"| {name} | {cell['num_fewshot']} | {cell['metric']} | {number(cell['score'], cell['stderr'])} | "
                f"{cell['version']} |")
         if retention:
             kept = retention["tasks"][name]
-            row += f" {number(kept['baseline_score'], kept['baseline_stderr'])} | {number(kept['retention'])}% |"
+            row += f" {number(kept['baseline_score'], kept['baseline_stderr'])} | {percent(kept['retention'])} |"
         lines.append(row)
     if short.get("mean") is not None:
         mean_row = f"| **mean** ({len(short['mean_over'])} tasks) | | | **{short['mean']:.2f}** | |"
         if retention:
-            mean_row += f" | **{number(retention['mean'])}%** |"
+            mean_row += f" | **{percent(retention['mean'])}** |"
         lines.append(mean_row)
     if retention:
         lines += ["", f"Retention against {retention['baseline']}: {retention['definition']}."]
