@@ -2,13 +2,18 @@
 own items, written for these tests): multiple choice (loglikelihood), generation
 (generate_until, exact match) and plain text (loglikelihood_rolling), with few-shot examples
 from their own train split. `write_tasks(directory)` writes them with absolute data paths, for
-`tools/evaluate.py --lm-eval-include DIRECTORY`.
+`tools/evaluate.py --lm-eval-include DIRECTORY`. `items` reads a run's short_samples.jsonl and
+`assert_same_items` compares two runs item by item.
 """
 
 from __future__ import annotations
 
+import json
 import os
 
+import pytest
+
+TOLERANCE = 1e-4  # fp32 logits of two implementations of the same model
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "lm_eval")
 SHORT_TASKS = "harpe_tiny_mc:2,harpe_tiny_gen:2,harpe_tiny_text:0"
 
@@ -88,3 +93,38 @@ def write_tasks(directory: str) -> str:
         with open(os.path.join(directory, f"{name}.yaml"), "w", encoding="utf-8") as handle:
             handle.write(text.format(data=DATA))
     return directory
+
+
+def offline_environment(cache: str) -> dict[str, str]:
+    return {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": cache, "OMP_NUM_THREADS": "2",
+            "TOKENIZERS_PARALLELISM": "false"}
+
+
+def items(path: str) -> dict[tuple[str, int, str], dict]:
+    """Every logged lm-eval item by (task, document, arguments)."""
+    found = {}
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            record = json.loads(line)
+            found[(record["task"], record["doc_id"], json.dumps(record["arguments"]))] = record
+    return found
+
+
+def responses(record: dict) -> list:
+    """The model's answers of one item, flat: (log-likelihood, greedy) pairs, texts or sums."""
+    return [response[0] if isinstance(response, list) and len(response) == 1 else response
+            for response in record["responses"]]
+
+
+def assert_same_items(reference: dict, other: dict, tolerance: float = TOLERANCE) -> None:
+    assert reference.keys() == other.keys()  # the same prompts, few-shot examples and continuations
+    for key, record in reference.items():
+        mine, theirs = responses(record), responses(other[key])
+        for expected, got in zip(mine, theirs, strict=True):
+            if isinstance(expected, str):
+                assert got == expected, key
+            elif isinstance(expected, list):  # (log-likelihood, is_greedy)
+                assert got[0] == pytest.approx(expected[0], abs=tolerance), key
+                assert got[1] == expected[1], key
+            else:  # a rolling log-likelihood summed over the text
+                assert got == pytest.approx(expected, rel=1e-5, abs=tolerance), key

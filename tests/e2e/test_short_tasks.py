@@ -19,18 +19,12 @@ import sys
 
 import pytest
 
-from lm_eval_tasks import SHORT_TASKS, write_tasks
+from lm_eval_tasks import SHORT_TASKS, TOLERANCE, assert_same_items, items, offline_environment, responses, write_tasks
 from megatron_harpe import parallel
 from megatron_harpe.eval.testing import save_tiny_llama, save_tiny_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOOL = os.path.join(REPO, "tools", "evaluate.py")
-TOLERANCE = 1e-4  # fp32 logits of two implementations of the same model
-
-
-def offline_environment(cache: str) -> dict[str, str]:
-    return {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": cache, "OMP_NUM_THREADS": "2",
-            "TOKENIZERS_PARALLELISM": "false"}
 
 
 @pytest.fixture(scope="module")
@@ -55,36 +49,6 @@ def load_tool():
     module = importlib.util.module_from_spec(specification)
     specification.loader.exec_module(module)
     return module
-
-
-def items(path: str) -> dict[tuple[str, int, str], dict]:
-    """Every logged lm-eval item by (task, document, arguments)."""
-    found = {}
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            record = json.loads(line)
-            found[(record["task"], record["doc_id"], json.dumps(record["arguments"]))] = record
-    return found
-
-
-def responses(record: dict) -> list:
-    """The model's answers of one item, flat: (log-likelihood, greedy) pairs, texts or sums."""
-    return [response[0] if isinstance(response, list) and len(response) == 1 else response
-            for response in record["responses"]]
-
-
-def assert_same_items(reference: dict, other: dict, tolerance: float = TOLERANCE) -> None:
-    assert reference.keys() == other.keys()  # the same prompts, few-shot examples and continuations
-    for key, record in reference.items():
-        mine, theirs = responses(record), responses(other[key])
-        for expected, got in zip(mine, theirs, strict=True):
-            if isinstance(expected, str):
-                assert got == expected, key
-            elif isinstance(expected, list):  # (log-likelihood, is_greedy)
-                assert got[0] == pytest.approx(expected[0], abs=tolerance), key
-                assert got[1] == expected[1], key
-            else:  # a rolling log-likelihood summed over the text
-                assert got == pytest.approx(expected, rel=1e-5, abs=tolerance), key
 
 
 @pytest.fixture(scope="module")
