@@ -125,8 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from megatron_harpe.eval.evaluation import run_evaluation  # torch, transformers: not for --help
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from megatron_harpe.eval.evaluation import option_errors, run_evaluation  # light: torch comes later
+
+    problem = option_errors(args)
+    if problem:
+        return cli.report_user_error(ValueError(problem))
     from megatron_harpe.eval.report import markdown_table
 
     try:

@@ -38,19 +38,34 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def split_tasks(task: str) -> tuple[list[str], bool]:
+    """(the long tasks asked for, whether the short tasks are) of --task."""
+    requested = [name.strip() for name in task.split(",") if name.strip()]
+    return [name for name in requested if name != SHORT], SHORT in requested
+
+
+def option_errors(args: Any) -> str | None:
+    """What is wrong with the options alone (checked before anything heavy is imported)."""
+    long_requested, short_wanted = split_tasks(args.task)
+    if not long_requested and not short_wanted:
+        return "--task names no task"
+    if long_requested and not args.lengths:
+        return f"--lengths is required for {', '.join(long_requested)} (e.g. --lengths 4k,8k)"
+    if args.baseline and not short_wanted:
+        return "--baseline compares short-task scores: add short to --task"
+    if args.self_extend is not None and args.model in ("oracle", "random"):
+        return f"--self-extend needs a model; the {args.model} backend has no attention"
+    return None
+
+
 def run_evaluation(args: Any) -> dict[str, Any]:
     """Run what `args` asks for (see the module docstring); returns the results written."""
     from megatron_harpe.eval.report import write_report
 
-    requested = [name.strip() for name in args.task.split(",") if name.strip()]
-    short_wanted = SHORT in requested
-    long_requested = [name for name in requested if name != SHORT]
-    if not requested:
-        raise ValueError("--task names no task")
-    if long_requested and not args.lengths:
-        raise ValueError(f"--lengths is required for {', '.join(long_requested)} (e.g. --lengths 4k,8k)")
-    if args.baseline and not short_wanted:
-        raise ValueError("--baseline compares short-task scores: add short to --task")
+    problem = option_errors(args)
+    if problem:
+        raise ValueError(problem)
+    long_requested, short_wanted = split_tasks(args.task)
     writer = cli.is_rank_zero()
     output = args.output_dir
     check_output_dir(output)
