@@ -162,3 +162,34 @@ def test_a_broken_wrapper_does_not_match(setup, hf_run):
     assert largest_gap(variants["wrapper"]) < TOLERANCE
     assert largest_gap(variants["dropped_bos"]) > 100 * TOLERANCE
     assert largest_gap(variants["shifted"]) > 100 * TOLERANCE
+
+
+def _sharded_items(checkpoint: str, tasks: str, environment: dict[str, str]) -> dict[str, dict]:
+    """lm-eval on the checkpoint through MegatronLM at TP=2 and at CP=2 (two ranks, every rank
+    running the harness; lm-eval aggregates on LOCAL_RANK 0)."""
+    os.environ.update(environment)
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from megatron_harpe.eval.backends import load_backend
+    from megatron_harpe.eval.lm_eval_adapter import MegatronLM
+
+    manager = TaskManager(include_path=tasks)
+    found = {}
+    for name, tp, cp in (("tp2", 2, 1), ("cp2", 1, 2)):
+        backend = load_backend(checkpoint, tensor_parallel=tp, context_parallel=cp)
+        output = lm_eval.simple_evaluate(model=MegatronLM(backend), tasks=["harpe_tiny_mc", "harpe_tiny_gen"],
+                                         num_fewshot=2, limit=4, task_manager=manager, verbosity="ERROR")
+        if output is not None:
+            found[name] = {(task, s["doc_id"], json.dumps(s["arguments"])): {"responses": s["resps"]}
+                           for task in ("harpe_tiny_mc", "harpe_tiny_gen") for s in output["samples"][task]}
+    return found
+
+
+def test_tensor_and_context_parallel_wrappers_give_the_same_items(setup, hf_run):
+    reference = items(os.path.join(hf_run, "short_samples.jsonl"))
+    found = parallel.run_on_ranks(_sharded_items, 2, setup["megatron"], setup["tasks"], setup["environment"])[0]
+    for name in ("tp2", "cp2"):
+        sharded = found[name]
+        assert len(sharded) == 8 and sharded.keys() <= reference.keys()
+        assert_same_items({key: reference[key] for key in sharded}, sharded)
