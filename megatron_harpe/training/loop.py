@@ -156,7 +156,7 @@ def build_model_and_optimizer(cfg: Config, ctx: ParallelContext, position):
     """This rank's model and its AdamW in the run's precision: fp32, bf16 autocast over fp32
     weights, or bf16 params with fp32 main weights and gradients (mixed_precision.py)."""
     precision = training_precision(cfg.train, ctx.device.type)
-    model = build_model(cfg.model, position, params_dtype=PARAMS_DTYPE[precision], recompute=cfg.train.recompute,
+    model = build_model(cfg.model, position, params_dtype=PARAMS_DTYPE[precision], recompute=cfg.train,
                         parallel=cfg.parallel)  # fmt: skip
     adamw = dict(lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                  betas=(cfg.train.adam_beta1, cfg.train.adam_beta2), eps=cfg.train.adam_eps)  # fmt: skip

@@ -48,6 +48,14 @@ def test_valid_config_loads_and_round_trips(tmp_path):
         (["train.micro_batch_size=3"], "train.global_batch_size=32 is not a multiple"),
         (["train.lr_schedule=linear"], "train.lr_schedule"),
         (["position.type=rope"], "position.type='rope'"),
+        (["train.recompute=partial"], "train.recompute='partial'"),
+        (["train.recompute=full", "train.recompute_method=every"], "train.recompute_method='every'"),
+        (["train.recompute=selective", "train.recompute_method=block"], "apply to train.recompute: full only"),
+        (["train.recompute_num_layers=4"], "apply to train.recompute: full only"),
+        (["train.recompute=full", "train.recompute_num_layers=5"], "does not divide model.num_layers=32"),
+        (["train.recompute=full", "train.recompute_method=block", "train.recompute_num_layers=33"], "between 1 and"),
+        (["train.recompute=selective", "train.recompute_modules=[layernorm]"], "train.recompute_modules"),
+        (["train.recompute=full", "train.recompute_modules=[mlp]"], "selective only"),
     ],
 )
 def test_impossible_configs_name_the_key(tmp_path, overrides, message):
