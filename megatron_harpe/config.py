@@ -280,6 +280,8 @@ class EvalConfig:
     tasks: list[str] = dataclasses.field(default_factory=lambda: ["passkey"])
     lengths: list[int] = dataclasses.field(default_factory=list)
     samples: int = 4
+    max_new_tokens: int | None = None
+    """Tokens generated per prompt, which also sizes its prompt (None: each task's own answer budget)."""
 
 
 @dataclasses.dataclass
@@ -392,6 +394,9 @@ class Config:
             raise ValueError("data.loss_mask_prefixes needs one loss-mask dataset per entry of data.prefixes")
         if not self.data.prefixes and not self.data.demo_workdir:
             raise ValueError("no training data: set data.prefixes (Megatron .bin/.idx prefixes) or data.demo_workdir")
+        from megatron_harpe.eval.in_training import check_eval_settings
+
+        check_eval_settings(self)
         return self
 
     def check_inputs(self) -> "Config":

@@ -22,6 +22,7 @@ import yaml
 
 from megatron_harpe import collectives, parallel
 from megatron_harpe.config import Config, StageConfig
+from megatron_harpe.eval.in_training import check_eval_prompts
 from megatron_harpe.model import build_model, set_position_encoding
 from megatron_harpe.parallel import ParallelContext
 from megatron_harpe.rank_health import CollectiveGuard
@@ -91,6 +92,7 @@ def _train(cfg: Config, ctx: ParallelContext, log, guard: CollectiveGuard) -> li
     # Data: the demo corpus is prepared on first use; each stage reads sequences of its length.
     guard.phase = "data preparation"
     training_data = prepare_training_data(cfg, ctx, total_samples=_samples_per_stage(cfg, plans))
+    check_eval_prompts(cfg)  # eval.interval: every task's prompt fits every length, before training
 
     # Model, optimizer, learning-rate schedule.
     model, optimizer = build_model_and_optimizer(cfg, ctx, plans[0].config.position)
@@ -275,19 +277,10 @@ def _save(cfg: Config, model, optimizer, schedule, state: TrainState, data: Stag
 
 
 def _evaluate(cfg: Config, model, monitor: TrainingMonitor, step: int, seq_length: int) -> None:
-    """The configured eval tasks on the model being trained (every rank takes part)."""
-    from megatron_harpe.eval.backends import load_tokenizer_any
-    from megatron_harpe.eval.megatron_backend import MegatronBackend
-    from megatron_harpe.eval.suite import run_eval_suite, scalars_for_logging
+    """The configured eval tasks on the model being trained (every rank takes part; eval/in_training.py)."""
+    from megatron_harpe.eval.in_training import evaluate_during_training
 
-    generation = cfg.parallel.context == 1
-    backend = MegatronBackend(model, cfg, load_tokenizer_any(cfg.data.tokenizer), f"step {step}", generation)
-    results = run_eval_suite(
-        backend, cfg.eval.tasks, cfg.eval.lengths or [seq_length], cfg.eval.samples, seed=cfg.train.seed, progress=False
-    )
-    scalars = {name.removeprefix("eval/"): value for name, value in scalars_for_logging(results).items()}
-    monitor.add_scalars(step, scalars, prefix="eval")
-    model.train()
+    monitor.add_scalars(step, evaluate_during_training(cfg, model, step, seq_length), prefix="eval")
 
 
 def _rank0_print(ctx: ParallelContext):
