@@ -7,8 +7,8 @@ benchmarks/plan_memory_check.py, in fresh spawned processes: this process starts
 - What autograd keeps for backward, storage by storage, equals the planner's activation
   estimate (to 1%: the rest is token ids and masks of a few KiB), with and without context
   parallelism.
-- The peak resident memory of two training steps lies within 35% of the planner's total
-  (the benchmark's goal is 20%; measured ratios are about 0.96).
+- The peak resident memory of two training steps lies within 35% of the planner's total without
+  the engine's all-gather buffers (the benchmark's goal is 20%; measured ratios are about 0.85).
 """
 
 from __future__ import annotations
@@ -32,4 +32,4 @@ def test_measured_memory_matches_the_planner(name: str, monkeypatch) -> None:
     estimate = check.estimated(case)
     saved, peak = check.measure(case)
     assert saved == pytest.approx(estimate.activations, rel=0.01)
-    assert 0.65 < peak / estimate.total < 1.35, (peak, estimate.total)
+    assert 0.65 < peak / check.expected_peak(estimate) < 1.35, (peak, check.expected_peak(estimate))
