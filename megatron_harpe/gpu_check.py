@@ -161,8 +161,10 @@ def reduced_tree(args: argparse.Namespace, overrides: list[str], workdir: Path) 
 
 
 def with_layout(tree: dict, layout: tuple[int, int, int], **sections) -> dict:
+    """The reduced preset on (TP, CP, DP); sequence parallelism where there is TP to split over."""
     tree = {key: dict(value) if isinstance(value, dict) else value for key, value in tree.items()}
-    tree["parallel"] = {**tree["parallel"], "tensor": layout[0], "context": layout[1]}
+    sequence_parallel = tree["parallel"]["sequence_parallel"] and layout[0] > 1
+    tree["parallel"] = {**tree["parallel"], "tensor": layout[0], "context": layout[1], "sequence_parallel": sequence_parallel}
     for section, values in sections.items():
         tree[section] = {**tree.get(section, {}), **values}
     return tree
@@ -326,10 +328,15 @@ def run_checks(args: argparse.Namespace, overrides: list[str], workdir: Path) ->
         results += check_logits(args, workdir)
     if not wanted - {"logits"}:
         return results
+    from megatron_harpe.config import Config, from_dict
+
     tree = reduced_tree(args, overrides, workdir)
+    layouts = check_layouts(tree["parallel"], tree["model"], args.gpus)
+    for layout in [(1, 1, 1), *layouts]:  # every run's config, checked before the first starts
+        from_dict(Config, with_layout(tree, layout)).validate(world_size=layout[0] * layout[1] * layout[2],
+                                                              require_backend=args.device == "cuda")  # fmt: skip
     runs = Runs(args, tree, workdir)
     runs.initial_weights(workdir / "initial_weights")
-    layouts = check_layouts(tree["parallel"], tree["model"], args.gpus)
     reference = runs.train(with_layout(tree, (1, 1, 1)), 1, "reference")
     losses = [h["loss"] for h in reference[0]["history"]]
     if "reference" in wanted:

@@ -80,6 +80,13 @@ def test_the_reduced_preset_keeps_its_path(tmp_path, monkeypatch):
     assert tree["train"]["train_tokens"] == 6 * 4 * 16384 and tree["data"]["seq_length"] == 16384
     assert tree["checkpoint"] == {"pretrained": str(tmp_path / "initial_weights")}
     assert len(tree["position"]["bases"]) == 32 and tree["position"]["type"] == "harpe"
+    assert gpu_check.with_layout(tree, (4, 2, 1))["parallel"]["sequence_parallel"]
+    reference = gpu_check.with_layout(tree, (1, 1, 1), train={"exit_after_steps": 3})
+    assert not reference["parallel"]["sequence_parallel"] and reference["train"]["exit_after_steps"] == 3
+    from megatron_harpe.config import Config, from_dict
+
+    from_dict(Config, reference).validate(world_size=1, require_backend=False)  # one GPU: a config the trainer takes
+    from_dict(Config, gpu_check.with_layout(tree, (2, 2, 2))).validate(world_size=8, require_backend=False)
 
     cpu, cpu_overrides = _args(["--device", "cpu", "--train.recompute", "full", "--train.recompute_method", "block",
                                 "--train.recompute_num_layers", "8"])  # fmt: skip
@@ -127,3 +134,9 @@ def test_the_whole_check_runs_on_cpu(tmp_path, capsys):
                 "throughput TP2 x CP2", "memory TP2 x CP2"):  # fmt: skip
         assert row in out, row
     assert out.splitlines()[-1].split()[:2] == ["overall", "PASS"]
+
+
+def test_a_config_no_run_can_take_stops_before_the_first_run(tmp_path, capsys):
+    assert gpu_check.main(["--device", "cpu", "--seq", "250", "--only", "reference", "--workdir", str(tmp_path)]) == 2
+    assert "sequence length 250 (stage 0) is not divisible by 2 x parallel.context = 4" in capsys.readouterr().err
+    assert not (tmp_path / "initial_weights").exists()
