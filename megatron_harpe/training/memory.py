@@ -552,7 +552,7 @@ def rank_layouts(cfg: Config, hardware: Hardware, gpus: int, precision: Precisio
         item.schedule_seconds = schedule_seconds(cfg, item.layout, hardware, precision, backend)
     return sorted(
         fitting,
-        key=lambda item: (round(item.schedule_seconds, 3), sum(item.step.communication_bytes.values()),
+        key=lambda item: (float(f"{item.schedule_seconds:.6g}"), sum(item.step.communication_bytes.values()),
                           item.memory.total),
     )  # fmt: skip
 
