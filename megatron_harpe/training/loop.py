@@ -25,6 +25,7 @@ import yaml
 
 from megatron_harpe import collectives, parallel
 from megatron_harpe.config import Config, StageConfig
+from megatron_harpe.eval.in_training import check_eval_prompts
 from megatron_harpe.model import build_model, set_position_encoding
 from megatron_harpe.parallel import ParallelContext
 from megatron_harpe.rank_health import CollectiveGuard
@@ -99,6 +100,7 @@ def _train(cfg: Config, ctx: ParallelContext, log, guard: CollectiveGuard,
     # Data: the demo corpus is prepared on first use; each stage reads sequences of its length.
     guard.phase = "data preparation"
     training_data = prepare_training_data(cfg, ctx, total_samples=_samples_per_stage(cfg, plans))
+    check_eval_prompts(cfg)  # eval.interval: every task's prompt fits every length, before training
 
     # Model, optimizer, learning-rate schedule.
     model, optimizer = build_model_and_optimizer(cfg, ctx, plans[0].config.position)
@@ -171,7 +173,7 @@ def build_model_and_optimizer(cfg: Config, ctx: ParallelContext, position):
     """This rank's model and its AdamW in the run's precision: fp32, bf16 autocast over fp32
     weights, or bf16 params with fp32 main weights and gradients (mixed_precision.py)."""
     precision = training_precision(cfg.train, ctx.device.type)
-    model = build_model(cfg.model, position, params_dtype=PARAMS_DTYPE[precision], recompute=cfg.train.recompute,
+    model = build_model(cfg.model, position, params_dtype=PARAMS_DTYPE[precision], recompute=cfg.train,
                         parallel=cfg.parallel)  # fmt: skip
     adamw = dict(lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                  betas=(cfg.train.adam_beta1, cfg.train.adam_beta2), eps=cfg.train.adam_eps)  # fmt: skip
@@ -290,19 +292,10 @@ def _save(cfg: Config, model, optimizer, schedule, state: TrainState, data: Stag
 
 
 def _evaluate(cfg: Config, model, monitor: TrainingMonitor, step: int, seq_length: int) -> None:
-    """The configured eval tasks on the model being trained (every rank takes part)."""
-    from megatron_harpe.eval.backends import load_tokenizer_any
-    from megatron_harpe.eval.megatron_backend import MegatronBackend
-    from megatron_harpe.eval.suite import run_eval_suite, scalars_for_logging
+    """The configured eval tasks on the model being trained (every rank takes part; eval/in_training.py)."""
+    from megatron_harpe.eval.in_training import evaluate_during_training
 
-    generation = cfg.parallel.context == 1
-    backend = MegatronBackend(model, cfg, load_tokenizer_any(cfg.data.tokenizer), f"step {step}", generation)
-    results = run_eval_suite(
-        backend, cfg.eval.tasks, cfg.eval.lengths or [seq_length], cfg.eval.samples, seed=cfg.train.seed, progress=False
-    )
-    scalars = {name.removeprefix("eval/"): value for name, value in scalars_for_logging(results).items()}
-    monitor.add_scalars(step, scalars, prefix="eval")
-    model.train()
+    monitor.add_scalars(step, evaluate_during_training(cfg, model, step, seq_length), prefix="eval")
 
 
 def _rank0_print(ctx: ParallelContext):
