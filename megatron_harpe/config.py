@@ -84,13 +84,20 @@ class ParallelConfig:
     """megatron's sequence parallelism: norms and residuals split over the TP ranks along the
     sequence (all-gather / reduce-scatter instead of all-reduce). attention_backend te only
     (TE's norms; megatron's local layers refuse it) and tensor > 1."""
-    distributed_optimizer: bool = False
-    """Shard AdamW's states over the DP x CP ranks (which hold identical weights)."""
-    overlap_grad_reduce: bool = False
-    """Reduce gradients over DP x CP in buckets during the last micro-batch's backward."""
     cp_comm_type: str = "auto"
     """How keys/values travel over CP: auto (te: p2p, sdpa: all_gather) | p2p | a2a | all_gather.
     sdpa implements all_gather only; p2p and a2a are Transformer Engine's."""
+
+    # Weights, gradients and AdamW states are always sharded over DP x CP by the engine
+    # (training/sharding.py, FSDP2), which overlaps its reduce-scatter with backward: the two
+    # switches of the replaced engine are constants now, kept readable for the memory planner.
+    @property
+    def distributed_optimizer(self) -> bool:
+        return True
+
+    @property
+    def overlap_grad_reduce(self) -> bool:
+        return True
 
     def resolved_cp_comm_type(self, model: ModelConfig) -> str:
         if self.cp_comm_type != "auto":
@@ -444,10 +451,34 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     raise AssertionError(f"unsupported config type {annotation} for {key}")
 
 
+RETIRED_KEYS = {
+    "parallel.distributed_optimizer": "weights, gradients and AdamW states are always sharded over DP x CP now "
+                                      "(PyTorch FSDP2, see docs/sharding.md)",
+    "parallel.overlap_grad_reduce": "the sharding engine (PyTorch FSDP2, see docs/sharding.md) always overlaps its "
+                                    "gradient reduce-scatter with backward",
+}
+"""Keys of earlier versions: a config that sets one is refused with the reason; a checkpoint's
+saved config drops them (`drop_retired_keys`)."""
+
+
+def drop_retired_keys(tree: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a saved config tree without RETIRED_KEYS (checkpoints written before they retired)."""
+    tree = {section: dict(values) if isinstance(values, dict) else values for section, values in tree.items()}
+    for dotted in RETIRED_KEYS:
+        section, key = dotted.split(".")
+        if isinstance(tree.get(section), dict):
+            tree[section].pop(key, None)
+    return tree
+
+
 def from_dict(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     """Build dataclass `cls` from a mapping, rejecting unknown keys by name."""
     hints = typing.get_type_hints(cls)
     names = [field.name for field in dataclasses.fields(cls)]
+    for key in values:
+        dotted = f"{prefix}.{key}" if prefix else key
+        if dotted in RETIRED_KEYS:
+            raise ValueError(f"{dotted} is no longer a setting: {RETIRED_KEYS[dotted]}; delete it from the config")
     unknown = sorted(set(values) - set(names))
     if unknown:
         where = prefix or "the top level"
