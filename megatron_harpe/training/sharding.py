@@ -140,6 +140,15 @@ def shard_rows(param: torch.Tensor) -> tuple[int, int]:
     return start, end
 
 
+def persistent_bytes(parameters: int, replicas: int) -> dict[str, int]:
+    """Bytes one rank keeps for `parameters` TP-local parameters sharded over `replicas` DP x CP
+    ranks, in any precision (up to FSDP2's padding of each tensor to a multiple of `replicas`
+    rows): fp32 weight shards, fp32 gradient shards (from the first backward of a step to the
+    optimizer's zero_grad) and AdamW's two fp32 moments."""
+    shard = math.ceil(parameters / replicas)
+    return {"weights": 4 * shard, "gradients": 4 * shard, "optimizer": 8 * shard}
+
+
 def reduce_sequence_parallel_gradients(model: torch.nn.Module, tp_group: dist.ProcessGroup | None) -> None:
     """Sum over TP the gradient shards of parameters megatron marks ``sequence_parallel`` (norm
     weights under sequence parallelism: each TP rank saw part of the sequence, so its gradient
