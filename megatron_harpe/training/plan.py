@@ -88,9 +88,12 @@ def execution_lines(cfg: Config, tp: int, cp: int, dp: int) -> list[str]:
     reduction = "overlapped with backward (bucketed)" if parallel.overlap_grad_reduce else "after backward (bucketed)"
     on_gpu_only = "" if on_cpu == on_gpu else " on GPU"
     memory = estimate_memory(cfg, config_layout(cfg, tp * cp * dp), PRECISIONS[on_gpu])
+    from megatron_harpe.training.sharding import engine_description
+
     return [
         f"attention: {attention}; sequence parallel {'on' if parallel.sequence_parallel else 'off'}",
         f"precision: {precision}",
+        f"sharding on GPU: {engine_description(cfg, 'cuda')}",
         f"optimizer{on_gpu_only}: {optimizer}; reduction of the {gradients} over DP x CP {reduction}; recompute {cfg.train.recompute}",
         f"per GPU (tools/plan_memory.py for the rest): weights {memory.weights / GIB:.2f} GiB, {gradients} "
         f"{memory.gradients / GIB:.2f} GiB, {states} {memory.optimizer / GIB:.2f} GiB",

@@ -169,9 +169,11 @@ def engine_description(cfg, device_type: str) -> str:
     for the dry run and the memory planner."""
     from megatron_harpe.training.mixed_precision import training_precision
 
-    precision = training_precision(cfg.train, device_type)
     collective = "NCCL" if device_type == "cuda" else "gloo"
-    weights = ("bf16 compute weights gathered from fp32 shards, fp32 gradient reduce-scatter"
-               if precision == "bf16" else "fp32 weights gathered, fp32 gradient reduce-scatter")  # fmt: skip
-    return (f"{ENGINE} over DP x CP ({collective}): weights, gradients and AdamW states sharded; {weights} "
-            "every micro-batch, overlapped with compute; gradients summed (token-normalised loss)")
+    try:
+        gathered = "bf16" if training_precision(cfg.train, device_type) == "bf16" else "fp32"
+    except ValueError:  # a precision this device cannot run: the caller reports it
+        gathered = "fp32"
+    return (f"{ENGINE} over the DP x CP ranks ({collective}): fp32 weights, fp32 gradients and AdamW states "
+            f"sharded; {gathered} weights gathered per layer, gradients reduce-scattered in fp32 and summed, "
+            "overlapped with compute")

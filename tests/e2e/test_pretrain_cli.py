@@ -32,8 +32,9 @@ def test_llama2_7b_harpe_plan_numbers(capsys):
     # the CUDA plan, shown on a machine without Transformer Engine
     assert "attention: Transformer Engine attention, context parallel p2p" in out
     assert "sequence parallel on" in out
-    # bf16 params (the default on GPU for precision bf16), as loop.build_model_and_optimizer builds them
-    assert "precision: on GPU bf16 params with fp32 main weights and fp32 main gradients" in out
+    # bf16 compute over fp32 shards (the default on GPU), as loop.build_model_and_optimizer builds it
+    assert "precision: on GPU bf16 compute weights gathered from fp32 sharded main weights" in out
+    assert "sharding on GPU: PyTorch FSDP2 (fully_shard per transformer layer and for the root) over the DP x CP ranks (NCCL)" in out
     assert "distributed optimizer (AdamW states and fp32 main weights sharded over DP x CP = 8 ranks)" in out
     assert "reduction of the fp32 main gradients over DP x CP overlapped with backward" in out
     # 1.685B parameters per GPU x 2 B, x 4 B, x 12 B / 8 ranks
