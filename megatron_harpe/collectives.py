@@ -66,8 +66,8 @@ def all_gather(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> 
 
 def reduce_scatter_sum(stacked: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """`stacked` is [group size, ...]: returns this rank's slice of the sum over ranks, on
-    `stacked`'s device (gloo has `reduce_scatter_tensor` as NCCL does in torch 2.13: one code path)."""
+    `stacked`'s device (gloo reduce-scatters as NCCL does in torch 2.13: one code path)."""
     work = _on(stacked, collective_device(group))
     local = torch.empty_like(work[0])
-    dist.reduce_scatter_tensor(local.view(-1), work.view(-1), group=group)  # gloo wants flat dim-0 blocks
+    dist.reduce_scatter_single(local.view(-1), work.view(-1), group=group)  # gloo wants flat dim-0 blocks
     return local.to(stacked.device)

@@ -180,9 +180,10 @@ class TrainConfig:
     precision: str = "auto"
     """Compute precision: auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16"""
     params_dtype: str = "auto"
-    """The model's parameters: auto (bf16 whenever the compute is bf16) | bf16 | fp32. bf16 keeps
-    fp32 main weights and gradients in the optimizer (training/mixed_precision.py) and selects
-    bf16 compute on the CPU too; fp32 with bf16 compute is fp32 weights under bf16 autocast (GPU only)."""
+    """The weights the layers compute with: auto (bf16 whenever the compute is bf16) | bf16 | fp32.
+    bf16 gathers bf16 weights from the fp32 sharded main weights and reduces fp32 gradients
+    (training/mixed_precision.py, docs/sharding.md), and selects bf16 compute on the CPU too;
+    fp32 with bf16 compute is fp32 weights under bf16 autocast (GPU only)."""
     recompute: str = "none"
     """none | selective (core attention) | full (whole layers)"""
     on_nonfinite: str = "stop"
