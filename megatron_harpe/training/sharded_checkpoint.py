@@ -34,7 +34,7 @@ import torch
 from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedTensor, ShardedTensorFactory
 from torch.distributed.tensor import DTensor
 
-from megatron_harpe.training.sharding import local, shard_rows
+from megatron_harpe.training.sharding import MEGATRON_ATTRIBUTES, local, shard_rows
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -48,8 +48,9 @@ def _tp_local_placeholders(model: torch.nn.Module) -> Iterator[None]:
             if isinstance(param, DTensor):
                 placeholder = torch.nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device="meta"),
                                                  requires_grad=param.requires_grad)  # fmt: skip
-                for key, value in vars(param).items():  # megatron's attributes (tensor_model_parallel ...)
-                    setattr(placeholder, key, value)
+                for key in MEGATRON_ATTRIBUTES:
+                    if hasattr(param, key):
+                        setattr(placeholder, key, getattr(param, key))
                 module._parameters[name] = placeholder
                 swapped.append((module, name, param))
     try:
@@ -113,14 +114,13 @@ def _describe(description: dict[str, Any], tensors: dict[str, torch.Tensor], pre
     shard of that parameter, or of a same-shaped optimizer moment), cut to this rank's rows;
     `prefix` is put before every key (the optimizer's)."""
     described: dict[str, Any] = {}
-    params = {name: param for name, param in tensors.items()}
     for name, entry in description.items():
-        if name not in params:
+        if name not in tensors:
             continue
-        rows = shard_rows(params[name])
+        rows = shard_rows(tensors[name])
         pieces = []
         for piece, p0, p1 in _pieces(entry):
-            cut = _cut(piece, (p0, p1), rows, local(params[name]))
+            cut = _cut(piece, (p0, p1), rows, local(tensors[name]))
             if cut is not None:
                 pieces.append(dataclasses.replace(cut, key=f"{prefix}{cut.key}"))
         if pieces:
@@ -162,8 +162,9 @@ def optimizer_entries(model: torch.nn.Module, optimizer: torch.optim.Optimizer, 
                 tensor_state.setdefault(index, {})[key] = described.get(name, [])
             else:
                 scalar_state.setdefault(index, {})[key] = value.detach().cpu().clone() if torch.is_tensor(value) else value
+    ids = iter(range(len(params)))  # as torch's Optimizer.state_dict numbers them (the unsharded path's)
     groups = [{**{k: v for k, v in group.items() if k != "params"},
-               "params": LocalNonpersistentObject(list(range(len(group["params"]))))}
+               "params": LocalNonpersistentObject([next(ids) for _ in group["params"]])}
               for group in optimizer.param_groups]  # fmt: skip
     sharded = {"tensor_state": tensor_state, "param_groups": groups}
     if placeholders is None:

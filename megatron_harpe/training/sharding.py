@@ -46,14 +46,26 @@ Why FSDP2 and not megatron-core's engines (measured with megatron-core 0.16.1, t
   'cuda'; distrib_optimizer.py and clip_grads.py type-check `torch.cuda.*Tensor`): they cannot
   run in the CPU suite, so the parity tests here would test another engine than a GPU run.
 - `TorchFullyShardedDataParallel` (megatron's FSDP2 wrapper) builds its mesh on "cuda"; with
-  "cpu" it fails inside fully_shard on a GPTModel (`Invariant encountered: value was None`).
+  that patched to "cpu" it fails inside fully_shard on our GPTModel at DP2
+  (`_init_sharding_spec_tp`: `TypeError: Invariant encountered: value was None`), and it adds
+  nothing but fully_shard calls and the attribute copying done here. Megatron-FSDP
+  (megatron/core/distributed/fsdp/src/megatron_fsdp) allocates its buffers on CUDA too.
 - megatron's own DTensor support in `sharded_state_dict` assumes even shards: it describes an
   FSDP2 shard as fragment tp_rank x W + r of W x TP equal parts, which is wrong whenever W does
   not divide a dimension, and its SwiGLU fc1 factory chunks the local FSDP shard into halves as
   if it held both halves of the TP shard (it holds a block of rows). Checkpoints therefore go
   through sharded_checkpoint.py, which describes the irregular shards exactly.
 FSDP2 itself runs on gloo and NCCL alike, so the tests in tests/distributed run the engine a
-GPU run uses (tests/distributed/test_sharding.py).
+GPU run uses (tests/distributed/test_sharding.py). Transformer Engine's modules run under
+fully_shard (TE's own tests/pytorch/distributed/run_fsdp2_model.py wraps te.Linear the same way,
+copying parameter attributes across); megatron's `gradient_accumulation_fusion` must stay off
+(model.py): it writes into a `main_grad` that FSDP2 parameters do not have. Build the model with
+`initialize=True`: megatron sets its TP attributes only when it initializes the weights.
+
+Prefetching is set explicitly (layer i+1's all-gather issued with layer i's forward, layer i-1's
+with layer i's backward): FSDP2 would otherwise infer the backward order from the forward, which
+activation recomputation calling layers again during backward can disturb (megatron's wrapper
+does the same for that reason).
 """
 
 from __future__ import annotations
@@ -104,6 +116,9 @@ def shard_modules(model: torch.nn.Module, units: list[torch.nn.Module], group: d
     for unit in units:
         fully_shard(unit, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
+    for previous, following in zip(units, units[1:]):  # explicit, so that recompute cannot reorder it
+        previous.set_modules_to_forward_prefetch([following])
+        following.set_modules_to_backward_prefetch([previous])
     for unit in (*units, model):  # these setters act on one unit each
         unit.set_gradient_divide_factor(1.0)  # summed: the loss is normalised by the global token count
         unit.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no PREMUL_SUM; NCCL's zero-copy path)
