@@ -6,7 +6,8 @@ The same weights and the same global batch (4 sequences whose loss masks give ea
 different token count) are trained for three optimizer steps by `loop.train_step`:
 - in one process on a plain, unsharded megatron model (no FSDP2 at all: gradients accumulate
   in `.grad`, plain AdamW), the reference;
-- by the engine at DP2, TP2 and CP2 on spawned gloo ranks.
+- by the engine at DP2, TP2 and CP2 on spawned gloo ranks: fp32, bf16, and fp32 with every
+  layer recomputed in backward (`train.recompute: full`, inside the layer's FSDP2 unit).
 Losses, gradient norms, the clipped gradients handed to AdamW at every step and the weights
 after the last step are compared in TP=1 shapes. Clipping is active (clip 0.5 against norms of
 about 1.5), so a gradient summed the wrong way (FSDP2's default average) changes the norm and
@@ -80,7 +81,7 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
     return (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach().float().clone()
 
 
-def _train(tp: int, cp: int, params_dtype: str, sharded: bool, weights: dict) -> dict:
+def _train(tp: int, cp: int, params_dtype: str, sharded: bool, weights: dict, recompute: str = "none") -> dict:
     from megatron_harpe.model import build_model
     from megatron_harpe.training import loop
     from megatron_harpe.training.optimizer import build_optimizer
@@ -89,7 +90,7 @@ def _train(tp: int, cp: int, params_dtype: str, sharded: bool, weights: dict) ->
 
     cfg, stage = _config(tp, cp, params_dtype)
     ctx = parallel.initialize(tp, cp)
-    model = build_model(MODEL, POSITION)  # initialize=False would leave megatron's TP attributes unset
+    model = build_model(MODEL, POSITION, recompute=recompute)  # initialize=False would leave megatron's TP attributes unset
     local = {name: shard(name, full, ctx.tp_rank, tp) for name, full in weights.items()}
     model.load_state_dict(local, strict=False)
     if sharded:
@@ -162,22 +163,25 @@ def _assert_bf16_tracks(got: dict, want: dict, initial: dict) -> None:
 LAYOUTS = {"dp2": (1, 1), "tp2": (2, 1), "cp2": (1, 2)}
 
 
-def _train_both_precisions(tp: int, cp: int, weights: dict) -> dict:
-    return {precision: _train(tp, cp, precision, True, weights) for precision in ("fp32", "bf16")}
+RUNS = {"fp32": ("fp32", "none"), "bf16": ("bf16", "none"), "fp32, full recompute": ("fp32", "full")}
+
+
+def _train_all(tp: int, cp: int, weights: dict) -> dict:
+    return {run: _train(tp, cp, precision, True, weights, recompute) for run, (precision, recompute) in RUNS.items()}
 
 
 @pytest.fixture(scope="module")
 def engine_runs(weights):
-    """Each layout's two ranks, fp32 and bf16, in TP=1 shapes (one spawn per layout)."""
+    """Each layout's two ranks, every run of RUNS, in TP=1 shapes (one spawn per layout)."""
     runs = {}
 
     def run(layout: str) -> dict:
         if layout not in runs:
-            results = parallel.run_on_ranks(_train_both_precisions, 2, *LAYOUTS[layout], weights)
-            runs[layout] = {precision: {"history": results[0][precision]["history"],
-                                        "grads": _assemble([r[precision] for r in results], "grads"),
-                                        "weights": _assemble([r[precision] for r in results], "weights")}
-                            for precision in ("fp32", "bf16")}  # fmt: skip
+            results = parallel.run_on_ranks(_train_all, 2, *LAYOUTS[layout], weights)
+            runs[layout] = {run: {"history": results[0][run]["history"],
+                                  "grads": _assemble([r[run] for r in results], "grads"),
+                                  "weights": _assemble([r[run] for r in results], "weights")}
+                            for run in RUNS}  # fmt: skip
         return runs[layout]
 
     return run
@@ -191,6 +195,12 @@ def test_reference_clips_and_learns(reference):
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_fp32_engine_equals_one_unsharded_process(layout, engine_runs, reference):
     _assert_fp32_equal(engine_runs(layout)["fp32"], reference)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_fp32_engine_with_full_recompute_equals_one_unsharded_process(layout, engine_runs, reference):
+    """Layers recomputed in backward (train.recompute: full) inside their FSDP2 units."""
+    _assert_fp32_equal(engine_runs(layout)["fp32, full recompute"], reference)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
