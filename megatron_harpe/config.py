@@ -84,10 +84,6 @@ class ParallelConfig:
     """megatron's sequence parallelism: norms and residuals split over the TP ranks along the
     sequence (all-gather / reduce-scatter instead of all-reduce). attention_backend te only
     (TE's norms; megatron's local layers refuse it) and tensor > 1."""
-    distributed_optimizer: bool = False
-    """Shard AdamW's states over the DP x CP ranks (which hold identical weights)."""
-    overlap_grad_reduce: bool = False
-    """Reduce gradients over DP x CP in buckets during the last micro-batch's backward."""
     cp_comm_type: str = "auto"
     """How keys/values travel over CP: auto (te: p2p, sdpa: all_gather) | p2p | a2a | all_gather.
     sdpa implements all_gather only; p2p and a2a are Transformer Engine's."""
@@ -173,9 +169,10 @@ class TrainConfig:
     precision: str = "auto"
     """Compute precision: auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16"""
     params_dtype: str = "auto"
-    """The model's parameters: auto (bf16 whenever the compute is bf16) | bf16 | fp32. bf16 keeps
-    fp32 main weights and gradients in the optimizer (training/mixed_precision.py) and selects
-    bf16 compute on the CPU too; fp32 with bf16 compute is fp32 weights under bf16 autocast (GPU only)."""
+    """The weights the layers compute with: auto (bf16 whenever the compute is bf16) | bf16 | fp32.
+    bf16 gathers bf16 weights from the fp32 sharded main weights and reduces fp32 gradients
+    (training/mixed_precision.py, docs/sharding.md), and selects bf16 compute on the CPU too;
+    fp32 with bf16 compute is fp32 weights under bf16 autocast (GPU only)."""
     recompute: str = "none"
     """Activation recomputation, megatron-core's `recompute_granularity`: none | full (whole
     transformer layers: keep a layer's input, rerun it in backward) | selective (the submodules
@@ -512,10 +509,34 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     raise AssertionError(f"unsupported config type {annotation} for {key}")
 
 
+RETIRED_KEYS = {
+    "parallel.distributed_optimizer": "weights, gradients and AdamW states are always sharded over DP x CP now "
+                                      "(PyTorch FSDP2, see docs/sharding.md)",
+    "parallel.overlap_grad_reduce": "the sharding engine (PyTorch FSDP2, see docs/sharding.md) always overlaps its "
+                                    "gradient reduce-scatter with backward",
+}
+"""Keys of earlier versions: a config that sets one is refused with the reason; a checkpoint's
+saved config drops them (`drop_retired_keys`)."""
+
+
+def drop_retired_keys(tree: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a saved config tree without RETIRED_KEYS (checkpoints written before they retired)."""
+    tree = {section: dict(values) if isinstance(values, dict) else values for section, values in tree.items()}
+    for dotted in RETIRED_KEYS:
+        section, key = dotted.split(".")
+        if isinstance(tree.get(section), dict):
+            tree[section].pop(key, None)
+    return tree
+
+
 def from_dict(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     """Build dataclass `cls` from a mapping, rejecting unknown keys by name."""
     hints = typing.get_type_hints(cls)
     names = [field.name for field in dataclasses.fields(cls)]
+    for key in values:
+        dotted = f"{prefix}.{key}" if prefix else key
+        if dotted in RETIRED_KEYS:
+            raise ValueError(f"{dotted} is no longer a setting: {RETIRED_KEYS[dotted]}; delete it from the config")
     unknown = sorted(set(values) - set(names))
     if unknown:
         where = prefix or "the top level"

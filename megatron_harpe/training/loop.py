@@ -31,18 +31,12 @@ from megatron_harpe.parallel import ParallelContext
 from megatron_harpe.rank_health import CollectiveGuard
 from megatron_harpe.training import checkpoint, preemption, resume_check, run_lock
 from megatron_harpe.training.data import StageData, prepare_training_data
-from megatron_harpe.training.grad_overlap import OverlappedGradientReduction
-from megatron_harpe.training.mixed_precision import PARAMS_DTYPE, attach_main_grads, training_precision
-from megatron_harpe.training.grads import (
-    allreduce_gradients,
-    allreduce_sequence_parallel_gradients,
-    clip_grad_norm,
-    global_token_count,
-)
+from megatron_harpe.training.grads import clip_grad_norm, global_token_count
+from megatron_harpe.training.mixed_precision import training_precision
 from megatron_harpe.training.monitor import TrainingMonitor, check_loss_finite
 from megatron_harpe.training.optimizer import build_optimizer
 from megatron_harpe.training.schedule import LearningRateSchedule
-from megatron_harpe.training.sharded_optimizer import ShardedAdamW
+from megatron_harpe.training.sharding import reduce_sequence_parallel_gradients, shard_model
 
 
 @dataclasses.dataclass
@@ -112,9 +106,6 @@ def _train(cfg: Config, ctx: ParallelContext, log, guard: CollectiveGuard,
         min_lr=cfg.train.min_lr,
     )
 
-    overlapped = cfg.parallel.overlap_grad_reduce and ctx.dp_size * ctx.cp_size > 1
-    reducer = OverlappedGradientReduction(model, ctx.dp_cp_group) if overlapped else None
-
     # Resume from our own latest checkpoint, or start from pretrained weights only.
     guard.phase = "checkpoint loading"
     state = _restore(cfg, model, optimizer, schedule, log)
@@ -136,7 +127,7 @@ def _train(cfg: Config, ctx: ParallelContext, log, guard: CollectiveGuard,
         while state.stage_step < plan.steps:
             guard.phase = f"training step {state.iteration + 1} (gradient / loss all-reduce, stop check)"
             loss, grad_norm, lr, tokens, skipped = train_step(
-                cfg, ctx, plan.config, model, optimizer, schedule, batches, state.iteration + 1, reducer
+                cfg, ctx, plan.config, model, optimizer, schedule, batches, state.iteration + 1
             )
             state.iteration += 1
             state.stage_step += 1
@@ -170,26 +161,17 @@ def _train(cfg: Config, ctx: ParallelContext, log, guard: CollectiveGuard,
 
 
 def build_model_and_optimizer(cfg: Config, ctx: ParallelContext, position):
-    """This rank's model and its AdamW in the run's precision: fp32, bf16 autocast over fp32
-    weights, or bf16 params with fp32 main weights and gradients (mixed_precision.py)."""
+    """This rank's model, sharded over DP x CP by the engine (training/sharding.py: fp32 weight
+    shards, compute in the run's precision), and AdamW over those shards."""
     precision = training_precision(cfg.train, ctx.device.type)
-    model = build_model(cfg.model, position, params_dtype=PARAMS_DTYPE[precision], recompute=cfg.train,
-                        parallel=cfg.parallel)  # fmt: skip
-    adamw = dict(lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-                 betas=(cfg.train.adam_beta1, cfg.train.adam_beta2), eps=cfg.train.adam_eps)  # fmt: skip
-    if precision == "bf16":  # the fp32 gradients first: the optimizer and the reducer's hooks use them
-        attach_main_grads(model)
-        optimizer = ShardedAdamW(model, ctx.dp_cp_group, shard=cfg.parallel.distributed_optimizer,
-                                 fp32_main_weights=True, **adamw)  # fmt: skip
-    elif cfg.parallel.distributed_optimizer:  # states sharded over DP x CP; the reasons in sharded_optimizer.py
-        optimizer = ShardedAdamW(model, ctx.dp_cp_group, **adamw)
-    else:
-        optimizer = build_optimizer(model, **adamw)
+    model = build_model(cfg.model, position, recompute=cfg.train, parallel=cfg.parallel)
+    shard_model(model, ctx, precision)
+    optimizer = build_optimizer(model, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                                betas=(cfg.train.adam_beta1, cfg.train.adam_beta2), eps=cfg.train.adam_eps)  # fmt: skip
     return model, optimizer
 
 
-def train_step(cfg: Config, ctx: ParallelContext, stage: StageConfig, model, optimizer, schedule, batches, step: int,
-               reducer: OverlappedGradientReduction | None = None):
+def train_step(cfg: Config, ctx: ParallelContext, stage: StageConfig, model, optimizer, schedule, batches, step: int):
     """One optimizer step of `stage` over this rank's micro-batches. Returns (global mean loss,
     grad norm, learning rate, tokens in the step over the whole job, skipped)."""
     accumulation = stage.global_batch_size // (cfg.train.micro_batch_size * ctx.dp_size)
@@ -199,23 +181,17 @@ def train_step(cfg: Config, ctx: ParallelContext, stage: StageConfig, model, opt
     model.train()
     step_loss = torch.zeros((), dtype=torch.float64, device=ctx.device)
     autocast = _autocast(training_precision(cfg.train, ctx.device.type), ctx)
-    for index, batch in enumerate(micro_batches):
-        if reducer is not None and index == len(micro_batches) - 1:
-            reducer.arm()  # the last backward completes the gradients: buckets reduce as they fill
+    for batch in micro_batches:  # each backward reduce-scatters into the gradient shards (summed over DP x CP)
         with autocast:
             token_losses = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
         loss = (token_losses.float() * batch["loss_mask"]).sum() / loss_tokens
         loss.backward()
         step_loss += loss.detach().double()
-    if reducer is not None:
-        reducer.finish()
-    else:
-        allreduce_gradients(model, ctx.dp_cp_group)
-    if cfg.parallel.sequence_parallel:  # after the DP x CP sum, which writes whole gradients back
-        allreduce_sequence_parallel_gradients(model, ctx.tp_group)
+    if cfg.parallel.sequence_parallel:
+        reduce_sequence_parallel_gradients(model, ctx.tp_group)
     if ctx.dp_size * ctx.cp_size > 1:
         collectives.all_reduce(step_loss, group=ctx.dp_cp_group)
-    grad_norm = clip_grad_norm(model, cfg.train.clip_grad, ctx.tp_group)
+    grad_norm = clip_grad_norm(model, cfg.train.clip_grad, ctx.tp_group, ctx.dp_cp_group)
     finite = check_loss_finite(step_loss.item(), step, cfg.train.on_nonfinite) and check_loss_finite(
         grad_norm, step, cfg.train.on_nonfinite, what="gradient norm"
     )
@@ -233,7 +209,7 @@ def _samples_per_stage(cfg: Config, plans: list[StagePlan]) -> list[int]:
 
 
 def _autocast(precision: str, ctx: ParallelContext):
-    """bf16 autocast over fp32 weights; bf16 params compute in bf16 without it, as megatron's do."""
+    """bf16 autocast over fp32 weights; the bf16 mode's compute weights are bf16 already (the engine casts them)."""
     if precision == "autocast":
         return torch.autocast(device_type=ctx.device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -250,9 +226,8 @@ def _restore(cfg: Config, model, optimizer, schedule, log) -> TrainState:
         schedule.load_state_dict(saved["schedule"])
         log(f"resumed from {latest} at step {saved['iteration']}")
         return TrainState(saved["iteration"], saved["stage"], saved["stage_step"], saved["consumed_tokens"])
-    if cfg.checkpoint.pretrained:  # the optimizer only for its fp32 main weights (bf16 params)
-        checkpoint.load_checkpoint(cfg.checkpoint.pretrained, model=model, optimizer=optimizer, weights_only=True,
-                                   load_rng=False)  # fmt: skip
+    if cfg.checkpoint.pretrained:
+        checkpoint.load_checkpoint(cfg.checkpoint.pretrained, model=model, weights_only=True, load_rng=False)
         log(f"continual pretraining from the weights of {cfg.checkpoint.pretrained} (fresh optimizer and schedule)")
     return TrainState()
 
