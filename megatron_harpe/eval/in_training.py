@@ -15,7 +15,6 @@ checkpoint), no tokenizer, and a length too short for a task's prompt.
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 NEEDS_FILES = {"ppl": "--ppl-data", "qa_1": "--qa-squad", "qa_2": "--qa-hotpot"}
 
@@ -54,24 +53,17 @@ def check_eval_prompts(cfg) -> None:
     if not cfg.eval.interval:
         return
     from megatron_harpe.eval.backends import load_tokenizer_any
+    from megatron_harpe.eval.cells import expand_tasks, plan_cells, resolve_qa
     from megatron_harpe.eval.chat import resolve_prompt_format
     from megatron_harpe.eval.haystack import load_prose_sentences
-    from megatron_harpe.eval.suite import _resolve_qa, _sample_factory, expand_tasks
 
     tokenizer = load_tokenizer_any(cfg.data.tokenizer)
-    tasks, _ = _resolve_qa(expand_tasks(cfg.eval.tasks), cfg.eval.tasks, {})
+    tasks, _ = resolve_qa(expand_tasks(cfg.eval.tasks), cfg.eval.tasks, {})
     prose, chat = load_prose_sentences(None), resolve_prompt_format(tokenizer, "none")
     lengths = sorted({length for stage in cfg.resolved_stages() for length in eval_lengths(cfg, stage.seq_length)})
-    backend = SimpleNamespace(tokenizer=tokenizer)
-    for task in tasks:
-        if task == "needle_grid":
-            task = "niah_single_2"  # the grid's prompts
-        make = _sample_factory(task, backend, cfg.train.seed, cfg.eval.max_new_tokens, prose, chat, {})
-        for length in lengths:
-            try:
-                make(length, 0)
-            except ValueError as error:
-                raise ValueError(f"eval.tasks {task} at length {length} (eval.lengths): {error}") from None
+    plan = plan_cells(tokenizer, tasks, lengths, cfg.train.seed, cfg.eval.max_new_tokens, prose, chat, {})
+    for (task, length), error in sorted(plan.unfit.items()):
+        raise ValueError(f"eval.tasks {task} at length {length} (eval.lengths): {error}")
 
 
 def evaluate_during_training(cfg, model, step: int, seq_length: int) -> dict[str, float]:
