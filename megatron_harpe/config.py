@@ -345,7 +345,8 @@ class Config:
 
     def check_inputs(self) -> "Config":
         """Check that the files the run will read exist (data prefixes' .bin/.idx, loss masks,
-        tokenizer, pretrained weights): a missing one stops the launch, not a rank mid-run."""
+        tokenizer, pretrained weights), that the data was made with data.tokenizer and holds no
+        id beyond model.vocab_size: a bad one stops the launch, not a rank mid-run."""
         data = self.data
         for key, prefixes in (("data.prefixes", data.prefixes), ("data.loss_mask_prefixes", data.loss_mask_prefixes or [])):
             for index, prefix in enumerate(prefixes):
@@ -358,6 +359,13 @@ class Config:
         for key, path in (("data.tokenizer", data.tokenizer), ("checkpoint.pretrained", self.checkpoint.pretrained)):
             if path and not Path(path).exists():
                 raise ValueError(f"{key}={path!r} does not exist: fix the path")
+        if data.prefixes:  # made with data.tokenizer, ids within the vocabulary (the trainer says notes)
+            from megatron_harpe.cli import is_rank_zero
+            from megatron_harpe.data.identity import check_training_data
+            from megatron_harpe.data.index_cache import cache_directory
+
+            check_training_data(data.prefixes, data.tokenizer, self.model.vocab_size,
+                                cache_directory(data.cache_dir, data.prefixes), measure=is_rank_zero())
         return self
 
     def to_dict(self) -> dict[str, Any]:

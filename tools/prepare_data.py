@@ -131,10 +131,7 @@ def run(args: argparse.Namespace) -> dict | str:
                                 length_measure=args.length_estimate, add_bos=args.bos, add_eos=args.eos,
                                 vocab_size=args.vocab_size, workers=args.workers, strict=args.strict, overwrite=args.overwrite)
     if args.command == "merge":
-        from megatron_harpe.data.indexed import merge_datasets
-
-        documents, tokens = merge_datasets(args.inputs, args.output_prefix, overwrite=args.overwrite)
-        return {"output_prefix": args.output_prefix, "documents": documents, "tokens": tokens}
+        return pipeline.merge_corpus(args.inputs, args.output_prefix, overwrite=args.overwrite)
     if args.command == "report":
         return pipeline.corpus_report(args.inputs, args.output_prefix, compare=args.compare, tokenizer=args.tokenizer,
                                       length_measure=args.length_estimate, fields=_fields(args),

@@ -291,6 +291,9 @@ def atomic_output(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     temporary = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
         yield temporary
+        if path.exists() and not overwrite:  # checked again: another run may have finished meanwhile
+            raise ValueError(f"output {path} was written by another run while this one worked: nothing of this run "
+                             "was kept; pass --overwrite to replace it or choose another path")
         os.replace(temporary, path)
     finally:
         if temporary.exists():
