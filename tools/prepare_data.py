@@ -82,7 +82,9 @@ def _upsample_config(args: argparse.Namespace):
 
 
 def _fields(args: argparse.Namespace) -> FieldSpec:
-    return FieldSpec(text_field=args.text_field, source_field=args.source_field or None)
+    """Modes that ignore sources (global, none) keep documents without one."""
+    return FieldSpec(text_field=args.text_field, source_field=args.source_field or None,
+                     source_optional=getattr(args, "mode", None) in ("global", "none"))
 
 
 def _iter_texts(inputs: list[str], fields: FieldSpec, limit: int | None):

@@ -78,6 +78,7 @@ def _selected(results: Iterator[ChunkResult], sampler: LengthUpsampler, measure:
     for result in results:
         for problem in result.problems:
             problems.add(problem)
+        problems.add_documents(result.path, result.num_documents)
         lengths = _lengths(result, measure)
         keep = np.zeros(result.num_documents, dtype=bool)
         for index, (source, length) in enumerate(zip(result.sources, lengths.tolist())):
@@ -117,6 +118,10 @@ def upsample_corpus(inputs: list[str | Path], output: str | Path, config: Upsamp
                             if take:
                                 stream.write(raw if raw.endswith(b"\n") else raw + b"\n")
                                 kept += 1
+            problems.check_files()
+            if kept == 0:
+                raise ValueError(f"no document kept for {output} ({problems.total} lines skipped as bad input): check "
+                                 "--text-field / --source-field, the mode and the input files (nothing was written)")
         summary = {
             "stage": "upsample",
             "inputs": [str(path) for path in files],
@@ -141,6 +146,7 @@ def _write_documents(results: Iterator[ChunkResult], writer: DatasetWriter, prob
         for result in results:
             for problem in result.problems:
                 problems.add(problem)
+            problems.add_documents(result.path, result.num_documents)
             if result.num_documents:
                 assert result.ids is not None and result.doc_lengths is not None and result.text_tokens is not None
                 writer.add_documents(result.ids, result.doc_lengths)
@@ -234,6 +240,7 @@ def tokenize_corpus(inputs: list[str | Path], output_prefix: str | Path, tokeniz
                         writer.add_dataset(shard)
             else:
                 _write_documents(encode_chunks(read_line_chunks(files), options, workers), writer, problems, stats)
+            problems.check_files()
             _refuse_empty(writer, problems)
         seconds = time.perf_counter() - started
         summary = {
@@ -309,6 +316,7 @@ def prepare(inputs: list[str | Path], output_prefix: str | Path, config: Upsampl
                         assert result.ids is not None and result.doc_lengths is not None
                         document_of_token = np.repeat(np.arange(result.num_documents), result.doc_lengths)
                         writer.add_documents(result.ids[keep[document_of_token]], result.doc_lengths[keep])
+            problems.check_files()
             _refuse_empty(writer, problems)
         summary = {
             "stage": "prepare",
