@@ -105,13 +105,16 @@ def run(args: argparse.Namespace) -> dict | str:
 
         return str(build_demo_corpus(args.output, overwrite=args.overwrite))
     if args.command == "train-tokenizer":
+        from megatron_harpe.data.output_lock import output_lock
         from megatron_harpe.data.tokenizer import train_sentencepiece
 
         model = Path(f"{args.output_prefix}.model")
-        if model.exists() and not args.overwrite:
-            raise ValueError(f"{model} already exists: pass --overwrite to replace it")
-        fields = FieldSpec(text_field=args.text_field, source_field=None)
-        return str(train_sentencepiece(_iter_texts(args.inputs, fields, args.max_documents), args.output_prefix, args.vocab_size))
+        with output_lock(model, "tokenizer"):
+            if model.exists() and not args.overwrite:
+                raise ValueError(f"{model} already exists: pass --overwrite to replace it")
+            fields = FieldSpec(text_field=args.text_field, source_field=None)
+            texts = _iter_texts(args.inputs, fields, args.max_documents)
+            return str(train_sentencepiece(texts, args.output_prefix, args.vocab_size, overwrite=args.overwrite))
     if args.command == "demo":
         from megatron_harpe.data.demo_corpus import prepare_demo_data
 
