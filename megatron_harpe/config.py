@@ -359,6 +359,10 @@ class Config:
         for key, path in (("data.tokenizer", data.tokenizer), ("checkpoint.pretrained", self.checkpoint.pretrained)):
             if path and not Path(path).exists():
                 raise ValueError(f"{key}={path!r} does not exist: fix the path")
+        if self.checkpoint.pretrained:  # the model the config builds, before any weight is read
+            from megatron_harpe.training.pretrained import check_pretrained_shapes
+
+            check_pretrained_shapes(self.checkpoint.pretrained, self.model)
         if data.prefixes:  # made with data.tokenizer, ids within the vocabulary (the trainer says notes)
             from megatron_harpe.cli import is_rank_zero
             from megatron_harpe.data.identity import check_training_data

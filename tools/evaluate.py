@@ -85,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--self-extend", type=_self_extend_argument, default=None, metavar="window=W,group=G",
                         help="Self-Extend grouped attention at evaluation time (paper: window=1024,group=32), "
                              "any RoPE model on either backend")
+    parser.add_argument("--allow-nonfinite", action="store_true", help="evaluate a model whose weights hold NaN/inf")
     parser.add_argument("--save-predictions", action="store_true", help="also write predictions.jsonl")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     # RULER comparability: prompt template and the QA data of qa_1 / qa_2
@@ -112,6 +113,10 @@ def main(argv: list[str] | None = None) -> int:
             dtype=args.dtype, seed=args.seed, tensor_parallel=args.tensor_parallel,
             context_parallel=args.context_parallel, self_extend=args.self_extend,
         )
+        if getattr(backend, "model", None) is not None and not args.allow_nonfinite:
+            from megatron_harpe.convert.finite import refuse_nonfinite_everywhere
+
+            refuse_nonfinite_everywhere(backend.model, f"model {args.model}")  # scores of NaN weights mean nothing
         documents = None
         if "ppl" in tasks:
             if not args.ppl_data:

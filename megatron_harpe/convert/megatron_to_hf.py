@@ -29,6 +29,7 @@ import torch
 from transformers import GenerationConfig
 
 import megatron_harpe.convert.hf_harpe as hf_harpe_package
+from megatron_harpe.convert.finite import refuse_nonfinite
 from megatron_harpe.convert.hf_config import hf_config_for, token_ids_from
 from megatron_harpe.convert.hf_files import (
     check_output_directory,
@@ -80,11 +81,13 @@ def convert_megatron_to_hf(
     dtype: torch.dtype | None = None,
     tokenizer: str | Path | None = None,
     max_shard_bytes: int = 2 * 2**30,
+    allow_nonfinite: bool = False,
 ) -> Path:
     """Export the checkpoint (a save dir: its latest iteration; or an iteration dir) to
     `output_dir`, which appears only when complete. `dtype` defaults to the dtype of the HF
     model the checkpoint was converted from, else to the saved dtype. Peak memory: the model in
-    its saved dtype plus one shard (`max_shard_bytes`)."""
+    its saved dtype plus one shard (`max_shard_bytes`). Weights holding NaN/inf are refused by
+    name unless `allow_nonfinite` (convert/finite.py)."""
     spec = read_checkpoint_spec(checkpoint)
     check_output_directory(output_dir)
     tokenizer_source = find_tokenizer(checkpoint, spec, tokenizer)
@@ -93,6 +96,8 @@ def convert_megatron_to_hf(
     token_ids = token_ids_from(tokenizer_source if tokenizer_source and tokenizer_source.is_dir() else None)
 
     model, spec = load_megatron_model(spec.path, dtype=stored_dtype(spec.path))
+    if not allow_nonfinite:
+        refuse_nonfinite(model.named_parameters(), f"checkpoint {spec.path}")
     out_dtype = dtype or source_dtype(tokenizer_source) or stored_dtype(spec.path)
     hf_config = hf_config_for(
         spec.model,

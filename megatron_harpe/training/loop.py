@@ -37,6 +37,7 @@ from megatron_harpe.training.grads import (
 )
 from megatron_harpe.training.monitor import TrainingMonitor, check_loss_finite
 from megatron_harpe.training.optimizer import build_optimizer
+from megatron_harpe.training.pretrained import load_pretrained
 from megatron_harpe.training.schedule import LearningRateSchedule
 from megatron_harpe.training.sharded_optimizer import ShardedAdamW
 
@@ -233,9 +234,8 @@ def _restore(cfg: Config, model, optimizer, schedule, log) -> TrainState:
         schedule.load_state_dict(saved["schedule"])
         log(f"resumed from {latest} at step {saved['iteration']}")
         return TrainState(saved["iteration"], saved["stage"], saved["stage_step"], saved["consumed_tokens"])
-    if cfg.checkpoint.pretrained:  # the optimizer only for its fp32 main weights (bf16 params)
-        checkpoint.load_checkpoint(cfg.checkpoint.pretrained, model=model, optimizer=optimizer, weights_only=True,
-                                   load_rng=False)  # fmt: skip
+    if cfg.checkpoint.pretrained:  # shapes checked first; the optimizer only for its fp32 main weights (bf16 params)
+        load_pretrained(cfg.checkpoint.pretrained, cfg.model, model, optimizer)
         log(f"continual pretraining from the weights of {cfg.checkpoint.pretrained} (fresh optimizer and schedule)")
     return TrainState()
 
