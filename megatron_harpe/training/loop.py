@@ -35,7 +35,7 @@ from megatron_harpe.training.grads import (
     clip_grad_norm,
     global_token_count,
 )
-from megatron_harpe.training.monitor import TrainingMonitor, check_loss_finite
+from megatron_harpe.training.monitor import TrainingMonitor, check_loss_finite, check_skip_limit, check_weights_finite
 from megatron_harpe.training.optimizer import build_optimizer
 from megatron_harpe.training.pretrained import load_pretrained
 from megatron_harpe.training.schedule import LearningRateSchedule
@@ -119,6 +119,7 @@ def _train(cfg: Config, ctx: ParallelContext, log, guard: CollectiveGuard) -> li
     log(f"training {total_steps} steps in {len(plans)} stage(s); starting at step {state.iteration}")
 
     history: list[dict[str, float]] = []
+    skipped_in_a_row = 0
     for plan in plans[state.stage :]:
         if state.stage != plan.index:
             state.stage, state.stage_step = plan.index, 0
@@ -134,6 +135,8 @@ def _train(cfg: Config, ctx: ParallelContext, log, guard: CollectiveGuard) -> li
             state.consumed_tokens += tokens
             history.append({"step": state.iteration, "loss": loss, "grad_norm": grad_norm, "lr": lr})
             monitor.log_step(state.iteration, loss=loss, lr=lr, grad_norm=grad_norm, tokens=tokens, skipped=skipped)
+            skipped_in_a_row = skipped_in_a_row + 1 if skipped else 0
+            check_skip_limit(skipped_in_a_row, cfg.train.max_consecutive_skips, state.iteration, model)
             if cfg.eval.interval and state.iteration % cfg.eval.interval == 0:
                 _evaluate(cfg, model, monitor, state.iteration, plan.config.seq_length)
             stop_requested = state.iteration < total_steps and _stop_requested(cfg, ctx)  # done: nothing to resume
@@ -259,6 +262,7 @@ def _should_save(cfg: Config, iteration: int, total_steps: int) -> bool:
 
 
 def _save(cfg: Config, model, optimizer, schedule, state: TrainState, data: StageData) -> None:
+    check_weights_finite(model, state.iteration)  # a checkpoint of NaN weights is no checkpoint
     train_state = dataclasses.asdict(state) | {
         "schedule": schedule.state_dict(),
         "consumed_samples_in_stage": data.consumed_samples(state.stage_step),
