@@ -139,7 +139,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.command == "megatron-to-hf":
         from megatron_harpe.convert.megatron_to_hf import convert_megatron_to_hf
 
-        convert_megatron_to_hf(
+        exported = convert_megatron_to_hf(
             args.input,
             args.output,
             dtype=_dtype(args.dtype),
@@ -147,8 +147,8 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
             max_shard_bytes=int(args.max_shard_gb * 2**30),
             allow_nonfinite=args.allow_nonfinite,
         )
-        print(f"wrote Hugging Face model {args.output}")
-        return _verify(args.input, args.output, args) if args.verify else 0
+        print(f"wrote Hugging Face model {args.output} (from {exported})")
+        return _verify(str(exported), args.output, args) if args.verify else 0  # the iteration exported, not a newer one
     return _verify(args.megatron, args.hf, args)
 
 
