@@ -567,7 +567,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         tree = load_yaml(Path(path).read_text(), str(path)) or {}
         if not isinstance(tree, dict):
             raise ValueError(f"{path} must hold a YAML mapping of sections")
-        resolve_paths(tree, Path(path).parent, source=str(path))
+        overridden = {override.split("=", 1)[0].lstrip("-") for override in overrides or []}
+        resolve_paths(tree, Path(path).parent, source=str(path), overridden=overridden)
     for override in overrides or []:
         apply_override(tree, override)
     resolve_paths(tree, Path.cwd())

@@ -49,16 +49,18 @@ def _map(value: Any, convert) -> Any:
     return value
 
 
-def resolve_paths(tree: dict[str, Any], base: Path, *, source: str | None = None) -> dict[str, Any]:
+def resolve_paths(tree: dict[str, Any], base: Path, *, source: str | None = None,
+                  overridden: set[str] = frozenset()) -> dict[str, Any]:
     """Make every path key of a config tree absolute against `base` (in place; returns it).
     `source`: the config file the tree was read from, to refuse a relative path whose meaning
-    changed with the rule (see module docstring); None for command-line overrides."""
+    changed with the rule (see module docstring), except for keys the command line replaces
+    (`overridden`, dotted); None for command-line overrides."""
     base = Path(os.path.abspath(base))
     for section, key in PATH_KEYS:
         values = tree.get(section)
         if not isinstance(values, dict) or key not in values:
             continue
-        if source is not None:
+        if source is not None and f"{section}.{key}" not in overridden:
             _map(values[key], lambda path, section=section, key=key: _refuse_moved(section, key, path, base, source))
         values[key] = _map(values[key], lambda path: absolute(path, base))
     return tree
