@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from cli_support import REPO, environment, error_lines, run
+from cli_support import REPO, environment, error_lines, run, unshare_works
 from data_support import copy_dataset, tiny_training_config
 
 from megatron_harpe import parallel
@@ -123,15 +123,8 @@ def test_rank_zero_failing_to_cache_stops_every_rank_at_once(demo_data, tmp_path
     assert second == "ValueError: the training data could not be prepared (rank 0 says why)"
 
 
-def _unshare_works() -> bool:
-    if shutil.which("unshare") is None:
-        return False
-    return subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"],
-                          capture_output=True).returncode == 0
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _unshare_works(), reason="needs user+mount namespaces for a read-only mount")
+@pytest.mark.skipif(not unshare_works(), reason="needs user+mount namespaces for a read-only mount")
 def test_training_on_a_dataset_in_a_read_only_directory(demo_data, tmp_path) -> None:
     """The real case: the data on a read-only filesystem, two ranks under torchrun."""
     from megatron_harpe.parallel import free_port

@@ -20,7 +20,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from cli_support import REPO, environment, error_lines, run
+from cli_support import REPO, environment, error_lines, run, unshare_works
 
 from megatron_harpe import parallel
 
@@ -123,15 +123,8 @@ def test_a_full_disk_during_the_export_is_one_user_error(saving: Path, tmp_path:
     assert not any(tmp_path.iterdir())  # the staging directory is gone too
 
 
-def _unshare_works() -> bool:
-    if shutil.which("unshare") is None:
-        return False
-    return subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"],
-                          capture_output=True).returncode == 0
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _unshare_works(), reason="needs user+mount namespaces to mount a small tmpfs")
+@pytest.mark.skipif(not unshare_works(), reason="needs user+mount namespaces to mount a small tmpfs")
 def test_a_really_full_disk_during_the_export(saving: Path, tmp_path: Path) -> None:
     small = tmp_path / "small"
     small.mkdir()
