@@ -72,6 +72,7 @@ def _train(tree: dict) -> str:
     return "trained"
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_the_trainer_itself_refuses_another_tokenizer(demo_data, tmp_path: Path) -> None:
     """Without the command line's check (a library call of train): every rank, before step 1."""

@@ -25,28 +25,27 @@ TINY = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_group
             vocab_size=4096, max_position_embeddings=64)
 
 
-def _save_pretrained(save_dir: str, model: dict) -> None:
+def _save_pretrained(models: dict[str, dict]) -> None:
     from megatron_harpe.config import Config, from_dict
     from megatron_harpe.model import build_model
     from megatron_harpe.training.checkpoint import save_checkpoint
 
-    config = from_dict(Config, {"model": model, "position": {"type": "harpe", "bases": [300.0, 30000.0]}})
-    config.position.resolve(config.model)
     parallel.initialize(1, 1)
-    parallel.seed_everything(7)
-    gpt = build_model(config.model, config.position)
-    save_checkpoint(save_dir, 0, model=gpt, config=config.to_dict(), train_state={"weights_only": True})
+    for save_dir, model in models.items():
+        config = from_dict(Config, {"model": model, "position": {"type": "harpe", "bases": [300.0, 30000.0]}})
+        config.position.resolve(config.model)
+        parallel.seed_everything(7)
+        gpt = build_model(config.model, config.position)
+        save_checkpoint(save_dir, 0, model=gpt, config=config.to_dict(), train_state={"weights_only": True})
 
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory) -> dict[str, Path]:
     """Checkpoints of the tiny model: as configured, with vocabulary 8000, with hidden size 96."""
     root = tmp_path_factory.mktemp("pretrained")
-    made = {}
-    for name, change in (("same", {}), ("vocab8000", {"vocab_size": 8000}), ("hidden96", {"hidden_size": 96})):
-        parallel.run_on_ranks(_save_pretrained, 1, str(root / name), {**TINY, **change})
-        made[name] = root / name
-    return made
+    changes = {"same": {}, "vocab8000": {"vocab_size": 8000}, "hidden96": {"hidden_size": 96}}
+    parallel.run_on_ranks(_save_pretrained, 1, {str(root / name): {**TINY, **change} for name, change in changes.items()})
+    return {name: root / name for name in changes}
 
 
 def _dry_run(tmp_path: Path, demo_data, pretrained: Path):
@@ -110,15 +109,21 @@ def _rows(save_dir: str) -> dict[str, torch.Tensor]:
     return {name: param.detach().clone() for name, param in model.named_parameters()}
 
 
+def _resize(source: Path, output: Path, size: int) -> None:
+    completed = run("tools/convert_checkpoint.py", "resize-vocab", "--input", str(source), "--output", str(output),
+                    "--vocab-size", str(size))
+    assert completed.returncode == 0, completed.stderr
+
+
+def _rows_of(*save_dirs: str) -> list[dict[str, torch.Tensor]]:
+    return [_rows(save_dir) for save_dir in save_dirs]
+
+
 @pytest.mark.distributed
-def test_resize_vocab_keeps_rows_and_initialises_new_ones_as_megatron_does(demo_data, pretrained, tmp_path) -> None:
-    grown, cut = tmp_path / "grown", tmp_path / "cut"
-    for output, size in ((grown, 4160), (cut, 4096)):
-        source = pretrained["same"] if output is grown else pretrained["vocab8000"]
-        completed = run("tools/convert_checkpoint.py", "resize-vocab", "--input", str(source), "--output", str(output),
-                        "--vocab-size", str(size))
-        assert completed.returncode == 0, completed.stderr
-    (before,), (after,) = (parallel.run_on_ranks(_rows, 1, str(path)) for path in (pretrained["same"], grown))
+def test_resize_vocab_keeps_rows_and_initialises_new_ones_as_megatron_does(pretrained, tmp_path) -> None:
+    grown = tmp_path / "grown"
+    _resize(pretrained["same"], grown, 4160)
+    ((before, after),) = parallel.run_on_ranks(_rows_of, 1, str(pretrained["same"]), str(grown))
     for name in ("embedding.word_embeddings.weight", "output_layer.weight"):
         assert torch.equal(after[name][:4096], before[name])  # bit for bit
         added = after[name][4096:]
@@ -126,6 +131,13 @@ def test_resize_vocab_keeps_rows_and_initialises_new_ones_as_megatron_does(demo_
         assert added.std().item() == pytest.approx(0.02, rel=0.15)  # model.init_method_std, as megatron draws them
     assert all(torch.equal(after[name], before[name]) for name in before if "word_embeddings" not in name
                and "output_layer" not in name)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_training_starts_from_a_checkpoint_resized_to_the_config(demo_data, pretrained, tmp_path) -> None:
+    cut = tmp_path / "cut"
+    _resize(pretrained["vocab8000"], cut, 4096)
     assert _dry_run(tmp_path, demo_data, cut).returncode == 0  # the resized checkpoint is what the config builds
     tree = yaml.safe_load(tiny_training_config(tmp_path / "run.yaml", demo_data.prefix, str(demo_data.tokenizer),
                                                checkpoint={"pretrained": str(cut)}).read_text())
