@@ -90,10 +90,10 @@ def read_summary(prefix: str | Path) -> dict[str, Any] | None:
     return summary
 
 
-def largest_token_id(prefix: str | Path, cache_dir: Path | None = None) -> int:
-    """The largest token id in `prefix.bin`: from its summary, else measured (and remembered in
-    `cache_dir`, keyed by the file's size and modification time)."""
-    summary = read_summary(prefix)
+def largest_token_id(prefix: str | Path, cache_dir: Path | None = None, summary: dict | None = None) -> int:
+    """The largest token id in `prefix.bin`: from its summary (`read_summary`, read here unless
+    given), else measured (and remembered in `cache_dir`, keyed by the file's size and time)."""
+    summary = summary if summary is not None else read_summary(prefix)
     if summary is not None and isinstance(summary.get("max_token_id"), int):
         return summary["max_token_id"]
     identity = file_identity(prefix)
@@ -155,7 +155,7 @@ def check_training_data(prefixes: list[str], tokenizer_path: str | None, vocab_s
         if summary is None or not isinstance(summary.get("max_token_id"), int):
             if not measure:
                 continue
-        largest = largest_token_id(prefix, cache_dir)
+        largest = largest_token_id(prefix, cache_dir, summary)
         if largest >= vocab_size:
             raise ValueError(
                 f"data.prefixes[{index}]={prefix} holds token id {largest}, beyond model.vocab_size={vocab_size}: "
