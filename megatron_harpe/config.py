@@ -13,6 +13,7 @@ silently falls back to default bases.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -124,7 +125,8 @@ class DataConfig:
     """Loss-mask datasets, one per prefix, with the same documents: loss only on tokens marked 1
     (e.g. the answers of a retrieval task). None: loss on every token."""
     tokenizer: str | None = None
-    """sentencepiece .model or tokenizer.json; used for EOD id and for evaluation."""
+    """sentencepiece .model or tokenizer.json; used for EOD id and for evaluation. Training refuses
+    datasets whose summary names a tokenizer of other content (data/identity.py)."""
     seq_length: int = 512
     """Tokens per training sequence (before context-parallel splitting)."""
     demo_workdir: str | None = None
@@ -133,6 +135,10 @@ class DataConfig:
     reset_attention_mask: bool = False
     eod_mask_loss: bool = False
     seed: int = 1234
+    cache_dir: str | None = None
+    """Where megatron's sample indices are cached, keyed by the data's content (tokenizer, file
+    sizes and times). None: `index_cache/` beside the first dataset when that directory is
+    writable, else ~/.cache/megatron_harpe/index_cache (said at start)."""
 
 
 @dataclasses.dataclass
@@ -191,6 +197,9 @@ class TrainConfig:
     its fp8 branch anyway (`self.fp8 = fp8 is not None`) and fails on TE's missing FP8 manager."""
     on_nonfinite: str = "stop"
     """stop | skip: what to do when the loss or gradient norm is NaN/inf."""
+    max_consecutive_skips: int = 5
+    """With on_nonfinite: skip, stop with an error after this many skipped steps in a row (a run
+    that learns nothing must not run on and exit 0)."""
     exit_after_steps: int = 0
     """Stop this launch after N steps, saving a checkpoint first (e.g. to fit a job's time
     limit; the next launch resumes). 0: run to the end."""
@@ -387,6 +396,9 @@ class Config:
             )
         if self.data.weights is not None and len(self.data.weights) != len(self.data.prefixes):
             raise ValueError("data.weights needs one weight per entry of data.prefixes")
+        weights = self.data.weights or []
+        if any(not math.isfinite(weight) or weight < 0 for weight in weights) or (weights and sum(weights) <= 0):
+            raise ValueError(f"data.weights={weights} must be finite, non-negative numbers with a positive sum")
         if self.data.loss_mask_prefixes is not None and len(self.data.loss_mask_prefixes) != len(self.data.prefixes):
             raise ValueError("data.loss_mask_prefixes needs one loss-mask dataset per entry of data.prefixes")
         if not self.data.prefixes and not self.data.demo_workdir:
@@ -398,7 +410,8 @@ class Config:
 
     def check_inputs(self) -> "Config":
         """Check that the files the run will read exist (data prefixes' .bin/.idx, loss masks,
-        tokenizer, pretrained weights): a missing one stops the launch, not a rank mid-run."""
+        tokenizer, pretrained weights), that the data was made with data.tokenizer and holds no
+        id beyond model.vocab_size: a bad one stops the launch, not a rank mid-run."""
         data = self.data
         for key, prefixes in (("data.prefixes", data.prefixes), ("data.loss_mask_prefixes", data.loss_mask_prefixes or [])):
             for index, prefix in enumerate(prefixes):
@@ -411,6 +424,17 @@ class Config:
         for key, path in (("data.tokenizer", data.tokenizer), ("checkpoint.pretrained", self.checkpoint.pretrained)):
             if path and not Path(path).exists():
                 raise ValueError(f"{key}={path!r} does not exist: fix the path")
+        if self.checkpoint.pretrained:  # the model the config builds, before any weight is read
+            from megatron_harpe.training.pretrained import check_pretrained_shapes
+
+            check_pretrained_shapes(self.checkpoint.pretrained, self.model)
+        if data.prefixes:  # made with data.tokenizer, ids within the vocabulary (the trainer says notes)
+            from megatron_harpe.cli import is_rank_zero
+            from megatron_harpe.data.identity import check_training_data
+            from megatron_harpe.data.index_cache import cache_directory
+
+            check_training_data(data.prefixes, data.tokenizer, self.model.vocab_size,
+                                cache_directory(data.cache_dir, data.prefixes), measure=is_rank_zero())
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -426,7 +450,7 @@ _LOWER_BOUNDS = (
     ("train.train_tokens", 0, True), ("train.lr", 0.0, False), ("train.min_lr", 0.0, True),
     ("train.warmup_steps", 0, True), ("train.weight_decay", 0.0, True), ("train.adam_beta1", 0.0, True),
     ("train.adam_beta2", 0.0, True), ("train.adam_eps", 0.0, False), ("train.clip_grad", 0.0, True),
-    ("train.exit_after_steps", 0, True), ("checkpoint.save_interval", 0, True), ("logging.log_interval", 1, True),
+    ("train.exit_after_steps", 0, True), ("train.max_consecutive_skips", 1, True), ("checkpoint.save_interval", 0, True), ("logging.log_interval", 1, True),
     ("eval.interval", 0, True), ("eval.samples", 1, True), ("parallel.timeout_minutes", 0.0, False),
 )
 
@@ -620,7 +644,11 @@ def load_yaml(text: str, where: str) -> Any:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config, apply `section.key=value` overrides, return a strict `Config`."""
+    """Read a YAML config, apply `section.key=value` overrides, return a strict `Config`.
+    Relative paths in the file resolve against its directory, those of overrides against the
+    current directory; the Config holds them absolute (config_paths.py says why)."""
+    from megatron_harpe.config_paths import resolve_paths
+
     tree: dict[str, Any] = {}
     if path is not None:
         if not Path(path).is_file():
@@ -628,8 +656,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         tree = load_yaml(Path(path).read_text(), str(path)) or {}
         if not isinstance(tree, dict):
             raise ValueError(f"{path} must hold a YAML mapping of sections")
+        overridden = {override.split("=", 1)[0].lstrip("-") for override in overrides or []}
+        resolve_paths(tree, Path(path).parent, source=str(path), overridden=overridden)
     for override in overrides or []:
         apply_override(tree, override)
+    resolve_paths(tree, Path.cwd())
     return from_dict(Config, tree)
 
 

@@ -14,6 +14,9 @@
     python tools/convert_checkpoint.py megatron-to-hf --input runs/demo_cpu/checkpoints --output runs/demo_cpu/hf \
         --verify
 
+    # another vocabulary size, deliberately (added rows initialised as megatron does): then train from it
+    python tools/convert_checkpoint.py resize-vocab --input ckpt/llama2-7b --output ckpt/llama2-7b-v32256 --vocab-size 32256
+
     # compare logits and greedy continuations of a checkpoint and an HF model
     python tools/convert_checkpoint.py verify --megatron runs/demo_cpu/checkpoints --hf runs/demo_cpu/hf
 
@@ -45,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     to_megatron.add_argument("--tensor-parallel", type=int, help="TP size to train with (checked, recorded)")
     to_megatron.add_argument("--dtype", choices=DTYPES, help="weight dtype (default: the source's)")
     to_megatron.add_argument("--verify", action="store_true", help="compare with the source afterwards")
+    to_megatron.add_argument("--allow-nonfinite", action="store_true", help="convert weights holding NaN/inf anyway")
 
     to_hf = commands.add_parser("megatron-to-hf", help="megatron_harpe checkpoint -> HF model dir")
     to_hf.add_argument("--input", required=True, help="checkpoint save dir (latest iteration) or an iter_* dir")
@@ -53,6 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     to_hf.add_argument("--tokenizer", help="HF tokenizer dir, sentencepiece .model or tokenizer.json to copy")
     to_hf.add_argument("--max-shard-gb", type=float, default=2.0, help="largest safetensors shard")
     to_hf.add_argument("--verify", action="store_true", help="load the export and compare afterwards")
+    to_hf.add_argument("--allow-nonfinite", action="store_true", help="export weights holding NaN/inf anyway")
+
+    resize = commands.add_parser("resize-vocab", help="copy a megatron_harpe checkpoint with another vocabulary size")
+    resize.add_argument("--input", required=True, help="checkpoint save dir (latest iteration) or an iter_* dir")
+    resize.add_argument("--output", required=True, help="new checkpoint directory (must not exist or be empty)")
+    resize.add_argument("--vocab-size", type=int, required=True, help="rows of the new embedding (and output layer)")
+    resize.add_argument("--seed", type=int, default=1234, help="seed of the added rows' initialisation")
 
     verify = commands.add_parser("verify", help="compare a megatron checkpoint and an HF model")
     verify.add_argument("--megatron", required=True, help="checkpoint save dir or iter_* dir")
@@ -109,6 +120,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
             tensor_parallel=args.tensor_parallel,
             dtype=_dtype(args.dtype),
             source_name=getattr(args, "source_name", None),
+            allow_nonfinite=args.allow_nonfinite,
         )
         print(f"wrote megatron checkpoint {args.output} (start training from it with checkpoint.pretrained)")
         if args.verify:
@@ -117,18 +129,26 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
         return 0
     if overrides:
         raise ValueError(f"config overrides ({' '.join(overrides)}) only apply to hf-to-megatron")
+    if args.command == "resize-vocab":
+        from megatron_harpe.convert.resize_vocab import resize_vocabulary
+
+        resize_vocabulary(args.input, args.output, args.vocab_size, seed=args.seed)
+        print(f"wrote megatron checkpoint {args.output} with a vocabulary of {args.vocab_size} (start training from it "
+              "with checkpoint.pretrained and the same model.vocab_size)")
+        return 0
     if args.command == "megatron-to-hf":
         from megatron_harpe.convert.megatron_to_hf import convert_megatron_to_hf
 
-        convert_megatron_to_hf(
+        exported = convert_megatron_to_hf(
             args.input,
             args.output,
             dtype=_dtype(args.dtype),
             tokenizer=args.tokenizer,
             max_shard_bytes=int(args.max_shard_gb * 2**30),
+            allow_nonfinite=args.allow_nonfinite,
         )
-        print(f"wrote Hugging Face model {args.output}")
-        return _verify(args.input, args.output, args) if args.verify else 0
+        print(f"wrote Hugging Face model {args.output} (from {exported})")
+        return _verify(str(exported), args.output, args) if args.verify else 0  # the iteration exported, not a newer one
     return _verify(args.megatron, args.hf, args)
 
 

@@ -87,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--self-extend", type=_self_extend_argument, default=None, metavar="window=W,group=G",
                         help="Self-Extend grouped attention at evaluation time (paper: window=1024,group=32), "
                              "any RoPE model on either backend")
+    parser.add_argument("--allow-nonfinite", action="store_true", help="evaluate a model whose weights hold NaN/inf")
     parser.add_argument("--save-predictions", action="store_true",
                         help="also write predictions.jsonl (and short_samples.jsonl: every lm-eval item)")
     parser.add_argument("--skip-unfit", action="store_true",

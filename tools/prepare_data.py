@@ -82,7 +82,9 @@ def _upsample_config(args: argparse.Namespace):
 
 
 def _fields(args: argparse.Namespace) -> FieldSpec:
-    return FieldSpec(text_field=args.text_field, source_field=args.source_field or None)
+    """Modes that ignore sources (global, none) keep documents without one."""
+    return FieldSpec(text_field=args.text_field, source_field=args.source_field or None,
+                     source_optional=getattr(args, "mode", None) in ("global", "none"))
 
 
 def _iter_texts(inputs: list[str], fields: FieldSpec, limit: int | None):
@@ -103,13 +105,16 @@ def run(args: argparse.Namespace) -> dict | str:
 
         return str(build_demo_corpus(args.output, overwrite=args.overwrite))
     if args.command == "train-tokenizer":
+        from megatron_harpe.data.output_lock import output_lock
         from megatron_harpe.data.tokenizer import train_sentencepiece
 
         model = Path(f"{args.output_prefix}.model")
-        if model.exists() and not args.overwrite:
-            raise ValueError(f"{model} already exists: pass --overwrite to replace it")
-        fields = FieldSpec(text_field=args.text_field, source_field=None)
-        return str(train_sentencepiece(_iter_texts(args.inputs, fields, args.max_documents), args.output_prefix, args.vocab_size))
+        with output_lock(model, "tokenizer"):
+            if model.exists() and not args.overwrite:
+                raise ValueError(f"{model} already exists: pass --overwrite to replace it")
+            fields = FieldSpec(text_field=args.text_field, source_field=None)
+            texts = _iter_texts(args.inputs, fields, args.max_documents)
+            return str(train_sentencepiece(texts, args.output_prefix, args.vocab_size, overwrite=args.overwrite))
     if args.command == "demo":
         from megatron_harpe.data.demo_corpus import prepare_demo_data
 
@@ -131,10 +136,7 @@ def run(args: argparse.Namespace) -> dict | str:
                                 length_measure=args.length_estimate, add_bos=args.bos, add_eos=args.eos,
                                 vocab_size=args.vocab_size, workers=args.workers, strict=args.strict, overwrite=args.overwrite)
     if args.command == "merge":
-        from megatron_harpe.data.indexed import merge_datasets
-
-        documents, tokens = merge_datasets(args.inputs, args.output_prefix, overwrite=args.overwrite)
-        return {"output_prefix": args.output_prefix, "documents": documents, "tokens": tokens}
+        return pipeline.merge_corpus(args.inputs, args.output_prefix, overwrite=args.overwrite)
     if args.command == "report":
         return pipeline.corpus_report(args.inputs, args.output_prefix, compare=args.compare, tokenizer=args.tokenizer,
                                       length_measure=args.length_estimate, fields=_fields(args),

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from megatron_harpe.convert.keymap import IGNORED_HF
@@ -153,7 +154,10 @@ def write_safetensors(
     def flush() -> None:
         nonlocal shard, shard_bytes
         name = f"shard-{len(files):05d}.safetensors"
-        save_file(shard, str(out_dir / name), metadata={"format": "pt"})
+        try:
+            save_file(shard, str(out_dir / name), metadata={"format": "pt"})
+        except SafetensorError as error:  # a full disk arrives as Rust's IoError text, not as an OSError
+            raise _as_os_error(error, out_dir / name) from None
         files.append(name)
         weight_map.update({key: name for key in shard})
         shard, shard_bytes = {}, 0
@@ -176,6 +180,17 @@ def write_safetensors(
     index = {"metadata": {"total_size": total_bytes}, "weight_map": {k: final[v] for k, v in weight_map.items()}}
     (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     return list(final.values())
+
+
+def _as_os_error(error: Exception, path: Path) -> Exception:
+    """safetensors' "I/O error: ... (os error 28)" (or "IoError(Os { code: 28, ... })") as the
+    OSError it reports (the command line then says "the disk is full" in one line); other
+    SafetensorErrors unchanged."""
+    found = re.search(r"os error (\d+)|Os \{ code: (\d+)", str(error))
+    if found is None:
+        return error
+    code = int(found.group(1) or found.group(2))
+    return OSError(code, os.strerror(code), str(path))
 
 
 def copy_tokenizer_files(source: str | Path, out_dir: Path) -> list[str]:

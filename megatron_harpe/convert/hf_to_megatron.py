@@ -19,8 +19,6 @@ copies along.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import dataclasses
 import shutil
 from collections.abc import Sequence
@@ -41,7 +39,8 @@ from megatron_harpe.convert.hf_files import (
 )
 from megatron_harpe.convert.keymap import expected_hf_shapes, hf_sources, hf_to_megatron_tensor, megatron_names
 from megatron_harpe.convert.megatron_side import ensure_single_process
-from megatron_harpe.convert.streaming_save import StreamingSaveStrategy
+from megatron_harpe.convert.finite import FLAG, refuse_nonfinite
+from megatron_harpe.convert.streaming_save import StreamingSaveStrategy, WeightMaker
 from megatron_harpe.model import build_model
 from megatron_harpe.training.checkpoint import save_checkpoint
 
@@ -123,68 +122,30 @@ def load_hf_weights_into(gpt: torch.nn.Module, weights: HFWeights, model: ModelC
             params[name].copy_(tensor)
 
 
-class StreamedHFWeights:
-    """The `make_tensor` of StreamingSaveStrategy for a meta-device TP=1 model: a parameter, or a
-    view of one (megatron saves the SwiGLU fc1 as two halves), made from its HF weights in the
-    model's dtype. The last weight made is kept for its other views, so each is made once when
-    the writer asks for a weight's views one after the other (it does, in state-dict order)."""
+class StreamedHFWeights(WeightMaker):
+    """Each megatron weight made from its HF weights, in the model's dtype, when the writer asks
+    for it (WeightMaker); a weight holding NaN/inf values is refused by name (convert/finite.py)
+    unless `allow_nonfinite`."""
 
-    def __init__(self, gpt: torch.nn.Module, weights: HFWeights, model: ModelConfig) -> None:
-        # megatron hands out detached copies and views of the parameters: what they share with
-        # their parameter is its storage (on the meta device a storage with no data, but its own)
-        self._parameter_of = {_storage_id(param): (name, param) for name, param in gpt.named_parameters()}
+    def __init__(self, gpt: torch.nn.Module, weights: HFWeights, model: ModelConfig, allow_nonfinite: bool = False) -> None:
+        super().__init__(gpt)
         names = megatron_names(model)
         found = {name for name, _ in self._parameter_of.values()}
         assert set(names) == found, sorted(set(names) ^ found)
-        self._weights, self._model = weights, model
-        self._current: tuple[str, torch.Tensor] | None = None
-        self.made: list[str] = []
-        """Names of the weights made, in order (a weight twice here was made twice)."""
+        self._weights, self._model, self._allow_nonfinite = weights, model, allow_nonfinite
 
-    def __call__(self, placeholder: torch.Tensor) -> torch.Tensor:
-        found = self._parameter_of.get(_storage_id(placeholder))
-        if found is None:
-            raise RuntimeError(f"a checkpoint tensor {tuple(placeholder.shape)} is not a view of a model parameter")
-        name, parameter = found
-        if self._current is None or self._current[0] != name:
-            self._current = None  # free the previous weight before making the next
-            _return_free_memory()
-            # the sources are freed once fused, before a change of dtype copies the result
-            fused = hf_to_megatron_tensor(name, [self._weights.get(source) for source in hf_sources(name)], self._model)
-            tensor = fused.to(parameter.dtype).contiguous()
-            del fused
-            if tensor.shape != parameter.shape:
-                raise RuntimeError(f"{name}: HF weights make {tuple(tensor.shape)}, the model has {tuple(parameter.shape)}")
-            self._current = (name, tensor)
-            self.made.append(name)
-        tensor = self._current[1]
-        # the placeholder's layout relative to its (contiguous) parameter, applied to the real weight
-        offset = tensor.storage_offset() + placeholder.storage_offset() - parameter.storage_offset()
-        return tensor.as_strided(placeholder.shape, placeholder.stride(), offset)
-
-
-def _return_free_memory() -> None:
-    """Give freed heap pages back to the OS (glibc). Weights under glibc's mmap threshold
-    (at most 32 MiB, raised by every large block freed) come from the heap, where the holes
-    they leave stay resident: without this the resident size grew by about a third of the
-    model's layers over a conversion of one made of 4-22 MiB weights."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-def _load_libc() -> ctypes.CDLL | None:
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return None
-    return libc if hasattr(libc, "malloc_trim") else None  # glibc only
-
-
-_LIBC = _load_libc()
-
-
-def _storage_id(tensor: torch.Tensor) -> int:
-    return tensor.untyped_storage()._cdata
+    def make_weight(self, name: str, parameter: torch.Tensor) -> torch.Tensor:
+        sources = {source: self._weights.get(source) for source in hf_sources(name)}
+        if not self._allow_nonfinite:
+            refuse_nonfinite(sources.items(), f"the HF model {self._weights.directory}", FLAG)
+        # the sources are freed once fused, before a change of dtype copies the result
+        fused = hf_to_megatron_tensor(name, list(sources.values()), self._model)
+        del sources
+        tensor = fused.to(parameter.dtype).contiguous()
+        del fused
+        if tensor.shape != parameter.shape:
+            raise RuntimeError(f"{name}: HF weights make {tuple(tensor.shape)}, the model has {tuple(parameter.shape)}")
+        return tensor
 
 
 def convert_hf_to_megatron(
@@ -196,10 +157,12 @@ def convert_hf_to_megatron(
     tensor_parallel: int | None = None,
     dtype: torch.dtype | None = None,
     source_name: str | None = None,
+    allow_nonfinite: bool = False,
 ) -> Path:
     """Convert and return the output directory (`source_name`: what `converted_from` records,
     default the resolved `hf_dir`; a GGUF conversion names its file, not its temporary directory). Every check (architecture, shards, shapes,
-    TP divisibility, empty output) runs before anything is written."""
+    TP divisibility, empty output) runs before anything is written; a source weight holding
+    NaN/inf stops the conversion by name (nothing is kept) unless `allow_nonfinite`."""
     hf = read_hf_config(hf_dir)
     config = build_conversion_config(hf, config_path=config_path, overrides=overrides, tensor_parallel=tensor_parallel)
     weights = HFWeights(hf_dir)
@@ -219,7 +182,7 @@ def convert_hf_to_megatron(
             "consumed_tokens": 0,
             "converted_from": source_name or str(Path(hf_dir).resolve()),
         }
-        streamed = StreamingSaveStrategy(StreamedHFWeights(gpt, weights, config.model))
+        streamed = StreamingSaveStrategy(StreamedHFWeights(gpt, weights, config.model, allow_nonfinite))
         save_checkpoint(staging, 0, model=gpt, config=config.to_dict(), train_state=train_state,
                         sharded_strategy=streamed)
         source_files = staging / HF_SOURCE_DIR

@@ -9,6 +9,7 @@ one-process world (TP=1: the checkpoint's own layout does not matter), and runni
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import torch
@@ -40,7 +41,36 @@ class CheckpointSpec:
     """The longest sequence length the config trains at (for the export's max_position_embeddings)."""
 
 
+_ITERATION = re.compile(r"^iter_\d{7,}(\.tmp)?$")
+
+
+def unfinished_iteration(path: str | Path) -> str | None:
+    """Why `path`, named like an iteration dir, is not a complete checkpoint (a save in progress,
+    or an iteration its run deleted), with the newest complete one of its directory; None if
+    `path` is not such a name or is complete."""
+    path = Path(path)
+    if not _ITERATION.match(path.name):
+        return None
+    final = path.with_name(path.name.removesuffix(".tmp"))
+    if final.is_dir() and not path.name.endswith(".tmp"):
+        return None
+    if path.name.endswith(".tmp") or final.with_name(final.name + ".tmp").is_dir():
+        state = f"{final.name} is still being written by its run"
+    else:
+        state = f"{final.name} does not exist (deleted by its run's checkpoint.keep_last?)"
+    try:
+        latest = find_latest_checkpoint(path.parent)
+    except ValueError:
+        latest = None
+    newest = (f"the newest complete iteration in {path.parent} is {latest.name}: convert that one (--input {latest}) "
+              "or wait for the save to finish") if latest is not None else f"{path.parent} holds no complete iteration yet"
+    return f"{state}; {newest}"
+
+
 def read_checkpoint_spec(path: str | Path) -> CheckpointSpec:
+    unfinished = unfinished_iteration(path)
+    if unfinished is not None:
+        raise FileNotFoundError(unfinished)
     found = find_latest_checkpoint(path)
     if found is None:
         raise FileNotFoundError(
@@ -71,7 +101,8 @@ def ensure_single_process() -> None:
 def stored_dtype(path: str | Path) -> torch.dtype:
     """The dtype the checkpoint's weights were saved in (its word embeddings')."""
     found = find_latest_checkpoint(path)
-    assert found is not None
+    if found is None:
+        raise FileNotFoundError(unfinished_iteration(path) or f"no megatron_harpe checkpoint in {path}")
     metadata = dist_checkpointing.load_tensors_metadata(str(found / "dist"))
     return metadata["embedding.word_embeddings.weight"].dtype
 

@@ -21,14 +21,17 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from torch.distributed.checkpoint import CheckpointException
 from transformers import GenerationConfig
 
 import megatron_harpe.convert.hf_harpe as hf_harpe_package
+from megatron_harpe.convert.finite import refuse_nonfinite
 from megatron_harpe.convert.hf_config import hf_config_for, token_ids_from
 from megatron_harpe.convert.hf_files import (
     check_output_directory,
@@ -38,7 +41,14 @@ from megatron_harpe.convert.hf_files import (
 )
 from megatron_harpe.convert.hf_to_megatron import HF_SOURCE_DIR
 from megatron_harpe.convert.keymap import megatron_names, megatron_to_hf_tensors
-from megatron_harpe.convert.megatron_side import CheckpointSpec, load_megatron_model, read_checkpoint_spec, stored_dtype
+from megatron_harpe.convert.megatron_side import (
+    CheckpointSpec,
+    load_megatron_model,
+    read_checkpoint_spec,
+    stored_dtype,
+    unfinished_iteration,
+)
+from megatron_harpe.training.checkpoint_check import checkpoint_problem
 
 HARPE_CODE_FILES = ("configuration_harpe_llama.py", "modeling_harpe_llama.py")
 
@@ -80,11 +90,14 @@ def convert_megatron_to_hf(
     dtype: torch.dtype | None = None,
     tokenizer: str | Path | None = None,
     max_shard_bytes: int = 2 * 2**30,
+    allow_nonfinite: bool = False,
 ) -> Path:
     """Export the checkpoint (a save dir: its latest iteration; or an iteration dir) to
-    `output_dir`, which appears only when complete. `dtype` defaults to the dtype of the HF
+    `output_dir`, which appears only when complete; returns the iteration dir exported (a save
+    dir whose run is still saving: the newest complete one, see `_load_newest`). `dtype` defaults to the dtype of the HF
     model the checkpoint was converted from, else to the saved dtype. Peak memory: the model in
-    its saved dtype plus one shard (`max_shard_bytes`)."""
+    its saved dtype plus one shard (`max_shard_bytes`). Weights holding NaN/inf are refused by
+    name unless `allow_nonfinite` (convert/finite.py)."""
     spec = read_checkpoint_spec(checkpoint)
     check_output_directory(output_dir)
     tokenizer_source = find_tokenizer(checkpoint, spec, tokenizer)
@@ -92,7 +105,9 @@ def convert_megatron_to_hf(
         raise FileNotFoundError(f"tokenizer {tokenizer_source} does not exist: pass --tokenizer")
     token_ids = token_ids_from(tokenizer_source if tokenizer_source and tokenizer_source.is_dir() else None)
 
-    model, spec = load_megatron_model(spec.path, dtype=stored_dtype(spec.path))
+    model, spec = _load_newest(checkpoint, spec)
+    if not allow_nonfinite:
+        refuse_nonfinite(model.named_parameters(), f"checkpoint {spec.path}")
     out_dtype = dtype or source_dtype(tokenizer_source) or stored_dtype(spec.path)
     hf_config = hf_config_for(
         spec.model,
@@ -114,4 +129,25 @@ def convert_megatron_to_hf(
             warnings.warn(f"no tokenizer found for {checkpoint}: the export has none (pass tokenizer=...)")
         if not (staging / "generation_config.json").is_file():
             GenerationConfig.from_model_config(hf_config).save_pretrained(staging)
-    return Path(output_dir)
+    return spec.path
+
+
+def _load_newest(checkpoint: str | Path, spec: CheckpointSpec, attempts: int = 3) -> tuple[torch.nn.Module, CheckpointSpec]:
+    """The weights of `spec`'s iteration. A run still saving into `checkpoint` may delete that
+    iteration while it is read (checkpoint.keep_last): then say so and read the newest complete
+    one instead; an iteration named explicitly is an error naming the newest."""
+    for _ in range(attempts):
+        try:
+            return load_megatron_model(spec.path, dtype=stored_dtype(spec.path))
+        except (OSError, ValueError, RuntimeError, CheckpointException):
+            if spec.path.is_dir() and checkpoint_problem(spec.path) is None:
+                raise  # the iteration is intact: the error is about something else
+            if Path(checkpoint).resolve() == spec.path.resolve():
+                raise FileNotFoundError(unfinished_iteration(spec.path) or f"{spec.path} was deleted while it was read") from None
+            newer = read_checkpoint_spec(checkpoint)
+            print(f"note: {spec.path.name} was deleted while it was read (the run saving into {checkpoint} keeps "
+                  f"checkpoint.keep_last iterations): exporting {newer.path.name}, the newest complete one",
+                  file=sys.stderr, flush=True)
+            spec = newer
+    raise FileNotFoundError(f"the iterations of {checkpoint} were replaced {attempts} times while being read: export "
+                            "when its run is not saving, or copy an iteration dir elsewhere first")

@@ -25,6 +25,8 @@ second write of the whole model.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -132,3 +134,62 @@ class StreamingSaveStrategy(SaveShardedStrategy):
             pyt_state_dict, writer, None, 0, planner=planner
         )
         _finalize_on_host(storage_writer, metadata, dist_wrapper)
+
+
+class WeightMaker:
+    """A `make_tensor` for a meta-device TP=1 model: the parameter a placeholder views (or is),
+    made by `make_weight(name, parameter)` (a subclass's: from HF shards, from another
+    checkpoint ...). megatron may ask for a view of a parameter (it saves the SwiGLU fc1 as two
+    halves): the last weight made is kept for its other views, so each is made once when the
+    writer asks for a weight's views one after the other (it does, in state-dict order)."""
+
+    def __init__(self, gpt: torch.nn.Module) -> None:
+        # megatron hands out detached copies and views of the parameters: what they share with
+        # their parameter is its storage (on the meta device a storage with no data, but its own)
+        self._parameter_of = {_storage_id(param): (name, param) for name, param in gpt.named_parameters()}
+        self._current: tuple[str, torch.Tensor] | None = None
+        self.made: list[str] = []
+        """Names of the weights made, in order (a weight twice here was made twice)."""
+
+    def make_weight(self, name: str, parameter: torch.Tensor) -> torch.Tensor:
+        """The whole weight `name`, contiguous, of `parameter`'s shape and dtype, on the CPU."""
+        raise NotImplementedError
+
+    def __call__(self, placeholder: torch.Tensor) -> torch.Tensor:
+        found = self._parameter_of.get(_storage_id(placeholder))
+        if found is None:
+            raise RuntimeError(f"a checkpoint tensor {tuple(placeholder.shape)} is not a view of a model parameter")
+        name, parameter = found
+        if self._current is None or self._current[0] != name:
+            self._current = None  # free the previous weight before making the next
+            _return_free_memory()
+            self._current = (name, self.make_weight(name, parameter))
+            self.made.append(name)
+        tensor = self._current[1]
+        # the placeholder's layout relative to its (contiguous) parameter, applied to the real weight
+        offset = tensor.storage_offset() + placeholder.storage_offset() - parameter.storage_offset()
+        return tensor.as_strided(placeholder.shape, placeholder.stride(), offset)
+
+
+def _return_free_memory() -> None:
+    """Give freed heap pages back to the OS (glibc). Weights under glibc's mmap threshold
+    (at most 32 MiB, raised by every large block freed) come from the heap, where the holes
+    they leave stay resident: without this the resident size grew by about a third of the
+    model's layers over a conversion of one made of 4-22 MiB weights."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "malloc_trim") else None  # glibc only
+
+
+_LIBC = _load_libc()
+
+
+def _storage_id(tensor: torch.Tensor) -> int:
+    return tensor.untyped_storage()._cdata

@@ -31,15 +31,20 @@ class VerifyReport:
     hf_tokens: list[int]
     prompt_length: int
     max_abs_cached_logit_diff: float = 0.0
+    nonfinite_logits: tuple[str, ...] = ()
+    """Which side's logits hold NaN/inf ("megatron", "HF"): then nothing is compared."""
 
     @property
     def greedy_agree(self) -> bool:
-        return self.megatron_tokens == self.hf_tokens
+        return self.megatron_tokens == self.hf_tokens and not self.nonfinite_logits
 
     def ok(self, tolerance: float) -> bool:
         return self.greedy_agree and max(self.max_abs_logit_diff, self.max_abs_cached_logit_diff) <= tolerance
 
     def summary(self) -> str:
+        if self.nonfinite_logits:  # an argmax over NaN agrees with anything: say nothing about agreement
+            return (f"the logits of {' and '.join(self.nonfinite_logits)} hold NaN/inf over {self.prompt_length} tokens: "
+                    "the weights are not finite (or overflow), so the two cannot be compared")
         return (
             f"largest logit difference {self.max_abs_logit_diff:.3e} (largest |logit| {self.max_abs_logit:.3g}) "
             f"over {self.prompt_length} tokens, {self.max_abs_cached_logit_diff:.3e} in HF's cached decoding steps; "
@@ -98,7 +103,9 @@ def verify_conversion(
     hf_tokens, cached_logits = hf_cached_greedy(hf_model, tokens[:1], new_tokens)
     continuation = torch.cat([tokens[:1], torch.tensor([hf_tokens])], dim=1)[:, :-1]
     recomputed = megatron_logits(megatron_model, continuation)[0, prompt_length - 1 :]
+    nonfinite = tuple(side for side, logits in (("megatron", megatron), ("HF", hf)) if not torch.isfinite(logits).all())
     return VerifyReport(
+        nonfinite_logits=nonfinite,
         max_abs_logit_diff=(megatron - hf).abs().max().item(),
         max_abs_logit=hf.abs().max().item(),
         megatron_tokens=megatron_greedy(megatron_model, tokens[:1], new_tokens),

@@ -8,7 +8,7 @@ keeps document boundaries for the loader (EOD resets, per-document statistics).
         writer.add_documents(flat_ids, lengths)                      # many documents at once
     # now out/corpus.bin and out/corpus.idx exist; on an exception neither does
 
-    merge_datasets(["shards/a", "shards/b"], "out/all")
+    merge_datasets(["shards/a", "shards/b"], "out/all")                 # (documents, tokens, largest id)
     docs = read_documents("out/all")                                 # list of numpy arrays
 """
 
@@ -28,6 +28,8 @@ from megatron.core.datasets.indexed_dataset import (
     get_idx_path,
 )
 
+from megatron_harpe.data.identity import scan_largest_token_id
+from megatron_harpe.data.index_cache import remove_cached_indices
 from megatron_harpe.data.integrity import validate_indexed_dataset
 from megatron_harpe.leftovers import remove_dead_temporaries
 
@@ -99,6 +101,8 @@ class DatasetWriter:
         self.temporary_prefix = f"{self.prefix}.tmp-{os.getpid()}"
         self.documents = 0
         self.tokens = 0
+        self.max_token_id = -1
+        """The largest id written (-1: none): recorded in the summary, checked by training."""
         self._builder: _BatchedBuilder | None = None
 
     def __enter__(self) -> "DatasetWriter":
@@ -112,8 +116,10 @@ class DatasetWriter:
     def add_documents(self, flat_ids: np.ndarray, lengths: np.ndarray) -> None:
         """Append documents given as their concatenated ids and per-document lengths."""
         assert self._builder is not None, "use DatasetWriter as a context manager"
-        if flat_ids.size and (int(flat_ids.max()) >= self.vocab_size or int(flat_ids.min()) < 0):
+        largest = int(flat_ids.max()) if flat_ids.size else -1
+        if flat_ids.size and (largest >= self.vocab_size or int(flat_ids.min()) < 0):
             raise ValueError(f"token id outside [0, {self.vocab_size}) written to {self.prefix}")
+        self.max_token_id = max(self.max_token_id, largest)
         self._builder.add_documents(flat_ids.astype(self.dtype, copy=False), np.asarray(lengths, dtype=np.int64))
         self.documents += len(lengths)
         self.tokens += int(flat_ids.size)
@@ -134,6 +140,7 @@ class DatasetWriter:
         self.documents += len(shard.document_indices) - 1
         self.tokens += int(shard.sequence_lengths.sum())
         del shard
+        self.max_token_id = max(self.max_token_id, scan_largest_token_id(prefix))
         self._builder.add_index(str(prefix))
 
     def __exit__(self, exc_type, exc_value, traceback) -> None:
@@ -143,10 +150,16 @@ class DatasetWriter:
         try:
             if exc_type is None:
                 self._builder.finalize(temporary_idx)
-                if self.overwrite:  # a stale .idx must never pair with the new .bin
-                    for stale in (get_idx_path(self.prefix), get_bin_path(self.prefix)):
+                if not self.overwrite and dataset_exists(self.prefix):
+                    raise ValueError(
+                        f"output {self.prefix}.bin/.idx was written by another run while this one worked: nothing of "
+                        "this run was kept; pass --overwrite to replace that dataset, or choose another prefix"
+                    )
+                if self.overwrite:  # a stale .idx must never pair with the new .bin, nor its summary or indices
+                    for stale in (get_idx_path(self.prefix), get_bin_path(self.prefix), f"{self.prefix}.summary.json"):
                         if os.path.exists(stale):
                             os.remove(stale)
+                    remove_cached_indices(self.prefix)
                 os.replace(temporary_bin, get_bin_path(self.prefix))
                 os.replace(temporary_idx, get_idx_path(self.prefix))
             else:
@@ -157,9 +170,10 @@ class DatasetWriter:
                     os.remove(leftover)
 
 
-def merge_datasets(shard_prefixes: Sequence[str | Path], output_prefix: str | Path, overwrite: bool = False) -> tuple[int, int]:
+def merge_datasets(shard_prefixes: Sequence[str | Path], output_prefix: str | Path,
+                   overwrite: bool = False) -> tuple[int, int, int]:
     """Concatenate shard datasets in the given order into one (all must share a token dtype);
-    returns (documents, tokens)."""
+    returns (documents, tokens, largest token id)."""
     if not shard_prefixes:
         raise ValueError("no datasets to merge")
     for shard in shard_prefixes:
@@ -172,7 +186,7 @@ def merge_datasets(shard_prefixes: Sequence[str | Path], output_prefix: str | Pa
     with DatasetWriter(output_prefix, overwrite=overwrite, dtype=dtype) as writer:
         for shard in shard_prefixes:
             writer.add_dataset(shard)
-    return writer.documents, writer.tokens
+    return writer.documents, writer.tokens, writer.max_token_id
 
 
 def read_documents(prefix: str | Path) -> list[np.ndarray]:

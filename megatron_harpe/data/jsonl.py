@@ -14,6 +14,7 @@ few and, with `strict=True`, turns the first one into a `ValueError`. Outputs ar
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import glob
@@ -43,6 +44,9 @@ class FieldSpec:
 
     text_field: str = "text"
     source_field: str | None = "source"
+    source_optional: bool = False
+    """A document without the source field is kept with no source (upsampling modes that
+    ignore sources: global, none), instead of being skipped as bad input."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,8 +76,14 @@ PROBLEM_KINDS = (
 )
 
 
+UNREADABLE_KINDS = ("malformed_json", "missing_field", "invalid_utf8")
+"""Problems that say the file is not what the command expects (encoding, format, field names)."""
+
+
 class ProblemLog:
-    """Counts skipped lines per kind; prints the first `max_printed`; strict mode raises."""
+    """Counts skipped lines per kind (and per file); prints the first `max_printed`; strict mode
+    raises. `check_files` fails a file whose lines mostly could not be used (a UTF-16 file, a
+    file that is not JSON lines): skipping nearly all of a file is never what was meant."""
 
     def __init__(self, strict: bool = False, max_printed: int = 20, stream: IO[str] | None = None) -> None:
         self.strict = strict
@@ -81,19 +91,47 @@ class ProblemLog:
         self.stream = stream if stream is not None else sys.stderr
         self.counts: dict[str, int] = {kind: 0 for kind in PROBLEM_KINDS}
         self.examples: list[str] = []
+        self.good_lines: dict[str, int] = collections.Counter()
+        self.bad_lines: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+        self.first_problem: dict[str, Problem] = {}
 
     def add(self, problem: Problem) -> None:
         if self.strict:
             raise ValueError(f"{problem} (input rejected because of --strict; fix the line or drop --strict to skip it)")
         self.counts[problem.kind] = self.counts.get(problem.kind, 0) + 1
+        self.bad_lines[problem.path][problem.kind] += 1
+        self.first_problem.setdefault(problem.path, problem)
         if len(self.examples) < self.max_printed:
             self.examples.append(str(problem))
             print(f"skipped {problem}", file=self.stream)
+
+    def add_documents(self, path: str, count: int) -> None:
+        """`count` lines of `path` gave documents."""
+        self.good_lines[path] += count
 
     def merge(self, other: "ProblemLog") -> None:
         for kind, count in other.counts.items():
             self.counts[kind] = self.counts.get(kind, 0) + count
         self.examples.extend(other.examples[: max(0, self.max_printed - len(self.examples))])
+        self.good_lines.update(other.good_lines)
+        for path, kinds in other.bad_lines.items():
+            self.bad_lines[path].update(kinds)
+        for path, problem in other.first_problem.items():
+            self.first_problem.setdefault(path, problem)
+
+    def check_files(self) -> None:
+        """Raise ValueError naming the first file more than half of whose lines could not be read
+        as documents (UNREADABLE_KINDS; empty or out-of-vocabulary documents are the content's)."""
+        for path, kinds in self.bad_lines.items():
+            bad = sum(count for kind, count in kinds.items() if kind in UNREADABLE_KINDS)
+            good = self.good_lines.get(path, 0) + sum(kinds.values()) - bad
+            if bad > good:
+                reasons = ", ".join(f"{kind} {count}" for kind, count in kinds.most_common())
+                raise ValueError(
+                    f"{path}: {bad} of {bad + good} lines could not be used ({reasons}; first: line "
+                    f"{self.first_problem[path].line_number}: {self.first_problem[path].message}){_hint(path, kinds)}: "
+                    "fix the file or leave it out (nothing was written)"
+                )
 
     @property
     def total(self) -> int:
@@ -101,6 +139,21 @@ class ProblemLog:
 
     def summary(self) -> dict[str, Any]:
         return {"skipped_total": self.total, "skipped_by_kind": dict(self.counts), "examples": list(self.examples)}
+
+
+def _hint(path: str, kinds: collections.Counter) -> str:
+    """Why a file's lines may all fail: a byte-order mark or NUL bytes at its start (UTF-16/32),
+    or field names that are not the file's."""
+    if kinds.most_common(1)[0][0] == "missing_field":
+        return "; check --text-field / --source-field"
+    try:
+        with open_binary(Path(path)) as stream:
+            head = stream.read(4096)
+    except (OSError, EOFError, zstandard.ZstdError):
+        return ""
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in head:
+        return "; it looks like UTF-16 (or another wide encoding): convert it to UTF-8, e.g. iconv -f UTF-16 -t UTF-8"
+    return ""
 
 
 def expand_inputs(inputs: list[str | Path]) -> list[Path]:
@@ -267,9 +320,12 @@ def parse_line(raw: bytes, fields: FieldSpec, path: str, line_number: int) -> Do
         try:
             source = _lookup(record, fields.source_field)
         except KeyError:
-            return Problem("missing_field", path, line_number, f"no source field {fields.source_field!r}")
-        if not isinstance(source, str) or not source:
-            return Problem("missing_field", path, line_number, f"source field {fields.source_field!r} is not a non-empty string")
+            if not fields.source_optional:
+                return Problem("missing_field", path, line_number, f"no source field {fields.source_field!r}")
+        else:
+            if not isinstance(source, str) or not source:
+                return Problem("missing_field", path, line_number,
+                               f"source field {fields.source_field!r} is not a non-empty string")
     if not text.strip():
         return Problem("empty_document", path, line_number, "text is empty or whitespace only")
     try:
@@ -291,6 +347,9 @@ def atomic_output(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     temporary = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
         yield temporary
+        if path.exists() and not overwrite:  # checked again: another run may have finished meanwhile
+            raise ValueError(f"output {path} was written by another run while this one worked: nothing of this run "
+                             "was kept; pass --overwrite to replace it or choose another path")
         os.replace(temporary, path)
     finally:
         if temporary.exists():

@@ -22,8 +22,10 @@ with `megatron_harpe.data.indexed.DatasetWriter(prefix, vocab_size=2)`.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import math
 from typing import Iterator
 
 import numpy
@@ -32,6 +34,8 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+from megatron_harpe.data.identity import file_sha256
+from megatron_harpe.data.index_cache import cache_directory, cache_identifiers
 from megatron_harpe.data.indexed import dataset_exists, mask_prefix_problem
 from megatron_harpe.data.integrity import validate_indexed_dataset
 from megatron_harpe.data.tokenizer import Tokenizer
@@ -43,15 +47,17 @@ SEQUENCE_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 @dataclasses.dataclass
 class _SpecialIds:
     """The part of a tokenizer megatron-core's GPTDataset reads: `eod`, `pad`, `vocab_size`,
-    and `unique_identifiers` (hashed into its index cache names)."""
+    and `unique_identifiers` (hashed into its index cache names; with `content`, the data's
+    identity, so a cache never outlives the data it was built from: data/index_cache.py)."""
 
     eod: int
     vocab_size: int | None
     pad: int = -1  # samples are never padded here, so no real token is mistaken for padding
+    content: dict = dataclasses.field(default_factory=dict)
 
     @property
-    def unique_identifiers(self) -> dict[str, int | None]:
-        return {"eod": self.eod, "vocab_size": self.vocab_size}
+    def unique_identifiers(self) -> dict:
+        return {"eod": self.eod, "vocab_size": self.vocab_size, **self.content}
 
 
 def _special_ids(tokenizer: Tokenizer | int, needs_eod: bool) -> _SpecialIds:
@@ -117,6 +123,7 @@ def build_gpt_dataset(
     eod_mask_loss: bool = False,
     loss_mask_prefixes: list[str] | None = None,
     cache_dir: str | None = None,
+    alone: bool = False,
 ) -> torch.utils.data.Dataset:
     """megatron-core's GPTDataset (one prefix) or BlendedDataset (several) with at least
     `num_samples` samples of `seq_length` tokens, shuffled by `seed`.
@@ -124,7 +131,9 @@ def build_gpt_dataset(
     `tokenizer` gives the end-of-document id (its EOS) and vocabulary size; an int is taken as
     the end-of-document id itself. `weights` are blend weights (None: by token count).
     `loss_mask_prefixes` (one per prefix) restrict the loss to the tokens marked 1 there.
-    `cache_dir` keeps megatron's sample indices between runs (None: rebuilt in memory).
+    `cache_dir` keeps megatron's sample indices between runs, keyed by the data's content
+    (None: the default place, data/index_cache.py). `alone=True` builds (and caches) as if this
+    were the only process, whatever the process group: rank 0's pass before the others read.
     """
     if not prefixes:
         raise ValueError("data.prefixes is empty: give at least one dataset prefix (path without .bin/.idx)")
@@ -144,11 +153,15 @@ def build_gpt_dataset(
             validate_indexed_dataset(prefix)
     if weights is not None and len(weights) != len(prefixes):
         raise ValueError(f"data.weights has {len(weights)} entries for {len(prefixes)} prefixes: give one weight per prefix")
-    if weights is not None and (any(w < 0 for w in weights) or sum(weights) <= 0):
-        raise ValueError(f"data.weights {weights} must be non-negative with a positive sum")
+    if weights is not None and (any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0):
+        raise ValueError(f"data.weights {weights} must be finite, non-negative numbers with a positive sum")
     if seq_length < 1 or num_samples < 1:
         raise ValueError(f"seq_length={seq_length} and num_samples={num_samples} must be positive")
     special = _special_ids(tokenizer, reset_position_ids or reset_attention_mask or eod_mask_loss)
+    tokenizer_sha256 = file_sha256(tokenizer.path) if isinstance(tokenizer, Tokenizer) else None
+    special.content = cache_identifiers(list(prefixes) + list(loss_mask_prefixes or []), tokenizer_sha256)
+    if cache_dir is None:
+        cache_dir = str(cache_directory(None, list(prefixes)))
     if weights is None and len(prefixes) > 1:
         # megatron blends unweighted datasets over a single epoch only; weighting by token count
         # gives the same proportions and lets it repeat data up to num_samples
@@ -169,10 +182,29 @@ def build_gpt_dataset(
     )
     dataset_class = LossMaskedGPTDataset if masked else GPTDataset
     builder = BlendedMegatronDatasetBuilder(dataset_class, [num_samples, 0, 0], lambda: True, config)
-    train, _, _ = builder.build()
+    with _megatron_sees_one_process(alone):
+        train, _, _ = builder.build()
     if train is None or len(train) < num_samples:
         raise ValueError(f"could not build {num_samples} samples of {seq_length} tokens from {prefixes}: is the data too small?")
     return train
+
+
+@contextlib.contextmanager
+def _megatron_sees_one_process(alone: bool) -> Iterator[None]:
+    """Let megatron-core's dataset builders run as the only process: with `alone` (rank 0
+    building and caching the indices before the other ranks read them, so a failure is reported
+    by every rank instead of leaving them in megatron's barrier until the timeout), and without
+    any process group (its BlendedDataset calls torch.distributed.get_rank() before caching even
+    then, where its GPTDataset asks is_initialized() first)."""
+    if torch.distributed.is_initialized() and not alone:
+        yield
+        return
+    saved = torch.distributed.is_initialized, torch.distributed.get_rank
+    torch.distributed.is_initialized, torch.distributed.get_rank = (lambda: False), (lambda group=None: 0)
+    try:
+        yield
+    finally:
+        torch.distributed.is_initialized, torch.distributed.get_rank = saved
 
 
 @dataclasses.dataclass(frozen=True)

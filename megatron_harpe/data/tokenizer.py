@@ -39,7 +39,6 @@ import gc
 import io
 import itertools
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -494,13 +493,15 @@ def train_sentencepiece(
     model_type: str = "bpe",
     character_coverage: float = 0.9995,
     max_training_lines: int = 200_000,
+    overwrite: bool = True,
 ) -> Path:
     """Train a Llama-style sentencepiece model on `texts` and return the `.model` path.
 
     Llama2 conventions: unk=0, bos=1 (`<s>`), eos=2 (`</s>`), no pad id, byte fallback (any
     text round-trips), digits split, whitespace kept as is (identity normalization). Training
     is single-threaded over unshuffled lines, so the same texts give the same model bytes.
-    `output_prefix.model` appears only once training succeeded.
+    `output_prefix.model` appears only once training succeeded (`overwrite=False`: and only if
+    no other run wrote it meanwhile); its temporary file never outlives a failed run.
     """
     if vocab_size < 300:
         raise ValueError(f"vocab_size={vocab_size} is too small: byte fallback alone needs 259 ids")
@@ -534,7 +535,9 @@ def train_sentencepiece(
         )
     except RuntimeError as error:
         raise ValueError(f"sentencepiece training failed for {output_prefix}: {error}") from error
-    temporary_path = model_path.with_name(f"{model_path.name}.tmp-{os.getpid()}")
-    temporary_path.write_bytes(model_bytes.getvalue())
-    os.replace(temporary_path, model_path)
+    from megatron_harpe.data.jsonl import atomic_output
+
+    # removes a killed run's temporary first, and this run's own if writing fails (a full disk)
+    with atomic_output(model_path, overwrite=overwrite) as temporary_path:
+        temporary_path.write_bytes(model_bytes.getvalue())
     return model_path

@@ -106,6 +106,10 @@ def run_evaluation(args: Any) -> dict[str, Any]:
         from megatron_harpe.eval.suite import resolve_scoring, run_eval_suite
 
         backend = load_backend(args.model, **options)
+        if getattr(backend, "model", None) is not None and not getattr(args, "allow_nonfinite", False):
+            from megatron_harpe.convert.finite import refuse_nonfinite_everywhere
+
+            refuse_nonfinite_everywhere(backend.model, f"model {args.model}")  # scores of NaN weights mean nothing
         method = resolve_scoring(backend, args.scoring)
         self_extend = backend.self_extend.as_dict() if getattr(backend, "self_extend", None) is not None else None
         store = RunStore(output, setup.settings(backend.tokenizer, backend.name, method, self_extend),

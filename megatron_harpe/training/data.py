@@ -7,6 +7,7 @@ first use when the config names `data.demo_workdir` and no dataset prefixes.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,9 +15,12 @@ import torch
 import torch.distributed as dist
 
 from megatron_harpe.config import Config, StageConfig
+from megatron_harpe.data.identity import check_training_data
+from megatron_harpe.data.index_cache import cache_directory
 from megatron_harpe.data.loader import build_gpt_dataset, micro_batches, slice_for_context_parallel
 from megatron_harpe.data.tokenizer import load_tokenizer
 from megatron_harpe.parallel import ParallelContext
+from megatron_harpe.rank_health import any_rank_failed
 
 
 class StageData:
@@ -55,22 +59,46 @@ def prepare_training_data(cfg: Config, ctx: ParallelContext, total_samples: list
             f"the tokenizer {cfg.data.tokenizer} has {tokenizer.vocab_size} tokens but model.vocab_size is "
             f"{cfg.model.vocab_size}: use the model's own tokenizer or a larger model.vocab_size"
         )
-    stages = []
-    for stage, samples in zip(cfg.resolved_stages(), total_samples):
-        dataset = build_gpt_dataset(
-            cfg.data.prefixes,
-            cfg.data.weights,
-            seq_length=stage.seq_length,
-            num_samples=samples,
-            seed=cfg.data.seed,
-            tokenizer=tokenizer,
-            reset_position_ids=cfg.data.reset_position_ids,
-            reset_attention_mask=cfg.data.reset_attention_mask,
-            eod_mask_loss=cfg.data.eod_mask_loss,
-            loss_mask_prefixes=cfg.data.loss_mask_prefixes,
-        )
-        stages.append(StageData(dataset, cfg, stage, ctx))
-    return stages
+    cache_dir = cache_directory(cfg.data.cache_dir, cfg.data.prefixes, say=_on_main(ctx))
+    _check_data_identity(cfg, ctx, cache_dir)
+    builds = [
+        dict(prefixes=cfg.data.prefixes, weights=cfg.data.weights, seq_length=stage.seq_length, num_samples=samples,
+             seed=cfg.data.seed, tokenizer=tokenizer, reset_position_ids=cfg.data.reset_position_ids,
+             reset_attention_mask=cfg.data.reset_attention_mask, eod_mask_loss=cfg.data.eod_mask_loss,
+             loss_mask_prefixes=cfg.data.loss_mask_prefixes, cache_dir=str(cache_dir))
+        for stage, samples in zip(cfg.resolved_stages(), total_samples)
+    ]
+    # rank 0 builds and caches megatron's indices first, alone: its failure (say, a full disk)
+    # stops every rank at once instead of leaving them in megatron's barrier until the timeout
+    error = None
+    if ctx.rank == 0:
+        try:
+            for build in builds:
+                build_gpt_dataset(**build, alone=True)
+        except Exception as caught:  # noqa: BLE001 - re-raised below, on every rank
+            error = caught
+    if any_rank_failed(error is not None):
+        raise error or ValueError("the training data could not be prepared (rank 0 says why)")
+    return [StageData(build_gpt_dataset(**build), cfg, stage, ctx) for build, stage in zip(builds, cfg.resolved_stages())]
+
+
+def _on_main(ctx: ParallelContext):
+    return lambda line: print(line, file=sys.stderr, flush=True) if ctx.is_main else None
+
+
+def _check_data_identity(cfg: Config, ctx: ParallelContext, cache_dir: Path) -> None:
+    """Every rank refuses data made with another tokenizer or holding ids beyond the model's
+    vocabulary (data/identity.py), before the first step; rank 0 measures what is not recorded."""
+    error, notes = None, []
+    try:
+        notes = check_training_data(cfg.data.prefixes, cfg.data.tokenizer, cfg.model.vocab_size, cache_dir,
+                                    measure=ctx.is_main)
+    except ValueError as caught:
+        error = caught
+    if any_rank_failed(error is not None):
+        raise error or ValueError("the training data was refused (rank 0 says why)")
+    for note in notes:
+        _on_main(ctx)(note)
 
 
 def _prepare_demo_data(cfg: Config, ctx: ParallelContext) -> None:

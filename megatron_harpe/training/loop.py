@@ -33,8 +33,9 @@ from megatron_harpe.training import checkpoint, preemption, resume_check, run_lo
 from megatron_harpe.training.data import StageData, prepare_training_data
 from megatron_harpe.training.grads import clip_grad_norm, global_token_count
 from megatron_harpe.training.mixed_precision import training_precision
-from megatron_harpe.training.monitor import TrainingMonitor, check_loss_finite
+from megatron_harpe.training.monitor import TrainingMonitor, check_loss_finite, check_skip_limit, check_weights_finite
 from megatron_harpe.training.optimizer import build_optimizer
+from megatron_harpe.training.pretrained import load_pretrained
 from megatron_harpe.training.schedule import LearningRateSchedule
 from megatron_harpe.training.sharding import reduce_sequence_parallel_gradients, shard_model
 
@@ -119,6 +120,7 @@ def _train(cfg: Config, ctx: ParallelContext, log, guard: CollectiveGuard,
     log(f"training {total_steps} steps in {len(plans)} stage(s); starting at step {state.iteration}")
 
     history: list[dict[str, float]] = []
+    skipped_in_a_row = 0
     for plan in plans[state.stage :]:
         if state.stage != plan.index:
             state.stage, state.stage_step = plan.index, 0
@@ -134,6 +136,8 @@ def _train(cfg: Config, ctx: ParallelContext, log, guard: CollectiveGuard,
             state.consumed_tokens += tokens
             history.append({"step": state.iteration, "loss": loss, "grad_norm": grad_norm, "lr": lr})
             monitor.log_step(state.iteration, loss=loss, lr=lr, grad_norm=grad_norm, tokens=tokens, skipped=skipped)
+            skipped_in_a_row = skipped_in_a_row + 1 if skipped else 0
+            check_skip_limit(skipped_in_a_row, cfg.train.max_consecutive_skips, state.iteration, model)
             if cfg.eval.interval and state.iteration % cfg.eval.interval == 0:
                 _evaluate(cfg, model, monitor, state.iteration, plan.config.seq_length)
             stop_file, stop_signal = (  # done: nothing to resume
@@ -226,8 +230,8 @@ def _restore(cfg: Config, model, optimizer, schedule, log) -> TrainState:
         schedule.load_state_dict(saved["schedule"])
         log(f"resumed from {latest} at step {saved['iteration']}")
         return TrainState(saved["iteration"], saved["stage"], saved["stage_step"], saved["consumed_tokens"])
-    if cfg.checkpoint.pretrained:
-        checkpoint.load_checkpoint(cfg.checkpoint.pretrained, model=model, weights_only=True, load_rng=False)
+    if cfg.checkpoint.pretrained:  # shapes checked first; fresh optimizer and schedule
+        load_pretrained(cfg.checkpoint.pretrained, cfg.model, model)
         log(f"continual pretraining from the weights of {cfg.checkpoint.pretrained} (fresh optimizer and schedule)")
     return TrainState()
 
@@ -251,6 +255,7 @@ def _should_save(cfg: Config, iteration: int, total_steps: int) -> bool:
 
 
 def _save(cfg: Config, model, optimizer, schedule, state: TrainState, data: StageData) -> None:
+    check_weights_finite(model, state.iteration)  # a checkpoint of NaN weights is no checkpoint
     train_state = dataclasses.asdict(state) | {
         "schedule": schedule.state_dict(),
         "consumed_samples_in_stage": data.consumed_samples(state.stage_step),

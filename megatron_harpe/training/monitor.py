@@ -14,7 +14,9 @@ with ``enabled=ctx.is_main``; a disabled monitor does nothing.
 
 `check_loss_finite` implements ``train.on_nonfinite``: ``"skip"`` logs a warning and returns
 False (the loop skips that optimizer step), ``"stop"`` raises `NonFiniteLossError`. Pass the
-loss reduced over all ranks, so every rank takes the same decision.
+loss reduced over all ranks, so every rank takes the same decision. `check_skip_limit` stops a
+run whose steps are all skipped (``train.max_consecutive_skips`` in a row), and
+`check_weights_finite` keeps non-finite weights out of checkpoints.
 
 Usage::
 
@@ -44,8 +46,10 @@ logger = logging.getLogger(__name__)
 NONFINITE_POLICIES = ("skip", "stop")
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss (or gradient norm) became NaN or infinite and the policy is "stop"."""
+class NonFiniteLossError(ValueError):
+    """The loss (or gradient norm) became NaN or infinite and the policy is "stop", or it stayed
+    so for train.max_consecutive_skips steps under "skip", or the weights to save are not finite.
+    (A ValueError: the command line prints it as one line.)"""
 
 
 def check_loss_finite(loss: float, step: int, policy: str, *, what: str = "loss") -> bool:
@@ -65,8 +69,41 @@ def check_loss_finite(loss: float, step: int, policy: str, *, what: str = "loss"
     raise NonFiniteLossError(
         f"step {step}: {what} is {loss}. Training stopped (train.on_nonfinite=stop). Try a lower "
         "learning rate (train.lr) or longer warm-up (train.warmup_steps), check the data for "
-        "corrupt or empty documents, or set train.on_nonfinite=skip to skip such steps."
+        "corrupt or empty documents; for rare spikes only, train.on_nonfinite=skip skips such steps "
+        "(and stops after train.max_consecutive_skips in a row)."
     )
+
+
+def check_skip_limit(consecutive: int, limit: int, step: int, model) -> None:
+    """Under train.on_nonfinite=skip: stop once `limit` steps in a row were skipped (a run that
+    learns nothing must not run on and exit 0), saying whether the weights themselves are bad.
+    Every rank sees the same reduced loss, so every rank stops at the same step."""
+    if consecutive < limit:
+        return
+    from megatron_harpe.convert.finite import nonfinite_counts
+
+    bad = nonfinite_counts(model.named_parameters())
+    weights = (f" The weights themselves hold NaN/inf ({', '.join(list(bad)[:3])}{' ...' if len(bad) > 3 else ''}): "
+               "start from finite weights (checkpoint.pretrained, or an earlier checkpoint)." if bad else "")
+    raise NonFiniteLossError(
+        f"step {step}: {consecutive} optimizer steps in a row were skipped for a NaN/inf loss or gradient norm "
+        f"(train.on_nonfinite=skip, train.max_consecutive_skips={limit}): the run is not learning.{weights} Try a "
+        "lower train.lr or a longer warm-up, check the data, or raise train.max_consecutive_skips."
+    )
+
+
+def check_weights_finite(model, step: int) -> None:
+    """Before a save: refuse to write weights holding NaN/inf (agreed by all ranks)."""
+    from megatron_harpe.convert.finite import nonfinite_counts
+    from megatron_harpe.rank_health import any_rank_failed
+
+    bad = nonfinite_counts(model.named_parameters())
+    if any_rank_failed(bool(bad)):
+        listed = ", ".join(f"{name} ({count} of {total})" for name, (count, total) in list(bad.items())[:3])
+        raise NonFiniteLossError(
+            f"step {step}: the weights hold NaN/inf ({listed or 'on another rank'}), so they were not saved: the "
+            "newest checkpoint is the last good one. Try a lower train.lr or a longer warm-up, or check the data."
+        )
 
 
 def format_duration(seconds: float) -> str:

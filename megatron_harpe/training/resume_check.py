@@ -13,6 +13,8 @@ unless `checkpoint.allow_config_change` names the key (or a section of it). Ever
 
 from __future__ import annotations
 
+import copy
+from pathlib import Path
 from typing import Any, Callable
 
 PROTECTED = (
@@ -54,10 +56,18 @@ def is_protected(key: str) -> bool:
     return _section_of(key, PROTECTED) and not key.endswith(_UNPROTECTED_INSIDE_PROTECTED)
 
 
+def _absolute_paths(tree: dict) -> dict:
+    """A copy with path keys absolute: checkpoints of older versions recorded relative paths,
+    relative to the directory the run was launched from (taken to be this one)."""
+    from megatron_harpe.config_paths import resolve_paths
+
+    return resolve_paths(copy.deepcopy(tree), Path.cwd())
+
+
 def compare_configs(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:
     """Every dotted key whose value differs: key -> (saved, current); a key missing on one side
     (a config written by an older version) counts only if the other side is not its default."""
-    old, new = flatten(saved), flatten(current)
+    old, new = flatten(_absolute_paths(saved)), flatten(_absolute_paths(current))
     changes = {}
     for key in sorted(set(old) | set(new)):
         before, after = old.get(key, _MISSING), new.get(key, _MISSING)

@@ -112,9 +112,13 @@ class RunLock:
     """The lock file of one run on one checkpoint directory (acquired by one process)."""
 
     def __init__(self, save_dir: str | Path, stale_after_minutes: float = STALE_AFTER_MINUTES,
-                 heartbeat_seconds: float = HEARTBEAT_SECONDS) -> None:
+                 heartbeat_seconds: float = HEARTBEAT_SECONDS, *, lock_path: str | Path | None = None,
+                 refusal: Callable[[dict], Exception] | None = None) -> None:
+        """`lock_path` and `refusal` (holder -> the error to raise) lock something other than a
+        checkpoint directory with the same rules: an output of data preparation (data/output_lock.py)."""
         self.save_dir = Path(save_dir)
-        self.path = self.save_dir / LOCK_FILE
+        self.path = Path(lock_path) if lock_path is not None else self.save_dir / LOCK_FILE
+        self._refusal = refusal or (lambda holder: _locked_error(self.save_dir, holder))
         self.stale_after_minutes = stale_after_minutes
         self.heartbeat_seconds = heartbeat_seconds
         self._stop = threading.Event()
@@ -134,7 +138,7 @@ class RunLock:
                     continue
                 reason = stale_reason(self.path, holder, self.stale_after_minutes)
                 if reason is None:
-                    raise _locked_error(self.save_dir, holder) from None
+                    raise self._refusal(holder) from None
                 self._take_over(holder, reason)
                 continue
             with os.fdopen(descriptor, "w") as handle:
@@ -146,14 +150,15 @@ class RunLock:
 
     def _take_over(self, holder: dict, reason: str) -> None:
         # the rename is atomic: of several runs seeing the same stale lock, one moves it away
-        parked = self.path.with_name(f"{LOCK_FILE}.stale-{socket.gethostname()}-{os.getpid()}")
+        parked = self.path.with_name(f"{self.path.name}.stale-{socket.gethostname()}-{os.getpid()}")
         try:
             os.rename(self.path, parked)
         except FileNotFoundError:
             return
         parked.unlink(missing_ok=True)
         who = describe_holder(holder) if holder else "an unreadable lock"
-        self.messages.append(f"took over the stale lock of {self.save_dir} from {who}: {reason}")
+        locked = self.save_dir if self.path.name == LOCK_FILE else self.path.with_suffix("")
+        self.messages.append(f"took over the stale lock of {locked} from {who}: {reason}")
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.heartbeat_seconds):

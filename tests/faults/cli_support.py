@@ -4,6 +4,7 @@ the user does, in a subprocess, and pick apart what it printed."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -86,3 +87,11 @@ def third_party_lines(stderr: str) -> list[str]:
 
 def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def unshare_works() -> bool:
+    """Whether user + mount namespaces work here (`unshare -rm`), to mount a small or read-only tmpfs."""
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"], capture_output=True)
+    return probe.returncode == 0

@@ -21,6 +21,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from cli_support import unshare_works
 
 from megatron_harpe import parallel
 from megatron_harpe.training import checkpoint
@@ -102,15 +103,8 @@ def test_disk_full_during_a_save_is_one_clear_error_and_leaves_nothing_half_writ
     assert find_latest_checkpoint(save_dir) == save_dir / "iter_0000001"
 
 
-def _unshare_works() -> bool:
-    if shutil.which("unshare") is None:
-        return False
-    probe = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"], capture_output=True)
-    return probe.returncode == 0
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _unshare_works(), reason="needs user+mount namespaces to mount a small tmpfs")
+@pytest.mark.skipif(not unshare_works(), reason="needs user+mount namespaces to mount a small tmpfs")
 def test_a_really_full_and_a_read_only_filesystem(tmp_path: Path) -> None:
     """A 4 MiB tmpfs (in a private mount namespace) filled up after the first save, then
     remounted read-only."""

@@ -74,12 +74,18 @@ def test_bad_lines_are_skipped_reported_and_counted(tmp_path, tokenizer_path, ca
 
 def test_missing_source_field_is_reported_where_sources_are_needed(tmp_path):
     corpus = tmp_path / "c.jsonl"
-    corpus.write_bytes(good_line(0) + b'{"text": "no source here at all"}\n' + b'{"text": "nested", "meta": {}}\n')
-    summary = upsample_corpus([corpus], tmp_path / "up.jsonl", UpsampleConfig(mode="none"), length_measure="chars",
+    corpus.write_bytes(good_line(0) + good_line(1) + good_line(2) + b'{"text": "no source here at all"}\n'
+                       + b'{"text": "nested", "meta": {}}\n')
+    config = UpsampleConfig(mode="per_source", total_tokens=10**6, length_threshold=0)
+    summary = upsample_corpus([corpus], tmp_path / "up.jsonl", config, length_measure="chars",
                               fields=FieldSpec(source_field="source"), workers=0)
     assert summary["problems"]["skipped_by_kind"]["missing_field"] == 2
-    assert f"{corpus}:2: missing_field: no source field 'source'" in summary["problems"]["examples"][0]
-    assert summary["documents_kept"] == 1
+    assert f"{corpus}:4: missing_field: no source field 'source'" in summary["problems"]["examples"][0]
+    assert summary["documents_kept"] == 3
+    # modes that ignore sources keep such documents (tools/prepare_data.py asks for it by mode)
+    kept = upsample_corpus([corpus], tmp_path / "none.jsonl", UpsampleConfig(mode="none"), length_measure="chars",
+                           fields=FieldSpec(source_field="source", source_optional=True), workers=0)
+    assert kept["documents_kept"] == 5 and kept["problems"]["skipped_total"] == 0
 
 
 def test_strict_mode_names_file_and_line_and_leaves_nothing_behind(tmp_path, tokenizer_path):
@@ -141,7 +147,7 @@ def test_truncated_compressed_input_and_missing_inputs(tmp_path, tokenizer_path)
     with pytest.raises(ValueError, match="holds no"):
         tokenize_corpus([tmp_path / "empty_dir"], tmp_path / "out", tokenizer_path)
     (tmp_path / "only_bad.jsonl").write_bytes(BAD_LINES["missing_field"] * 3)
-    with pytest.raises(ValueError, match="no documents to write.*3 lines skipped.*--text-field"):
+    with pytest.raises(ValueError, match=r"only_bad.jsonl: 3 of 3 lines could not be used \(missing_field 3.*--text-field"):
         tokenize_corpus([tmp_path / "only_bad.jsonl"], tmp_path / "out", tokenizer_path, workers=0)
     assert no_outputs_left(tmp_path)
 
