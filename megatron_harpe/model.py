@@ -16,6 +16,10 @@ What is swapped in megatron-core's GPTModel, and why:
   on CPU, and with dropout off there is no RNG to track.
 - self attention: under `gqa_bases: per_query_head`, keys and values are expanded to one head
   per query head before rotation (`KeyExpandingSelfAttention`).
+
+Packed documents (`data.reset_position_ids` / `reset_attention_mask`): `forward_micro_batch`
+hands the batch's per-token positions to the rotary tables and its documents to attention
+(a `documents.DocumentMask` for sdpa, a THD `PackedSeqParams` for Transformer Engine).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_harpe.attention import SdpaCoreAttention
 from megatron_harpe.config import ModelConfig, ParallelConfig
+from megatron_harpe.documents import DocumentMask
 from megatron_harpe.position.config import PositionConfig
 from megatron_harpe.position.rotary import HeadwiseRotaryEmbedding
 
@@ -191,3 +196,21 @@ def _checkpointed(forward):
         return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
     return run
+
+
+def forward_micro_batch(gpt: GPTModel, batch: dict[str, torch.Tensor], *, per_token_positions: bool) -> torch.Tensor:
+    """Per-token losses of a training micro-batch. With `per_token_positions` (packed documents)
+    the rotary tables follow `batch["position_ids"]`, and attention stays inside each document
+    when the batch carries them: `document_ids` of the whole sequences (sdpa) or a THD stream's
+    `cu_seqlens` (Transformer Engine, see thd.py)."""
+    tokens, positions, labels = batch["tokens"], batch["position_ids"], batch.get("labels")
+    if not per_token_positions:
+        return gpt(tokens, positions, None, labels=labels)
+    mask = DocumentMask(batch["document_ids"]) if "document_ids" in batch else None
+    packed = None
+    if "cu_seqlens" in batch:
+        from megatron_harpe.thd import packed_seq_params
+
+        packed = packed_seq_params(batch)
+    with gpt.rotary_pos_emb.at_token_positions(positions):
+        return gpt(tokens, positions, mask, labels=labels, packed_seq_params=packed)

@@ -23,12 +23,21 @@ sequences, interleaved layout, tables without cos/sin) to megatron's own functio
 The result is bitwise what megatron's unfused path computes (same cos/sin values, same
 products); autograd saves the shared cos/sin instead of a copy per layer.
 
+Packed documents (`data.reset_position_ids` / `reset_attention_mask`): inside
+`at_token_positions(position_ids)` the tables follow the batch's own per-token positions
+([s, b, heads, d], restarting in every document; uncached, one table per micro-batch shared by
+all layers), and the apply below rotates Transformer Engine's THD layout token by token with
+them instead of megatron's per-sequence `cu_seqlens` path, whose CP positions are wrong for
+packed sequences before megatron-core 0.18.
+
 PI divides positions by its factor; YaRN blends interpolated and original frequencies per
 dimension with megatron-core's own YaRN ramp (its attention applies the YaRN logit scale
 when `yarn_rotary_scaling_factor` is set on the TransformerConfig, see model.py).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from megatron.core.transformer import attention as megatron_attention
@@ -134,6 +143,10 @@ _megatron_apply_rotary_pos_emb = megatron_attention.apply_rotary_pos_emb
 def apply_rotary_pos_emb(t, freqs, config, cu_seqlens=None, mscale: float = 1.0, cp_group=None):
     """megatron-core's `apply_rotary_pos_emb`, using the cos/sin cached on our tables."""
     cached = getattr(freqs, "rotary_cos_sin", None)
+    if cached is not None and getattr(freqs, "per_token", False) and freqs.size(-1) == t.size(-1):
+        if t.dim() == 3:  # THD [tokens, heads, d]: one table row per token, whatever the cu_seqlens
+            return cached.rotate(t.unsqueeze(1), mscale).squeeze(1)
+        return cached.rotate(t, mscale)
     if (
         cached is None
         or cu_seqlens is not None
@@ -194,6 +207,7 @@ class HeadwiseRotaryEmbedding(torch.nn.Module):
         )
         self._row_repeats = (_row_repeat(query_rows), _row_repeat(key_local[:1] if len(set(key_local)) == 1 else key_local))
         self._cache: dict[tuple[int, int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._token_positions: torch.Tensor | None = None
         install_cached_apply()
 
     def _angles(self, inv_freq: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -202,7 +216,10 @@ class HeadwiseRotaryEmbedding(torch.nn.Module):
         return angles.unsqueeze(1).float()  # [s, 1, heads, d]
 
     def forward(self, max_seq_len: int, offset: int = 0, **_unused) -> tuple[torch.Tensor, torch.Tensor]:
-        """Angle tables for this rank's positions of a sequence of `max_seq_len` tokens."""
+        """Angle tables for this rank's positions of a sequence of `max_seq_len` tokens (or for
+        the per-token positions given to `at_token_positions`)."""
+        if self._token_positions is not None:
+            return self.token_tables(self._token_positions)
         device = self.query_inv_freq.device
         key = (max_seq_len, offset, device)
         if key not in self._cache:
@@ -223,6 +240,34 @@ class HeadwiseRotaryEmbedding(torch.nn.Module):
         query_table = self._angles(self.query_inv_freq, positions)
         key_table = query_table if self.shared_tables else self._angles(self.key_inv_freq, positions)
         return query_table, key_table
+
+    @contextlib.contextmanager
+    def at_token_positions(self, positions: torch.Tensor):
+        """Within the block, `forward` returns `token_tables(positions)`: the model's forward
+        computes its tables once (in GPTModel's preprocessing) and every layer reuses them."""
+        self._token_positions = positions
+        try:
+            yield
+        finally:
+            self._token_positions = None
+
+    def token_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q, k) angle tables [s, b, heads, d] for per-token positions [b, s] (this rank's tokens,
+        in its order), marked `per_token` and carrying their cos/sin."""
+        if positions.dim() != 2:
+            raise ValueError(f"per-token positions must be [batch, sequence], got shape {tuple(positions.shape)}")
+        positions = positions.t().to(device=self.query_inv_freq.device, dtype=torch.float64)  # [s, b]
+        tables = []
+        for inv_freq, repeat in ((self.query_inv_freq, self._row_repeats[0]), (self.key_inv_freq, self._row_repeats[1])):
+            if tables and self.shared_tables:
+                tables.append(tables[0])
+                break
+            angles = positions[:, :, None, None] * inv_freq[None, None]  # [s, b, heads, d/2], float64
+            table = torch.cat([angles, angles], dim=-1).float()
+            table.rotary_cos_sin = RotaryCosSin(table, repeat)
+            table.per_token = True
+            tables.append(table)
+        return tables[0], tables[1]
 
     def get_rotary_seq_len(self, inference_context, transformer, transformer_input, transformer_config, packed_seq_params=None) -> int:
         """Full (pre-CP-split) sequence length, the signature GPTModel calls."""

@@ -22,7 +22,7 @@ import yaml
 
 from megatron_harpe import collectives, parallel
 from megatron_harpe.config import Config, StageConfig
-from megatron_harpe.model import build_model, set_position_encoding
+from megatron_harpe.model import build_model, forward_micro_batch, set_position_encoding
 from megatron_harpe.parallel import ParallelContext
 from megatron_harpe.rank_health import CollectiveGuard
 from megatron_harpe.training import checkpoint, resume_check, run_lock
@@ -182,11 +182,12 @@ def train_step(cfg: Config, ctx: ParallelContext, stage: StageConfig, model, opt
     model.train()
     step_loss = torch.zeros((), dtype=torch.float64, device=ctx.device)
     autocast = _autocast(training_precision(cfg.train, ctx.device.type), ctx)
+    per_token_positions = cfg.data.reset_position_ids or cfg.data.reset_attention_mask  # packed documents
     for index, batch in enumerate(micro_batches):
         if reducer is not None and index == len(micro_batches) - 1:
             reducer.arm()  # the last backward completes the gradients: buckets reduce as they fill
         with autocast:
-            token_losses = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+            token_losses = forward_micro_batch(model, batch, per_token_positions=per_token_positions)
         loss = (token_losses.float() * batch["loss_mask"]).sum() / loss_tokens
         loss.backward()
         step_loss += loss.detach().double()
@@ -207,7 +208,7 @@ def train_step(cfg: Config, ctx: ParallelContext, stage: StageConfig, model, opt
         lr = schedule.step(optimizer)
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    tokens = stage.global_batch_size * micro_batches[0]["tokens"].size(1) * ctx.cp_size
+    tokens = stage.global_batch_size * stage.seq_length  # not the tokens held: THD adds padding (thd.py)
     return step_loss.item(), grad_norm, lr, tokens, not finite
 
 
