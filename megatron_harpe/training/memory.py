@@ -43,6 +43,10 @@ per activation element, L = layers; all per micro-batch and per rank):
 - FLOPs per token (forward): 2 x matmul parameters (QKV, output projection, SwiGLU, logits) +
   causal attention 2 x S x a x d per layer (QK^T and AV over S/2 keys on average). Training is 3x
   forward; full recomputation adds one forward, selective the attention part.
+- Document masking (`data.reset_attention_mask`, document_cost.py): Transformer Engine's THD
+  padding is planned into the sequence length (activations and compute), the sdpa path adds its
+  block mask and document ids to the transient buffers, and per-token rotary tables count once
+  per sequence of the micro-batch.
 - Step time = compute + exposed communication. Compute = tokens per step x executed FLOPs
   per token / (GPUs x peak x utilisation); communication (TP, CP, DP x CP traffic, links and
   overlap) is modelled in `communication.py`.
@@ -55,6 +59,7 @@ import math
 
 from megatron_harpe.config import Config, StageConfig
 from megatron_harpe.training.communication import CommItem, communication_items
+from megatron_harpe.training.document_cost import planned_sequence_length, rotary_table_copies, sdpa_mask_bytes
 from megatron_harpe.training.plan import parameters_per_rank
 
 GIB = 2**30
@@ -278,7 +283,8 @@ def estimate_memory(cfg: Config, layout: Layout, precision: Precision | None = N
     fill up while activations drain during backward)."""
     precision = precision or trainer_precision(cfg, device)
     stage = stage or longest_stage(cfg)
-    position, seq_length, e = stage.position, stage.seq_length, precision.activation_bytes
+    position, e = stage.position, precision.activation_bytes
+    seq_length = planned_sequence_length(cfg, stage, layout.context, layout.tensor, backend)  # + THD padding
     params = parameters_per_rank(cfg.model, layout.tensor)
     unsharded = int(params * precision.optimizer_bytes)
     sharded = math.ceil(unsharded / (layout.data * layout.context))
@@ -298,8 +304,9 @@ def estimate_memory(cfg: Config, layout: Layout, precision: Precision | None = N
         activations=by_recompute[layout.recompute],
         activations_by_recompute=by_recompute,
         activation_breakdown=activation_breakdown(cfg, layout, seq_length, position, e, backend, device),
-        rotary_tables=rotary_table_bytes(cfg, position, seq_length, layout, e),
-        transient=transient_buffers(cfg, layout, seq_length, position, e, backend),
+        rotary_tables=rotary_table_bytes(cfg, position, seq_length, layout, e) * rotary_table_copies(cfg, layout.micro_batch),
+        transient={**transient_buffers(cfg, layout, seq_length, position, e, backend),
+                   **sdpa_mask_bytes(cfg, layout.micro_batch, seq_length)},
     )
 
 
@@ -342,7 +349,8 @@ def estimate_step(cfg: Config, layout: Layout, hardware: Hardware, precision: Pr
     extra = {"none": 0.0, "selective": attention, "full": matmul + attention}[layout.recompute]
     executed = model_flops + extra
     tokens = stage.global_batch_size * seq_length
-    compute = tokens * executed / (layout.gpus * hardware.peak_tflops * 1e12 * hardware.utilization)
+    executed_tokens = tokens * planned_sequence_length(cfg, stage, layout.context, layout.tensor, backend) / seq_length
+    compute = executed_tokens * executed / (layout.gpus * hardware.peak_tflops * 1e12 * hardware.utilization)
     attention_executed = attention * (3 + (1 if layout.recompute in ("selective", "full") else 0))
     items = communication_items(
         cfg, layout, hardware, precision, stage, backend, compute_seconds=compute,

@@ -1,0 +1,145 @@
+"""What document masking costs a run, for the dry run (`pretrain_harpe.py --dry-run`) and the
+memory planner (training/memory.py): the padding Transformer Engine's THD layout needs under
+context parallelism, the attention work the mask saves, and the sdpa path's buffers.
+
+    cost = document_cost(cfg, cp=4, tp=8)       # None when data.reset_attention_mask is off
+    lines = document_masking_lines(cfg, cp=4, tp=8)
+
+Document statistics come from the data itself when its .idx files exist (`data.prefixes`, or
+the prepared demo corpus); a packed sequence of S tokens then holds about
+1 + S x documents / tokens pieces of documents (every document start inside it adds one).
+- TE (THD): each piece is padded to a multiple of 2*CP: (2*CP - 1) / 2 tokens on average,
+  2*CP - 1 at most, and under sequence parallelism the stream by up to 2*CP*(TP - 1) more so each
+  rank's tokens divide by TP (thd.py). The planner sizes activations for the padded length.
+- sdpa: no [S, S] mask; per attention call at most a TILE x TILE block mask (documents.py), and
+  the document ids of the micro-batch (8 bytes a token).
+- Attention work with the mask, relative to causal attention over the whole sequence: a token in
+  a document of L tokens sees about min(L, S) / 2 keys instead of S / 2 (token-weighted).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+
+from megatron_harpe.config import Config, StageConfig
+from megatron_harpe.documents import TILE
+
+
+@dataclasses.dataclass(frozen=True)
+class DocumentCost:
+    seq_length: int
+    pieces_per_sequence: float | None
+    """Documents (or parts of documents) per packed sequence; None: the data is not there yet."""
+    attention_fraction: float | None
+    """Attention work with the mask / causal attention over the whole sequence."""
+    padding_expected: float
+    """THD padding tokens per sequence (te with CP > 1, or SP), on average; 0 for sdpa."""
+    padding_worst: int
+    """At most, for `pieces_per_sequence` pieces (what the memory plan adds)."""
+
+
+def dataset_prefixes(cfg: Config) -> list[str]:
+    """The prefixes training will read: data.prefixes, or the demo corpus once prepared."""
+    if cfg.data.prefixes:
+        return list(cfg.data.prefixes)
+    if cfg.data.demo_workdir:
+        return [str(Path(cfg.data.demo_workdir) / "demo_text_document")]
+    return []
+
+
+@functools.lru_cache(maxsize=16)
+def _document_lengths(prefix: str):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    dataset = IndexedDataset(prefix)  # must outlive the read: its __del__ unmaps the index
+    return dataset.sequence_lengths.astype("int64").copy()
+
+
+def _length_statistics(prefixes: list[str], seq_length: int) -> tuple[float, float] | None:
+    """(document starts per token, token-weighted mean of min(length, S) / S), or None when a
+    dataset is missing."""
+    if not prefixes or not all(Path(f"{p}.idx").is_file() and Path(f"{p}.bin").is_file() for p in prefixes):
+        return None
+    documents = tokens = clipped = 0.0
+    for prefix in prefixes:
+        lengths = _document_lengths(prefix)
+        documents += len(lengths)
+        tokens += float(lengths.sum())
+        clipped += float((lengths * lengths.clip(max=seq_length)).sum())
+    return documents / tokens, clipped / tokens / seq_length
+
+
+def document_cost(cfg: Config, cp: int, tp: int, stage: StageConfig | None = None) -> DocumentCost | None:
+    """The cost of document masking for the longest stage (or `stage`); None when it is off."""
+    if not cfg.data.reset_attention_mask:
+        return None
+    stage = stage or max(cfg.resolved_stages(), key=lambda s: s.seq_length)
+    seq = stage.seq_length
+    statistics = _length_statistics(dataset_prefixes(cfg), seq)
+    pieces = None if statistics is None else 1 + seq * statistics[0]
+    fraction = None if statistics is None else statistics[1]
+    expected, worst = 0.0, 0
+    if cfg.model.attention_backend == "te":
+        multiple = 2 * cp if cp > 1 else 1
+        tp_split = tp if cfg.parallel.sequence_parallel else 1
+        sp_extra = multiple * (tp_split - 1)
+        if pieces is not None:
+            expected = pieces * (multiple - 1) / 2 + sp_extra / 2
+            worst = int(pieces + 0.999) * (multiple - 1) + sp_extra
+        else:
+            worst = sp_extra
+    return DocumentCost(seq, pieces, fraction, expected, worst)
+
+
+def planned_sequence_length(cfg: Config, stage: StageConfig, cp: int, tp: int, backend: str | None = None) -> int:
+    """The tokens per sequence the memory plan sizes activations for: the stage's length, plus
+    the THD padding (worst case for the measured documents) when TE packs documents."""
+    if not cfg.data.reset_attention_mask or (backend or cfg.model.attention_backend) != "te":
+        return stage.seq_length
+    cost = document_cost(cfg, cp, tp, stage)
+    multiple = 2 * cp if cp > 1 else 1
+    return stage.seq_length + -(-cost.padding_worst // multiple) * multiple
+
+
+def sdpa_mask_bytes(cfg: Config, micro_batch: int, seq_length: int) -> dict[str, int]:
+    """The sdpa path's buffers for document masking: one block mask (bool, and its float copy
+    on the CPU kernels) and the micro-batch's document ids."""
+    if not cfg.data.reset_attention_mask or cfg.model.attention_backend != "sdpa":
+        return {}
+    return {"document block mask (one call)": TILE * TILE * 5, "document ids": 8 * micro_batch * seq_length}
+
+
+def document_masking_lines(cfg: Config, cp: int, tp: int) -> list[str]:
+    """The dry run's account of document masking: on or off, how, and what it costs."""
+    data = cfg.data
+    if not data.reset_attention_mask:
+        positions = "restart at every document" if data.reset_position_ids else "run on across documents"
+        return [f"documents: packed across their boundaries, attention crosses them, positions {positions} "
+                "(data.reset_attention_mask: true masks them, see docs/document-masking.md)"]  # fmt: skip
+    cost = document_cost(cfg, cp, tp)
+    te = cfg.model.attention_backend == "te"
+    how = ("Transformer Engine THD (cu_seqlens per document" + (f", each padded to a multiple of {2 * cp})" if cp > 1 else ")")
+           if te else "sdpa block-diagonal causal runs (no [S, S] mask; at most a "
+           f"{TILE} x {TILE} block mask per call)")  # fmt: skip
+    positions = "restart per document" if data.reset_position_ids else "run on (attention is masked: the same logits)"
+    lines = [f"document masking: on, {how}; positions {positions}; "
+             f"loss on end-of-document tokens {'off' if data.eod_mask_loss else 'on'}"]  # fmt: skip
+    if cost.pieces_per_sequence is None:
+        lines.append(f"documents: data not prepared yet, so documents per sequence unknown"
+                     + (f"; THD padding up to {2 * cp - 1} tokens per document, not in the memory plan" if te and cp > 1 else ""))
+        return lines
+    line = (f"documents: about {cost.pieces_per_sequence:.1f} per {cost.seq_length}-token sequence (measured on the "
+            f"data); masked attention does about {cost.attention_fraction:.0%} of the causal attention work")
+    if te and cost.padding_worst:
+        line += (f"; THD padding about {cost.padding_expected:.0f} tokens per sequence "
+                 f"({cost.padding_expected / cost.seq_length:.1%}), planned for {cost.padding_worst}")
+    lines.append(line)
+    return lines
+
+
+def rotary_table_copies(cfg: Config, micro_batch: int) -> int:
+    """Packed documents rotate with per-token tables, one per sequence of the micro-batch
+    (position/rotary.py), where the cached tables are shared by the batch."""
+    return micro_batch if cfg.data.reset_position_ids or cfg.data.reset_attention_mask else 1
