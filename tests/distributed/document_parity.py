@@ -95,6 +95,10 @@ def packed(tp: int, cp: int, jobs: list[tuple[Case, dict, str | None]], batch: d
     trainer's path; the gathered results (complete on every rank) and this rank's largest rotary
     table difference. `breakage`: None, `no_mask` (the document ids are dropped) or
     `positions_run_on` (the sequence's own positions instead of the restarted ones)."""
+    if sequence_parallel:
+        from cpu_sequence_parallel import allow_sequence_parallel_on_cpu
+
+        allow_sequence_parallel_on_cpu()
     ctx = parallel.initialize(tp, cp)
     results = []
     for case, full_weights, breakage in jobs:
@@ -109,25 +113,23 @@ def packed(tp: int, cp: int, jobs: list[tuple[Case, dict, str | None]], batch: d
         if breakage == "no_mask":
             del local["document_ids"]
         tables = _record_tables(gpt)
+        split = []  # tokens each layer's norm sees: split over TP under sequence parallelism
+        gpt.decoder.layers[0].input_layernorm.register_forward_hook(lambda m, args, out: split.append(args[0].size(0)))
         with torch.no_grad():
             logits = forward_micro_batch(gpt, {k: v for k, v in local.items() if k != "labels"}, per_token_positions=True)
         token_losses = forward_micro_batch(gpt, local, per_token_positions=True)
         (token_losses.sum() / batch["tokens"].numel()).backward()
+        assert gpt.config.sequence_parallel == (sequence_parallel and tp > 1)
+        assert split[-1] == local["tokens"].size(1) // (tp if sequence_parallel else 1), split
         table_error = _table_error(case, ctx, tp, cp, tables[-1], batch)
         results.append({**_gather(gpt, ctx, tp, cp, logits, token_losses.detach()), "table_error": table_error})
     return results
 
 
 def _record_tables(gpt) -> list:
+    """The (q, k) tables the model's rotary hands its layers, forward by forward."""
     seen = []
-    compute = gpt.rotary_pos_emb.token_tables
-
-    def recording(positions):
-        tables = compute(positions)
-        seen.append(tables)
-        return tables
-
-    gpt.rotary_pos_emb.token_tables = recording
+    gpt.rotary_pos_emb.register_forward_hook(lambda module, args, tables: seen.append(tables))
     return seen
 
 
@@ -147,6 +149,7 @@ def _table_error(case: Case, ctx: ParallelContext, tp: int, cp: int, tables, bat
             expected_q.append(query[:, 0])
             expected_k.append(key[:, 0])
         for used, expected in zip(tables, (torch.cat(expected_q), torch.cat(expected_k))):
+            used = used.expand(-1, ids.size(0), -1, -1)  # a cached table [s, 1, ...] serves every sequence
             worst = max(worst, float((used[:, row] - expected[local]).abs().max()))
     return worst
 
@@ -156,6 +159,8 @@ def _gather(gpt, ctx: ParallelContext, tp: int, cp: int, logits: torch.Tensor, l
     for name, param in gpt.named_parameters():
         grad = param.grad.detach().clone()
         dist.all_reduce(grad, group=ctx.cp_group)  # CP ranks hold the same weights: add their partial grads
+        if getattr(param, "sequence_parallel", False):  # norms under SP: each TP rank saw part of the tokens
+            dist.all_reduce(grad, group=ctx.tp_group)
         parts = [torch.empty_like(grad) for _ in range(tp)]
         dist.all_gather(parts, grad, group=ctx.tp_group)
         grads[name] = unshard(name, parts)

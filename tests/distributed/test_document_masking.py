@@ -63,13 +63,14 @@ def reference() -> dict[str, dict]:
 
 
 @functools.cache
-def run(tp: int, cp: int, names: tuple[str, ...], breakages: tuple[str, ...] = ()) -> dict[tuple[str, str | None], dict]:
+def run(tp: int, cp: int, names: tuple[str, ...], breakages: tuple[str, ...] = (),
+        sequence_parallel: bool = False) -> dict[tuple[str, str | None], dict]:
     """Results of one spawn of tp x cp ranks, keyed by (case, breakage): every case as it
     should run, then the first case broken in each of `breakages`."""
     jobs = [(name, None) for name in names] + [(names[0], breakage) for breakage in breakages]
     ranks = parallel.run_on_ranks(packed, tp * cp, tp, cp,
                                   [(CASES[name], reference()[name]["weights"], breakage) for name, breakage in jobs],
-                                  batch())  # fmt: skip
+                                  batch(), sequence_parallel)  # fmt: skip
     results = dict(zip(jobs, ranks[0]))
     for index, job in enumerate(jobs):  # every rank's rotary tables count
         results[job]["table_error"] = max(rank[index]["table_error"] for rank in ranks)
@@ -105,8 +106,8 @@ def test_context_parallel_2_matches_alone():
     assert_as_alone(run(1, 2, ALL, BREAKAGES))
 
 
-def test_tensor_parallel_2_matches_alone():
-    assert_as_alone(run(2, 1, ALL))
+def test_tensor_parallel_2_with_sequence_parallelism_matches_alone():
+    assert_as_alone(run(2, 1, ALL, sequence_parallel=True))
 
 
 def test_context_parallel_4_matches_alone():
@@ -114,9 +115,10 @@ def test_context_parallel_4_matches_alone():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tp,cp,names", [(1, 1, ALL), (1, 4, ALL), (2, 2, ALL)])
-def test_full_matrix(tp, cp, names):
-    assert_as_alone(run(tp, cp, names))
+@pytest.mark.parametrize("tp,cp,sequence_parallel", [(1, 1, False), (2, 1, False), (1, 4, False), (2, 2, False),
+                                                     (2, 2, True)])
+def test_full_matrix(tp, cp, sequence_parallel):
+    assert_as_alone(run(tp, cp, ALL, sequence_parallel=sequence_parallel))
 
 
 def test_attention_crossing_documents_is_caught():
