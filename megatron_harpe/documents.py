@@ -32,8 +32,10 @@ import dataclasses
 
 import torch
 
-TILE = 1024
-"""Most query tokens merged into one block-diagonal call (its mask is TILE x TILE booleans)."""
+TILE = 256
+"""Most query tokens merged into one block-diagonal call. Its mask (TILE x TILE; the CPU kernels
+save it for backward as floats) is kept by every call: only short documents are merged, so
+at most a quarter MiB per call, 1 KiB per token of short documents and layer."""
 
 
 def document_ids(tokens: torch.Tensor, eod: int) -> torch.Tensor:

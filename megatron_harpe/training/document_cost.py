@@ -11,8 +11,10 @@ the prepared demo corpus); a packed sequence of S tokens then holds about
 - TE (THD): each piece is padded to a multiple of 2*CP: (2*CP - 1) / 2 tokens on average,
   2*CP - 1 at most, and under sequence parallelism the stream by up to 2*CP*(TP - 1) more so each
   rank's tokens divide by TP (thd.py). The planner sizes activations for the padded length.
-- sdpa: no [S, S] mask; per attention call at most a TILE x TILE block mask (documents.py), and
-  the document ids of the micro-batch (8 bytes a token).
+- sdpa: no [S, S] mask. Documents shorter than TILE are merged into block-diagonal calls whose
+  TILE x TILE mask the CPU kernels save for backward as floats: at most TILE x 4 bytes per token
+  of such documents and layer (all tokens when the data is not there yet); the document ids of
+  the micro-batch (8 bytes a token) live through the step.
 - Attention work with the mask, relative to causal attention over the whole sequence: a token in
   a document of L tokens sees about min(L, S) / 2 keys instead of S / 2 (token-weighted).
 """
@@ -34,6 +36,8 @@ class DocumentCost:
     """Documents (or parts of documents) per packed sequence; None: the data is not there yet."""
     attention_fraction: float | None
     """Attention work with the mask / causal attention over the whole sequence."""
+    short_token_fraction: float | None
+    """Share of tokens in documents shorter than documents.TILE (merged, with a block mask)."""
     padding_expected: float
     """THD padding tokens per sequence (te with CP > 1, or SP), on average; 0 for sdpa."""
     padding_worst: int
@@ -57,18 +61,19 @@ def _document_lengths(prefix: str):
     return dataset.sequence_lengths.astype("int64").copy()
 
 
-def _length_statistics(prefixes: list[str], seq_length: int) -> tuple[float, float] | None:
-    """(document starts per token, token-weighted mean of min(length, S) / S), or None when a
-    dataset is missing."""
+def _length_statistics(prefixes: list[str], seq_length: int) -> tuple[float, float, float] | None:
+    """(document starts per token, token-weighted mean of min(length, S) / S, share of tokens in
+    documents shorter than TILE), or None when a dataset is missing."""
     if not prefixes or not all(Path(f"{p}.idx").is_file() and Path(f"{p}.bin").is_file() for p in prefixes):
         return None
-    documents = tokens = clipped = 0.0
+    documents = tokens = clipped = short = 0.0
     for prefix in prefixes:
         lengths = _document_lengths(prefix)
         documents += len(lengths)
         tokens += float(lengths.sum())
         clipped += float((lengths * lengths.clip(max=seq_length)).sum())
-    return documents / tokens, clipped / tokens / seq_length
+        short += float(lengths[lengths < TILE].sum())
+    return documents / tokens, clipped / tokens / seq_length, short / tokens
 
 
 def document_cost(cfg: Config, cp: int, tp: int, stage: StageConfig | None = None) -> DocumentCost | None:
@@ -90,7 +95,8 @@ def document_cost(cfg: Config, cp: int, tp: int, stage: StageConfig | None = Non
             worst = int(pieces + 0.999) * (multiple - 1) + sp_extra
         else:
             worst = sp_extra
-    return DocumentCost(seq, pieces, fraction, expected, worst)
+    short = None if statistics is None else statistics[2]
+    return DocumentCost(seq, pieces, fraction, short, expected, worst)
 
 
 def planned_sequence_length(cfg: Config, stage: StageConfig, cp: int, tp: int, backend: str | None = None) -> int:
@@ -103,12 +109,28 @@ def planned_sequence_length(cfg: Config, stage: StageConfig, cp: int, tp: int, b
     return stage.seq_length + -(-cost.padding_worst // multiple) * multiple
 
 
-def sdpa_mask_bytes(cfg: Config, micro_batch: int, seq_length: int) -> dict[str, int]:
-    """The sdpa path's buffers for document masking: one block mask (bool, and its float copy
-    on the CPU kernels) and the micro-batch's document ids."""
-    if not cfg.data.reset_attention_mask or cfg.model.attention_backend != "sdpa":
+def sdpa_mask_bytes(cfg: Config, micro_batch: int, seq_length: int, backend: str | None = None) -> dict[str, int]:
+    """The sdpa path's short-lived buffers for document masking: the micro-batch's document ids."""
+    if not cfg.data.reset_attention_mask or (backend or cfg.model.attention_backend) != "sdpa":
         return {}
-    return {"document block mask (one call)": TILE * TILE * 5, "document ids": 8 * micro_batch * seq_length}
+    return {"document ids": 8 * micro_batch * seq_length}
+
+
+def sdpa_mask_activation_bytes(cfg: Config, layout, tokens_per_rank: int, element_bytes: int,
+                               backend: str | None = None) -> int:
+    """What the sdpa path saves for backward beyond plain causal attention: the block masks of
+    merged short documents (fp32 on the CPU kernels, TILE x 4 bytes per token of such documents)
+    and, without CP, the concatenation of the runs' outputs (one attention output); for every
+    layer unless core attention is recomputed (`layout`: a memory.Layout)."""
+    if not cfg.data.reset_attention_mask or (backend or cfg.model.attention_backend) != "sdpa":
+        return 0
+    cost = document_cost(cfg, layout.context, layout.tensor)
+    short = 1.0 if cost.short_token_fraction is None else cost.short_token_fraction
+    per_token = short * TILE * 4
+    if layout.context == 1:  # under CP the per-chunk outputs are concatenated anyway
+        per_token += cfg.model.num_attention_heads // layout.tensor * cfg.model.head_dim * element_bytes
+    layers = 1 if layout.recompute in ("selective", "full") else cfg.model.num_layers
+    return int(layers * layout.micro_batch * tokens_per_rank * per_token)
 
 
 def document_masking_lines(cfg: Config, cp: int, tp: int) -> list[str]:
@@ -121,8 +143,8 @@ def document_masking_lines(cfg: Config, cp: int, tp: int) -> list[str]:
     cost = document_cost(cfg, cp, tp)
     te = cfg.model.attention_backend == "te"
     how = ("Transformer Engine THD (cu_seqlens per document" + (f", each padded to a multiple of {2 * cp})" if cp > 1 else ")")
-           if te else "sdpa block-diagonal causal runs (no [S, S] mask; at most a "
-           f"{TILE} x {TILE} block mask per call)")  # fmt: skip
+           if te else f"sdpa block-diagonal causal runs (no [S, S] mask; documents under {TILE} tokens "
+           f"merged into calls with at most a {TILE} x {TILE} block mask)")  # fmt: skip
     positions = "restart per document" if data.reset_position_ids else "run on (attention is masked: the same logits)"
     lines = [f"document masking: on, {how}; positions {positions}; "
              f"loss on end-of-document tokens {'off' if data.eod_mask_loss else 'on'}"]  # fmt: skip
@@ -132,6 +154,8 @@ def document_masking_lines(cfg: Config, cp: int, tp: int) -> list[str]:
         return lines
     line = (f"documents: about {cost.pieces_per_sequence:.1f} per {cost.seq_length}-token sequence (measured on the "
             f"data); masked attention does about {cost.attention_fraction:.0%} of the causal attention work")
+    if not te:
+        line += f"; {cost.short_token_fraction:.0%} of the tokens in documents under {TILE} tokens"
     if te and cost.padding_worst:
         line += (f"; THD padding about {cost.padding_expected:.0f} tokens per sequence "
                  f"({cost.padding_expected / cost.seq_length:.1%}), planned for {cost.padding_worst}")

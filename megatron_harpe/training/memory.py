@@ -44,9 +44,9 @@ per activation element, L = layers; all per micro-batch and per rank):
   causal attention 2 x S x a x d per layer (QK^T and AV over S/2 keys on average). Training is 3x
   forward; full recomputation adds one forward, selective the attention part.
 - Document masking (`data.reset_attention_mask`, document_cost.py): Transformer Engine's THD
-  padding is planned into the sequence length (activations and compute), the sdpa path adds its
-  block mask and document ids to the transient buffers, and per-token rotary tables count once
-  per sequence of the micro-batch.
+  padding is planned into the sequence length (activations and compute); the sdpa path adds the
+  block masks its merged short documents save for backward to the activations and its
+  document ids to the transient buffers; per-token rotary tables count once per sequence.
 - Step time = compute + exposed communication. Compute = tokens per step x executed FLOPs
   per token / (GPUs x peak x utilisation); communication (TP, CP, DP x CP traffic, links and
   overlap) is modelled in `communication.py`.
@@ -59,7 +59,12 @@ import math
 
 from megatron_harpe.config import Config, StageConfig
 from megatron_harpe.training.communication import CommItem, communication_items
-from megatron_harpe.training.document_cost import planned_sequence_length, rotary_table_copies, sdpa_mask_bytes
+from megatron_harpe.training.document_cost import (
+    planned_sequence_length,
+    rotary_table_copies,
+    sdpa_mask_activation_bytes,
+    sdpa_mask_bytes,
+)
 from megatron_harpe.training.plan import parameters_per_rank
 
 GIB = 2**30
@@ -301,12 +306,13 @@ def estimate_memory(cfg: Config, layout: Layout, precision: Precision | None = N
         optimizer=sharded if layout.optimizer_sharding else unsharded,
         optimizer_unsharded=unsharded,
         optimizer_sharded=sharded,
-        activations=by_recompute[layout.recompute],
+        activations=by_recompute[layout.recompute] + sdpa_mask_activation_bytes(cfg, layout, seq_length // layout.context,
+                                                                               e, backend),
         activations_by_recompute=by_recompute,
         activation_breakdown=activation_breakdown(cfg, layout, seq_length, position, e, backend, device),
         rotary_tables=rotary_table_bytes(cfg, position, seq_length, layout, e) * rotary_table_copies(cfg, layout.micro_batch),
         transient={**transient_buffers(cfg, layout, seq_length, position, e, backend),
-                   **sdpa_mask_bytes(cfg, layout.micro_batch, seq_length)},
+                   **sdpa_mask_bytes(cfg, layout.micro_batch, seq_length, backend)},
     )
 
 

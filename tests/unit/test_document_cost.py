@@ -16,6 +16,7 @@ import pytest
 import pretrain_harpe
 from megatron_harpe.config import load_config
 from megatron_harpe.data.indexed import DatasetWriter
+from megatron_harpe.documents import TILE
 from megatron_harpe.training.document_cost import document_cost, planned_sequence_length
 from megatron_harpe.training.memory import Layout, estimate_memory
 
@@ -69,14 +70,18 @@ def test_thd_padding_enters_the_memory_plan(prefix):
     assert with_sp.padding_worst == cost.padding_worst + 8  # the stream must divide by TP too
 
 
-def test_sdpa_plans_its_block_mask_and_document_ids(prefix):
+def test_sdpa_plans_its_block_masks_and_document_ids(prefix):
     cfg = config(prefix, "data.reset_attention_mask=true", "data.reset_position_ids=true")
     memory = estimate_memory(cfg, Layout(context=2, micro_batch=4))
     assert memory.transient["document ids"] == 8 * 4 * 512
-    assert memory.transient["document block mask (one call)"] > 0
     plain = estimate_memory(config(prefix), Layout(context=2, micro_batch=4))
     assert memory.rotary_tables == 4 * plain.rotary_tables  # a per-token table per sequence
-    assert memory.activations == plain.activations
+    short_share = (100 + 60) / 1460  # documents under TILE (256) tokens get merged, with a mask
+    masks = 4 * 4 * 256 * short_share * TILE * 4  # layers x micro-batch x tokens per rank x ...
+    assert memory.activations - plain.activations == int(masks)
+    masked, plain = (estimate_memory(c, Layout(micro_batch=4), device="cpu") for c in (cfg, config(prefix)))
+    runs_output = 8 * 16 * 4  # heads x head dim x fp32: without CP the runs' outputs are concatenated
+    assert masked.activations - plain.activations == int(4 * 4 * 512 * (short_share * TILE * 4 + runs_output))
 
 
 def test_dry_run_shows_the_masking_and_its_padding(prefix, capsys):
