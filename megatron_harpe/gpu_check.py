@@ -11,6 +11,8 @@ Checks (each a row of the table; SKIP when this machine cannot run it):
 - training: 20 steps on the device whose losses track a CPU run of the same data and weights.
 - resume: the run saved after 10 steps and resumed gives the uninterrupted run's losses.
 - throughput: tokens/s, model FLOPs utilisation and peak memory against `plan_memory.py`'s estimate.
+- documents: packed, document-masked sequences against each document alone (sdpa; Transformer
+  Engine's THD with cu_seqlens, CP 2 on 2+ GPUs; our THD split against TE's), in gpu_check_documents.py.
 
 The runs are spawned processes (NCCL on GPUs, gloo on CPU) of `training.loop.train` on the
 offline demo corpus, so nothing is downloaded. Not run by this project (it has no GPU): the
@@ -81,7 +83,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--loss-rtol", type=float, default=0.03, help="relative loss tolerance, device vs CPU (bf16)")
     parser.add_argument("--logit-atol", type=float, default=0.05, help="absolute logit tolerance, device vs CPU (bf16)")
     parser.add_argument("--only", nargs="+", default=None,
-                        choices=["logits", "parity", "training", "resume", "throughput"], help="run only these checks")  # fmt: skip
+                        choices=["logits", "parity", "training", "resume", "throughput", "documents"],
+                        help="run only these checks")  # fmt: skip
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible here (check the driver / CUDA_VISIBLE_DEVICES), or use --device cpu")
@@ -256,7 +259,7 @@ def check_throughput(args, workdir: Path, run: dict) -> list[CheckResult]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    wanted = set(args.only or ["logits", "parity", "training", "resume", "throughput"])
+    wanted = set(args.only or ["logits", "parity", "training", "resume", "throughput", "documents"])
     with contextlib.ExitStack() as stack:
         workdir = Path(args.workdir or stack.enter_context(tempfile.TemporaryDirectory(prefix="gpu_check_")))
         workdir.mkdir(parents=True, exist_ok=True)
@@ -274,6 +277,10 @@ def main(argv: list[str] | None = None) -> int:
             results += check_parity(args, workdir, run)
         if "throughput" in wanted:
             results += check_throughput(args, workdir, run)
+        if "documents" in wanted:  # document masking: megatron_harpe/gpu_check_documents.py
+            from megatron_harpe.gpu_check_documents import check_document_masking
+
+            results += check_document_masking(args, workdir)
     print(format_table(results))
     return 1 if any(r.status == "FAIL" for r in results) else 0
 
