@@ -10,8 +10,8 @@ tables), for three document-length profiles of the packed sequence:
 - one: the sequence is a single document (the masked path's own overhead);
 - long: documents of 1/4 .. 1/2 of the sequence (length-upsampled data);
 - short: documents of 32 .. 256 tokens (many runs, merged into block-diagonal tiles).
-Step time is the best of --steps training steps (forward, backward, AdamW) on the slowest
-rank; activations are the distinct storages autograd saves for backward in one forward
+Step time is the best of --steps training steps (forward, backward, AdamW; masked and unmasked
+steps interleaved, so a change of machine load hits both) on the slowest rank; activations are the distinct storages autograd saves for backward in one forward
 (`torch.autograd.graph.saved_tensors_hooks`). Each layout runs in fresh gloo processes.
 """
 
@@ -74,7 +74,7 @@ def measure(context: int, seq: int, steps: int) -> dict:
     model = build_model(model_cfg, position)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     parameters = {param.untyped_storage().data_ptr() for param in model.parameters()}
-    results = {}
+    batches, documents = {}, {}
     for profile in PROFILES:
         tokens = packed_tokens(profile, seq + 1, model_cfg.vocab_size)
         ids = document_ids(tokens[:, :-1], EOD)
@@ -85,27 +85,32 @@ def measure(context: int, seq: int, steps: int) -> dict:
             batch = slice_for_context_parallel(batch, ctx.cp_rank, context)
             if masked:
                 batch["document_ids"] = ids
-            times, kept = [], {}
-            for _ in range(steps):
-                kept.clear()
-                start = time.perf_counter()
-                with torch.autograd.graph.saved_tensors_hooks(lambda tensor: keep(tensor, kept, parameters), lambda t: t):
-                    loss = forward_micro_batch(model, batch, per_token_positions=masked).sum() / seq
-                loss.backward()
-                for param in model.parameters():  # CP ranks hold the same weights: sum partial gradients
-                    torch.distributed.all_reduce(param.grad, group=ctx.cp_group)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                times.append(time.perf_counter() - start)
-            results[(profile, masked)] = {"step_s": min(times), "saved_mib": sum(kept.values()) / 2**20,
-                                          "documents": DocumentMask(ids).documents_per_sequence()}
+            batches[(profile, masked)] = batch
+        documents[profile] = DocumentMask(ids).documents_per_sequence()
+    times: dict = {key: [] for key in batches}
+    saved: dict = {}
+    for _ in range(steps):  # masked and unmasked steps interleaved: a change of machine load hits both
+        for (profile, masked), batch in batches.items():
+            kept: dict[int, int] = {}
+            start = time.perf_counter()
+            with torch.autograd.graph.saved_tensors_hooks(lambda tensor: keep(tensor, kept, parameters), lambda t: t):
+                loss = forward_micro_batch(model, batch, per_token_positions=masked).sum() / seq
+            loss.backward()
+            for param in model.parameters():  # CP ranks hold the same weights: sum partial gradients
+                torch.distributed.all_reduce(param.grad, group=ctx.cp_group)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            times[(profile, masked)].append(time.perf_counter() - start)
+            saved[(profile, masked)] = sum(kept.values()) / 2**20
+    results = {key: {"step_s": min(times[key]), "saved_mib": saved[key], "documents": documents[key[0]]}
+               for key in batches}
     return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq", type=int, default=4096)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--context", type=int, nargs="+", default=[1, 2])
     args = parser.parse_args()
     print(f"4 layers x hidden 256 x 8 heads (4 k/v groups), sdpa on CPU, sequence {args.seq}, best of {args.steps} steps")
