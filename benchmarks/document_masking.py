@@ -27,12 +27,12 @@ from megatron_harpe.cli import quiet_third_party
 
 quiet_third_party()  # before megatron-core's import: its warnings are not this benchmark's output
 
+from context_parallel import benchmark_model  # noqa: E402
+
 from megatron_harpe import parallel  # noqa: E402
-from megatron_harpe.config import ModelConfig  # noqa: E402
 from megatron_harpe.data.loader import slice_for_context_parallel  # noqa: E402
 from megatron_harpe.documents import DocumentMask, document_ids, document_positions  # noqa: E402
-from megatron_harpe.model import build_model, forward_micro_batch  # noqa: E402
-from megatron_harpe.position.config import PositionConfig  # noqa: E402
+from megatron_harpe.model import forward_micro_batch  # noqa: E402
 
 EOD = 0
 PROFILES = {"one": None, "long": (4, 2), "short": (32, 256)}
@@ -66,13 +66,7 @@ def keep(tensor: torch.Tensor, kept: dict[int, int], parameters: set[int]) -> to
 
 
 def measure(context: int, seq: int, steps: int) -> dict:
-    ctx = parallel.initialize(1, context)
-    parallel.seed_everything(0)
-    model_cfg = ModelConfig(num_layers=4, hidden_size=256, num_attention_heads=8, num_query_groups=4,
-                            ffn_hidden_size=688, vocab_size=8192)
-    position = PositionConfig(type="harpe", strategy="uniform", base_min=1e4, base_max=5e5).resolve(model_cfg, seq)
-    model = build_model(model_cfg, position)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ctx, model_cfg, model, optimizer = benchmark_model(context, seq)  # the context-parallel benchmark's model
     parameters = {param.untyped_storage().data_ptr() for param in model.parameters()}
     batches, documents = {}, {}
     for profile in PROFILES:
