@@ -11,7 +11,8 @@ tables), for three document-length profiles of the packed sequence:
 - long: documents of 1/4 .. 1/2 of the sequence (length-upsampled data);
 - short: documents of 32 .. 256 tokens (many runs, merged into block-diagonal tiles).
 Step time is the best of --steps training steps (forward, backward, AdamW; masked and unmasked
-steps interleaved, so a change of machine load hits both) on the slowest rank; activations are the distinct storages autograd saves for backward in one forward
+steps interleaved, so a change of machine load hits both) on the slowest rank, as wall time and
+as the process's CPU time (steadier on a shared machine); activations are the distinct storages autograd saves for backward in one forward
 (`torch.autograd.graph.saved_tensors_hooks`). Each layout runs in fresh gloo processes.
 """
 
@@ -86,7 +87,7 @@ def measure(context: int, seq: int, steps: int) -> dict:
     for _ in range(steps):  # masked and unmasked steps interleaved: a change of machine load hits both
         for (profile, masked), batch in batches.items():
             kept: dict[int, int] = {}
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             with torch.autograd.graph.saved_tensors_hooks(lambda tensor: keep(tensor, kept, parameters), lambda t: t):
                 loss = forward_micro_batch(model, batch, per_token_positions=masked).sum() / seq
             loss.backward()
@@ -94,10 +95,10 @@ def measure(context: int, seq: int, steps: int) -> dict:
                 torch.distributed.all_reduce(param.grad, group=ctx.cp_group)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            times[(profile, masked)].append(time.perf_counter() - start)
+            times[(profile, masked)].append((time.perf_counter() - start, time.process_time() - cpu_start))
             saved[(profile, masked)] = sum(kept.values()) / 2**20
-    results = {key: {"step_s": min(times[key]), "saved_mib": saved[key], "documents": documents[key[0]]}
-               for key in batches}
+    results = {key: {"step_s": min(wall for wall, _ in times[key]), "cpu_s": min(cpu for _, cpu in times[key]),
+                     "saved_mib": saved[key], "documents": documents[key[0]]} for key in batches}
     return results
 
 
@@ -108,18 +109,19 @@ def main() -> None:
     parser.add_argument("--context", type=int, nargs="+", default=[1, 2])
     args = parser.parse_args()
     print(f"4 layers x hidden 256 x 8 heads (4 k/v groups), sdpa on CPU, sequence {args.seq}, best of {args.steps} steps")
-    print(f"{'CP':>3} {'documents':>16} {'unmasked s':>11} {'masked s':>9} {'time ratio':>11} "
-          f"{'unmasked MiB':>13} {'masked MiB':>11} {'memory ratio':>13}")  # fmt: skip
+    print("ratios are masked / unmasked; CPU seconds are this process's (all its threads), the slowest rank's")
+    print(f"{'CP':>3} {'documents':>12} {'wall s':>13} {'wall ratio':>11} {'CPU s':>13} {'CPU ratio':>10} "
+          f"{'saved MiB':>15} {'memory ratio':>13}")  # fmt: skip
     for context in args.context:
         per_rank = parallel.run_on_ranks(measure, context, context, args.seq, args.steps)
         for profile in PROFILES:
-            plain, masked = ({"step_s": max(r[(profile, m)]["step_s"] for r in per_rank),
-                              "saved_mib": max(r[(profile, m)]["saved_mib"] for r in per_rank)} for m in (False, True))
+            plain, masked = ({key: max(r[(profile, m)][key] for r in per_rank) for key in ("step_s", "cpu_s", "saved_mib")}
+                             for m in (False, True))  # fmt: skip
             documents = per_rank[0][(profile, True)]["documents"]
-            print(f"{context:>3} {profile + f' ({documents:.0f})':>16} {plain['step_s']:>11.2f} {masked['step_s']:>9.2f} "
-                  f"{masked['step_s'] / plain['step_s']:>11.2f} {plain['saved_mib']:>13.1f} {masked['saved_mib']:>11.1f} "
-                  f"{masked['saved_mib'] / plain['saved_mib']:>13.2f}")  # fmt: skip
-
+            print(f"{context:>3} {profile + f' ({documents:.0f})':>12} "
+                  f"{plain['step_s']:>6.2f}/{masked['step_s']:<6.2f} {masked['step_s'] / plain['step_s']:>11.2f} "
+                  f"{plain['cpu_s']:>6.2f}/{masked['cpu_s']:<6.2f} {masked['cpu_s'] / plain['cpu_s']:>10.2f} "
+                  f"{plain['saved_mib']:>7.1f}/{masked['saved_mib']:<7.1f} {masked['saved_mib'] / plain['saved_mib']:>13.2f}")
 
 if __name__ == "__main__":
     main()
