@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from pathlib import Path
 
 from megatron_harpe.config import Config, StageConfig
@@ -61,7 +62,8 @@ def _document_lengths(prefix: str):
     return dataset.sequence_lengths.astype("int64").copy()
 
 
-def _length_statistics(prefixes: list[str], seq_length: int) -> tuple[float, float, float] | None:
+@functools.lru_cache(maxsize=64)
+def _length_statistics(prefixes: tuple[str, ...], seq_length: int) -> tuple[float, float, float] | None:
     """(document starts per token, token-weighted mean of min(length, S) / S, share of tokens in
     documents shorter than TILE), or None when a dataset is missing."""
     if not prefixes or not all(Path(f"{p}.idx").is_file() and Path(f"{p}.bin").is_file() for p in prefixes):
@@ -76,23 +78,25 @@ def _length_statistics(prefixes: list[str], seq_length: int) -> tuple[float, flo
     return documents / tokens, clipped / tokens / seq_length, short / tokens
 
 
-def document_cost(cfg: Config, cp: int, tp: int, stage: StageConfig | None = None) -> DocumentCost | None:
-    """The cost of document masking for the longest stage (or `stage`); None when it is off."""
+def document_cost(cfg: Config, cp: int, tp: int, stage: StageConfig | None = None,
+                  backend: str | None = None) -> DocumentCost | None:
+    """The cost of document masking for the longest stage (or `stage`) on the config's attention
+    backend (or `backend`); None when it is off."""
     if not cfg.data.reset_attention_mask:
         return None
     stage = stage or max(cfg.resolved_stages(), key=lambda s: s.seq_length)
     seq = stage.seq_length
-    statistics = _length_statistics(dataset_prefixes(cfg), seq)
+    statistics = _length_statistics(tuple(dataset_prefixes(cfg)), seq)
     pieces = None if statistics is None else 1 + seq * statistics[0]
     fraction = None if statistics is None else statistics[1]
     expected, worst = 0.0, 0
-    if cfg.model.attention_backend == "te":
+    if (backend or cfg.model.attention_backend) == "te":
         multiple = 2 * cp if cp > 1 else 1
         tp_split = tp if cfg.parallel.sequence_parallel else 1
         sp_extra = multiple * (tp_split - 1)
         if pieces is not None:
             expected = pieces * (multiple - 1) / 2 + sp_extra / 2
-            worst = int(pieces + 0.999) * (multiple - 1) + sp_extra
+            worst = math.ceil(pieces) * (multiple - 1) + sp_extra
         else:
             worst = sp_extra
     short = None if statistics is None else statistics[2]
@@ -104,7 +108,7 @@ def planned_sequence_length(cfg: Config, stage: StageConfig, cp: int, tp: int, b
     the THD padding (worst case for the measured documents) when TE packs documents."""
     if not cfg.data.reset_attention_mask or (backend or cfg.model.attention_backend) != "te":
         return stage.seq_length
-    cost = document_cost(cfg, cp, tp, stage)
+    cost = document_cost(cfg, cp, tp, stage, backend)
     multiple = 2 * cp if cp > 1 else 1
     return stage.seq_length + -(-cost.padding_worst // multiple) * multiple
 
