@@ -120,21 +120,23 @@ def sdpa_mask_bytes(cfg: Config, micro_batch: int, seq_length: int, backend: str
     return {"document ids": 8 * micro_batch * seq_length}
 
 
-def sdpa_mask_activation_bytes(cfg: Config, layout, tokens_per_rank: int, element_bytes: int,
-                               backend: str | None = None) -> int:
-    """What the sdpa path saves for backward beyond plain causal attention: the block masks of
-    merged short documents (fp32 on the CPU kernels, TILE x 4 bytes per token of such documents)
-    and, without CP, the concatenation of the runs' outputs (one attention output); for every
-    layer unless core attention is recomputed (`layout`: a memory.Layout)."""
+def sdpa_mask_activations(cfg: Config, layout, tokens_per_rank: int, element_bytes: int, backend: str | None = None,
+                          recompute: str | None = None) -> dict[str, int]:  # fmt: skip
+    """What the sdpa path saves for backward beyond plain causal attention, by kind: the block
+    masks of merged short documents (fp32 on the CPU kernels, TILE x 4 bytes per token of such
+    documents) and, without CP, the concatenation of the runs' outputs (one attention output);
+    for every layer unless core attention is recomputed (`layout`: a memory.Layout)."""
     if not cfg.data.reset_attention_mask or (backend or cfg.model.attention_backend) != "sdpa":
-        return 0
+        return {}
     cost = document_cost(cfg, layout.context, layout.tensor)
     short = 1.0 if cost.short_token_fraction is None else cost.short_token_fraction
-    per_token = short * TILE * 4
+    recompute = recompute or layout.recompute
+    tokens = (1 if recompute in ("selective", "full") else cfg.model.num_layers) * layout.micro_batch * tokens_per_rank
+    terms = {"document block masks": int(tokens * short * TILE * 4)}
     if layout.context == 1:  # under CP the per-chunk outputs are concatenated anyway
-        per_token += cfg.model.num_attention_heads // layout.tensor * cfg.model.head_dim * element_bytes
-    layers = 1 if layout.recompute in ("selective", "full") else cfg.model.num_layers
-    return int(layers * layout.micro_batch * tokens_per_rank * per_token)
+        heads = cfg.model.num_attention_heads // layout.tensor
+        terms["document runs' outputs"] = tokens * heads * cfg.model.head_dim * element_bytes
+    return terms
 
 
 def document_masking_lines(cfg: Config, cp: int, tp: int) -> list[str]:
@@ -147,8 +149,8 @@ def document_masking_lines(cfg: Config, cp: int, tp: int) -> list[str]:
     cost = document_cost(cfg, cp, tp)
     te = cfg.model.attention_backend == "te"
     how = ("Transformer Engine THD (cu_seqlens per document" + (f", each padded to a multiple of {2 * cp})" if cp > 1 else ")")
-           if te else f"sdpa block-diagonal causal runs (no [S, S] mask; documents under {TILE} tokens "
-           f"merged into calls with at most a {TILE} x {TILE} block mask)")  # fmt: skip
+           if te else f"sdpa block-diagonal causal runs (no padding, no [S, S] mask; documents under {TILE} "
+           f"tokens merged into calls with at most a {TILE} x {TILE} block mask)")  # fmt: skip
     positions = "restart per document" if data.reset_position_ids else "run on (attention is masked: the same logits)"
     lines = [f"document masking: on, {how}; positions {positions}; "
              f"loss on end-of-document tokens {'off' if data.eod_mask_loss else 'on'}"]  # fmt: skip

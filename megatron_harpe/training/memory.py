@@ -62,7 +62,7 @@ from megatron_harpe.training.communication import CommItem, communication_items
 from megatron_harpe.training.document_cost import (
     planned_sequence_length,
     rotary_table_copies,
-    sdpa_mask_activation_bytes,
+    sdpa_mask_activations,
     sdpa_mask_bytes,
 )
 from megatron_harpe.training.plan import parameters_per_rank
@@ -239,6 +239,7 @@ def activation_breakdown(
     else:
         breakdown = {kind: layers * value for kind, value in layer.items()}
     breakdown.update(final)
+    breakdown.update(sdpa_mask_activations(cfg, layout, s, e, backend, recompute))  # document masking
     return breakdown
 
 
@@ -306,8 +307,7 @@ def estimate_memory(cfg: Config, layout: Layout, precision: Precision | None = N
         optimizer=sharded if layout.optimizer_sharding else unsharded,
         optimizer_unsharded=unsharded,
         optimizer_sharded=sharded,
-        activations=by_recompute[layout.recompute] + sdpa_mask_activation_bytes(cfg, layout, seq_length // layout.context,
-                                                                               e, backend),
+        activations=by_recompute[layout.recompute],
         activations_by_recompute=by_recompute,
         activation_breakdown=activation_breakdown(cfg, layout, seq_length, position, e, backend, device),
         rotary_tables=rotary_table_bytes(cfg, position, seq_length, layout, e) * rotary_table_copies(cfg, layout.micro_batch),
