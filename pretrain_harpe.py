@@ -41,6 +41,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # before CUDA starts: the allocator grows segments instead of fragmenting them (the planner's
+    # fragmentation headroom assumes it; training/engine_memory.py)
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg: Config = load_config(args.config, overrides)

@@ -11,9 +11,9 @@ aligned to the lower right (the chunk's last query sees every gathered key). On 
 kernels take that mask without materialising it; on CPU the queries are left-padded instead
 (see `_lower_right`), trading up to 2x attention compute for memory linear in the sequence.
 
-Document masking (`data.reset_attention_mask`): megatron's `attention_mask` argument carries a
-`documents.DocumentMask` instead of a tensor, and each sequence's local queries run in the
-calls of its plan (`documents.py`: whole documents causal, merged short ones block-diagonal,
+Document masking (`data.reset_attention_mask`): megatron's `attention_mask` argument carries the
+document ids of a `documents.DocumentMask` (a tensor, which megatron's recompute can save), and
+each sequence's local queries run in the calls of its plan (`documents.py`: whole documents causal, merged short ones block-diagonal,
 the document a chunk starts in lower-right causal against the keys from its start), with or
 without context parallelism.
 """
@@ -77,8 +77,9 @@ class SdpaCoreAttention(MegatronModule):
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         cp_group = self._cp_group()
         cp_size = cp_group.size()
-        if isinstance(attention_mask, DocumentMask):
-            out = self._document_masked(q, k, v, attention_mask, cp_group, cp_size)
+        documents = DocumentMask.from_attention_mask(attention_mask)
+        if documents is not None:
+            out = self._document_masked(q, k, v, documents, cp_group, cp_size)
         elif cp_size == 1:
             out = self._sdpa(q, k, v, causal_mask=self.causal)
         else:

@@ -40,10 +40,11 @@ DEBUG_ENV = "MEGATRON_HARPE_DEBUG"
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
-THIRD_PARTY_MODULES = r"(megatron\.core|transformer_engine|apex|torch\.distributed\.checkpoint)(\.|$)"
+THIRD_PARTY_MODULES = r"(megatron\.core|transformer_engine|apex|torch\.distributed\.(checkpoint|fsdp))(\.|$)"
 """Modules whose warnings are hidden (unless --verbose): megatron-core's "Transformer Engine /
-Apex are not installed, falling back" notes and its own deprecations, and the FutureWarnings
-torch's distributed checkpointing raises on megatron-core's calls."""
+Apex are not installed, falling back" notes and its own deprecations, the FutureWarnings
+torch's distributed checkpointing raises on megatron-core's calls, and FSDP2's note that the
+model returns a view (the trainer never changes its output in place)."""
 THIRD_PARTY_LOGGERS = ("megatron", "transformer_engine", "apex", "torch.distributed.checkpoint")
 OPTIONAL_GPU_LIBRARIES = {"transformer_engine": "Transformer Engine", "apex": "Apex"}
 _PATH_ERRNOS = {

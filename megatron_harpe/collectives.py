@@ -66,33 +66,8 @@ def all_gather(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> 
 
 def reduce_scatter_sum(stacked: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """`stacked` is [group size, ...]: returns this rank's slice of the sum over ranks, on
-    `stacked`'s device. gloo has no reduce-scatter: it all-reduces and keeps its slice."""
-    device = collective_device(group)
-    work = _on(stacked, device)
-    rank = dist.get_rank(group)
-    if device.type == "cuda":
-        local = torch.empty_like(work[rank])
-        dist.reduce_scatter_tensor(local, work, group=group)
-    else:
-        dist.all_reduce(work, group=group)
-        local = work[rank]
+    `stacked`'s device (gloo reduce-scatters as NCCL does in torch 2.13: one code path)."""
+    work = _on(stacked, collective_device(group))
+    local = torch.empty_like(work[0])
+    dist.reduce_scatter_single(local.view(-1), work.view(-1), group=group)  # gloo wants flat dim-0 blocks
     return local.to(stacked.device)
-
-
-class PendingReduction:
-    """An all-reduce in flight; `wait()` completes it and leaves the result in the caller's tensor."""
-
-    def __init__(self, work, moved: torch.Tensor, tensor: torch.Tensor) -> None:
-        self.work, self.moved, self.tensor = work, moved, tensor
-
-    def wait(self) -> torch.Tensor:
-        self.work.wait()
-        if self.moved is not self.tensor:
-            self.tensor.copy_(self.moved)
-        return self.tensor
-
-
-def all_reduce_async(tensor: torch.Tensor, op=ReduceOp.SUM, group: dist.ProcessGroup | None = None) -> PendingReduction:
-    """Start an all-reduce of `tensor` (returns at once); call `.wait()` on the result before use."""
-    work = _on(tensor, collective_device(group))
-    return PendingReduction(dist.all_reduce(work, op=op, group=group, async_op=True), work, tensor)

@@ -84,10 +84,6 @@ class ParallelConfig:
     """megatron's sequence parallelism: norms and residuals split over the TP ranks along the
     sequence (all-gather / reduce-scatter instead of all-reduce). attention_backend te only
     (TE's norms; megatron's local layers refuse it) and tensor > 1."""
-    distributed_optimizer: bool = False
-    """Shard AdamW's states over the DP x CP ranks (which hold identical weights)."""
-    overlap_grad_reduce: bool = False
-    """Reduce gradients over DP x CP in buckets during the last micro-batch's backward."""
     cp_comm_type: str = "auto"
     """How keys/values travel over CP: auto (te: p2p, sdpa: all_gather) | p2p | a2a | all_gather.
     sdpa implements all_gather only; p2p and a2a are Transformer Engine's."""
@@ -180,16 +176,80 @@ class TrainConfig:
     precision: str = "auto"
     """Compute precision: auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16"""
     params_dtype: str = "auto"
-    """The model's parameters: auto (bf16 whenever the compute is bf16) | bf16 | fp32. bf16 keeps
-    fp32 main weights and gradients in the optimizer (training/mixed_precision.py) and selects
-    bf16 compute on the CPU too; fp32 with bf16 compute is fp32 weights under bf16 autocast (GPU only)."""
+    """The weights the layers compute with: auto (bf16 whenever the compute is bf16) | bf16 | fp32.
+    bf16 gathers bf16 weights from the fp32 sharded main weights and reduces fp32 gradients
+    (training/mixed_precision.py, docs/sharding.md), and selects bf16 compute on the CPU too;
+    fp32 with bf16 compute is fp32 weights under bf16 autocast (GPU only)."""
     recompute: str = "none"
-    """none | selective (core attention) | full (whole layers)"""
+    """Activation recomputation, megatron-core's `recompute_granularity`: none | full (whole
+    transformer layers: keep a layer's input, rerun it in backward) | selective (the submodules
+    in `recompute_modules`)."""
+    recompute_method: str = "uniform"
+    """full only, megatron-core's `recompute_method`: uniform (every layer, in checkpointed chunks of
+    `recompute_num_layers` layers) | block (only the first `recompute_num_layers` layers; the others
+    keep their activations: partial recompute, less work for more memory)."""
+    recompute_num_layers: int | None = None
+    """full only: layers per chunk (uniform; default 1) or layers recomputed (block; default all)."""
+    recompute_modules: list[str] = dataclasses.field(default_factory=lambda: ["core_attn"])
+    """selective only, megatron-core's `recompute_modules`: core_attn (core attention; saves little
+    with fused/flash attention, which keeps no score matrix) and/or mlp (the whole SwiGLU MLP).
+    megatron's `layernorm` is not offered: with Transformer Engine the norms are fused into the next
+    linear (nothing to recompute), and without it megatron 0.16.1's `CheckpointWithoutOutput` takes
+    its fp8 branch anyway (`self.fp8 = fp8 is not None`) and fails on TE's missing FP8 manager."""
     on_nonfinite: str = "stop"
     """stop | skip: what to do when the loss or gradient norm is NaN/inf."""
     exit_after_steps: int = 0
     """Stop this launch after N steps, saving a checkpoint first (e.g. to fit a job's time
     limit; the next launch resumes). 0: run to the end."""
+
+
+    def resolved_recompute_num_layers(self, num_layers: int) -> int | None:
+        """megatron's `recompute_num_layers` for `recompute: full` (None otherwise)."""
+        if self.recompute != "full":
+            return None
+        if self.recompute_num_layers is not None:
+            return self.recompute_num_layers
+        return 1 if self.recompute_method == "uniform" else num_layers
+
+    def recomputed_layers(self, num_layers: int) -> int:
+        """How many layers rerun whole in backward (full), for the planner and the docs."""
+        if self.recompute != "full":
+            return 0
+        chunk = self.resolved_recompute_num_layers(num_layers)
+        return num_layers if self.recompute_method == "uniform" else min(chunk, num_layers)
+
+    def validate_recompute(self, num_layers: int) -> None:
+        _choice("train.recompute", self.recompute, RECOMPUTE_GRANULARITIES)
+        _choice("train.recompute_method", self.recompute_method, RECOMPUTE_METHODS)
+        if self.recompute != "full" and (self.recompute_num_layers is not None or self.recompute_method != "uniform"):
+            raise ValueError(
+                f"train.recompute_method / train.recompute_num_layers apply to train.recompute: full only "
+                f"(it is {self.recompute}); remove them or set recompute: full"
+            )
+        layers = self.recompute_num_layers
+        if layers is not None and not 1 <= layers <= num_layers:
+            raise ValueError(f"train.recompute_num_layers={layers} must be between 1 and model.num_layers={num_layers}")
+        if self.recompute_method == "uniform" and layers is not None and num_layers % layers:
+            raise ValueError(
+                f"train.recompute_num_layers={layers} does not divide model.num_layers={num_layers}: uniform "
+                "recompute checkpoints chunks of that many layers; pick a divisor, or recompute_method: block"
+            )
+        unknown = sorted(set(self.recompute_modules) - set(RECOMPUTE_MODULES))
+        if unknown or not self.recompute_modules:
+            raise ValueError(
+                f"train.recompute_modules={self.recompute_modules}: choose one or more of {', '.join(RECOMPUTE_MODULES)}"
+            )
+        if self.recompute != "selective" and self.recompute_modules != ["core_attn"]:
+            raise ValueError(
+                f"train.recompute_modules applies to train.recompute: selective only (it is {self.recompute}); "
+                "remove it or set recompute: selective"
+            )
+
+
+RECOMPUTE_GRANULARITIES = ("none", "selective", "full")
+RECOMPUTE_METHODS = ("uniform", "block")
+RECOMPUTE_MODULES = ("core_attn", "mlp")
+"""megatron-core 0.16.1's recompute_modules that do work in this dense model (see recompute_modules)."""
 
 
 @dataclasses.dataclass
@@ -224,6 +284,8 @@ class EvalConfig:
     tasks: list[str] = dataclasses.field(default_factory=lambda: ["passkey"])
     lengths: list[int] = dataclasses.field(default_factory=list)
     samples: int = 4
+    max_new_tokens: int | None = None
+    """Tokens generated per prompt, which also sizes its prompt (None: each task's own answer budget)."""
 
 
 @dataclasses.dataclass
@@ -308,7 +370,7 @@ class Config:
         if train.params_dtype == "bf16" and train.precision == "fp32":
             raise ValueError("train.params_dtype=bf16 computes in bf16 but train.precision=fp32: set train.precision "
                              "to bf16 or auto, or train.params_dtype to fp32")  # fmt: skip
-        _choice("train.recompute", train.recompute, ("none", "selective", "full"))
+        train.validate_recompute(self.model.num_layers)
         _choice("train.on_nonfinite", train.on_nonfinite, ("stop", "skip"))
         if world_size is not None:
             if world_size % (tp * cp):
@@ -338,6 +400,9 @@ class Config:
             raise ValueError("data.loss_mask_prefixes needs one loss-mask dataset per entry of data.prefixes")
         if not self.data.prefixes and not self.data.demo_workdir:
             raise ValueError("no training data: set data.prefixes (Megatron .bin/.idx prefixes) or data.demo_workdir")
+        from megatron_harpe.eval.in_training import check_eval_settings
+
+        check_eval_settings(self)
         return self
 
     def check_inputs(self) -> "Config":
@@ -453,10 +518,34 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     raise AssertionError(f"unsupported config type {annotation} for {key}")
 
 
+RETIRED_KEYS = {
+    "parallel.distributed_optimizer": "weights, gradients and AdamW states are always sharded over DP x CP now "
+                                      "(PyTorch FSDP2, see docs/sharding.md)",
+    "parallel.overlap_grad_reduce": "the sharding engine (PyTorch FSDP2, see docs/sharding.md) always overlaps its "
+                                    "gradient reduce-scatter with backward",
+}
+"""Keys of earlier versions: a config that sets one is refused with the reason; a checkpoint's
+saved config drops them (`drop_retired_keys`)."""
+
+
+def drop_retired_keys(tree: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a saved config tree without RETIRED_KEYS (checkpoints written before they retired)."""
+    tree = {section: dict(values) if isinstance(values, dict) else values for section, values in tree.items()}
+    for dotted in RETIRED_KEYS:
+        section, key = dotted.split(".")
+        if isinstance(tree.get(section), dict):
+            tree[section].pop(key, None)
+    return tree
+
+
 def from_dict(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     """Build dataclass `cls` from a mapping, rejecting unknown keys by name."""
     hints = typing.get_type_hints(cls)
     names = [field.name for field in dataclasses.fields(cls)]
+    for key in values:
+        dotted = f"{prefix}.{key}" if prefix else key
+        if dotted in RETIRED_KEYS:
+            raise ValueError(f"{dotted} is no longer a setting: {RETIRED_KEYS[dotted]}; delete it from the config")
     unknown = sorted(set(values) - set(names))
     if unknown:
         where = prefix or "the top level"

@@ -6,7 +6,8 @@ and cuts the stream into sequences. A token right after an EOD starts a new docu
 
     ids = document_ids(tokens, eod)                 # [b, S]: 0, 0, 0, 1, 1, 2, ... per sequence
     positions = document_positions(ids)             # [b, S]: restart at 0 in every document
-    mask = DocumentMask(ids)                        # handed to the sdpa attention as attention_mask
+    mask = DocumentMask(ids)
+    gpt(tokens, positions, mask.as_attention_mask())  # the sdpa attention finds the mask again
 
 `data.reset_position_ids` feeds the restarted positions to the per-head rotary tables,
 `data.reset_attention_mask` makes attention causal within a document only (this module for the
@@ -31,6 +32,8 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+
+from megatron_harpe.tensor_tags import attribute, remember
 
 TILE = 256
 """Most query tokens merged into one block-diagonal call. Its mask (TILE x TILE; the CPU kernels
@@ -116,7 +119,9 @@ def local_chunks(seq_length: int, cp_rank: int, cp_size: int) -> list[tuple[int,
 
 
 class DocumentMask:
-    """Document masking for the sdpa attention, passed through megatron's `attention_mask`.
+    """Document masking for the sdpa attention, passed through megatron's `attention_mask` as its
+    ids tensor (`as_attention_mask`): megatron's activation recomputation saves a layer's
+    arguments with `save_for_backward`, which takes tensors only.
 
     Holds the document ids of the whole (not CP-split) sequences [b, S], and the run plan of
     every CP rank layout it is asked for (computed once per micro-batch, shared by all layers)."""
@@ -128,6 +133,22 @@ class DocumentMask:
         self.tile = tile
         self._plans: dict[tuple[int, int], list[list[Run]]] = {}
         self._spans = [document_spans(row) for row in ids.cpu()]
+
+    def as_attention_mask(self) -> torch.Tensor:
+        """The ids as a tensor of their own that leads back to this mask (`from_attention_mask`),
+        also from the detached alias megatron's recompute passes (tensor_tags.py)."""
+        tensor = self.ids.view_as(self.ids)
+        tensor.document_mask = self
+        return remember(tensor)
+
+    @staticmethod
+    def from_attention_mask(attention_mask: torch.Tensor | None) -> DocumentMask | None:
+        """The mask whose ids `attention_mask` is, or None for no mask or a boolean / float one
+        (megatron's own masks). Integer ids not made by `as_attention_mask` get a new plan."""
+        if attention_mask is None or attention_mask.dtype == torch.bool or attention_mask.is_floating_point():
+            return None
+        mask = attribute(attention_mask, "document_mask")
+        return mask if mask is not None else DocumentMask(attention_mask)
 
     @property
     def seq_length(self) -> int:

@@ -15,7 +15,6 @@ than a CP chunk, one token long, and crossing chunks. Its weights are written on
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import torch
@@ -57,25 +56,17 @@ def _documents_rank(config_tree: dict, checkpoint_dir: str, save: bool) -> dict:
     logits alone; plus our THD split against TE's where TE runs."""
     from megatron_harpe import collectives, parallel
     from megatron_harpe.config import Config, from_dict
-    from megatron_harpe.model import build_model, forward_micro_batch
-    from megatron_harpe.training.checkpoint import load_checkpoint, save_checkpoint
+    from megatron_harpe.gpu_check_logits import compared_model, device_autocast
+    from megatron_harpe.model import forward_micro_batch
     from megatron_harpe.training.data import prepare_documents
 
     cfg = from_dict(Config, config_tree).validate()
     cp = cfg.parallel.context
     ctx = parallel.initialize(1, cp)
-    parallel.seed_everything(7)
-    model = build_model(cfg.model, cfg.position)
-    if save:
-        save_checkpoint(checkpoint_dir, 0, model=model, config=cfg.to_dict(), train_state={})
-    else:
-        load_checkpoint(checkpoint_dir, model=model, weights_only=True, load_rng=False)
-    model.eval()
+    model = compared_model(cfg, checkpoint_dir, save)
     batch = packed_batch()
     local = {key: value.to(ctx.device) for key, value in prepare_documents(batch, cfg, ctx, EOD).items() if key != "labels"}
-    on_gpu = ctx.device.type == "cuda"
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu else contextlib.nullcontext()
-    with torch.no_grad(), autocast:
+    with torch.no_grad(), device_autocast(ctx.device):
         logits = forward_micro_batch(model, local, per_token_positions=True).float()[0]  # [local tokens, V]
         alone = None
         if cp == 1:

@@ -9,9 +9,10 @@ The sbatch scripts in scripts/slurm/ run this module once per node with `srun`:
 Each copy reads the Slurm variables of its node (SLURM_JOB_ID, SLURM_JOB_NODELIST, SLURM_NNODES,
 SLURM_NODEID, SLURM_GPUS_ON_NODE, SLURM_RESTART_COUNT ...), builds
 
-    python -m torch.distributed.run --nnodes N --nproc-per-node P --rdzv-backend c10d \\
+    python -m megatron_harpe.torchrun --nnodes N --nproc-per-node P --rdzv-backend c10d \\
         --rdzv-endpoint <first node>:<port> --rdzv-id <job id> ... pretrain_harpe.py ...
 
+(torchrun, made to let its ranks save when Slurm stops the job: see megatron_harpe/torchrun.py)
 and replaces itself with it (signals from Slurm then reach torchrun directly). Every node derives
 the same port from the job id, so no node has to tell another anything. Per-rank logs go to
 `runs/<run name>/slurm-<job id>/` (the run name is the config file's stem unless --run-name is
@@ -46,6 +47,9 @@ DEFAULT_PORT_BASE = 15000
 PORT_SPAN = 15000
 """Ports are drawn from [15000, 30000): below Linux's ephemeral range (32768+), above the
 well-known and registered services most clusters run."""
+DEFAULT_SHUTDOWN_TIMEOUT = 600
+"""Seconds torchrun lets its ranks save and exit after SIGTERM before it kills them (torchrun's
+own default, 30 s, can be shorter than a checkpoint save); Slurm's KillWait applies as well."""
 
 
 # ------------------------------------------------------------------------------------ node lists
@@ -260,6 +264,7 @@ def torchrun_command(
     port: int,
     log_dir: Path | None,
     max_restarts: int = 0,
+    shutdown_timeout: int = DEFAULT_SHUTDOWN_TIMEOUT,
     python: str = sys.executable,
 ) -> list[str]:
     """The torchrun invocation for this node; `program_args` is the script and its arguments."""
@@ -268,13 +273,14 @@ def torchrun_command(
     command = [
         python,
         "-m",
-        "torch.distributed.run",
+        "megatron_harpe.torchrun",
         f"--nnodes={job.num_nodes}",
         f"--nproc-per-node={job.procs_per_node}",
         "--rdzv-backend=c10d",
         f"--rdzv-endpoint={job.first_node}:{port}",
         f"--rdzv-id={job.job_id}",
         f"--max-restarts={max_restarts}",
+        f"--shutdown-timeout={shutdown_timeout}",
     ]
     if log_dir is not None:
         # Per-rank stdout/stderr files under the job's log dir, still echoed to the Slurm log.
@@ -307,6 +313,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--run-name", default=None, help="log directory name (default: the config file's stem)")
     parser.add_argument("--runs-dir", default="runs", help="parent of the per-run log directories")
     parser.add_argument("--max-restarts", type=int, default=0, help="torchrun restarts inside one allocation")
+    parser.add_argument("--shutdown-timeout", type=int, default=DEFAULT_SHUTDOWN_TIMEOUT,
+                        help="seconds the ranks get to save and exit after SIGTERM before torchrun kills them")  # fmt: skip
     parser.add_argument("--no-rank-logs", action="store_true", help="do not write per-rank log files")
     parser.add_argument("--print-only", action="store_true", help="print the torchrun command and exit")
     cli.add_common_flags(parser)  # before the '--': they reach the ranks through the environment
@@ -330,6 +338,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
             port=port,
             log_dir=None if args.no_rank_logs else log_dir,
             max_restarts=args.max_restarts,
+            shutdown_timeout=args.shutdown_timeout,
         )
     except ValueError as error:
         return cli.report_user_error(error)

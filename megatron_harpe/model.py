@@ -11,15 +11,25 @@ What is swapped in megatron-core's GPTModel, and why:
 - `rotary_pos_emb`: `HeadwiseRotaryEmbedding` (position/rotary.py) returning per-head (q, k)
   angle tables for this rank's heads and positions; RoPE fusion stays off because TE's fused
   kernel takes one frequency row for all heads.
-- activation recomputation: torch.utils.checkpoint around whole layers (`full`) or core
-  attention (`selective`); megatron's own recompute saves CUDA RNG states and so cannot run
-  on CPU, and with dropout off there is no RNG to track.
+- activation recomputation: megatron-core's own (`TransformerConfig.recompute_granularity`,
+  `recompute_method`, `recompute_num_layers`, `recompute_modules` from `train.recompute*`):
+  `TransformerBlock._checkpointed_forward` picks the layers (uniform chunks, or the first N for
+  `block`), `tensor_parallel.checkpoint` / `CheckpointWithoutOutput` rerun them in backward. On a
+  machine without CUDA those save and restore the CUDA RNG state (`torch.cuda.get_rng_state`:
+  "Torch not compiled with CUDA enabled"), so `allow_megatron_recompute_on_cpu` makes that one
+  step a no-op there (there is no CUDA RNG, and dropout is off); the rest of megatron's path runs
+  unchanged on CPU and is what tests/distributed/test_recompute.py checks. The rotary tables
+  reach megatron's block as one tensor (`_one_rotary_table`): its checkpoint saves the block's
+  arguments with `save_for_backward`, which refuses the (q, k) tuple ("save_for_backward can only
+  save variables, but argument 4 is of type tuple").
 - self attention: under `gqa_bases: per_query_head`, keys and values are expanded to one head
   per query head before rotation (`KeyExpandingSelfAttention`).
 
 Packed documents (`data.reset_position_ids` / `reset_attention_mask`): `forward_micro_batch`
-hands the batch's per-token positions to the rotary tables and its documents to attention
-(a `documents.DocumentMask` for sdpa, a THD `PackedSeqParams` for Transformer Engine).
+hands the batch's per-token positions to the rotary table and its documents to attention (the
+ids of a `documents.DocumentMask` for sdpa, a THD `PackedSeqParams` for Transformer Engine).
+Both reach the layers as tensors (or, for the THD parameters, outside the checkpointed
+arguments), so megatron's recompute reruns them with the same table and mask.
 """
 
 from __future__ import annotations
@@ -27,8 +37,8 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import megatron.core.tensor_parallel.random as megatron_random
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -37,7 +47,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_harpe.attention import SdpaCoreAttention
-from megatron_harpe.config import ModelConfig, ParallelConfig
+from megatron_harpe.config import ModelConfig, ParallelConfig, TrainConfig
 from megatron_harpe.documents import DocumentMask
 from megatron_harpe.position.config import PositionConfig
 from megatron_harpe.position.rotary import HeadwiseRotaryEmbedding
@@ -63,6 +73,7 @@ def transformer_config(
     params_dtype: torch.dtype = torch.float32,
     initialize: bool = True,
     parallel: ParallelConfig | None = None,
+    recompute: str | TrainConfig = "none",
 ) -> TransformerConfig:
     parallel = parallel or ParallelConfig(tensor=parallel_state.get_tensor_model_parallel_world_size(),
                                           context=parallel_state.get_context_parallel_world_size())
@@ -99,8 +110,22 @@ def transformer_config(
         gradient_accumulation_fusion=False,
         cp_comm_type=parallel.resolved_cp_comm_type(model) if model.attention_backend == "te" and cp > 1 else None,
         sequence_parallel=parallel.sequence_parallel and tp > 1,  # validated: te backend only
+        **recompute_settings(recompute, model.num_layers),
     )
     return config
+
+
+def recompute_settings(recompute: str | TrainConfig, num_layers: int) -> dict:
+    """megatron-core's TransformerConfig recompute fields for `train.recompute*` (a bare
+    granularity string takes the defaults: full = every layer, selective = core attention)."""
+    train = TrainConfig(recompute=recompute) if isinstance(recompute, str) else recompute
+    train.validate_recompute(num_layers)
+    if train.recompute == "none":
+        return {}
+    if train.recompute == "selective":
+        return {"recompute_granularity": "selective", "recompute_modules": list(train.recompute_modules)}
+    return {"recompute_granularity": "full", "recompute_method": train.recompute_method,
+            "recompute_num_layers": train.resolved_recompute_num_layers(num_layers)}  # fmt: skip
 
 
 def layer_spec(model: ModelConfig, position: PositionConfig) -> ModuleSpec:
@@ -122,14 +147,18 @@ def build_model(
     *,
     params_dtype: torch.dtype = torch.float32,
     initialize: bool = True,
-    recompute: str = "none",
+    recompute: str | TrainConfig = "none",
     parallel: ParallelConfig | None = None,
     on_meta_device: bool = False,
 ) -> GPTModel:
     """Build this rank's shard of the model. Needs `parallel.initialize()` first and a
-    resolved `position` (explicit bases). `on_meta_device`: parameters with shapes and no data
+    resolved `position` (explicit bases). `recompute`: the run's `train` section (its
+    `recompute*` keys) or a bare granularity. `on_meta_device`: parameters with shapes and no data
     (the converter's streaming save describes the checkpoint with them; the model cannot run)."""
-    config = transformer_config(model, position, params_dtype=params_dtype, initialize=initialize, parallel=parallel)
+    config = transformer_config(model, position, params_dtype=params_dtype, initialize=initialize, parallel=parallel,
+                                recompute=recompute)  # fmt: skip
+    if config.recompute_granularity is not None:
+        allow_megatron_recompute_on_cpu()
     with torch.device("meta") if on_meta_device else contextlib.nullcontext():
         gpt = GPTModel(
             config=config,
@@ -141,7 +170,7 @@ def build_model(
             rotary_base=10000,  # replaced below by the per-head rotary
         )
     set_position_encoding(gpt, model, position)
-    apply_recompute(gpt, recompute)
+    gpt.decoder.register_forward_pre_hook(_one_rotary_table, with_kwargs=True)
     for param in gpt.parameters():  # megatron's torch norms ignore params_dtype (its Float16Module casts them too)
         if param.dtype != params_dtype:
             param.data = param.data.to(params_dtype)
@@ -177,25 +206,26 @@ def set_position_encoding(gpt: GPTModel, model: ModelConfig, position: PositionC
         del gpt.config.yarn_rotary_scaling_factor
 
 
-def apply_recompute(gpt: GPTModel, mode: str) -> None:
-    """Recompute activations in backward: `full` (each transformer layer keeps only its input)
-    or `selective` (core attention only)."""
-    if mode == "none":
+def _one_rotary_table(_module, args, kwargs):
+    """Hand megatron's TransformerBlock the (table, table) pair of HeadwiseRotaryEmbedding as the
+    one tensor its attention expands back to (t, t): its recompute checkpoints tensors only."""
+    tables = kwargs.get("rotary_pos_emb")
+    if isinstance(tables, tuple) and len(tables) == 2 and isinstance(tables[0], torch.Tensor) and tables[0] is tables[1]:
+        return args, {**kwargs, "rotary_pos_emb": tables[0]}
+    return None
+
+
+def _no_cuda_rng_state(*_args, **_kwargs) -> None:
+    return None
+
+
+def allow_megatron_recompute_on_cpu() -> None:
+    """On a machine without CUDA, make megatron-core's CUDA RNG save/restore (the one step of its
+    activation checkpointing that needs CUDA) a no-op; with CUDA nothing changes. Idempotent."""
+    if torch.cuda.is_available():
         return
-    if mode not in ("full", "selective"):
-        raise ValueError(f"train.recompute={mode!r}: choose none, selective or full")
-    for layer in gpt.decoder.layers:
-        module = layer if mode == "full" else layer.self_attention.core_attention
-        module.forward = _checkpointed(module.forward)
-
-
-def _checkpointed(forward):
-    def run(*args, **kwargs):
-        if not torch.is_grad_enabled():
-            return forward(*args, **kwargs)
-        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
-
-    return run
+    megatron_random._get_cuda_rng_state = _no_cuda_rng_state
+    megatron_random._set_cuda_rng_state = _no_cuda_rng_state
 
 
 def forward_micro_batch(gpt: GPTModel, batch: dict[str, torch.Tensor], *, per_token_positions: bool) -> torch.Tensor:
@@ -206,7 +236,7 @@ def forward_micro_batch(gpt: GPTModel, batch: dict[str, torch.Tensor], *, per_to
     tokens, positions, labels = batch["tokens"], batch["position_ids"], batch.get("labels")
     if not per_token_positions:
         return gpt(tokens, positions, None, labels=labels)
-    mask = DocumentMask(batch["document_ids"]) if "document_ids" in batch else None
+    mask = DocumentMask(batch["document_ids"]).as_attention_mask() if "document_ids" in batch else None
     packed = None
     if "cu_seqlens" in batch:
         from megatron_harpe.thd import packed_seq_params

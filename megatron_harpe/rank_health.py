@@ -5,7 +5,10 @@
   passed to the process groups by `parallel.initialize`) or loses its peer into one
   `CollectiveFailed` line naming the rank, the phase and the likely cause.
 - `exit_when_launcher_dies`: a daemon thread that ends a worker whose launcher (torchrun,
-  `run_on_ranks`) is gone, so no orphaned ranks keep training and saving.
+  `run_on_ranks`) is gone, so no orphaned ranks keep training and saving; except a rank that is
+  saving after a stop signal (`outlive_launcher`): stock torchrun stops waiting for its ranks
+  and exits when SIGTERMs keep coming (at the third), and the rank exits by itself once the
+  checkpoint is written.
 - `any_rank_failed`: every rank learns whether some rank failed a local step, so all of them
   raise instead of the healthy ones waiting in the next collective.
 """
@@ -68,6 +71,13 @@ def any_rank_failed(failed: bool, group: dist.ProcessGroup | None = None) -> boo
 
 
 _watchdog_started = False
+_outliving_launcher = False
+
+
+def outlive_launcher() -> None:
+    """From now on the launcher's death does not end this rank (safe in a signal handler)."""
+    global _outliving_launcher
+    _outliving_launcher = True
 
 
 def exit_when_launcher_dies(poll_seconds: float = 1.0) -> bool:
@@ -82,7 +92,7 @@ def exit_when_launcher_dies(poll_seconds: float = 1.0) -> bool:
     def watch() -> None:
         stop = threading.Event()
         while not stop.wait(poll_seconds):
-            if os.getppid() != launcher:
+            if os.getppid() != launcher and not _outliving_launcher:
                 rank = os.environ.get("RANK", "?")
                 print(f"rank {rank}: the launcher (pid {launcher}) is gone; exiting", file=sys.stderr, flush=True)
                 os._exit(1)

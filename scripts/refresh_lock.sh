@@ -4,7 +4,7 @@
 #
 #   bash scripts/refresh_lock.sh [PYTHON]     # PYTHON: the interpreter to build the venv with (default python3)
 #
-# Builds a throw-away venv, installs the project with its dev extras and no lock, freezes it
+# Builds a throw-away venv, installs the project with its dev and examples extras and no lock, freezes it
 # (minus the project itself) and writes the lock. Then run the suite and the matrix on it:
 #   pip install -c requirements/lock.txt torch==2.13.0 -e ".[dev]" && python -m pytest -q
 #   python scripts/compat_matrix.py --versions minimum tested newest
@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 PYTHON=${1:-python3}
 VENV=$(mktemp -d)/lock-venv
 "$PYTHON" -m venv "$VENV"
-"$VENV/bin/pip" install --quiet --disable-pip-version-check torch==2.13.0 -e ".[dev]"
+"$VENV/bin/pip" install --quiet --disable-pip-version-check torch==2.13.0 -e ".[dev,examples]"
 {
     echo "# Exact versions of the last fresh install that passed the suite; refresh: bash scripts/refresh_lock.sh"
     echo "# Python $("$VENV/bin/python" -c 'import platform; print(platform.python_version())'), $(date -u +%Y-%m-%d)."

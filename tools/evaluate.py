@@ -1,4 +1,5 @@
-"""Evaluate a model on long-context retrieval and perplexity (SPEC.md section 4).
+"""Evaluate a model: long-context retrieval (RULER), perplexity, and short-context retention
+through lm-evaluation-harness (SPEC.md section 4; docs/evaluation.md).
 
     python tools/evaluate.py --model exports/harpe_hf --trust-remote-code \
         --task niah,passkey --lengths 4096,8192,16384 --samples 10 --output-dir eval_out
@@ -6,16 +7,20 @@
     python tools/evaluate.py --model exports/harpe_hf --task ppl --lengths 4096,8192 \
         --ppl-data data/long_docs.jsonl --ppl-stride 256
     python tools/evaluate.py --model oracle --tokenizer exports/harpe_hf --task niah --lengths 4096
-    python tools/evaluate.py --model exports/instruct_hf --task ruler --lengths 4k,8k \
+    python tools/evaluate.py --model exports/instruct_hf --task ruler --lengths 4k,8k --chat-template ruler \
         --qa-squad squad_dev_v2.json --qa-hotpot hotpot_dev_distractor_v1.json   # all 13 RULER tasks
-
+    python tools/evaluate.py --model ckpt/harpe --task short --baseline eval_base/results.json   # retention
     python tools/evaluate.py --model exports/llama2_hf --task niah --lengths 16k --self-extend window=1024,group=32
 
 --model takes a Hugging Face directory, a megatron_harpe checkpoint directory, or the synthetic
-"oracle" / "random" backends (harness checks: they must score 100 and about 0). Writes
-results.json, results.md and PNG plots to --output-dir and prints the Markdown table. Under
-torchrun (a checkpoint sharded with --tensor-parallel / --context-parallel) every rank evaluates
-and rank 0 writes the results.
+"oracle" / "random" backends (harness checks: they must score 100 and about 0). Before the model
+loads, the output directory is checked and every (task, length) cell is built and sized; a cell
+that cannot fit stops the run at once (or is skipped with --skip-unfit). Each cell's score is
+printed when it finishes; results.json and results.md are rewritten after every cell and every
+sample is kept in samples.jsonl, so an interrupted run keeps its work and --resume continues it.
+At the end: results.json, results.md, PNG plots and the Markdown table. Under torchrun (a
+checkpoint sharded with --tensor-parallel / --context-parallel) every rank evaluates and rank 0
+writes the results.
 """
 
 from __future__ import annotations
@@ -25,15 +30,9 @@ import sys
 
 from megatron_harpe import cli
 from megatron_harpe.eval.perplexity import DEFAULT_STRIDE
-from megatron_harpe.eval.suite import (
-    ALL_TASKS,
-    DEFAULT_GRID_DEPTHS,
-    DEFAULT_SAMPLES,
-    SCORING_METHODS,
-    expand_tasks,
-    parse_token_counts,
-    run_eval_suite,
-)
+from megatron_harpe.eval.cells import ALL_TASKS, DEFAULT_GRID_DEPTHS, describe_budgets
+from megatron_harpe.eval.samples import FILL_MODES
+from megatron_harpe.eval.suite import DEFAULT_SAMPLES, SCORING_METHODS, parse_token_counts
 
 
 def _self_extend_argument(text: str):
@@ -54,9 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True,
                         help="HF model dir, megatron_harpe checkpoint dir, 'oracle' or 'random'")
     parser.add_argument("--task", required=True,
-                        help=f"comma-separated: ruler (all 13), niah (all 8), {', '.join(ALL_TASKS)}")
-    parser.add_argument("--lengths", required=True, type=parse_token_counts,
-                        help="context lengths in tokens: 4096,8192 or 4k,8k")
+                        help=f"comma-separated: ruler (all 13), niah (all 8), {', '.join(ALL_TASKS)}, and short "
+                             "(the paper's short-context tasks through lm-evaluation-harness)")
+    parser.add_argument("--lengths", type=parse_token_counts, default=None,
+                        help="context lengths in tokens: 4096,8192 or 4k,8k (every task but short needs them)")
     parser.add_argument("--samples", type=int, default=DEFAULT_SAMPLES,
                         help="samples per task and length (per grid cell); the default 100 keeps a cell's 95%% "
                              "Wilson interval within +-10 points at any score (RULER uses 500: +-4.4)")
@@ -66,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="generate (greedy decoding + string match), teacher_forcing, or auto "
                              "(generate when the backend can)")
     parser.add_argument("--max-new-tokens", type=int, default=None,
-                        help="answer budget and generation limit (default: 128 for NIAH, 32 for passkey/grid)")
+                        help="replaces every task's answer budget (the tokens kept free after the prompt) and "
+                             f"generation limit; default: each task's own ({describe_budgets()}). RULER comparisons "
+                             "keep the defaults")
     parser.add_argument("--haystack-file", default=None, help="UTF-8 prose replacing the default haystack")
     parser.add_argument("--grid-depths", type=parse_token_counts, default=list(DEFAULT_GRID_DEPTHS),
                         help="needle depths in percent for needle_grid")
@@ -85,55 +87,61 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--self-extend", type=_self_extend_argument, default=None, metavar="window=W,group=G",
                         help="Self-Extend grouped attention at evaluation time (paper: window=1024,group=32), "
                              "any RoPE model on either backend")
-    parser.add_argument("--save-predictions", action="store_true", help="also write predictions.jsonl")
+    parser.add_argument("--save-predictions", action="store_true",
+                        help="also write predictions.jsonl (and short_samples.jsonl: every lm-eval item)")
+    parser.add_argument("--skip-unfit", action="store_true",
+                        help="skip (task, length) cells whose prompt cannot fit the length, marking them in the "
+                             "table, instead of stopping before the model loads")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the unfinished run in --output-dir (same options): its scored samples and "
+                             "short-task requests are reused")
+    parser.add_argument("--overwrite", action="store_true", help="start again over an unfinished run in --output-dir")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     # RULER comparability: prompt template and the QA data of qa_1 / qa_2
     parser.add_argument("--chat-template", default="auto",
-                        help="auto (the tokenizer's chat template when it has one), none (base models), or a "
-                             "file holding a Jinja chat template; recorded in results.json")
+                        help="auto (the tokenizer's chat template when it has one), none (base models), ruler "
+                             "(RULER's own template of the model's family, no system prompt), ruler:NAME (e.g. "
+                             "ruler:meta-llama3), or a file holding a Jinja chat template; recorded in results.json")
+    parser.add_argument("--fill", choices=FILL_MODES, default="tight",
+                        help="tight: every prompt as long as fits (default); ruler: RULER's sizing (one probe "
+                             "sample per cell, whole steps of 500 words / 25 paragraphs / 10 documents; shorter "
+                             "prompts at 4k-8k); recorded in results.json")
     parser.add_argument("--qa-squad", default=None, help="SQuAD dev JSON for qa_1 (e.g. dev-v2.0.json; no download)")
     parser.add_argument("--qa-hotpot", default=None,
                         help="HotpotQA dev JSON for qa_2 (e.g. hotpot_dev_distractor_v1.json; no download)")
+    # short-context retention through lm-evaluation-harness (--task short)
+    parser.add_argument("--short-tasks", default=None, metavar="NAME[:SHOTS[:METRIC]],...",
+                        help="lm-eval tasks for --task short (default: mmlu:5:acc, hellaswag:10:acc_norm, "
+                             "arc_challenge:25:acc_norm, piqa:0:acc, triviaqa:5:exact_match, winogrande:5:acc)")
+    parser.add_argument("--lm-eval-include", default=None, metavar="DIR",
+                        help="a directory of your own lm-eval task YAML files (e.g. over local JSON data)")
+    parser.add_argument("--short-limit", type=int, default=None, help="score only the first N items of each short task")
+    parser.add_argument("--baseline", default=None, metavar="RESULTS_OR_MODEL",
+                        help="the base model's results.json (or its directory), or the base model itself: adds a "
+                             "retention column (extended / base) to the short tasks")
+    parser.add_argument("--batch-size", type=int, default=1, help="lm-eval batch size of a Hugging Face model")
     cli.add_common_flags(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from megatron_harpe.eval.backends import load_backend  # torch, transformers: not for --help
-    from megatron_harpe.eval.perplexity import load_documents
-    from megatron_harpe.eval.report import markdown_table, write_report
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from megatron_harpe.eval.evaluation import option_errors, run_evaluation  # light: torch comes later
+
+    problem = option_errors(args)
+    if problem:
+        return cli.report_user_error(ValueError(problem))
+    from megatron_harpe.eval.report import markdown_table
 
     try:
-        requested = [name.strip() for name in args.task.split(",") if name.strip()]
-        tasks = expand_tasks(requested)
-        backend = load_backend(
-            args.model, tokenizer=args.tokenizer, trust_remote_code=args.trust_remote_code, device=args.device,
-            dtype=args.dtype, seed=args.seed, tensor_parallel=args.tensor_parallel,
-            context_parallel=args.context_parallel, self_extend=args.self_extend,
-        )
-        documents = None
-        if "ppl" in tasks:
-            if not args.ppl_data:
-                raise ValueError("--task ppl needs --ppl-data (a .jsonl, .txt or Megatron dataset prefix)")
-            documents = load_documents(args.ppl_data, backend.tokenizer, args.ppl_text_key,
-                                       args.ppl_max_documents, min_tokens=min(args.lengths))
-        qa_files = {task: path for task, path in (("qa_1", args.qa_squad), ("qa_2", args.qa_hotpot)) if path}
-        results = run_eval_suite(
-            backend, requested, args.lengths, samples=args.samples, seed=args.seed, scoring=args.scoring,
-            max_new_tokens=args.max_new_tokens, haystack_file=args.haystack_file,
-            grid_depths=tuple(args.grid_depths), ppl_documents=documents, ppl_stride=args.ppl_stride,
-            ppl_document_tokens=args.ppl_document_tokens, keep_records=args.save_predictions,
-            progress=not args.no_progress and is_main_process(),
-            chat_template=args.chat_template, qa_files=qa_files,
-        )
+        results = run_evaluation(args)
     except ValueError as error:
         return cli.report_user_error(error)
     if not is_main_process():  # under torchrun every rank evaluates; rank 0 reports
         return 0
-    paths = write_report(results, args.output_dir)
     print(markdown_table(results))
-    print("\nwrote " + ", ".join(paths.values()))
+    print(f"\nwrote {args.output_dir}/results.json, results.md")
     return 0
 
 

@@ -1,27 +1,30 @@
-"""Plan a run before asking for GPUs: per-GPU memory, FLOPs per token, step time, and the
-parallel layouts that fit, fastest first.
+"""Plan a run before asking for GPUs: per-GPU memory with headroom, FLOPs per token, step time,
+and the parallel layouts and recompute settings that fit, fastest first.
 
     # the paper's run: Llama2-7B at 131072 tokens on 32 x 80 GB
     python tools/plan_memory.py --config configs/llama2_7b_128k_harpe.yaml --gpus 32 --gpu-memory 80
 
-    # 8 GPUs of one node, the Transformer Engine path with sequence parallelism, bf16 mixed precision
-    python tools/plan_memory.py --config configs/llama2_7b_128k_harpe.yaml --gpus 8 --backend te \\
-        --sequence-parallel --precision bf16 --optimizer-sharding
+    # 8 GPUs of one node; another recompute for the detailed layout (any config key can be overridden)
+    python tools/plan_memory.py --config configs/llama2_7b_128k_harpe.yaml --gpus 8 \\
+        --train.recompute full --train.recompute_method block --train.recompute_num_layers 16
 
     # detail one layout, with config overrides as for pretrain_harpe.py
     python tools/plan_memory.py --config configs/demo_cpu.yaml --gpus 2 --gpu-memory 16 \\
         --tensor 1 --context 2 --train.micro_batch_size 2
 
-Memory is an upper bound for one rank at its peak (weights, gradients, optimizer states, one
-micro-batch of activations, rotary tables, the largest transient buffer); see the formulas and
-their sources in megatron_harpe/training/memory.py. `--precision trainer` (default) is what
-pretrain_harpe.py will do (the trainer's own choice, training/mixed_precision.py): on GPU with
-bf16 compute, bf16 params with fp32 main gradients and fp32 main weights; `--precision autocast`
-plans fp32 weights under bf16 autocast (`train.params_dtype: fp32`). Sequence parallelism,
-optimizer sharding and gradient-reduction overlap follow the config's `parallel` section unless
---[no-]sequence-parallel / --[no-]optimizer-sharding / --[no-]overlap-grad-reduce say otherwise.
-The step time adds to compute the communication compute does not hide (TP, CP, DP x CP traffic
-over NVLink inside a node and InfiniBand between nodes; --nvlink-gbs / --ib-gbs set the links).
+Memory is an upper bound for one rank at its peak: the sharding engine's state (PyTorch FSDP2 over
+DP x CP: fp32 weights, gradients and AdamW moments sharded; one or two layers all-gathered at a
+time), one micro-batch of activations under the recompute setting, rotary tables, the largest
+transient buffer, and the headroom a GPU needs beyond those tensors: the CUDA context, NCCL's
+buffers per communicator and allocator fragmentation (--cuda-context-gib, --nccl-gib-per-group,
+--fragmentation; figures and sources in megatron_harpe/training/engine_memory.py, formulas in
+megatron_harpe/training/memory.py). A layout fits when all of it is within --gpu-memory.
+`--precision trainer` (default) is what pretrain_harpe.py will do (training/mixed_precision.py).
+For each TP x CP x DP x micro-batch the planner weighs no recompute, selective recompute (core
+attention, MLP, both), full recompute, and the fewest leading layers whose recompute makes it fit
+(`recompute_method: block`); the fastest that fits is recommended, with the `train:` and
+`parallel:` keys that select it. The step time adds to compute the communication compute does not
+hide (TP, CP, the engine's DP x CP traffic over NVLink inside a node and InfiniBand between nodes).
 """
 
 from __future__ import annotations
@@ -36,8 +39,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_harpe import cli  # noqa: E402
 from megatron_harpe.config import Config, load_config  # noqa: E402
+from megatron_harpe.training.engine_memory import HEADROOM_SOURCES, Headroom  # noqa: E402
 from megatron_harpe.training.memory import (  # noqa: E402
     CP_COMM_CHOICES,
+    ENGINE,
     GIB,
     PRECISIONS,
     RECOMPUTE_CHOICES,
@@ -49,6 +54,7 @@ from megatron_harpe.training.memory import (  # noqa: E402
     estimate_step,
     longest_stage,
     rank_layouts,
+    schedule_seconds,
     trainer_precision,
 )
 
@@ -58,6 +64,12 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--config", required=True)
     parser.add_argument("--gpus", type=int, required=True, help="GPUs for the whole job")
     parser.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU (default 80)")
+    parser.add_argument("--cuda-context-gib", type=float, default=Headroom.cuda_context_gib,
+                        help=f"headroom for the CUDA context and workspaces (default {Headroom.cuda_context_gib})")
+    parser.add_argument("--nccl-gib-per-group", type=float, default=Headroom.nccl_gib_per_group,
+                        help=f"headroom per NCCL communicator (default {Headroom.nccl_gib_per_group})")
+    parser.add_argument("--fragmentation", type=float, default=Headroom.fragmentation,
+                        help=f"headroom for allocator fragmentation, fraction of the tensors (default {Headroom.fragmentation})")
     parser.add_argument("--gpus-per-node", type=int, default=8)
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak per GPU (H100: 989)")
     parser.add_argument("--utilization", type=float, default=0.4, help="fraction of peak sustained (default 0.4)")
@@ -67,16 +79,14 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--cp-comm", choices=CP_COMM_CHOICES, default=None, help="te: p2p (default) | a2a | all_gather")
     parser.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=None,
                         help="te backend: split norms over TP (default: parallel.sequence_parallel)")
-    parser.add_argument("--optimizer-sharding", action=argparse.BooleanOptionalAction, default=None,
-                        help="AdamW states sharded over DP x CP (default: parallel.distributed_optimizer)")
-    parser.add_argument("--overlap-grad-reduce", action=argparse.BooleanOptionalAction, default=None,
-                        help="gradient reduction during backward (default: parallel.overlap_grad_reduce)")
     parser.add_argument("--nvlink-gbs", type=float, default=360.0, help="GB/s a GPU sends inside a node (default 360)")
     parser.add_argument("--ib-gbs", type=float, default=40.0, help="GB/s a GPU sends between nodes (default 40)")
     parser.add_argument("--tensor", type=int, default=None, help="layout to detail (default: parallel.tensor)")
     parser.add_argument("--context", type=int, default=None, help="layout to detail (default: parallel.context)")
     parser.add_argument("--micro-batch", type=int, default=None, help="default: train.micro_batch_size")
-    parser.add_argument("--recompute", choices=RECOMPUTE_CHOICES, default=None, help="default: train.recompute")
+    parser.add_argument("--recompute", choices=RECOMPUTE_CHOICES, default=None,
+                        help="granularity of the detailed layout (default: train.recompute; method, layers and "
+                             "modules: --train.recompute_method etc.)")
     parser.add_argument("--top", type=int, default=10, help="how many fitting layouts to list")
     cli.add_common_flags(parser)
     args, rest = parser.parse_known_args(argv)
@@ -108,13 +118,13 @@ def detailed_layout(args: argparse.Namespace, cfg: Config) -> Layout:
     cfg.parallel.context = args.context or cfg.parallel.context
     cfg.train.micro_batch_size = args.micro_batch or cfg.train.micro_batch_size
     cfg.validate(world_size=args.gpus, require_backend=False)
+    if args.recompute and args.recompute != cfg.train.recompute:
+        cfg.train.recompute, cfg.train.recompute_method, cfg.train.recompute_num_layers = args.recompute, "uniform", None
+        cfg.train.recompute_modules = ["core_attn"]
     layout = config_layout(cfg, args.gpus)
     return dataclasses.replace(
         layout,
-        recompute=args.recompute or layout.recompute,
         sequence_parallel=args.sequence_parallel and layout.tensor > 1,
-        optimizer_sharding=args.optimizer_sharding,
-        overlap_grad_reduce=args.overlap_grad_reduce,
         cp_comm=args.cp_comm or _default_cp_comm(cfg, args),
     )
 
@@ -127,36 +137,39 @@ def _default_cp_comm(cfg: Config, args: argparse.Namespace) -> str:
 
 def _apply_config_defaults(args: argparse.Namespace, cfg: Config) -> None:
     """Switches not given on the command line come from the config's `parallel` section."""
-    for flag, key in (("sequence_parallel", "sequence_parallel"), ("optimizer_sharding", "distributed_optimizer"),
-                      ("overlap_grad_reduce", "overlap_grad_reduce")):  # fmt: skip
-        if getattr(args, flag) is None:
-            setattr(args, flag, getattr(cfg.parallel, key))
+    if args.sequence_parallel is None:
+        args.sequence_parallel = cfg.parallel.sequence_parallel
 
 
 def describe(cfg: Config, plan: LayoutPlan, hardware: Hardware, backend: str) -> list[str]:
     memory, step, layout = plan.memory, plan.step, plan.layout
-    unsharded_note = f"with sharding over DP x CP = {layout.data * layout.context}: {gib(memory.optimizer_sharded).strip()}"
+    layers = cfg.model.num_layers
     lines = [
         f"layout: tensor {layout.tensor} x context {layout.context} x data {layout.data}, micro-batch "
-        f"{layout.micro_batch}, recompute {layout.recompute}, backend {backend}"
+        f"{layout.micro_batch}, recompute {layout.recompute_label(layers)}, backend {backend}"
         + (f" (cp {layout.cp_comm})" if layout.context > 1 else "")
         + (", sequence parallel" if layout.sequence_parallel else ""),
-        f"  weights           {gib(memory.weights)}   {memory.parameters / 1e9:.3f}B parameters per GPU, {memory.precision.name}",
-        f"  gradients         {gib(memory.gradients)}",
-        f"  optimizer states  {gib(memory.optimizer)}   "
-        + (f"(without sharding: {gib(memory.optimizer_unsharded).strip()})" if layout.optimizer_sharding else f"({unsharded_note})"),
-        f"  activations       {gib(memory.activations)}   recompute none {gib(memory.activations_by_recompute['none']).strip()}, "
-        f"selective {gib(memory.activations_by_recompute['selective']).strip()}, full {gib(memory.activations_by_recompute['full']).strip()}",
+        f"  engine            {ENGINE}: {layout.data * layout.context} ranks; {memory.precision.name}",
+        f"  sharded state     {gib(sum(memory.sharded.values()))}   {memory.parameters / 1e9:.3f}B parameters per TP "
+        f"rank / {layout.data * layout.context}: " + ", ".join(f"{kind} {gib(value).strip()}" for kind, value in memory.sharded.items()),
+        f"  engine buffers    {gib(sum(memory.unit_buffers.values()))}",
     ]  # fmt: skip
+    for kind, value in memory.unit_buffers.items():
+        lines.append(f"      {kind:72s} {gib(value)}")
+    if memory.autocast_copies:
+        lines.append(f"  autocast copies   {gib(memory.autocast_copies)}   bf16 weights kept from forward to backward")
+    by_recompute = ", ".join(f"{name} {gib(value).strip()}" for name, value in memory.activations_by_recompute.items())
+    lines.append(f"  activations       {gib(memory.activations)}   ({by_recompute})")
     for kind, value in sorted(memory.activation_breakdown.items(), key=lambda item: -item[1]):
-        lines.append(f"      {kind:28s} {gib(value)}")
+        lines.append(f"      {kind:38s} {gib(value)}")
     lines.append(f"  rotary tables     {gib(memory.rotary_tables)}")
     for kind, value in memory.transient.items():
         lines.append(f"  transient         {gib(value)}   {kind}")
-    usable = hardware.memory_gib * hardware.usable_fraction
+    lines.append(f"  tensors           {gib(memory.tensors)}")
+    for kind, value in memory.headroom.items():
+        lines.append(f"  headroom          {gib(value)}   {kind}")
     verdict = "fits" if plan.fits(hardware) else "DOES NOT FIT"
-    lines.append(f"  total             {gib(memory.total)}   of {usable:.1f} usable ({hardware.memory_gib:g} GiB x "
-                 f"{hardware.usable_fraction:g}): {verdict}")  # fmt: skip
+    lines.append(f"  total             {gib(memory.total)}   of {hardware.memory_gib:g} GiB with the headroom: {verdict}")
     comm = ", ".join(f"{dim} {volume / GIB:.1f}" for dim, volume in step.communication_bytes.items()) or "0"
     model_utilization = (step.tokens_per_step * step.model_flops_per_token
                          / (step.step_seconds * layout.gpus * hardware.peak_tflops * 1e12))  # communication included
@@ -166,7 +179,7 @@ def describe(cfg: Config, plan: LayoutPlan, hardware: Hardware, backend: str) ->
                  f"communication {step.exposed_communication_seconds:.2f} s")  # fmt: skip
     for item in step.communication:
         hidden = f"hidden by {item.hidden_by}" if item.hidden_by else "on the critical path"
-        lines.append(f"      {item.dimension:8s} {item.what:48s} {item.sent_bytes / GIB:8.1f} GiB over {item.link:10s} "
+        lines.append(f"      {item.dimension:8s} {item.what:58s} {item.sent_bytes / GIB:8.1f} GiB over {item.link:10s} "
                      f"{item.seconds:7.2f} s, {hidden}: {item.exposed_seconds:.2f} s exposed")  # fmt: skip
     lines.append(f"  assumed links     NVLink {hardware.nvlink_gbs:g} GB/s per GPU inside a node of "
                  f"{hardware.gpus_per_node}, InfiniBand {hardware.ib_gbs:g} GB/s per GPU between nodes "
@@ -174,12 +187,21 @@ def describe(cfg: Config, plan: LayoutPlan, hardware: Hardware, backend: str) ->
     return lines
 
 
+def config_keys(layout: Layout) -> str:
+    """The `parallel:` and `train:` keys that run `layout`."""
+    keys = [f"parallel.tensor={layout.tensor}", f"parallel.context={layout.context}",
+            f"train.micro_batch_size={layout.micro_batch}", f"train.recompute={layout.recompute}"]  # fmt: skip
+    if layout.recompute == "full":
+        keys.append(f"train.recompute_method={layout.recompute_method}")
+        if layout.recompute_num_layers is not None:
+            keys.append(f"train.recompute_num_layers={layout.recompute_num_layers}")
+    if layout.recompute == "selective":
+        keys.append(f"train.recompute_modules=[{', '.join(layout.recompute_modules)}]")
+    return " ".join(keys)
+
+
 def total_hours(cfg: Config, layout: Layout, hardware: Hardware, precision, backend: str) -> float:
-    seconds = 0.0
-    for stage in cfg.resolved_stages():
-        steps = math.ceil(stage.tokens / (stage.global_batch_size * stage.seq_length))
-        seconds += steps * estimate_step(cfg, layout, hardware, precision, stage=stage, backend=backend).step_seconds
-    return seconds / 3600
+    return schedule_seconds(cfg, layout, hardware, precision, backend) / 3600
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -200,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         layout = None
     backend = args.backend or cfg.model.attention_backend
     hardware = Hardware(args.gpu_memory, args.peak_tflops, args.utilization, args.gpus_per_node,
-                        nvlink_gbs=args.nvlink_gbs, ib_gbs=args.ib_gbs)
+                        nvlink_gbs=args.nvlink_gbs, ib_gbs=args.ib_gbs,
+                        headroom=Headroom(args.cuda_context_gib, args.nccl_gib_per_group, args.fragmentation))
     device = "cpu" if args.cpu else "gpu"
     try:
         precision = trainer_precision(cfg, device) if args.precision == "trainer" else PRECISIONS[args.precision]
@@ -208,8 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         return cli.report_user_error(error)
     plans = rank_layouts(
         cfg, hardware, args.gpus, precision, backend=backend, device=device,
-        optimizer_sharding=args.optimizer_sharding, sequence_parallel=args.sequence_parallel,
-        cp_comm=args.cp_comm or _default_cp_comm(cfg, args), overlap_grad_reduce=args.overlap_grad_reduce,
+        sequence_parallel=args.sequence_parallel, cp_comm=args.cp_comm or _default_cp_comm(cfg, args),
     )  # fmt: skip
     if layout is None:
         if not plans:
@@ -230,24 +252,33 @@ def main(argv: list[str] | None = None) -> int:
         f"(executed with recompute {layout.recompute}: {step.executed_flops_per_token:.3e})\n"
         f"{args.gpus} GPUs x {args.gpu_memory:g} GiB, {args.gpus_per_node} per node\n"
     )
-    detail = LayoutPlan(layout, estimate_memory(cfg, layout, precision, backend=backend, device=device), step)
+    detail = LayoutPlan(layout, estimate_memory(cfg, layout, precision, backend=backend, device=device,
+                                                hardware=hardware), step)  # fmt: skip
     print("\n".join(describe(cfg, detail, hardware, backend)))
-    print(f"  whole schedule    {total_hours(cfg, layout, hardware, precision, backend):8.1f} h\n")
+    print(f"  whole schedule    {total_hours(cfg, layout, hardware, precision, backend):8.1f} h")
+    if detail.memory.headroom:
+        print("  headroom figures  " + "\n                    ".join(HEADROOM_SOURCES))
+    print()
 
     if not plans:
-        print("no layout fits: add GPUs, shorten the sequence, or try --optimizer-sharding / --backend te "
-              "--sequence-parallel")  # fmt: skip
+        print("no layout fits: add GPUs, shorten the sequence, or try --backend te --sequence-parallel")
         return 1
-    print(f"layouts that fit, fastest first ({len(plans)} of them; top {min(args.top, len(plans))}):")
-    print(f"  {'#':>2s} {'TP':>3s} {'CP':>3s} {'DP':>3s} {'mbs':>3s} {'recompute':>9s} {'memory/GPU':>11s} "
+    layers = cfg.model.num_layers
+    print(f"layouts that fit with the headroom, fastest schedule first ({len(plans)} of them; top {min(args.top, len(plans))}):")
+    print(f"  {'#':>2s} {'TP':>3s} {'CP':>3s} {'DP':>3s} {'mbs':>3s} {'recompute':>18s} {'memory/GPU':>11s} "
           f"{'step s':>8s} {'hours':>7s} {'sent/GPU/step':>13s}")  # fmt: skip
     for index, plan in enumerate(plans[: args.top], 1):
         item = plan.layout
         sent = sum(plan.step.communication_bytes.values()) / GIB
-        hours = total_hours(cfg, item, hardware, precision, backend)
+        hours = plan.schedule_seconds / 3600
         print(f"  {index:2d} {item.tensor:3d} {item.context:3d} {item.data:3d} {item.micro_batch:3d} "
-              f"{item.recompute:>9s} {gib(plan.memory.total):>11s} {plan.step.step_seconds:8.2f} {hours:7.1f} "
-              f"{sent:9.1f} GiB")  # fmt: skip
+              f"{item.recompute_label(layers):>18s} {gib(plan.memory.total):>11s} {plan.step.step_seconds:8.2f} "
+              f"{hours:7.1f} {sent:9.1f} GiB")  # fmt: skip
+    best = plans[0]
+    same = best.layout == layout
+    print(f"\nrecommended: #1, {best.step.step_seconds:.1f} s per step ({best.schedule_seconds / 3600:.1f} h in all), "
+          f"{gib(best.memory.total).strip()} per GPU with the "
+          f"headroom ({'the config already runs it' if same else 'the config runs another layout'}):\n  {config_keys(best.layout)}")  # fmt: skip
     return 0
 
 

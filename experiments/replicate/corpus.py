@@ -90,6 +90,21 @@ def write_corpus(
     return prefix, tokenize_command(jsonl, tokenizer, prefix)
 
 
+def write_heldout(output: Path, documents: int, length: int, seed: int) -> Path:
+    """Held-out documents for base-length perplexity: the training grammar, another seed, each
+    `length` tokens once evaluate.py prepends BOS (length - 1 words); never trained on."""
+    path = output / f"heldout_{length}.jsonl"
+    if not path.exists():
+        rng = random.Random(seed)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(path.name + ".tmp")
+        with temporary.open("w") as handle:
+            for _ in range(documents):
+                handle.write(json.dumps({"text": training_document(length - 1, rng)}) + "\n")
+        temporary.replace(path)
+    return path
+
+
 def answer_mask_prefix(prefix: Path) -> Path:
     return prefix.with_name(prefix.name.replace("_text_document", "") + "_answer_mask")
 

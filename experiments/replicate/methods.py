@@ -66,6 +66,8 @@ class Scale:
     seeds: tuple[int, ...] = (1, 2, 3)
     eval_lengths: tuple[int, ...] = (128, 256, 512, 1024, 2048)
     eval_samples: int = 200
+    heldout_documents: int = 200
+    """Held-out documents of base_length tokens for the retention table's perplexity."""
 
     @property
     def ratio(self) -> float:
@@ -83,7 +85,7 @@ FULL = Scale()
 SMOKE = Scale(
     base_length=64, target_length=512, num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64,
     base_tokens=8192, later_round_tokens=8192, base_rounds=1, base_processes=1, extension_tokens=12288, base_batch=8, extension_batch=2, seeds=(1,),
-    eval_lengths=(64, 512), eval_samples=4,
+    eval_lengths=(64, 512), eval_samples=4, heldout_documents=8,
 )
 
 

@@ -22,25 +22,32 @@ DEPTH_BINS = ((0, 25), (25, 50), (50, 75), (75, 101))
 BASE_ROW = "base (no extension)"
 
 
-def load_run(eval_dir: Path, name: str) -> dict[str, Any] | None:
-    """results.json and the per-sample records of one evaluated model (None if missing)."""
+def load_run(eval_dir: Path, name: str, base_length: int | None = None) -> dict[str, Any] | None:
+    """results.json and the per-sample records of one evaluated model (None if missing), with its
+    held-out perplexity at the base length when <name>_ppl holds it."""
     results_path = eval_dir / name / "results.json"
     if not results_path.exists():
         return None
     results = json.loads(results_path.read_text())
     predictions = eval_dir / name / "predictions.jsonl"
     records = [json.loads(line) for line in predictions.read_text().splitlines()] if predictions.exists() else []
+    perplexity = None
+    ppl_path = eval_dir / f"{name}_ppl" / "results.json"
+    if base_length is not None and ppl_path.exists():
+        perplexity = json.loads(ppl_path.read_text()).get("perplexity", {}).get(str(base_length), {}).get("ppl")
     return {"scores": {int(length): cell["score"] for length, cell in results["tasks"]["synthetic_kv"].items()},
-            "records": records}
+            "records": records, "ppl": perplexity}
 
 
 def mean_and_spread(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def summarize(eval_dir: Path, methods: list[str], runs: list[tuple[str, int]], lengths: tuple[int, ...]) -> dict:
+def summarize(eval_dir: Path, methods: list[str], runs: list[tuple[str, int]], lengths: tuple[int, ...],
+              base_length: int | None = None) -> dict:
     """{row: {"per_seed": {seed: {length: score}}, "mean": {length: m}, "spread": {length: s},
-    "depth": {length: {bin label: accuracy}}}} for the base model and every method."""
+    "depth": {length: {bin label: accuracy}}, "ppl": {seed: held-out perplexity at base_length}}}
+    for the base model and every method."""
     rows: dict[str, dict[str, Any]] = {}
     seeds = sorted({seed for _, seed in runs})  # every seed has one base model
     groups: dict[str, list[tuple[int, str]]] = {BASE_ROW: [(seed, f"base_seed{seed}") for seed in seeds]}
@@ -49,7 +56,7 @@ def summarize(eval_dir: Path, methods: list[str], runs: list[tuple[str, int]], l
     for row, members in groups.items():
         if row != BASE_ROW and row not in methods:
             continue
-        loaded = {seed: run for seed, name in members if (run := load_run(eval_dir, name)) is not None}
+        loaded = {seed: run for seed, name in members if (run := load_run(eval_dir, name, base_length)) is not None}
         if not loaded:
             continue
         per_seed = {seed: run["scores"] for seed, run in loaded.items()}
@@ -63,8 +70,60 @@ def summarize(eval_dir: Path, methods: list[str], runs: list[tuple[str, int]], l
                      "digits": {k: mean_and_spread([seed[k] for seed in digits_per_seed if k in seed])
                                 for k in lengths if any(k in seed for seed in digits_per_seed)},
                      "first_digit": {k: mean_and_spread([seed[k] for seed in first_per_seed if k in seed])
-                                     for k in lengths if any(k in seed for seed in first_per_seed)}}
+                                     for k in lengths if any(k in seed for seed in first_per_seed)},
+                     "ppl": {seed: run["ppl"] for seed, run in loaded.items() if run["ppl"] is not None}}
     return rows
+
+
+def retention(rows: dict, base_length: int) -> dict[str, dict[str, tuple[float, float] | None]]:
+    """{method: measure -> (mean, std) over seeds} at the base length, each method against its own
+    seed's base model: exact match before and after extension, the share kept (after / before x
+    100, seeds whose base model scored 0 left out), held-out perplexity before and after and their
+    ratio (above 1: worse after extension)."""
+    if BASE_ROW not in rows:
+        return {}
+    base = rows[BASE_ROW]
+    table: dict[str, dict[str, tuple[float, float] | None]] = {}
+
+    def stats(values: list[float]) -> tuple[float, float] | None:
+        return mean_and_spread(values) if values else None
+
+    for row, data in rows.items():
+        if row == BASE_ROW:
+            continue
+        pairs = [(base["per_seed"][seed][base_length], scores[base_length]) for seed, scores in data["per_seed"].items()
+                 if base_length in scores and base_length in base["per_seed"].get(seed, {})]
+        ppl_pairs = [(base["ppl"][seed], value) for seed, value in data["ppl"].items() if seed in base["ppl"]]
+        table[row] = {
+            "exact_match_before": stats([before for before, _ in pairs]),
+            "exact_match_after": stats([after for _, after in pairs]),
+            "kept": stats([100.0 * after / before for before, after in pairs if before > 0]),
+            "ppl_before": stats([before for before, _ in ppl_pairs]),
+            "ppl_after": stats([after for _, after in ppl_pairs]),
+            "ppl_ratio": stats([after / before for before, after in ppl_pairs]),
+        }
+    return table
+
+
+def retention_markdown(rows: dict, base_length: int) -> list[str]:
+    table = retention(rows, base_length)
+    if not table:
+        return []
+
+    def cell(value: tuple[float, float] | None, digits: int = 1) -> str:
+        return "-" if value is None else f"{value[0]:.{digits}f} ± {value[1]:.{digits}f}"
+
+    lines = ["", f"Retention at the base length ({base_length} tokens): each method against its own seed's base model, "
+             "mean ± std over seeds: `synthetic_kv` exact match (%) before and after extension and the share kept "
+             "(after / before per seed), and perplexity on held-out base-length documents (never trained on) before "
+             "and after (a ratio above 1: worse after extension):", "",
+             "| method | exact match before | after | kept (%) | held-out ppl before | after | ppl after / before |",
+             "|---|---|---|---|---|---|---|"]
+    for row, values in table.items():
+        lines.append(f"| {row} | {cell(values['exact_match_before'])} | {cell(values['exact_match_after'])} | "
+                     f"{cell(values['kept'])} | {cell(values['ppl_before'], 3)} | {cell(values['ppl_after'], 3)} | "
+                     f"{cell(values['ppl_ratio'], 3)} |")
+    return lines
 
 
 def paired_differences(rows: dict, reference: str, lengths: tuple[int, ...]) -> dict[str, dict[int, tuple[float, float, int]]]:
@@ -152,6 +211,7 @@ def markdown(rows: dict, lengths: tuple[int, ...], scale: Any) -> str:
                 f"{cells[k][0]:+.1f} ± {cells[k][1]:.1f} ({cells[k][2]}/{seeds})" if k in cells else "-"
                 for k in lengths) + " |")
     lines += masking_lines(rows, lengths)
+    lines += retention_markdown(rows, scale.base_length)
     bins = [f"{low}-{min(high, 100)}%" for low, high in DEPTH_BINS]
     for length in [k for k in lengths if k >= scale.target_length]:
         lines += ["", f"Accuracy by depth of the queried needle at length {length} (all seeds pooled):", "",
@@ -224,7 +284,7 @@ def save_figure(figure: Any, path: Path, dpi: int) -> Path:
 def write_report(eval_dir: Path, output: Path, scale: Any, methods: list[str], runs: list[tuple[str, int]],
                  log: Callable[[str], None] = print) -> list[Path]:
     """results.md, results.png and summary.json in `output`; returns their paths."""
-    rows = summarize(eval_dir, methods, runs, scale.eval_lengths)
+    rows = summarize(eval_dir, methods, runs, scale.eval_lengths, scale.base_length)
     if not rows:
         raise ValueError(f"no evaluation results under {eval_dir}: run the eval phase first")
     from megatron_harpe.eval.report import write_text_atomic  # imports pyplot: only when a report is written
@@ -234,6 +294,7 @@ def write_report(eval_dir: Path, output: Path, scale: Any, methods: list[str], r
     write_text_atomic(str(table), markdown(rows, scale.eval_lengths, scale))
     summary = output / "summary.json"
     serializable = {row: {key: value for key, value in data.items()} for row, data in rows.items()}
+    serializable["retention_at_base_length"] = retention(rows, scale.base_length)
     write_text_atomic(str(summary), json.dumps(serializable, indent=2, default=str))
     figure = plot(rows, scale.eval_lengths, scale, output / "results.png")
     log(f"report: {len(rows)} rows ({', '.join(rows)})")

@@ -13,10 +13,12 @@ interrupted run resumes where it stopped):
 3. extend: `pretrain_harpe.py` continues each seed's base model to the 8x target length with
    every method of methods.py (HARPE, ABF, multi-stage ABF, PI, no change) at equal tokens;
 4. eval: `tools/evaluate.py --task synthetic_kv` scores the base model and every extended
-   model at lengths from the base length to twice the target (teacher forcing), each model
-   right after it is trained, so an interrupted run keeps the results it has;
+   model at lengths from the base length to twice the target (teacher forcing), and
+   `--task ppl` their perplexity on held-out base-length documents, each model right after it
+   is trained, so an interrupted run keeps the results it has;
 5. report: results.md (mean and spread over seeds per method and length, accuracy by
-   depth), results.png and commands.md (every command, in order) in --output.
+   depth, retention at the base length: exact match and held-out perplexity before and after
+   extension), results.png and commands.md (every command, in order) in --output.
 
 Checkpoints, datasets and logs go to --workdir (default runs/replicate, not committed); the
 output folder holds only small result files.
@@ -43,7 +45,7 @@ quiet_third_party()  # before megatron-core is imported below: our progress line
 
 import yaml  # noqa: E402
 
-from corpus import write_answer_mask, write_corpus  # noqa: E402
+from corpus import write_answer_mask, write_corpus, write_heldout  # noqa: E402
 from methods import ABLATIONS, FULL, METHODS, SMOKE, Scale, base_config, extension_config  # noqa: E402
 from report import write_report  # noqa: E402
 from worker import run_job  # noqa: E402
@@ -184,7 +186,9 @@ def prepare_data(runner: Runner, scale: Scale) -> dict:
     runner.run_all("data", [[("tokenize_base", base_command, data_dir / "base.DONE")],
                             [("tokenize_extension", extension_command, data_dir / "extension.DONE")]])
     vocab = len(vocabulary())
+    heldout = write_heldout(data_dir, scale.heldout_documents, scale.base_length, seed=7919)
     return {"tokenizer": str(tokenizer), "base_prefix": str(base_prefix), "extension_prefix": str(extension_prefix),
+            "heldout": str(heldout),
             "base_mask": str(write_answer_mask(base_prefix)), "extension_mask": str(write_answer_mask(extension_prefix)),
             "vocab_size": -(-vocab // MODEL_VOCAB_MULTIPLE) * MODEL_VOCAB_MULTIPLE}
 
@@ -203,12 +207,31 @@ def eval_command(checkpoint: Path, out_dir: Path, scale: Scale) -> list[str]:
             "--no-progress"]
 
 
-def train_then_evaluate(runner: Runner, output: Path, name: str, tree: dict, scale: Scale) -> list[Job]:
+def perplexity_command(checkpoint: Path, out_dir: Path, scale: Scale, heldout: str) -> list[str]:
+    """Held-out perplexity at the base length (one window per document), for the retention table."""
+    return [sys.executable, str(REPO / "tools" / "evaluate.py"), "--model", str(checkpoint), "--task", "ppl",
+            "--lengths", str(scale.base_length), "--ppl-data", heldout, "--ppl-max-documents",
+            str(scale.heldout_documents), "--output-dir", str(out_dir), "--no-progress"]
+
+
+def evaluation_jobs(runner: Runner, name: str, checkpoint: Path, scale: Scale, data: dict | None) -> list[Job]:
+    """Retrieval at every length into <workdir>/eval/<name>, then (with held-out data) perplexity
+    at the base length into <workdir>/eval/<name>_ppl (its own marker: a run that predates it
+    adds just that)."""
+    eval_dir, ppl_dir = runner.workdir / "eval" / name, runner.workdir / "eval" / f"{name}_ppl"
+    jobs: list[Job] = [(f"eval_{name}", eval_command(checkpoint, eval_dir, scale), eval_dir / "DONE")]
+    if data and data.get("heldout"):
+        jobs.append((f"ppl_{name}", perplexity_command(checkpoint, ppl_dir, scale, data["heldout"]), ppl_dir / "DONE"))
+    return jobs
+
+
+def train_then_evaluate(runner: Runner, output: Path, name: str, tree: dict, scale: Scale,
+                        data: dict | None = None) -> list[Job]:
     """The jobs that train `tree` (config in <output>/configs/<name>.yaml, weights in its
-    checkpoint.save) and then evaluate that checkpoint into <workdir>/eval/<name>."""
-    checkpoint, eval_dir = Path(tree["checkpoint"]["save"]), runner.workdir / "eval" / name
+    checkpoint.save) and then evaluate that checkpoint (`evaluation_jobs`)."""
+    checkpoint = Path(tree["checkpoint"]["save"])
     return [(name, train_command(write_yaml(tree, output / "configs" / f"{name}.yaml")), checkpoint / "DONE"),
-            (f"eval_{name}", eval_command(checkpoint, eval_dir, scale), eval_dir / "DONE")]
+            *evaluation_jobs(runner, name, checkpoint, scale, data)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -260,8 +283,7 @@ def main(argv: list[str] | None = None) -> int:
             command = train_command(write_yaml(tree, output / "configs" / f"{name}.yaml"), scale.base_processes)
             chain.append((name, command, base_dir / "DONE"))
             previous = str(base_dir)
-        eval_dir = workdir / "eval" / f"base_seed{seed}"
-        chain.append((f"eval_base_seed{seed}", eval_command(base_dir, eval_dir, scale), eval_dir / "DONE"))
+        chain += evaluation_jobs(runner, f"base_seed{seed}", base_dir, scale, data)
         base_chains.append(chain)
         base_dirs[seed] = base_dir
     runner.run_all("base", base_chains)
@@ -274,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         name = f"{method}_seed{seed}"
         checkpoint = workdir / "checkpoints" / name
         tree = extension_config(method, scale, data, str(base_dirs[seed]), str(checkpoint), seed)
-        chains.append(train_then_evaluate(runner, output, name, tree, scale))
+        chains.append(train_then_evaluate(runner, output, name, tree, scale, data))
     runner.run_all("extend+eval", chains)
 
     # 5. report

@@ -10,7 +10,11 @@ is") follows the assistant turn's opening, so the model continues the prefix. He
 is rendered with the tokenizer's own chat template (`apply_chat_template`, one user message,
 `add_generation_prompt=True`), or with a Jinja template from a file; "none" is RULER's "base"
 template (question and answer prefix back to back). "auto" takes the tokenizer's template when
-it has one, else none: pass "none" for a base model whose tokenizer ships a template.
+it has one, else none: pass "none" for a base model whose tokenizer ships a template. A
+tokenizer's own template may add a default system prompt (Llama-3.1's date header, Qwen's or
+SmolLM2's system message) that RULER's prompts never had: "ruler" uses RULER's own template of
+the model's family instead (`ruler_rules.RULER_TEMPLATES`, picked from the tokenizer's chat
+template; "base" without one), "ruler:NAME" a named one.
 """
 
 from __future__ import annotations
@@ -20,20 +24,26 @@ import os
 from typing import Any, Callable
 
 from megatron_harpe.eval.backends import Tokenizer
+from megatron_harpe.eval.ruler_rules import RULER_TEMPLATES, family_of, singular as singular_wording
 
 
 class PromptFormat:
-    """question + answer prefix -> prompt text; `info` says which template made it."""
+    """question + answer prefix -> prompt text; `info` says which template made it.
+    `render_singular` (RULER's templates) renders a question that expects one value, whose
+    template RULER rewords to the singular, its own words included."""
 
-    def __init__(self, name: str = "none", render: Callable[[str], str] | None = None, template: str | None = None):
+    def __init__(self, name: str = "none", render: Callable[[str], str] | None = None, template: str | None = None,
+                 render_singular: Callable[[str], str] | None = None):
         self.name = name
         self.render = render
         self.template = template
+        self.render_singular = render_singular
 
-    def __call__(self, question: str, answer_prefix: str) -> str:
-        if self.render is None:
+    def __call__(self, question: str, answer_prefix: str, singular: bool = False) -> str:
+        render = self.render_singular if singular and self.render_singular is not None else self.render
+        if render is None:
             return question + answer_prefix
-        return self.render(question) + answer_prefix
+        return render(question) + answer_prefix
 
     @property
     def info(self) -> dict[str, Any]:
@@ -68,11 +78,30 @@ def _render_with_jinja(template: str, tokenizer: Tokenizer) -> Callable[[str], s
     return render
 
 
+def ruler_prompt_format(name: str) -> PromptFormat:
+    """RULER's model template `name` (ruler_rules.RULER_TEMPLATES); "base" is the plain format."""
+    if name not in RULER_TEMPLATES:
+        raise ValueError(f"--chat-template ruler:{name}: RULER has no such template; choose one of "
+                         f"{', '.join(RULER_TEMPLATES)}")
+    template = RULER_TEMPLATES[name]
+    worded = singular_wording(template)
+    return PromptFormat(
+        f"ruler:{name}", lambda question: template.replace("{task_template}", question), template,
+        render_singular=lambda question: worded.replace("{task_template}", question),
+    )
+
+
 def resolve_prompt_format(tokenizer: Tokenizer, spec: str) -> PromptFormat:
-    """`spec`: "none", "auto" (the tokenizer's chat template if it has one) or a file holding a
-    Jinja chat template."""
+    """`spec`: "none", "auto" (the tokenizer's chat template if it has one), "ruler" (RULER's
+    template of the model's family, recognised from the tokenizer's chat template: see
+    ruler_rules.FAMILY_MARKERS; "base" when it has none), "ruler:NAME" (that RULER template) or
+    a file holding a Jinja chat template."""
     hf_tokenizer = getattr(tokenizer, "hf_tokenizer", None)
     own_template = getattr(hf_tokenizer, "chat_template", None) if hf_tokenizer is not None else None
+    if spec == "ruler" or spec.startswith("ruler:"):
+        if spec == "ruler" and isinstance(own_template, dict):
+            raise ValueError("the tokenizer has several named chat templates: pass --chat-template ruler:NAME")
+        return ruler_prompt_format(spec[len("ruler:"):] if ":" in spec else family_of(own_template))
     if spec == "none" or (spec == "auto" and not own_template):
         return PLAIN
     if spec == "auto":

@@ -29,6 +29,13 @@ attends the query to its own keys and returns an unnormalised partial result wit
 statistics (row maximum, sum of exponentials); one all-reduce MAX and one all-reduce SUM over
 the CP group combine them into exact softmax attention (the log-sum-exp merge of blockwise
 attention). Every CP rank ends with the same logits.
+
+Sequence parallelism: the prefill is padded like any forward of the layout
+(`megatron_backend.sequence_multiple`), and each decode step feeds TP tokens, the new one first
+and padding after it, because megatron splits the norms' tokens over the TP ranks (one token
+cannot be split; tensor_parallel/mappings.py asserts it). Only the first token's keys/values
+are cached and only its query attends; the padding rows get zeros from attention and are dropped
+at the output, so the new token's logits are those of a one-token step.
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ class KVCache:
     cp_rank: int = 0
     cp_size: int = 1
     cp_group: object = None
+    tokens_per_step: int = 1  # decode tokens per forward: TP under sequence parallelism (one real, then padding)
     decoding: bool = False
     length: int = 0  # tokens already cached (the next token's absolute position)
     prefix_keep: torch.Tensor | None = None  # local prefill positions that are real tokens
@@ -91,12 +99,16 @@ class CachedCoreAttention(torch.nn.Module):
             cache.prefix[self.layer] = (k.index_select(2, keep), v.index_select(2, keep))
             return self.inner(query, key, value, attention_mask, attn_mask_type=attn_mask_type,
                               attention_bias=attention_bias, packed_seq_params=packed_seq_params)
+        padded = q.size(2)
+        if cache.tokens_per_step > 1:  # sequence-parallel padding after the new token: not cached, not attending
+            q, k, v = q[:, :, :1], k[:, :, :1], v[:, :, :1]
         if cache.keeps_tail:
             if self.layer in cache.tail:
                 old_k, old_v = cache.tail[self.layer]
                 k, v = torch.cat([old_k, k], dim=2), torch.cat([old_v, v], dim=2)
             cache.tail[self.layer] = (k, v)
         out = self._attend(q)
+        out = torch.nn.functional.pad(out, (0, 0, 0, padded - out.size(2)))
         batch, heads, seq, dim = out.shape
         return out.permute(2, 0, 1, 3).reshape(seq, batch, heads * dim).to(query.dtype)
 
@@ -165,8 +177,9 @@ class _AbsolutePositionRotary(torch.nn.Module):
 
     def get_rotary_seq_len(self, inference_context, transformer, transformer_input, transformer_config,
                            packed_seq_params=None) -> int:
-        if self.cache.decoding:
-            return transformer_input.size(0)
+        if self.cache.decoding:  # this rank's decode tokens: all of them under sequence parallelism
+            return transformer_input.size(0) * (transformer_config.tensor_model_parallel_size
+                                                if transformer_config.sequence_parallel else 1)
         return self.inner.get_rotary_seq_len(inference_context, transformer, transformer_input,
                                              transformer_config, packed_seq_params)
 
@@ -180,6 +193,7 @@ def cached_model(model) -> Iterator[KVCache]:
         cp_rank=parallel_state.get_context_parallel_rank(),
         cp_size=parallel_state.get_context_parallel_world_size(),
         cp_group=parallel_state.get_context_parallel_group(),
+        tokens_per_step=parallel_state.get_tensor_model_parallel_world_size() if model.config.sequence_parallel else 1,
     )
     attentions = [layer.self_attention for layer in model.decoder.layers]
     originals = [attention.core_attention for attention in attentions]
@@ -224,22 +238,24 @@ class IncrementalDecoder:
         rest of a small model's forward."""
         cache, backend = self.cache, self.backend
         length = len(prompt_ids)
-        multiple = 2 * cache.cp_size if cache.cp_size > 1 else 1
-        padded = length + (-length) % multiple
+        padded = length + (-length) % backend.multiple
         cache.start_prefill(length, padded)
         positions = context_parallel_positions(padded, cache.cp_rank, cache.cp_size).long().to(backend.device)
         tokens = torch.tensor(prompt_ids + [0] * (padded - length), device=backend.device)[None]
         holds_last = bool((positions == length - 1).any())
         # every rank projects one row (the last position where it lives, any row elsewhere) so
-        # the TP gather sees equal shapes; the CP sum keeps the holder's row
+        # the TP gather sees equal shapes; the CP sum keeps the holder's row. Under sequence
+        # parallelism the output layer's input is split over TP (shards of `shard` rows) and it
+        # gathers one row per TP rank: each takes the same offset, the holder's comes back at its rank.
         row = int(torch.nonzero(positions == length - 1)[0, 0]) if holds_last else 0
+        shard = positions.numel() // cache.tokens_per_step
         output_layer = backend.model.output_layer
-        backend.model.output_layer = _RowsOnly(output_layer, row)
+        backend.model.output_layer = _RowsOnly(output_layer, row % shard)
         try:
-            local = backend.model(tokens[:, positions], positions[None], None)[0]  # [1, vocab / tp]
+            local = backend.model(tokens[:, positions], positions[None], None)[0]  # [rows gathered, vocab / tp]
         finally:
             backend.model.output_layer = output_layer
-        logits = gather_vocabulary(local.float())
+        logits = gather_vocabulary(local[row // shard : row // shard + 1].float())
         if cache.cp_size > 1:
             logits = logits if holds_last else torch.zeros_like(logits)
             collectives.all_reduce(logits, group=cache.cp_group)
@@ -251,11 +267,12 @@ class IncrementalDecoder:
         cache, backend = self.cache, self.backend
         if not cache.decoding:
             raise ValueError("IncrementalDecoder.step before prefill")
-        tokens = torch.tensor([[token_id]], device=backend.device)
-        positions = torch.tensor([[cache.length]], device=backend.device)
-        local = backend.model(tokens, positions, None)[0]  # [1, vocab / tp]
+        padding = cache.tokens_per_step - 1  # sequence parallelism: the new token, then padding
+        tokens = torch.tensor([[token_id] + [0] * padding], device=backend.device)
+        positions = torch.arange(cache.length, cache.length + 1 + padding, device=backend.device)[None]
+        local = backend.model(tokens, positions, None)[0]  # [1 + padding, vocab / tp]
         cache.length += 1
-        return gather_vocabulary(local.float())[-1, : backend.tokenizer.vocab_size]
+        return gather_vocabulary(local[:1].float())[0, : backend.tokenizer.vocab_size]
 
 
 def generate_cached(backend, prompt_ids: list[int], max_new_tokens: int) -> list[int]:

@@ -6,8 +6,10 @@
 
 Every rank runs the same evaluation (prompts are generated from the same seed) and takes part
 in each forward pass; each forward is collective and its logits are gathered so every rank sees
-the same argmax. Sequences are padded at the end to a multiple of 2*CP: causal attention keeps
-padding from influencing the real positions.
+the same argmax. Sequences are padded at the end to what the layout needs (`sequence_multiple`:
+2*CP chunks under context parallelism, and under sequence parallelism each CP rank's tokens also
+split over the TP ranks, which megatron asserts in tensor_parallel/mappings.py): causal attention
+keeps padding from influencing the real positions.
 
 Generation is greedy with a KV cache (eval/kv_cache.py): the prompt runs once, sharded over
 TP and CP like any forward, then each new token costs a one-token forward; it equals full
@@ -20,6 +22,7 @@ source (`hf_source/`, written by hf-to-megatron), else the config's `data.tokeni
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -48,6 +51,7 @@ class MegatronBackend:
         self.cp_size = parallel_state.get_context_parallel_world_size()
         self.cp_rank = parallel_state.get_context_parallel_rank()
         self.device = next(model.parameters()).device
+        self.multiple = sequence_multiple(model)
 
     @classmethod
     def from_checkpoint(
@@ -96,8 +100,7 @@ class MegatronBackend:
         same on every rank. Only those rows are gathered: at 128k the full table would not fit."""
         length = len(ids)
         last = length if last is None else min(last, length)
-        multiple = 2 * self.cp_size if self.cp_size > 1 else 1
-        padded = length + (-length) % multiple
+        padded = length + (-length) % self.multiple
         tokens = torch.tensor(ids + [0] * (padded - length), device=self.device)[None]
         local_positions = context_parallel_positions(padded, self.cp_rank, self.cp_size).long().to(self.device)
         local_logits = self.model(tokens[:, local_positions], local_positions[None], None)[0]  # [s_local, vocab/tp]
@@ -134,6 +137,15 @@ class MegatronBackend:
         logprobs = torch.log_softmax(self.logits(ids)[:-1], dim=-1)
         targets = torch.tensor(ids[1:], device=logprobs.device)
         return logprobs.gather(1, targets[:, None])[:, 0].cpu()
+
+
+def sequence_multiple(model) -> int:
+    """What the token count of a forward of `model` must be a multiple of on this layout: 2*CP
+    under context parallelism (two chunks per rank), times TP under sequence parallelism (each CP
+    rank's tokens split over the TP ranks for the norms)."""
+    cp = parallel_state.get_context_parallel_world_size()
+    tp = parallel_state.get_tensor_model_parallel_world_size() if model.config.sequence_parallel else 1
+    return cp * math.lcm(2 if cp > 1 else 1, tp)
 
 
 def checkpoint_tokenizer(path: str, spec) -> str | None:

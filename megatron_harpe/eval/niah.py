@@ -14,14 +14,17 @@
 | niah_multivalue | prose             | word / number   | 4 values of one key, all asked  |
 | niah_multiquery | prose             | word / number   | 4 keys, all asked               |
 
-Prompts follow RULER's task template and answer prefix, in the singular wording when exactly
-one value is expected; a chat template (`chat.PromptFormat`) wraps the question and the answer
-prefix follows it, as in RULER. Needles go where RULER puts them: in the prose haystack at depths
-drawn from the 40 even points, in the noise and needle haystacks into uniformly random slots
-(distinct unit positions, `random_slots`). Choices where RULER differs or is silent:
+Prompts are RULER's (ruler_rules.RULER_VERSION) for the same draw: its task template and answer
+prefix, reworded to the singular (model template included) when exactly one value is expected,
+the queried keys joined as "a, b, and c" (one key alone); a chat template (`chat.PromptFormat`)
+wraps the question and the answer prefix follows it. The needles are generated key by key and
+permuted by RULER's fixed-seed shuffle; in the prose haystack they go at depths drawn from the 40
+even points, the pieces joined by spaces exactly as RULER joins them (`essay_context`); in the
+noise and needle haystacks into uniformly random slots (`random_slots`), lines joined by
+newlines. Where we differ (docs/evaluation.md lists every difference):
 - Distractor needles never reuse a key or value of the sample (RULER does not check).
-- Prose units are joined by spaces, noise paragraphs and distractor needles by newlines (as
-  RULER does); the prose starts at its first sentence for every sample (as RULER does).
+- The prose is ours (or RULER's essays with --haystack-file) and split into sentences by our
+  splitter, not NLTK's punkt; it starts at its first sentence for every sample (as RULER's).
 - The answer budget (tokens reserved after the prompt) is the generation limit, 128.
 """
 
@@ -34,12 +37,16 @@ from typing import Callable
 
 from megatron_harpe.eval.backends import Tokenizer, encode_prompt
 from megatron_harpe.eval.chat import PLAIN, PromptFormat
-from megatron_harpe.eval.haystack import NOISE_PARAGRAPH, NeedleVocabulary, cycled, load_prose_sentences
+from megatron_harpe.eval.haystack import NOISE_PARAGRAPH, NeedleVocabulary, cycled, load_prose_sentences, split_sentences
+from megatron_harpe.eval.ruler_rules import fixed_shuffle, ruler_increment
 from megatron_harpe.eval.samples import (
     DEPTHS,
+    TIGHT,
     EvalSample,
+    Fill,
+    RulerStep,
     answer_continuation,
-    insert_at_depths,
+    essay_context,
     insert_at_slots,
     random_slots,
     sample_rng,
@@ -111,13 +118,24 @@ def prose_cost_model(tokenizer: Tokenizer, sentences: tuple[str, ...]) -> Callab
     return cost
 
 
+def query_text(queries: list[str]) -> str:
+    """RULER's question subject: the key alone, or "a, b, and c" for several keys."""
+    return ", ".join(queries[:-1]) + ", and " + queries[-1] if len(queries) > 1 else queries[0]
+
+
 def format_prompt(task: NiahTask, context: str, queries: list[str], chat: PromptFormat = PLAIN) -> str:
-    if task.expected_values == 1:
+    if task.expected_values == 1:  # RULER's singular rewording (its template, the model's included)
         fields = {"kind": task.value_kind[:-1], "query": queries[0]}
-        return chat(SINGULAR_TEMPLATE.format(context=context, **fields), SINGULAR_ANSWER_PREFIX.format(**fields))
-    # RULER joins several queried keys as "a, b, and c"
-    fields = {"kind": task.value_kind, "query": ", ".join(queries[:-1]) + ", and " + queries[-1]}
+        return chat(SINGULAR_TEMPLATE.format(context=context, **fields), SINGULAR_ANSWER_PREFIX.format(**fields),
+                    singular=True)
+    fields = {"kind": task.value_kind, "query": query_text(queries)}
     return chat(PLURAL_TEMPLATE.format(context=context, **fields), PLURAL_ANSWER_PREFIX.format(**fields))
+
+
+@functools.lru_cache(maxsize=4)
+def prose_words(sentences: tuple[str, ...]) -> tuple[str, ...]:
+    """The prose haystack as RULER counts its essay: words."""
+    return tuple(word for sentence in sentences for word in sentence.split(" "))
 
 
 def build_niah_sample(
@@ -131,21 +149,21 @@ def build_niah_sample(
     fixed_depth: int | None = None,
     haystack_units: int | None = None,
     chat: PromptFormat = PLAIN,
+    fill: Fill = TIGHT,
 ) -> EvalSample:
-    """One sample of `task` whose prompt plus `answer_budget` tokens fits `length` as tightly as
-    the haystack units allow. `fixed_depth` (percent) replaces the random depth of a
-    single-needle prose task (the length x depth grid uses it); `haystack_units` forces the
-    haystack size instead of fitting it (the same sample otherwise)."""
+    """One sample of `task` whose prompt plus `answer_budget` tokens fits `length` (as tightly as
+    the haystack units allow, or by RULER's sizing with `fill`). `fixed_depth` (percent) replaces
+    the random depth of a single-needle prose task (the length x depth grid uses it);
+    `haystack_units` forces the haystack size instead of fitting it (the same sample otherwise).
+    Units are sentences of the prose (words with RULER's fill, as RULER counts its essay), noise
+    paragraphs or distractor needles."""
     rng = sample_rng(seed, task.name if fixed_depth is None else f"{task.name}@{fixed_depth}", length, index)
     vocabulary = NeedleVocabulary(rng)
     keys = [vocabulary.draw(task.key_kind) for _ in range(task.num_keys)]
     values = [[vocabulary.draw(task.value_kind) for _ in range(task.num_values)] for _ in keys]
-    needles = [
-        NEEDLE_TEMPLATE.format(kind=task.value_kind, key=key, value=value)
-        for key, key_values in zip(keys, values)
-        for value in key_values
-    ]
-    rng.shuffle(needles)
+    # RULER: needles in generation order, then its fixed-seed shuffle (the same permutation in every sample)
+    needles = fixed_shuffle([NEEDLE_TEMPLATE.format(kind=task.value_kind, key=key, value=value)
+                             for key, key_values in zip(keys, values) for value in key_values], seed)
     if fixed_depth is not None:
         if len(needles) != 1 or task.haystack != "prose" or not 0 <= fixed_depth <= 100:
             raise ValueError("fixed_depth needs a single-needle prose task and a depth in [0, 100]")
@@ -154,27 +172,22 @@ def build_niah_sample(
         # drawn for every task so the rest of the sample does not depend on the haystack type
         depths = sorted(rng.sample(DEPTHS, len(needles)))
     slot_seed = rng.getrandbits(64)
-    queries = [keys[i] for i in rng.sample(range(task.num_keys), task.num_queries)]
-    # expected order: queried keys in question order, each key's values in document order
-    appearance = {needle: position for position, needle in enumerate(needles)}
-    answers = [
-        value
-        for query in queries
-        for value in sorted(
-            values[keys.index(query)],
-            key=lambda v: appearance[NEEDLE_TEMPLATE.format(kind=task.value_kind, key=query, value=v)],
-        )
-    ]
+    query_indices = rng.sample(range(task.num_keys), task.num_queries)
+    queries = [keys[i] for i in query_indices]
+    answers = [value for i in query_indices for value in values[i]]  # RULER's order of its outputs
 
     cost_model = None
+    step_kind = {"prose": "essay", "noise": "noise", "needles": "needles"}[task.haystack]
     if task.haystack == "prose":
         sentences = prose if prose is not None else load_prose_sentences()
-        units_of = lambda n: cycled(sentences, n)  # noqa: E731
-        separator = " "
-        cost_model = prose_cost_model(tokenizer, sentences)
+        if fill.mode == "ruler":  # RULER's unit: words of the essay, split into sentences again
+            words = prose_words(sentences)
+            units_of = lambda n: list(split_sentences(" ".join(cycled(words, n)))) if n else []  # noqa: E731
+        else:
+            units_of = lambda n: cycled(sentences, n)  # noqa: E731
+            cost_model = prose_cost_model(tokenizer, sentences)
     elif task.haystack == "noise":
         units_of = lambda n: [NOISE_PARAGRAPH] * n  # noqa: E731
-        separator = "\n"
     elif task.haystack == "needles":
         distractors: list[str] = []  # grows in order, so probing order never changes the sample
 
@@ -186,21 +199,23 @@ def build_niah_sample(
                     value=vocabulary.draw(task.value_kind),
                 ))
             return distractors[:n]
-
-        separator = "\n"
     else:
         raise ValueError(f"unknown haystack type {task.haystack!r}")
 
-    def placed(n: int) -> list[str]:
+    def context_for(n: int) -> str:
         if task.haystack == "prose":
-            return insert_at_depths(units_of(n), needles, depths)
-        return insert_at_slots(units_of(n), needles, random_slots(slot_seed, n, len(needles)))
+            return essay_context(units_of(n), needles, depths)
+        # RULER inserts at descending slots, needle i at the i-th largest: document order is reversed
+        return "\n".join(insert_at_slots(units_of(n), needles[::-1], random_slots(slot_seed, n, len(needles))))
 
     def prompt_for(n: int) -> str:
-        return format_prompt(task, separator.join(placed(n)), queries, chat)
+        return format_prompt(task, context_for(n), queries, chat)
 
+    step = RulerStep(length, index, ruler_increment(step_kind, length),
+                     lambda n: len(tokenizer.encode(prompt_for(n) + " ".join(answers))))
     units, prompt, prompt_ids = sized_prompt(
-        prompt_for, functools.partial(encode_prompt, tokenizer), length - answer_budget, haystack_units, cost_model
+        prompt_for, functools.partial(encode_prompt, tokenizer), length - answer_budget, haystack_units, cost_model,
+        fill, step,
     )
     slots = None
     if task.haystack != "prose":
@@ -218,4 +233,6 @@ def build_niah_sample(
         haystack_units=units,
         answer_budget=answer_budget,
         slots=slots,
+        draw={"keys": keys, "values": values, "needles": needles, "depths": depths, "slots": slots,
+              "units": units_of(units), "queries": queries, "haystack": task.haystack},
     )

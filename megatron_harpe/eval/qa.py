@@ -5,11 +5,15 @@
 Nothing is downloaded: pass SQuAD v2.0 (or v1.1) dev JSON (`{"data": [{"paragraphs": [{"context",
 "qas": [{"question", "answers": [{"text"}], "is_impossible"}]}]}]}`) and HotpotQA dev JSON
 (`[{"question", "answer", "context": [[title, [sentence, ...]]]}]`), the files RULER's
-`download_qa_dataset.sh` fetches. As RULER's `qa.py`: the documents are the distinct SQuAD
-paragraphs (sorted) / HotpotQA "title\\nparagraph" texts; sample i asks question i of the file
-(answerable ones only); its gold documents come first, then the other paragraphs of the same
-SQuAD article, then random others, as many as fit, shuffled and written as "Document k:\\n...".
-Any one reference answer in the output scores 100 (string_match_part). Answer budget 32.
+`download_qa_dataset.sh` fetches. As RULER's `qa.py` (ruler_rules.RULER_VERSION): the documents
+are the distinct SQuAD paragraphs (sorted) / HotpotQA "title\\nparagraph" texts; sample i asks
+question i of the file (answerable ones only); with n documents the prompt holds its gold
+documents, then the other paragraphs of the same SQuAD article (all, in article order, or a
+random n - gold of them), then random others, permuted by RULER's fixed-seed shuffle
+(`random.Random(seed)`: at a given n the gold document sits at the same depth in every sample;
+seed 42 puts SQuAD's gold paragraph at 95% of 20 documents, 39% of 50, 28% of 200), written as
+"Document k:\\n...". Any one reference answer in the output scores 100 (string_match_part).
+Answer budget 32.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ from dataclasses import dataclass
 
 from megatron_harpe.eval.backends import Tokenizer, encode_prompt
 from megatron_harpe.eval.chat import PLAIN, PromptFormat
-from megatron_harpe.eval.samples import EvalSample, format_answer, sample_rng, sized_prompt
+from megatron_harpe.eval.ruler_rules import fixed_shuffle, ruler_increment
+from megatron_harpe.eval.samples import TIGHT, EvalSample, Fill, RulerStep, format_answer, sample_rng, sized_prompt
 
 QA_ANSWER_BUDGET = 32
 QA_TASKS = {"qa_1": "squad", "qa_2": "hotpotqa"}
@@ -120,6 +125,29 @@ def lookup_answers(question: str) -> list[str]:
     return []
 
 
+def ruler_documents(item: QaQuestion, total: int, count: int, rng: random.Random, seed: int) -> list[int]:
+    """Document ids of a prompt with `count` documents, in prompt order, by RULER's rule: the gold
+    documents, then the other paragraphs of the same SQuAD article (all of them in article order,
+    or a random choice), then random others; all permuted by RULER's fixed-seed shuffle, so at a
+    given count the gold document sits at the same place in every sample. The random choices
+    are prefixes of orders drawn once from `rng` (the same draw for every count of a sample, so
+    more documents never means other ones)."""
+    gold, related = list(item.gold), list(item.related)
+    excluded = set(gold) | set(related)
+    state = rng.getstate()
+    related_order = rng.sample(related, len(related))
+    others = [number for number in range(total) if number not in excluded]
+    others_order = rng.sample(others, len(others))
+    rng.setstate(state)
+    if count >= total:  # RULER takes the whole corpus, in its sorted order
+        chosen = list(range(total))
+    elif count - len(gold) > len(related):
+        chosen = gold + related + others_order[: count - len(gold) - len(related)]
+    else:
+        chosen = gold + related_order[: max(0, count - len(gold))]
+    return fixed_shuffle(chosen, seed)
+
+
 def build_qa_sample(
     task: str,
     dataset: QaDataset,
@@ -130,6 +158,7 @@ def build_qa_sample(
     answer_budget: int = QA_ANSWER_BUDGET,
     chat: PromptFormat = PLAIN,
     haystack_units: int | None = None,
+    fill: Fill = TIGHT,
 ) -> EvalSample:
     """Sample `index` of qa_1/qa_2: question `index` of the file with as many documents as fit."""
     if index >= len(dataset.questions):
@@ -139,27 +168,28 @@ def build_qa_sample(
         _LOADED.append(dataset)
     item = dataset.questions[index]
     rng = sample_rng(seed, task, length, index)
-    related = list(item.related)
-    rng.shuffle(related)
-    others = [number for number in range(len(dataset.documents)) if number not in set(item.gold) | set(related)]
-    rng.shuffle(others)
-    candidates = list(item.gold) + related + others
-    order_seed = rng.getrandbits(64)
+    total = len(dataset.documents)
+
+    @functools.lru_cache(maxsize=None)
+    def documents_for(n: int) -> tuple[int, ...]:
+        return tuple(ruler_documents(item, total, min(max(n, len(item.gold)), total), rng, seed))
 
     def prompt_for(n: int) -> str:
-        chosen = candidates[: max(n, len(item.gold))]
-        random.Random(f"{order_seed}/{len(chosen)}").shuffle(chosen)
         context = "\n\n".join(DOCUMENT_TEMPLATE.format(number=k + 1, document=dataset.documents[d])
-                              for k, d in enumerate(chosen))
+                              for k, d in enumerate(documents_for(n)))
         return chat(QA_TEMPLATE.format(context=context, query=item.question), QA_ANSWER_PREFIX)
 
-    units, prompt, prompt_ids = sized_prompt(
-        prompt_for, functools.partial(encode_prompt, tokenizer), length - answer_budget, haystack_units
-    )
-    units = min(max(units, len(item.gold)), len(candidates))
     answers = list(dict.fromkeys(item.answers))
+    step = RulerStep(length, index, ruler_increment("qa", length),
+                     lambda n: len(tokenizer.encode(prompt_for(n) + f" {list(item.answers)}")))
+    units, prompt, prompt_ids = sized_prompt(
+        prompt_for, functools.partial(encode_prompt, tokenizer), length - answer_budget, haystack_units, fill=fill,
+        step=step,
+    )
+    documents = documents_for(units)
     return EvalSample(
         task=task, length=length, index=index, prompt=prompt, prompt_ids=prompt_ids, answers=answers,
-        continuation=format_answer("plain", answers), depths=[], haystack_units=units,
+        continuation=format_answer("plain", answers), depths=[], haystack_units=len(documents),
         answer_budget=answer_budget, metric="part", answer_style="plain",
+        draw={"documents": list(documents), "gold": list(item.gold), "question": item.question},
     )

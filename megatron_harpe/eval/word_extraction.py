@@ -3,16 +3,21 @@
     from megatron_harpe.eval.word_extraction import build_cwe_sample, build_fwe_sample
     sample = build_cwe_sample(tokenizer, length=4096, index=0, seed=42)
 
+Both as RULER's code at ruler_rules.RULER_VERSION (April 2024), text for text given the same draw.
+
 cwe, as RULER's `common_words_extraction.py` with its default configuration: a numbered list of
 distinct words from the wonderwords nouns, adjectives and verbs, ten of which repeat 30 times
-and the others 3 times (6 and 1 below 4096 tokens), shuffled; the ten common words are
-expected. An in-context example goes first (40 words at 10/3 repeats, 20 at 3/1 below 4096),
-written as RULER writes it: the whole prompt with its answer, then a newline. Answer budget 120.
+and the others 3 times (6 and 1 below 4096 tokens), permuted by RULER's fixed-seed shuffle; the
+ten common words are expected. An in-context example goes first (40 words at 10/3 repeats, 20
+at 3/1 below 4096), written as RULER writes it: the whole prompt with its answer right after
+the answer prefix, then a newline. Answer budget 120.
 
-fwe, as RULER's `freq_words_extraction.py` (alpha 2): a vocabulary of (length - 50) // 50
-random 6-letter words, the first replaced by "..." (noise); word k of the vocabulary occurs
-int(N k^-2 / zeta(2)) times among N draws, shuffled into one text; the three most frequent
-real words (vocabulary 2-4) are expected. Answer budget 50. Both use string_match_all.
+fwe, as RULER's `freq_words_extraction.py` (alpha 2): a vocabulary of length // 50 random
+6-letter words, sorted and permuted by the fixed-seed shuffle, the first replaced by "..."
+(noise); word k of the vocabulary occurs int(N k^-2 / zeta(2)) times among N draws, the text
+permuted by the fixed-seed shuffle; the three most frequent real words (vocabulary 2-4) are
+expected. Answer budget 50, kept free of the prompt as RULER's 2025 code does (its April 2024
+code filled the prompt to the whole length). Both use string_match_all.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ import string
 from megatron_harpe.eval.backends import Tokenizer, encode_prompt
 from megatron_harpe.eval.chat import PLAIN, PromptFormat
 from megatron_harpe.eval.haystack import wonderwords_lists
-from megatron_harpe.eval.samples import EvalSample, format_answer, sample_rng, sized_prompt
+from megatron_harpe.eval.ruler_rules import fixed_shuffle, ruler_increment
+from megatron_harpe.eval.samples import TIGHT, EvalSample, Fill, RulerStep, format_answer, sample_rng, sized_prompt
 
 CWE_ANSWER_BUDGET = 120
 CWE_COMMON_WORDS = 10
@@ -57,13 +63,12 @@ def _numbered(words: list[str]) -> str:
     return " ".join(f"{number}. {word}" for number, word in enumerate(words, start=1))
 
 
-def _word_list(rng: random.Random, count: int, common_repeats: int, rare_repeats: int) -> tuple[str, list[str]]:
-    """(numbered list text, the common words) of `count` distinct words."""
+def _word_list(rng: random.Random, count: int, common_repeats: int, rare_repeats: int, seed: int) -> tuple[list[str], list[str]]:
+    """(the listed words in order, the common words) of `count` distinct words: RULER's draw and
+    its fixed-seed shuffle of the list."""
     chosen = rng.sample(cwe_words(), count)
     common, rare = chosen[:CWE_COMMON_WORDS], chosen[CWE_COMMON_WORDS:]
-    listed = common * common_repeats + rare * rare_repeats
-    rng.shuffle(listed)
-    return _numbered(listed), common
+    return fixed_shuffle(common * common_repeats + rare * rare_repeats, seed), common
 
 
 def build_cwe_sample(
@@ -74,49 +79,55 @@ def build_cwe_sample(
     answer_budget: int = CWE_ANSWER_BUDGET,
     chat: PromptFormat = PLAIN,
     haystack_units: int | None = None,
+    fill: Fill = TIGHT,
 ) -> EvalSample:
     """One cwe prompt that leaves room for `answer_budget` tokens in `length`."""
     rng = sample_rng(seed, "cwe", length, index)
     short = length < 4096  # RULER's lighter setting for short contexts
     example_size, example_repeats = (20, (3, 1)) if short else (40, (10, 3))
     repeats = (6, 1) if short else (30, 3)
-    example_list, example_answer = _word_list(rng, example_size, *example_repeats)
-    example = chat(CWE_TEMPLATE.format(context=example_list), CWE_ANSWER_PREFIX) + _numbered(example_answer)
+    example_list, example_answer = _word_list(rng, example_size, *example_repeats, seed)
+    example = chat(CWE_TEMPLATE.format(context=_numbered(example_list)), CWE_ANSWER_PREFIX) + _numbered(example_answer)
     list_seed = rng.getrandbits(64)
 
-    def words_for(n: int) -> tuple[str, list[str]]:
+    def words_for(n: int) -> tuple[list[str], list[str]]:
         # at least the ten common words, at most the whole vocabulary (RULER's cap)
         count = min(max(n, CWE_COMMON_WORDS), len(cwe_words()))
-        return _word_list(random.Random(f"{list_seed}/{count}"), count, *repeats)
+        return _word_list(random.Random(f"{list_seed}/{count}"), count, *repeats, seed)
 
     def prompt_for(n: int) -> str:
-        return example + "\n" + chat(CWE_TEMPLATE.format(context=words_for(n)[0]), CWE_ANSWER_PREFIX)
+        return example + "\n" + chat(CWE_TEMPLATE.format(context=_numbered(words_for(n)[0])), CWE_ANSWER_PREFIX)
 
+    step = RulerStep(length, index, ruler_increment("cwe", length),
+                     lambda n: len(tokenizer.encode(prompt_for(n) + " " + _numbered(words_for(n)[1]))))
     units, prompt, prompt_ids = sized_prompt(
-        prompt_for, functools.partial(encode_prompt, tokenizer), length - answer_budget, haystack_units
+        prompt_for, functools.partial(encode_prompt, tokenizer), length - answer_budget, haystack_units, fill=fill,
+        step=step,
     )
-    common = words_for(units)[1]
+    listed, common = words_for(units)
     units = min(max(units, CWE_COMMON_WORDS), len(cwe_words()))
     return EvalSample(
         task="cwe", length=length, index=index, prompt=prompt, prompt_ids=prompt_ids, answers=common,
         continuation=format_answer("numbered", common), depths=[], haystack_units=units,
         answer_budget=answer_budget, answer_style="numbered",
+        draw={"listed": listed, "example_listed": example_list, "example_answer": example_answer},
     )
 
 
-def _coded_text(rng: random.Random, vocabulary_size: int, draws: int) -> tuple[str, list[str]]:
-    """(text, the three most frequent real words) for `draws` zeta-distributed draws."""
+def _coded_text(rng: random.Random, vocabulary_size: int, draws: int, seed: int) -> tuple[list[str], list[str]]:
+    """(the text's words, the three most frequent real words) for `draws` zeta-distributed draws:
+    RULER's random vocabulary, sorted then permuted by its fixed-seed shuffle, the first word
+    replaced by "..." (noise), word k repeated int(draws k^-2 / zeta(2)) times, the text
+    permuted by the fixed-seed shuffle."""
     vocabulary: set[str] = set()
     while len(vocabulary) < vocabulary_size:
         vocabulary.add("".join(rng.choices(string.ascii_lowercase, k=FWE_WORD_LENGTH)))
-    ordered = sorted(vocabulary)
-    rng.shuffle(ordered)
+    ordered = fixed_shuffle(sorted(vocabulary), seed)
     ordered[0] = "..."  # the most frequent "word" is noise, as in RULER
     zeta = math.pi**2 / 6  # zeta(2), RULER's alpha
     text_words = [word for rank, word in enumerate(ordered, start=1)
                   for _ in range(int(draws * rank**-FWE_ALPHA / zeta))]
-    rng.shuffle(text_words)
-    return " ".join(text_words), ordered[1:4]
+    return fixed_shuffle(text_words, seed), ordered[1:4]
 
 
 def build_fwe_sample(
@@ -127,24 +138,28 @@ def build_fwe_sample(
     answer_budget: int = FWE_ANSWER_BUDGET,
     chat: PromptFormat = PLAIN,
     haystack_units: int | None = None,
+    fill: Fill = TIGHT,
 ) -> EvalSample:
     """One fwe prompt that leaves room for `answer_budget` tokens in `length`."""
     rng = sample_rng(seed, "fwe", length, index)
-    vocabulary_size = max((length - answer_budget) // 50, 4)
+    vocabulary_size = max(length // 50, 4)  # RULER's (its 2025 code: (length - 50) // 50)
     text_seed = rng.getrandbits(64)
 
-    def text_for(n: int) -> tuple[str, list[str]]:
-        return _coded_text(random.Random(f"{text_seed}/{n}"), vocabulary_size, n)
+    def text_for(n: int) -> tuple[list[str], list[str]]:
+        return _coded_text(random.Random(f"{text_seed}/{n}"), vocabulary_size, n, seed)
 
     def prompt_for(n: int) -> str:
-        return chat(FWE_TEMPLATE.format(context=text_for(n)[0]), FWE_ANSWER_PREFIX)
+        return chat(FWE_TEMPLATE.format(context=" ".join(text_for(n)[0])), FWE_ANSWER_PREFIX)
 
+    limit = length - answer_budget
+    step = RulerStep(length, index, max(limit // 32, 1), lambda n: len(tokenizer.encode(prompt_for(n))),
+                     first=max(limit // FWE_WORD_LENGTH, 1))
     units, prompt, prompt_ids = sized_prompt(
-        prompt_for, functools.partial(encode_prompt, tokenizer), length - answer_budget, haystack_units
+        prompt_for, functools.partial(encode_prompt, tokenizer), limit, haystack_units, fill=fill, step=step,
     )
-    answers = text_for(units)[1]
+    words, answers = text_for(units)
     return EvalSample(
         task="fwe", length=length, index=index, prompt=prompt, prompt_ids=prompt_ids, answers=answers,
         continuation=format_answer("words", answers), depths=[], haystack_units=units,
-        answer_budget=answer_budget, answer_style="words",
+        answer_budget=answer_budget, answer_style="words", draw={"words": words},
     )

@@ -11,7 +11,17 @@ Memory: a rank builds angles only for
     query heads), and
   - its own positions (context parallelism gives rank r chunks r and 2*CP-1-r of the sequence),
 so for Llama2-7B at 131072 tokens with TP=8, CP=4 a rank holds 1/32 of the full table. Tables
-are cached per sequence length, across layers and steps.
+are cached per sequence length, across layers and steps, for the `CACHED_LENGTHS` lengths used
+last (the training length stays; evaluation at many lengths does not pile up tables, each
+~0.3 GiB at 128k for the 7B preset).
+
+One table serves queries and keys: a k/v group's query heads share its base, so the query table's
+distinct rows are the key table (`RotaryCosSin` keeps one row per distinct base and rotates any
+number of heads per row). `forward` returns it as the pair (table, table) megatron's attention
+takes; model.py hands megatron's block the single tensor, which its activation recomputation
+needs (`tensor_parallel.checkpoint` saves tensors only, not a tuple). That recomputation reruns
+a layer on a detached alias of the table, without its attributes: tensor_tags.py finds the
+cos/sin (and the per-token mark below) again from the alias.
 
 Speed: megatron-core's unfused `apply_rotary_pos_emb` takes angles and recomputes cos and sin
 of the whole table in every layer, for q and k, every step; with per-head tables that is `heads`
@@ -24,11 +34,11 @@ The result is bitwise what megatron's unfused path computes (same cos/sin values
 products); autograd saves the shared cos/sin instead of a copy per layer.
 
 Packed documents (`data.reset_position_ids` / `reset_attention_mask`): inside
-`at_token_positions(position_ids)` the tables follow the batch's own per-token positions
+`at_token_positions(position_ids)` the table follows the batch's own per-token positions
 ([s, b, heads, d], restarting in every document; uncached, one table per micro-batch shared by
-all layers), and the apply below rotates Transformer Engine's THD layout token by token with
-them instead of megatron's per-sequence `cu_seqlens` path, whose CP positions are wrong for
-packed sequences before megatron-core 0.18.
+all layers and by queries and keys as above), and the apply below rotates Transformer Engine's
+THD layout token by token with it instead of megatron's per-sequence `cu_seqlens` path, whose
+CP positions are wrong for packed sequences before megatron-core 0.18.
 
 PI divides positions by its factor; YaRN blends interpolated and original frequencies per
 dimension with megatron-core's own YaRN ramp (its attention applies the YaRN logit scale
@@ -38,6 +48,7 @@ when `yarn_rotary_scaling_factor` is set on the TransformerConfig, see model.py)
 from __future__ import annotations
 
 import contextlib
+from collections import OrderedDict
 
 import torch
 from megatron.core.transformer import attention as megatron_attention
@@ -48,6 +59,11 @@ from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
 
 from megatron_harpe.parallel import context_parallel_indices
 from megatron_harpe.position.config import PositionConfig
+from megatron_harpe.tensor_tags import attribute, remember
+
+CACHED_LENGTHS = 4
+"""Angle tables kept per rotary module: the training length and the few lengths an evaluation
+uses last. An evicted length is rebuilt on its next use (cheap next to a forward at that length)."""
 
 
 def inverse_frequencies(base: float, head_dim: int) -> torch.Tensor:
@@ -142,8 +158,8 @@ _megatron_apply_rotary_pos_emb = megatron_attention.apply_rotary_pos_emb
 
 def apply_rotary_pos_emb(t, freqs, config, cu_seqlens=None, mscale: float = 1.0, cp_group=None):
     """megatron-core's `apply_rotary_pos_emb`, using the cos/sin cached on our tables."""
-    cached = getattr(freqs, "rotary_cos_sin", None)
-    if cached is not None and getattr(freqs, "per_token", False) and freqs.size(-1) == t.size(-1):
+    cached = attribute(freqs, "rotary_cos_sin")  # also on the detached alias megatron's recompute passes
+    if cached is not None and attribute(freqs, "per_token", False) and freqs.size(-1) == t.size(-1):
         if t.dim() == 3:  # THD [tokens, heads, d]: one table row per token, whatever the cu_seqlens
             return cached.rotate(t.unsqueeze(1), mscale).squeeze(1)
         return cached.rotate(t, mscale)
@@ -155,8 +171,22 @@ def apply_rotary_pos_emb(t, freqs, config, cu_seqlens=None, mscale: float = 1.0,
         or config.multi_latent_attention
         or freqs.size(-1) != t.size(-1)
     ):
+        freqs = fit_rows(freqs, t.size(-2))
         return _megatron_apply_rotary_pos_emb(t, freqs, config=config, cu_seqlens=cu_seqlens, mscale=mscale, cp_group=cp_group)
     return cached.rotate(t, mscale)
+
+
+def fit_rows(freqs: torch.Tensor, heads: int) -> torch.Tensor:
+    """An angle table [..., rows, d] with one row per head of a tensor with `heads` heads, for
+    megatron's own apply (which broadcasts rows 1 or `heads` only): the query table rotates the
+    keys of a k/v group with its first row (the query heads of a group share the group's base),
+    and a table of one row per group is repeated for the group's query heads."""
+    rows = freqs.size(-2)
+    if rows in (1, heads):
+        return freqs
+    if rows > heads:
+        return freqs[..., :: rows // heads, :]
+    return freqs.repeat_interleave(heads // rows, dim=-2)
 
 
 def install_cached_apply() -> None:
@@ -165,11 +195,12 @@ def install_cached_apply() -> None:
 
 
 class HeadwiseRotaryEmbedding(torch.nn.Module):
-    """Drop-in for megatron's `RotaryEmbedding` returning per-head (q, k) angle tables.
+    """Drop-in for megatron's `RotaryEmbedding` returning per-head angle tables as the pair
+    (query table, key table), which is one table (see the module docstring).
 
     Tables are [s_local, 1, heads_local, d] float32 angles (megatron's `apply_rotary_pos_emb`
-    takes angles, not cos/sin); heads_local is 1 when all local heads share one base. Each
-    table carries its `rotary_cos_sin` (see the module docstring).
+    takes angles, not cos/sin), one row per local query head, or one row when all local heads
+    share one base. Each table carries its `rotary_cos_sin` (see the module docstring).
     """
 
     def __init__(
@@ -196,17 +227,15 @@ class HeadwiseRotaryEmbedding(torch.nn.Module):
         self.register_buffer(
             "query_inv_freq", head_inverse_frequencies(position, query_rows, head_dim), persistent=False
         )
-        # Under MHA keys and queries rotate alike: one table serves both.
-        self.shared_tables = query_local == key_local
+        # The keys' own rows (self-extend rotates with them); the query table serves the keys too.
+        key_rows = key_local[:1] if len(set(key_local)) == 1 else key_local
         self.register_buffer(
             "key_inv_freq",
-            self.query_inv_freq
-            if self.shared_tables
-            else head_inverse_frequencies(position, key_local[:1] if len(set(key_local)) == 1 else key_local, head_dim),
+            self.query_inv_freq if key_rows == query_rows else head_inverse_frequencies(position, key_rows, head_dim),
             persistent=False,
         )
-        self._row_repeats = (_row_repeat(query_rows), _row_repeat(key_local[:1] if len(set(key_local)) == 1 else key_local))
-        self._cache: dict[tuple[int, int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._row_repeat = _row_repeat(query_rows)
+        self._cache: OrderedDict[tuple[int, int, torch.device], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._token_positions: torch.Tensor | None = None
         install_cached_apply()
 
@@ -216,30 +245,35 @@ class HeadwiseRotaryEmbedding(torch.nn.Module):
         return angles.unsqueeze(1).float()  # [s, 1, heads, d]
 
     def forward(self, max_seq_len: int, offset: int = 0, **_unused) -> tuple[torch.Tensor, torch.Tensor]:
-        """Angle tables for this rank's positions of a sequence of `max_seq_len` tokens (or for
-        the per-token positions given to `at_token_positions`)."""
+        """The angle table for this rank's positions of a sequence of `max_seq_len` tokens, as
+        (table, table); the `CACHED_LENGTHS` most recently used are kept. Inside
+        `at_token_positions`, the uncached table of those per-token positions instead."""
         if self._token_positions is not None:
             return self.token_tables(self._token_positions)
         device = self.query_inv_freq.device
         key = (max_seq_len, offset, device)
-        if key not in self._cache:
-            positions = context_parallel_positions(max_seq_len, self.cp_rank, self.cp_size, offset).to(device)
-            query_table = self._angles(self.query_inv_freq, positions)
-            query_table.rotary_cos_sin = RotaryCosSin(query_table, self._row_repeats[0])
-            key_table = query_table
-            if not self.shared_tables:
-                key_table = self._angles(self.key_inv_freq, positions)
-                key_table.rotary_cos_sin = RotaryCosSin(key_table, self._row_repeats[1])
-            self._cache[key] = (query_table, key_table)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        positions = context_parallel_positions(max_seq_len, self.cp_rank, self.cp_size, offset).to(device)
+        table = self._angles(self.query_inv_freq, positions)
+        table.rotary_cos_sin = RotaryCosSin(table, self._row_repeat)
+        remember(table)  # megatron's recompute reruns layers on a detached alias of it
+        self._cache[key] = (table, table)
+        while len(self._cache) > CACHED_LENGTHS:
+            self._cache.popitem(last=False)
         return self._cache[key]
 
+    def cached_lengths(self) -> list[tuple[int, int]]:
+        """(sequence length, offset) of the tables held, least recently used first."""
+        return [(length, offset) for length, offset, _ in self._cache]
+
     def tables_at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(q, k) angle tables for explicit absolute positions (float64, not CP-split), uncached:
-        the KV-cached decode of eval/kv_cache.py rotates each new token at its own position."""
+        """The (table, table) pair for explicit absolute positions (float64, not CP-split),
+        uncached: the KV-cached decode of eval/kv_cache.py rotates each new token at its own position."""
         positions = positions.to(device=self.query_inv_freq.device, dtype=torch.float64)
-        query_table = self._angles(self.query_inv_freq, positions)
-        key_table = query_table if self.shared_tables else self._angles(self.key_inv_freq, positions)
-        return query_table, key_table
+        table = self._angles(self.query_inv_freq, positions)
+        return table, table
 
     @contextlib.contextmanager
     def at_token_positions(self, positions: torch.Tensor):
@@ -252,22 +286,17 @@ class HeadwiseRotaryEmbedding(torch.nn.Module):
             self._token_positions = None
 
     def token_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(q, k) angle tables [s, b, heads, d] for per-token positions [b, s] (this rank's tokens,
-        in its order), marked `per_token` and carrying their cos/sin."""
+        """The angle table [s, b, heads, d] for per-token positions [b, s] (this rank's tokens, in
+        its order) as (table, table), marked `per_token` and carrying its cos/sin."""
         if positions.dim() != 2:
             raise ValueError(f"per-token positions must be [batch, sequence], got shape {tuple(positions.shape)}")
         positions = positions.t().to(device=self.query_inv_freq.device, dtype=torch.float64)  # [s, b]
-        tables = []
-        for inv_freq, repeat in ((self.query_inv_freq, self._row_repeats[0]), (self.key_inv_freq, self._row_repeats[1])):
-            if tables and self.shared_tables:
-                tables.append(tables[0])
-                break
-            angles = positions[:, :, None, None] * inv_freq[None, None]  # [s, b, heads, d/2], float64
-            table = torch.cat([angles, angles], dim=-1).float()
-            table.rotary_cos_sin = RotaryCosSin(table, repeat)
-            table.per_token = True
-            tables.append(table)
-        return tables[0], tables[1]
+        angles = positions[:, :, None, None] * self.query_inv_freq[None, None]  # [s, b, heads, d/2], float64
+        table = torch.cat([angles, angles], dim=-1).float()
+        table.rotary_cos_sin = RotaryCosSin(table, self._row_repeat)
+        table.per_token = True
+        remember(table)  # found again by the apply below when megatron's recompute detaches it
+        return table, table
 
     def get_rotary_seq_len(self, inference_context, transformer, transformer_input, transformer_config, packed_seq_params=None) -> int:
         """Full (pre-CP-split) sequence length, the signature GPTModel calls."""
@@ -279,19 +308,15 @@ class HeadwiseRotaryEmbedding(torch.nn.Module):
         return seq_len * self.cp_size
 
     def table_bytes(self, seq_length: int) -> int:
-        """Bytes of the (q, k) angle tables this rank holds for a sequence (for the benchmark);
-        their cos/sin add at most as much again (half width each, distinct rows only)."""
+        """Bytes of the angle table this rank holds for one sequence length (for the benchmark);
+        its cos/sin add at most as much again (half width each, distinct rows only)."""
         local_positions = seq_length // self.cp_size
-        heads = self.query_inv_freq.size(0) + (0 if self.shared_tables else self.key_inv_freq.size(0))
-        return local_positions * heads * self.head_dim * 4
+        return local_positions * self.query_inv_freq.size(0) * self.head_dim * 4
 
     def cos_sin_bytes(self, seq_length: int, cast_bytes: int = 4) -> int:
         """Bytes of the fp32 cos/sin `RotaryCosSin` caches with the tables (half width, distinct
         rows only), plus one copy cast to `cast_bytes` per element when the activations are not fp32."""
         local_positions = seq_length // self.cp_size
-        tables = [(self.query_inv_freq, self._row_repeats[0])]
-        if not self.shared_tables:
-            tables.append((self.key_inv_freq, self._row_repeats[1]))
-        rows = sum(-(-inv_freq.size(0) // repeat) for inv_freq, repeat in tables)
+        rows = -(-self.query_inv_freq.size(0) // self._row_repeat)
         per_element = 4 + (cast_bytes if cast_bytes != 4 else 0)
         return 2 * local_positions * rows * (self.head_dim // 2) * per_element

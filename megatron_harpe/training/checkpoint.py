@@ -8,10 +8,12 @@ Used by the trainer (resume), the converter (HF <-> megatron) and the evaluator.
     <dir>/iter_0000012/rng/rank_00003.pt      python / numpy / torch (/ cuda) RNG states of global rank 3
     <dir>/iter_0000012/dist/                  megatron.core.dist_checkpointing: {"model": ..., "optimizer": ...}
 
-Weights and optimizer moments are saved as global (TP-agnostic) tensors, so a checkpoint saved at
-TP=2 loads at TP=1 or TP=4. Weights are fp32 also when the model trains in bf16 (the optimizer's
-fp32 main weights are saved, see sharded_optimizer.py), so fp32 and bf16-params runs load each
-other's checkpoints. Every rank calls `save_checkpoint` / `load_checkpoint`:
+Weights and optimizer moments are saved as global (TP- and DP-agnostic) tensors, so a checkpoint
+saved at TP=2 x DP=2 loads at TP=1 or TP=4, sharded or not. The trainer's model is sharded by the
+engine (sharding.py): each rank writes its own rows of each tensor (sharded_checkpoint.py); an
+unsharded model (converter, evaluator) writes megatron's own description. Weights are fp32 also
+when the model computes in bf16 (the engine's fp32 shards are the main weights), so fp32 and
+bf16 runs load each other's checkpoints. Every rank calls `save_checkpoint` / `load_checkpoint`:
 
     path = save_checkpoint("ckpt", 12, model=gpt, config=cfg.to_dict(), train_state={...}, optimizer=adamw)
     train_state = load_checkpoint("ckpt", model=gpt, optimizer=adamw)   # newest complete checkpoint
@@ -57,7 +59,9 @@ from megatron_harpe.rank_health import any_rank_failed
 from megatron_harpe.training.checkpoint_check import CONFIG_FILE, TRAIN_STATE_FILE, checkpoint_problem
 from megatron_harpe.training.run_lock import CheckpointDirLocked, check_not_locked_by_other
 from megatron_harpe import collectives
+from megatron_harpe.training import sharded_checkpoint
 from megatron_harpe.training.extra_state import load_sharded
+from megatron_harpe.training.sharding import is_sharded
 
 logger = logging.getLogger(__name__)
 
@@ -120,10 +124,7 @@ def save_checkpoint(
     _raise_if_any_rank_failed(error, save_dir, iteration, work_dir)
 
     try:
-        sharded: dict[str, Any] = {"model": model.sharded_state_dict()}
-        if optimizer is not None:
-            sharded["optimizer"] = _optimizer_state_for_checkpoint(optimizer, sharded["model"], placeholders=None)
-            sharded["model"], _ = _weights_for_checkpoint(optimizer, sharded["model"], loading=False)
+        sharded = _checkpoint_entries(model, optimizer, placeholders=None)
         dist_checkpointing.save(
             sharded, str(work_dir / "dist"), sharded_strategy=sharded_strategy or _save_strategy(),
             async_sharded_save=False,
@@ -364,8 +365,11 @@ def _resolve(path: str | Path) -> Path:
 
 
 def read_checkpoint_config(path: str | Path) -> dict:
-    """The resolved config saved with a checkpoint (a save dir or an iteration dir)."""
-    return yaml.safe_load((_resolve(path) / CONFIG_FILE).read_text())
+    """The resolved config saved with a checkpoint (a save dir or an iteration dir), without the
+    keys of earlier versions that no longer exist (config.RETIRED_KEYS)."""
+    from megatron_harpe.config import drop_retired_keys
+
+    return drop_retired_keys(yaml.safe_load((_resolve(path) / CONFIG_FILE).read_text()))
 
 
 def read_train_state(path: str | Path) -> dict:
@@ -388,8 +392,8 @@ def load_checkpoint(
     whatever TP/CP layout the checkpoint was saved with (collective). Returns train_state.
 
     `weights_only=True` loads only the weights (continual pretraining from a converted model):
-    the optimizer and the RNG are left as they are, except that an optimizer holding fp32 main
-    weights for bf16 parameters (sharded_optimizer.py) gets them from the checkpoint's fp32 values."""
+    the optimizer and the RNG are left as they are. A sharded model (sharding.py) gets its fp32
+    shards filled in place, its optimizer's moments likewise."""
     _require_process_group()
     checkpoint = _resolve(path)
     train_state = json.loads((checkpoint / TRAIN_STATE_FILE).read_text())
@@ -400,13 +404,8 @@ def load_checkpoint(
             "(a fresh start from these weights), e.g. set checkpoint.pretrained instead of resuming"
         )
     dist_dir = str(checkpoint / "dist")
-    sharded: dict[str, Any] = {"model": model.sharded_state_dict()}
-    if load_optimizer:
-        saved = dist_checkpointing.load_common_state_dict(dist_dir)["optimizer"]
-        sharded["optimizer"] = _optimizer_state_for_checkpoint(optimizer, sharded["model"], placeholders=saved)
-    main_entries: dict = {}
-    if optimizer is not None:
-        sharded["model"], main_entries = _weights_for_checkpoint(optimizer, sharded["model"], loading=True)
+    saved = dist_checkpointing.load_common_state_dict(dist_dir)["optimizer"] if load_optimizer else None
+    sharded = _checkpoint_entries(model, optimizer if load_optimizer else None, placeholders=saved)
     try:
         loaded = load_sharded(sharded, dist_dir)  # tolerates TE's _extra_state either way round
     except Exception as error:  # dist_checkpointing raises bare exceptions on shape/key mismatch
@@ -415,16 +414,15 @@ def load_checkpoint(
             "read_checkpoint_config(path) so layer count, sizes and vocabulary agree"
         ) from error
 
-    missing, unexpected = model.load_state_dict(loaded["model"], strict=False)
-    real_missing = [key for key in missing if not key.endswith("_extra_state")]
-    if real_missing or unexpected:
-        raise ValueError(f"{checkpoint}: weights missing {real_missing}, unexpected {unexpected}")
-    if main_entries:
-        optimizer.load_main_weights(loaded["model"], main_entries)
-    if load_optimizer and hasattr(optimizer, "load_sharded"):  # sharded over DP x CP (sharded_optimizer.py)
-        optimizer.load_sharded(loaded["optimizer"], saved)
-    elif load_optimizer:
-        _load_optimizer_state(optimizer, loaded["optimizer"])
+    if is_sharded(model):  # the engine's shards were filled in place
+        sharded_checkpoint.install_loaded(model, sharded, loaded, optimizer if load_optimizer else None, saved)
+    else:
+        missing, unexpected = model.load_state_dict(loaded["model"], strict=False)
+        real_missing = [key for key in missing if not key.endswith("_extra_state")]
+        if real_missing or unexpected:
+            raise ValueError(f"{checkpoint}: weights missing {real_missing}, unexpected {unexpected}")
+        if load_optimizer:
+            _load_optimizer_state(optimizer, loaded["optimizer"])
     if load_rng and not weights_only:
         _load_rng_state(checkpoint / "rng" / f"rank_{dist.get_rank():05d}.pt")
     return train_state
@@ -448,20 +446,19 @@ def _load_rng_state(path: Path) -> None:
 # ---------------------------------------------------------------------- sharded optimizer state
 
 
-def _optimizer_state_for_checkpoint(optimizer, model_sharded: dict, placeholders: dict | None) -> dict:
-    """A sharded optimizer (training/sharded_optimizer.py) describes its own part; the same
-    global tensors either way, so both load each other's checkpoints."""
-    if hasattr(optimizer, "sharded_state"):
-        return optimizer.sharded_state(model_sharded, placeholders)
-    return _optimizer_sharded_state(optimizer, model_sharded, placeholders)
-
-
-def _weights_for_checkpoint(optimizer, model_sharded: dict, loading: bool) -> tuple[dict, dict]:
-    """The model's entries with fp32 main weights in place of bf16 parameters, when the optimizer
-    keeps them (sharded_optimizer.py); otherwise unchanged."""
-    if hasattr(optimizer, "weights_for_checkpoint"):
-        return optimizer.weights_for_checkpoint(model_sharded, loading)
-    return model_sharded, {}
+def _checkpoint_entries(model, optimizer, placeholders: dict | None) -> dict[str, Any]:
+    """What this rank saves (or, with `placeholders`, the saved common optimizer part, loads):
+    the engine's shards (sharded_checkpoint.py) or an unsharded model's own description, the
+    same global tensors either way."""
+    if is_sharded(model):
+        sharded: dict[str, Any] = {"model": sharded_checkpoint.model_entries(model)}
+        if optimizer is not None:
+            sharded["optimizer"] = sharded_checkpoint.optimizer_entries(model, optimizer, placeholders)
+        return sharded
+    sharded = {"model": model.sharded_state_dict()}
+    if optimizer is not None:
+        sharded["optimizer"] = _optimizer_sharded_state(optimizer, sharded["model"], placeholders)
+    return sharded
 
 
 def _optimizer_sharded_state(

@@ -120,18 +120,18 @@ def sdpa_mask_bytes(cfg: Config, micro_batch: int, seq_length: int, backend: str
     return {"document ids": 8 * micro_batch * seq_length}
 
 
-def sdpa_mask_activations(cfg: Config, layout, tokens_per_rank: int, element_bytes: int, backend: str | None = None,
-                          recompute: str | None = None) -> dict[str, int]:  # fmt: skip
-    """What the sdpa path saves for backward beyond plain causal attention, by kind: the block
-    masks of merged short documents (fp32 on the CPU kernels, TILE x 4 bytes per token of such
-    documents) and, without CP, the concatenation of the runs' outputs (one attention output);
-    for every layer unless core attention is recomputed (`layout`: a memory.Layout)."""
+def sdpa_document_activations(cfg: Config, layout, tokens_per_rank: int, element_bytes: int,
+                              backend: str | None = None) -> dict[str, int]:  # fmt: skip
+    """What one layer's sdpa document runs save for backward beyond plain causal attention, by
+    kind: the block masks of merged short documents (fp32 on the CPU kernels, TILE x 4 bytes per
+    token of such documents) and, without CP, the concatenation of the runs' outputs (one
+    attention output). Core-attention activations: memory.py drops them with core attention
+    under recompute (`layout`: a memory.Layout)."""
     if not cfg.data.reset_attention_mask or (backend or cfg.model.attention_backend) != "sdpa":
         return {}
     cost = document_cost(cfg, layout.context, layout.tensor)
     short = 1.0 if cost.short_token_fraction is None else cost.short_token_fraction
-    recompute = recompute or layout.recompute
-    tokens = (1 if recompute in ("selective", "full") else cfg.model.num_layers) * layout.micro_batch * tokens_per_rank
+    tokens = layout.micro_batch * tokens_per_rank
     terms = {"document block masks": int(tokens * short * TILE * 4)}
     if layout.context == 1:  # under CP the per-chunk outputs are concatenated anyway
         heads = cfg.model.num_attention_heads // layout.tensor

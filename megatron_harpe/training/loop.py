@@ -7,6 +7,9 @@ train.global_batch_size) in sequences = micro_batch_size x accumulation x DP.
 The loss is token-weighted: every micro-batch's summed token loss is divided by the number of
 loss tokens of the whole step on all DP x CP ranks, and gradients are then summed over DP x CP,
 so the update is the same for any split of the batch or the sequence.
+
+SIGTERM or SIGUSR1 (a preemption, a time limit) stop the run after the current step with a
+checkpoint and exit code 128 + the signal's number; the next launch resumes (preemption.py).
 """
 
 from __future__ import annotations
@@ -22,23 +25,18 @@ import yaml
 
 from megatron_harpe import collectives, parallel
 from megatron_harpe.config import Config, StageConfig
+from megatron_harpe.eval.in_training import check_eval_prompts
 from megatron_harpe.model import build_model, forward_micro_batch, set_position_encoding
 from megatron_harpe.parallel import ParallelContext
 from megatron_harpe.rank_health import CollectiveGuard
-from megatron_harpe.training import checkpoint, resume_check, run_lock
+from megatron_harpe.training import checkpoint, preemption, resume_check, run_lock
 from megatron_harpe.training.data import StageData, prepare_training_data
-from megatron_harpe.training.grad_overlap import OverlappedGradientReduction
-from megatron_harpe.training.mixed_precision import PARAMS_DTYPE, attach_main_grads, training_precision
-from megatron_harpe.training.grads import (
-    allreduce_gradients,
-    allreduce_sequence_parallel_gradients,
-    clip_grad_norm,
-    global_token_count,
-)
+from megatron_harpe.training.grads import clip_grad_norm, global_token_count
+from megatron_harpe.training.mixed_precision import training_precision
 from megatron_harpe.training.monitor import TrainingMonitor, check_loss_finite
 from megatron_harpe.training.optimizer import build_optimizer
 from megatron_harpe.training.schedule import LearningRateSchedule
-from megatron_harpe.training.sharded_optimizer import ShardedAdamW
+from megatron_harpe.training.sharding import reduce_sequence_parallel_gradients, shard_model
 
 
 @dataclasses.dataclass
@@ -73,16 +71,21 @@ def train(cfg: Config) -> list[dict[str, float]]:
     gradient norm and learning rate of every step run in this launch."""
     # Process groups: TP x CP x DP from the config and the launcher's world size. A stuck
     # collective fails after parallel.timeout_minutes, naming this rank and its phase; one run
-    # at a time holds the checkpoint directory.
-    ctx = parallel.initialize(cfg.parallel.tensor, cfg.parallel.context, cfg.parallel.timeout_minutes)
-    cfg.validate(world_size=ctx.world_size)
-    log = _rank0_print(ctx)
-    with CollectiveGuard(ctx.rank, cfg.parallel.timeout_minutes) as guard:
-        with run_lock.hold_checkpoint_dir(cfg.checkpoint.save, ctx, log):
-            return _train(cfg, ctx, log, guard)
+    # at a time holds the checkpoint directory; SIGTERM / SIGUSR1 from here on stop the run
+    # after a step, with a checkpoint.
+    with preemption.stop_signals() as signals:
+        ctx = parallel.initialize(cfg.parallel.tensor, cfg.parallel.context, cfg.parallel.timeout_minutes)
+        cfg.validate(world_size=ctx.world_size)
+        log = _rank0_print(ctx)
+        if cfg.checkpoint.save:
+            preemption.start_checkpoint_writer_helper()
+        with CollectiveGuard(ctx.rank, cfg.parallel.timeout_minutes) as guard:
+            with run_lock.hold_checkpoint_dir(cfg.checkpoint.save, ctx, log):
+                return _train(cfg, ctx, log, guard, signals)
 
 
-def _train(cfg: Config, ctx: ParallelContext, log, guard: CollectiveGuard) -> list[dict[str, float]]:
+def _train(cfg: Config, ctx: ParallelContext, log, guard: CollectiveGuard,
+           signals: preemption.StopSignals) -> list[dict[str, float]]:  # fmt: skip
     parallel.seed_everything(cfg.train.seed)
     plans = plan_stages(cfg)
     total_steps = plans[-1].first_step + plans[-1].steps
@@ -91,6 +94,7 @@ def _train(cfg: Config, ctx: ParallelContext, log, guard: CollectiveGuard) -> li
     # Data: the demo corpus is prepared on first use; each stage reads sequences of its length.
     guard.phase = "data preparation"
     training_data = prepare_training_data(cfg, ctx, total_samples=_samples_per_stage(cfg, plans))
+    check_eval_prompts(cfg)  # eval.interval: every task's prompt fits every length, before training
 
     # Model, optimizer, learning-rate schedule.
     model, optimizer = build_model_and_optimizer(cfg, ctx, plans[0].config.position)
@@ -101,9 +105,6 @@ def _train(cfg: Config, ctx: ParallelContext, log, guard: CollectiveGuard) -> li
         style=cfg.train.lr_schedule,
         min_lr=cfg.train.min_lr,
     )
-
-    overlapped = cfg.parallel.overlap_grad_reduce and ctx.dp_size * ctx.cp_size > 1
-    reducer = OverlappedGradientReduction(model, ctx.dp_cp_group) if overlapped else None
 
     # Resume from our own latest checkpoint, or start from pretrained weights only.
     guard.phase = "checkpoint loading"
@@ -124,9 +125,9 @@ def _train(cfg: Config, ctx: ParallelContext, log, guard: CollectiveGuard) -> li
         set_position_encoding(model, cfg.model, plan.config.position)
         batches = training_data[plan.index].micro_batches(consumed_steps=state.stage_step)
         while state.stage_step < plan.steps:
-            guard.phase = f"training step {state.iteration + 1} (gradient / loss all-reduce, stop-file check)"
+            guard.phase = f"training step {state.iteration + 1} (gradient / loss all-reduce, stop check)"
             loss, grad_norm, lr, tokens, skipped = train_step(
-                cfg, ctx, plan.config, model, optimizer, schedule, batches, state.iteration + 1, reducer
+                cfg, ctx, plan.config, model, optimizer, schedule, batches, state.iteration + 1
             )
             state.iteration += 1
             state.stage_step += 1
@@ -135,44 +136,42 @@ def _train(cfg: Config, ctx: ParallelContext, log, guard: CollectiveGuard) -> li
             monitor.log_step(state.iteration, loss=loss, lr=lr, grad_norm=grad_norm, tokens=tokens, skipped=skipped)
             if cfg.eval.interval and state.iteration % cfg.eval.interval == 0:
                 _evaluate(cfg, model, monitor, state.iteration, plan.config.seq_length)
-            stop_requested = state.iteration < total_steps and _stop_requested(cfg, ctx)  # done: nothing to resume
-            exiting = stop_requested or (cfg.train.exit_after_steps and len(history) == cfg.train.exit_after_steps)
+            stop_file, stop_signal = (  # done: nothing to resume
+                _stop_requested(cfg, ctx, signals) if state.iteration < total_steps else (False, 0))
+            exiting = stop_file or stop_signal or (cfg.train.exit_after_steps and len(history) == cfg.train.exit_after_steps)
             if _should_save(cfg, state.iteration, total_steps) or (exiting and cfg.checkpoint.save):
                 guard.phase = f"the checkpoint save of step {state.iteration}"
                 _save(cfg, model, optimizer, schedule, state, training_data[plan.index])
+                if not exiting and state.iteration < total_steps:  # asked during the save: stop now, it is saved
+                    stop_file, stop_signal = _stop_requested(cfg, ctx, signals)
+                    exiting = stop_file or stop_signal
             if exiting:
-                reason = f"{cfg.checkpoint.stop_file} appeared" if stop_requested else "train.exit_after_steps"
+                reason = (f"{signals.name(stop_signal)} received" if stop_signal else
+                          f"{cfg.checkpoint.stop_file} appeared" if stop_file else "train.exit_after_steps")  # fmt: skip
                 log(f"stopping after step {state.iteration} ({reason})"
                     + ("; the next launch resumes" if cfg.checkpoint.save else "; no checkpoint.save, nothing saved"))
-                if stop_requested and ctx.is_main:
+                if stop_file and ctx.is_main:
                     os.remove(cfg.checkpoint.stop_file)  # after the save: a requeued run must not stop again
                 monitor.close()
+                if stop_signal:
+                    raise preemption.Preempted(stop_signal)
                 return history
     monitor.close()
     return history
 
 
 def build_model_and_optimizer(cfg: Config, ctx: ParallelContext, position):
-    """This rank's model and its AdamW in the run's precision: fp32, bf16 autocast over fp32
-    weights, or bf16 params with fp32 main weights and gradients (mixed_precision.py)."""
+    """This rank's model, sharded over DP x CP by the engine (training/sharding.py: fp32 weight
+    shards, compute in the run's precision), and AdamW over those shards."""
     precision = training_precision(cfg.train, ctx.device.type)
-    model = build_model(cfg.model, position, params_dtype=PARAMS_DTYPE[precision], recompute=cfg.train.recompute,
-                        parallel=cfg.parallel)  # fmt: skip
-    adamw = dict(lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-                 betas=(cfg.train.adam_beta1, cfg.train.adam_beta2), eps=cfg.train.adam_eps)  # fmt: skip
-    if precision == "bf16":  # the fp32 gradients first: the optimizer and the reducer's hooks use them
-        attach_main_grads(model)
-        optimizer = ShardedAdamW(model, ctx.dp_cp_group, shard=cfg.parallel.distributed_optimizer,
-                                 fp32_main_weights=True, **adamw)  # fmt: skip
-    elif cfg.parallel.distributed_optimizer:  # states sharded over DP x CP; the reasons in sharded_optimizer.py
-        optimizer = ShardedAdamW(model, ctx.dp_cp_group, **adamw)
-    else:
-        optimizer = build_optimizer(model, **adamw)
+    model = build_model(cfg.model, position, recompute=cfg.train, parallel=cfg.parallel)
+    shard_model(model, ctx, precision)
+    optimizer = build_optimizer(model, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                                betas=(cfg.train.adam_beta1, cfg.train.adam_beta2), eps=cfg.train.adam_eps)  # fmt: skip
     return model, optimizer
 
 
-def train_step(cfg: Config, ctx: ParallelContext, stage: StageConfig, model, optimizer, schedule, batches, step: int,
-               reducer: OverlappedGradientReduction | None = None):
+def train_step(cfg: Config, ctx: ParallelContext, stage: StageConfig, model, optimizer, schedule, batches, step: int):
     """One optimizer step of `stage` over this rank's micro-batches. Returns (global mean loss,
     grad norm, learning rate, tokens in the step over the whole job, skipped)."""
     accumulation = stage.global_batch_size // (cfg.train.micro_batch_size * ctx.dp_size)
@@ -183,23 +182,17 @@ def train_step(cfg: Config, ctx: ParallelContext, stage: StageConfig, model, opt
     step_loss = torch.zeros((), dtype=torch.float64, device=ctx.device)
     autocast = _autocast(training_precision(cfg.train, ctx.device.type), ctx)
     per_token_positions = cfg.data.reset_position_ids or cfg.data.reset_attention_mask  # packed documents
-    for index, batch in enumerate(micro_batches):
-        if reducer is not None and index == len(micro_batches) - 1:
-            reducer.arm()  # the last backward completes the gradients: buckets reduce as they fill
+    for batch in micro_batches:  # each backward reduce-scatters into the gradient shards (summed over DP x CP)
         with autocast:
             token_losses = forward_micro_batch(model, batch, per_token_positions=per_token_positions)
         loss = (token_losses.float() * batch["loss_mask"]).sum() / loss_tokens
         loss.backward()
         step_loss += loss.detach().double()
-    if reducer is not None:
-        reducer.finish()
-    else:
-        allreduce_gradients(model, ctx.dp_cp_group)
-    if cfg.parallel.sequence_parallel:  # after the DP x CP sum, which writes whole gradients back
-        allreduce_sequence_parallel_gradients(model, ctx.tp_group)
+    if cfg.parallel.sequence_parallel:
+        reduce_sequence_parallel_gradients(model, ctx.tp_group)
     if ctx.dp_size * ctx.cp_size > 1:
         collectives.all_reduce(step_loss, group=ctx.dp_cp_group)
-    grad_norm = clip_grad_norm(model, cfg.train.clip_grad, ctx.tp_group)
+    grad_norm = clip_grad_norm(model, cfg.train.clip_grad, ctx.tp_group, ctx.dp_cp_group)
     finite = check_loss_finite(step_loss.item(), step, cfg.train.on_nonfinite) and check_loss_finite(
         grad_norm, step, cfg.train.on_nonfinite, what="gradient norm"
     )
@@ -217,7 +210,7 @@ def _samples_per_stage(cfg: Config, plans: list[StagePlan]) -> list[int]:
 
 
 def _autocast(precision: str, ctx: ParallelContext):
-    """bf16 autocast over fp32 weights; bf16 params compute in bf16 without it, as megatron's do."""
+    """bf16 autocast over fp32 weights; the bf16 mode's compute weights are bf16 already (the engine casts them)."""
     if precision == "autocast":
         return torch.autocast(device_type=ctx.device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -234,22 +227,21 @@ def _restore(cfg: Config, model, optimizer, schedule, log) -> TrainState:
         schedule.load_state_dict(saved["schedule"])
         log(f"resumed from {latest} at step {saved['iteration']}")
         return TrainState(saved["iteration"], saved["stage"], saved["stage_step"], saved["consumed_tokens"])
-    if cfg.checkpoint.pretrained:  # the optimizer only for its fp32 main weights (bf16 params)
-        checkpoint.load_checkpoint(cfg.checkpoint.pretrained, model=model, optimizer=optimizer, weights_only=True,
-                                   load_rng=False)  # fmt: skip
+    if cfg.checkpoint.pretrained:
+        checkpoint.load_checkpoint(cfg.checkpoint.pretrained, model=model, weights_only=True, load_rng=False)
         log(f"continual pretraining from the weights of {cfg.checkpoint.pretrained} (fresh optimizer and schedule)")
     return TrainState()
 
 
-def _stop_requested(cfg: Config, ctx: ParallelContext) -> bool:
-    """Whether the stop file exists, agreed by all ranks (a shared filesystem can show it to
-    some ranks a step before others; all must stop after the same step)."""
-    if not cfg.checkpoint.stop_file:
-        return False
-    seen = torch.tensor(float(os.path.exists(cfg.checkpoint.stop_file)), device=ctx.device)
+def _stop_requested(cfg: Config, ctx: ParallelContext, signals: preemption.StopSignals) -> tuple[bool, int]:
+    """(the stop file exists, the stop signal received or 0), agreed by all ranks: a shared
+    filesystem can show the file, and a signal can reach, some ranks a step before others; all
+    must stop after the same step."""
+    stop_file = bool(cfg.checkpoint.stop_file) and os.path.exists(cfg.checkpoint.stop_file)
+    seen = torch.tensor([float(stop_file), float(signals.received)], device=ctx.device)
     if ctx.world_size > 1:
         collectives.all_reduce(seen, op=collectives.ReduceOp.MAX)
-    return bool(seen.item())
+    return bool(seen[0].item()), int(seen[1].item())
 
 
 def _should_save(cfg: Config, iteration: int, total_steps: int) -> bool:
@@ -276,19 +268,10 @@ def _save(cfg: Config, model, optimizer, schedule, state: TrainState, data: Stag
 
 
 def _evaluate(cfg: Config, model, monitor: TrainingMonitor, step: int, seq_length: int) -> None:
-    """The configured eval tasks on the model being trained (every rank takes part)."""
-    from megatron_harpe.eval.backends import load_tokenizer_any
-    from megatron_harpe.eval.megatron_backend import MegatronBackend
-    from megatron_harpe.eval.suite import run_eval_suite, scalars_for_logging
+    """The configured eval tasks on the model being trained (every rank takes part; eval/in_training.py)."""
+    from megatron_harpe.eval.in_training import evaluate_during_training
 
-    generation = cfg.parallel.context == 1
-    backend = MegatronBackend(model, cfg, load_tokenizer_any(cfg.data.tokenizer), f"step {step}", generation)
-    results = run_eval_suite(
-        backend, cfg.eval.tasks, cfg.eval.lengths or [seq_length], cfg.eval.samples, seed=cfg.train.seed, progress=False
-    )
-    scalars = {name.removeprefix("eval/"): value for name, value in scalars_for_logging(results).items()}
-    monitor.add_scalars(step, scalars, prefix="eval")
-    model.train()
+    monitor.add_scalars(step, evaluate_during_training(cfg, model, step, seq_length), prefix="eval")
 
 
 def _rank0_print(ctx: ParallelContext):

@@ -63,9 +63,9 @@ def describe_plan(cfg: Config, world_size: int) -> str:
 def execution_lines(cfg: Config, tp: int, cp: int, dp: int) -> list[str]:
     """How the run executes on its devices: attention backend, CP communication, sequence
     parallelism, precision (what `mixed_precision.training_precision` chooses, as the trainer
-    does), optimizer sharding, gradient reduction, and the planner's bytes for that precision."""
+    does), the sharding engine, recompute, and the planner's bytes per GPU for that precision."""
     from megatron_harpe.te_backend import transformer_engine_available
-    from megatron_harpe.training.memory import GIB, PRECISIONS, config_layout, estimate_memory
+    from megatron_harpe.training.memory import ENGINE, GIB, PRECISIONS, config_layout, estimate_memory
     from megatron_harpe.training.mixed_precision import DESCRIPTIONS, training_precision
 
     parallel, model = cfg.parallel, cfg.model
@@ -75,7 +75,6 @@ def execution_lines(cfg: Config, tp: int, cp: int, dp: int) -> list[str]:
         attention += f", context parallel {parallel.resolved_cp_comm_type(model)}"
     if backend == "te" and not transformer_engine_available():
         attention += " (Transformer Engine is not installed here: train inside the GPU image)"
-    replicas = dp * cp
     on_gpu = training_precision(cfg.train, "cuda")
     try:
         on_cpu = training_precision(cfg.train, "cpu")
@@ -83,17 +82,16 @@ def execution_lines(cfg: Config, tp: int, cp: int, dp: int) -> list[str]:
         on_cpu = None
     precision = f"on GPU {DESCRIPTIONS[on_gpu]}" + (
         "" if on_cpu == on_gpu else f"; on CPU {DESCRIPTIONS[on_cpu]}" if on_cpu else "; refused on CPU")
-    states = "AdamW states and fp32 main weights" if on_gpu == "bf16" else "AdamW states"
-    optimizer = (f"distributed optimizer ({states} sharded over DP x CP = {replicas} ranks)"
-                 if parallel.distributed_optimizer else f"{states} replicated on every rank")  # fmt: skip
-    gradients = "fp32 main gradients" if on_gpu == "bf16" else "gradients"
-    reduction = "overlapped with backward (bucketed)" if parallel.overlap_grad_reduce else "after backward (bucketed)"
-    on_gpu_only = "" if on_cpu == on_gpu else " on GPU"
-    memory = estimate_memory(cfg, config_layout(cfg, tp * cp * dp), PRECISIONS[on_gpu])
+    layout = config_layout(cfg, tp * cp * dp)
+    memory = estimate_memory(cfg, layout, PRECISIONS[on_gpu])
+    gathered = "bf16" if memory.precision.unit_bytes == 2 else "fp32"
     return [
         f"attention: {attention}; sequence parallel {'on' if parallel.sequence_parallel else 'off'}",
         f"precision: {precision}",
-        f"optimizer{on_gpu_only}: {optimizer}; reduction of the {gradients} over DP x CP {reduction}; recompute {cfg.train.recompute}",
-        f"per GPU (tools/plan_memory.py for the rest): weights {memory.weights / GIB:.2f} GiB, {gradients} "
-        f"{memory.gradients / GIB:.2f} GiB, {states} {memory.optimizer / GIB:.2f} GiB",
+        f"sharding engine: {ENGINE}, {dp * cp} ranks: fp32 weights, gradients and AdamW moments sharded; each layer "
+        f"all-gathered in {gathered} for forward and backward, its gradients reduce-scattered in fp32 every micro-batch",
+        f"recompute: {layout.recompute_label(model.num_layers)} (megatron-core's; train.recompute*)",
+        f"per GPU (tools/plan_memory.py for the rest): sharded state {sum(memory.sharded.values()) / GIB:.2f} GiB, "
+        f"activations {memory.activations / GIB:.2f} GiB, {memory.total / GIB:.1f} GiB in all with the headroom "
+        f"(CUDA context, NCCL, fragmentation)",
     ]

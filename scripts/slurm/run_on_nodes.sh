@@ -45,7 +45,9 @@ echo "[slurm] job ${SLURM_JOB_ID:-?} (${SLURM_JOB_NAME:-?}) restart ${SLURM_REST
 # requeued. Slurm starts it again later (same id, SLURM_RESTART_COUNT+1) and the trainer resumes
 # from that checkpoint, so no step is redone. If the trainer has not exited STOP_GRACE seconds
 # after USR1, the job is requeued anyway and resumes from its latest complete checkpoint.
-# Preemption by the scheduler itself requeues without this handler, thanks to `#SBATCH --requeue`.
+# Preemption by the scheduler itself requeues without this handler, thanks to `#SBATCH --requeue`;
+# its SIGTERM (like that of scancel or the time limit) makes the trainer save after its current
+# step, within the cluster's KillWait (docs/slurm.md).
 STOP_FILE="$PWD/.harpe_stop_${SLURM_JOB_ID:-$$}"
 STOP_GRACE=${STOP_GRACE:-480}
 rm -f "$STOP_FILE"  # left over from a run that was killed before it could delete it

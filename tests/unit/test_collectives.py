@@ -23,7 +23,7 @@ from megatron_harpe.parallel import run_on_ranks
 PACKAGE = Path(__file__).resolve().parents[2] / "megatron_harpe"
 TENSOR_COLLECTIVES = {
     "all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "reduce", "reduce_scatter",
-    "reduce_scatter_tensor", "gather", "scatter", "all_to_all", "all_to_all_single", "send", "recv",
+    "reduce_scatter_tensor", "reduce_scatter_single", "gather", "scatter", "all_to_all", "all_to_all_single", "send", "recv",
     "isend", "irecv", "batch_isend_irecv", "all_reduce_coalesced",
 }
 

@@ -79,11 +79,17 @@ def test_sdpa_plans_its_block_masks_and_document_ids(prefix):
     plain = estimate_memory(config(prefix), Layout(context=2, micro_batch=4))
     assert memory.rotary_tables == 4 * plain.rotary_tables  # a per-token table per sequence
     short_share = (100 + 60) / 1460  # documents under TILE (256) tokens get merged, with a mask
-    masks = 4 * 4 * 256 * short_share * TILE * 4  # layers x micro-batch x tokens per rank x ...
-    assert memory.activations - plain.activations == int(masks)
+    masks = int(4 * 256 * short_share * TILE * 4)  # per layer: micro-batch x tokens per rank x ...
+    assert memory.activations - plain.activations == 4 * masks  # 4 layers
     masked, plain = (estimate_memory(c, Layout(micro_batch=4), device="cpu") for c in (cfg, config(prefix)))
     runs_output = 8 * 16 * 4  # heads x head dim x fp32: without CP the runs' outputs are concatenated
-    assert masked.activations - plain.activations == int(4 * 4 * 512 * (short_share * TILE * 4 + runs_output))
+    assert masked.activations - plain.activations == 4 * (int(4 * 512 * short_share * TILE * 4) + 4 * 512 * runs_output)
+    # core attention recomputed: its document runs' buffers go with it; full recompute keeps one layer's
+    selective, plain = (estimate_memory(c, Layout(micro_batch=4, recompute="selective"), device="cpu")
+                        for c in (cfg, config(prefix)))  # fmt: skip
+    assert selective.activations == plain.activations
+    full, plain = (estimate_memory(c, Layout(micro_batch=4, recompute="full"), device="cpu") for c in (cfg, config(prefix)))
+    assert full.activations - plain.activations == int(4 * 512 * short_share * TILE * 4) + 4 * 512 * runs_output
 
 
 def test_dry_run_shows_the_masking_and_its_padding(prefix, capsys):

@@ -19,7 +19,8 @@ from megatron_harpe.eval.haystack import haystack_info, load_prose_sentences, wo
 from megatron_harpe.eval.niah import NIAH_TASKS, build_niah_sample
 from megatron_harpe.eval.samples import DEPTHS, format_answer, random_slots
 from megatron_harpe.eval.scoring import string_match_part, wilson_interval
-from megatron_harpe.eval.suite import RULER_TASKS, _sample_factory, mean_label, run_eval_suite, score_sample
+from megatron_harpe.eval.cells import sample_factory
+from megatron_harpe.eval.suite import RULER_TASKS, mean_label, run_eval_suite, score_sample
 from megatron_harpe.eval.synthetic_backends import OracleBackend, RandomBackend, read_ideal_answer
 from megatron_harpe.eval.testing import ByteTokenizer
 
@@ -32,16 +33,16 @@ PROMPT_HASHES = {
     "niah_single_1": "9e910e9e94d74ff87368276fec3f3669a606e85aef4c680721925c0e6ae23f08",
     "niah_single_2": "4685f46eda87a7f5d1c026992b9f3c298ae45f764d1b126747c93a8a81c6d376",
     "niah_single_3": "9a268921d95e1455eb44d39ea269cf54c59187b9e2cfab575b082ece979b2b19",
-    "niah_multikey_1": "92babaf8eb134770a4abaa4e3afb24d46f13b032be934fedb1adb9668f350c38",
+    "niah_multikey_1": "184dc8c0766bded38907b7d28b8c1d050e029f2d0df4dbadd0ca1617c51f8d6b",
     "niah_multikey_2": "9979a33a7c698cac47ef02c6d450b9cfcc349cdc913ad3e5ddf7b9caa4119e49",
     "niah_multikey_3": "bebab46f6c737f971030819e8b3f649920e31b3861bc4223750557f80ee073f3",
-    "niah_multivalue": "4b5d6b30e0f3763459aecfba34248144007e53c66d6aa5203261404ef00e48ab",
-    "niah_multiquery": "f7eb74ee220c6f5acddcc8bd5ed8b687e3885758bd52a7b9679ce5f61ff0b498",
-    "vt": "017ff97671d3418415bac507f0262d4992211af17f73be27dcebfa318800cae6",
-    "cwe": "0305554bf7f644734d872d175f9d7a4df3354e6f9dbb95030b14f6bb72322cb9",
-    "fwe": "d79447f14e148a53e68de29ae09b6f35c497609fefaa81a2f45b1304f7c1fce0",
-    "qa_1": "18b1d38dd3f18b81c7ca8705c82b6aa45609fc0bd283290f49662a4d4668ea90",
-    "qa_2": "6c77bfff747997270e59e4a167db6ceb66675941e4c4019575480f741c189ec1",
+    "niah_multivalue": "659a045f8407626093f17ef4a8c67e987ca21823a06a35b0f52205aa3cd26d4c",
+    "niah_multiquery": "9e603d7a87be39dac6bf4bedd0bc18220d863aa21b1dc8d9cf51bb00658baa56",
+    "vt": "bcd8f05ee56060805e84d0a83dcfd36ac1aead3ed119021429d0644b9ba808ae",
+    "cwe": "731203db86bab9b67bc083d3f8a12fde99fc2a9402797f6f71fb8ea4203bb92c",
+    "fwe": "1141d6a80aa924b4c95b47099171ee1ddb9e6c45d0d4ee82ba4c4914071278c0",
+    "qa_1": "4fc65009b3036c089c4cb6c9b370155d0a278c0e7818e7b7a4d90db7b89f36fe",
+    "qa_2": "67b220686d830605e806930ee8a67352f75c5b3920ac32e27c4e1849037928eb",
 }
 
 
@@ -54,13 +55,8 @@ def tokenizer() -> ByteTokenizer:
     return ByteTokenizer()
 
 
-def _make(task: str, tokenizer, chat=PLAIN, seed: int = 42):
-    class Holder:
-        pass
-
-    backend = Holder()
-    backend.tokenizer = tokenizer
-    return _sample_factory(task, backend, seed, None, load_prose_sentences(), chat, QA_FILES)
+def _make(task: str, tokenizer, chat=PLAIN, seed: int = 42, fill: str = "tight"):
+    return sample_factory(task, tokenizer, seed, None, load_prose_sentences(), chat, QA_FILES, fill)
 
 
 @pytest.mark.parametrize("scoring", ["generate", "teacher_forcing"])
@@ -277,3 +273,28 @@ def test_same_command_same_prompts_and_samples_differ(tokenizer):
     long = _make("cwe", tokenizer)(16000, 0)  # RULER's full setting from 4096 tokens: 30 / 3 repeats
     counts = [long.prompt.rsplit("Below is a numbered", 1)[1].count(f". {word} ") for word in long.answers]
     assert min(counts) >= 29 and long.prompt_tokens + long.answer_budget <= 16000
+
+
+def test_ruler_chat_template_follows_the_model_family(tmp_path):
+    from megatron_harpe.eval.hf_backend import HFTokenizer
+    from megatron_harpe.eval.testing import save_tiny_tokenizer
+
+    save_tiny_tokenizer(str(tmp_path))
+    tokenizer = HFTokenizer.from_pretrained(str(tmp_path))
+    assert resolve_prompt_format(tokenizer, "ruler").name == "ruler:base"  # no chat template: a base model
+    tokenizer.hf_tokenizer.chat_template = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}"
+                                            "<|end_header_id|>\n\n{{ m['content'] }}<|eot_id|>{% endfor %}")
+    llama3 = resolve_prompt_format(tokenizer, "ruler")
+    assert llama3.name == "ruler:meta-llama3" and llama3.info["chat_template"] == "ruler:meta-llama3"
+    assert llama3("Q?", " A") == ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nQ?<|eot_id|>"
+                                  "<|start_header_id|>assistant<|end_header_id|>\n\n A")
+    # no date header, no system prompt: what the tokenizer's own template would have added is absent
+    assert "Cutting Knowledge" not in llama3("Q?", "")
+    lwm = resolve_prompt_format(tokenizer, "ruler:lwm-chat")
+    assert lwm("Q", " A") == "You are a helpful assistant. USER: Q ASSISTANT:  A"
+    assert lwm("Q", " A", singular=True) == "You is a helpful assistant. USER: Q ASSISTANT:  A"  # RULER's rewording
+    tokenizer.hf_tokenizer.chat_template = "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}"
+    with pytest.raises(ValueError, match="RULER has no template for this model's chat format"):
+        resolve_prompt_format(tokenizer, "ruler")
+    with pytest.raises(ValueError, match="ruler:nonsense: RULER has no such template"):
+        resolve_prompt_format(tokenizer, "ruler:nonsense")

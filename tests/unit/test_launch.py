@@ -143,11 +143,12 @@ def test_torchrun_command_is_understood_by_torchrun(tmp_path) -> None:
     job = SlurmJob.from_environment(_env(SLURM_RESTART_COUNT="1"), resolve_hosts=expand_nodelist)
     program = ["pretrain_harpe.py", "--config", "configs/x.yaml", "--train.lr", "1e-5"]
     command = launch.torchrun_command(job, program, port=23456, log_dir=tmp_path / "logs", python="python3")
-    assert command[:3] == ["python3", "-m", "torch.distributed.run"]
+    assert command[:3] == ["python3", "-m", "megatron_harpe.torchrun"]  # torchrun's main and arguments
     parsed = get_args_parser().parse_args(command[3:])
     assert parsed.nnodes == "4" and parsed.nproc_per_node == "8"
     assert (parsed.rdzv_backend, parsed.rdzv_endpoint, parsed.rdzv_id) == ("c10d", "gpu001:23456", "4242")
     assert parsed.max_restarts == 0
+    assert parsed.shutdown_timeout == launch.DEFAULT_SHUTDOWN_TIMEOUT  # ranks get time to save on SIGTERM
     assert parsed.log_dir == str(tmp_path / "logs" / "restart-1" / "node-2")
     assert parsed.training_script == "pretrain_harpe.py"
     assert parsed.training_script_args == program[1:]

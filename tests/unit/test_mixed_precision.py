@@ -1,5 +1,5 @@
-"""The precision modes (training/mixed_precision.py): which one a config runs on each device,
-the fp32 accumulation of bf16 gradients, and the reduction/norm code reading `main_grad`.
+"""The precision modes (training/mixed_precision.py): which one a config runs on each device.
+(bf16 compute over fp32 shards, reduced and accumulated in fp32: tests/distributed/test_sharding.py.)
 
     python -m pytest tests/unit/test_mixed_precision.py -q
 """
@@ -10,9 +10,8 @@ import pytest
 import torch
 
 from megatron_harpe.config import Config, TrainConfig, load_config
-from megatron_harpe.training.grads import allreduce_gradients, clip_grad_norm
 from megatron_harpe.training.memory import PRECISIONS, trainer_precision
-from megatron_harpe.training.mixed_precision import attach_main_grads, gradient_of, training_precision
+from megatron_harpe.training.mixed_precision import training_precision
 
 
 @pytest.mark.parametrize(
@@ -46,29 +45,3 @@ def test_bf16_params_with_fp32_compute_is_refused_by_the_config() -> None:
         load_config(None, overrides).validate()
     with pytest.raises(ValueError, match="train.params_dtype='half' is not one of auto, fp32, bf16"):
         load_config(None, ["train.params_dtype=half", "data.demo_workdir=/tmp/x", "train.train_tokens=64"]).validate()
-
-
-def test_micro_batch_gradients_accumulate_in_fp32() -> None:
-    """1 + 2^-10 is not a bf16 number: accumulating in .grad would lose the second gradient."""
-    weight = torch.nn.Parameter(torch.ones(3, dtype=torch.bfloat16))
-    model = torch.nn.Module()
-    model.weight = weight
-    attach_main_grads(model)
-    weight.sum().backward()
-    (weight * 2**-10).sum().backward()
-    assert weight.grad is None and weight.main_grad.dtype == torch.float32
-    assert torch.equal(weight.main_grad, torch.full((3,), 1 + 2**-10))
-    assert gradient_of(weight) is weight.main_grad
-
-
-def test_norm_and_clipping_use_the_fp32_main_grad() -> None:
-    model = torch.nn.Linear(4, 3, bias=False).to(torch.bfloat16)
-    attach_main_grads(model)
-    model(torch.ones(2, 4, dtype=torch.bfloat16)).float().pow(2).sum().backward()
-    expected = model.weight.main_grad.clone()
-    allreduce_gradients(model, None)  # one rank: nothing to reduce
-    norm = clip_grad_norm(model, 1e-3, None)
-    assert norm == pytest.approx(float(expected.norm()))
-    assert model.weight.grad is None
-    assert float(model.weight.main_grad.norm()) == pytest.approx(1e-3, rel=1e-4)  # clipped in fp32
-    assert torch.allclose(model.weight.main_grad, expected * (1e-3 / (norm + 1e-6)))

@@ -1,6 +1,7 @@
-"""Gradient helpers in one process (no process group): clipping, token count, bucketing.
+"""Gradient helpers in one process (no process group): clipping, token count.
 
-The multi-rank behaviour (TP=2 norm, DP/CP all-reduce) is in tests/distributed/test_grads.py.
+The multi-rank behaviour (TP=2 norm, the token-weighted loss over DP) is in
+tests/distributed/test_grads.py, the sharded engine's in tests/distributed/test_sharding.py.
 Run: pytest tests/unit/test_optim_grads.py
 """
 
@@ -11,12 +12,7 @@ import math
 import pytest
 import torch
 
-from megatron_harpe.training.grads import (
-    _buckets,
-    allreduce_gradients,
-    clip_grad_norm,
-    global_token_count,
-)
+from megatron_harpe.training.grads import clip_grad_norm, global_token_count, gradient_bytes
 
 
 def _model_with_grads(scale: float = 1.0) -> torch.nn.Module:
@@ -66,18 +62,11 @@ def test_bf16_gradients_are_normed_in_fp32() -> None:
     assert clip_grad_norm(holder, 0.0, tp_group=None) == pytest.approx(64.0)
 
 
-def test_allreduce_without_process_group_is_a_no_op() -> None:
+def test_gradient_bytes_count_the_gradients_held() -> None:
     model = _model_with_grads()
-    before = [p.grad.clone() for p in model.parameters()]
-    allreduce_gradients(model, group=None)
-    assert all(torch.equal(a, p.grad) for a, p in zip(before, model.parameters()))
-
-
-def test_buckets_respect_size_and_kind() -> None:
-    grads = [torch.zeros(6), torch.zeros(6), torch.zeros(30), torch.zeros(2, dtype=torch.bfloat16), torch.zeros(3)]
-    buckets = _buckets(grads, bucket_numel=12)
-    assert [[g.numel() for g in b] for b in buckets] == [[6, 6], [30], [3], [2]]
-    assert all(len({g.dtype for g in b}) == 1 for b in buckets)
+    assert gradient_bytes(model) == sum(p.numel() * 4 for p in model.parameters())
+    model[0].weight.grad = None
+    assert gradient_bytes(model) == sum(p.numel() * 4 for p in model.parameters()) - 35 * 4
 
 
 def test_global_token_count_sums_micro_batches() -> None:

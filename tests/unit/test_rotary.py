@@ -140,3 +140,22 @@ def test_yarn_matches_transformers_reference():
     ours = head_inverse_frequencies(yarn, [10000.0], HEAD_DIM)[0]
     torch.testing.assert_close(ours.float(), hf_inv_freq.float(), atol=1e-6, rtol=1e-5)
     assert attention_factor == pytest.approx(0.1 * math.log(8.0) + 1.0)
+
+
+def test_cache_keeps_the_lengths_used_last():
+    """Evaluation at many lengths must not keep a table per length for the whole run (~0.3 GiB
+    each at 128k for the 7B preset): the least recently used length goes first."""
+    from megatron_harpe.position.rotary import CACHED_LENGTHS
+
+    rotary = rotary_for([10.0, 1e3, 1e5, 5e6])
+    training = rotary(64)[0]
+    lengths = [8 * (i + 1) for i in range(CACHED_LENGTHS + 3)]
+    for length in lengths:
+        rotary(length)
+        assert rotary(64)[0] is training  # the training length, used every step, stays cached
+    assert len(rotary.cached_lengths()) == CACHED_LENGTHS
+    assert rotary.cached_lengths()[-1] == (64, 0)
+    assert (lengths[0], 0) not in rotary.cached_lengths()
+    rebuilt = rotary(lengths[0])[0]  # an evicted length is rebuilt with the same values
+    torch.testing.assert_close(rebuilt, rotary_for([10.0, 1e3, 1e5, 5e6])(lengths[0])[0], rtol=0, atol=0)
+    assert len(rotary.cached_lengths()) == CACHED_LENGTHS

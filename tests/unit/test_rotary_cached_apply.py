@@ -4,9 +4,9 @@
 
 `HeadwiseRotaryEmbedding` tables carry their cos/sin and megatron's attention is routed through
 `rotary.apply_rotary_pos_emb`; here every layout (distinct bases, heads sharing a row, one
-shared row, separate key tables, YaRN's attention scale, bf16) is compared with megatron's
-`apply_rotary_pos_emb` on the same angle table, and a whole model's logits and gradients with
-the route switched off.
+shared row, the query table rotating a k/v group's key, YaRN's attention scale, bf16) is compared
+with megatron's `apply_rotary_pos_emb` on the same angle table (one row per head: `fit_rows`),
+and a whole model's logits and gradients with the route switched off.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ def test_cached_apply_equals_megatron_apply(layout, dtype, mscale):
     embedding = HeadwiseRotaryEmbedding(PositionConfig(type="harpe", bases=key_bases), query_bases, key_bases, HEAD_DIM,
                                         cp_rank=1, cp_size=2)
     query_table, key_table = embedding(64)
+    assert key_table is query_table  # the query table's distinct rows are the keys' rows
     for table, heads, rows in ((query_table, len(query_bases), query_rows), (key_table, len(key_bases), key_rows)):
         assert table.rotary_cos_sin.cos.shape == (32, 1, rows, 1, HEAD_DIM // 2)  # broadcast rows, half width
         if dtype == torch.float32 and mscale == 1.0:  # no casts: cos + sin hold at most the angle table's bytes
@@ -50,7 +51,7 @@ def test_cached_apply_equals_megatron_apply(layout, dtype, mscale):
         t = torch.randn(32, 2, heads, HEAD_DIM, dtype=dtype, requires_grad=True)
         reference_t = t.detach().clone().requires_grad_(True)
         ours = rotary.apply_rotary_pos_emb(t, table, CONFIG, mscale=mscale)
-        reference = megatron_rotate(reference_t, table, mscale)
+        reference = megatron_rotate(reference_t, rotary.fit_rows(table, heads), mscale)
         assert ours.shape == reference.shape and ours.dtype == reference.dtype
         assert torch.equal(ours, reference)  # the same cos/sin and products, bit for bit
         grad = torch.randn_like(ours)
@@ -91,8 +92,9 @@ def _model_step(route: bool, gqa_bases: str, position_type: str) -> dict:
     else:
         position = PositionConfig(type="yarn", base=1e4, scaling_factor=4.0, original_max_position=16)
     gpt = build_model(model, position.resolve(model))
-    if not route:
-        megatron_attention.apply_rotary_pos_emb = rotary._megatron_apply_rotary_pos_emb
+    if not route:  # megatron's own apply, on the table with one row per head of q or k
+        megatron_attention.apply_rotary_pos_emb = lambda t, freqs, **kwargs: rotary._megatron_apply_rotary_pos_emb(
+            t, rotary.fit_rows(freqs, t.size(-2)), **kwargs)
     calls = []
     original = megatron_attention.apply_rotary_pos_emb
     megatron_attention.apply_rotary_pos_emb = lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs)

@@ -62,6 +62,26 @@ def test_thd_tensors_rotate_token_by_token_ignoring_cu_seqlens(layout):
     torch.testing.assert_close(rotated, one_by_one)
 
 
+@pytest.mark.parametrize("layout", ["harpe_mha", "harpe_gqa_per_group"])
+def test_a_detached_alias_of_the_table_still_rotates_token_by_token(layout):
+    """megatron's recompute (train.recompute) reruns a layer on `table.detach()`, which drops the
+    table's attributes: the THD rotation must still follow each token's own position (here
+    positions that do not restart where cu_seqlens cuts, as a CP rank's chunks of documents)."""
+    position, query_bases, key_bases = LAYOUTS[layout]
+    embedding = HeadwiseRotaryEmbedding(position, query_bases, key_bases, HEAD_DIM)
+    positions = torch.tensor([[4, 5, 6, 7, 0, 1, 2, 9]])
+    table, _ = embedding.token_tables(positions)
+    cu_seqlens = torch.tensor([0, 4, 7, 8], dtype=torch.int32)
+    for heads in sorted({len(query_bases), len(key_bases)}):  # queries, and the keys of their k/v groups
+        thd = torch.randn(8, heads, HEAD_DIM)
+        want = rotary.apply_rotary_pos_emb(thd, table, CONFIG, cu_seqlens=cu_seqlens)
+        assert torch.equal(rotary.apply_rotary_pos_emb(thd, table.detach(), CONFIG, cu_seqlens=cu_seqlens), want)
+    own_bases, _ = HeadwiseRotaryEmbedding(position, key_bases, key_bases, HEAD_DIM).token_tables(positions)
+    keys = torch.randn(8, len(key_bases), HEAD_DIM)
+    torch.testing.assert_close(rotary.apply_rotary_pos_emb(keys, table.detach(), CONFIG, cu_seqlens=cu_seqlens),
+                               rotary.apply_rotary_pos_emb(keys, own_bases, CONFIG, cu_seqlens=cu_seqlens), rtol=0, atol=0)
+
+
 def test_per_token_positions_must_be_batch_by_sequence():
     embedding = HeadwiseRotaryEmbedding(PositionConfig(type="abf", base=1e4), [1e4] * 4, [1e4] * 4, HEAD_DIM)
     with pytest.raises(ValueError, match="batch, sequence"):
