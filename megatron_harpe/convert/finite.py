@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+from torch.distributed.tensor import DTensor
 
 FLAG = "--allow-nonfinite"
 _LISTED = 4
@@ -26,6 +27,10 @@ class NonFiniteWeights(ValueError):
 
 
 def count_nonfinite(tensor: torch.Tensor) -> int:
+    """Non-finite values in `tensor`; of this rank's shard for a DTensor (FSDP2's sharded
+    parameters), whose reductions would otherwise mix the local count with the global size."""
+    if isinstance(tensor, DTensor):
+        tensor = tensor.to_local()
     if not (tensor.is_floating_point() or tensor.is_complex()):
         return 0
     return int(tensor.numel() - torch.isfinite(tensor).sum().item())
