@@ -403,7 +403,7 @@ class Config:
             raise ValueError("data.loss_mask_prefixes needs one loss-mask dataset per entry of data.prefixes")
         if not self.data.prefixes and not self.data.demo_workdir:
             raise ValueError("no training data: set data.prefixes (Megatron .bin/.idx prefixes) or data.demo_workdir")
-        from megatron_harpe.eval.in_training import check_eval_settings
+        from megatron_harpe.eval.training_settings import check_eval_settings
 
         check_eval_settings(self)
         return self

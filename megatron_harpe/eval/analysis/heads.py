@@ -1,7 +1,7 @@
 """How far each attention head reaches, per layer and head, next to the head's RoPE base.
 
+    from megatron_harpe.eval.analysis.heads import analyze_heads
     from megatron_harpe.eval.backends import load_backend
-    from megatron_harpe.eval.head_analysis import analyze_heads
     backend = load_backend("runs/demo_cpu/checkpoints")           # or a Hugging Face directory
     analysis = analyze_heads(backend, documents, length=512, thresholds=(64, 256))
     analysis.to_dict()["correlation"]        # base vs mean distance; CLI: tools/analyze_heads.py
@@ -360,7 +360,7 @@ def analyze_heads(
     each document. Queries at positions >= min_query_position (default length // 2) count."""
     from tqdm import tqdm
 
-    from megatron_harpe.eval.hf_backend import HFBackend
+    from megatron_harpe.eval.backends.hf import HFBackend
 
     min_query_position = check_request(length, min_query_position, thresholds)
     short = [len(ids) for ids in documents if len(ids) < length]

@@ -1,6 +1,6 @@
 """How a task's question becomes the prompt text: plain (base models) or inside a chat template.
 
-    from megatron_harpe.eval.chat import PLAIN, resolve_prompt_format
+    from megatron_harpe.eval.tasks.chat import PLAIN, resolve_prompt_format
     prompt_format = resolve_prompt_format(tokenizer, "auto")   # or "none", or a Jinja file
     prompt = prompt_format(question, answer_prefix)
 
@@ -23,8 +23,8 @@ import hashlib
 import os
 from typing import Any, Callable
 
-from megatron_harpe.eval.backends import Tokenizer
-from megatron_harpe.eval.ruler_rules import RULER_TEMPLATES, family_of, singular as singular_wording
+from megatron_harpe.eval.backends.base import Tokenizer
+from megatron_harpe.eval.tasks.ruler_rules import RULER_TEMPLATES, family_of, singular as singular_wording
 
 
 class PromptFormat:

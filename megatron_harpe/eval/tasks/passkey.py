@@ -1,6 +1,6 @@
 """Passkey retrieval (Mohtashami & Jaggi 2023): a 5-digit key hidden in repeated filler text.
 
-    from megatron_harpe.eval.passkey import build_passkey_sample
+    from megatron_harpe.eval.tasks.passkey import build_passkey_sample
     sample = build_passkey_sample(tokenizer, length=16384, index=0, seed=42)
 
 The filler is RULER's noise paragraph repeated; the key sentence goes between two repeats at a
@@ -13,10 +13,19 @@ from __future__ import annotations
 
 import functools
 
-from megatron_harpe.eval.backends import Tokenizer, encode_prompt
-from megatron_harpe.eval.chat import PLAIN, PromptFormat
-from megatron_harpe.eval.haystack import NOISE_PARAGRAPH
-from megatron_harpe.eval.samples import DEPTHS, EvalSample, answer_continuation, insert_at_depths, sample_rng, sized_prompt
+from megatron_harpe.eval.backends.base import Tokenizer, encode_prompt
+from megatron_harpe.eval.tasks.chat import PLAIN, PromptFormat
+from megatron_harpe.eval.tasks.haystack import NOISE_PARAGRAPH
+from megatron_harpe.eval.tasks.samples import (
+    DEPTHS,
+    EvalSample,
+    SampleBuilder,
+    TaskSetting,
+    answer_continuation,
+    insert_at_depths,
+    sample_rng,
+    sized_prompt,
+)
 
 PASSKEY_ANSWER_BUDGET = 32
 PASSKEY_TEMPLATE = (
@@ -63,3 +72,9 @@ def build_passkey_sample(
         haystack_units=units,
         answer_budget=answer_budget,
     )
+
+
+def sample_builder(setting: TaskSetting) -> SampleBuilder:
+    """The registry's builder of passkey samples (its haystack is always sized tight)."""
+    return lambda length, index: build_passkey_sample(
+        setting.tokenizer, length, index, setting.seed, setting.answer_budget, chat=setting.chat)

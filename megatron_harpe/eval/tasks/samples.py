@@ -1,4 +1,5 @@
-"""What every retrieval task produces (an `EvalSample`) and the tokenizer-exact sizing they share.
+"""What every retrieval task produces (an `EvalSample`), what its sample builder is given (a
+`TaskSetting`), and the tokenizer-exact sizing they share.
 
 A retrieval prompt is a template around a haystack of `n` units (sentences, noise paragraphs or
 distractor needles) with needles inserted at depths. `fit_units` finds the largest `n` whose
@@ -25,6 +26,9 @@ from typing import Callable
 
 import numpy as np
 
+from megatron_harpe.eval.backends.base import Tokenizer
+from megatron_harpe.eval.tasks.chat import PLAIN, PromptFormat
+
 DEPTHS: tuple[int, ...] = tuple(int(d) for d in np.round(np.linspace(0, 100, num=40)).astype(int))
 
 
@@ -34,7 +38,7 @@ class EvalSample:
 
     prompt_ids start with BOS when the model expects it. `continuation` is the expected answer
     text as it follows the prompt (used for teacher forcing). `answers` are the expected
-    strings; `metric` says how they score (RULER's metrics, see scoring.py): "all" = the share
+    strings; `metric` says how they score (RULER's metrics, see eval/scoring.py): "all" = the share
     of them found in the output (string_match_all), "part" = 100 if any one of them is found
     (string_match_part: the alternatives of a QA answer). `answer_style` names how a list of
     values reads after the prompt (`format_answer`). `depths` are the needle depths in
@@ -318,3 +322,23 @@ def fit_units(
             else:
                 high = middle
     return low
+
+
+SampleBuilder = Callable[[int, int], EvalSample]
+"""make(length, index) -> sample `index` of the cell at `length`."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSetting:
+    """What a task's `sample_builder` is given (registry.py): the run's tokenizer, seed and prompt
+    format, the answer budget, the fill rule (one `Fill` per builder: it keeps RULER's probe sizes),
+    the prose haystack, the task's data file (qa_1, qa_2) and, for a needle-grid cell, its depth."""
+
+    tokenizer: Tokenizer
+    seed: int
+    answer_budget: int
+    chat: PromptFormat = PLAIN
+    fill: Fill = dataclasses.field(default_factory=Fill)
+    prose: tuple[str, ...] | None = None
+    data_file: str | None = None
+    fixed_depth: int | None = None

@@ -1,6 +1,6 @@
 """Self-Extend on a Hugging Face model: replaces the attention forward of every decoder layer.
 
-    from megatron_harpe.eval.self_extend_hf import install_self_extend
+    from megatron_harpe.eval.self_extend.hf import install_self_extend
     install_self_extend(model, SelfExtendSettings(window=1024, group=32))
 
 Covers Llama-family models whose attention is q/k/v projections + RoPE + o projection: stock
@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from megatron_harpe.eval.self_extend import SelfExtendSettings, self_extend_attention
+from megatron_harpe.eval.self_extend.core import SelfExtendSettings, self_extend_attention
 
 SUPPORTED_MODEL_TYPES = ("llama", "harpe_llama", "mistral")
 CACHE_KEYWORDS = ("cache", "past_key_values", "past_key_value")  # the name differs between versions

@@ -1,6 +1,6 @@
 """RULER's eight needle-in-a-haystack tasks (SPEC.md section 4), generated for any tokenizer.
 
-    from megatron_harpe.eval.niah import NIAH_TASKS, build_niah_sample
+    from megatron_harpe.eval.tasks.niah import NIAH_TASKS, build_niah_sample
     sample = build_niah_sample(NIAH_TASKS["niah_multikey_2"], tokenizer, length=8192, index=0, seed=42)
 
 | task            | haystack          | key / value     | needles                         |
@@ -35,16 +35,18 @@ import functools
 import itertools
 from typing import Callable
 
-from megatron_harpe.eval.backends import Tokenizer, encode_prompt
-from megatron_harpe.eval.chat import PLAIN, PromptFormat
-from megatron_harpe.eval.haystack import NOISE_PARAGRAPH, NeedleVocabulary, cycled, load_prose_sentences, split_sentences
-from megatron_harpe.eval.ruler_rules import fixed_shuffle, ruler_increment
-from megatron_harpe.eval.samples import (
+from megatron_harpe.eval.backends.base import Tokenizer, encode_prompt
+from megatron_harpe.eval.tasks.chat import PLAIN, PromptFormat
+from megatron_harpe.eval.tasks.haystack import NOISE_PARAGRAPH, NeedleVocabulary, cycled, load_prose_sentences, split_sentences
+from megatron_harpe.eval.tasks.ruler_rules import fixed_shuffle, ruler_increment
+from megatron_harpe.eval.tasks.samples import (
     DEPTHS,
     TIGHT,
     EvalSample,
     Fill,
     RulerStep,
+    SampleBuilder,
+    TaskSetting,
     answer_continuation,
     essay_context,
     insert_at_slots,
@@ -236,3 +238,11 @@ def build_niah_sample(
         draw={"keys": keys, "values": values, "needles": needles, "depths": depths, "slots": slots,
               "units": units_of(units), "queries": queries, "haystack": task.haystack},
     )
+
+
+def sample_builder(task_name: str, setting: TaskSetting) -> SampleBuilder:
+    """The registry's builder of a NIAH task (and of a needle-grid cell: `setting.fixed_depth`)."""
+    task = NIAH_TASKS[task_name]
+    return lambda length, index: build_niah_sample(
+        task, setting.tokenizer, length, index, setting.seed, answer_budget=setting.answer_budget,
+        prose=setting.prose, fixed_depth=setting.fixed_depth, chat=setting.chat, fill=setting.fill)

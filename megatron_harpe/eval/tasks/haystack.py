@@ -31,7 +31,7 @@ import uuid
 from importlib import resources
 
 NOISE_PARAGRAPH = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
-DEFAULT_HAYSTACK = "prose_haystack.txt.xz"  # in megatron_harpe/eval/data
+DEFAULT_HAYSTACK = "prose_haystack.txt.xz"  # in megatron_harpe/eval/tasks/data
 
 
 @functools.lru_cache(maxsize=1)
@@ -72,7 +72,7 @@ def split_sentences(text: str) -> list[str]:
 
 def _read_haystack_text(path: str | None) -> str:
     if path is None:
-        data = resources.files("megatron_harpe.eval").joinpath("data", DEFAULT_HAYSTACK).read_bytes()
+        data = resources.files("megatron_harpe.eval.tasks").joinpath("data", DEFAULT_HAYSTACK).read_bytes()
         return lzma.decompress(data).decode("utf-8")
     try:
         with open(path, encoding="utf-8") as handle:
@@ -105,7 +105,7 @@ def haystack_info(path: str | None = None) -> dict[str, object]:
     for the default), for results.json: the same hash means the same haystack."""
     text = _read_haystack_text(path)
     return {
-        "source": f"megatron_harpe/eval/data/{DEFAULT_HAYSTACK} (public domain)" if path is None
+        "source": f"megatron_harpe/eval/tasks/data/{DEFAULT_HAYSTACK} (public domain)" if path is None
         else os.path.abspath(path),
         "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
         "characters": len(text),

@@ -67,7 +67,7 @@ class HFBackend:
     """`ModelBackend` over `transformers.AutoModelForCausalLM`."""
 
     supports_generation = True
-    self_extend = None  # SelfExtendSettings when installed (eval/self_extend_hf.py)
+    self_extend = None  # SelfExtendSettings when installed (eval/self_extend/hf.py)
 
     def __init__(self, model: Any, tokenizer: HFTokenizer, name: str) -> None:
         self.model = model.eval()
@@ -109,7 +109,7 @@ class HFBackend:
         tokenizer = HFTokenizer.from_pretrained(tokenizer_path or path, trust_remote_code=trust_remote_code)
         backend = cls(model, tokenizer, name=path)
         if self_extend is not None:
-            from megatron_harpe.eval.self_extend_hf import install_self_extend
+            from megatron_harpe.eval.self_extend.hf import install_self_extend
 
             install_self_extend(model, self_extend)
             backend.self_extend = self_extend

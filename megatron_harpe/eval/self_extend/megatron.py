@@ -1,6 +1,6 @@
 """Self-Extend on a megatron_harpe GPTModel shard (TP and CP), for evaluation.
 
-    from megatron_harpe.eval.self_extend_megatron import install_self_extend
+    from megatron_harpe.eval.self_extend.megatron import install_self_extend
     install_self_extend(gpt, SelfExtendSettings(window=1024, group=32))
 
 Two swaps, nothing else in megatron-core changes:
@@ -27,7 +27,7 @@ from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
 )
 
 from megatron_harpe.attention import _gather_chunks
-from megatron_harpe.eval.self_extend import SelfExtendSettings, self_extend_attention
+from megatron_harpe.eval.self_extend.core import SelfExtendSettings, self_extend_attention
 from megatron_harpe.position.rotary import HeadwiseRotaryEmbedding, context_parallel_positions
 
 

@@ -32,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_harpe.eval.backends import Tokenizer, encode_prompt
-from megatron_harpe.eval.samples import DEPTHS, EvalSample, sample_rng
+from megatron_harpe.eval.backends.base import Tokenizer, encode_prompt
+from megatron_harpe.eval.tasks.samples import DEPTHS, EvalSample, SampleBuilder, TaskSetting, sample_rng
 
 TASK_NAME = "synthetic_kv"
 FILLER_WORDS = ("lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", "elit")
@@ -217,3 +217,9 @@ def build_synthetic_kv_sample(
         answers=[answer], continuation=f" {answer} .", depths=[depth], haystack_units=filler_count,
         answer_budget=answer_budget,
     )
+
+
+def sample_builder(setting: TaskSetting) -> SampleBuilder:
+    """The registry's builder of synthetic_kv samples (plain prompts in its own word-level vocabulary)."""
+    return lambda length, index: build_synthetic_kv_sample(
+        setting.tokenizer, length, index, setting.seed, answer_budget=setting.answer_budget)

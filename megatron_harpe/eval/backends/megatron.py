@@ -11,7 +11,7 @@ the same argmax. Sequences are padded at the end to what the layout needs (`sequ
 split over the TP ranks, which megatron asserts in tensor_parallel/mappings.py): causal attention
 keeps padding from influencing the real positions.
 
-Generation is greedy with a KV cache (eval/kv_cache.py): the prompt runs once, sharded over
+Generation is greedy with a KV cache (eval/backends/kv_cache.py): the prompt runs once, sharded over
 TP and CP like any forward, then each new token costs a one-token forward; it equals full
 recomputation token for token (`kv_cache=False` recomputes, the reference the tests compare
 with). Teacher forcing stays available (`--scoring teacher_forcing`).
@@ -31,6 +31,7 @@ from megatron.core import parallel_state
 
 from megatron_harpe import collectives, parallel
 from megatron_harpe.config import Config
+from megatron_harpe.eval.backends.kv_cache import gather_vocabulary, generate_cached
 from megatron_harpe.model import build_model
 from megatron_harpe.position.rotary import context_parallel_positions
 from megatron_harpe.training import checkpoint
@@ -39,7 +40,7 @@ from megatron_harpe.training import checkpoint
 class MegatronBackend:
     """`ModelBackend` over a megatron_harpe GPTModel shard."""
 
-    self_extend = None  # SelfExtendSettings when installed (eval/self_extend_megatron.py)
+    self_extend = None  # SelfExtendSettings when installed (eval/self_extend/megatron.py)
 
     def __init__(self, model, config: Config, tokenizer, name: str, generation: bool, kv_cache: bool = True) -> None:
         self.model = model.eval()
@@ -66,7 +67,7 @@ class MegatronBackend:
         self_extend=None,
         **_unused,
     ) -> "MegatronBackend":
-        from megatron_harpe.eval.backends import load_tokenizer_any
+        from megatron_harpe.eval.backends.tokenizer import load_tokenizer_any
 
         from megatron_harpe.convert.megatron_side import read_checkpoint_spec
 
@@ -83,11 +84,11 @@ class MegatronBackend:
         model = build_model(config.model, config.position, initialize=False)
         checkpoint.load_checkpoint(path, model=model, weights_only=True, load_rng=False)
         if self_extend is not None:
-            from megatron_harpe.eval.self_extend_megatron import install_self_extend
+            from megatron_harpe.eval.self_extend.megatron import install_self_extend
 
             install_self_extend(model, self_extend)
         name = f"megatron:{Path(path).name}"
-        # Self-Extend's attention (eval/self_extend_megatron.py) recomputes and keeps no cache
+        # Self-Extend's attention (eval/self_extend/megatron.py) recomputes and keeps no cache
         use_cache = kv_cache and self_extend is None
         backend = cls(model, config, load_tokenizer_any(str(tokenizer_path), trust_remote_code=trust_remote_code), name,
                       generation if generation is not None else True, kv_cache=use_cache)
@@ -116,8 +117,6 @@ class MegatronBackend:
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
         if self.kv_cache:
-            from megatron_harpe.eval.kv_cache import generate_cached
-
             return generate_cached(self, prompt_ids, max_new_tokens)
         generated: list[int] = []
         for _ in range(max_new_tokens):
@@ -156,11 +155,3 @@ def checkpoint_tokenizer(path: str, spec) -> str | None:
     if found is not None and found.is_dir() and not any(found.glob("tokenizer*")):
         found = spec.config.data.tokenizer  # a source without tokenizer files
     return str(found) if found else None
-
-
-def gather_vocabulary(local: torch.Tensor) -> torch.Tensor:
-    """Concatenate the TP ranks' vocabulary shards (megatron's own gather allocates on CUDA)."""
-    tp_size = parallel_state.get_tensor_model_parallel_world_size()
-    if tp_size == 1:
-        return local
-    return torch.cat(collectives.all_gather(local, group=parallel_state.get_tensor_model_parallel_group()), dim=-1)

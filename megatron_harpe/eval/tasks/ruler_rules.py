@@ -1,7 +1,7 @@
 """The rules of NVIDIA/RULER our generators follow, in one place: which RULER, its fixed-seed
 shuffles, its per-family prompt templates, and how it sizes a prompt ("fill").
 
-    from megatron_harpe.eval.ruler_rules import RULER_VERSION, fixed_shuffle, ruler_template
+    from megatron_harpe.eval.tasks.ruler_rules import RULER_VERSION, fixed_shuffle, ruler_template
     docs = fixed_shuffle(docs, seed)            # random.Random(seed).shuffle: one permutation per length
 
 Version: RULER at commit 4f6507e (2024-04-25, "add evaluation scripts"), the code behind its

@@ -11,7 +11,7 @@ W = 1024, G = 32 (`--self-extend window=1024,group=32` in tools/evaluate.py).
 This module holds the position rule, RoPE rotation from per-head inverse frequencies (one row
 per head, or one row for all heads: HARPE, ABF, PI and YaRN all reduce to that plus a cos/sin
 factor) and the blocked attention kernel. The backends only adapt their layers:
-`self_extend_hf.py` (transformers attention forwards) and `self_extend_megatron.py` (a core
+`hf.py` (transformers attention forwards) and `megatron.py` (a core
 attention swap receiving unrotated q/k).
 
     settings = SelfExtendSettings.parse("window=1024,group=32")

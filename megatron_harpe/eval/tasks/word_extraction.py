@@ -1,6 +1,6 @@
 """RULER's aggregation tasks: common words extraction (cwe) and frequent words extraction (fwe).
 
-    from megatron_harpe.eval.word_extraction import build_cwe_sample, build_fwe_sample
+    from megatron_harpe.eval.tasks.word_extraction import build_cwe_sample, build_fwe_sample
     sample = build_cwe_sample(tokenizer, length=4096, index=0, seed=42)
 
 Both as RULER's code at ruler_rules.RULER_VERSION (April 2024), text for text given the same draw.
@@ -27,11 +27,21 @@ import math
 import random
 import string
 
-from megatron_harpe.eval.backends import Tokenizer, encode_prompt
-from megatron_harpe.eval.chat import PLAIN, PromptFormat
-from megatron_harpe.eval.haystack import wonderwords_lists
-from megatron_harpe.eval.ruler_rules import fixed_shuffle, ruler_increment
-from megatron_harpe.eval.samples import TIGHT, EvalSample, Fill, RulerStep, format_answer, sample_rng, sized_prompt
+from megatron_harpe.eval.backends.base import Tokenizer, encode_prompt
+from megatron_harpe.eval.tasks.chat import PLAIN, PromptFormat
+from megatron_harpe.eval.tasks.haystack import wonderwords_lists
+from megatron_harpe.eval.tasks.ruler_rules import fixed_shuffle, ruler_increment
+from megatron_harpe.eval.tasks.samples import (
+    TIGHT,
+    EvalSample,
+    Fill,
+    RulerStep,
+    SampleBuilder,
+    TaskSetting,
+    format_answer,
+    sample_rng,
+    sized_prompt,
+)
 
 CWE_ANSWER_BUDGET = 120
 CWE_COMMON_WORDS = 10
@@ -163,3 +173,15 @@ def build_fwe_sample(
         continuation=format_answer("words", answers), depths=[], haystack_units=units,
         answer_budget=answer_budget, answer_style="words", draw={"words": words},
     )
+
+
+def cwe_sample_builder(setting: TaskSetting) -> SampleBuilder:
+    """The registry's builder of cwe samples."""
+    return lambda length, index: build_cwe_sample(
+        setting.tokenizer, length, index, setting.seed, setting.answer_budget, chat=setting.chat, fill=setting.fill)
+
+
+def fwe_sample_builder(setting: TaskSetting) -> SampleBuilder:
+    """The registry's builder of fwe samples."""
+    return lambda length, index: build_fwe_sample(
+        setting.tokenizer, length, index, setting.seed, setting.answer_budget, chat=setting.chat, fill=setting.fill)

@@ -1,6 +1,6 @@
 """RULER's variable tracking task (vt): follow a chain of assignments hidden in noise.
 
-    from megatron_harpe.eval.variable_tracking import build_vt_sample
+    from megatron_harpe.eval.tasks.variable_tracking import build_vt_sample
     sample = build_vt_sample(tokenizer, length=4096, index=0, seed=42)
 
 As RULER's `variable_tracking.py` at ruler_rules.RULER_VERSION (April 2024) with its default
@@ -27,15 +27,17 @@ import functools
 import random
 import string
 
-from megatron_harpe.eval.backends import Tokenizer, encode_prompt
-from megatron_harpe.eval.chat import PLAIN, PromptFormat
-from megatron_harpe.eval.haystack import NOISE_PARAGRAPH
-from megatron_harpe.eval.ruler_rules import ruler_increment
-from megatron_harpe.eval.samples import (
+from megatron_harpe.eval.backends.base import Tokenizer, encode_prompt
+from megatron_harpe.eval.tasks.chat import PLAIN, PromptFormat
+from megatron_harpe.eval.tasks.haystack import NOISE_PARAGRAPH
+from megatron_harpe.eval.tasks.ruler_rules import ruler_increment
+from megatron_harpe.eval.tasks.samples import (
     TIGHT,
     EvalSample,
     Fill,
     RulerStep,
+    SampleBuilder,
+    TaskSetting,
     fit_units,
     format_answer,
     insert_at_slots,
@@ -151,3 +153,9 @@ def build_vt_sample(
               "example_positions": random_slots(example_seed, len(noise_units(example_noises, len(example_statements))),
                                                 len(example_statements))},
     )
+
+
+def sample_builder(setting: TaskSetting) -> SampleBuilder:
+    """The registry's builder of vt samples."""
+    return lambda length, index: build_vt_sample(
+        setting.tokenizer, length, index, setting.seed, setting.answer_budget, chat=setting.chat, fill=setting.fill)

@@ -16,9 +16,9 @@ from collections import Counter
 
 import torch
 
-from megatron_harpe.eval.backends import Tokenizer, encode_continuation
-from megatron_harpe.eval.qa import lookup_answers
-from megatron_harpe.eval.samples import format_answer
+from megatron_harpe.eval.backends.base import Tokenizer, encode_continuation
+from megatron_harpe.eval.tasks.qa import lookup_answers
+from megatron_harpe.eval.tasks.samples import format_answer
 
 _NIAH_QUESTION = re.compile(r"special magic \w+ for (.+?) mentioned in the provided text\?")
 _PASSKEY = re.compile(r"The pass key is (\d+)\. Remember it\.")

@@ -1,6 +1,6 @@
 """KV-cached greedy generation for the megatron backend, TP and CP included.
 
-    from megatron_harpe.eval.kv_cache import generate_cached
+    from megatron_harpe.eval.backends.kv_cache import generate_cached
     new_ids = generate_cached(backend, prompt_ids, max_new_tokens=32)   # backend: MegatronBackend
 
 Full recomputation costs one forward of the whole sequence per new token; with the cache the
@@ -48,7 +48,6 @@ import torch
 from megatron.core import parallel_state
 
 from megatron_harpe import collectives
-from megatron_harpe.eval.megatron_backend import gather_vocabulary
 from megatron_harpe.position.rotary import context_parallel_positions
 
 
@@ -291,3 +290,11 @@ def generate_cached(backend, prompt_ids: list[int], max_new_tokens: int) -> list
                 break
             logits = decoder.step(next_id)
     return generated
+
+
+def gather_vocabulary(local: torch.Tensor) -> torch.Tensor:
+    """Concatenate the TP ranks' vocabulary shards (megatron's own gather allocates on CUDA)."""
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    if tp_size == 1:
+        return local
+    return torch.cat(collectives.all_gather(local, group=parallel_state.get_tensor_model_parallel_group()), dim=-1)

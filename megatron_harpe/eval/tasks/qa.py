@@ -23,10 +23,20 @@ import json
 import random
 from dataclasses import dataclass
 
-from megatron_harpe.eval.backends import Tokenizer, encode_prompt
-from megatron_harpe.eval.chat import PLAIN, PromptFormat
-from megatron_harpe.eval.ruler_rules import fixed_shuffle, ruler_increment
-from megatron_harpe.eval.samples import TIGHT, EvalSample, Fill, RulerStep, format_answer, sample_rng, sized_prompt
+from megatron_harpe.eval.backends.base import Tokenizer, encode_prompt
+from megatron_harpe.eval.tasks.chat import PLAIN, PromptFormat
+from megatron_harpe.eval.tasks.ruler_rules import fixed_shuffle, ruler_increment
+from megatron_harpe.eval.tasks.samples import (
+    TIGHT,
+    EvalSample,
+    Fill,
+    RulerStep,
+    SampleBuilder,
+    TaskSetting,
+    format_answer,
+    sample_rng,
+    sized_prompt,
+)
 
 QA_ANSWER_BUDGET = 32
 QA_TASKS = {"qa_1": "squad", "qa_2": "hotpotqa"}
@@ -193,3 +203,13 @@ def build_qa_sample(
         answer_budget=answer_budget, metric="part", answer_style="plain",
         draw={"documents": list(documents), "gold": list(item.gold), "question": item.question},
     )
+
+
+def sample_builder(task: str, setting: TaskSetting) -> SampleBuilder:
+    """The registry's builder of qa_1 / qa_2 samples: the data file is read once, here."""
+    if not setting.data_file:
+        raise ValueError(f"{task} needs its data file ({QA_TASKS[task]} JSON)")
+    dataset = load_qa_dataset(task, setting.data_file)
+    return lambda length, index: build_qa_sample(
+        task, dataset, setting.tokenizer, length, index, setting.seed, setting.answer_budget, chat=setting.chat,
+        fill=setting.fill)
