@@ -30,11 +30,11 @@ import torch
 from megatron.core import parallel_state
 
 from megatron_harpe import collectives, parallel
+from megatron_harpe.checkpointing import checkpoint
 from megatron_harpe.config import Config
 from megatron_harpe.eval.backends.kv_cache import gather_vocabulary, generate_cached
 from megatron_harpe.model import build_model
 from megatron_harpe.position.rotary import context_parallel_positions
-from megatron_harpe.training import checkpoint
 
 
 class MegatronBackend:

@@ -1,5 +1,5 @@
 """What document masking costs a run, for the dry run (`pretrain_harpe.py --dry-run`) and the
-memory planner (training/memory.py): the padding Transformer Engine's THD layout needs under
+memory planner (planner/memory.py): the padding Transformer Engine's THD layout needs under
 context parallelism, the attention work the mask saves, and the sdpa path's buffers.
 
     cost = document_cost(cfg, cp=4, tp=8)       # None when data.reset_attention_mask is off

@@ -10,7 +10,7 @@ Used by the trainer (resume), the converter (HF <-> megatron) and the evaluator.
 
 Weights and optimizer moments are saved as global (TP- and DP-agnostic) tensors, so a checkpoint
 saved at TP=2 x DP=2 loads at TP=1 or TP=4, sharded or not. The trainer's model is sharded by the
-engine (sharding.py): each rank writes its own rows of each tensor (sharded_checkpoint.py); an
+engine (training/sharding.py): each rank writes its own rows of each tensor (fsdp_entries.py); an
 unsharded model (converter, evaluator) writes megatron's own description. Weights are fp32 also
 when the model computes in bf16 (the engine's fp32 shards are the main weights), so fp32 and
 bf16 runs load each other's checkpoints. Every rank calls `save_checkpoint` / `load_checkpoint`:
@@ -22,7 +22,7 @@ Crash safety: everything is written into `iter_0000012.tmp`, renamed to `iter_00
 complete, and only then does the `latest` file (written to a temporary name and renamed) point to
 it. Old iterations are renamed to `*.deleting` before removal, so a dir named `iter_*` is always
 complete. A save that fails (disk full, no permission) raises CheckpointWriteError on every rank
-and leaves no work dir behind; loading skips damaged iterations (see checkpoint_check.py) and
+and leaves no work dir behind; loading skips damaged iterations (see integrity.py) and
 says so. Scripts that save need an `if __name__ == "__main__":` guard: dist_checkpointing's
 writer starts a spawn-based helper process.
 """
@@ -55,13 +55,13 @@ from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShard
 from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint.utils import _get_failure_dict
 
-from megatron_harpe.rank_health import any_rank_failed
-from megatron_harpe.training.checkpoint_check import CONFIG_FILE, TRAIN_STATE_FILE, checkpoint_problem
-from megatron_harpe.training.run_lock import CheckpointDirLocked, check_not_locked_by_other
 from megatron_harpe import collectives
-from megatron_harpe.training import sharded_checkpoint
-from megatron_harpe.training.extra_state import load_sharded
-from megatron_harpe.training.sharding import is_sharded
+from megatron_harpe.checkpointing import fsdp_entries
+from megatron_harpe.checkpointing.extra_state import load_sharded
+from megatron_harpe.checkpointing.integrity import CONFIG_FILE, TRAIN_STATE_FILE, checkpoint_problem
+from megatron_harpe.checkpointing.run_lock import CheckpointDirLocked, check_not_locked_by_other
+from megatron_harpe.rank_health import any_rank_failed
+from megatron_harpe.sharded_params import is_sharded
 
 logger = logging.getLogger(__name__)
 
@@ -392,7 +392,7 @@ def load_checkpoint(
     whatever TP/CP layout the checkpoint was saved with (collective). Returns train_state.
 
     `weights_only=True` loads only the weights (continual pretraining from a converted model):
-    the optimizer and the RNG are left as they are. A sharded model (sharding.py) gets its fp32
+    the optimizer and the RNG are left as they are. A sharded model (training/sharding.py) gets its fp32
     shards filled in place, its optimizer's moments likewise."""
     _require_process_group()
     checkpoint = _resolve(path)
@@ -415,7 +415,7 @@ def load_checkpoint(
         ) from error
 
     if is_sharded(model):  # the engine's shards were filled in place
-        sharded_checkpoint.install_loaded(model, sharded, loaded, optimizer if load_optimizer else None, saved)
+        fsdp_entries.install_loaded(model, sharded, loaded, optimizer if load_optimizer else None, saved)
     else:
         missing, unexpected = model.load_state_dict(loaded["model"], strict=False)
         real_missing = [key for key in missing if not key.endswith("_extra_state")]
@@ -448,12 +448,12 @@ def _load_rng_state(path: Path) -> None:
 
 def _checkpoint_entries(model, optimizer, placeholders: dict | None) -> dict[str, Any]:
     """What this rank saves (or, with `placeholders`, the saved common optimizer part, loads):
-    the engine's shards (sharded_checkpoint.py) or an unsharded model's own description, the
+    the engine's shards (fsdp_entries.py) or an unsharded model's own description, the
     same global tensors either way."""
     if is_sharded(model):
-        sharded: dict[str, Any] = {"model": sharded_checkpoint.model_entries(model)}
+        sharded: dict[str, Any] = {"model": fsdp_entries.model_entries(model)}
         if optimizer is not None:
-            sharded["optimizer"] = sharded_checkpoint.optimizer_entries(model, optimizer, placeholders)
+            sharded["optimizer"] = fsdp_entries.optimizer_entries(model, optimizer, placeholders)
         return sharded
     sharded = {"model": model.sharded_state_dict()}
     if optimizer is not None:

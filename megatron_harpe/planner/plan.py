@@ -1,26 +1,15 @@
 """What a config will do, computed without building anything (`pretrain_harpe.py --dry-run`).
 
-Parameter counts are exact for the Llama-style model of model.py: they follow megatron-core's
-sharding (vocabulary rows, fused QKV rows and SwiGLU columns split over TP; norms replicated).
+Parameter counts: parameters.py; bytes per GPU and step time: memory.py.
 """
 
 from __future__ import annotations
 
 import math
 
-from megatron_harpe.config import Config, ModelConfig
-from megatron_harpe.training.document_cost import document_masking_lines
-
-
-def parameters_per_rank(model: ModelConfig, tp: int) -> int:
-    h, d = model.hidden_size, model.head_dim
-    qkv = (model.num_attention_heads + 2 * model.kv_groups) * d * h
-    attention_out = model.num_attention_heads * d * h
-    mlp = 3 * model.ffn_hidden_size * h
-    per_layer = (qkv + attention_out + mlp) // tp + 2 * h
-    embeddings = model.vocab_size * h // tp
-    output = 0 if model.tie_word_embeddings else model.vocab_size * h // tp
-    return model.num_layers * per_layer + embeddings + output + h
+from megatron_harpe.config import Config
+from megatron_harpe.planner.document_cost import document_masking_lines
+from megatron_harpe.planner.parameters import parameters_per_rank
 
 
 def describe_plan(cfg: Config, world_size: int) -> str:
@@ -64,8 +53,8 @@ def execution_lines(cfg: Config, tp: int, cp: int, dp: int) -> list[str]:
     """How the run executes on its devices: attention backend, CP communication, sequence
     parallelism, precision (what `mixed_precision.training_precision` chooses, as the trainer
     does), the sharding engine, recompute, and the planner's bytes per GPU for that precision."""
+    from megatron_harpe.planner.memory import ENGINE, GIB, PRECISIONS, config_layout, estimate_memory
     from megatron_harpe.te_backend import transformer_engine_available
-    from megatron_harpe.training.memory import ENGINE, GIB, PRECISIONS, config_layout, estimate_memory
     from megatron_harpe.training.mixed_precision import DESCRIPTIONS, training_precision
 
     parallel, model = cfg.parallel, cfg.model

@@ -23,7 +23,7 @@ m = micro-batches per step, L = layers, P = parameters per rank, n = DP x CP):
   sdpa all-gather (and TE's all_gather): a synchronous all-gather of k/v per layer and pass, and
   its reduce-scatter in backward: exposed. TE a2a: two all-to-alls of q/k/v per layer and pass each
   way, exposed.
-- DP x CP, the sharding engine (PyTorch FSDP2, training/engine_memory.py): every micro-batch
+- DP x CP, the sharding engine (PyTorch FSDP2, planner/engine_memory.py): every micro-batch
   all-gathers each layer's weights in the compute dtype for forward and again for backward (layers
   are resharded after forward; the root unit is not), and reduce-scatters its gradients in fp32:
   (n-1)/n of P x (2 u + 4) bytes per micro-batch (u: bytes of the all-gathered weights). The next

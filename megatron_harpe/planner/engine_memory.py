@@ -1,5 +1,5 @@
 """What the sharding engine and the GPU itself take, per GPU, beside the model's activations:
-the planner's figures for PyTorch FSDP2 and the headroom it keeps (`training/memory.py` adds them up).
+the planner's figures for PyTorch FSDP2 and the headroom it keeps (`planner/memory.py` adds them up).
 
     states = sharded_states(parameters=1_684_803_584, replicas=8)          # {"fp32 weights": ..., ...}
     buffers = unit_buffers(layer_parameters, root_parameters, precision)   # FSDP2's short-lived copies

@@ -33,7 +33,7 @@ def _field_key(field: str) -> str:
 
 def saved_model_config(path: str | Path) -> tuple[Path, ModelConfig]:
     """The iteration dir of a checkpoint and the model section of its saved config."""
-    from megatron_harpe.training.checkpoint import find_latest_checkpoint, read_checkpoint_config
+    from megatron_harpe.checkpointing.checkpoint import find_latest_checkpoint, read_checkpoint_config
 
     found = find_latest_checkpoint(path)
     if found is None:
@@ -75,7 +75,7 @@ def check_pretrained_shapes(path: str | Path, model: ModelConfig) -> None:
 def load_pretrained(path: str | Path, model_config: ModelConfig, model) -> None:
     """Check the shapes, then load the weights only (the optimizer and schedule start fresh).
     Every rank calls it."""
-    from megatron_harpe.training.checkpoint import load_checkpoint
+    from megatron_harpe.checkpointing.checkpoint import load_checkpoint
 
     check_pretrained_shapes(path, model_config)
     try:

@@ -1,5 +1,5 @@
 """Checkpoint entries of an FSDP2-sharded model and its AdamW, as the global tensors an unsharded
-model saves (training/sharding.py shards; training/checkpoint.py writes and reads).
+model saves (training/sharding.py shards; checkpointing/checkpoint.py writes and reads).
 
     entries = model_entries(model)                                  # {"decoder.layers.0...weight": [ShardedTensor, ...]}
     moments = optimizer_entries(model, optimizer, placeholders=None)  # optimizer.state.exp_avg.<key> ...
@@ -34,7 +34,7 @@ import torch
 from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedTensor, ShardedTensorFactory
 from torch.distributed.tensor import DTensor
 
-from megatron_harpe.training.sharding import MEGATRON_ATTRIBUTES, local, shard_rows
+from megatron_harpe.sharded_params import MEGATRON_ATTRIBUTES, local, shard_rows
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 

@@ -12,7 +12,7 @@ query and k/v heads per TP rank, d = head dim, f = FFN size / TP, V = vocabulary
 per activation element, L = layers; all per micro-batch and per rank):
 
 - Parameters per rank: `plan.parameters_per_rank` (exact for megatron-core's sharding). The
-  sharding engine (PyTorch FSDP2 over DP x CP, ZeRO-3; training/engine_memory.py has its model and
+  sharding engine (PyTorch FSDP2 over DP x CP, ZeRO-3; planner/engine_memory.py has its model and
   sources) keeps fp32 weights, fp32 gradients and AdamW's two fp32 moments, 16 B per parameter,
   sharded over DP x CP; its all-gathered layers and their gradients are in the compute dtype of the
   trainer's mode (`mixed_precision.training_precision`, the function the trainer asks: bf16 on GPU);
@@ -66,16 +66,16 @@ import dataclasses
 import math
 
 from megatron_harpe.config import Config, StageConfig, TrainConfig
-from megatron_harpe.training import engine_memory
-from megatron_harpe.training.communication import CommItem, communication_items
-from megatron_harpe.training.document_cost import (
+from megatron_harpe.planner import engine_memory
+from megatron_harpe.planner.communication import CommItem, communication_items
+from megatron_harpe.planner.document_cost import (
     planned_sequence_length,
     rotary_table_copies,
     sdpa_document_activations,
     sdpa_mask_bytes,
 )
-from megatron_harpe.training.engine_memory import ENGINE, GIB, Headroom  # noqa: F401 (ENGINE, GIB: for the tools)
-from megatron_harpe.training.plan import parameters_per_rank
+from megatron_harpe.planner.engine_memory import ENGINE, GIB, Headroom  # noqa: F401 (ENGINE, GIB: for the tools)
+from megatron_harpe.planner.parameters import parameters_per_rank
 
 RECOMPUTE_CHOICES = ("none", "selective", "full")
 CP_COMM_CHOICES = ("all_gather", "p2p", "a2a")
