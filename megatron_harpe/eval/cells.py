@@ -135,5 +135,5 @@ def first_sample_or_build(plan: CellPlan, label: str, length: int, index: int) -
 def describe_budgets() -> str:
     """The default answer budgets, for --help."""
     budget = {task: spec.answer_budget for task, spec in TASKS.items()}
-    return (f"NIAH {budget[GRID_TASK]}, vt {budget['vt']}, cwe {budget['cwe']}, fwe {budget['fwe']}, qa {budget['qa_1']}, "
-            f"passkey and needle_grid {budget['passkey']}, synthetic_kv {budget['synthetic_kv']}")
+    return (f"NIAH {budget[GRID_TASK]}, vt {budget['vt']}, cwe {budget['cwe']}, fwe {budget['fwe']}, "
+            f"qa {budget['qa_1']}, passkey and needle_grid {budget['passkey']}, synthetic_kv {budget['synthetic_kv']}")

@@ -4,9 +4,10 @@
     scalars = evaluate_during_training(cfg, model, step, seq_length)   # every rank takes part
 
 Every rank builds the same prompts and runs the same forwards of the model being trained, on the
-run's TP / SP / CP layout (eval/backends/megatron.py pads each prompt to what the layout needs;
-eval/backends/kv_cache.py decodes one token at a time under every layout). Scoring is greedy generation
-on every layout, so the scores of a run mean the same thing whatever its parallel layout.
+run's TP / SP / CP layout (eval/backends/megatron.py pads each prompt to what the layout
+needs; eval/backends/kv_cache.py decodes one token at a time under every layout). Scoring is
+greedy generation on every layout, so the scores of a run mean the same thing whatever its
+parallel layout.
 Settings that cannot work are refused before training starts: an unknown task, tasks that need
 files a training run does not have, or no tokenizer, in Config.validate (eval/training_settings.py);
 a length too short for a task's prompt here, at launch.

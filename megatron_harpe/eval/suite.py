@@ -42,7 +42,14 @@ from megatron_harpe.eval.provenance import run_provenance, tokenizer_info
 from megatron_harpe.eval.scoring import METRICS, mean, wilson_interval
 from megatron_harpe.eval.tasks.chat import PromptFormat, resolve_prompt_format
 from megatron_harpe.eval.tasks.haystack import load_prose_sentences
-from megatron_harpe.eval.tasks.registry import CELL_TASKS, GRID_TASK, RULER_TASKS, TASK_GROUPS, expand_tasks, resolve_data_files
+from megatron_harpe.eval.tasks.registry import (
+    CELL_TASKS,
+    GRID_TASK,
+    RULER_TASKS,
+    TASK_GROUPS,
+    expand_tasks,
+    resolve_data_files,
+)
 from megatron_harpe.eval.tasks.ruler_rules import RULER_VERSION
 from megatron_harpe.eval.tasks.samples import FILL_MODES, EvalSample
 from megatron_harpe.eval.teacher_forcing import teacher_forced_sample_score

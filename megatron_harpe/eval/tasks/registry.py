@@ -99,7 +99,9 @@ def expand_tasks(names: list[str]) -> list[str]:
     return resolved
 
 
-def resolve_data_files(task_names: list[str], requested: list[str], data_files: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+def resolve_data_files(
+    task_names: list[str], requested: list[str], data_files: dict[str, str]
+) -> tuple[list[str], dict[str, str]]:
     """Drop the tasks that need a data file without one when they came with a group ("ruler"),
     saying why; such a task asked for by name without its file is an error."""
     kept, skipped = [], {}
