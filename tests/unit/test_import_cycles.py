@@ -1,10 +1,11 @@
 """No import cycle inside megatron_harpe, lazy (function-level) imports included.
 
 Every `import` / `from ... import` statement anywhere in a module counts, so a cycle hidden by
-moving one side's import into a function body still fails here. `from pkg import name` is an
-import of the submodule `pkg.name` when that submodule exists, else of `pkg` itself (its
-`__init__`): a module importing a sibling through its package therefore depends on the sibling,
-not on the package's `__init__`, which may re-export that module's own names.
+moving one side's import into a function body (or under `if TYPE_CHECKING:`) still fails here.
+`from pkg import name` is an import of the submodule `pkg.name` when that submodule exists, else
+of `pkg` itself (its `__init__`): a module importing a sibling through its package therefore
+depends on the sibling, not on the package's `__init__`, which may re-export that module's own
+names. Run: pytest tests/unit/test_import_cycles.py
 """
 
 from __future__ import annotations
