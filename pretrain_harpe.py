@@ -42,7 +42,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     # before CUDA starts: the allocator grows segments instead of fragmenting them (the planner's
-    # fragmentation headroom assumes it; training/engine_memory.py)
+    # fragmentation headroom assumes it; planner/engine_memory.py)
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     try:
@@ -51,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg.validate(world_size=world_size, require_backend=not args.dry_run)  # plan a GPU config anywhere
         planning = args.dry_run and args.world_size is not None  # for a job elsewhere: its data may be too
         try:
-            cfg.check_inputs()
+            from megatron_harpe.training.inputs import check_training_inputs
+
+            check_training_inputs(cfg)
         except ValueError as missing:
             if not planning:
                 raise
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as error:
         return cli.report_user_error(error)  # once, by rank 0
     if args.dry_run:
-        from megatron_harpe.training.plan import describe_plan
+        from megatron_harpe.planner.plan import describe_plan
 
         print(describe_plan(cfg, world_size))
         return 0
@@ -81,7 +83,7 @@ def last_saved(save_dir: str | None) -> str:
     """What an interrupted run leaves behind, for the line printed on Ctrl-C."""
     if not save_dir:
         return "nothing saved (checkpoint.save is not set)"
-    from megatron_harpe.training.checkpoint import find_latest_checkpoint
+    from megatron_harpe.checkpointing.checkpoint import find_latest_checkpoint
 
     latest = find_latest_checkpoint(save_dir)
     if latest is None:

@@ -19,8 +19,9 @@ import time
 
 import torch
 
-from megatron_harpe.eval.backends import encode_prompt, load_backend
-from megatron_harpe.eval.haystack import load_prose_sentences
+from megatron_harpe.eval.backends import load_backend
+from megatron_harpe.eval.backends.base import encode_prompt
+from megatron_harpe.eval.tasks.haystack import load_prose_sentences
 
 
 def prompt_ids(tokenizer, tokens: int) -> list[int]:

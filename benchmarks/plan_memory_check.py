@@ -34,8 +34,8 @@ quiet_third_party()  # before megatron-core's import: its warnings are not this 
 from megatron_harpe import parallel  # noqa: E402
 from megatron_harpe.config import Config, load_config  # noqa: E402
 from megatron_harpe.model import build_model  # noqa: E402
+from megatron_harpe.planner.memory import Layout, estimate_memory  # noqa: E402
 from megatron_harpe.position.rotary import context_parallel_positions  # noqa: E402
-from megatron_harpe.training.memory import Layout, estimate_memory  # noqa: E402
 
 GIB = 2**30
 

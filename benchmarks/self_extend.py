@@ -8,7 +8,7 @@ decoder (no lm head, no KV cache) per repeat through the Hugging Face backend's 
 without `--self-extend`. Each measurement runs in a fresh process; peak memory is the growth of
 the process's peak resident set (`ru_maxrss`) over its value once the model is built, i.e. what
 the forward adds. Plain attention is torch SDPA (CPU flash kernel); Self-Extend is the blocked
-kernel of megatron_harpe/eval/self_extend.py (two score sets per query block, merged, one softmax).
+kernel of megatron_harpe/eval/self_extend/core.py (two score sets per query block, merged, one softmax).
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ def peak_rss_mib() -> float:
 def measure(length: int, window: int | None, group: int, repeats: int, queue) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from megatron_harpe.eval.self_extend import SelfExtendSettings
-    from megatron_harpe.eval.self_extend_hf import install_self_extend
+    from megatron_harpe.eval.self_extend.core import SelfExtendSettings
+    from megatron_harpe.eval.self_extend.hf import install_self_extend
 
     torch.set_num_threads(1)
     torch.manual_seed(0)

@@ -277,7 +277,7 @@ class CheckpointConfig:
     allow_config_change: str = ""
     """Comma-separated config keys (e.g. `data.seq_length,train.global_batch_size`) allowed to
     differ from the checkpoint's on resume although they change the model's function or the data
-    order; any other such change is refused (see training/resume_check.py)."""
+    order; any other such change is refused (see checkpointing/resume_check.py)."""
 
 
 @dataclasses.dataclass
@@ -412,38 +412,9 @@ class Config:
             raise ValueError("data.loss_mask_prefixes needs one loss-mask dataset per entry of data.prefixes")
         if not self.data.prefixes and not self.data.demo_workdir:
             raise ValueError("no training data: set data.prefixes (Megatron .bin/.idx prefixes) or data.demo_workdir")
-        from megatron_harpe.eval.in_training import check_eval_settings
+        from megatron_harpe.eval.training_settings import check_eval_settings
 
         check_eval_settings(self)
-        return self
-
-    def check_inputs(self) -> "Config":
-        """Check that the files the run will read exist (data prefixes' .bin/.idx, loss masks,
-        tokenizer, pretrained weights), that the data was made with data.tokenizer and holds no
-        id beyond model.vocab_size: a bad one stops the launch, not a rank mid-run."""
-        data = self.data
-        for key, prefixes in (("data.prefixes", data.prefixes), ("data.loss_mask_prefixes", data.loss_mask_prefixes or [])):
-            for index, prefix in enumerate(prefixes):
-                missing = [f"{prefix}{suffix}" for suffix in (".bin", ".idx") if not Path(f"{prefix}{suffix}").is_file()]
-                if missing:
-                    raise ValueError(
-                        f"{key}[{index}]={prefix!r}: {' and '.join(missing)} not found; give the path without "
-                        ".bin/.idx of a dataset written by tools/prepare_data.py"
-                    )
-        for key, path in (("data.tokenizer", data.tokenizer), ("checkpoint.pretrained", self.checkpoint.pretrained)):
-            if path and not Path(path).exists():
-                raise ValueError(f"{key}={path!r} does not exist: fix the path")
-        if self.checkpoint.pretrained:  # the model the config builds, before any weight is read
-            from megatron_harpe.training.pretrained import check_pretrained_shapes
-
-            check_pretrained_shapes(self.checkpoint.pretrained, self.model)
-        if data.prefixes:  # made with data.tokenizer, ids within the vocabulary (the trainer says notes)
-            from megatron_harpe.cli import is_rank_zero
-            from megatron_harpe.data.identity import check_training_data
-            from megatron_harpe.data.index_cache import cache_directory
-
-            check_training_data(data.prefixes, data.tokenizer, self.model.vocab_size,
-                                cache_directory(data.cache_dir, data.prefixes), measure=is_rank_zero())
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -49,7 +49,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import os
 import sys
 import tempfile
 import time
@@ -57,6 +56,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_harpe.gpu_check_common import CheckResult, compare, format_table, visible_devices
 from megatron_harpe.gpu_check_logits import check_logits
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,38 +65,6 @@ TINY_MODEL = dict(hidden_size=64, num_attention_heads=4, num_query_groups=None, 
 CHECKS = ("logits", "documents", "reference", "parity", "resume", "evaluation", "memory", "throughput")
 MEMORY_ALLOWANCE = 512 * 2**20
 """cuBLAS and Transformer Engine workspaces share PyTorch's allocator beside the planned tensors."""
-
-
-@dataclasses.dataclass
-class CheckResult:
-    name: str
-    status: str
-    """PASS | FAIL | SKIP"""
-    detail: str
-
-
-def compare(name: str, got, want, rtol: float, atol: float) -> CheckResult:
-    """PASS when every |got - want| <= atol + rtol |want| (and the shapes agree)."""
-    got_t, want_t = torch.as_tensor(got, dtype=torch.float64), torch.as_tensor(want, dtype=torch.float64)
-    if got_t.shape != want_t.shape:
-        return CheckResult(name, "FAIL", f"shapes differ: {tuple(got_t.shape)} vs {tuple(want_t.shape)}")
-    if not torch.isfinite(got_t).all():
-        return CheckResult(name, "FAIL", "non-finite values")
-    difference = (got_t - want_t).abs()
-    worst = float(difference.max()) if difference.numel() else 0.0
-    ok = bool((difference <= atol + rtol * want_t.abs()).all())
-    return CheckResult(name, "PASS" if ok else "FAIL", f"max |diff| {worst:.3g} (allowed {atol:g} + {rtol:g} x |ref|)")
-
-
-def format_table(results: list[CheckResult]) -> str:
-    width = max([len(r.name) for r in results] + [5])
-    lines = [f"{'check':{width}s}  result  detail", f"{'-' * width}  ------  {'-' * 40}"]
-    lines += [f"{r.name:{width}s}  {r.status:6s}  {r.detail}" for r in results]
-    failed = sum(r.status == "FAIL" for r in results)
-    lines.append(f"{'overall':{width}s}  {'FAIL' if failed else 'PASS':6s}  "
-                 f"{failed} failed, {sum(r.status == 'PASS' for r in results)} passed, "
-                 f"{sum(r.status == 'SKIP' for r in results)} skipped")  # fmt: skip
-    return "\n".join(lines)
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -199,27 +167,12 @@ def check_layouts(parallel: dict, model: dict, gpus: int) -> list[tuple[int, int
     return layouts
 
 
-@contextlib.contextmanager
-def visible_devices(device: str):
-    """Spawned ranks see CUDA only when the run is meant for it (a CPU run hides it)."""
-    saved = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if device == "cpu":
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
-        else:
-            os.environ["CUDA_VISIBLE_DEVICES"] = saved
-
-
 def _initial_weights_rank(tree: dict, path: str) -> None:
     """Initialise the reduced model once (one rank) and save its weights for every run."""
     from megatron_harpe import parallel
+    from megatron_harpe.checkpointing.checkpoint import save_checkpoint
     from megatron_harpe.config import Config, from_dict
     from megatron_harpe.model import build_model
-    from megatron_harpe.training.checkpoint import save_checkpoint
 
     cfg = from_dict(Config, {**tree, "checkpoint": {}}).validate()
     parallel.initialize(1, 1)
@@ -298,7 +251,7 @@ def check_parity(args, name: str, ranks: list[dict], reference: dict) -> list[Ch
 
 def check_memory(tree: dict, name: str, layout: tuple[int, int, int], ranks: list[dict]) -> CheckResult:
     from megatron_harpe.config import Config, from_dict
-    from megatron_harpe.training.memory import config_layout, estimate_memory
+    from megatron_harpe.planner.memory import config_layout, estimate_memory
 
     if ranks[0]["peak_bytes"] is None:
         return CheckResult(f"memory {name}", "SKIP", "the allocator's peak needs CUDA")
@@ -312,7 +265,7 @@ def check_memory(tree: dict, name: str, layout: tuple[int, int, int], ranks: lis
 
 def check_throughput(args, tree: dict, name: str, world_size: int, ranks: list[dict]) -> CheckResult:
     from megatron_harpe.config import Config, from_dict
-    from megatron_harpe.training.memory import forward_flops_per_token
+    from megatron_harpe.planner.memory import forward_flops_per_token
 
     cfg = from_dict(Config, tree).validate(world_size=world_size)
     steady = ranks[0]["seconds"][1:] or ranks[0]["seconds"]

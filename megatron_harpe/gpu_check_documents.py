@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_harpe.gpu_check import CheckResult, compare, visible_devices
+from megatron_harpe.gpu_check_common import CheckResult, compare, visible_devices
 
 MODEL = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128,
              vocab_size=4096, max_position_embeddings=256)  # fmt: skip

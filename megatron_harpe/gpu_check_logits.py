@@ -26,8 +26,8 @@ def compared_model(cfg, checkpoint_dir: str, save: bool):
     reference initialises them (seed 7) and saves them, every other run loads them (Transformer
     Engine from a checkpoint written without it). Needs `parallel.initialize` first."""
     from megatron_harpe import parallel
+    from megatron_harpe.checkpointing.checkpoint import load_checkpoint, save_checkpoint
     from megatron_harpe.model import build_model
-    from megatron_harpe.training.checkpoint import load_checkpoint, save_checkpoint
 
     parallel.seed_everything(7)
     model = build_model(cfg.model, cfg.position)
@@ -59,7 +59,7 @@ def _logits_rank(tree: dict, checkpoint_dir: str, save: bool, backend: str) -> l
 
 
 def check_logits(args, workdir: Path) -> list:
-    from megatron_harpe.gpu_check import CheckResult, compare, visible_devices
+    from megatron_harpe.gpu_check_common import CheckResult, compare, visible_devices
     from megatron_harpe.parallel import run_on_ranks
     from megatron_harpe.te_backend import transformer_engine_available
 

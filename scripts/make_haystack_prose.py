@@ -1,4 +1,4 @@
-"""Rebuild the default prose haystack, megatron_harpe/eval/data/prose_haystack.txt.xz.
+"""Rebuild the default prose haystack, megatron_harpe/eval/tasks/data/prose_haystack.txt.xz.
 
     pip download --no-deps --no-binary :all: brotli==1.2.1 && tar xzf brotli-1.2.1.tar.gz
     python scripts/make_haystack_prose.py brotli-1.2.1/tests/testdata

@@ -4,7 +4,7 @@ For a trained model and some long documents, measures per layer and head the mea
 distance sum_k p(q,k) * (q-k) and the share of attention mass further back than each threshold,
 over the queries in the second half of each document (or from --min-query-position on), and
 plots them against the head's base: do small-base heads stay local and large-base heads reach
-far? (megatron_harpe.eval.head_analysis defines the measure and how it is captured.)
+far? (megatron_harpe.eval.analysis.heads defines the measure and how it is captured.)
 
     python tools/analyze_heads.py --model runs/demo_cpu/checkpoints \\
         --documents runs/demo_cpu/data/demo_text_document --length 512 --num-documents 8 \\
@@ -37,8 +37,8 @@ import numpy as np  # noqa: E402
 from megatron_harpe import cli  # noqa: E402
 from megatron_harpe.eval.suite import parse_token_counts  # noqa: E402
 
-if TYPE_CHECKING:  # head_analysis imports torch: not for --help
-    from megatron_harpe.eval.head_analysis import HeadAnalysis
+if TYPE_CHECKING:  # analysis.heads imports torch: not for --help
+    from megatron_harpe.eval.analysis.heads import HeadAnalysis
 
 
 def single_count(text: str) -> int:
@@ -195,8 +195,8 @@ def write_outputs(analysis: HeadAnalysis, output_dir: Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from megatron_harpe.eval.analysis.heads import DEFAULT_CHUNK_ELEMENTS, DEFAULT_THRESHOLDS, analyze_heads, check_request
     from megatron_harpe.eval.backends import load_backend
-    from megatron_harpe.eval.head_analysis import DEFAULT_CHUNK_ELEMENTS, DEFAULT_THRESHOLDS, analyze_heads, check_request
     from megatron_harpe.eval.perplexity import load_documents
 
     args.thresholds = list(DEFAULT_THRESHOLDS) if args.thresholds is None else args.thresholds

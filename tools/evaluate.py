@@ -29,15 +29,16 @@ import argparse
 import sys
 
 from megatron_harpe import cli
+from megatron_harpe.eval.cells import DEFAULT_GRID_DEPTHS, describe_budgets
 from megatron_harpe.eval.perplexity import DEFAULT_STRIDE
-from megatron_harpe.eval.cells import ALL_TASKS, DEFAULT_GRID_DEPTHS, describe_budgets
-from megatron_harpe.eval.samples import FILL_MODES
 from megatron_harpe.eval.suite import DEFAULT_SAMPLES, SCORING_METHODS, parse_token_counts
+from megatron_harpe.eval.tasks.registry import ALL_TASKS
+from megatron_harpe.eval.tasks.samples import FILL_MODES
 
 
 def _self_extend_argument(text: str):
     """argparse type for --self-extend; imports torch only when the option is given."""
-    from megatron_harpe.eval.self_extend import parse_self_extend_argument
+    from megatron_harpe.eval.self_extend.core import parse_self_extend_argument
 
     return parse_self_extend_argument(text)
 

@@ -17,8 +17,8 @@ DP x CP: fp32 weights, gradients and AdamW moments sharded; one or two layers al
 time), one micro-batch of activations under the recompute setting, rotary tables, the largest
 transient buffer, and the headroom a GPU needs beyond those tensors: the CUDA context, NCCL's
 buffers per communicator and allocator fragmentation (--cuda-context-gib, --nccl-gib-per-group,
---fragmentation; figures and sources in megatron_harpe/training/engine_memory.py, formulas in
-megatron_harpe/training/memory.py). A layout fits when all of it is within --gpu-memory.
+--fragmentation; figures and sources in megatron_harpe/planner/engine_memory.py, formulas in
+megatron_harpe/planner/memory.py). A layout fits when all of it is within --gpu-memory.
 `--precision trainer` (default) is what pretrain_harpe.py will do (training/mixed_precision.py).
 For each TP x CP x DP x micro-batch the planner weighs no recompute, selective recompute (core
 attention, MLP, both), full recompute, and the fewest leading layers whose recompute makes it fit
@@ -39,8 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_harpe import cli  # noqa: E402
 from megatron_harpe.config import Config, load_config  # noqa: E402
-from megatron_harpe.training.engine_memory import HEADROOM_SOURCES, Headroom  # noqa: E402
-from megatron_harpe.training.memory import (  # noqa: E402
+from megatron_harpe.planner.engine_memory import HEADROOM_SOURCES, Headroom  # noqa: E402
+from megatron_harpe.planner.memory import (  # noqa: E402
     CP_COMM_CHOICES,
     ENGINE,
     GIB,

@@ -4,7 +4,7 @@ Megatron .bin/.idx through `tools/prepare_data.py` (the entry point users run at
     python experiments/replicate/corpus.py --output runs/replicate_data --base-length 128 \\
         --target-length 1024 --base-tokens 3000000 --extension-tokens 600000
 
-Documents follow the grammar of `megatron_harpe.eval.synthetic_kv` (filler cycle, `set KEY to
+Documents follow the grammar of `megatron_harpe.eval.tasks.synthetic_kv` (filler cycle, `set KEY to
 D D D .` needles, `get KEY ans D D D .` queries). Every document is exactly as many tokens as
 the sequence it is meant to fill (BOS + words + EOS), so packed training windows of that
 length hold one whole document. The extension corpus mixes in short documents (a share of its
@@ -32,7 +32,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from megatron_harpe.data.indexed import DatasetWriter, dataset_exists, read_documents  # noqa: E402
-from megatron_harpe.eval.synthetic_kv import answer_mask, training_document, write_tokenizer  # noqa: E402
+from megatron_harpe.eval.tasks.synthetic_kv import answer_mask, training_document, write_tokenizer  # noqa: E402
 
 SPECIAL_TOKENS_PER_DOCUMENT = 2  # BOS and EOS added by prepare_data.py
 

@@ -50,7 +50,7 @@ from methods import ABLATIONS, FULL, METHODS, SMOKE, Scale, base_config, extensi
 from report import write_report  # noqa: E402
 from worker import run_job  # noqa: E402
 
-from megatron_harpe.eval.synthetic_kv import vocabulary, write_tokenizer  # noqa: E402
+from megatron_harpe.eval.tasks.synthetic_kv import vocabulary, write_tokenizer  # noqa: E402
 
 MODEL_VOCAB_MULTIPLE = 128
 

@@ -47,7 +47,7 @@ from corpus import write_answer_mask, write_corpus  # noqa: E402
 from methods import Scale, base_config, extension_config  # noqa: E402
 from sweep_report import write_sweep_report  # noqa: E402
 
-from megatron_harpe.eval.synthetic_kv import vocabulary, write_tokenizer  # noqa: E402
+from megatron_harpe.eval.tasks.synthetic_kv import vocabulary, write_tokenizer  # noqa: E402
 
 SWEEP_METHODS = ("harpe", "abf", "abf_multistage")
 

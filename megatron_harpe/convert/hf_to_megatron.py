@@ -12,7 +12,7 @@ checkpoint writer reaches it, then written and dropped (convert/streaming_save.p
 is about one weight and its HF sources, not the model (benchmarks/conversion_memory.py);
 `tensor_parallel` is validated (it must divide the heads) and recorded in the config.
 
-Output layout: the checkpoint of `training/checkpoint.py` (iteration 0, weights only) plus
+Output layout: the checkpoint of `checkpointing/checkpoint.py` (iteration 0, weights only) plus
 `hf_source/` holding the source's config.json and tokenizer files, which the export back to HF
 copies along.
 """
@@ -28,7 +28,9 @@ from typing import Any
 import torch
 import yaml
 
+from megatron_harpe.checkpointing.checkpoint import save_checkpoint
 from megatron_harpe.config import Config, ModelConfig, apply_override, from_dict
+from megatron_harpe.convert.finite import FLAG, refuse_nonfinite
 from megatron_harpe.convert.hf_config import model_config_from_hf, position_from_hf, read_hf_config
 from megatron_harpe.convert.hf_files import (
     HFWeights,
@@ -39,10 +41,8 @@ from megatron_harpe.convert.hf_files import (
 )
 from megatron_harpe.convert.keymap import expected_hf_shapes, hf_sources, hf_to_megatron_tensor, megatron_names
 from megatron_harpe.convert.megatron_side import ensure_single_process
-from megatron_harpe.convert.finite import FLAG, refuse_nonfinite
 from megatron_harpe.convert.streaming_save import StreamingSaveStrategy, WeightMaker
 from megatron_harpe.model import build_model
-from megatron_harpe.training.checkpoint import save_checkpoint
 
 HF_SOURCE_DIR = "hf_source"
 # Fields of the model section fixed by the HF weights; the others (e.g. max_position_embeddings,

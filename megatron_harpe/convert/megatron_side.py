@@ -17,15 +17,15 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 
 from megatron_harpe import parallel
-from megatron_harpe.config import Config, ModelConfig, from_dict
-from megatron_harpe.model import build_model
-from megatron_harpe.position.config import PositionConfig
-from megatron_harpe.training.checkpoint import (
+from megatron_harpe.checkpointing.checkpoint import (
     find_latest_checkpoint,
     load_checkpoint,
     read_checkpoint_config,
     read_train_state,
 )
+from megatron_harpe.config import Config, ModelConfig, from_dict
+from megatron_harpe.model import build_model
+from megatron_harpe.position.config import PositionConfig
 
 
 @dataclasses.dataclass

@@ -31,6 +31,7 @@ from torch.distributed.checkpoint import CheckpointException
 from transformers import GenerationConfig
 
 import megatron_harpe.convert.hf_harpe as hf_harpe_package
+from megatron_harpe.checkpointing.integrity import checkpoint_problem
 from megatron_harpe.convert.finite import refuse_nonfinite
 from megatron_harpe.convert.hf_config import hf_config_for, token_ids_from
 from megatron_harpe.convert.hf_files import (
@@ -48,7 +49,6 @@ from megatron_harpe.convert.megatron_side import (
     stored_dtype,
     unfinished_iteration,
 )
-from megatron_harpe.training.checkpoint_check import checkpoint_problem
 
 HARPE_CODE_FILES = ("configuration_harpe_llama.py", "modeling_harpe_llama.py")
 

@@ -23,12 +23,12 @@ from pathlib import Path
 
 import torch
 
+from megatron_harpe.checkpointing.checkpoint import save_checkpoint
 from megatron_harpe.convert.hf_files import check_output_directory, staging_directory
 from megatron_harpe.convert.hf_to_megatron import HF_SOURCE_DIR, _check_tensor_parallel
 from megatron_harpe.convert.megatron_side import load_megatron_model, read_checkpoint_spec, stored_dtype
 from megatron_harpe.convert.streaming_save import StreamingSaveStrategy, WeightMaker
 from megatron_harpe.model import build_model
-from megatron_harpe.training.checkpoint import save_checkpoint
 
 VOCABULARY_WEIGHTS = ("embedding.word_embeddings.weight", "output_layer.weight")
 

@@ -45,7 +45,7 @@ from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX, Serializatio
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem, WriteItemType
 from torch.distributed.checkpoint.storage import WriteResult
 
-from megatron_harpe.training.checkpoint import _finalize_on_host  # the host-side (no CUDA) DCP finalisation
+from megatron_harpe.checkpointing.checkpoint import _finalize_on_host  # the host-side (no CUDA) DCP finalisation
 
 TensorMaker = Callable[[torch.Tensor], torch.Tensor]
 """Meta tensor (a parameter of a meta-device model, or a view of one) -> the real tensor, same

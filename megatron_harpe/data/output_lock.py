@@ -9,7 +9,7 @@ later one replacing the other's dataset without `--overwrite` (its check ran onl
 Now the second refuses at once, naming the holder (host, pid, Slurm job, start time), and the
 writers check again at rename time (`DatasetWriter`, `atomic_output`), so a finished output is
 only ever replaced with `--overwrite`. A lock left by a killed run is taken over as
-training/run_lock.py describes (its pid gone on this host, a heartbeat older than 10 minutes
+checkpointing/run_lock.py describes (its pid gone on this host, a heartbeat older than 10 minutes
 from another host, or the same Slurm job after a requeue), in one line.
 """
 
@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
-from megatron_harpe.training.run_lock import RunLock, describe_holder
+from megatron_harpe.checkpointing.run_lock import RunLock, describe_holder
 
 
 class OutputLocked(ValueError):

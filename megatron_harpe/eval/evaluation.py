@@ -80,9 +80,9 @@ def run_evaluation(args: Any) -> dict[str, Any]:
     # 2. the long tasks' cells, with the tokenizer alone
     setup, documents = None, None
     if long_requested:
-        from megatron_harpe.eval.cells import expand_tasks
         from megatron_harpe.eval.perplexity import load_documents
         from megatron_harpe.eval.suite import prepare_suite
+        from megatron_harpe.eval.tasks.registry import expand_tasks
 
         tokenizer = tokenizer_for(args.model, options)
         if "ppl" in expand_tasks(long_requested):

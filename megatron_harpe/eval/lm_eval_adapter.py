@@ -40,7 +40,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from megatron_harpe import cli
-from megatron_harpe.eval.backends import encode_prompt
+from megatron_harpe.eval.backends.base import encode_prompt
 
 DEFAULT_MAX_GEN_TOKENS = 256  # lm-eval's default when a task gives none
 FIRST_GENERATION_CHUNK = 16

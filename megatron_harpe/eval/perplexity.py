@@ -28,7 +28,7 @@ from typing import Iterator
 
 from tqdm import tqdm
 
-from megatron_harpe.eval.backends import ModelBackend, Tokenizer, encode_prompt
+from megatron_harpe.eval.backends.base import ModelBackend, Tokenizer, encode_prompt
 
 DEFAULT_STRIDE = 256
 

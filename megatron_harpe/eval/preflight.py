@@ -16,7 +16,9 @@ import shutil
 import tempfile
 from typing import Any
 
-from megatron_harpe.eval.backends import Tokenizer, is_megatron_checkpoint, load_tokenizer_any
+from megatron_harpe.eval.backends import is_megatron_checkpoint
+from megatron_harpe.eval.backends.base import Tokenizer
+from megatron_harpe.eval.backends.tokenizer import load_tokenizer_any
 from megatron_harpe.eval.run_store import SAMPLES_FILE, read_log
 
 MINIMUM_FREE_BYTES = 64 << 20  # results, tables, plots and the per-sample log of a large run
@@ -69,7 +71,7 @@ def tokenizer_for(model: str, options: dict[str, Any]) -> Tokenizer:
         return load_tokenizer_any(explicit, trust_remote_code=trust)
     if is_megatron_checkpoint(model):
         from megatron_harpe.convert.megatron_side import read_checkpoint_spec
-        from megatron_harpe.eval.megatron_backend import checkpoint_tokenizer
+        from megatron_harpe.eval.backends.megatron import checkpoint_tokenizer
 
         path = checkpoint_tokenizer(model, read_checkpoint_spec(model))
         if not path or not os.path.exists(path):
@@ -79,7 +81,7 @@ def tokenizer_for(model: str, options: dict[str, Any]) -> Tokenizer:
     if not os.path.exists(os.path.join(model, "config.json")):
         raise ValueError(f"{model!r} holds neither config.json (Hugging Face model) nor "
                          "latest_checkpointed_iteration.txt / config.yaml (megatron_harpe checkpoint)")
-    from megatron_harpe.eval.hf_backend import needs_remote_code
+    from megatron_harpe.eval.backends.hf import needs_remote_code
 
     if not trust and needs_remote_code(model):  # transformers would otherwise ask on the terminal
         raise ValueError(f"{model!r} ships its own modeling code (our HARPE export does): rerun with --trust-remote-code")

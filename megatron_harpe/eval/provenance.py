@@ -13,9 +13,9 @@ import subprocess
 from importlib import metadata
 from typing import Any
 
-from megatron_harpe.eval.backends import Tokenizer
-from megatron_harpe.eval.chat import PromptFormat
-from megatron_harpe.eval.haystack import haystack_info
+from megatron_harpe.eval.backends.base import Tokenizer
+from megatron_harpe.eval.tasks.chat import PromptFormat
+from megatron_harpe.eval.tasks.haystack import haystack_info
 
 PACKAGES = ("torch", "transformers", "megatron-core", "tokenizers", "wonderwords")
 

@@ -15,7 +15,7 @@ which method produced them.
 
 from __future__ import annotations
 
-from megatron_harpe.eval.backends import Tokenizer
+from megatron_harpe.eval.backends.base import Tokenizer
 
 
 def string_match_all(prediction: str, answers: list[str]) -> float:

@@ -129,7 +129,7 @@ def build_lm(model: str, options: dict[str, Any], backend: Any = None, batch_siz
 
     if not os.path.isdir(model) or not os.path.exists(os.path.join(model, "config.json")):
         raise ValueError(f"model path {model!r} is neither a Hugging Face directory nor a megatron_harpe checkpoint")
-    from megatron_harpe.eval.hf_backend import needs_remote_code
+    from megatron_harpe.eval.backends.hf import needs_remote_code
 
     trust = bool(options.get("trust_remote_code"))
     if not trust and needs_remote_code(model):

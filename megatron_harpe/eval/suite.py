@@ -6,7 +6,7 @@ shared by `tools/evaluate.py` and evaluation during training.
     results = run_eval_suite(backend, setup=setup)
     writer.add_scalars(scalars_for_logging(results))   # {"eval/niah_single_1/4096": 100.0, ...}
 
-Tasks (cells.py): RULER's 13 ("ruler"), the eight NIAH tasks ("niah"), vt, cwe, fwe, qa_1 and
+Tasks (tasks/registry.py): RULER's 13 ("ruler"), the eight NIAH tasks ("niah"), vt, cwe, fwe, qa_1 and
 qa_2 (these two need `qa_files`, the user's SQuAD / HotpotQA JSON; "ruler" without them skips
 them and says so); "passkey", "synthetic_kv" (the CPU replication's word-level key/value task),
 "needle_grid" (single needle over lengths x depths) and "ppl" (needs `ppl_documents`).
@@ -35,30 +35,23 @@ from typing import Any, Callable
 
 from tqdm import tqdm
 
-from megatron_harpe.eval.backends import ModelBackend, Tokenizer
-from megatron_harpe.eval.cells import (  # noqa: F401  (re-exported for the tool and tests)
-    ALL_TASKS,
-    DEFAULT_GRID_DEPTHS,
-    GRID_TASK,
-    QA_FLAGS,
-    RETRIEVAL_TASKS,
-    RULER_TASKS,
-    SYNTHETIC_TASKS,
-    TASK_GROUPS,
-    CellPlan,
-    expand_tasks,
-    first_sample_or_build,
-    plan_cells,
-    resolve_qa,
-)
-from megatron_harpe.eval.chat import PromptFormat, resolve_prompt_format
-from megatron_harpe.eval.haystack import load_prose_sentences
-from megatron_harpe.eval.niah import NIAH_TASKS
+from megatron_harpe.eval.backends.base import ModelBackend, Tokenizer
+from megatron_harpe.eval.cells import DEFAULT_GRID_DEPTHS, CellPlan, first_sample_or_build, plan_cells
 from megatron_harpe.eval.perplexity import DEFAULT_STRIDE, perplexity_by_length
 from megatron_harpe.eval.provenance import run_provenance, tokenizer_info
-from megatron_harpe.eval.ruler_rules import RULER_VERSION
-from megatron_harpe.eval.samples import FILL_MODES, EvalSample
 from megatron_harpe.eval.scoring import METRICS, mean, wilson_interval
+from megatron_harpe.eval.tasks.chat import PromptFormat, resolve_prompt_format
+from megatron_harpe.eval.tasks.haystack import load_prose_sentences
+from megatron_harpe.eval.tasks.registry import (
+    CELL_TASKS,
+    GRID_TASK,
+    RULER_TASKS,
+    TASK_GROUPS,
+    expand_tasks,
+    resolve_data_files,
+)
+from megatron_harpe.eval.tasks.ruler_rules import RULER_VERSION
+from megatron_harpe.eval.tasks.samples import FILL_MODES, EvalSample
 from megatron_harpe.eval.teacher_forcing import teacher_forced_sample_score
 
 SCORING_METHODS = ("auto", "generate", "teacher_forcing")
@@ -95,7 +88,7 @@ def mean_label(averaged: list[str], skipped: dict[str, str]) -> str:
     """The name of the headline average: "RULER-13 mean", "NIAH-8 mean", or what it covers."""
     if set(averaged) == set(RULER_TASKS):
         return "RULER-13 mean"
-    if set(averaged) == set(NIAH_TASKS):
+    if set(averaged) == set(TASK_GROUPS["niah"]):
         return "NIAH-8 mean"
     if set(averaged) == set(RULER_TASKS) - set(skipped):
         return f"RULER mean of {len(averaged)} tasks ({', '.join(skipped)} skipped: not RULER-13)"
@@ -123,7 +116,7 @@ class SuiteSetup:
 
     @property
     def retrieval(self) -> list[str]:
-        return [task for task in self.task_names if task in RETRIEVAL_TASKS or task in SYNTHETIC_TASKS]
+        return [task for task in self.task_names if task in CELL_TASKS]
 
     def settings(self, tokenizer: Tokenizer, model: str, scoring: str, self_extend: dict | None) -> dict[str, Any]:
         """What decides every sample's prompt and score (a resumed run must match it)."""
@@ -161,7 +154,7 @@ def prepare_suite(
 ) -> SuiteSetup:
     """Check the options and build sample 0 of every cell (see the module docstring)."""
     qa_files = qa_files or {}
-    task_names, skipped = resolve_qa(expand_tasks(tasks), tasks, qa_files)
+    task_names, skipped = resolve_data_files(expand_tasks(tasks), tasks, qa_files)
     if not lengths or any(length <= 0 for length in lengths):
         raise ValueError(f"lengths must be positive token counts, got {lengths}")
     if samples < 1:
@@ -231,7 +224,7 @@ def run_eval_suite(
     """Evaluate `backend`; returns a JSON-ready dict (lengths as string keys). See module doc.
     Without `setup`, it is prepared here from the task options (before any model call).
     `chat_template`: "none" (base models, the default for checkpoints in training), "auto",
-    "ruler[:NAME]" or a Jinja file (chat.py). `qa_files`: {"qa_1": SQuAD JSON, "qa_2": HotpotQA JSON}.
+    "ruler[:NAME]" or a Jinja file (tasks/chat.py). `qa_files`: {"qa_1": SQuAD JSON, "qa_2": HotpotQA JSON}.
     `store`: a run_store.RunStore keeping (and resuming) every scored sample."""
     if setup is None:
         if tasks is None or lengths is None:

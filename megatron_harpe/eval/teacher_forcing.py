@@ -22,9 +22,9 @@ any one of them is predicted token for token. A single value takes one forward p
 
 from __future__ import annotations
 
-from megatron_harpe.eval.backends import ModelBackend, encode_continuation
-from megatron_harpe.eval.samples import EvalSample, format_answer
+from megatron_harpe.eval.backends.base import ModelBackend, encode_continuation
 from megatron_harpe.eval.scoring import value_token_spans
+from megatron_harpe.eval.tasks.samples import EvalSample, format_answer
 
 
 def _forced_ids(

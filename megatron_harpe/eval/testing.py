@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_harpe.eval.haystack import load_prose_sentences
+from megatron_harpe.eval.tasks.haystack import load_prose_sentences
 
 SPECIAL_TOKENS = ("<s>", "</s>", "<pad>")
 

@@ -20,10 +20,24 @@ with checkpoints and exported, so it is never recomputed from a default.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from megatron_harpe.config import ModelConfig
+
+class ModelShape(Protocol):
+    """What the position settings read of the model section (config.ModelConfig has it; the
+    config module imports this one, so it is named by shape, not imported)."""
+
+    @property
+    def num_attention_heads(self) -> int: ...
+
+    @property
+    def kv_groups(self) -> int: ...
+
+    @property
+    def head_dim(self) -> int: ...
+
+    @property
+    def max_position_embeddings(self) -> int: ...
 
 POSITION_TYPES = ("harpe", "abf", "pi", "yarn")
 GQA_BASE_MODES = ("per_group", "per_query_head")
@@ -60,13 +74,13 @@ class PositionConfig:
     yarn_beta_fast: float = 32.0
     yarn_beta_slow: float = 1.0
 
-    def base_count(self, model: "ModelConfig") -> int:
+    def base_count(self, model: ModelShape) -> int:
         """How many bases `bases` must hold for this model."""
         if self.gqa_bases == "per_query_head":
             return model.num_attention_heads
         return model.kv_groups
 
-    def resolve(self, model: "ModelConfig", seq_length: int | None = None) -> "PositionConfig":
+    def resolve(self, model: ModelShape, seq_length: int | None = None) -> "PositionConfig":
         """Validate, and for harpe turn the strategy into an explicit list of bases (once)."""
         if self.type not in POSITION_TYPES:
             raise ValueError(f"position.type={self.type!r} is not one of {', '.join(POSITION_TYPES)}")
@@ -122,7 +136,7 @@ class PositionConfig:
         self.bases = [float(b) for b in validate_bases(self.bases, count, "position.bases")]
         return self
 
-    def query_head_bases(self, model: "ModelConfig") -> list[float]:
+    def query_head_bases(self, model: ModelShape) -> list[float]:
         """One base per query head (a k/v group's base repeated for its query heads)."""
         if self.type != "harpe":
             return [self.base] * model.num_attention_heads
@@ -132,7 +146,7 @@ class PositionConfig:
         per_group = model.num_attention_heads // model.kv_groups
         return [b for b in self.bases for _ in range(per_group)]
 
-    def key_head_bases(self, model: "ModelConfig") -> list[float]:
+    def key_head_bases(self, model: ModelShape) -> list[float]:
         """One base per key head as the attention sees it (k/v groups, or query heads when
         keys are expanded per query head)."""
         if self.type == "harpe" and self.gqa_bases == "per_query_head":
@@ -142,7 +156,7 @@ class PositionConfig:
         assert self.bases is not None, "call resolve() first"
         return list(self.bases)
 
-    def expands_keys(self, model: "ModelConfig") -> bool:
+    def expands_keys(self, model: ModelShape) -> bool:
         return (
             self.type == "harpe"
             and self.gqa_bases == "per_query_head"

@@ -270,7 +270,7 @@ class HeadwiseRotaryEmbedding(torch.nn.Module):
 
     def tables_at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The (table, table) pair for explicit absolute positions (float64, not CP-split),
-        uncached: the KV-cached decode of eval/kv_cache.py rotates each new token at its own position."""
+        uncached: the KV-cached decode of eval/backends/kv_cache.py rotates each new token at its own position."""
         positions = positions.to(device=self.query_inv_freq.device, dtype=torch.float64)
         table = self._angles(self.query_inv_freq, positions)
         return table, table

@@ -24,18 +24,19 @@ import torch
 import yaml
 
 from megatron_harpe import collectives, parallel
+from megatron_harpe.checkpointing import checkpoint, resume_check, run_lock
+from megatron_harpe.checkpointing.pretrained import load_pretrained
 from megatron_harpe.config import Config, StageConfig
 from megatron_harpe.eval.in_training import check_eval_prompts
 from megatron_harpe.model import build_model, forward_micro_batch, set_position_encoding
 from megatron_harpe.parallel import ParallelContext
 from megatron_harpe.rank_health import CollectiveGuard
-from megatron_harpe.training import checkpoint, preemption, resume_check, run_lock
+from megatron_harpe.training import preemption
 from megatron_harpe.training.data import StageData, prepare_training_data
 from megatron_harpe.training.grads import clip_grad_norm, global_token_count
 from megatron_harpe.training.mixed_precision import training_precision
 from megatron_harpe.training.monitor import TrainingMonitor, check_loss_finite, check_skip_limit, check_weights_finite
 from megatron_harpe.training.optimizer import build_optimizer
-from megatron_harpe.training.pretrained import load_pretrained
 from megatron_harpe.training.schedule import LearningRateSchedule
 from megatron_harpe.training.sharding import reduce_sequence_parallel_gradients, shard_model
 

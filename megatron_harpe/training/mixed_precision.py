@@ -17,7 +17,7 @@ layers compute with):
 
 The default (``params_dtype: auto``) is ``bf16`` wherever the compute is bf16 (``precision: bf16``,
 or ``auto`` on a GPU); ``params_dtype: bf16`` selects it on the CPU too. The trainer
-(`loop.py`), the dry run (`plan.py`) and the memory planner (`memory.trainer_precision`) all
+(`loop.py`), the dry run (`planner/plan.py`) and the memory planner (`planner/memory.trainer_precision`) all
 ask `training_precision`, so what they print is what runs.
 """
 

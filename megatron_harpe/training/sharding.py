@@ -55,7 +55,7 @@ Why FSDP2 and not megatron-core's engines (measured with megatron-core 0.16.1, t
   FSDP2 shard as fragment tp_rank x W + r of W x TP equal parts, which is wrong whenever W does
   not divide a dimension, and its SwiGLU fc1 factory chunks the local FSDP shard into halves as
   if it held both halves of the TP shard (it holds a block of rows). Checkpoints therefore go
-  through sharded_checkpoint.py, which describes the irregular shards exactly.
+  through checkpointing/fsdp_entries.py, which describes the irregular shards exactly.
 FSDP2 itself runs on gloo and NCCL alike, so the tests in tests/distributed run the engine a
 GPU run uses (tests/distributed/test_sharding.py). Transformer Engine's modules run under
 fully_shard (TE's own tests/pytorch/distributed/run_fsdp2_model.py wraps te.Linear the same way,
@@ -71,22 +71,15 @@ does the same for that reason).
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from megatron_harpe import collectives
+from megatron_harpe.sharded_params import MEGATRON_ATTRIBUTES
 from megatron_harpe.training.grads import local_gradients
-
-
-MEGATRON_ATTRIBUTES = ("tensor_model_parallel", "partition_dim", "partition_stride", "sequence_parallel",
-                       "shared", "allreduce")  # fmt: skip
-"""Attributes megatron-core sets on its Parameters that outlive fully_shard only if copied."""
 
 
 def mixed_precision_policy(precision: str, cast_forward_inputs: bool = True) -> MixedPrecisionPolicy:
@@ -135,28 +128,6 @@ def shard_modules(model: torch.nn.Module, units: list[torch.nn.Module], group: d
 def shard_model(gpt: torch.nn.Module, ctx, precision: str) -> torch.nn.Module:
     """Shard a megatron GPTModel over DP x CP: one unit per transformer layer, then the root."""
     return shard_modules(gpt, list(gpt.decoder.layers), ctx.dp_cp_group, precision)
-
-
-def is_sharded(model: torch.nn.Module) -> bool:
-    return isinstance(model, FSDPModule)
-
-
-def local(tensor: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a DTensor (rows [r*c, ...) of dim 0), or a plain tensor itself."""
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
-
-
-def shard_rows(param: torch.Tensor) -> tuple[int, int]:
-    """[start, end) of dim 0 of the TP-local tensor that this rank's FSDP2 shard holds."""
-    if not isinstance(param, DTensor):
-        return 0, param.shape[0]
-    mesh = param.device_mesh
-    rows = param.shape[0]
-    chunk = math.ceil(rows / mesh.size())
-    start = min(mesh.get_local_rank() * chunk, rows)
-    end = min(start + chunk, rows)
-    assert param.to_local().shape[0] == end - start, (param.shape, param.to_local().shape, start, end)
-    return start, end
 
 
 def reduce_sequence_parallel_gradients(model: torch.nn.Module, tp_group: dist.ProcessGroup | None) -> None:

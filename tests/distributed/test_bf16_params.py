@@ -47,9 +47,9 @@ def _train_and_inspect(tree: dict, steps: int) -> dict:
     """Train `steps` steps with the trainer's own pieces and report dtypes and bytes."""
     from torch.distributed.tensor import DTensor
 
+    from megatron_harpe.planner.parameters import parameters_per_rank
     from megatron_harpe.training import loop
     from megatron_harpe.training.grads import gradient_bytes
-    from megatron_harpe.training.plan import parameters_per_rank
     from megatron_harpe.training.schedule import LearningRateSchedule
 
     cfg = from_dict(Config, tree)
@@ -91,7 +91,7 @@ def _train_and_inspect(tree: dict, steps: int) -> dict:
 
 def planned_bytes(parameters: int, replicas: int) -> dict[str, int]:
     """The planner's sharded state per rank, under this test's names."""
-    from megatron_harpe.training.engine_memory import sharded_states
+    from megatron_harpe.planner.engine_memory import sharded_states
 
     states = sharded_states(parameters, replicas)
     return {"weights": states["fp32 weights"], "gradients": states["fp32 gradients"],
@@ -132,8 +132,8 @@ def test_resume_continues_exactly(demo_data, bf16_reference, tmp_path):
 def _load_weights(tree: dict, path: str, weights_only: bool = False) -> dict:
     """Build the trainer's model and optimizer for `tree`, load `path`, and return the full fp32
     weights and AdamW moments by parameter name (rank 0 of a TP=1 layout)."""
+    from megatron_harpe.checkpointing.checkpoint import load_checkpoint
     from megatron_harpe.training import loop
-    from megatron_harpe.training.checkpoint import load_checkpoint
 
     cfg = from_dict(Config, tree)
     ctx = parallel.initialize(cfg.parallel.tensor, cfg.parallel.context)

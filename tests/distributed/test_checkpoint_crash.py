@@ -21,8 +21,8 @@ import torch
 from test_checkpoint_io import CONFIG, _build, _snapshot, _train
 
 from megatron_harpe import parallel
-from megatron_harpe.training import checkpoint
-from megatron_harpe.training.checkpoint import load_checkpoint, save_checkpoint
+from megatron_harpe.checkpointing import checkpoint
+from megatron_harpe.checkpointing.checkpoint import load_checkpoint, save_checkpoint
 
 # slow: the default suite covers crash points with raised exceptions (test_checkpoint_io.py)
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]

@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from megatron_harpe import parallel
+from megatron_harpe.checkpointing.checkpoint import load_checkpoint, save_checkpoint
+from megatron_harpe.checkpointing.extra_state import is_extra_state_key
 from megatron_harpe.config import ModelConfig
 from megatron_harpe.model import build_model
 from megatron_harpe.position.config import PositionConfig
-from megatron_harpe.training.checkpoint import load_checkpoint, save_checkpoint
-from megatron_harpe.training.extra_state import is_extra_state_key
 
 pytestmark = pytest.mark.distributed
 

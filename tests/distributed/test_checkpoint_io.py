@@ -17,17 +17,17 @@ import torch
 from model_parity import unshard
 
 from megatron_harpe import parallel
-from megatron_harpe.config import ModelConfig
-from megatron_harpe.model import build_model
-from megatron_harpe.position.config import PositionConfig
-from megatron_harpe.training import checkpoint
-from megatron_harpe.training.checkpoint import (
+from megatron_harpe.checkpointing import checkpoint
+from megatron_harpe.checkpointing.checkpoint import (
     find_latest_checkpoint,
     load_checkpoint,
     read_checkpoint_config,
     read_train_state,
     save_checkpoint,
 )
+from megatron_harpe.config import ModelConfig
+from megatron_harpe.model import build_model
+from megatron_harpe.position.config import PositionConfig
 
 pytestmark = pytest.mark.distributed
 

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from megatron_harpe import parallel
+from megatron_harpe.checkpointing.checkpoint import load_checkpoint, save_checkpoint
 from megatron_harpe.convert.hf_config import hf_config_for, model_config_from_hf, read_hf_config
 from megatron_harpe.convert.hf_to_megatron import convert_hf_to_megatron
 from megatron_harpe.convert.megatron_side import (
@@ -32,7 +33,6 @@ from megatron_harpe.convert.megatron_to_hf import convert_megatron_to_hf
 from megatron_harpe.convert.verify import hf_greedy, load_hf_model
 from megatron_harpe.model import build_model
 from megatron_harpe.position.config import PositionConfig
-from megatron_harpe.training.checkpoint import load_checkpoint, save_checkpoint
 
 pytestmark = pytest.mark.distributed
 ATOL = 1e-5

@@ -21,6 +21,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from megatron_harpe import parallel
+from megatron_harpe.checkpointing.checkpoint import CheckpointWriteError, load_checkpoint, save_checkpoint
+from megatron_harpe.convert.hf_config import read_hf_config
 from megatron_harpe.convert.hf_files import HFWeights
 from megatron_harpe.convert.hf_to_megatron import (
     StreamedHFWeights,
@@ -28,12 +30,10 @@ from megatron_harpe.convert.hf_to_megatron import (
     convert_hf_to_megatron,
     load_hf_weights_into,
 )
-from megatron_harpe.convert.hf_config import read_hf_config
 from megatron_harpe.convert.keymap import megatron_names
 from megatron_harpe.convert.megatron_side import ensure_single_process, read_checkpoint_spec
 from megatron_harpe.convert.streaming_save import StreamingSaveStrategy
 from megatron_harpe.model import build_model
-from megatron_harpe.training.checkpoint import CheckpointWriteError, load_checkpoint, save_checkpoint
 
 pytestmark = pytest.mark.distributed
 

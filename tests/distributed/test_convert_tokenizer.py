@@ -48,7 +48,8 @@ def chat_model(tmp_path_factory) -> Path:
 def _round_trip(source: str, checkpoint: str, export: str, prompt: str):
     from megatron_harpe.convert.hf_to_megatron import convert_hf_to_megatron
     from megatron_harpe.convert.megatron_to_hf import convert_megatron_to_hf
-    from megatron_harpe.eval.backends import encode_prompt, load_backend
+    from megatron_harpe.eval.backends import load_backend
+    from megatron_harpe.eval.backends.base import encode_prompt
 
     convert_hf_to_megatron(source, checkpoint)
     convert_megatron_to_hf(checkpoint, export)

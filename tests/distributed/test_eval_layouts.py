@@ -30,8 +30,8 @@ LAYOUTS = {"TP2 + SP": (2, 1, True), "CP2": (1, 2, False), "TP2 + SP x CP2": (2,
 
 
 def _outputs(tp: int, cp: int, sequence_parallel: bool, weights: dict, prompts: list[list[int]]) -> dict:
-    from megatron_harpe.eval.kv_cache import IncrementalDecoder
-    from megatron_harpe.eval.megatron_backend import MegatronBackend
+    from megatron_harpe.eval.backends.kv_cache import IncrementalDecoder
+    from megatron_harpe.eval.backends.megatron import MegatronBackend
     from megatron_harpe.model import build_model
 
     if sequence_parallel:
@@ -85,7 +85,7 @@ def _train_and_record(tree: dict, sequence_parallel: bool) -> dict:
     """train() with evaluation; records every prompt the in-training evaluation generates from."""
     from megatron_harpe.config import Config, from_dict
     from megatron_harpe.eval import in_training
-    from megatron_harpe.eval.megatron_backend import MegatronBackend
+    from megatron_harpe.eval.backends.megatron import MegatronBackend
     from megatron_harpe.training.loop import train
 
     if sequence_parallel:

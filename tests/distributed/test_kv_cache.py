@@ -44,14 +44,14 @@ def _load(tp, cp, model, position, weights):
 
 
 def _backend(gpt, kv_cache=True, eos_id=None):
-    from megatron_harpe.eval.megatron_backend import MegatronBackend
+    from megatron_harpe.eval.backends.megatron import MegatronBackend
 
     tokenizer = SimpleNamespace(vocab_size=VOCAB, eos_id=eos_id)
     return MegatronBackend(gpt, None, tokenizer, "tiny", generation=True, kv_cache=kv_cache)
 
 
 def _cached_vs_full(gpt, prompts):
-    from megatron_harpe.eval.kv_cache import IncrementalDecoder
+    from megatron_harpe.eval.backends.kv_cache import IncrementalDecoder
 
     cached, full = _backend(gpt), _backend(gpt, kv_cache=False)
     results = []

@@ -13,7 +13,7 @@ import signal
 
 import pytest
 
-from megatron_harpe.training.checkpoint import find_latest_checkpoint
+from megatron_harpe.checkpointing.checkpoint import find_latest_checkpoint
 from test_training import tiny_config
 
 pytestmark = pytest.mark.distributed

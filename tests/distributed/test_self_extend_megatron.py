@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from megatron_harpe import parallel
-from megatron_harpe.eval.self_extend import SelfExtendSettings
+from megatron_harpe.eval.self_extend.core import SelfExtendSettings
 from megatron_harpe.eval.testing import save_tiny_tokenizer
 
 pytestmark = pytest.mark.distributed

@@ -119,8 +119,8 @@ def _resave_unsharded(tree: dict, path: str) -> int:
     """Load the latest checkpoint into an unsharded model and plain AdamW at this TP size and
     save it again in their layout (megatron's own description: what the converter writes and
     what the trainer wrote before the sharding engine)."""
+    from megatron_harpe.checkpointing.checkpoint import load_checkpoint, read_checkpoint_config, save_checkpoint
     from megatron_harpe.model import build_model
-    from megatron_harpe.training.checkpoint import load_checkpoint, read_checkpoint_config, save_checkpoint
     from megatron_harpe.training.optimizer import build_optimizer
 
     cfg = from_dict(Config, tree)

@@ -95,7 +95,7 @@ HF_BASES = [50.0, 50.0, 5e3, 5e5]
 @pytest.fixture(scope="module")
 def hf_export(tmp_path_factory):
     """A tiny random HARPE export and a jsonl of three prose documents (text under "body")."""
-    from megatron_harpe.eval.haystack import load_prose_sentences
+    from megatron_harpe.eval.tasks.haystack import load_prose_sentences
     from megatron_harpe.eval.testing import save_tiny_harpe_llama, save_tiny_tokenizer
 
     root = tmp_path_factory.mktemp("heads_hf")
@@ -125,8 +125,8 @@ def test_hf_harpe_export_to_json_and_plots(hf_export, tmp_path, capsys):
 
 
 def _analyze_sharded(path: str, tensor_parallel: int, prefix: str) -> dict:
+    from megatron_harpe.eval.analysis.heads import analyze_heads
     from megatron_harpe.eval.backends import load_backend
-    from megatron_harpe.eval.head_analysis import analyze_heads
     from megatron_harpe.eval.perplexity import load_documents
 
     backend = load_backend(path, tensor_parallel=tensor_parallel)

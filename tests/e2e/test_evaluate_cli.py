@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from megatron_harpe.eval.haystack import load_prose_sentences
+from megatron_harpe.eval.tasks.haystack import load_prose_sentences
 from megatron_harpe.eval.testing import save_tiny_llama, save_tiny_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

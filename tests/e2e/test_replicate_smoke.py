@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from megatron_harpe.data.tokenizer import load_tokenizer
-from megatron_harpe.eval.synthetic_kv import (
+from megatron_harpe.eval.tasks.synthetic_kv import (
     ANSWER_BUDGET,
     KEYS,
     answer_mask,

@@ -118,7 +118,7 @@ def test_balance_spreads_costly_chains_over_workers():
 def test_fresh_queries_ask_each_value_once_and_only_after_its_needle():
     import random
 
-    from megatron_harpe.eval.synthetic_kv import training_document
+    from megatron_harpe.eval.tasks.synthetic_kv import training_document
 
     for seed in range(20):
         words = training_document(254, random.Random(seed), mean_gap=1.5, query_share=0.4, fresh_queries=True).split()

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from megatron_harpe.checkpointing.checkpoint import find_latest_checkpoint
 from megatron_harpe.parallel import free_port
-from megatron_harpe.training.checkpoint import find_latest_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 TOKENS_PER_STEP = 4 * 512  # global batch 4 x demo sequence length 512

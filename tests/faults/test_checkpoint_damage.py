@@ -24,8 +24,8 @@ import pytest
 from cli_support import unshare_works
 
 from megatron_harpe import parallel
-from megatron_harpe.training import checkpoint
-from megatron_harpe.training.checkpoint import find_latest_checkpoint
+from megatron_harpe.checkpointing import checkpoint
+from megatron_harpe.checkpointing.checkpoint import find_latest_checkpoint
 
 pytestmark = pytest.mark.distributed
 

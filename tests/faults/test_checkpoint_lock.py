@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from megatron_harpe.training import run_lock
-from megatron_harpe.training.run_lock import CheckpointDirLocked, RunLock
+from megatron_harpe.checkpointing import run_lock
+from megatron_harpe.checkpointing.run_lock import CheckpointDirLocked, RunLock
 
 
 @pytest.fixture()
@@ -27,7 +27,7 @@ def other_run(tmp_path: Path):
     save_dir = tmp_path / "ckpt"
     script = textwrap.dedent(f"""
         import sys, time
-        from megatron_harpe.training.run_lock import RunLock
+        from megatron_harpe.checkpointing.run_lock import RunLock
         RunLock({str(save_dir)!r}).acquire()
         print("locked", flush=True)
         time.sleep(300)
@@ -119,10 +119,10 @@ def test_leftovers_of_killed_saves_are_removed_once_the_lock_is_held(tmp_path: P
 
 def _save_into_locked_dir(save_dir: str) -> str:
     from megatron_harpe import parallel
+    from megatron_harpe.checkpointing.checkpoint import save_checkpoint
     from megatron_harpe.config import ModelConfig
     from megatron_harpe.model import build_model
     from megatron_harpe.position.config import PositionConfig
-    from megatron_harpe.training.checkpoint import save_checkpoint
 
     parallel.initialize(1, 1)
     model = build_model(ModelConfig(num_layers=1, hidden_size=32, num_attention_heads=2, ffn_hidden_size=64,

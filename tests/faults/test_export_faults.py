@@ -29,9 +29,9 @@ TINY = dict(num_layers=1, hidden_size=64, num_attention_heads=4, ffn_hidden_size
 
 
 def _save(save_dir: str, iterations: list[int]) -> None:
+    from megatron_harpe.checkpointing.checkpoint import save_checkpoint
     from megatron_harpe.config import Config, from_dict
     from megatron_harpe.model import build_model
-    from megatron_harpe.training.checkpoint import save_checkpoint
 
     config = from_dict(Config, {"model": TINY, "position": {"type": "abf", "base": 10000.0}})
     config.position.resolve(config.model)

@@ -28,9 +28,9 @@ POISONED = "decoder.final_layernorm.weight"
 def _save_with_nan(save_dir: str, tokenizer: str) -> None:
     import torch
 
+    from megatron_harpe.checkpointing.checkpoint import save_checkpoint
     from megatron_harpe.config import Config, from_dict
     from megatron_harpe.model import build_model
-    from megatron_harpe.training.checkpoint import save_checkpoint
 
     config = from_dict(Config, {"model": TINY, "position": {"type": "harpe", "bases": [300.0, 30000.0]},
                                 "data": {"tokenizer": tokenizer}})

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pytest
 
+from megatron_harpe.checkpointing.checkpoint import find_latest_checkpoint
 from megatron_harpe.parallel import free_port
-from megatron_harpe.training.checkpoint import find_latest_checkpoint
 from cli_support import REPO, environment
 
 STEPS = 24

@@ -26,9 +26,9 @@ TINY = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_group
 
 
 def _save_pretrained(models: dict[str, dict]) -> None:
+    from megatron_harpe.checkpointing.checkpoint import save_checkpoint
     from megatron_harpe.config import Config, from_dict
     from megatron_harpe.model import build_model
-    from megatron_harpe.training.checkpoint import save_checkpoint
 
     parallel.initialize(1, 1)
     for save_dir, model in models.items():

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from megatron_harpe.checkpointing.resume_check import check_resume_config, compare_configs
 from megatron_harpe.config import Config, from_dict
-from megatron_harpe.training.resume_check import check_resume_config, compare_configs
 
 SAVED = Config().to_dict()
 SAVED["position"]["bases"] = [10000.0, 500000.0]

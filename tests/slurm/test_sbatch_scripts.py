@@ -15,7 +15,7 @@ import re
 import pytest
 
 from slurm_jobs import STEPS, assert_same_training, logged_steps, submit_dir, tiny_demo_args
-from megatron_harpe.training.checkpoint import find_latest_checkpoint
+from megatron_harpe.checkpointing.checkpoint import find_latest_checkpoint
 
 pytestmark = pytest.mark.slurm
 

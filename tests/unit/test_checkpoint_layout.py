@@ -16,8 +16,8 @@ import pytest
 import torch
 from torch.distributed.checkpoint.metadata import Metadata
 
-from megatron_harpe.training import checkpoint
-from megatron_harpe.training.checkpoint import (
+from megatron_harpe.checkpointing import checkpoint
+from megatron_harpe.checkpointing.checkpoint import (
     find_latest_checkpoint,
     iteration_dir,
     read_checkpoint_config,

@@ -1,4 +1,4 @@
-"""The dry run and the memory planner account for document masking (training/document_cost.py).
+"""The dry run and the memory planner account for document masking (planner/document_cost.py).
 
     pytest tests/unit/test_document_cost.py
 
@@ -19,8 +19,8 @@ import pretrain_harpe
 from megatron_harpe.config import load_config
 from megatron_harpe.data.indexed import DatasetWriter
 from megatron_harpe.documents import TILE
-from megatron_harpe.training.document_cost import document_cost, planned_sequence_length
-from megatron_harpe.training.memory import Layout, estimate_memory
+from megatron_harpe.planner.document_cost import document_cost, planned_sequence_length
+from megatron_harpe.planner.memory import Layout, estimate_memory
 
 DEMO = "configs/demo_cpu.yaml"
 LENGTHS = [100, 300, 1000, 60] * 25  # 1460 tokens per 4 documents

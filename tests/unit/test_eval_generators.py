@@ -10,11 +10,11 @@ import re
 
 import pytest
 
-from megatron_harpe.eval.haystack import NOISE_PARAGRAPH, cycled, load_prose_sentences, split_sentences, wonderwords_lists
-from megatron_harpe.eval.hf_backend import HFTokenizer
-from megatron_harpe.eval.niah import NIAH_TASKS, build_niah_sample
-from megatron_harpe.eval.passkey import build_passkey_sample
-from megatron_harpe.eval.samples import DEPTHS, fit_units
+from megatron_harpe.eval.backends.hf import HFTokenizer
+from megatron_harpe.eval.tasks.haystack import NOISE_PARAGRAPH, cycled, load_prose_sentences, split_sentences, wonderwords_lists
+from megatron_harpe.eval.tasks.niah import NIAH_TASKS, build_niah_sample
+from megatron_harpe.eval.tasks.passkey import build_passkey_sample
+from megatron_harpe.eval.tasks.samples import DEPTHS, fit_units
 from megatron_harpe.eval.testing import save_tiny_tokenizer
 
 LENGTHS = (1024, 3000)

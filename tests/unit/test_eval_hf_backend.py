@@ -10,9 +10,10 @@ import importlib.util
 import pytest
 import torch
 
-from megatron_harpe.eval.backends import ModelBackend, encode_prompt, is_megatron_checkpoint, load_backend
-from megatron_harpe.eval.hf_backend import HFBackend
-from megatron_harpe.eval.synthetic_backends import OracleBackend, RandomBackend
+from megatron_harpe.eval.backends import is_megatron_checkpoint, load_backend
+from megatron_harpe.eval.backends.base import ModelBackend, encode_prompt
+from megatron_harpe.eval.backends.hf import HFBackend
+from megatron_harpe.eval.backends.synthetic import OracleBackend, RandomBackend
 from megatron_harpe.eval.testing import save_tiny_harpe_llama, save_tiny_llama, save_tiny_tokenizer
 
 TEXT = "The grass is green. The sky is blue. One of the special magic numbers for calm-river is: 1234567."
@@ -76,7 +77,7 @@ def test_token_logprobs_match_direct_log_softmax(backend, chunked, monkeypatch):
     ids = encode_prompt(backend.tokenizer, TEXT)
     monkeypatch.setattr(backend, "_chunked_logprobs", chunked)
     if chunked:
-        monkeypatch.setattr("megatron_harpe.eval.hf_backend.LOGPROB_CHUNK", 7)  # several chunks
+        monkeypatch.setattr("megatron_harpe.eval.backends.hf.LOGPROB_CHUNK", 7)  # several chunks
     logprobs = backend.token_logprobs(ids)
     direct = torch.log_softmax(_direct_logits(backend, ids)[:-1], -1)
     expected = direct.gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
@@ -97,7 +98,7 @@ def test_factory_routes_paths(model_dir, tmp_path):
     checkpoint.mkdir()
     (checkpoint / "latest_checkpointed_iteration.txt").write_text("10")
     assert is_megatron_checkpoint(str(checkpoint)) and not is_megatron_checkpoint(model_dir)
-    if importlib.util.find_spec("megatron_harpe.eval.megatron_backend") is None:  # not wired in yet
+    if importlib.util.find_spec("megatron_harpe.eval.backends.megatron") is None:  # not wired in yet
         with pytest.raises(ValueError, match="convert_checkpoint"):
             load_backend(str(checkpoint))
     with pytest.raises(ValueError, match="dtype"):

@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_harpe.eval.backends import encode_prompt, load_backend
-from megatron_harpe.eval.haystack import load_prose_sentences
+from megatron_harpe.eval.backends import load_backend
+from megatron_harpe.eval.backends.base import encode_prompt
+from megatron_harpe.eval.backends.synthetic import OracleBackend
 from megatron_harpe.eval.perplexity import load_documents, perplexity_by_length, sliding_window_nll
-from megatron_harpe.eval.synthetic_backends import OracleBackend
+from megatron_harpe.eval.tasks.haystack import load_prose_sentences
 from megatron_harpe.eval.testing import save_tiny_llama, save_tiny_tokenizer
 
 

@@ -10,10 +10,11 @@ import os
 
 import pytest
 
-from megatron_harpe.eval.hf_backend import HFTokenizer
+from megatron_harpe.eval.backends.hf import HFTokenizer
+from megatron_harpe.eval.backends.synthetic import OracleBackend
 from megatron_harpe.eval.report import markdown_table, write_report
-from megatron_harpe.eval.suite import expand_tasks, resolve_scoring, run_eval_suite, scalars_for_logging
-from megatron_harpe.eval.synthetic_backends import OracleBackend
+from megatron_harpe.eval.suite import resolve_scoring, run_eval_suite, scalars_for_logging
+from megatron_harpe.eval.tasks.registry import expand_tasks
 from megatron_harpe.eval.testing import save_tiny_tokenizer
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

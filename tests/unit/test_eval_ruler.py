@@ -13,15 +13,16 @@ import statistics
 
 import pytest
 
-from megatron_harpe.eval.backends import encode_continuation, encode_prompt
-from megatron_harpe.eval.chat import PLAIN, resolve_prompt_format
-from megatron_harpe.eval.haystack import haystack_info, load_prose_sentences, wonderwords_lists
-from megatron_harpe.eval.niah import NIAH_TASKS, build_niah_sample
-from megatron_harpe.eval.samples import DEPTHS, format_answer, random_slots
-from megatron_harpe.eval.scoring import string_match_part, wilson_interval
+from megatron_harpe.eval.backends.base import encode_continuation, encode_prompt
+from megatron_harpe.eval.backends.synthetic import OracleBackend, RandomBackend, read_ideal_answer
 from megatron_harpe.eval.cells import sample_factory
-from megatron_harpe.eval.suite import RULER_TASKS, mean_label, run_eval_suite, score_sample
-from megatron_harpe.eval.synthetic_backends import OracleBackend, RandomBackend, read_ideal_answer
+from megatron_harpe.eval.scoring import string_match_part, wilson_interval
+from megatron_harpe.eval.suite import mean_label, run_eval_suite, score_sample
+from megatron_harpe.eval.tasks.chat import PLAIN, resolve_prompt_format
+from megatron_harpe.eval.tasks.haystack import haystack_info, load_prose_sentences, wonderwords_lists
+from megatron_harpe.eval.tasks.niah import NIAH_TASKS, build_niah_sample
+from megatron_harpe.eval.tasks.registry import RULER_TASKS
+from megatron_harpe.eval.tasks.samples import DEPTHS, format_answer, random_slots
 from megatron_harpe.eval.testing import ByteTokenizer
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "data")
@@ -169,7 +170,7 @@ def test_chat_template_wraps_the_question_and_keeps_the_answer_prefix(tokenizer,
 
 
 def test_tokenizer_chat_template_auto_and_bos_once(tmp_path):
-    from megatron_harpe.eval.hf_backend import HFTokenizer
+    from megatron_harpe.eval.backends.hf import HFTokenizer
     from megatron_harpe.eval.testing import save_tiny_tokenizer
 
     save_tiny_tokenizer(str(tmp_path))
@@ -244,7 +245,7 @@ def test_qa_tasks_skip_without_data_and_the_headline_says_so(tokenizer, capsys):
 
 
 def test_qa_samples_follow_ruler(tokenizer):
-    from megatron_harpe.eval.qa import load_qa_dataset
+    from megatron_harpe.eval.tasks.qa import load_qa_dataset
 
     squad = load_qa_dataset("qa_1", QA_FILES["qa_1"])
     assert len(squad.questions) == 12  # the 4 unanswerable questions are dropped
@@ -276,7 +277,7 @@ def test_same_command_same_prompts_and_samples_differ(tokenizer):
 
 
 def test_ruler_chat_template_follows_the_model_family(tmp_path):
-    from megatron_harpe.eval.hf_backend import HFTokenizer
+    from megatron_harpe.eval.backends.hf import HFTokenizer
     from megatron_harpe.eval.testing import save_tiny_tokenizer
 
     save_tiny_tokenizer(str(tmp_path))

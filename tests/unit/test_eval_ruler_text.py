@@ -19,10 +19,10 @@ import random
 import pytest
 
 from megatron_harpe.eval.cells import sample_factory
-from megatron_harpe.eval.chat import PLAIN, ruler_prompt_format
-from megatron_harpe.eval.haystack import load_prose_sentences
-from megatron_harpe.eval.niah import NIAH_TASKS
-from megatron_harpe.eval.qa import load_qa_dataset
+from megatron_harpe.eval.tasks.chat import PLAIN, ruler_prompt_format
+from megatron_harpe.eval.tasks.haystack import load_prose_sentences
+from megatron_harpe.eval.tasks.niah import NIAH_TASKS
+from megatron_harpe.eval.tasks.qa import load_qa_dataset
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "data")
 QA_FILES = {"qa_1": os.path.join(DATA, "qa_squad_tiny.json"), "qa_2": os.path.join(DATA, "qa_hotpot_tiny.json")}
@@ -76,7 +76,7 @@ def unshuffled(items: list, seed: int = SEED) -> list:
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    from megatron_harpe.eval.hf_backend import HFTokenizer
+    from megatron_harpe.eval.backends.hf import HFTokenizer
     from megatron_harpe.eval.testing import save_tiny_tokenizer
 
     directory = str(tmp_path_factory.mktemp("bpe"))
@@ -143,7 +143,7 @@ def test_multivalue_asks_for_its_one_key(tokenizer):
 
 def test_a_needle_at_depth_zero_keeps_rulers_empty_piece(tokenizer):
     """RULER joins an empty piece before a needle at depth 0: the context starts with a space."""
-    from megatron_harpe.eval.niah import build_niah_sample
+    from megatron_harpe.eval.tasks.niah import build_niah_sample
 
     sample = build_niah_sample(NIAH_TASKS["niah_single_2"], tokenizer, 1024, 0, SEED, fixed_depth=0)
     assert "afterwards.\n One of the special magic numbers for " in sample.prompt
@@ -255,7 +255,7 @@ def test_qa_gold_document_sits_where_rulers_fixed_shuffle_puts_it():
     """seed 42: at a given document count the gold paragraph has one place in every sample."""
     depth = {count: round(100 * shuffled(list(range(count))).index(0) / (count - 1)) for count in (20, 25, 50, 100, 200)}
     assert depth == {20: 95, 25: 92, 50: 39, 100: 71, 200: 28}
-    from megatron_harpe.eval.qa import QaQuestion, ruler_documents
+    from megatron_harpe.eval.tasks.qa import QaQuestion, ruler_documents
 
     item = QaQuestion("q", ("a",), gold=(7,), related=(3, 9))
     for sample in range(5):

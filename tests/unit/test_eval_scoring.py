@@ -10,13 +10,14 @@ import os
 
 import pytest
 
-from megatron_harpe.eval.backends import encode_continuation
-from megatron_harpe.eval.haystack import load_prose_sentences
-from megatron_harpe.eval.hf_backend import HFTokenizer
-from megatron_harpe.eval.samples import answer_continuation, join_values
+from megatron_harpe.eval.backends.base import encode_continuation
+from megatron_harpe.eval.backends.hf import HFTokenizer
+from megatron_harpe.eval.backends.synthetic import OracleBackend, RandomBackend, read_answers_from_prompt
 from megatron_harpe.eval.scoring import string_match_all, teacher_forced_score, value_token_spans
-from megatron_harpe.eval.suite import RETRIEVAL_TASKS, run_eval_suite
-from megatron_harpe.eval.synthetic_backends import OracleBackend, RandomBackend, read_answers_from_prompt
+from megatron_harpe.eval.suite import run_eval_suite
+from megatron_harpe.eval.tasks.haystack import load_prose_sentences
+from megatron_harpe.eval.tasks.registry import RULER_TASKS
+from megatron_harpe.eval.tasks.samples import answer_continuation, join_values
 from megatron_harpe.eval.testing import save_tiny_tokenizer
 
 
@@ -112,7 +113,7 @@ def test_oracle_scores_100_on_every_retrieval_task(request, tokenizer_kind, scor
     tokenizer = request.getfixturevalue(TOKENIZER_FIXTURES[tokenizer_kind])
     results = run_eval_suite(OracleBackend(tokenizer), ["ruler", "passkey"], [2048, 3000], samples=2, seed=3,
                              scoring=scoring, progress=False, qa_files=QA_FILES)
-    assert set(results["tasks"]) == set(RETRIEVAL_TASKS)
+    assert set(results["tasks"]) == {*RULER_TASKS, "passkey"}
     for task, by_length in results["tasks"].items():
         for length, cell in by_length.items():
             assert cell["score"] == 100.0, (task, length, cell)

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from megatron_harpe import gpu_check
-from megatron_harpe.gpu_check import CheckResult, check_layouts, compare, format_table, parse_args, reduced_tree, visible_devices
+from megatron_harpe.gpu_check import check_layouts, parse_args, reduced_tree
+from megatron_harpe.gpu_check_common import CheckResult, compare, format_table, visible_devices
 
 REPO = Path(__file__).resolve().parents[2]
 LLAMA = dict(num_attention_heads=32, num_query_groups=None, vocab_size=32000)

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from megatron_harpe.eval.head_analysis import (
+from megatron_harpe.eval.analysis.heads import (
     DistanceAccumulator,
     attention_distance_stats,
     correlations,
@@ -137,7 +137,7 @@ def _capture_against_reference(gqa_bases: str) -> dict:
     the reference probabilities must reproduce the attention output."""
     from megatron_harpe import parallel
     from megatron_harpe.config import ModelConfig
-    from megatron_harpe.eval.head_analysis import _DecoderDone, megatron_capture
+    from megatron_harpe.eval.analysis.heads import _DecoderDone, megatron_capture
     from megatron_harpe.model import build_model
     from megatron_harpe.position.config import PositionConfig
 
@@ -210,8 +210,8 @@ def tiny_harpe_dir(tmp_path_factory) -> str:
 
 
 def test_hf_capture_matches_eager_attention_weights(tiny_harpe_dir):
+    from megatron_harpe.eval.analysis.heads import analyze_heads
     from megatron_harpe.eval.backends import load_backend
-    from megatron_harpe.eval.head_analysis import analyze_heads
 
     backend = load_backend(tiny_harpe_dir, trust_remote_code=True)
     ids = torch.randint(3, 500, (2, 64), generator=torch.Generator().manual_seed(2))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from megatron_harpe.config import Config, TrainConfig, load_config
-from megatron_harpe.training.memory import PRECISIONS, trainer_precision
+from megatron_harpe.planner.memory import PRECISIONS, trainer_precision
 from megatron_harpe.training.mixed_precision import training_precision
 
 

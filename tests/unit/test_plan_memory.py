@@ -29,8 +29,8 @@ from pathlib import Path
 import pytest
 
 from megatron_harpe.config import load_config
-from megatron_harpe.training.engine_memory import GIB, Headroom
-from megatron_harpe.training.memory import (
+from megatron_harpe.planner.engine_memory import GIB, Headroom
+from megatron_harpe.planner.memory import (
     PRECISIONS,
     Hardware,
     Layout,

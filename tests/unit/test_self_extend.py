@@ -1,4 +1,4 @@
-"""Self-Extend (eval/self_extend.py and its Hugging Face adapter) against a per-token reference
+"""Self-Extend (eval/self_extend/core.py and its Hugging Face adapter) against a per-token reference
 written here from the formulas of SPEC section 2, and against the plain model.
 
 Run: pytest tests/unit/test_self_extend.py
@@ -14,8 +14,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
 from megatron_harpe.convert.hf_harpe import HarpeLlamaConfig, HarpeLlamaForCausalLM
-from megatron_harpe.eval.self_extend import SelfExtendSettings, self_extend_attention
-from megatron_harpe.eval.self_extend_hf import install_self_extend
+from megatron_harpe.eval.self_extend.core import SelfExtendSettings, self_extend_attention
+from megatron_harpe.eval.self_extend.hf import install_self_extend
 
 # ------------------------------------------------------------------ the reference, from the formulas
 
@@ -100,7 +100,7 @@ def test_grouped_positions_continue_where_the_window_ends():
 @pytest.mark.parametrize("window, group, rows", [(5, 3, 7), (4, 4, None), (1, 2, 3), (64, 8, 5)])
 def test_kernel_matches_per_token_reference_with_per_head_bases_and_gqa(window, group, rows, monkeypatch):
     if rows is not None:  # also rotate positions in several chunks
-        monkeypatch.setattr("megatron_harpe.eval.self_extend.ROTATION_CHUNK", 5)
+        monkeypatch.setattr("megatron_harpe.eval.self_extend.core.ROTATION_CHUNK", 5)
     generator = torch.Generator().manual_seed(window * 10 + group)
     heads, kv_heads, length, dim = 4, 2, 21, 8
     query, key, value = (torch.randn(1, h, length, dim, generator=generator) * 2 for h in (heads, kv_heads, kv_heads))
