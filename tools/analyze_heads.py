@@ -25,16 +25,13 @@ Tensor parallelism is supported under torchrun; context parallelism is not (use 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np  # noqa: E402
 
-from megatron_harpe import cli  # noqa: E402
+from megatron_harpe import cli, files  # noqa: E402
 from megatron_harpe.eval.suite import parse_token_counts  # noqa: E402
 
 if TYPE_CHECKING:  # head_analysis imports torch: not for --help
@@ -80,25 +77,8 @@ def is_main_process() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def save_atomically(path: Path, write) -> None:
-    """Call write(temporary_path), then rename the finished file to `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-
-
 def save_figure(figure, path: Path) -> None:
-    plt = cli.pyplot()
-    try:
-        save_atomically(path, lambda temporary: figure.savefig(temporary, format="png", dpi=120))
-    finally:
-        plt.close(figure)
+    files.save_figure(figure, path, dpi=120)
 
 
 def reachable_threshold(analysis: HeadAnalysis) -> int | None:
@@ -186,7 +166,7 @@ def write_outputs(analysis: HeadAnalysis, output_dir: Path) -> list[Path]:
     summary = analysis.to_dict()
     summary["unreachable_thresholds"] = [t for t in analysis.thresholds if t >= analysis.length - 1]
     json_path = output_dir / "head_analysis.json"
-    save_atomically(json_path, lambda temporary: Path(temporary).write_text(json.dumps(summary, indent=1) + "\n"))
+    files.write_json(json_path, summary, indent=1)
     scatter, heatmap = output_dir / "distance_vs_base.png", output_dir / "distance_heatmap.png"
     plot_distance_vs_base(analysis, scatter)
     plot_heatmaps(analysis, heatmap)

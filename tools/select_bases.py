@@ -17,12 +17,10 @@ coverage score. `--compare` runs every strategy on the same range and ranks them
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 
-from megatron_harpe import cli  # noqa: E402
+from megatron_harpe import cli, files  # noqa: E402
 from megatron_harpe.position.bases import (  # noqa: E402
     PAPER_BASE_MAX,
     PAPER_BASE_MIN,
@@ -91,17 +89,7 @@ def yaml_snippet(bases: list[float], heads: int | None, kv_groups: int | None) -
 
 def save_png(figure, path: Path) -> None:
     """Write the figure under a temporary name next to `path`, then rename it into place."""
-    plt = cli.pyplot()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        figure.savefig(temporary, format="png", dpi=120)
-        os.replace(temporary, path)
-    finally:
-        plt.close(figure)
-        if os.path.exists(temporary):
-            os.remove(temporary)
+    files.save_figure(figure, path, dpi=120)
 
 
 def plot_bases(bases: list[float], title: str, head_dim: int, target: int, smoothing: float, path: Path) -> None:

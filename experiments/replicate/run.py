@@ -169,11 +169,9 @@ class _PlainDumper(yaml.SafeDumper):
 
 
 def write_yaml(tree: dict, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(yaml.dump(tree, Dumper=_PlainDumper, sort_keys=False))
-    temporary.replace(path)
-    return path
+    from megatron_harpe import files
+
+    return files.write_text(path, yaml.dump(tree, Dumper=_PlainDumper, sort_keys=False))
 
 
 def prepare_data(runner: Runner, scale: Scale) -> dict:

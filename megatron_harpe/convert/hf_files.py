@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from megatron_harpe.convert.keymap import IGNORED_HF
 from megatron_harpe.convert.streaming import SafetensorsReader
-from megatron_harpe.leftovers import remove_dead_temporaries
+from megatron_harpe import files
 
 # Every file transformers writes or reads for a tokenizer (sentencepiece, fast, BPE vocab/merges,
 # WordPiece), its chat template(s), and the generation settings: all travel with a conversion.
@@ -237,16 +237,6 @@ def staging_directory(path: str | Path) -> Iterator[Path]:
     """A temporary sibling of `path` that is renamed to `path` when the block succeeds and
     deleted when it fails, so `path` is either complete or absent."""
     final = check_output_directory(path)
-    remove_dead_temporaries(final.parent, rf"\.{re.escape(final.name)}\.incomplete-(?P<pid>\d+)")
-    staging = final.with_name(f".{final.name}.incomplete-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
+    with files.atomic_directory(final) as staging:
         yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    check_output_directory(final)  # nobody wrote there meanwhile
-    if final.exists():
-        final.rmdir()
-    os.rename(staging, final)
+        check_output_directory(final)  # nobody wrote there meanwhile

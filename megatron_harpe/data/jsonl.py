@@ -21,15 +21,13 @@ import glob
 import gzip
 import io
 import json
-import os
-import re
 import sys
 from pathlib import Path
 from typing import IO, Any, Iterator
 
 import zstandard
 
-from megatron_harpe.leftovers import remove_dead_temporaries
+from megatron_harpe import files
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".jsonl.zstd")
 """What a directory scan picks up (a `.json` file is read only when named explicitly)."""
@@ -339,21 +337,8 @@ def parse_line(raw: bytes, fields: FieldSpec, path: str, line_number: int) -> Do
 def atomic_output(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary path next to `path`; rename it to `path` if the block succeeds,
     delete it if the block raises. Refuses to replace an existing file unless `overwrite`."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise ValueError(f"output {path} already exists: pass --overwrite to replace it or choose another path")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_dead_temporaries(path.parent, rf"{re.escape(path.name)}\.tmp-(?P<pid>\d+)")
-    temporary = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
+    with files.atomic_path(path, overwrite=overwrite) as temporary:
         yield temporary
-        if path.exists() and not overwrite:  # checked again: another run may have finished meanwhile
-            raise ValueError(f"output {path} was written by another run while this one worked: nothing of this run "
-                             "was kept; pass --overwrite to replace it or choose another path")
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
 
 
 def open_compressed_writer(path: Path, final_name: str) -> IO[bytes]:

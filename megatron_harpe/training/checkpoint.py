@@ -58,7 +58,7 @@ from torch.distributed.checkpoint.utils import _get_failure_dict
 from megatron_harpe.rank_health import any_rank_failed
 from megatron_harpe.training.checkpoint_check import CONFIG_FILE, TRAIN_STATE_FILE, checkpoint_problem
 from megatron_harpe.training.run_lock import CheckpointDirLocked, check_not_locked_by_other
-from megatron_harpe import collectives
+from megatron_harpe import collectives, files
 from megatron_harpe.training import sharded_checkpoint
 from megatron_harpe.training.extra_state import load_sharded
 from megatron_harpe.training.sharding import is_sharded
@@ -265,9 +265,7 @@ def _publish(work_dir: Path, final_dir: Path) -> None:
 
 
 def _write_latest(save_dir: Path, iteration: int) -> None:
-    temporary = save_dir / (LATEST_FILE + ".tmp")
-    temporary.write_text(f"{iteration}\n")
-    os.replace(temporary, save_dir / LATEST_FILE)
+    files.write_text(save_dir / LATEST_FILE, f"{iteration}\n")
 
 
 def _remove_incomplete(save_dir: Path, final_dir: Path) -> None:
