@@ -25,6 +25,7 @@ Nothing here imports torch or megatron: `--help` and argument errors stay fast.
 
 from __future__ import annotations
 
+import argparse
 import errno
 import logging
 import os
@@ -100,6 +101,92 @@ def add_common_flags(parser) -> None:
     """--verbose and --debug in a tool's --help (`run` takes them out of argv before parsing)."""
     parser.add_argument("--verbose", action="store_true", help="show third-party warnings and logs (megatron-core, TE, torch)")
     parser.add_argument("--debug", action="store_true", help="print the traceback of an error")
+
+
+# ------------------------------------------------------------------ one command-line vocabulary
+# Every tool builds its flags from these helpers, so the same thing has the same name, type and
+# help everywhere (pretrain_harpe.py takes its settings from the config instead).
+
+DTYPES = ("fp32", "bf16", "fp16")
+"""The weight dtypes a tool accepts (`--dtype`); torch_dtype() maps them."""
+
+
+def torch_dtype(name: str | None):
+    """The torch dtype of a `--dtype` name (None stays None: "the source's own")."""
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r} is not one of {', '.join(DTYPES)}")
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the examples of a tool's docstring line by line in --help."""
+
+
+def parser_for(description: str | None, **kwargs) -> argparse.ArgumentParser:
+    """An ArgumentParser showing `description` (a module docstring with examples) as written."""
+    return argparse.ArgumentParser(description=description, formatter_class=HelpFormatter, **kwargs)
+
+
+def add_model(parser, *, required: bool = True, help: str | None = None) -> None:
+    parser.add_argument("--model", required=required,
+                        help=help or "a megatron_harpe checkpoint directory or a Hugging Face model directory")
+
+
+def add_tokenizer(parser, *, required: bool = False, help: str | None = None) -> None:
+    text = "a Hugging Face tokenizer directory, a sentencepiece .model or a tokenizer.json"
+    parser.add_argument("--tokenizer", required=required, default=None,
+                        help=f"{text}{': ' + help if help else ''}")
+
+
+def add_parallel(parser, *, tensor: str | None = "tensor-parallel size", context: str | None = "context-parallel size",
+                 default: int | None = 1) -> None:
+    """--tensor-parallel / --context-parallel (pass None to leave one out)."""
+    if tensor is not None:
+        parser.add_argument("--tensor-parallel", type=int, default=default, help=tensor)
+    if context is not None:
+        parser.add_argument("--context-parallel", type=int, default=default, help=context)
+
+
+def add_dtype(parser, *, default: str | None = None, help: str = "weight dtype") -> None:
+    parser.add_argument("--dtype", choices=DTYPES, default=default, help=f"{help} ({'|'.join(DTYPES)})")
+
+
+def add_output_dir(parser, *, required: bool = False, default: str | None = None, help: str) -> None:
+    parser.add_argument("--output-dir", required=required, default=default, help=help)
+
+
+def add_output(parser, *, required: bool = True, help: str) -> None:
+    parser.add_argument("--output", required=required, help=help)
+
+
+def add_overwrite(parser, what: str = "existing outputs") -> None:
+    parser.add_argument("--overwrite", action="store_true", help=f"replace {what} (refused without it)")
+
+
+def add_text_key(parser) -> None:
+    parser.add_argument("--text-key", default="text",
+                        help="jsonl field holding the text; dotted paths reach nested keys (default: text)")
+
+
+def add_progress(parser) -> None:
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar (it shows only on a terminal, and only on rank 0)")
+
+
+def show_progress(no_progress: bool = False) -> bool:
+    """Whether to draw a progress bar: on a terminal, on rank 0, unless --no-progress."""
+    return not no_progress and is_rank_zero() and sys.stderr.isatty()
+
+
+def refuse_existing(path: str | os.PathLike, overwrite: bool, what: str = "output") -> None:
+    """A user error if `path` exists (a non-empty directory, or a file) and --overwrite is not given."""
+    existing = os.path.isfile(path) or (os.path.isdir(path) and any(os.scandir(path)))
+    if existing and not overwrite:
+        raise FileExistsError(f"{what} {path} already exists: pass --overwrite to replace it or choose another path")
 
 
 def quiet_third_party() -> None:
