@@ -182,6 +182,15 @@ def show_progress(no_progress: bool = False) -> bool:
     return not no_progress and is_rank_zero() and sys.stderr.isatty()
 
 
+def progress_bar(total: float | None, description: str, *, enabled: bool, unit: str = "it", unit_scale: bool = False):
+    """A tqdm bar on stderr with rate and ETA (`[elapsed<remaining, rate]`); a silent one when
+    not `enabled` (see show_progress)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=description, unit=unit, unit_scale=unit_scale, disable=not enabled,
+                dynamic_ncols=True, mininterval=0.5, file=sys.stderr)
+
+
 def refuse_existing(path: str | os.PathLike, overwrite: bool, what: str = "output") -> None:
     """A user error if `path` exists (a non-empty directory, or a file) and --overwrite is not given."""
     existing = os.path.isfile(path) or (os.path.isdir(path) and any(os.scandir(path)))

@@ -182,12 +182,13 @@ def staging_name(path: str | Path) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str | Path) -> Iterator[Path]:
+def atomic_directory(path: str | Path, *, replace: bool = False) -> Iterator[Path]:
     """Yield an empty staging directory next to `path`; when the block succeeds every file in it
     gets the umask's modes, is flushed, and the directory is renamed to `path` (which must be
-    absent or empty); when it fails the staging directory is removed."""
+    absent or empty, unless `replace`: then the old `path` is renamed away and deleted once the
+    new one is in place); when it fails the staging directory is removed."""
     final = Path(path)
-    remove_dead_temporaries(final.parent, rf"\.{re.escape(final.name)}\.incomplete-(?P<pid>\d+)")
+    remove_dead_temporaries(final.parent, rf"\.{re.escape(final.name)}\.(incomplete|replaced)-(?P<pid>\d+)")
     staging = staging_name(final)
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -198,10 +199,16 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
             for name in names:
                 if not os.path.islink(os.path.join(root, name)):
                     _fsync_file(Path(root, name))
-        if final.exists():
+        replaced = None
+        if final.exists() and replace and (not final.is_dir() or any(final.iterdir())):
+            replaced = final.with_name(f".{final.name}.replaced-{os.getpid()}")
+            os.rename(final, replaced)
+        elif final.exists():
             final.rmdir()  # empty (checked by the caller); OSError if someone wrote there meanwhile
         os.rename(staging, final)
         _fsync_directory(final.parent)
+        if replaced is not None:
+            shutil.rmtree(replaced, ignore_errors=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -6,12 +6,11 @@ over the queries in the second half of each document (or from --min-query-positi
 plots them against the head's base: do small-base heads stay local and large-base heads reach
 far? (megatron_harpe.eval.head_analysis defines the measure and how it is captured.)
 
-    python tools/analyze_heads.py --model runs/demo_cpu/checkpoints \\
-        --documents runs/demo_cpu/data/demo_text_document --length 512 --num-documents 8 \\
-        --thresholds 64,256 --output-dir runs/demo_cpu/heads
-    python tools/analyze_heads.py --model exports/harpe_hf --trust-remote-code \\
-        --documents long_docs.jsonl --length 32k --num-documents 4 --output-dir heads_32k
-    torchrun --nproc-per-node 2 tools/analyze_heads.py --model ckpt/harpe --tensor-parallel 2 ...
+    harpe-analyze-heads --model runs/demo_cpu/checkpoints --documents runs/demo_cpu/data/demo_text_document --length 512 --num-documents 8 --thresholds 64,256 --output-dir runs/demo_cpu/heads
+    harpe-analyze-heads --model exports/harpe_hf --trust-remote-code --documents long_docs.jsonl --length 32k --num-documents 4 --output-dir heads_32k
+    torchrun --nproc-per-node 2 tools/analyze_heads.py --model ckpt/harpe --tensor-parallel 2 --documents long_docs.jsonl --output-dir heads_tp2
+
+(`python tools/analyze_heads.py` is the same command.)
 
 --model: a megatron_harpe checkpoint directory or a Hugging Face model directory (stock Llama:
 one base `rope_theta` for all heads; our HARPE export: `rope_bases`). --documents: .jsonl[.zst]
@@ -46,8 +45,8 @@ def single_count(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="megatron_harpe checkpoint dir or Hugging Face model dir")
+    parser = cli.parser_for(__doc__)
+    cli.add_model(parser)
     parser.add_argument("--documents", required=True, help=".jsonl[.zst], .txt or Megatron dataset prefix")
     parser.add_argument("--length", type=single_count, default=2048, help="tokens per document analysed (2048, 32k)")
     parser.add_argument("--num-documents", type=int, default=4, help="documents with at least --length tokens")
@@ -56,17 +55,18 @@ def build_parser() -> argparse.ArgumentParser:
                              "short demo contexts; default 4096,32768)")
     parser.add_argument("--min-query-position", type=int, default=None,
                         help="only queries at this position or later count (default: length // 2)")
-    parser.add_argument("--output-dir", default="head_analysis", help="where the JSON and PNGs go")
-    parser.add_argument("--text-key", default="text", help="jsonl field holding the text")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer path (default: the model's own)")
+    cli.add_output_dir(parser, default="head_analysis", help="where the JSON and PNGs go")
+    cli.add_overwrite(parser, "an earlier analysis in --output-dir")
+    cli.add_text_key(parser)
+    cli.add_tokenizer(parser, help="replaces the model's own")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (HARPE export)")
     parser.add_argument("--device", default="cpu", help="torch device of a Hugging Face model")
-    parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (Hugging Face model)")
-    parser.add_argument("--tensor-parallel", type=int, default=1, help="megatron checkpoint: TP size (torchrun)")
-    parser.add_argument("--context-parallel", type=int, default=1, help="must be 1: not supported by the analysis")
+    cli.add_dtype(parser, default="fp32", help="weight dtype of a Hugging Face model")
+    cli.add_parallel(parser, tensor="megatron checkpoint: tensor-parallel size (under torchrun)",
+                     context="must be 1: not supported by the analysis")
     parser.add_argument("--max-block-elements", type=int, default=None,
                         help="attention scores computed at once (memory: about 4 bytes x 4 x this; default 2^24)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    cli.add_progress(parser)
     cli.add_common_flags(parser)
     return parser
 
@@ -186,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("the head analysis does not support context parallelism (each CP rank would see part "
                              "of the keys): use --context-parallel 1, and --tensor-parallel to split a large model")
         check_request(args.length, args.min_query_position, args.thresholds)
+        cli.refuse_existing(Path(args.output_dir) / "head_analysis.json", args.overwrite, "head analysis")
         if args.num_documents < 1:
             raise ValueError(f"--num-documents {args.num_documents} must be at least 1")
         if args.model in ("oracle", "random"):

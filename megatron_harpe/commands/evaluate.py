@@ -1,16 +1,17 @@
 """Evaluate a model: long-context retrieval (RULER), perplexity, and short-context retention
-through lm-evaluation-harness (SPEC.md section 4; docs/evaluation.md).
+through lm-evaluation-harness (docs/evaluation.md).
 
-    python tools/evaluate.py --model exports/harpe_hf --trust-remote-code \
-        --task niah,passkey --lengths 4096,8192,16384 --samples 10 --output-dir eval_out
-    python tools/evaluate.py --model exports/harpe_hf --task needle_grid --lengths 1024,2048,4096
-    python tools/evaluate.py --model exports/harpe_hf --task ppl --lengths 4096,8192 \
-        --ppl-data data/long_docs.jsonl --ppl-stride 256
-    python tools/evaluate.py --model oracle --tokenizer exports/harpe_hf --task niah --lengths 4096
-    python tools/evaluate.py --model exports/instruct_hf --task ruler --lengths 4k,8k --chat-template ruler \
-        --qa-squad squad_dev_v2.json --qa-hotpot hotpot_dev_distractor_v1.json   # all 13 RULER tasks
-    python tools/evaluate.py --model ckpt/harpe --task short --baseline eval_base/results.json   # retention
-    python tools/evaluate.py --model exports/llama2_hf --task niah --lengths 16k --self-extend window=1024,group=32
+    harpe-evaluate --model exports/harpe_hf --trust-remote-code --task niah,passkey --lengths 4096,8192,16384 --samples 10 --output-dir eval_out
+    harpe-evaluate --model exports/harpe_hf --task needle_grid --lengths 1024,2048,4096 --output-dir eval_grid
+    harpe-evaluate --model exports/harpe_hf --task ppl --lengths 4096,8192 --ppl-data data/long_docs.jsonl --ppl-stride 256
+    harpe-evaluate --model oracle --tokenizer exports/harpe_hf --task niah --lengths 4096
+    harpe-evaluate --model exports/instruct_hf --task ruler --lengths 4k,8k --chat-template ruler --qa-squad squad_dev_v2.json --qa-hotpot hotpot_dev_distractor_v1.json
+    harpe-evaluate --model ckpt/harpe --task short --baseline eval_base/results.json --output-dir eval_short
+    harpe-evaluate --model exports/llama2_hf --task niah --lengths 16k --self-extend window=1024,group=32
+    torchrun --nproc-per-node 2 tools/evaluate.py --model ckpt/harpe --tensor-parallel 2 --task niah --lengths 4k
+
+(`python tools/evaluate.py` is the same command.) The fifth runs all 13 RULER tasks; the sixth
+adds the retention column (extended / base) of the short tasks.
 
 --model takes a Hugging Face directory, a megatron_harpe checkpoint directory, or the synthetic
 "oracle" / "random" backends (harness checks: they must score 100 and about 0). Before the model
@@ -49,9 +50,9 @@ def is_main_process() -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True,
-                        help="HF model dir, megatron_harpe checkpoint dir, 'oracle' or 'random'")
+    parser = cli.parser_for(__doc__)
+    cli.add_model(parser, help="a Hugging Face model directory, a megatron_harpe checkpoint directory, 'oracle' or "
+                               "'random'")
     parser.add_argument("--task", required=True,
                         help=f"comma-separated: ruler (all 13), niah (all 8), {', '.join(ALL_TASKS)}, and short "
                              "(the paper's short-context tasks through lm-evaluation-harness)")
@@ -61,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="samples per task and length (per grid cell); the default 100 keeps a cell's 95%% "
                              "Wilson interval within +-10 points at any score (RULER uses 500: +-4.4)")
     parser.add_argument("--seed", type=int, default=42, help="seed of the generated samples")
-    parser.add_argument("--output-dir", default="eval_results", help="where results.json/.md and plots go")
+    cli.add_output_dir(parser, default="eval_results",
+                       help="where results.json/.md and plots go (must be empty unless --overwrite or --resume)")
     parser.add_argument("--scoring", choices=SCORING_METHODS, default="auto",
                         help="generate (greedy decoding + string match), teacher_forcing, or auto "
                              "(generate when the backend can)")
@@ -73,17 +75,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--grid-depths", type=parse_token_counts, default=list(DEFAULT_GRID_DEPTHS),
                         help="needle depths in percent for needle_grid")
     parser.add_argument("--ppl-data", default=None, help="documents for ppl: .jsonl[.zst], .txt or Megatron prefix")
-    parser.add_argument("--ppl-text-key", default="text", help="jsonl field holding the text")
+    cli.add_text_key(parser)
     parser.add_argument("--ppl-stride", type=int, default=DEFAULT_STRIDE, help="sliding-window stride in tokens")
     parser.add_argument("--ppl-max-documents", type=int, default=20, help="documents read for ppl")
     parser.add_argument("--ppl-document-tokens", type=int, default=None,
                         help="score up to this many tokens per document (default: the length itself)")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer path (required for oracle/random)")
+    cli.add_tokenizer(parser, help="replaces the model's own (required for oracle/random)")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (HARPE export)")
     parser.add_argument("--device", default="cpu", help="torch device of the HF backend")
-    parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (HF backend)")
-    parser.add_argument("--tensor-parallel", type=int, default=1, help="megatron backend: TP size")
-    parser.add_argument("--context-parallel", type=int, default=1, help="megatron backend: CP size")
+    cli.add_dtype(parser, default="fp32", help="weight dtype of a Hugging Face model")
+    cli.add_parallel(parser, tensor="megatron checkpoint: tensor-parallel size (under torchrun)",
+                     context="megatron checkpoint: context-parallel size (under torchrun)")
     parser.add_argument("--self-extend", type=_self_extend_argument, default=None, metavar="window=W,group=G",
                         help="Self-Extend grouped attention at evaluation time (paper: window=1024,group=32), "
                              "any RoPE model on either backend")
@@ -96,8 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", action="store_true",
                         help="continue the unfinished run in --output-dir (same options): its scored samples and "
                              "short-task requests are reused")
-    parser.add_argument("--overwrite", action="store_true", help="start again over an unfinished run in --output-dir")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    cli.add_overwrite(parser, "the results in --output-dir (and an unfinished run there)")
+    cli.add_progress(parser)
     # RULER comparability: prompt template and the QA data of qa_1 / qa_2
     parser.add_argument("--chat-template", default="auto",
                         help="auto (the tokenizer's chat template when it has one), none (base models), ruler "

@@ -2,15 +2,15 @@
 and the parallel layouts and recompute settings that fit, fastest first.
 
     # the paper's run: Llama2-7B at 131072 tokens on 32 x 80 GB
-    python tools/plan_memory.py --config configs/llama2_7b_128k_harpe.yaml --gpus 32 --gpu-memory 80
+    harpe-plan-memory --config configs/llama2_7b_128k_harpe.yaml --gpus 32 --gpu-memory 80
 
     # 8 GPUs of one node; another recompute for the detailed layout (any config key can be overridden)
-    python tools/plan_memory.py --config configs/llama2_7b_128k_harpe.yaml --gpus 8 \\
-        --train.recompute full --train.recompute_method block --train.recompute_num_layers 16
+    harpe-plan-memory --config configs/llama2_7b_128k_harpe.yaml --gpus 8 --train.recompute full --train.recompute_method block --train.recompute_num_layers 16
 
     # detail one layout, with config overrides as for pretrain_harpe.py
-    python tools/plan_memory.py --config configs/demo_cpu.yaml --gpus 2 --gpu-memory 16 \\
-        --tensor 1 --context 2 --train.micro_batch_size 2
+    harpe-plan-memory --config configs/demo_cpu.yaml --gpus 2 --gpu-memory 16 --tensor-parallel 1 --context-parallel 2 --train.micro_batch_size 2
+
+(`python tools/plan_memory.py` is the same command.)
 
 Memory is an upper bound for one rank at its peak: the sharding engine's state (PyTorch FSDP2 over
 DP x CP: fp32 weights, gradients and AdamW moments sharded; one or two layers all-gathered at a
@@ -35,7 +35,7 @@ import math
 import sys
 
 from megatron_harpe import cli
-from megatron_harpe.config import Config, load_config
+from megatron_harpe.config import Config, load_config, parse_overrides
 from megatron_harpe.training.engine_memory import HEADROOM_SOURCES, Headroom
 from megatron_harpe.training.memory import (
     CP_COMM_CHOICES,
@@ -57,8 +57,8 @@ from megatron_harpe.training.memory import (
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True)
+    parser = cli.parser_for(__doc__)
+    parser.add_argument("--config", required=True, help="the YAML run config to plan (see configs/)")
     parser.add_argument("--gpus", type=int, required=True, help="GPUs for the whole job")
     parser.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU (default 80)")
     parser.add_argument("--cuda-context-gib", type=float, default=Headroom.cuda_context_gib,
@@ -67,10 +67,11 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                         help=f"headroom per NCCL communicator (default {Headroom.nccl_gib_per_group})")
     parser.add_argument("--fragmentation", type=float, default=Headroom.fragmentation,
                         help=f"headroom for allocator fragmentation, fraction of the tensors (default {Headroom.fragmentation})")
-    parser.add_argument("--gpus-per-node", type=int, default=8)
+    parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak per GPU (H100: 989)")
     parser.add_argument("--utilization", type=float, default=0.4, help="fraction of peak sustained (default 0.4)")
-    parser.add_argument("--precision", choices=["trainer", *PRECISIONS], default="trainer")
+    parser.add_argument("--precision", choices=["trainer", *PRECISIONS], default="trainer",
+                        help="trainer (default): what pretrain_harpe.py will do with this config; or a fixed one")
     parser.add_argument("--cpu", action="store_true", help="plan CPU processes (fp32, the CPU attention path)")
     parser.add_argument("--backend", choices=["sdpa", "te"], default=None, help="default: model.attention_backend")
     parser.add_argument("--cp-comm", choices=CP_COMM_CHOICES, default=None, help="te: p2p (default) | a2a | all_gather")
@@ -78,8 +79,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                         help="te backend: split norms over TP (default: parallel.sequence_parallel)")
     parser.add_argument("--nvlink-gbs", type=float, default=360.0, help="GB/s a GPU sends inside a node (default 360)")
     parser.add_argument("--ib-gbs", type=float, default=40.0, help="GB/s a GPU sends between nodes (default 40)")
-    parser.add_argument("--tensor", type=int, default=None, help="layout to detail (default: parallel.tensor)")
-    parser.add_argument("--context", type=int, default=None, help="layout to detail (default: parallel.context)")
+    cli.add_parallel(parser, tensor="layout to detail (default: parallel.tensor)",
+                     context="layout to detail (default: parallel.context)", default=None)
     parser.add_argument("--micro-batch", type=int, default=None, help="default: train.micro_batch_size")
     parser.add_argument("--recompute", choices=RECOMPUTE_CHOICES, default=None,
                         help="granularity of the detailed layout (default: train.recompute; method, layers and "
@@ -87,19 +88,10 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--top", type=int, default=10, help="how many fitting layouts to list")
     cli.add_common_flags(parser)
     args, rest = parser.parse_known_args(argv)
-    overrides = []
-    index = 0
-    while index < len(rest):  # `--section.key value` -> `section.key=value`, as pretrain_harpe.py takes them
-        item = rest[index]
-        if item.startswith("--") and "=" not in item and "." in item and index + 1 < len(rest):
-            overrides.append(f"{item[2:]}={rest[index + 1]}")
-            index += 2
-        elif "." in item.split("=", 1)[0]:
-            overrides.append(item.removeprefix("--"))
-            index += 1
-        else:
-            parser.error(f"unrecognised argument {item!r}")
-    return args, overrides
+    try:
+        return args, parse_overrides(rest)  # `--section.key value`, as pretrain_harpe.py takes them
+    except ValueError as error:
+        parser.error(str(error))
 
 
 def gib(value: float) -> str:
@@ -109,10 +101,10 @@ def gib(value: float) -> str:
 
 
 def detailed_layout(args: argparse.Namespace, cfg: Config) -> Layout:
-    """The layout to detail: the config's own, with --tensor/--context/--micro-batch applied,
+    """The layout to detail: the config's own, with --tensor-parallel/--context-parallel/--micro-batch applied,
     checked by the config's own validation (heads, vocabulary, sequence and batch divisibility)."""
-    cfg.parallel.tensor = args.tensor or cfg.parallel.tensor
-    cfg.parallel.context = args.context or cfg.parallel.context
+    cfg.parallel.tensor = args.tensor_parallel or cfg.parallel.tensor
+    cfg.parallel.context = args.context_parallel or cfg.parallel.context
     cfg.train.micro_batch_size = args.micro_batch or cfg.train.micro_batch_size
     cfg.validate(world_size=args.gpus, require_backend=False)
     if args.recompute and args.recompute != cfg.train.recompute:
@@ -211,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         layout = detailed_layout(args, cfg)
     except ValueError as error:
-        if args.tensor or args.context or args.micro_batch:
+        if args.tensor_parallel or args.context_parallel or args.micro_batch:
             print(f"layout error: {error}", file=sys.stderr)
             return 2
         print(f"note: the config's own layout does not suit {args.gpus} GPUs ({error}); detailing the fastest "

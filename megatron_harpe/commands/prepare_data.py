@@ -4,22 +4,22 @@ Each stage runs alone or chained; every run writes `<output>.summary.json` and
 `<output>.report.png` (tokens per source, share of tokens in long documents, skipped lines).
 
     # the offline demo: corpus from the Python stdlib, its sentencepiece tokenizer, dataset
-    python tools/prepare_data.py demo --workdir work/demo
+    harpe-prepare-data demo --output-dir work/demo
 
-    # SlimPajama-style corpus, SPEC section 3: per-source upsampling to 6B tokens, Llama2 tokenizer
-    python tools/prepare_data.py upsample --inputs slimpajama/ --output work/up.jsonl.zst \\
-        --source-field meta.redpajama_set_name --total-tokens 6e9 --tokenizer llama2/tokenizer.model
-    python tools/prepare_data.py tokenize --inputs work/up.jsonl.zst --output-prefix work/train \\
-        --tokenizer llama2/tokenizer.model --shard-dir work/shards
+    # SlimPajama-style corpus: per-source upsampling to 6B tokens, Llama2 tokenizer
+    harpe-prepare-data upsample --inputs slimpajama/ --output work/up.jsonl.zst --source-key meta.redpajama_set_name --total-tokens 6e9 --tokenizer llama2/tokenizer.model
+    harpe-prepare-data tokenize --inputs work/up.jsonl.zst --output work/train --tokenizer llama2/tokenizer.model --shard-dir work/shards
     # or both in one pass (each document tokenized once)
-    python tools/prepare_data.py all --inputs slimpajama/ --output-prefix work/train \\
-        --source-field meta.redpajama_set_name --total-tokens 6e9 --tokenizer llama2/tokenizer.model
+    harpe-prepare-data all --inputs slimpajama/ --output work/train --source-key meta.redpajama_set_name --total-tokens 6e9 --tokenizer llama2/tokenizer.model
 
     # the other pieces
-    python tools/prepare_data.py build-demo-corpus --output work/corpus.jsonl
-    python tools/prepare_data.py train-tokenizer --inputs work/corpus.jsonl --output-prefix work/sp --vocab-size 4096
-    python tools/prepare_data.py merge --inputs work/shards/shard-00000 work/shards/shard-00001 --output-prefix work/all
-    python tools/prepare_data.py report --inputs raw.jsonl --compare work/up.jsonl.zst --tokenizer tok.model --output-prefix work/lengths
+    harpe-prepare-data build-demo-corpus --output work/corpus.jsonl
+    harpe-prepare-data train-tokenizer --inputs work/corpus.jsonl --output work/sp --vocab-size 4096
+    harpe-prepare-data merge --inputs work/shards/shard-00000 work/shards/shard-00001 --output work/all
+    harpe-prepare-data report --inputs raw.jsonl --compare work/up.jsonl.zst --tokenizer tok.model --output work/lengths
+
+(`python tools/prepare_data.py` is the same command.) A dataset --output is a prefix: PREFIX.bin,
+PREFIX.idx, PREFIX.summary.json and PREFIX.report.png. Progress (with an ETA) shows on a terminal.
 
 Bad lines (malformed JSON, missing fields, empty text, non-UTF-8 bytes, ids beyond the
 vocabulary) are skipped, printed with file:line and counted; `--strict` stops at the first.
@@ -48,21 +48,25 @@ def _positive_tokens(text: str) -> int:
 
 def _add_input_options(parser: argparse.ArgumentParser, source_default: str | None = "source") -> None:
     parser.add_argument("--inputs", nargs="+", required=True, help="jsonl files (.gz/.zst too), directories or globs")
-    parser.add_argument("--text-field", default="text", help="field holding the text; dotted paths reach nested keys")
-    parser.add_argument("--source-field", default=source_default, help="field holding the source label, e.g. meta.redpajama_set_name")
+    cli.add_text_key(parser)
+    parser.add_argument("--source-key", default=source_default,
+                        help=f"jsonl field holding the source label, e.g. meta.redpajama_set_name (default: {source_default or 'none'})")
     parser.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores; 0 = in this process)")
     parser.add_argument("--strict", action="store_true", help="stop at the first bad line instead of skipping it")
 
 
 def _add_upsample_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--mode", default="per_source", choices=["per_source", "upsample_code_arxiv_book", "global", "none"])
+    parser.add_argument("--mode", default="per_source", choices=["per_source", "upsample_code_arxiv_book", "global", "none"],
+                        help="upsampling rule: per_source (default: each source to its share), upsample_code_arxiv_book, "
+                             "global (one rule for all), none (keep every document)")
     parser.add_argument("--total-tokens", type=_positive_tokens, default=None, help="token budget of the output, e.g. 6e9")
     parser.add_argument("--shares", default=None, help="per_source shares: name=weight,... or a JSON/YAML file (default: SlimPajama)")
     parser.add_argument("--length-threshold", type=int, default=4096, help="documents shorter than this are 'short'")
-    parser.add_argument("--short-keep-probability", type=float, default=0.1)
+    parser.add_argument("--short-keep-probability", type=float, default=0.1,
+                        help="chance a short document is kept (default 0.1)")
     parser.add_argument("--length-estimate", choices=["tokens", "chars"], default="tokens",
                         help="measure lengths by tokenizing (default) or as characters / 3.68 (the published estimate)")
-    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--seed", type=int, default=1234, help="seed of the sampling (default 1234)")
 
 
 def _add_tokenize_options(parser: argparse.ArgumentParser) -> None:
@@ -83,7 +87,7 @@ def _upsample_config(args: argparse.Namespace):
 
 def _fields(args: argparse.Namespace) -> FieldSpec:
     """Modes that ignore sources (global, none) keep documents without one."""
-    return FieldSpec(text_field=args.text_field, source_field=args.source_field or None,
+    return FieldSpec(text_field=args.text_key, source_field=args.source_key or None,
                      source_optional=getattr(args, "mode", None) in ("global", "none"))
 
 
@@ -108,98 +112,108 @@ def run(args: argparse.Namespace) -> dict | str:
         from megatron_harpe.data.output_lock import output_lock
         from megatron_harpe.data.tokenizer import train_sentencepiece
 
-        model = Path(f"{args.output_prefix}.model")
+        model = Path(f"{args.output}.model")
         with output_lock(model, "tokenizer"):
             if model.exists() and not args.overwrite:
                 raise ValueError(f"{model} already exists: pass --overwrite to replace it")
-            fields = FieldSpec(text_field=args.text_field, source_field=None)
+            fields = FieldSpec(text_field=args.text_key, source_field=None)
             texts = _iter_texts(args.inputs, fields, args.max_documents)
-            return str(train_sentencepiece(texts, args.output_prefix, args.vocab_size, overwrite=args.overwrite))
+            return str(train_sentencepiece(texts, args.output, args.vocab_size, overwrite=args.overwrite))
     if args.command == "demo":
         from megatron_harpe.data.demo_corpus import prepare_demo_data
 
-        demo = prepare_demo_data(args.workdir, workers=args.workers)
+        demo = prepare_demo_data(args.output_dir, workers=args.workers)
         return {"corpus": str(demo.corpus), "tokenizer": str(demo.tokenizer), "prefix": demo.prefix, "summary": str(demo.summary)}
 
     from megatron_harpe.data import pipeline
 
+    progress = cli.show_progress(getattr(args, "no_progress", False))
     if args.command == "upsample":
         return pipeline.upsample_corpus(args.inputs, args.output, _upsample_config(args), tokenizer=args.tokenizer,
                                         length_measure=args.length_estimate, fields=_fields(args), workers=args.workers,
-                                        strict=args.strict, overwrite=args.overwrite)
+                                        strict=args.strict, overwrite=args.overwrite, progress=progress)
     if args.command == "tokenize":
-        return pipeline.tokenize_corpus(args.inputs, args.output_prefix, args.tokenizer, fields=_fields(args),
+        return pipeline.tokenize_corpus(args.inputs, args.output, args.tokenizer, fields=_fields(args),
                                         add_bos=args.bos, add_eos=args.eos, vocab_size=args.vocab_size, workers=args.workers,
-                                        strict=args.strict, overwrite=args.overwrite, shard_dir=args.shard_dir)
+                                        strict=args.strict, overwrite=args.overwrite, shard_dir=args.shard_dir,
+                                        progress=progress)
     if args.command == "all":
-        return pipeline.prepare(args.inputs, args.output_prefix, _upsample_config(args), args.tokenizer, fields=_fields(args),
+        return pipeline.prepare(args.inputs, args.output, _upsample_config(args), args.tokenizer, fields=_fields(args),
                                 length_measure=args.length_estimate, add_bos=args.bos, add_eos=args.eos,
-                                vocab_size=args.vocab_size, workers=args.workers, strict=args.strict, overwrite=args.overwrite)
+                                vocab_size=args.vocab_size, workers=args.workers, strict=args.strict, overwrite=args.overwrite,
+                                progress=progress)
     if args.command == "merge":
-        return pipeline.merge_corpus(args.inputs, args.output_prefix, overwrite=args.overwrite)
+        return pipeline.merge_corpus(args.inputs, args.output, overwrite=args.overwrite)
     if args.command == "report":
-        return pipeline.corpus_report(args.inputs, args.output_prefix, compare=args.compare, tokenizer=args.tokenizer,
+        return pipeline.corpus_report(args.inputs, args.output, compare=args.compare, tokenizer=args.tokenizer,
                                       length_measure=args.length_estimate, fields=_fields(args),
-                                      long_threshold=args.length_threshold, workers=args.workers)
+                                      long_threshold=args.length_threshold, workers=args.workers, overwrite=args.overwrite,
+                                      progress=progress)
     raise AssertionError(args.command)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser_for(__doc__)
     cli.add_common_flags(parser)
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = commands.add_parser("demo", help="build the offline demo corpus, tokenizer and dataset (skips finished steps)")
-    demo.add_argument("--workdir", required=True)
-    demo.add_argument("--workers", type=int, default=None)
+    cli.add_output_dir(demo, required=True, help="where the corpus, tokenizer and dataset go")
+    demo.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
 
     corpus = commands.add_parser("build-demo-corpus", help="gather the demo corpus from the Python stdlib")
-    corpus.add_argument("--output", required=True)
-    corpus.add_argument("--overwrite", action="store_true")
+    cli.add_output(corpus, help="the jsonl file to write")
+    cli.add_overwrite(corpus, "an existing --output")
 
     train = commands.add_parser("train-tokenizer", help="train a Llama-style sentencepiece model on jsonl text")
-    train.add_argument("--inputs", nargs="+", required=True)
-    train.add_argument("--text-field", default="text")
-    train.add_argument("--output-prefix", required=True, help="writes <prefix>.model")
-    train.add_argument("--vocab-size", type=int, default=4096)
-    train.add_argument("--max-documents", type=int, default=None)
-    train.add_argument("--overwrite", action="store_true")
+    train.add_argument("--inputs", nargs="+", required=True, help="jsonl files (.gz/.zst too), directories or globs")
+    cli.add_text_key(train)
+    cli.add_output(train, help="model prefix: writes OUTPUT.model")
+    train.add_argument("--vocab-size", type=int, default=4096, help="vocabulary size (default 4096)")
+    train.add_argument("--max-documents", type=int, default=None, help="train on at most this many documents")
+    cli.add_overwrite(train, "an existing OUTPUT.model")
 
     upsample = commands.add_parser("upsample", help="select documents by per-source length upsampling -> jsonl")
     _add_input_options(upsample)
     _add_upsample_options(upsample)
-    upsample.add_argument("--tokenizer", default=None, help="for exact token lengths (not needed with --length-estimate chars)")
-    upsample.add_argument("--output", required=True, help="output jsonl (.gz / .zst compress)")
-    upsample.add_argument("--overwrite", action="store_true")
+    cli.add_tokenizer(upsample, help="for exact token lengths (not needed with --length-estimate chars)")
+    cli.add_output(upsample, help="output jsonl (.gz / .zst compress)")
+    cli.add_overwrite(upsample, "an existing --output")
+    cli.add_progress(upsample)
 
     tokenize = commands.add_parser("tokenize", help="tokenize jsonl -> Megatron .bin/.idx")
     _add_input_options(tokenize, source_default=None)
     _add_tokenize_options(tokenize)
-    tokenize.add_argument("--tokenizer", required=True, help="sentencepiece .model, tokenizer.json or an HF model directory")
-    tokenize.add_argument("--output-prefix", required=True)
+    cli.add_tokenizer(tokenize, required=True)
+    cli.add_output(tokenize, help="dataset prefix: writes OUTPUT.bin/.idx/.summary.json/.report.png")
     tokenize.add_argument("--shard-dir", default=None, help="one shard per input file here first (reused on rerun), then merged")
-    tokenize.add_argument("--overwrite", action="store_true")
+    cli.add_overwrite(tokenize, "an existing dataset (and shards made with other settings)")
+    cli.add_progress(tokenize)
 
     both = commands.add_parser("all", help="upsample and tokenize in one pass -> Megatron .bin/.idx")
     _add_input_options(both)
     _add_upsample_options(both)
     _add_tokenize_options(both)
-    both.add_argument("--tokenizer", required=True)
-    both.add_argument("--output-prefix", required=True)
-    both.add_argument("--overwrite", action="store_true")
+    cli.add_tokenizer(both, required=True)
+    cli.add_output(both, help="dataset prefix: writes OUTPUT.bin/.idx/.summary.json/.report.png")
+    cli.add_overwrite(both, "an existing dataset")
+    cli.add_progress(both)
 
     merge = commands.add_parser("merge", help="concatenate Megatron datasets (shards) into one")
     merge.add_argument("--inputs", nargs="+", required=True, help="dataset prefixes, in order")
-    merge.add_argument("--output-prefix", required=True)
-    merge.add_argument("--overwrite", action="store_true")
+    cli.add_output(merge, help="dataset prefix of the merged dataset")
+    cli.add_overwrite(merge, "an existing dataset")
 
     report = commands.add_parser("report", help="length statistics per source of a corpus (and of a second one)")
     _add_input_options(report)
     report.add_argument("--compare", nargs="+", default=None, help="a second corpus shown side by side (e.g. the upsampled one)")
-    report.add_argument("--tokenizer", default=None)
-    report.add_argument("--length-estimate", choices=["tokens", "chars"], default="tokens")
-    report.add_argument("--length-threshold", type=int, default=4096)
-    report.add_argument("--output-prefix", required=True)
+    cli.add_tokenizer(report, help="for token lengths (not needed with --length-estimate chars)")
+    report.add_argument("--length-estimate", choices=["tokens", "chars"], default="tokens",
+                        help="measure lengths by tokenizing (default) or as characters / 3.68")
+    report.add_argument("--length-threshold", type=int, default=4096, help="documents shorter than this are 'short'")
+    cli.add_output(report, help="report prefix: writes OUTPUT.summary.json and OUTPUT.report.png")
+    cli.add_overwrite(report, "an existing report")
+    cli.add_progress(report)
     return parser
 
 

@@ -7,11 +7,12 @@ range and target length, prints a YAML `position:` block to paste into a config,
 band between the lowest and highest head at each distance, whose mean height / sqrt(d) is the
 coverage score. `--compare` runs every strategy on the same range and ranks them by that score.
 
-    python tools/select_bases.py --strategy paper --heads 32
-    python tools/select_bases.py --strategy peak_valley --heads 32 --base-min 1e6 --base-max 5e6 \\
-        --stride 3e4 --target-length 131072 --plot bases.png
-    python tools/select_bases.py --strategy uniform --heads 32 --kv-groups 8 --base-min 1e6 --base-max 5e6
-    python tools/select_bases.py --compare --heads 32 --target-length 131072 --plot compare.png
+    harpe-select-bases --strategy paper --heads 32
+    harpe-select-bases --strategy peak_valley --heads 32 --base-min 1e6 --base-max 5e6 --stride 3e4 --target-length 131072 --plot bases.png
+    harpe-select-bases --strategy uniform --heads 32 --kv-groups 8 --base-min 1e6 --base-max 5e6
+    harpe-select-bases --compare --heads 32 --target-length 131072 --plot compare.png
+
+(`python tools/select_bases.py` is the same command.)
 """
 
 from __future__ import annotations
@@ -40,22 +41,24 @@ from megatron_harpe.position.waveform import (  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser_for(__doc__)
     parser.add_argument("--strategy", choices=sorted(STRATEGIES), help="base strategy (not with --compare)")
     parser.add_argument("--compare", action="store_true", help="run every strategy and rank them by coverage score")
     parser.add_argument("--heads", type=int, help="query heads (one base each unless --kv-groups is given)")
     parser.add_argument("--kv-groups", type=int, help="k/v groups under grouped-query attention: one base per group")
-    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--head-dim", type=int, default=128, help="dimension of an attention head (default 128)")
     parser.add_argument("--base-min", type=float, help=f"lowest base (the paper: {PAPER_BASE_MIN:g})")
     parser.add_argument("--base-max", type=float, help=f"highest base (the paper: {PAPER_BASE_MAX:g})")
     parser.add_argument("--stride", type=float, help=f"peak_valley candidate stride (the paper: {PAPER_STRIDE:g})")
-    parser.add_argument("--order", choices=["ascending", "descending"], default="ascending")
+    parser.add_argument("--order", choices=["ascending", "descending"], default="ascending",
+                        help="bases from the first head to the last (default ascending)")
     parser.add_argument("--value", type=float, help="constant: the base of every head")
     parser.add_argument("--values", help="explicit: comma-separated bases, one per head or k/v group")
     parser.add_argument("--target-length", type=int, default=131072, help="distances 0..this are searched and plotted")
     parser.add_argument("--peak-window", type=float, help="peak_valley: half-window in tokens (default target/128)")
     parser.add_argument("--smoothing", type=float, help="Gaussian smoothing in tokens (default target/2048)")
     parser.add_argument("--plot", type=Path, help="write the waveform / coverage figure to this PNG")
+    cli.add_overwrite(parser, "an existing --plot file")
     cli.add_common_flags(parser)
     args = parser.parse_args(argv)
     if args.compare == (args.strategy is not None):
@@ -66,6 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--heads {args.heads} must be a multiple of --kv-groups {args.kv_groups}")
     if args.plot is not None and args.plot.suffix.lower() != ".png":
         parser.error(f"--plot {args.plot} must end in .png")
+    if args.plot is not None and args.plot.exists() and not args.overwrite:
+        parser.error(f"--plot {args.plot} already exists: pass --overwrite to replace it or choose another path")
     return args
 
 

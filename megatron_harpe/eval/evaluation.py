@@ -88,7 +88,7 @@ def run_evaluation(args: Any) -> dict[str, Any]:
         if "ppl" in expand_tasks(long_requested):
             if not args.ppl_data:
                 raise ValueError("--task ppl needs --ppl-data (a .jsonl, .txt or Megatron dataset prefix)")
-            documents = load_documents(args.ppl_data, tokenizer, args.ppl_text_key, args.ppl_max_documents,
+            documents = load_documents(args.ppl_data, tokenizer, args.text_key, args.ppl_max_documents,
                                        min_tokens=min(args.lengths))
         qa_files = {task: path for task, path in (("qa_1", args.qa_squad), ("qa_2", args.qa_hotpot)) if path}
         setup = prepare_suite(tokenizer, long_requested, args.lengths, args.samples, args.seed, args.max_new_tokens,

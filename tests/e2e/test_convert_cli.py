@@ -8,7 +8,7 @@ megatron model's tokens); bad input exits with code 2 and writes nothing.
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import os
 import subprocess
@@ -40,9 +40,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 
 def _load_cli():
-    spec = importlib.util.spec_from_file_location("convert_checkpoint_cli", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = importlib.import_module("megatron_harpe.commands.convert_checkpoint")
     return module
 
 

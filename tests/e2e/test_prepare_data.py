@@ -7,7 +7,7 @@ and read back with megatron-core.
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import os
 import subprocess
@@ -28,9 +28,7 @@ TOOL = REPO / "tools" / "prepare_data.py"
 
 
 def tool_main(argv: list[str]) -> int:
-    spec = importlib.util.spec_from_file_location("prepare_data_tool", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = importlib.import_module("megatron_harpe.commands.prepare_data")
     return module.main(argv)
 
 
