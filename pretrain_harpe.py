@@ -52,7 +52,7 @@ class _ConfigKeysHelp(cli.HelpFormatter):
         return super().format_help() + "\n" + config_keys_help() + "\n"
 
 
-def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=_ConfigKeysHelp)
     parser.add_argument("--config", required=True, help="YAML config (see configs/)")
     parser.add_argument("--dry-run", action="store_true", help="validate and print the plan; no training")
@@ -62,6 +62,11 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config (YAML, overrides applied, bases written out) and exit")
     cli.add_common_flags(parser)
+    return parser
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     try:
         return args, parse_overrides(rest)

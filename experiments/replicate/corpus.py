@@ -69,7 +69,7 @@ def tokenize_command(jsonl: Path, tokenizer: Path, prefix: Path) -> list[str]:
     """The prepare_data.py call that turns one jsonl into a Megatron dataset (BOS + EOS per document)."""
     return [
         sys.executable, str(REPO / "tools" / "prepare_data.py"), "tokenize", "--inputs", str(jsonl),
-        "--tokenizer", str(tokenizer), "--output-prefix", str(prefix), "--bos", "--eos", "--workers", "0",
+        "--tokenizer", str(tokenizer), "--output", str(prefix), "--bos", "--eos", "--workers", "0",
         "--overwrite",
     ]
 

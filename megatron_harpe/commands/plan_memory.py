@@ -56,7 +56,7 @@ from megatron_harpe.training.memory import (
 )
 
 
-def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+def build_parser() -> argparse.ArgumentParser:
     parser = cli.parser_for(__doc__)
     parser.add_argument("--config", required=True, help="the YAML run config to plan (see configs/)")
     parser.add_argument("--gpus", type=int, required=True, help="GPUs for the whole job")
@@ -87,6 +87,12 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                              "modules: --train.recompute_method etc.)")
     parser.add_argument("--top", type=int, default=10, help="how many fitting layouts to list")
     cli.add_common_flags(parser)
+    return parser
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """The tool's flags and the config overrides (`--section.key value`) among `argv`."""
+    parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     try:
         return args, parse_overrides(rest)  # `--section.key value`, as pretrain_harpe.py takes them

@@ -40,7 +40,7 @@ from megatron_harpe.position.waveform import (  # noqa: E402
 )
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = cli.parser_for(__doc__)
     parser.add_argument("--strategy", choices=sorted(STRATEGIES), help="base strategy (not with --compare)")
     parser.add_argument("--compare", action="store_true", help="run every strategy and rank them by coverage score")
@@ -60,6 +60,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--plot", type=Path, help="write the waveform / coverage figure to this PNG")
     cli.add_overwrite(parser, "an existing --plot file")
     cli.add_common_flags(parser)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.compare == (args.strategy is not None):
         parser.error("give either --strategy NAME or --compare")

@@ -2,7 +2,7 @@
 preparation (corpus -> sentencepiece tokenizer -> length upsampling -> Megatron dataset).
 
     python -c "from megatron_harpe.data.demo_corpus import prepare_demo_data; print(prepare_demo_data('work/demo'))"
-    python tools/prepare_data.py demo --workdir work/demo          # the same from the CLI
+    harpe-prepare-data demo --output-dir work/demo          # the same from the CLI
 
 Nothing is downloaded and nothing large is committed: the text is CPython's standard library
 (PSF License; its LICENSE.txt is copied next to the corpus). Four sources, named by what they

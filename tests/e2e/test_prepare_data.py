@@ -41,7 +41,7 @@ def demo_dir(tmp_path_factory) -> Path:
                                capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert completed.stdout.strip() == str(workdir / "corpus.jsonl")
-    assert tool_main(["demo", "--workdir", str(workdir), "--workers", "2"]) == 0
+    assert tool_main(["demo", "--output-dir", str(workdir), "--workers", "2"]) == 0
     return workdir
 
 
@@ -88,17 +88,17 @@ def test_demo_dataset_is_upsampled_and_decodes_to_corpus_documents(demo_dir):
 
 def test_stages_one_by_one_equal_the_demo(demo_dir, tmp_path):
     corpus = str(demo_dir / "corpus.jsonl")
-    assert tool_main(["train-tokenizer", "--inputs", corpus, "--output-prefix", str(tmp_path / "sp"), "--vocab-size", "4096"]) == 0
+    assert tool_main(["train-tokenizer", "--inputs", corpus, "--output", str(tmp_path / "sp"), "--vocab-size", "4096"]) == 0
     assert (tmp_path / "sp.model").read_bytes() == (demo_dir / "tokenizer.model").read_bytes()
     shares = ",".join(f"{name}={weight}" for name, weight in DEMO_SHARES.items())
     assert tool_main(["upsample", "--inputs", corpus, "--output", str(tmp_path / "up.jsonl.zst"), "--shares", shares,
                       "--total-tokens", "5e5", "--length-threshold", str(DEMO_LENGTH_THRESHOLD), "--tokenizer",
                       str(tmp_path / "sp.model"), "--workers", "2"]) == 0
-    assert tool_main(["tokenize", "--inputs", str(tmp_path / "up.jsonl.zst"), "--output-prefix", str(tmp_path / "train"),
+    assert tool_main(["tokenize", "--inputs", str(tmp_path / "up.jsonl.zst"), "--output", str(tmp_path / "train"),
                       "--tokenizer", str(tmp_path / "sp.model"), "--workers", "2"]) == 0
     for suffix in (".bin", ".idx"):
         assert (tmp_path / f"train{suffix}").read_bytes() == (demo_dir / f"demo_text_document{suffix}").read_bytes()
-    assert tool_main(["tokenize", "--inputs", str(tmp_path / "up.jsonl.zst"), "--output-prefix", str(tmp_path / "train"),
+    assert tool_main(["tokenize", "--inputs", str(tmp_path / "up.jsonl.zst"), "--output", str(tmp_path / "train"),
                       "--tokenizer", str(tmp_path / "sp.model")]) == 2  # exists: refused, nothing changed
 
 
