@@ -185,10 +185,13 @@ def show_progress(no_progress: bool = False) -> bool:
 def progress_bar(total: float | None, description: str, *, enabled: bool, unit: str = "it", unit_scale: bool = False):
     """A tqdm bar on stderr with rate and ETA (`[elapsed<remaining, rate]`); a silent one when
     not `enabled` (see show_progress)."""
+    import shutil
+
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=description, unit=unit, unit_scale=unit_scale, disable=not enabled,
-                dynamic_ncols=True, mininterval=0.5, file=sys.stderr)
+    size = shutil.get_terminal_size(fallback=(0, 0))  # a terminal reporting no size (0 x 0) gets 100 x 20:
+    return tqdm(total=total, desc=description, unit=unit, unit_scale=unit_scale, disable=not enabled,  # tqdm
+                ncols=size.columns or 100, nrows=size.lines or 20, mininterval=0.5, file=sys.stderr)  # hides at 0
 
 
 def refuse_existing(path: str | os.PathLike, overwrite: bool, what: str = "output") -> None:

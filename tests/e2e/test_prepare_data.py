@@ -114,3 +114,50 @@ def test_training_samples_are_windows_of_the_packed_corpus(demo_dir):
     for row in batch["tokens"].numpy():
         starts = np.flatnonzero(stream[: len(stream) - 1024] == row[0])
         assert any((stream[s : s + 1024] == row).all() for s in starts)
+
+
+def _tokenize_command(tmp_path: Path, name: str, *extra: str) -> list[str]:
+    from megatron_harpe.eval.synthetic_kv import write_tokenizer
+
+    tokenizer = tmp_path / "tok" / "tokenizer.json"
+    if not tokenizer.exists():
+        write_tokenizer(tokenizer)
+        with open(tmp_path / "corpus.jsonl", "w") as handle:  # about 3 MB: several chunks, a bar that moves
+            for index in range(6000):
+                handle.write(json.dumps({"text": " ".join(["get", str(index % 10)] * 120)}) + "\n")
+    return [sys.executable, str(TOOL), "tokenize", "--inputs", str(tmp_path / "corpus.jsonl"), "--tokenizer",
+            str(tokenizer), "--output", str(tmp_path / name), "--workers", "0", *extra]
+
+
+def _run_on_a_terminal(command: list[str]) -> str:
+    """Run `command` with stderr on a pseudo-terminal; returns what the terminal showed."""
+    import pty
+
+    leader, follower = pty.openpty()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=follower, stdin=subprocess.DEVNULL)
+    os.close(follower)
+    shown = bytearray()
+    while True:
+        try:
+            data = os.read(leader, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not data:
+            break
+        shown += data
+    os.close(leader)
+    assert process.wait(timeout=300) == 0, shown.decode(errors="replace")
+    return shown.decode(errors="replace")
+
+
+def test_tokenize_shows_progress_with_an_eta_on_a_terminal_only(tmp_path):
+    import re
+
+    shown = _run_on_a_terminal(_tokenize_command(tmp_path, "on_terminal"))
+    assert "tokenize" in shown and re.search(r"\d+%\|", shown), shown[-500:]
+    assert re.search(r"<\d\d:\d\d", shown), f"no ETA (elapsed<remaining) in: {shown[-500:]!r}"
+    quiet = _run_on_a_terminal(_tokenize_command(tmp_path, "no_progress", "--no-progress"))
+    assert not re.search(r"\d+%\|", quiet), quiet[-500:]
+    piped = subprocess.run(_tokenize_command(tmp_path, "piped"), capture_output=True, text=True, timeout=300)
+    assert piped.returncode == 0, piped.stderr
+    assert not re.search(r"\d+%\||<\d\d:\d\d", piped.stderr), piped.stderr[-500:]  # a log file stays clean
