@@ -25,7 +25,7 @@ import sys
 import textwrap
 
 from megatron_harpe import cli
-from megatron_harpe.config import Config, load_config, parse_overrides
+from megatron_harpe.config import Config, load_config
 
 
 def config_keys_help(width: int = 100) -> str:
@@ -66,12 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    parser = build_parser()
-    args, rest = parser.parse_known_args(argv)
-    try:
-        return args, parse_overrides(rest)
-    except ValueError as error:
-        parser.error(str(error))
+    return cli.parse_with_overrides(build_parser(), argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -151,6 +151,27 @@ def add_parallel(parser, *, tensor: str | None = "tensor-parallel size", context
         parser.add_argument("--context-parallel", type=int, default=default, help=context)
 
 
+def add_model_backend(parser, *, tokenizer: str, context: str) -> None:
+    """How evaluation and analysis load `--model`: tokenizer, remote code, device, dtype, TP x CP."""
+    add_tokenizer(parser, help=tokenizer)
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (HARPE export)")
+    parser.add_argument("--device", default="cpu", help="torch device of a Hugging Face model (default cpu)")
+    add_dtype(parser, default="fp32", help="weight dtype of a Hugging Face model")
+    add_parallel(parser, tensor="megatron checkpoint: tensor-parallel size (under torchrun)", context=context)
+
+
+def parse_with_overrides(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    """The parser's flags, and the config overrides among the rest (`--section.key value` or
+    `section.key=value`, as pretrain_harpe.py takes them); anything else is a usage error."""
+    from megatron_harpe.config import parse_overrides
+
+    args, rest = parser.parse_known_args(argv)
+    try:
+        return args, parse_overrides(rest)
+    except ValueError as error:
+        parser.error(str(error))
+
+
 def add_dtype(parser, *, default: str | None = None, help: str = "weight dtype") -> None:
     parser.add_argument("--dtype", choices=DTYPES, default=default, help=f"{help} ({'|'.join(DTYPES)})")
 

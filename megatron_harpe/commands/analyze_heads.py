@@ -58,12 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_output_dir(parser, default="head_analysis", help="where the JSON and PNGs go")
     cli.add_overwrite(parser, "an earlier analysis in --output-dir")
     cli.add_text_key(parser)
-    cli.add_tokenizer(parser, help="replaces the model's own")
-    parser.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (HARPE export)")
-    parser.add_argument("--device", default="cpu", help="torch device of a Hugging Face model")
-    cli.add_dtype(parser, default="fp32", help="weight dtype of a Hugging Face model")
-    cli.add_parallel(parser, tensor="megatron checkpoint: tensor-parallel size (under torchrun)",
-                     context="must be 1: not supported by the analysis")
+    cli.add_model_backend(parser, tokenizer="replaces the model's own", context="must be 1: not supported by the analysis")
     parser.add_argument("--max-block-elements", type=int, default=None,
                         help="attention scores computed at once (memory: about 4 bytes x 4 x this; default 2^24)")
     cli.add_progress(parser)

@@ -26,7 +26,6 @@ import argparse
 import sys
 
 from megatron_harpe import cli
-from megatron_harpe.config import parse_overrides
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,9 +149,9 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, rest = build_parser().parse_known_args(sys.argv[1:] if argv is None else argv)
+    args, overrides = cli.parse_with_overrides(build_parser(), sys.argv[1:] if argv is None else argv)
     try:
-        return run(args, parse_overrides(rest))
+        return run(args, overrides)
     except (ValueError, FileNotFoundError) as error:
         return cli.report_user_error(error)
 

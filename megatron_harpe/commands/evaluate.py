@@ -80,12 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ppl-max-documents", type=int, default=20, help="documents read for ppl")
     parser.add_argument("--ppl-document-tokens", type=int, default=None,
                         help="score up to this many tokens per document (default: the length itself)")
-    cli.add_tokenizer(parser, help="replaces the model's own (required for oracle/random)")
-    parser.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (HARPE export)")
-    parser.add_argument("--device", default="cpu", help="torch device of the HF backend")
-    cli.add_dtype(parser, default="fp32", help="weight dtype of a Hugging Face model")
-    cli.add_parallel(parser, tensor="megatron checkpoint: tensor-parallel size (under torchrun)",
-                     context="megatron checkpoint: context-parallel size (under torchrun)")
+    cli.add_model_backend(parser, tokenizer="replaces the model's own (required for oracle/random)",
+                          context="megatron checkpoint: context-parallel size (under torchrun)")
     parser.add_argument("--self-extend", type=_self_extend_argument, default=None, metavar="window=W,group=G",
                         help="Self-Extend grouped attention at evaluation time (paper: window=1024,group=32), "
                              "any RoPE model on either backend")

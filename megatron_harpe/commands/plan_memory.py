@@ -35,7 +35,7 @@ import math
 import sys
 
 from megatron_harpe import cli
-from megatron_harpe.config import Config, load_config, parse_overrides
+from megatron_harpe.config import Config, load_config
 from megatron_harpe.training.engine_memory import HEADROOM_SOURCES, Headroom
 from megatron_harpe.training.memory import (
     CP_COMM_CHOICES,
@@ -92,12 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """The tool's flags and the config overrides (`--section.key value`) among `argv`."""
-    parser = build_parser()
-    args, rest = parser.parse_known_args(argv)
-    try:
-        return args, parse_overrides(rest)  # `--section.key value`, as pretrain_harpe.py takes them
-    except ValueError as error:
-        parser.error(str(error))
+    return cli.parse_with_overrides(build_parser(), argv)
 
 
 def gib(value: float) -> str:
