@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         documents = load_documents(args.documents, backend.tokenizer, args.text_key, args.num_documents,
                                    min_tokens=args.length)
         analysis = analyze_heads(backend, documents, args.length, args.thresholds, args.min_query_position,
-                                 args.max_block_elements, progress=not args.no_progress and is_main_process())
+                                 args.max_block_elements, progress=cli.show_progress(args.no_progress) and is_main_process())
     except ValueError as error:
         return cli.report_user_error(error)
     if not is_main_process():  # under torchrun every rank measures its heads; rank 0 reports

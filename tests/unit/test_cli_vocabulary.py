@@ -158,3 +158,23 @@ def test_evaluate_hf_model_with_a_sentencepiece_tokenizer(tmp_path):
     )
     assert completed.returncode == 0, completed.stderr[-2000:]
     assert "Traceback" not in completed.stderr and (tmp_path / "eval" / "results.json").is_file()
+
+
+def test_conversion_overwrite_replaces_only_a_model(tmp_path):
+    from megatron_harpe.convert.hf_files import staging_directory
+
+    output = tmp_path / "export"
+    output.mkdir()
+    (output / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="is not empty: pass --overwrite"):
+        with staging_directory(output):
+            pass
+    with pytest.raises(ValueError, match="holds neither a model nor a checkpoint"):
+        with staging_directory(output, overwrite=True):
+            pass
+    (output / "config.json").write_text("{}")  # an earlier export: replaced once the new one is complete
+    with staging_directory(output, overwrite=True) as staging:
+        (staging / "config.json").write_text('{"new": true}')
+    assert sorted(path.name for path in output.iterdir()) == ["config.json"]
+    assert (output / "config.json").read_text() == '{"new": true}'
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["export"]  # nothing left beside it
