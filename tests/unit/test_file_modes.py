@@ -147,3 +147,24 @@ def test_checkpoint_files(umask, tmp_path):
     parallel.run_on_ranks(_save_tiny_checkpoint, 1, str(tmp_path / "ckpt"), umask)
     _assert_plain_modes(tmp_path / "ckpt", ["iter_0000001", "iter_0000001/train_state.json",
                                             "iter_0000001/config.yaml", "latest_checkpointed_iteration.txt"])
+
+
+def test_conversion_both_ways(umask, tmp_path):
+    """hf-to-megatron (a checkpoint plus the HF source's files) and megatron-to-hf (safetensors,
+    config, tokenizer, HARPE code) through the tool, from a source whose files are private."""
+    from megatron_harpe.commands import convert_checkpoint
+    from megatron_harpe.eval.testing import save_tiny_llama, save_tiny_tokenizer
+
+    source = tmp_path / "source"
+    save_tiny_tokenizer(str(source))
+    save_tiny_llama(str(source))
+    for path in source.iterdir():
+        path.chmod(0o600)  # e.g. a download kept private: the copies we write still follow the umask
+    out = tmp_path / "out"
+    assert convert_checkpoint.main(["hf-to-megatron", "--input", str(source), "--output", str(out / "megatron"),
+                                    "--position.type", "harpe", "--position.strategy", "uniform",
+                                    "--position.base_min", "1e3", "--position.base_max", "1e4"]) == 0
+    assert convert_checkpoint.main(["megatron-to-hf", "--input", str(out / "megatron"), "--output",
+                                    str(out / "hf")]) == 0
+    _assert_plain_modes(out, ["megatron/latest_checkpointed_iteration.txt", "megatron/iter_0000000/config.yaml",
+                              "hf/model.safetensors", "hf/config.json", "hf/tokenizer.json"])
