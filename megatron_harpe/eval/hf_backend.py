@@ -106,12 +106,14 @@ class HFBackend:
                              "rerun with --trust-remote-code")
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
         model.to(torch.device(device))
-        if tokenizer_path:  # any --tokenizer (HF directory, sentencepiece .model, tokenizer.json), as every backend
-            from megatron_harpe.eval.backends import load_tokenizer_any
+        # --tokenizer takes what the other backends take: a sentencepiece .model or tokenizer.json file
+        # (megatron_harpe.data.tokenizer; a missing file is one line naming it) or an HF directory
+        if tokenizer_path and not os.path.isdir(tokenizer_path):
+            from megatron_harpe.data.tokenizer import load_tokenizer
 
-            tokenizer = load_tokenizer_any(tokenizer_path, trust_remote_code=trust_remote_code)
+            tokenizer = load_tokenizer(tokenizer_path)
         else:
-            tokenizer = HFTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+            tokenizer = HFTokenizer.from_pretrained(tokenizer_path or path, trust_remote_code=trust_remote_code)
         backend = cls(model, tokenizer, name=path)
         if self_extend is not None:
             from megatron_harpe.eval.self_extend_hf import install_self_extend
