@@ -329,6 +329,9 @@ def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = No
         return code
     except KeyboardInterrupt:
         return _report_interrupt()
+    except BrokenPipeError:  # `tool ... | head`: the reader left; no traceback (Python's documented remedy)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except Exception as error:  # noqa: BLE001 - the front door decides what the user sees
         if interrupted:
             return _report_interrupt()

@@ -5,7 +5,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout that is not pip-installed
 
-from megatron_harpe.commands.convert_checkpoint import entry_point, main  # noqa: E402,F401  (main: for callers that import this file)
+# main: for callers that load this file as a module (e.g. experiments/replicate/worker.py)
+from megatron_harpe.commands.convert_checkpoint import entry_point, main  # noqa: E402,F401
 
 if __name__ == "__main__":
     sys.exit(entry_point())
