@@ -131,8 +131,8 @@ def save_checkpoint(
         )
         _save_rng_state(work_dir / "rng" / f"rank_{rank:05d}.pt")
         if rank == 0:
-            (work_dir / CONFIG_FILE).write_text(config_text)
-            (work_dir / TRAIN_STATE_FILE).write_text(state_text)
+            files.write_text(work_dir / CONFIG_FILE, config_text)  # flushed before the directory is published
+            files.write_text(work_dir / TRAIN_STATE_FILE, state_text)
     except (OSError, CheckpointException, RuntimeError) as caught:
         error = caught
     _raise_if_any_rank_failed(error, save_dir, iteration, work_dir)  # every rank's files are in work_dir

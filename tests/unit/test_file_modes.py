@@ -161,10 +161,13 @@ def test_conversion_both_ways(umask, tmp_path):
     for path in source.iterdir():
         path.chmod(0o600)  # e.g. a download kept private: the copies we write still follow the umask
     out = tmp_path / "out"
-    assert convert_checkpoint.main(["hf-to-megatron", "--input", str(source), "--output", str(out / "megatron"),
-                                    "--position.type", "harpe", "--position.strategy", "uniform",
-                                    "--position.base_min", "1e3", "--position.base_max", "1e4"]) == 0
-    assert convert_checkpoint.main(["megatron-to-hf", "--input", str(out / "megatron"), "--output",
-                                    str(out / "hf")]) == 0
+    try:
+        assert convert_checkpoint.main(["hf-to-megatron", "--input", str(source), "--output", str(out / "megatron"),
+                                        "--position.type", "harpe", "--position.strategy", "uniform",
+                                        "--position.base_min", "1e3", "--position.base_max", "1e4"]) == 0
+        assert convert_checkpoint.main(["megatron-to-hf", "--input", str(out / "megatron"), "--output",
+                                        str(out / "hf")]) == 0
+    finally:
+        parallel.shutdown()  # the converter's one-process group: later tests expect none
     _assert_plain_modes(out, ["megatron/latest_checkpointed_iteration.txt", "megatron/iter_0000000/config.yaml",
                               "hf/model.safetensors", "hf/config.json", "hf/tokenizer.json"])
