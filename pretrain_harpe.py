@@ -4,12 +4,14 @@
     torchrun --nproc-per-node 2 pretrain_harpe.py --config configs/demo_cpu.yaml
 
     # Llama2-7B to 128k (GPUs), with overrides of any config key
-    torchrun --nproc-per-node 8 pretrain_harpe.py --config configs/llama2_7b_128k_harpe.yaml \\
-        --checkpoint.pretrained ckpt/llama2-7b --train.lr 2e-5
+    torchrun --nproc-per-node 8 pretrain_harpe.py --config configs/llama2_7b_128k_harpe.yaml --checkpoint.pretrained ckpt/llama2-7b --train.lr 2e-5
 
     # check a config and print the parallel layout and step counts without training (with
     # --world-size: planning a job elsewhere, so missing data files are only a warning)
     python pretrain_harpe.py --config configs/llama2_7b_128k_harpe.yaml --dry-run --world-size 32
+
+    # the resolved config (defaults filled in, per-head bases written out) as YAML
+    python pretrain_harpe.py --config configs/demo_cpu.yaml --train.seed 7 --print-config
 
 Quiet by default; --verbose shows third-party warnings, --debug tracebacks. Exit codes: 0 done,
 2 a config or input error (one line, before any process group starts), 130 interrupted.
@@ -20,24 +22,51 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 
 from megatron_harpe import cli
-from megatron_harpe.config import Config, load_config, parse_overrides
+from megatron_harpe.config import Config, load_config
 
 
-def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def config_keys_help(width: int = 100) -> str:
+    """The epilog of --help: every config section and key with its type, default and documentation."""
+    from megatron_harpe.config_reference import config_keys
+
+    lines = ["config keys (YAML sections; override any as --section.key value; docs/config-reference.md):"]
+    section = None
+    for key in config_keys():
+        name, _, leaf = key.key.rpartition(".")
+        if name != section:
+            section = name
+            lines.append(f"  {section or '(top level)'}:")
+        lines.append(f"    {leaf} ({key.type}, default {key.default})")
+        if key.doc:
+            lines += textwrap.wrap(key.doc, width, initial_indent=" " * 8, subsequent_indent=" " * 8)
+    return "\n".join(lines)
+
+
+class _ConfigKeysHelp(cli.HelpFormatter):
+    """Builds the (long) config-key listing only when --help is printed."""
+
+    def format_help(self) -> str:
+        return super().format_help() + "\n" + config_keys_help() + "\n"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=_ConfigKeysHelp)
     parser.add_argument("--config", required=True, help="YAML config (see configs/)")
     parser.add_argument("--dry-run", action="store_true", help="validate and print the plan; no training")
     parser.add_argument(
         "--world-size", type=int, default=None, help="with --dry-run: the number of processes to plan for"
     )
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (YAML, overrides applied, bases written out) and exit")
     cli.add_common_flags(parser)
-    args, rest = parser.parse_known_args(argv)
-    try:
-        return args, parse_overrides(rest)
-    except ValueError as error:
-        parser.error(str(error))
+    return parser
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    return cli.parse_with_overrides(build_parser(), argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,6 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg: Config = load_config(args.config, overrides)
         world_size = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+        if args.print_config:
+            import yaml
+
+            cfg.validate(world_size=args.world_size, require_backend=False)
+            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+            return 0
         cfg.validate(world_size=world_size, require_backend=not args.dry_run)  # plan a GPU config anywhere
         planning = args.dry_run and args.world_size is not None  # for a job elsewhere: its data may be too
         try:

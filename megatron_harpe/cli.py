@@ -25,6 +25,7 @@ Nothing here imports torch or megatron: `--help` and argument errors stay fast.
 
 from __future__ import annotations
 
+import argparse
 import errno
 import logging
 import os
@@ -100,6 +101,125 @@ def add_common_flags(parser) -> None:
     """--verbose and --debug in a tool's --help (`run` takes them out of argv before parsing)."""
     parser.add_argument("--verbose", action="store_true", help="show third-party warnings and logs (megatron-core, TE, torch)")
     parser.add_argument("--debug", action="store_true", help="print the traceback of an error")
+
+
+# ------------------------------------------------------------------ one command-line vocabulary
+# Every tool builds its flags from these helpers, so the same thing has the same name, type and
+# help everywhere (pretrain_harpe.py takes its settings from the config instead).
+
+DTYPES = ("fp32", "bf16", "fp16")
+"""The weight dtypes a tool accepts (`--dtype`); torch_dtype() maps them."""
+
+
+def torch_dtype(name: str | None):
+    """The torch dtype of a `--dtype` name (None stays None: "the source's own")."""
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r} is not one of {', '.join(DTYPES)}")
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the examples of a tool's docstring line by line in --help."""
+
+
+def parser_for(description: str | None, **kwargs) -> argparse.ArgumentParser:
+    """An ArgumentParser showing `description` (a module docstring with examples) as written."""
+    return argparse.ArgumentParser(description=description, formatter_class=HelpFormatter, **kwargs)
+
+
+def add_model(parser, *, required: bool = True, help: str | None = None) -> None:
+    parser.add_argument("--model", required=required,
+                        help=help or "a megatron_harpe checkpoint directory or a Hugging Face model directory")
+
+
+def add_tokenizer(parser, *, required: bool = False, help: str | None = None) -> None:
+    text = "a Hugging Face tokenizer directory, a sentencepiece .model or a tokenizer.json"
+    parser.add_argument("--tokenizer", required=required, default=None,
+                        help=f"{text}{': ' + help if help else ''}")
+
+
+def add_parallel(parser, *, tensor: str | None = "tensor-parallel size", context: str | None = "context-parallel size",
+                 default: int | None = 1) -> None:
+    """--tensor-parallel / --context-parallel (pass None to leave one out)."""
+    if tensor is not None:
+        parser.add_argument("--tensor-parallel", type=int, default=default, help=tensor)
+    if context is not None:
+        parser.add_argument("--context-parallel", type=int, default=default, help=context)
+
+
+def add_model_backend(parser, *, tokenizer: str, context: str) -> None:
+    """How evaluation and analysis load `--model`: tokenizer, remote code, device, dtype, TP x CP."""
+    add_tokenizer(parser, help=tokenizer)
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (HARPE export)")
+    parser.add_argument("--device", default="cpu", help="torch device of a Hugging Face model (default cpu)")
+    add_dtype(parser, default="fp32", help="weight dtype of a Hugging Face model")
+    add_parallel(parser, tensor="megatron checkpoint: tensor-parallel size (under torchrun)", context=context)
+
+
+def parse_with_overrides(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    """The parser's flags, and the config overrides among the rest (`--section.key value` or
+    `section.key=value`, as pretrain_harpe.py takes them); anything else is a usage error."""
+    from megatron_harpe.config import parse_overrides
+
+    args, rest = parser.parse_known_args(argv)
+    try:
+        return args, parse_overrides(rest)
+    except ValueError as error:
+        parser.error(str(error))
+
+
+def add_dtype(parser, *, default: str | None = None, help: str = "weight dtype") -> None:
+    parser.add_argument("--dtype", choices=DTYPES, default=default, help=f"{help} ({'|'.join(DTYPES)})")
+
+
+def add_output_dir(parser, *, required: bool = False, default: str | None = None, help: str) -> None:
+    parser.add_argument("--output-dir", required=required, default=default, help=help)
+
+
+def add_output(parser, *, required: bool = True, help: str) -> None:
+    parser.add_argument("--output", required=required, help=help)
+
+
+def add_overwrite(parser, what: str = "existing outputs") -> None:
+    parser.add_argument("--overwrite", action="store_true", help=f"replace {what} (refused without it)")
+
+
+def add_text_key(parser) -> None:
+    parser.add_argument("--text-key", default="text",
+                        help="jsonl field holding the text; dotted paths reach nested keys (default: text)")
+
+
+def add_progress(parser) -> None:
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar (it shows only on a terminal, and only on rank 0)")
+
+
+def show_progress(no_progress: bool = False) -> bool:
+    """Whether to draw a progress bar: on a terminal, on rank 0, unless --no-progress."""
+    return not no_progress and is_rank_zero() and sys.stderr.isatty()
+
+
+def progress_bar(total: float | None, description: str, *, enabled: bool, unit: str = "it", unit_scale: bool = False):
+    """A tqdm bar on stderr with rate and ETA (`[elapsed<remaining, rate]`); a silent one when
+    not `enabled` (see show_progress)."""
+    import shutil
+
+    from tqdm import tqdm
+
+    size = shutil.get_terminal_size(fallback=(0, 0))  # a terminal reporting no size (0 x 0) gets 100 x 20:
+    return tqdm(total=total, desc=description, unit=unit, unit_scale=unit_scale, disable=not enabled,  # tqdm
+                ncols=size.columns or 100, nrows=size.lines or 20, mininterval=0.5, file=sys.stderr)  # hides at 0
+
+
+def refuse_existing(path: str | os.PathLike, overwrite: bool, what: str = "output") -> None:
+    """A user error if `path` exists (a non-empty directory, or a file) and --overwrite is not given."""
+    existing = os.path.isfile(path) or (os.path.isdir(path) and any(os.scandir(path)))
+    if existing and not overwrite:
+        raise FileExistsError(f"{what} {path} already exists: pass --overwrite to replace it or choose another path")
 
 
 def quiet_third_party() -> None:
@@ -209,6 +329,9 @@ def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = No
         return code
     except KeyboardInterrupt:
         return _report_interrupt()
+    except BrokenPipeError:  # `tool ... | head`: the reader left; no traceback (Python's documented remedy)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except Exception as error:  # noqa: BLE001 - the front door decides what the user sees
         if interrupted:
             return _report_interrupt()

@@ -284,6 +284,9 @@ class CheckpointConfig:
 class LoggingConfig:
     log_interval: int = 10
     tensorboard_dir: str | None = None
+    peak_tflops: float | None = None
+    """Dense peak TFLOP/s of one device, for the MFU of the log line (e.g. 989 for an H100 SXM in
+    bf16); None: looked up from the GPU's name (training/monitor.py), no MFU on CPU."""
 
 
 @dataclasses.dataclass
@@ -443,6 +446,8 @@ def _check_ranges(cfg: Config) -> None:
         if value < bound or (value == bound and not inclusive):
             wanted = f">= {bound}" if inclusive else f"> {bound}"
             raise ValueError(f"{key}={value} must be {wanted}")
+    if cfg.logging.peak_tflops is not None and cfg.logging.peak_tflops <= 0:
+        raise ValueError(f"logging.peak_tflops={cfg.logging.peak_tflops} must be > 0 (or null: from the GPU's name)")
     train = cfg.train
     for key in ("adam_beta1", "adam_beta2"):
         if getattr(train, key) >= 1:

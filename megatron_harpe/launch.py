@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import re
 import shlex
@@ -40,7 +39,7 @@ import zlib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from megatron_harpe import cli
+from megatron_harpe import cli, files
 
 _BRACKETS = re.compile(r"\[([^\]]*)\]")
 DEFAULT_PORT_BASE = 15000
@@ -293,10 +292,7 @@ def write_launch_record(log_dir: Path, job: SlurmJob, command: Sequence[str]) ->
     log_dir.mkdir(parents=True, exist_ok=True)
     path = log_dir / f"launch-restart{job.restart_count}-node{job.node_rank}.json"
     record = dataclasses.asdict(job) | {"world_size": job.world_size, "command": list(command)}
-    temporary = path.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps(record, indent=2) + "\n")
-    temporary.replace(path)
-    return path
+    return files.write_json(path, record)
 
 
 # ----------------------------------------------------------------------------------- CLI

@@ -18,11 +18,10 @@ torchrun --standalone --nproc-per-node 2 pretrain_harpe.py --config configs/demo
 
 echo "== 2/4 evaluate the megatron checkpoint: passkey and single-needle retrieval, with plots"
 python tools/evaluate.py --model "$RUN/checkpoints" --task passkey,niah_single_1 --lengths 256,512 \
-    --samples 4 --max-new-tokens 12 --output-dir "$RUN/eval" --no-progress
+    --samples 4 --max-new-tokens 12 --output-dir "$RUN/eval" --overwrite --no-progress
 
 echo "== 3/4 export to Hugging Face format (per-head bases in config.json, modeling code alongside)"
-rm -rf "$RUN/hf"
-python tools/convert_checkpoint.py megatron-to-hf --input "$RUN/checkpoints" --output "$RUN/hf"
+python tools/convert_checkpoint.py megatron-to-hf --input "$RUN/checkpoints" --output "$RUN/hf" --overwrite
 
 echo "== 4/4 verify: transformers and megatron agree on logits and greedy tokens"
 python tools/convert_checkpoint.py verify --megatron "$RUN/checkpoints" --hf "$RUN/hf"

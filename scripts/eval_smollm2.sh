@@ -28,12 +28,12 @@ fi
 
 # 1. Hugging Face backend (generation, string_match_all / string_match_part as RULER scores)
 python tools/evaluate.py --model "$OUT/hf" --task ruler --lengths "$LENGTHS" --samples "$SAMPLES" \
-    --chat-template auto "${QA_ARGS[@]}" --output-dir "$OUT/eval_hf"
+    --chat-template auto "${QA_ARGS[@]}" --output-dir "$OUT/eval_hf" --overwrite
 
 # 2. the same model as a megatron_harpe checkpoint, evaluated by the megatron backend
 if [[ ! -f "$OUT/megatron/latest_checkpointed_iteration.txt" ]]; then
     python tools/convert_checkpoint.py hf-to-megatron --input "$OUT/hf" --output "$OUT/megatron" --verify
 fi
 python tools/evaluate.py --model "$OUT/megatron" --tokenizer "$OUT/hf" --task ruler --lengths "$LENGTHS" \
-    --samples "$SAMPLES" --chat-template auto "${QA_ARGS[@]}" --output-dir "$OUT/eval_megatron"
+    --samples "$SAMPLES" --chat-template auto "${QA_ARGS[@]}" --output-dir "$OUT/eval_megatron" --overwrite
 echo "results: $OUT/eval_hf/results.md and $OUT/eval_megatron/results.md"

@@ -21,6 +21,8 @@ import os
 import re
 import sys
 
+from megatron_harpe import files
+
 SOURCES = ("lcet10.txt", "alice29.txt", "plrabn12.txt")  # the essay-like proceedings first
 OUTPUT = os.path.join(os.path.dirname(__file__), "..", "megatron_harpe", "eval", "data", "prose_haystack.txt.xz")
 _PROSE_CHARS = re.compile(r"[A-Za-z ,.;:'\"!?()\-]")
@@ -65,9 +67,9 @@ def main(source_dir: str) -> None:
             text = handle.read()
         paragraphs += verse_paragraphs(text) if name == "plrabn12.txt" else prose_paragraphs(text)
     text = "\n".join(paragraphs) + "\n"
-    with lzma.open(OUTPUT + ".tmp", "wt", encoding="utf-8", preset=9) as handle:
-        handle.write(text)
-    os.replace(OUTPUT + ".tmp", OUTPUT)
+    with files.atomic_path(OUTPUT) as temporary:
+        with lzma.open(temporary, "wt", encoding="utf-8", preset=9) as handle:
+            handle.write(text)
     print(f"{len(paragraphs)} paragraphs, {len(text)} characters -> {OUTPUT}")
 
 

@@ -31,6 +31,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from megatron_harpe import files  # noqa: E402
 from megatron_harpe.data.indexed import DatasetWriter, dataset_exists, read_documents  # noqa: E402
 from megatron_harpe.eval.tasks.synthetic_kv import answer_mask, training_document, write_tokenizer  # noqa: E402
 
@@ -58,12 +59,9 @@ def write_jsonl(path: Path, lengths: list[int], seed: int, grammar: dict | None 
     """One {"text": ...} per document, written to a temporary name and renamed; `grammar`
     (mean_gap, query_share) goes to `training_document`."""
     rng = random.Random(seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    with temporary.open("w") as handle:
+    with files.atomic_open(path) as handle:
         for length in lengths:
             handle.write(json.dumps({"text": training_document(length - SPECIAL_TOKENS_PER_DOCUMENT, rng, **(grammar or {}))}) + "\n")
-    temporary.replace(path)
     return path
 
 
@@ -71,7 +69,7 @@ def tokenize_command(jsonl: Path, tokenizer: Path, prefix: Path) -> list[str]:
     """The prepare_data.py call that turns one jsonl into a Megatron dataset (BOS + EOS per document)."""
     return [
         sys.executable, str(REPO / "tools" / "prepare_data.py"), "tokenize", "--inputs", str(jsonl),
-        "--tokenizer", str(tokenizer), "--output-prefix", str(prefix), "--bos", "--eos", "--workers", "0",
+        "--tokenizer", str(tokenizer), "--output", str(prefix), "--bos", "--eos", "--workers", "0",
         "--overwrite",
     ]
 
@@ -96,12 +94,9 @@ def write_heldout(output: Path, documents: int, length: int, seed: int) -> Path:
     path = output / f"heldout_{length}.jsonl"
     if not path.exists():
         rng = random.Random(seed)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(path.name + ".tmp")
-        with temporary.open("w") as handle:
+        with files.atomic_open(path) as handle:
             for _ in range(documents):
                 handle.write(json.dumps({"text": training_document(length - 1, rng)}) + "\n")
-        temporary.replace(path)
     return path
 
 

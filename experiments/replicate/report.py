@@ -271,14 +271,10 @@ def plot(rows: dict, lengths: tuple[int, ...], scale: Any, path: Path) -> Path:
 
 def save_figure(figure: Any, path: Path, dpi: int) -> Path:
     """Lay out, write under a temporary name, rename, close."""
-    import matplotlib.pyplot as plt
+    from megatron_harpe import files
 
     figure.tight_layout()
-    temporary = path.with_name(path.stem + ".tmp.png")
-    figure.savefig(temporary, dpi=dpi)
-    plt.close(figure)
-    temporary.replace(path)
-    return path
+    return files.save_figure(figure, path, dpi=dpi)
 
 
 def write_report(eval_dir: Path, output: Path, scale: Any, methods: list[str], runs: list[tuple[str, int]],
@@ -287,15 +283,15 @@ def write_report(eval_dir: Path, output: Path, scale: Any, methods: list[str], r
     rows = summarize(eval_dir, methods, runs, scale.eval_lengths, scale.base_length)
     if not rows:
         raise ValueError(f"no evaluation results under {eval_dir}: run the eval phase first")
-    from megatron_harpe.eval.report import write_text_atomic  # imports pyplot: only when a report is written
+    from megatron_harpe.files import write_text
 
     output.mkdir(parents=True, exist_ok=True)
     table = output / "results.md"
-    write_text_atomic(str(table), markdown(rows, scale.eval_lengths, scale))
+    write_text(str(table), markdown(rows, scale.eval_lengths, scale))
     summary = output / "summary.json"
     serializable = {row: {key: value for key, value in data.items()} for row, data in rows.items()}
     serializable["retention_at_base_length"] = retention(rows, scale.base_length)
-    write_text_atomic(str(summary), json.dumps(serializable, indent=2, default=str))
+    write_text(str(summary), json.dumps(serializable, indent=2, default=str))
     figure = plot(rows, scale.eval_lengths, scale, output / "results.png")
     log(f"report: {len(rows)} rows ({', '.join(rows)})")
     return [table, figure, summary]

@@ -169,11 +169,9 @@ class _PlainDumper(yaml.SafeDumper):
 
 
 def write_yaml(tree: dict, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(yaml.dump(tree, Dumper=_PlainDumper, sort_keys=False))
-    temporary.replace(path)
-    return path
+    from megatron_harpe import files
+
+    return files.write_text(path, yaml.dump(tree, Dumper=_PlainDumper, sort_keys=False))
 
 
 def prepare_data(runner: Runner, scale: Scale) -> dict:
@@ -203,7 +201,7 @@ def train_command(config_path: Path, processes: int = 1) -> list[str]:
 def eval_command(checkpoint: Path, out_dir: Path, scale: Scale) -> list[str]:
     return [sys.executable, str(REPO / "tools" / "evaluate.py"), "--model", str(checkpoint), "--task", "synthetic_kv",
             "--lengths", ",".join(str(length) for length in scale.eval_lengths), "--samples", str(scale.eval_samples),
-            "--scoring", "teacher_forcing", "--seed", "42", "--output-dir", str(out_dir), "--save-predictions",
+            "--scoring", "teacher_forcing", "--seed", "42", "--output-dir", str(out_dir), "--save-predictions", "--overwrite",
             "--no-progress"]
 
 
@@ -211,7 +209,7 @@ def perplexity_command(checkpoint: Path, out_dir: Path, scale: Scale, heldout: s
     """Held-out perplexity at the base length (one window per document), for the retention table."""
     return [sys.executable, str(REPO / "tools" / "evaluate.py"), "--model", str(checkpoint), "--task", "ppl",
             "--lengths", str(scale.base_length), "--ppl-data", heldout, "--ppl-max-documents",
-            str(scale.heldout_documents), "--output-dir", str(out_dir), "--no-progress"]
+            str(scale.heldout_documents), "--output-dir", str(out_dir), "--overwrite", "--no-progress"]
 
 
 def evaluation_jobs(runner: Runner, name: str, checkpoint: Path, scale: Scale, data: dict | None) -> list[Job]:

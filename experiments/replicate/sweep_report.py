@@ -228,15 +228,15 @@ def write_sweep_report(eval_dir: Path, output: Path, sweep: Any, bases: dict) ->
     cells = collect(eval_dir, sweep)
     if not cells:
         raise ValueError(f"no evaluation results under {eval_dir}: run the sweep first")
-    from megatron_harpe.eval.report import write_text_atomic  # imports pyplot: only when a report is written
+    from megatron_harpe.files import write_text
 
     text, summary = markdown(cells, sweep, bases)
     report = output / "sweep.md"
-    write_text_atomic(str(report), text)
+    write_text(str(report), text)
     summary["cells"] = {f"{sweep.model_name(hidden, heads)}_{method}_{budget}": seeds
                         for (hidden, heads, budget, method), seeds in cells.items()}
     summary["bases"] = {f"{sweep.model_name(hidden, heads)}_seed{seed}": {k: v for k, v in entry.items() if k != "eval"}
                         for (hidden, heads, seed), entry in bases.items()}
     data = output / "sweep_summary.json"
-    write_text_atomic(str(data), json.dumps(summary, indent=2, default=str))
+    write_text(str(data), json.dumps(summary, indent=2, default=str))
     return [report, plot(cells, sweep, output / "sweep.png"), data]

@@ -55,7 +55,7 @@ from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShard
 from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint.utils import _get_failure_dict
 
-from megatron_harpe import collectives
+from megatron_harpe import collectives, files
 from megatron_harpe.checkpointing import fsdp_entries
 from megatron_harpe.checkpointing.extra_state import load_sharded
 from megatron_harpe.checkpointing.integrity import CONFIG_FILE, TRAIN_STATE_FILE, checkpoint_problem
@@ -131,8 +131,8 @@ def save_checkpoint(
         )
         _save_rng_state(work_dir / "rng" / f"rank_{rank:05d}.pt")
         if rank == 0:
-            (work_dir / CONFIG_FILE).write_text(config_text)
-            (work_dir / TRAIN_STATE_FILE).write_text(state_text)
+            files.write_text(work_dir / CONFIG_FILE, config_text)  # flushed before the directory is published
+            files.write_text(work_dir / TRAIN_STATE_FILE, state_text)
     except (OSError, CheckpointException, RuntimeError) as caught:
         error = caught
     _raise_if_any_rank_failed(error, save_dir, iteration, work_dir)  # every rank's files are in work_dir
@@ -265,9 +265,7 @@ def _publish(work_dir: Path, final_dir: Path) -> None:
 
 
 def _write_latest(save_dir: Path, iteration: int) -> None:
-    temporary = save_dir / (LATEST_FILE + ".tmp")
-    temporary.write_text(f"{iteration}\n")
-    os.replace(temporary, save_dir / LATEST_FILE)
+    files.write_text(save_dir / LATEST_FILE, f"{iteration}\n")
 
 
 def _remove_incomplete(save_dir: Path, final_dir: Path) -> None:

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from megatron_harpe.convert.keymap import IGNORED_HF
 from megatron_harpe.convert.streaming import SafetensorsReader
-from megatron_harpe.leftovers import remove_dead_temporaries
+from megatron_harpe.files import atomic_directory
 
 # Every file transformers writes or reads for a tokenizer (sentencepiece, fast, BPE vocab/merges,
 # WordPiece), its chat template(s), and the generation settings: all travel with a conversion.
@@ -225,28 +225,29 @@ def copy_tokenizer_files(source: str | Path, out_dir: Path) -> list[str]:
     return written + ["tokenizer_config.json"]
 
 
-def check_output_directory(path: str | Path) -> Path:
+def check_output_directory(path: str | Path, overwrite: bool = False) -> Path:
+    """`path` is absent or empty; with `overwrite` it may also hold an earlier model or checkpoint
+    (config.json or config.yaml), never anything else (a mistyped --output is not deleted)."""
     path = Path(path)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise ValueError(f"output directory {path} is not empty: choose a new directory or delete it first")
+    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+        return path
+    if not path.is_dir():
+        raise ValueError(f"output {path} is a file: choose a new directory")
+    if not overwrite:
+        raise ValueError(f"output directory {path} is not empty: pass --overwrite to replace it, or choose a new "
+                         "directory")
+    if not any((path / marker).is_file() for marker in ("config.json", "config.yaml", "latest_checkpointed_iteration.txt")):
+        raise ValueError(f"output directory {path} holds neither a model nor a checkpoint: --overwrite replaces only "
+                         "those; choose a new directory")
     return path
 
 
 @contextlib.contextmanager
-def staging_directory(path: str | Path) -> Iterator[Path]:
+def staging_directory(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """A temporary sibling of `path` that is renamed to `path` when the block succeeds and
-    deleted when it fails, so `path` is either complete or absent."""
-    final = check_output_directory(path)
-    remove_dead_temporaries(final.parent, rf"\.{re.escape(final.name)}\.incomplete-(?P<pid>\d+)")
-    staging = final.with_name(f".{final.name}.incomplete-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
+    deleted when it fails, so `path` is either complete or absent (or, with `overwrite`, the
+    earlier model it held until the new one is complete)."""
+    final = check_output_directory(path, overwrite)
+    with atomic_directory(final, replace=overwrite) as staging:
         yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    check_output_directory(final)  # nobody wrote there meanwhile
-    if final.exists():
-        final.rmdir()
-    os.rename(staging, final)
+        check_output_directory(final, overwrite)  # nobody wrote there meanwhile

@@ -20,6 +20,7 @@ copies along.
 from __future__ import annotations
 
 import dataclasses
+import math
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,6 +29,7 @@ from typing import Any
 import torch
 import yaml
 
+from megatron_harpe import cli
 from megatron_harpe.checkpointing.checkpoint import save_checkpoint
 from megatron_harpe.config import Config, ModelConfig, apply_override, from_dict
 from megatron_harpe.convert.finite import FLAG, refuse_nonfinite
@@ -127,15 +129,19 @@ class StreamedHFWeights(WeightMaker):
     for it (WeightMaker); a weight holding NaN/inf values is refused by name (convert/finite.py)
     unless `allow_nonfinite`."""
 
-    def __init__(self, gpt: torch.nn.Module, weights: HFWeights, model: ModelConfig, allow_nonfinite: bool = False) -> None:
+    def __init__(self, gpt: torch.nn.Module, weights: HFWeights, model: ModelConfig, allow_nonfinite: bool = False,
+                 progress=None) -> None:
         super().__init__(gpt)
         names = megatron_names(model)
         found = {name for name, _ in self._parameter_of.values()}
         assert set(names) == found, sorted(set(names) ^ found)
         self._weights, self._model, self._allow_nonfinite = weights, model, allow_nonfinite
+        self._progress = progress  # a tqdm bar advanced by the bytes read
 
     def make_weight(self, name: str, parameter: torch.Tensor) -> torch.Tensor:
         sources = {source: self._weights.get(source) for source in hf_sources(name)}
+        if self._progress is not None:
+            self._progress.update(sum(tensor.numel() * tensor.element_size() for tensor in sources.values()))
         if not self._allow_nonfinite:
             refuse_nonfinite(sources.items(), f"the HF model {self._weights.directory}", FLAG)
         # the sources are freed once fused, before a change of dtype copies the result
@@ -158,23 +164,29 @@ def convert_hf_to_megatron(
     dtype: torch.dtype | None = None,
     source_name: str | None = None,
     allow_nonfinite: bool = False,
+    overwrite: bool = False,
+    progress: bool = False,
 ) -> Path:
     """Convert and return the output directory (`source_name`: what `converted_from` records,
     default the resolved `hf_dir`; a GGUF conversion names its file, not its temporary directory). Every check (architecture, shards, shapes,
     TP divisibility, empty output) runs before anything is written; a source weight holding
-    NaN/inf stops the conversion by name (nothing is kept) unless `allow_nonfinite`."""
+    NaN/inf stops the conversion by name (nothing is kept) unless `allow_nonfinite`. `overwrite`
+    replaces an earlier model in `output_dir` once the new one is complete; `progress` draws a
+    bar with an ETA over the bytes of the source weights."""
     hf = read_hf_config(hf_dir)
     config = build_conversion_config(hf, config_path=config_path, overrides=overrides, tensor_parallel=tensor_parallel)
     weights = HFWeights(hf_dir)
     check_weights_match(weights, expected_hf_shapes(config.model))
-    check_output_directory(output_dir)
+    check_output_directory(output_dir, overwrite)
     params_dtype = dtype or weights.dtype("model.embed_tokens.weight")
 
     ensure_single_process()
     position = config.resolved_stages()[0].position  # training starts in the first stage
     # shapes only: the weights are made one by one while written
     gpt = build_model(config.model, position, params_dtype=params_dtype, initialize=False, on_meta_device=True)
-    with staging_directory(output_dir) as staging:
+    total = sum(math.prod(shape) * weights.dtype(name).itemsize for name, shape in expected_hf_shapes(config.model).items())
+    with staging_directory(output_dir, overwrite) as staging, \
+            cli.progress_bar(total, "hf-to-megatron", enabled=progress, unit="B", unit_scale=True) as bar:
         train_state = {
             "weights_only": True,
             "stage": 0,
@@ -182,7 +194,7 @@ def convert_hf_to_megatron(
             "consumed_tokens": 0,
             "converted_from": source_name or str(Path(hf_dir).resolve()),
         }
-        streamed = StreamingSaveStrategy(StreamedHFWeights(gpt, weights, config.model, allow_nonfinite))
+        streamed = StreamingSaveStrategy(StreamedHFWeights(gpt, weights, config.model, allow_nonfinite, bar))
         save_checkpoint(staging, 0, model=gpt, config=config.to_dict(), train_state=train_state,
                         sharded_strategy=streamed)
         source_files = staging / HF_SOURCE_DIR

@@ -20,6 +20,7 @@ tokenizer.json), else from `hf_source/` next to a converted checkpoint, else fro
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import sys
 import warnings
@@ -31,6 +32,7 @@ from torch.distributed.checkpoint import CheckpointException
 from transformers import GenerationConfig
 
 import megatron_harpe.convert.hf_harpe as hf_harpe_package
+from megatron_harpe import cli
 from megatron_harpe.checkpointing.integrity import checkpoint_problem
 from megatron_harpe.convert.finite import refuse_nonfinite
 from megatron_harpe.convert.hf_config import hf_config_for, token_ids_from
@@ -41,7 +43,7 @@ from megatron_harpe.convert.hf_files import (
     write_safetensors,
 )
 from megatron_harpe.convert.hf_to_megatron import HF_SOURCE_DIR
-from megatron_harpe.convert.keymap import megatron_names, megatron_to_hf_tensors
+from megatron_harpe.convert.keymap import expected_hf_shapes, megatron_names, megatron_to_hf_tensors
 from megatron_harpe.convert.megatron_side import (
     CheckpointSpec,
     load_megatron_model,
@@ -83,6 +85,12 @@ def _hf_tensors(gpt: torch.nn.Module, spec: CheckpointSpec, dtype: torch.dtype) 
         yield from megatron_to_hf_tensors(name, params[name].detach().to(dtype), spec.model)
 
 
+def _counted(tensors: Iterator[tuple[str, torch.Tensor]], bar) -> Iterator[tuple[str, torch.Tensor]]:
+    for name, tensor in tensors:
+        yield name, tensor
+        bar.update(tensor.numel() * tensor.element_size())
+
+
 def convert_megatron_to_hf(
     checkpoint: str | Path,
     output_dir: str | Path,
@@ -91,15 +99,18 @@ def convert_megatron_to_hf(
     tokenizer: str | Path | None = None,
     max_shard_bytes: int = 2 * 2**30,
     allow_nonfinite: bool = False,
+    overwrite: bool = False,
+    progress: bool = False,
 ) -> Path:
     """Export the checkpoint (a save dir: its latest iteration; or an iteration dir) to
     `output_dir`, which appears only when complete; returns the iteration dir exported (a save
     dir whose run is still saving: the newest complete one, see `_load_newest`). `dtype` defaults to the dtype of the HF
     model the checkpoint was converted from, else to the saved dtype. Peak memory: the model in
     its saved dtype plus one shard (`max_shard_bytes`). Weights holding NaN/inf are refused by
-    name unless `allow_nonfinite` (convert/finite.py)."""
+    name unless `allow_nonfinite` (convert/finite.py). `overwrite` replaces an earlier model in
+    `output_dir` once the new one is complete; `progress` draws a bar with an ETA over the bytes written."""
     spec = read_checkpoint_spec(checkpoint)
-    check_output_directory(output_dir)
+    check_output_directory(output_dir, overwrite)
     tokenizer_source = find_tokenizer(checkpoint, spec, tokenizer)
     if tokenizer_source is not None and not tokenizer_source.exists():
         raise FileNotFoundError(f"tokenizer {tokenizer_source} does not exist: pass --tokenizer")
@@ -116,8 +127,10 @@ def convert_megatron_to_hf(
         token_ids=token_ids,
         dtype=str(out_dtype).removeprefix("torch."),
     )
-    with staging_directory(output_dir) as staging:
-        write_safetensors(_hf_tensors(model, spec, out_dtype), staging, max_shard_bytes=max_shard_bytes)
+    total = sum(math.prod(shape) for shape in expected_hf_shapes(spec.model).values()) * out_dtype.itemsize
+    with staging_directory(output_dir, overwrite) as staging, \
+            cli.progress_bar(total, "megatron-to-hf", enabled=progress, unit="B", unit_scale=True) as bar:
+        write_safetensors(_counted(_hf_tensors(model, spec, out_dtype), bar), staging, max_shard_bytes=max_shard_bytes)
         hf_config.save_pretrained(staging)
         if spec.position.type == "harpe":
             package_dir = Path(hf_harpe_package.__file__).parent

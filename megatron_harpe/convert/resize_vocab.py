@@ -55,11 +55,12 @@ class ResizedWeights(WeightMaker):
         return resized
 
 
-def resize_vocabulary(checkpoint: str | Path, output_dir: str | Path, vocab_size: int, *, seed: int = 1234) -> Path:
+def resize_vocabulary(checkpoint: str | Path, output_dir: str | Path, vocab_size: int, *, seed: int = 1234,
+                      overwrite: bool = False) -> Path:
     """Write the resized copy of `checkpoint` (a save dir: its latest iteration, or an iteration
-    dir) to `output_dir`, which appears only when complete."""
+    dir) to `output_dir`, which appears only when complete (`overwrite`: replacing an earlier one)."""
     spec = read_checkpoint_spec(checkpoint)
-    check_output_directory(output_dir)
+    check_output_directory(output_dir, overwrite)
     if vocab_size < 1:
         raise ValueError(f"--vocab-size {vocab_size} must be positive")
     if vocab_size == spec.model.vocab_size:
@@ -73,7 +74,7 @@ def resize_vocabulary(checkpoint: str | Path, output_dir: str | Path, vocab_size
     target = build_model(config.model, first_stage, params_dtype=dtype, initialize=False, on_meta_device=True)
     train_state = {"weights_only": True, "stage": 0, "consumed_samples": 0, "consumed_tokens": 0,
                    "resized_from": {"checkpoint": str(spec.path.resolve()), "vocab_size": spec.model.vocab_size}}
-    with staging_directory(output_dir) as staging:
+    with staging_directory(output_dir, overwrite) as staging:
         maker = ResizedWeights(target, source, spec.model.init_method_std, seed)
         save_checkpoint(staging, 0, model=target, config=config.to_dict(), train_state=train_state,
                         sharded_strategy=StreamingSaveStrategy(maker))

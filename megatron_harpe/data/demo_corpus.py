@@ -2,7 +2,7 @@
 preparation (corpus -> sentencepiece tokenizer -> length upsampling -> Megatron dataset).
 
     python -c "from megatron_harpe.data.demo_corpus import prepare_demo_data; print(prepare_demo_data('work/demo'))"
-    python tools/prepare_data.py demo --workdir work/demo          # the same from the CLI
+    harpe-prepare-data demo --output-dir work/demo          # the same from the CLI
 
 Nothing is downloaded and nothing large is committed: the text is CPython's standard library
 (PSF License; its LICENSE.txt is copied next to the corpus). Four sources, named by what they
@@ -37,6 +37,7 @@ import warnings
 from pathlib import Path
 from typing import Iterator
 
+from megatron_harpe import files
 from megatron_harpe.data.jsonl import atomic_output
 
 DEMO_SHARES = {"Github": 0.4, "Manual": 0.3, "Reference": 0.2, "Docstrings": 0.1}
@@ -184,7 +185,7 @@ def build_demo_corpus(output_jsonl: str | Path, seed: int = DEMO_SEED, overwrite
     notice = output_jsonl.with_name("LICENSE-PSF.txt")
     header = "The demo corpus next to this file is text from the CPython standard library, under this licence:\n\n"
     body = licence.read_text(encoding="utf-8") if licence.is_file() else "PSF License Agreement for Python 3.11: https://docs.python.org/3.11/license.html\n"
-    notice.write_text(header + body, encoding="utf-8")
+    files.write_text(notice, header + body)
     return output_jsonl
 
 

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from megatron_harpe import files
 from megatron_harpe.data.integrity import validate_indexed_dataset
 from megatron_harpe.data.tokenizer import Tokenizer, load_tokenizer
 
@@ -104,10 +105,7 @@ def largest_token_id(prefix: str | Path, cache_dir: Path | None = None, summary:
     largest = scan_largest_token_id(prefix)
     if remembered is not None:
         try:
-            remembered.parent.mkdir(parents=True, exist_ok=True)
-            temporary = remembered.with_name(f"{remembered.name}.tmp-{os.getpid()}")
-            temporary.write_text(json.dumps({"prefix": os.path.abspath(prefix), **identity, "max_token_id": largest}))
-            os.replace(temporary, remembered)
+            files.write_json(remembered, {"prefix": os.path.abspath(prefix), **identity, "max_token_id": largest})
         except OSError:
             pass  # remembering is an optimisation
     return largest

@@ -28,6 +28,7 @@ from megatron.core.datasets.indexed_dataset import (
     get_idx_path,
 )
 
+from megatron_harpe import files
 from megatron_harpe.data.identity import scan_largest_token_id
 from megatron_harpe.data.index_cache import remove_cached_indices
 from megatron_harpe.data.integrity import validate_indexed_dataset
@@ -160,8 +161,8 @@ class DatasetWriter:
                         if os.path.exists(stale):
                             os.remove(stale)
                     remove_cached_indices(self.prefix)
-                os.replace(temporary_bin, get_bin_path(self.prefix))
-                os.replace(temporary_idx, get_idx_path(self.prefix))
+                files.publish(temporary_bin, get_bin_path(self.prefix))
+                files.publish(temporary_idx, get_idx_path(self.prefix))
             else:
                 self._builder.data_file.close()
         finally:

@@ -22,14 +22,14 @@ import gzip
 import io
 import json
 import os
-import re
 import sys
 from pathlib import Path
+from collections.abc import Callable
 from typing import IO, Any, Iterator
 
 import zstandard
 
-from megatron_harpe.leftovers import remove_dead_temporaries
+from megatron_harpe.files import atomic_path
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".jsonl.zstd")
 """What a directory scan picks up (a `.json` file is read only when named explicitly)."""
@@ -145,7 +145,7 @@ def _hint(path: str, kinds: collections.Counter) -> str:
     """Why a file's lines may all fail: a byte-order mark or NUL bytes at its start (UTF-16/32),
     or field names that are not the file's."""
     if kinds.most_common(1)[0][0] == "missing_field":
-        return "; check --text-field / --source-field"
+        return "; check --text-key / --source-key"
     try:
         with open_binary(Path(path)) as stream:
             head = stream.read(4096)
@@ -254,10 +254,22 @@ class LineChunk:
     lines: list[bytes]
 
 
-def read_line_chunks(files: list[Path], chunk_lines: int = 4096, chunk_bytes: int = 1 << 20) -> Iterator[LineChunk]:
+def _file_position(stream: IO[bytes]) -> int:
+    """How far into the file on disk a (possibly decompressing) stream from open_binary has read."""
+    raw = getattr(stream, "fileobj", None) or getattr(getattr(stream, "raw", None), "_raw", None) or stream
+    try:
+        return raw.tell()
+    except (OSError, ValueError):
+        return 0
+
+
+def read_line_chunks(files: list[Path], chunk_lines: int = 4096, chunk_bytes: int = 1 << 20,
+                     on_bytes: Callable[[int], Any] | None = None) -> Iterator[LineChunk]:
     """Raw lines of `files` in order, grouped into chunks of at most `chunk_lines` lines or
     about `chunk_bytes` bytes (the bound that usually applies: short documents still make
-    chunks of useful size, fewer hand-offs to the workers). Line numbers start at 1."""
+    chunks of useful size, fewer hand-offs to the workers). Line numbers start at 1.
+    `on_bytes(n)` hears of every n bytes of the files on disk read (compressed bytes for a
+    compressed file), for a progress bar over their total size."""
     for file_index, path in enumerate(files):
         try:
             stream = open_binary(path)
@@ -268,6 +280,7 @@ def read_line_chunks(files: list[Path], chunk_lines: int = 4096, chunk_bytes: in
             size = 0
             first = 1
             line_number = 0
+            reported = 0
             try:
                 for line_number, line in enumerate(stream, start=1):
                     if not lines:
@@ -275,6 +288,10 @@ def read_line_chunks(files: list[Path], chunk_lines: int = 4096, chunk_bytes: in
                     lines.append(line)
                     size += len(line)
                     if len(lines) >= chunk_lines or size >= chunk_bytes:
+                        if on_bytes is not None:
+                            position = _file_position(stream)
+                            on_bytes(position - reported)
+                            reported = position
                         yield LineChunk(file_index, str(path), first, lines)
                         lines, size = [], 0
             except (OSError, EOFError, zstandard.ZstdError) as error:
@@ -282,6 +299,8 @@ def read_line_chunks(files: list[Path], chunk_lines: int = 4096, chunk_bytes: in
                     f"cannot read {path} after line {line_number} (corrupt or truncated compressed file: {error}); "
                     "re-create or re-download it"
                 ) from error
+            if on_bytes is not None:
+                on_bytes(max(0, os.path.getsize(path) - reported))
             if lines:
                 yield LineChunk(file_index, str(path), first, lines)
 
@@ -339,21 +358,8 @@ def parse_line(raw: bytes, fields: FieldSpec, path: str, line_number: int) -> Do
 def atomic_output(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary path next to `path`; rename it to `path` if the block succeeds,
     delete it if the block raises. Refuses to replace an existing file unless `overwrite`."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise ValueError(f"output {path} already exists: pass --overwrite to replace it or choose another path")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_dead_temporaries(path.parent, rf"{re.escape(path.name)}\.tmp-(?P<pid>\d+)")
-    temporary = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path, overwrite=overwrite) as temporary:
         yield temporary
-        if path.exists() and not overwrite:  # checked again: another run may have finished meanwhile
-            raise ValueError(f"output {path} was written by another run while this one worked: nothing of this run "
-                             "was kept; pass --overwrite to replace it or choose another path")
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
 
 
 def open_compressed_writer(path: Path, final_name: str) -> IO[bytes]:

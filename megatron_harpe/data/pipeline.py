@@ -23,12 +23,21 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from megatron_harpe import cli
 from megatron_harpe.data import report as reporting
 from megatron_harpe.data.identity import describe_tokenizer, file_sha256, read_summary, same_tokenizer, tokenizer_identity
 from megatron_harpe.data.encoding import LLAMA_CHARS_PER_TOKEN, ChunkResult, EncodeOptions, encode_chunks
 from megatron_harpe.data.indexed import DatasetWriter, check_output_prefix, dataset_exists, merge_datasets, token_dtype
 from megatron_harpe.data.output_lock import output_lock
-from megatron_harpe.data.jsonl import FieldSpec, ProblemLog, atomic_output, expand_inputs, open_compressed_writer, read_line_chunks
+from megatron_harpe.data.jsonl import (
+    FieldSpec,
+    LineChunk,
+    ProblemLog,
+    atomic_output,
+    expand_inputs,
+    open_compressed_writer,
+    read_line_chunks,
+)
 from megatron_harpe.data.tokenizer import load_tokenizer
 from megatron_harpe.data.upsample import LengthUpsampler, UpsampleConfig
 
@@ -65,6 +74,14 @@ def _lengths(result: ChunkResult, measure: str) -> np.ndarray:
     return result.chars / LLAMA_CHARS_PER_TOKEN
 
 
+def _chunks(files: list[Path], description: str, progress: bool) -> Iterator[LineChunk]:
+    """The line chunks of `files`, with a progress bar (rate, ETA) over their bytes on disk when
+    `progress` (megatron_harpe.cli.show_progress: a terminal, rank 0, no --no-progress)."""
+    total = sum(os.path.getsize(path) for path in files)
+    with cli.progress_bar(total, description, enabled=progress, unit="B", unit_scale=True) as bar:
+        yield from read_line_chunks(files, on_bytes=bar.update)
+
+
 def _check_measure(measure: str, tokenizer: str | None) -> None:
     if measure not in LENGTH_MEASURES:
         raise ValueError(f"length measure {measure!r} is unknown: choose tokens or chars")
@@ -95,7 +112,7 @@ def _selected(results: Iterator[ChunkResult], sampler: LengthUpsampler, measure:
 
 def upsample_corpus(inputs: list[str | Path], output: str | Path, config: UpsampleConfig, *, tokenizer: str | None = None,
                     length_measure: str = "tokens", fields: FieldSpec = FieldSpec(), workers: int | None = None,
-                    strict: bool = False, overwrite: bool = False) -> dict[str, Any]:
+                    strict: bool = False, overwrite: bool = False, progress: bool = False) -> dict[str, Any]:
     """Select documents by the length-upsampling rule and write their original jsonl lines to
     `output` (compressed by suffix: .gz, .zst)."""
     _check_measure(length_measure, tokenizer)
@@ -110,7 +127,8 @@ def upsample_corpus(inputs: list[str | Path], output: str | Path, config: Upsamp
         output = Path(output)
         with atomic_output(output, overwrite=overwrite) as temporary:
             with open_compressed_writer(temporary, output.name) as stream:
-                results = encode_chunks(read_line_chunks(files), options, workers if workers is not None else default_workers())
+                results = encode_chunks(_chunks(files, "upsample", progress), options,
+                                        workers if workers is not None else default_workers())
                 with contextlib.closing(results):
                     for result, keep in _selected(results, sampler, length_measure, problems, before, after):
                         assert result.raw_lines is not None
@@ -121,7 +139,7 @@ def upsample_corpus(inputs: list[str | Path], output: str | Path, config: Upsamp
             problems.check_files()
             if kept == 0:
                 raise ValueError(f"no document kept for {output} ({problems.total} lines skipped as bad input): check "
-                                 "--text-field / --source-field, the mode and the input files (nothing was written)")
+                                 "--text-key / --source-key, the mode and the input files (nothing was written)")
         summary = {
             "stage": "upsample",
             "inputs": [str(path) for path in files],
@@ -157,7 +175,7 @@ def _refuse_empty(writer: DatasetWriter, problems: ProblemLog) -> None:
     """An empty dataset only fails later, in training: stop here (nothing is written)."""
     if writer.documents == 0:
         raise ValueError(f"no documents to write to {writer.prefix} ({problems.total} lines skipped as bad input; "
-                         f"first: {problems.examples[:1]}): check --text-field / --source-field and the input files")
+                         f"first: {problems.examples[:1]}): check --text-key / --source-key and the input files")
 
 
 def _shard_settings(path: Path, options: EncodeOptions) -> dict[str, Any]:
@@ -170,7 +188,7 @@ def _shard_settings(path: Path, options: EncodeOptions) -> dict[str, Any]:
 
 
 def _tokenize_shards(files: list[Path], shard_dir: Path, options: EncodeOptions, vocab_size: int, workers: int,
-                     problems: ProblemLog, stats: reporting.LengthStats, overwrite: bool) -> list[str]:
+                     problems: ProblemLog, stats: reporting.LengthStats, overwrite: bool, progress: bool = False) -> list[str]:
     """One shard dataset per input file, each with a `.shard.json` sidecar (settings, counts).
     A shard whose sidecar matches the current settings is reused, so a rerun resumes at the
     first unfinished file; one made with other settings is an error unless `overwrite`, which
@@ -199,7 +217,8 @@ def _tokenize_shards(files: list[Path], shard_dir: Path, options: EncodeOptions,
             if sidecar.exists():
                 sidecar.unlink()
             with DatasetWriter(prefix, vocab_size, overwrite=True) as writer:
-                _write_documents(encode_chunks(read_line_chunks([path]), options, workers), writer, shard_problems, shard_stats)
+                chunks = _chunks([path], f"shard {index + 1}/{len(files)}", progress)
+                _write_documents(encode_chunks(chunks, options, workers), writer, shard_problems, shard_stats)
             reporting.write_json({"settings": settings, "problems": shard_problems.counts, "lengths": shard_stats.state()}, sidecar)
             problems.merge(shard_problems)
             stats.merge_state(shard_stats.state())
@@ -216,11 +235,12 @@ def _problem_log_from(counts: dict[str, int]) -> ProblemLog:
 def tokenize_corpus(inputs: list[str | Path], output_prefix: str | Path, tokenizer: str, *, fields: FieldSpec = FieldSpec(source_field=None),
                     add_bos: bool = True, add_eos: bool = True, vocab_size: int | None = None, workers: int | None = None,
                     strict: bool = False, overwrite: bool = False, shard_dir: str | Path | None = None,
-                    long_threshold: int = 4096, write_report: bool = True) -> dict[str, Any]:
+                    long_threshold: int = 4096, write_report: bool = True, progress: bool = False) -> dict[str, Any]:
     """Tokenize jsonl documents into the Megatron dataset `output_prefix.bin/.idx`, one
     document per line in input order, BOS/EOS per document as asked. With `shard_dir`, each
     input file becomes its own shard dataset first (reused on a rerun), then shards are merged.
-    `write_report=False` skips the summary files (the summary is still returned)."""
+    `write_report=False` skips the summary files (the summary is still returned); `progress`
+    draws a bar with an ETA over the input bytes."""
     with output_lock(output_prefix, "dataset"):
         check_output_prefix(output_prefix, overwrite)
         files = expand_inputs(inputs)
@@ -236,10 +256,12 @@ def tokenize_corpus(inputs: list[str | Path], output_prefix: str | Path, tokeniz
         with DatasetWriter(output_prefix, limit, overwrite=overwrite) as writer:
             if shard_dir is not None:
                 with output_lock(shard_dir, "shard directory", lock_path=Path(shard_dir) / "shards.lock"):
-                    for shard in _tokenize_shards(files, Path(shard_dir), options, limit, workers, problems, stats, overwrite):
+                    for shard in _tokenize_shards(files, Path(shard_dir), options, limit, workers, problems, stats, overwrite,
+                                                  progress):
                         writer.add_dataset(shard)
             else:
-                _write_documents(encode_chunks(read_line_chunks(files), options, workers), writer, problems, stats)
+                _write_documents(encode_chunks(_chunks(files, "tokenize", progress), options, workers), writer, problems,
+                                 stats)
             problems.check_files()
             _refuse_empty(writer, problems)
         seconds = time.perf_counter() - started
@@ -293,7 +315,8 @@ def merge_corpus(inputs: list[str | Path], output_prefix: str | Path, *, overwri
 
 def prepare(inputs: list[str | Path], output_prefix: str | Path, config: UpsampleConfig, tokenizer: str, *,
             fields: FieldSpec = FieldSpec(), length_measure: str = "tokens", add_bos: bool = True, add_eos: bool = True,
-            vocab_size: int | None = None, workers: int | None = None, strict: bool = False, overwrite: bool = False) -> dict[str, Any]:
+            vocab_size: int | None = None, workers: int | None = None, strict: bool = False, overwrite: bool = False,
+            progress: bool = False) -> dict[str, Any]:
     """Upsample and tokenize in one pass: every document is tokenized once, the rule decides on
     its length, and kept documents go straight into `output_prefix.bin/.idx`."""
     _check_measure(length_measure, tokenizer)
@@ -309,7 +332,7 @@ def prepare(inputs: list[str | Path], output_prefix: str | Path, config: Upsampl
         started = time.perf_counter()
         workers = workers if workers is not None else default_workers()
         with DatasetWriter(output_prefix, limit, overwrite=overwrite) as writer:
-            results = encode_chunks(read_line_chunks(files), options, workers)
+            results = encode_chunks(_chunks(files, "prepare", progress), options, workers)
             with contextlib.closing(results):
                 for result, keep in _selected(results, sampler, length_measure, problems, before, after):
                     if keep.any():
@@ -346,10 +369,13 @@ def prepare(inputs: list[str | Path], output_prefix: str | Path, config: Upsampl
 
 def corpus_report(inputs: list[str | Path], output_prefix: str | Path, *, compare: list[str | Path] | None = None,
                   tokenizer: str | None = None, length_measure: str = "tokens", fields: FieldSpec = FieldSpec(),
-                  long_threshold: int = 4096, workers: int | None = None) -> dict[str, Any]:
+                  long_threshold: int = 4096, workers: int | None = None, overwrite: bool = True,
+                  progress: bool = False) -> dict[str, Any]:
     """Length statistics per source of a corpus (and optionally a second one, e.g. its
     upsampled version) as `output_prefix.summary.json` and `.report.png`."""
     _check_measure(length_measure, tokenizer)
+    for existing in (f"{report_prefix(output_prefix)}.summary.json", f"{report_prefix(output_prefix)}.report.png"):
+        cli.refuse_existing(existing, overwrite, "report")
     options = EncodeOptions(fields=fields, tokenizer_path=tokenizer if length_measure == "tokens" else None, keep_ids=False)
     stages: dict[str, dict] = {}
     problem_summaries = {}
@@ -357,7 +383,8 @@ def corpus_report(inputs: list[str | Path], output_prefix: str | Path, *, compar
         if not corpus:
             continue
         stats, problems = reporting.LengthStats(long_threshold), ProblemLog()
-        results = encode_chunks(read_line_chunks(expand_inputs(corpus)), options, workers if workers is not None else default_workers())
+        results = encode_chunks(_chunks(expand_inputs(corpus), f"report ({label})", progress), options,
+                                workers if workers is not None else default_workers())
         with contextlib.closing(results):
             for result in results:
                 for problem in result.problems:

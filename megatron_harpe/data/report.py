@@ -13,13 +13,13 @@ the threshold, one bar per source and per stage (SPEC section 3: about 30% -> ab
 
 from __future__ import annotations
 
-import json
-import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
+
+from megatron_harpe import files
 
 TOTAL = "(all)"
 
@@ -74,12 +74,7 @@ def _row(documents: int, tokens: float, long_tokens: float) -> dict[str, float]:
 
 def write_json(data: dict[str, Any], path: str | Path) -> Path:
     """Write `data` as indented JSON through a temporary file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    temporary.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    os.replace(temporary, path)
-    return path
+    return files.write_json(path, data)
 
 
 def plot_report(stages: dict[str, dict[str, dict[str, float]]], path: str | Path, title: str, long_threshold: int = 4096) -> Path:
@@ -111,13 +106,7 @@ def plot_report(stages: dict[str, dict[str, dict[str, float]]], path: str | Path
         axis.legend()
     figure.suptitle(title)
     figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f"{path.name}.tmp-{os.getpid()}.png")
-    figure.savefig(temporary, dpi=100)
-    plt.close(figure)
-    os.replace(temporary, path)
-    return path
+    return files.save_figure(figure, path, dpi=100)
 
 
 def format_table(stages: dict[str, dict[str, dict[str, float]]]) -> str:

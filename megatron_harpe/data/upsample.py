@@ -125,7 +125,7 @@ class LengthUpsampler:
 
     def _key(self, source: str | None) -> str:
         if source is None:
-            raise ValueError(f"mode {self.config.mode} needs a source per document: set --source-field")
+            raise ValueError(f"mode {self.config.mode} needs a source per document: set --source-key")
         key = canonical_source(source)
         if key not in self.budgets:
             known = ", ".join(self.names.values())

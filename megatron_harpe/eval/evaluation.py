@@ -88,7 +88,7 @@ def run_evaluation(args: Any) -> dict[str, Any]:
         if "ppl" in expand_tasks(long_requested):
             if not args.ppl_data:
                 raise ValueError("--task ppl needs --ppl-data (a .jsonl, .txt or Megatron dataset prefix)")
-            documents = load_documents(args.ppl_data, tokenizer, args.ppl_text_key, args.ppl_max_documents,
+            documents = load_documents(args.ppl_data, tokenizer, args.text_key, args.ppl_max_documents,
                                        min_tokens=min(args.lengths))
         qa_files = {task: path for task, path in (("qa_1", args.qa_squad), ("qa_2", args.qa_hotpot)) if path}
         setup = prepare_suite(tokenizer, long_requested, args.lengths, args.samples, args.seed, args.max_new_tokens,
@@ -119,7 +119,7 @@ def run_evaluation(args: Any) -> dict[str, Any]:
         results = run_eval_suite(
             backend, setup=setup, scoring=args.scoring, ppl_documents=documents, ppl_stride=args.ppl_stride,
             ppl_document_tokens=args.ppl_document_tokens, keep_records=args.save_predictions,
-            progress=not args.no_progress and writer, store=store,
+            progress=cli.show_progress(args.no_progress) and writer, store=store,
             on_cell=(lambda partial: write_report(partial, output, plots=False)) if writer else None,
             announce=_say,
         )
@@ -178,7 +178,7 @@ def _short_section(args: Any, output: str, model: str, options: dict[str, Any], 
     samples_path = os.path.join(output, f"{name}_samples.jsonl") if args.save_predictions and cli.is_rank_zero() else None
     section = run_short_tasks(lm, plan["tasks"], plan["manager"], description, model, limit=args.short_limit,
                               samples_path=samples_path, log_path=_log_path(output),
-                              progress=not args.no_progress and cli.is_rank_zero(), cache=cache,
+                              progress=cli.show_progress(args.no_progress), cache=cache,
                               announce=_say, on_group=on_group)
     return section
 

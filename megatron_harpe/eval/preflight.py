@@ -53,6 +53,9 @@ def check_unfinished_run(path: str, resume: bool, overwrite: bool) -> None:
     if settings is not None and records and not finished:
         raise ValueError(f"{path} holds an unfinished evaluation ({len(records)} samples scored): pass --resume to "
                          "continue it, --overwrite to start again, or another --output-dir")
+    if os.path.isdir(path) and any(os.scandir(path)):  # earlier results are never replaced silently
+        raise ValueError(f"--output-dir {path} is not empty: pass --overwrite to replace its results, --resume to "
+                         "continue the run in it, or choose another --output-dir")
 
 
 def tokenizer_for(model: str, options: dict[str, Any]) -> Tokenizer:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Any
 
 import matplotlib
@@ -19,36 +18,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-
-def _atomic_target(path: str) -> str:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=".tmp_", suffix=os.path.splitext(path)[1], dir=directory)
-    os.close(handle)
-    return temporary
-
-
-def write_text_atomic(path: str, text: str) -> None:
-    temporary = _atomic_target(path)
-    try:
-        with open(temporary, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
-
-
-def save_figure_atomic(figure: Any, path: str) -> None:
-    temporary = _atomic_target(path)
-    try:
-        figure.savefig(temporary, format="png", dpi=120, bbox_inches="tight")
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
-    finally:
-        plt.close(figure)
+from megatron_harpe import files  # noqa: E402
 
 
 def _length_label(length: int | str) -> str:
@@ -181,7 +151,7 @@ def plot_retrieval(results: dict[str, Any], path: str) -> None:
                    f"{os.path.basename(str(results['model']).rstrip('/'))}")
     axis.grid(alpha=0.3)
     axis.legend(fontsize=7, ncol=2)
-    save_figure_atomic(figure, path)
+    files.save_figure(figure, path, dpi=120, bbox_inches="tight")
 
 
 def plot_needle_grid(results: dict[str, Any], path: str) -> None:
@@ -199,7 +169,7 @@ def plot_needle_grid(results: dict[str, Any], path: str) -> None:
     axis.set_ylabel("needle depth (%)")
     axis.set_title("Single needle: score by length x depth")
     figure.colorbar(image, ax=axis, label="score")
-    save_figure_atomic(figure, path)
+    files.save_figure(figure, path, dpi=120, bbox_inches="tight")
 
 
 def plot_perplexity(results: dict[str, Any], path: str) -> None:
@@ -213,7 +183,7 @@ def plot_perplexity(results: dict[str, Any], path: str) -> None:
     axis.set_ylabel("perplexity")
     axis.set_title("Sliding-window perplexity")
     axis.grid(alpha=0.3)
-    save_figure_atomic(figure, path)
+    files.save_figure(figure, path, dpi=120, bbox_inches="tight")
 
 
 def write_report(results: dict[str, Any], output_dir: str, plots: bool = True) -> dict[str, str]:
@@ -225,11 +195,11 @@ def write_report(results: dict[str, Any], output_dir: str, plots: bool = True) -
     summary = {key: value for key, value in results.items() if key != "records"}
     if records is not None:
         paths["predictions"] = os.path.join(output_dir, "predictions.jsonl")
-        write_text_atomic(paths["predictions"], "".join(json.dumps(record) + "\n" for record in records))
+        files.write_text(paths["predictions"], "".join(json.dumps(record) + "\n" for record in records))
     paths["json"] = os.path.join(output_dir, "results.json")
-    write_text_atomic(paths["json"], json.dumps(summary, indent=2) + "\n")
+    files.write_text(paths["json"], json.dumps(summary, indent=2) + "\n")
     paths["markdown"] = os.path.join(output_dir, "results.md")
-    write_text_atomic(paths["markdown"], markdown_table(summary) + "\n")
+    files.write_text(paths["markdown"], markdown_table(summary) + "\n")
     if not plots:
         return paths
     if summary.get("tasks") and summary.get("per_length"):

@@ -30,6 +30,8 @@ import shutil
 from importlib import metadata
 from typing import Any
 
+from megatron_harpe import cli
+
 SHORT_GROUP = "short"
 DEFAULT_SAMPLE_SEEDS = {"random_seed": 0, "numpy_random_seed": 1234, "torch_random_seed": 1234,
                         "fewshot_random_seed": 1234}  # lm-eval's defaults, recorded with the results
@@ -134,8 +136,13 @@ def build_lm(model: str, options: dict[str, Any], backend: Any = None, batch_siz
     trust = bool(options.get("trust_remote_code"))
     if not trust and needs_remote_code(model):
         raise ValueError(f"{model!r} ships its own modeling code (our HARPE export does): rerun with --trust-remote-code")
-    lm = HFLM(pretrained=model, tokenizer=options.get("tokenizer") or model, trust_remote_code=trust,
-              dtype=options.get("dtype", "float32"), device=options.get("device", "cpu"), batch_size=batch_size)
+    tokenizer = options.get("tokenizer")
+    if tokenizer and not os.path.isdir(tokenizer):  # lm-eval's HFLM loads tokenizers from directories only
+        raise ValueError(f"--task short runs a Hugging Face model through lm-eval, which loads a tokenizer from a "
+                         f"directory: --tokenizer {tokenizer} is a file; pass a Hugging Face tokenizer directory or "
+                         "leave --tokenizer out (the model's own)")
+    lm = HFLM(pretrained=model, tokenizer=tokenizer or model, trust_remote_code=trust,
+              dtype=cli.torch_dtype(options.get("dtype", "fp32")), device=options.get("device", "cpu"), batch_size=batch_size)
     return lm, "Hugging Face directory through lm-eval's HFLM"
 
 

@@ -426,6 +426,13 @@ def forward_flops_by_part(cfg: Config, seq_length: int) -> dict[str, float]:
     }
 
 
+def model_flops_per_token(cfg: Config, seq_length: int) -> float:
+    """One token's model FLOPs, forward and backward (3x the forward), without recompute: the
+    numerator of MFU."""
+    matmul, attention = forward_flops_per_token(cfg, seq_length)
+    return 3 * (matmul + attention)
+
+
 def forward_flops_per_token(cfg: Config, seq_length: int) -> tuple[float, float]:
     """(matmul FLOPs, causal attention FLOPs) of one token's forward pass."""
     parts = forward_flops_by_part(cfg, seq_length)
@@ -450,8 +457,8 @@ def estimate_step(cfg: Config, layout: Layout, hardware: Hardware, precision: Pr
     stage = stage or longest_stage(cfg)
     backend = backend or cfg.model.attention_backend
     seq_length, model = stage.seq_length, cfg.model
-    matmul, attention = forward_flops_per_token(cfg, seq_length)
-    model_flops = 3 * (matmul + attention)
+    attention = forward_flops_per_token(cfg, seq_length)[1]
+    model_flops = model_flops_per_token(cfg, seq_length)
     extra = recompute_flops_per_token(cfg, layout, seq_length)
     executed = model_flops + sum(extra.values())
     tokens = stage.global_batch_size * seq_length

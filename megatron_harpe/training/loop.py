@@ -35,7 +35,14 @@ from megatron_harpe.training import preemption
 from megatron_harpe.training.data import StageData, prepare_training_data
 from megatron_harpe.training.grads import clip_grad_norm, global_token_count
 from megatron_harpe.training.mixed_precision import training_precision
-from megatron_harpe.training.monitor import TrainingMonitor, check_loss_finite, check_skip_limit, check_weights_finite
+from megatron_harpe.planner.memory import model_flops_per_token
+from megatron_harpe.training.monitor import (
+    TrainingMonitor,
+    check_loss_finite,
+    check_skip_limit,
+    check_weights_finite,
+    peak_tflops,
+)
 from megatron_harpe.training.optimizer import build_optimizer
 from megatron_harpe.training.schedule import LearningRateSchedule
 from megatron_harpe.training.sharding import reduce_sequence_parallel_gradients, shard_model
@@ -117,6 +124,7 @@ def _train(cfg: Config, ctx: ParallelContext, log, guard: CollectiveGuard,
         log_dir=cfg.logging.tensorboard_dir,
         enabled=ctx.is_main,
         start_step=state.iteration,
+        peak_flops=_job_peak_flops(cfg, ctx.world_size),
     )
     log(f"training {total_steps} steps in {len(plans)} stage(s); starting at step {state.iteration}")
 
@@ -126,6 +134,7 @@ def _train(cfg: Config, ctx: ParallelContext, log, guard: CollectiveGuard,
         if state.stage != plan.index:
             state.stage, state.stage_step = plan.index, 0
         set_position_encoding(model, cfg.model, plan.config.position)
+        monitor.flops_per_token = model_flops_per_token(cfg, plan.config.seq_length)
         batches = training_data[plan.index].micro_batches(consumed_steps=state.stage_step)
         while state.stage_step < plan.steps:
             guard.phase = f"training step {state.iteration + 1} (gradient / loss all-reduce, stop check)"
@@ -271,6 +280,12 @@ def _save(cfg: Config, model, optimizer, schedule, state: TrainState, data: Stag
         optimizer=optimizer,
         keep_last=cfg.checkpoint.keep_last,
     )
+
+
+def _job_peak_flops(cfg: Config, world_size: int) -> float | None:
+    """Peak FLOP/s of all devices of the job together (None: unknown, no MFU)."""
+    per_device = peak_tflops(cfg.logging.peak_tflops)
+    return None if per_device is None else per_device * 1e12 * world_size
 
 
 def _evaluate(cfg: Config, model, monitor: TrainingMonitor, step: int, seq_length: int) -> None:

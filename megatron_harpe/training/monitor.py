@@ -3,13 +3,19 @@
 `TrainingMonitor` is driven by the loop once per optimizer step. It measures the wall time
 between consecutive calls itself, and every `log_every` steps (and at the last step) prints::
 
-    step 120/5000 | loss 2.3456 | lr 1.50e-05 | grad norm 0.812 | 12,345 tok/s | elapsed 0:12:34 | left 8:19:10
+    step 120/5000 | loss 2.3456 | lr 1.50e-05 | grad norm 0.812 | 12,345 tok/s | MFU 41.2% | peak mem 61.3 GiB | elapsed 0:12:34 | left 8:19:10
 
 tokens/s covers the steps since the previous line; "left" (ETA) is the mean duration of the
 last `eta_window` steps times the steps remaining, so a slow first step (warm-up, allocator)
-fades out. With a `log_dir` it also writes TensorBoard scalars (``train/loss``, ``train/lr``,
-``train/grad_norm`` every step; ``train/tokens_per_second`` at each log line) and
-`add_scalars` records anything else (eval results). Only the main rank should log: build it
+fades out. MFU (model FLOPs utilisation) is tokens/s x the model's FLOPs per token (forward and
+backward, no recompute: training/memory.model_flops_per_token) / (devices x peak FLOP/s); it
+shows when a peak is known (logging.peak_tflops, or the GPU's name in PEAK_TFLOPS), so not on
+CPU unless given. "peak mem" is this rank's torch.cuda.max_memory_allocated on a GPU; on CPU the
+line says "peak RSS", the process's peak resident memory (getrusage), which also counts Python
+and the libraries. With a `log_dir` it also writes TensorBoard scalars (``train/loss``,
+``train/lr``, ``train/grad_norm`` every step; ``train/tokens_per_second``, ``train/mfu`` and
+``train/peak_memory_gib`` (or ``train/peak_rss_gib``) at each log line) and `add_scalars` records
+anything else (eval results). Only the main rank should log: build it
 with ``enabled=ctx.is_main``; a disabled monitor does nothing.
 
 `check_loss_finite` implements ``train.on_nonfinite``: ``"skip"`` logs a warning and returns
@@ -44,6 +50,34 @@ from typing import Callable, Mapping
 logger = logging.getLogger(__name__)
 
 NONFINITE_POLICIES = ("skip", "stop")
+PEAK_TFLOPS = {"B200": 2250.0, "H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0,
+               "A10G": 70.0, "L4": 121.0}
+"""Dense bf16 tensor-core peak TFLOP/s by GPU name (vendor data sheets; SXM unless named), first match wins."""
+
+
+def peak_tflops(configured: float | None) -> float | None:
+    """The peak TFLOP/s of one device: `configured` (logging.peak_tflops), else the table entry for
+    the CUDA device's name, else None (CPU, or an unknown GPU: no MFU)."""
+    if configured is not None:
+        return configured
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((value for key, value in PEAK_TFLOPS.items() if key in name), None)
+
+
+def peak_memory() -> tuple[str, float]:
+    """(label, bytes): this rank's peak CUDA memory allocated by tensors, or on CPU the process's
+    peak resident set size."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return "peak mem", float(torch.cuda.max_memory_allocated())
+    import resource
+
+    return "peak RSS", float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
 
 
 class NonFiniteLossError(ValueError):
@@ -127,9 +161,14 @@ class TrainingMonitor:
         eta_window: int = 50,
         clock: Callable[[], float] = time.perf_counter,
         emit: Callable[[str], None] | None = None,
+        flops_per_token: float | None = None,
+        peak_flops: float | None = None,
+        memory: Callable[[], tuple[str, float]] | None = peak_memory,
     ) -> None:
         """`start_step`: steps already done (resume). `clock` and `emit` (default: print) are
-        injectable for tests and custom sinks."""
+        injectable for tests and custom sinks. `flops_per_token` (model FLOPs, set per stage)
+        and `peak_flops` (FLOP/s of all devices together) give the MFU; `memory` returns
+        (label, bytes) of the peak memory (None: not shown)."""
         if log_every < 1:
             raise ValueError(f"logging.log_interval must be >= 1, got {log_every}")
         if total_steps < 1:
@@ -148,6 +187,9 @@ class TrainingMonitor:
         self._seconds_since_line = 0.0
         self._skipped_steps = 0
         self._last_step = start_step
+        self.flops_per_token = flops_per_token
+        self.peak_flops = peak_flops
+        self._memory = memory
         self._writer = None
         if enabled and log_dir:
             from torch.utils.tensorboard import SummaryWriter
@@ -204,9 +246,15 @@ class TrainingMonitor:
             f"lr {lr:.2e}",
             f"grad norm {grad_norm:.3f}",
             f"{tokens_per_second:,.0f} tok/s" if math.isfinite(tokens_per_second) else "? tok/s",
-            f"elapsed {format_duration(now - self._start_time)}",
-            f"left {format_duration(self.eta_seconds(step))}",
         ]
+        mfu = None
+        if self.flops_per_token and self.peak_flops and math.isfinite(tokens_per_second):
+            mfu = tokens_per_second * self.flops_per_token / self.peak_flops
+            fields.append(f"MFU {100 * mfu:.1f}%")
+        memory = self._memory() if self._memory is not None else None
+        if memory is not None:
+            fields.append(f"{memory[0]} {memory[1] / 2**30:.2f} GiB")
+        fields += [f"elapsed {format_duration(now - self._start_time)}", f"left {format_duration(self.eta_seconds(step))}"]
         if self._skipped_steps:
             fields.append(f"skipped {self._skipped_steps}")
         line = " | ".join(fields)
@@ -214,6 +262,11 @@ class TrainingMonitor:
         if self._writer is not None:
             if math.isfinite(tokens_per_second):
                 self._writer.add_scalar("train/tokens_per_second", tokens_per_second, step)
+            if mfu is not None:
+                self._writer.add_scalar("train/mfu", mfu, step)
+            if memory is not None:
+                tag = "train/peak_memory_gib" if memory[0] == "peak mem" else "train/peak_rss_gib"
+                self._writer.add_scalar(tag, memory[1] / 2**30, step)
             self._writer.flush()
         self._tokens_since_line = 0
         self._seconds_since_line = 0.0

@@ -7,7 +7,7 @@ Run: pytest tests/e2e/test_analyze_heads.py            (add -m slow for the TP=2
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import os
 import subprocess
@@ -147,9 +147,7 @@ def test_tensor_parallel_measures_the_same_heads(demo_checkpoint, demo_data):
 
 
 def load_tool_main():
-    specification = importlib.util.spec_from_file_location("analyze_heads_tool", TOOL)
-    module = importlib.util.module_from_spec(specification)
-    specification.loader.exec_module(module)
+    module = importlib.import_module("megatron_harpe.commands.analyze_heads")
     return module.main
 
 

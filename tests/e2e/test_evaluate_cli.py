@@ -6,7 +6,7 @@ Run: pytest tests/e2e/test_evaluate_cli.py
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import os
 import subprocess
@@ -97,9 +97,7 @@ def test_ruler_through_the_cli_with_a_chat_template(model_dir, tmp_path):
 
 
 def load_tool_main():
-    specification = importlib.util.spec_from_file_location("evaluate_tool", TOOL)
-    module = importlib.util.module_from_spec(specification)
-    specification.loader.exec_module(module)
+    module = importlib.import_module("megatron_harpe.commands.evaluate")
     return module.main
 
 

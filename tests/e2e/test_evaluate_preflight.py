@@ -8,7 +8,7 @@ Run: pytest tests/e2e/test_evaluate_preflight.py
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import os
 import time
@@ -21,9 +21,7 @@ TOOL = os.path.join(REPO, "tools", "evaluate.py")
 
 
 def load_tool():
-    specification = importlib.util.spec_from_file_location("evaluate_tool_preflight", TOOL)
-    module = importlib.util.module_from_spec(specification)
-    specification.loader.exec_module(module)
+    module = importlib.import_module("megatron_harpe.commands.evaluate")
     return module
 
 

@@ -7,7 +7,7 @@ and read back with megatron-core.
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import os
 import subprocess
@@ -28,9 +28,7 @@ TOOL = REPO / "tools" / "prepare_data.py"
 
 
 def tool_main(argv: list[str]) -> int:
-    spec = importlib.util.spec_from_file_location("prepare_data_tool", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = importlib.import_module("megatron_harpe.commands.prepare_data")
     return module.main(argv)
 
 
@@ -43,7 +41,7 @@ def demo_dir(tmp_path_factory) -> Path:
                                capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert completed.stdout.strip() == str(workdir / "corpus.jsonl")
-    assert tool_main(["demo", "--workdir", str(workdir), "--workers", "2"]) == 0
+    assert tool_main(["demo", "--output-dir", str(workdir), "--workers", "2"]) == 0
     return workdir
 
 
@@ -90,17 +88,17 @@ def test_demo_dataset_is_upsampled_and_decodes_to_corpus_documents(demo_dir):
 
 def test_stages_one_by_one_equal_the_demo(demo_dir, tmp_path):
     corpus = str(demo_dir / "corpus.jsonl")
-    assert tool_main(["train-tokenizer", "--inputs", corpus, "--output-prefix", str(tmp_path / "sp"), "--vocab-size", "4096"]) == 0
+    assert tool_main(["train-tokenizer", "--inputs", corpus, "--output", str(tmp_path / "sp"), "--vocab-size", "4096"]) == 0
     assert (tmp_path / "sp.model").read_bytes() == (demo_dir / "tokenizer.model").read_bytes()
     shares = ",".join(f"{name}={weight}" for name, weight in DEMO_SHARES.items())
     assert tool_main(["upsample", "--inputs", corpus, "--output", str(tmp_path / "up.jsonl.zst"), "--shares", shares,
                       "--total-tokens", "5e5", "--length-threshold", str(DEMO_LENGTH_THRESHOLD), "--tokenizer",
                       str(tmp_path / "sp.model"), "--workers", "2"]) == 0
-    assert tool_main(["tokenize", "--inputs", str(tmp_path / "up.jsonl.zst"), "--output-prefix", str(tmp_path / "train"),
+    assert tool_main(["tokenize", "--inputs", str(tmp_path / "up.jsonl.zst"), "--output", str(tmp_path / "train"),
                       "--tokenizer", str(tmp_path / "sp.model"), "--workers", "2"]) == 0
     for suffix in (".bin", ".idx"):
         assert (tmp_path / f"train{suffix}").read_bytes() == (demo_dir / f"demo_text_document{suffix}").read_bytes()
-    assert tool_main(["tokenize", "--inputs", str(tmp_path / "up.jsonl.zst"), "--output-prefix", str(tmp_path / "train"),
+    assert tool_main(["tokenize", "--inputs", str(tmp_path / "up.jsonl.zst"), "--output", str(tmp_path / "train"),
                       "--tokenizer", str(tmp_path / "sp.model")]) == 2  # exists: refused, nothing changed
 
 
@@ -116,3 +114,50 @@ def test_training_samples_are_windows_of_the_packed_corpus(demo_dir):
     for row in batch["tokens"].numpy():
         starts = np.flatnonzero(stream[: len(stream) - 1024] == row[0])
         assert any((stream[s : s + 1024] == row).all() for s in starts)
+
+
+def _tokenize_command(tmp_path: Path, name: str, *extra: str) -> list[str]:
+    from megatron_harpe.eval.tasks.synthetic_kv import write_tokenizer
+
+    tokenizer = tmp_path / "tok" / "tokenizer.json"
+    if not tokenizer.exists():
+        write_tokenizer(tokenizer)
+        with open(tmp_path / "corpus.jsonl", "w") as handle:  # about 3 MB: several chunks, a bar that moves
+            for index in range(6000):
+                handle.write(json.dumps({"text": " ".join(["get", str(index % 10)] * 120)}) + "\n")
+    return [sys.executable, str(TOOL), "tokenize", "--inputs", str(tmp_path / "corpus.jsonl"), "--tokenizer",
+            str(tokenizer), "--output", str(tmp_path / name), "--workers", "0", *extra]
+
+
+def _run_on_a_terminal(command: list[str]) -> str:
+    """Run `command` with stderr on a pseudo-terminal; returns what the terminal showed."""
+    import pty
+
+    leader, follower = pty.openpty()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=follower, stdin=subprocess.DEVNULL)
+    os.close(follower)
+    shown = bytearray()
+    while True:
+        try:
+            data = os.read(leader, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not data:
+            break
+        shown += data
+    os.close(leader)
+    assert process.wait(timeout=300) == 0, shown.decode(errors="replace")
+    return shown.decode(errors="replace")
+
+
+def test_tokenize_shows_progress_with_an_eta_on_a_terminal_only(tmp_path):
+    import re
+
+    shown = _run_on_a_terminal(_tokenize_command(tmp_path, "on_terminal"))
+    assert "tokenize" in shown and re.search(r"\d+%\|", shown), shown[-500:]
+    assert re.search(r"<\d\d:\d\d", shown), f"no ETA (elapsed<remaining) in: {shown[-500:]!r}"
+    quiet = _run_on_a_terminal(_tokenize_command(tmp_path, "no_progress", "--no-progress"))
+    assert not re.search(r"\d+%\|", quiet), quiet[-500:]
+    piped = subprocess.run(_tokenize_command(tmp_path, "piped"), capture_output=True, text=True, timeout=300)
+    assert piped.returncode == 0, piped.stderr
+    assert not re.search(r"\d+%\||<\d\d:\d\d", piped.stderr), piped.stderr[-500:]  # a log file stays clean

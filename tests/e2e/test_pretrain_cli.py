@@ -76,3 +76,31 @@ def test_config_errors_exit_before_anything_starts(overrides, message, capsys):
     code = pretrain_harpe.main(["--config", str(config), "--dry-run", "--world-size", "32", *overrides])
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+def test_tiny_cpu_run_logs_mfu_and_peak_memory(demo_data, tmp_path):
+    """One process, 4 steps: the log line carries MFU (a peak is given: CPUs have no table
+    entry) and the peak resident memory, labelled as such; TensorBoard gets both."""
+    import subprocess
+    import sys
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    repo = Path(__file__).parents[2]
+    completed = subprocess.run(
+        [sys.executable, str(repo / "pretrain_harpe.py"), "--config", str(repo / "configs" / "demo_cpu.yaml"),
+         "--parallel.context", "1", "--data.seq_length", "128", "--model.max_position_embeddings", "128",
+         "--train.train_tokens", "4096", "--train.global_batch_size", "8", "--train.micro_batch_size", "4",
+         "--train.warmup_steps", "1", "--data.demo_workdir", str(demo_data.corpus.parent),
+         "--logging.log_interval", "1", "--logging.tensorboard_dir", str(tmp_path / "tb"), "--checkpoint.save", "null",
+         "--logging.peak_tflops", "1.0"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    lines = [line for line in completed.stdout.splitlines() if line.startswith("step 4/4")]
+    assert lines and " | MFU " in lines[0] and " | peak RSS " in lines[0] and " GiB | " in lines[0], completed.stdout
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert {"train/mfu", "train/peak_rss_gib"} <= set(events.Tags()["scalars"])
+    mfu = events.Scalars("train/mfu")[-1].value
+    assert 0 < mfu < 1  # a tiny model on 1 CPU core against a 1 TFLOP/s peak

@@ -11,7 +11,7 @@ Run: pytest tests/e2e/test_short_tasks.py
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import os
 import subprocess
@@ -45,9 +45,7 @@ def setup(tmp_path_factory):
 
 
 def load_tool():
-    specification = importlib.util.spec_from_file_location("evaluate_tool_short", TOOL)
-    module = importlib.util.module_from_spec(specification)
-    specification.loader.exec_module(module)
+    module = importlib.import_module("megatron_harpe.commands.evaluate")
     return module
 
 

@@ -53,7 +53,7 @@ def test_prepare_data_is_quiet(demo_data, tmp_path):
     sample = tmp_path / "sample.jsonl"
     sample.write_text("".join(demo_data.corpus.read_text().splitlines(keepends=True)[:50]))
     completed = run("tools/prepare_data.py", "tokenize", "--inputs", str(sample), "--tokenizer", str(demo_data.tokenizer),
-                    "--output-prefix", str(tmp_path / "out"), "--workers", "0")
+                    "--output", str(tmp_path / "out"), "--workers", "0")
     assert completed.returncode == 0, completed.stderr
     assert json.loads(completed.stdout[completed.stdout.index("{"):])["documents"] == 50
     _only_our_lines(completed.stderr)

@@ -29,7 +29,7 @@ def test_prepare_data_into_an_unwritable_directory(demo_data, tmp_path, code, sa
     output = tmp_path / "out"
     output.mkdir()
     completed = run_with_failing_writes(code, output, "tools/prepare_data.py", "tokenize", "--inputs", str(sample),
-                                        "--tokenizer", str(demo_data.tokenizer), "--output-prefix",
+                                        "--tokenizer", str(demo_data.tokenizer), "--output",
                                         str(output / "train"), "--workers", "0")
     assert completed.returncode == 2, completed.stderr
     (line,) = error_lines(completed.stderr)

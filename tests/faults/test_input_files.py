@@ -42,7 +42,7 @@ def test_a_source_mode_still_asks_and_an_empty_result_is_an_error(demo_data, tmp
                     "--inputs", str(corpus), "--output", str(output), "--length-estimate", "chars", "--workers", "0")
     assert completed.returncode == 2, completed.stderr
     (line,) = error_lines(completed.stderr)
-    assert f"{corpus}: 60 of 60 lines could not be used (missing_field 60" in line and "--source-field" in line
+    assert f"{corpus}: 60 of 60 lines could not be used (missing_field 60" in line and "--source-key" in line
     assert not output.exists()
 
 
@@ -52,7 +52,7 @@ def test_a_utf16_file_among_good_files_fails_the_command_naming_it(demo_data, tm
     wide.write_bytes(sample_corpus(demo_data, tmp_path / "source.jsonl", 30, start=100).read_text().encode("utf-16"))
     prefix = tmp_path / "out" / "train"
     completed = run("tools/prepare_data.py", "tokenize", "--inputs", str(good), str(wide), "--tokenizer",
-                    str(demo_data.tokenizer), "--output-prefix", str(prefix), "--workers", "0")
+                    str(demo_data.tokenizer), "--output", str(prefix), "--workers", "0")
     assert completed.returncode == 2, completed.stderr
     (line,) = error_lines(completed.stderr)
     assert line.startswith(f"error: {wide}: ") and "lines could not be used" in line
@@ -67,6 +67,6 @@ def test_a_few_bad_lines_are_still_skipped_and_counted(demo_data, tmp_path: Path
         stream.write("not json\n" * 5)
     prefix = tmp_path / "train"
     completed = run("tools/prepare_data.py", "tokenize", "--inputs", str(corpus), "--tokenizer",
-                    str(demo_data.tokenizer), "--output-prefix", str(prefix), "--workers", "0")
+                    str(demo_data.tokenizer), "--output", str(prefix), "--workers", "0")
     assert completed.returncode == 0, completed.stderr
     assert json.loads(Path(f"{prefix}.summary.json").read_text())["problems"]["skipped_total"] == 5

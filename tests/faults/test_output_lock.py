@@ -35,7 +35,7 @@ with output_lock(sys.argv[1], "dataset"):
 
 def _tokenize(corpus: Path, prefix: Path, tokenizer: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "tools/prepare_data.py", "tokenize", "--inputs", str(corpus), "--tokenizer",
-                           tokenizer, "--output-prefix", str(prefix), "--workers", "0"],
+                           tokenizer, "--output", str(prefix), "--workers", "0"],
                           cwd=REPO, env=environment(), capture_output=True, text=True, timeout=600)
 
 

@@ -147,7 +147,7 @@ def test_truncated_compressed_input_and_missing_inputs(tmp_path, tokenizer_path)
     with pytest.raises(ValueError, match="holds no"):
         tokenize_corpus([tmp_path / "empty_dir"], tmp_path / "out", tokenizer_path)
     (tmp_path / "only_bad.jsonl").write_bytes(BAD_LINES["missing_field"] * 3)
-    with pytest.raises(ValueError, match=r"only_bad.jsonl: 3 of 3 lines could not be used \(missing_field 3.*--text-field"):
+    with pytest.raises(ValueError, match=r"only_bad.jsonl: 3 of 3 lines could not be used \(missing_field 3.*--text-key"):
         tokenize_corpus([tmp_path / "only_bad.jsonl"], tmp_path / "out", tokenizer_path, workers=0)
     assert no_outputs_left(tmp_path)
 

@@ -34,7 +34,8 @@ class FakeClock:
 
 def test_log_line_has_every_field_with_measured_throughput_and_eta() -> None:
     clock, lines = FakeClock(), []
-    monitor = TrainingMonitor(total_steps=100, log_every=5, clock=clock, emit=lines.append)
+    monitor = TrainingMonitor(total_steps=100, log_every=5, clock=clock, emit=lines.append, flops_per_token=1e6,
+                              peak_flops=1e10, memory=lambda: ("peak mem", 3 * 2**30))
     for step in range(1, 11):
         clock.now += 2.0 if step <= 5 else 4.0
         monitor.log_step(step, loss=2.5 - step * 0.01, lr=1.5e-5, grad_norm=0.8125, tokens=4096)
@@ -43,10 +44,19 @@ def test_log_line_has_every_field_with_measured_throughput_and_eta() -> None:
     assert fields[:4] == ["step 10/100", "loss 2.4000", "lr 1.50e-05", "grad norm 0.812"]
     # steps 6..10 took 4 s each for 4096 tokens: 1024 tokens/s
     assert fields[4] == "1,024 tok/s"
-    assert fields[5] == "elapsed 0:00:30"
+    assert fields[5] == "MFU 10.2%"  # 1024 tok/s x 1e6 FLOPs per token / 1e10 FLOP/s
+    assert fields[6] == "peak mem 3.00 GiB"
+    assert fields[7] == "elapsed 0:00:30"
     # mean of the last 10 step times (5 x 2 s, 5 x 4 s) = 3 s, 90 steps left
-    assert fields[6] == "left 0:04:30"
+    assert fields[8] == "left 0:04:30"
     assert monitor.eta_seconds(10) == pytest.approx(270.0)
+
+
+def test_no_mfu_without_a_peak_and_cpu_memory_is_labelled_rss() -> None:
+    lines = []
+    monitor = TrainingMonitor(total_steps=1, log_every=1, emit=lines.append, flops_per_token=1e6)
+    monitor.log_step(1, loss=1.0, lr=1.0, grad_norm=1.0, tokens=10)
+    assert "MFU" not in lines[0] and " | peak RSS " in lines[0]  # the tests run on CPU
 
 
 def test_eta_window_follows_recent_speed() -> None:

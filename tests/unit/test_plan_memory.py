@@ -279,8 +279,7 @@ def test_candidate_layouts_respect_the_model(llama) -> None:
 
 
 def test_cli_plans_the_paper_run(capsys) -> None:
-    sys.path.insert(0, str(REPO / "tools"))
-    import plan_memory
+    from megatron_harpe.commands import plan_memory
 
     assert plan_memory.main(["--config", str(LLAMA), "--gpus", "32", "--gpu-memory", "80", "--top", "3"]) == 0
     out = capsys.readouterr().out
@@ -297,4 +296,4 @@ def test_cli_plans_the_paper_run(capsys) -> None:
 
     assert plan_memory.main(["--config", str(LLAMA), "--gpus", "1", "--gpu-memory", "24"]) == 1
     assert "no layout fits" in capsys.readouterr().out
-    assert plan_memory.main(["--config", str(LLAMA), "--gpus", "32", "--tensor", "3"]) == 2
+    assert plan_memory.main(["--config", str(LLAMA), "--gpus", "32", "--tensor-parallel", "3"]) == 2

@@ -226,13 +226,10 @@ def test_unsupported_models_are_refused():
 
 
 def test_cli_rejects_bad_settings_and_the_synthetic_backends(tmp_path, capsys):
-    import importlib.util
+    import importlib
     import os
 
-    tool = os.path.join(os.path.dirname(__file__), "..", "..", "tools", "evaluate.py")
-    specification = importlib.util.spec_from_file_location("evaluate_tool", tool)
-    module = importlib.util.module_from_spec(specification)
-    specification.loader.exec_module(module)
+    module = importlib.import_module("megatron_harpe.commands.evaluate")
     with pytest.raises(SystemExit) as exit_info:
         module.main(["--model", "oracle", "--task", "passkey", "--lengths", "512", "--self-extend", "window=32,group=0"])
     assert exit_info.value.code == 2

@@ -34,7 +34,7 @@ def load_backend(path: str, **options: Any) -> ModelBackend:
 
     path: a Hugging Face model directory, a megatron_harpe checkpoint directory, or one of the
     synthetic backends "oracle" / "random" (these need `tokenizer=PATH`).
-    options: trust_remote_code (bool), device (str, "cpu"), dtype (str, "float32"),
+    options: trust_remote_code (bool), device (str, "cpu"), dtype (str, "fp32": megatron_harpe.cli.DTYPES),
     tokenizer (str, overrides the model's own), seed (int, random backend),
     tensor_parallel / context_parallel (int), kv_cache (bool, True): megatron backend;
     self_extend (`self_extend.SelfExtendSettings`): either model backend.
@@ -66,7 +66,7 @@ def load_backend(path: str, **options: Any) -> ModelBackend:
         path,
         trust_remote_code=bool(options.get("trust_remote_code", False)),
         device=str(options.get("device", "cpu")),
-        dtype=str(options.get("dtype", "float32")),
+        dtype=str(options.get("dtype", "fp32")),
         tokenizer_path=options.get("tokenizer"),
         self_extend=options.get("self_extend"),
     )

@@ -3,7 +3,7 @@
     backend = HFBackend.from_pretrained("exports/harpe_hf", trust_remote_code=True)
     backend.generate(ids, max_new_tokens=32)
 
-The model runs in fp32 on CPU by default (`device="cuda"`, `dtype="bfloat16"` are accepted for
+The model runs in fp32 on CPU by default (`device="cuda"`, `dtype="bf16"` are accepted for
 GPU hosts). Log probabilities are computed from the final hidden states in chunks through the
 output embedding, so scoring a long window never materialises a [length, vocab] logits tensor;
 models whose logits are post-processed (soft-capping, logit scaling) use the full forward.
@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from megatron_harpe import cli
+
 LOGPROB_CHUNK = 4096  # positions per lm-head chunk: 4096 x 32k vocab x 4 B = 512 MiB
 
 
@@ -92,21 +93,27 @@ class HFBackend:
         path: str,
         trust_remote_code: bool = False,
         device: str = "cpu",
-        dtype: str = "float32",
+        dtype: str = "fp32",
         tokenizer_path: str | None = None,
         self_extend=None,
     ) -> "HFBackend":
         from transformers import AutoModelForCausalLM
 
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype {dtype!r} is not supported: choose one of {sorted(DTYPES)}")
+        torch_dtype = cli.torch_dtype(dtype)  # a ValueError naming the choices
         if not trust_remote_code and needs_remote_code(path):
             # checked here: transformers would otherwise ask on an interactive terminal
             raise ValueError(f"{path!r} ships its own modeling code (our HARPE export does): "
                              "rerun with --trust-remote-code")
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
         model.to(torch.device(device))
-        tokenizer = HFTokenizer.from_pretrained(tokenizer_path or path, trust_remote_code=trust_remote_code)
+        # --tokenizer takes what the other backends take: a sentencepiece .model or tokenizer.json file
+        # (megatron_harpe.data.tokenizer; a missing file is one line naming it) or an HF directory
+        if tokenizer_path and not os.path.isdir(tokenizer_path):
+            from megatron_harpe.data.tokenizer import load_tokenizer
+
+            tokenizer = load_tokenizer(tokenizer_path)
+        else:
+            tokenizer = HFTokenizer.from_pretrained(tokenizer_path or path, trust_remote_code=trust_remote_code)
         backend = cls(model, tokenizer, name=path)
         if self_extend is not None:
             from megatron_harpe.eval.self_extend.hf import install_self_extend

@@ -26,12 +26,12 @@ this vocabulary: one token per word, decode joins words with spaces.
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
 import numpy as np
 
+from megatron_harpe import files
 from megatron_harpe.eval.backends.base import Tokenizer, encode_prompt
 from megatron_harpe.eval.tasks.samples import DEPTHS, EvalSample, SampleBuilder, TaskSetting, sample_rng
 
@@ -65,13 +65,10 @@ def write_tokenizer(path: str | Path) -> Path:
     tokenizer = HFTokenizer(WordLevel({word: i for i, word in enumerate(vocabulary())}, unk_token="<unk>"))
     tokenizer.pre_tokenizer = WhitespaceSplit()
     tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
-    temporary = path.with_name(path.name + ".tmp")
-    tokenizer.save(str(temporary))
-    temporary.replace(path)
+    with files.atomic_path(path) as temporary:
+        tokenizer.save(str(temporary))
     config = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
-    config_path = path.parent / "tokenizer_config.json"
-    config_path.with_name(config_path.name + ".tmp").write_text(json.dumps(config, indent=2))
-    config_path.with_name(config_path.name + ".tmp").replace(config_path)
+    files.write_json(path.parent / "tokenizer_config.json", config)
     return path
 
 
