@@ -1,5 +1,5 @@
 """Evaluate a model: long-context retrieval (RULER), perplexity, and short-context retention
-through lm-evaluation-harness (SPEC.md section 4; docs/evaluation.md).
+through lm-evaluation-harness (as the HARPE paper reports them, arXiv 2412.07171; docs/evaluation.md).
 
     python tools/evaluate.py --model exports/harpe_hf --trust-remote-code \
         --task niah,passkey --lengths 4096,8192,16384 --samples 10 --output-dir eval_out

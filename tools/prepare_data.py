@@ -6,7 +6,7 @@ Each stage runs alone or chained; every run writes `<output>.summary.json` and
     # the offline demo: corpus from the Python stdlib, its sentencepiece tokenizer, dataset
     python tools/prepare_data.py demo --workdir work/demo
 
-    # SlimPajama-style corpus, SPEC section 3: per-source upsampling to 6B tokens, Llama2 tokenizer
+    # SlimPajama-style corpus, Fu et al. 2024's recipe: per-source upsampling to 6B tokens, Llama2 tokenizer
     python tools/prepare_data.py upsample --inputs slimpajama/ --output work/up.jsonl.zst \\
         --source-field meta.redpajama_set_name --total-tokens 6e9 --tokenizer llama2/tokenizer.model
     python tools/prepare_data.py tokenize --inputs work/up.jsonl.zst --output-prefix work/train \\
