@@ -66,3 +66,13 @@ def test_docs_index_lists_every_page():
     missing = [page.name for page in sorted((REPO / "docs").glob("*.md"))
                if page.name != "README.md" and f"({page.name})" not in index]
     assert not missing, f"docs/README.md does not link {missing}: add a line for each page"
+
+
+SETUP_DEMO = "pip install -c requirements/lock.txt torch==2.13.0 -e . && bash scripts/demo_cpu.sh"
+SETUP_TESTS = 'pip install -c requirements/lock.txt torch==2.13.0 -e ".[dev]" && python -m pytest -q'
+
+
+def test_readme_keeps_the_two_setup_commands_that_ci_runs():
+    lines = (REPO / "README.md").read_text(encoding="utf-8").splitlines()
+    assert SETUP_DEMO in lines and SETUP_TESTS in lines, "the README's two set-up commands changed"
+    assert SETUP_TESTS in (REPO / ".ci" / "run").read_text(encoding="utf-8"), ".ci/run no longer runs the README's test command"
