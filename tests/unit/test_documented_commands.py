@@ -42,8 +42,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON_DIRS = ("tools/", "benchmarks/", "scripts/", "experiments/", "tests/")
-COMMAND_START = re.compile(r"^(\$ )?(python3? |torchrun |sbatch |bash scripts/|pip |nice |timeout |[A-Z_][A-Z0-9_]*=\S* )")
-INLINE_COMMAND = re.compile(r"^(python3? (tools/|pretrain_harpe\.py|-m megatron_harpe|benchmarks/|scripts/|experiments/)|torchrun )")
+COMMAND_START = re.compile(r"^(\$ )?(python3? |torchrun |sbatch |bash scripts/|pip |nice |timeout |harpe-|[A-Z_][A-Z0-9_]*=\S* )")
+INLINE_COMMAND = re.compile(r"^(python3? (tools/|pretrain_harpe\.py|-m megatron_harpe|benchmarks/|scripts/|experiments/)|torchrun |harpe-)")
 PLACEHOLDER = re.compile(r"\.\.\.|[{}\[\]<>]|\b[A-Z][A-Z0-9_]{1,}\b|\bX\.(py|yaml)\b")
 CONTROL = {"&&", "||", ";", "|"}
 
@@ -196,18 +196,21 @@ def _load_script(relative: str) -> ModuleType:
     return _MODULES[relative]
 
 
-def run_parser(module: ModuleType, program: str, argv: list[str]) -> tuple[argparse.Namespace | None, list[str]]:
-    """Parse `argv` the way `module` does; (namespace, arguments left to the config), or
-    (None, []) for --help. An argparse error raises CommandError with argparse's message."""
+def run_parser(module: ModuleType, program: str, argv: list[str], entry=None) -> tuple[argparse.Namespace | None, list[str]]:
+    """Parse `argv` the way `module` does (or its console-script function `entry`); returns
+    (namespace, arguments left to the config), or (None, []) for --help. An argparse error
+    raises CommandError with argparse's message."""
     own_parse = getattr(module, "parse_args", None)
-    if inspect.isfunction(own_parse) and own_parse.__module__ == module.__name__:
-        entry, takes_argv = own_parse, True
+    if entry is not None:
+        pass
+    elif inspect.isfunction(own_parse) and own_parse.__module__ == module.__name__:
+        entry = own_parse
     elif inspect.isfunction(getattr(module, "main", None)):
         entry = module.main
-        takes_argv = bool(inspect.signature(entry).parameters)
     else:
         raise CommandError(f"{program} has neither parse_args(argv) nor main(): cannot find its parser")
-    source = inspect.getsource(module)
+    takes_argv = bool(inspect.signature(entry).parameters)
+    source = inspect.getsource(sys.modules[entry.__module__])  # a thin wrapper's main lives elsewhere
     if "parse_args" not in source and "parse_known_args" not in source:
         if argv:
             raise CommandError(f"{program} has no argparse parser, but the command gives it arguments")
@@ -257,8 +260,21 @@ def _torchrun_world_size(options: list[str]) -> int | None:
         return None
 
 
+def console_scripts() -> dict[str, str]:
+    """`[project.scripts]` of pyproject.toml: command -> "module:function"."""
+    import tomllib
+
+    with open(REPO / "pyproject.toml", "rb") as handle:
+        return tomllib.load(handle).get("project", {}).get("scripts", {})
+
+
 def check_python(target: str, argv: list[str], torchrun_options: list[str] | None = None) -> None:
-    if target.startswith("-m "):
+    entry = None
+    if target in console_scripts():
+        module_name, _, function = console_scripts()[target].partition(":")
+        module, program = importlib.import_module(module_name), target
+        entry = getattr(module, function)
+    elif target.startswith("-m "):
         module_name = target[3:]
         if not module_name.startswith("megatron_harpe"):
             return  # python -m pytest, pip, ...: not ours
@@ -269,13 +285,13 @@ def check_python(target: str, argv: list[str], torchrun_options: list[str] | Non
         if not (REPO / target).is_file():
             raise CommandError(f"{target}: no such file")
         module, program = _load_script(target), target
-    namespace, extras = run_parser(module, program, argv)
+    namespace, extras = run_parser(module, program, argv, entry)
     if namespace is None:
         return
     config = getattr(namespace, "config", None)
     if extras or isinstance(config, str):
         world_size = None
-        if target == "pretrain_harpe.py":
+        if target in ("pretrain_harpe.py", "harpe-train"):
             world_size = namespace.world_size or (_torchrun_world_size(torchrun_options) if torchrun_options is not None else 1)
         check_config(config if isinstance(config, str) else None, extras, world_size)
 
@@ -298,6 +314,8 @@ def check_command(words: list[str]) -> None:
                 check_python(word, rest[index + 1:], rest[:index])
                 return
         raise CommandError("torchrun without a script")
+    elif program in console_scripts():
+        check_python(program, rest)
     elif program == "bash":
         script = rest[0]
         if not (REPO / script).is_file():
@@ -404,3 +422,11 @@ def test_a_right_command_passes(monkeypatch):
     monkeypatch.chdir(REPO)
     check_documented_command(DocCommand("docs/page.md", 1, "python tools/convert_checkpoint.py hf-to-megatron "
                                         "--input hf --output ckpt --config configs/demo_cpu.yaml --position.base 5e5"))
+
+
+def test_console_scripts_parse_with_their_function(monkeypatch):
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(sys.modules[__name__], "console_scripts", lambda: {"harpe-gpu-check": "megatron_harpe.gpu_check:main"})
+    check_documented_command(DocCommand("docs/page.md", 3, "harpe-gpu-check --help"))
+    with pytest.raises(AssertionError, match=r"docs/page.md:4: harpe-gpu-check --bogus 1\n  -> .*bogus"):
+        check_documented_command(DocCommand("docs/page.md", 4, "harpe-gpu-check --bogus 1"))
