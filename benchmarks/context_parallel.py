@@ -32,14 +32,19 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def measure(context: int, seq: int, steps: int) -> dict:
+def benchmark_model(context: int, seq: int):
+    """(parallel context, model config, model, AdamW) of the benchmark's HARPE model on fresh ranks."""
     ctx = parallel.initialize(1, context)
     parallel.seed_everything(0)
     model_cfg = ModelConfig(num_layers=4, hidden_size=256, num_attention_heads=8, num_query_groups=4,
                             ffn_hidden_size=688, vocab_size=8192)
     position = PositionConfig(type="harpe", strategy="uniform", base_min=1e4, base_max=5e5).resolve(model_cfg, seq)
     model = build_model(model_cfg, position)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    return ctx, model_cfg, model, torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+
+def measure(context: int, seq: int, steps: int) -> dict:
+    ctx, model_cfg, model, optimizer = benchmark_model(context, seq)
     tokens = torch.randint(0, model_cfg.vocab_size, (1, seq + 1), generator=torch.Generator().manual_seed(0))
     local = context_parallel_positions(seq, ctx.cp_rank, context).long()
     inputs, labels = tokens[:, :-1][:, local], tokens[:, 1:][:, local]

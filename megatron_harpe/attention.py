@@ -9,7 +9,13 @@ sequence (load-balanced causal work). Keys and values are all-gathered over the 
 autograd function whose backward reduce-scatters gradients to their owners; each local query chunk c then attends to the keys of chunks 0..c with a causal mask
 aligned to the lower right (the chunk's last query sees every gathered key). On GPU, SDPA's
 kernels take that mask without materialising it; on CPU the queries are left-padded instead
-(see `_context_parallel`), trading up to 2x attention compute for memory linear in the sequence.
+(see `_lower_right`), trading up to 2x attention compute for memory linear in the sequence.
+
+Document masking (`data.reset_attention_mask`): megatron's `attention_mask` argument carries the
+document ids of a `documents.DocumentMask` (a tensor, which megatron's recompute can save), and
+each sequence's local queries run in the calls of its plan (`documents.py`: whole documents causal, merged short ones block-diagonal,
+the document a chunk starts in lower-right causal against the keys from its start), with or
+without context parallelism.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch.nn.attention.bias import causal_lower_right
 
 from megatron_harpe import collectives
+from megatron_harpe.documents import DocumentMask
 
 
 class SdpaCoreAttention(MegatronModule):
@@ -70,7 +77,10 @@ class SdpaCoreAttention(MegatronModule):
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         cp_group = self._cp_group()
         cp_size = cp_group.size()
-        if cp_size == 1:
+        documents = DocumentMask.from_attention_mask(attention_mask)
+        if documents is not None:
+            out = self._document_masked(q, k, v, documents, cp_group, cp_size)
+        elif cp_size == 1:
             out = self._sdpa(q, k, v, causal_mask=self.causal)
         else:
             out = self._context_parallel(q, k, v, cp_group, cp_size)
@@ -101,16 +111,47 @@ class SdpaCoreAttention(MegatronModule):
             keys, values = global_k[:, :, :visible], global_v[:, :, :visible]
             if not self.causal:
                 outputs.append(self._sdpa(q_chunk, keys, values, False))
-            elif q_chunk.device.type == "cuda":
-                outputs.append(self._sdpa(q_chunk, keys, values, causal_lower_right(chunk, visible)))
             else:
-                # CPU kernels turn a lower-right causal mask into a dense float [chunk, visible]
-                # tensor kept for backward (memory quadratic in the sequence). Left-padding the
-                # queries with zeros to the key length makes it plain causal attention, which the
-                # CPU flash kernel runs without any mask; the padded rows are dropped.
-                padded = F.pad(q_chunk, (0, 0, visible - chunk, 0))
-                outputs.append(self._sdpa(padded, keys, values, True)[:, :, visible - chunk :])
+                outputs.append(self._lower_right(q_chunk, keys, values))
         return torch.cat(outputs, dim=2)
+
+    def _lower_right(self, queries, keys, values) -> torch.Tensor:
+        """Causal attention of the last `queries` positions of `keys`: the final query sees them all."""
+        q_len, k_len = queries.size(2), keys.size(2)
+        if queries.device.type == "cuda":
+            return self._sdpa(queries, keys, values, causal_lower_right(q_len, k_len))
+        # CPU kernels turn a lower-right causal mask into a dense float [q_len, k_len] tensor kept
+        # for backward (memory quadratic in the sequence). Left-padding the queries with zeros to
+        # the key length makes it plain causal attention, which the CPU flash kernel runs without
+        # any mask; the padded rows are dropped.
+        padded = F.pad(queries, (0, 0, k_len - q_len, 0))
+        return self._sdpa(padded, keys, values, True)[:, :, k_len - q_len :]
+
+    def _document_masked(self, q, k, v, mask: DocumentMask, cp_group, cp_size: int) -> torch.Tensor:
+        """Attention within each document; q, k, v are [b, h, s_local, d] (keys gathered under CP)."""
+        if not self.causal:
+            raise ValueError("document masking is causal attention: this layer was built without a causal mask")
+        cp_rank = torch.distributed.get_rank(cp_group) if cp_size > 1 else 0
+        if cp_size > 1:
+            k, v = _gather_chunks(k, cp_group, cp_size), _gather_chunks(v, cp_group, cp_size)
+        if mask.seq_length != k.size(2) or mask.ids.size(0) != q.size(0):
+            raise ValueError(f"document ids {tuple(mask.ids.shape)} do not match keys of {k.size(2)} tokens "
+                             f"and a batch of {q.size(0)}: pass the ids of the whole, unsplit sequences")
+        outputs = []
+        for sample, runs in enumerate(mask.runs(cp_rank, cp_size)):
+            q_s, k_s, v_s = q[sample : sample + 1], k[sample : sample + 1], v[sample : sample + 1]
+            parts = []
+            for run in runs:
+                queries = q_s[:, :, run.q_start : run.q_end]
+                keys, values = k_s[:, :, run.k_start : run.k_end], v_s[:, :, run.k_start : run.k_end]
+                if run.kind == "causal":
+                    parts.append(self._sdpa(queries, keys, values, True))
+                elif run.kind == "block":
+                    parts.append(self._sdpa(queries, keys, values, mask.block_mask(sample, run)))
+                else:
+                    parts.append(self._lower_right(queries, keys, values))
+            outputs.append(torch.cat(parts, dim=2))
+        return torch.cat(outputs, dim=0)
 
 
 def _gather_chunks(local: torch.Tensor, cp_group, cp_size: int) -> torch.Tensor:

@@ -137,11 +137,15 @@ class DataConfig:
     demo_workdir: str | None = None
     """If set and `prefixes` is empty: build the offline demo corpus, tokenizer and dataset here."""
     reset_position_ids: bool = False
-    """Restart position ids after every end-of-document token (needs an EOS per document)."""
+    """Positions (and so every head's rotary angles) restart at 0 after each end-of-document
+    token (the tokenizer's EOS) instead of running on across the packed documents."""
     reset_attention_mask: bool = False
-    """megatron-core's GPTDataset flag of the same name: documents of a packed sequence do not attend to each other."""
+    """Document masking: a token attends only to earlier tokens of its own document (sdpa:
+    block-diagonal causal attention; te: THD with cu_seqlens). With reset_position_ids this is
+    each document trained as if alone; see docs/document-masking.md for the cost."""
     eod_mask_loss: bool = False
-    """No loss on the end-of-document token."""
+    """No loss where the input token is the end-of-document token (predicting the next
+    document's first token)."""
     seed: int = 1234
     """Seed of megatron's sample shuffling and blending (the data order)."""
     cache_dir: str | None = None
@@ -415,10 +419,12 @@ class Config:
                         f"train.micro_batch_size={train.micro_batch_size} x data-parallel size {dp}: "
                         "adjust the batch sizes or the number of processes"
                     )
-        if self.data.reset_position_ids or self.data.reset_attention_mask:
+        if (self.data.reset_attention_mask and self.model.attention_backend == "te" and cp > 1
+                and self.parallel.resolved_cp_comm_type(self.model) != "p2p"):
             raise ValueError(
-                "data.reset_position_ids / data.reset_attention_mask are not supported by the trainer yet: "
-                "sequences are packed across document boundaries (as in the paper's data recipe); set both to false"
+                f"data.reset_attention_mask with model.attention_backend=te and parallel.cp_comm_type="
+                f"{self.parallel.cp_comm_type}: Transformer Engine's all_gather context parallelism has no THD "
+                "(packed documents) path and its a2a has one only from TE 2.10; set parallel.cp_comm_type: p2p"
             )
         if self.data.weights is not None and len(self.data.weights) != len(self.data.prefixes):
             raise ValueError("data.weights needs one weight per entry of data.prefixes")

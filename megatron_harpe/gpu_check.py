@@ -29,6 +29,10 @@ Checks (a row each; SKIP when this machine cannot run one):
 - memory <layout>: the peak of PyTorch's allocator on the busiest rank against the memory planner's
   tensors for that layout (tools/plan_memory.py; the planner must not be below what a GPU uses).
 - throughput <layout>: tokens/s and model FLOPs utilisation of the steady steps (after the first).
+- documents: packed, document-masked sequences of a tiny model against each document alone (sdpa;
+  Transformer Engine's THD with cu_seqlens, CP 2 on 2+ GPUs; our THD split against TE's), in
+  gpu_check_documents.py. The preset's path with document masking: add
+  `--data.reset_attention_mask true --data.reset_position_ids true` (every row above then masks).
 
 Tolerances, bf16 compute with fp32 main weights: bf16 keeps 8 significant bits (relative rounding
 2^-9 = 0.2% per operation). Another layout sums the same products in another order (TP splits the
@@ -58,7 +62,7 @@ from megatron_harpe.gpu_check_logits import check_logits
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "llama2_7b_128k_harpe.yaml"
 TINY_MODEL = dict(hidden_size=64, num_attention_heads=4, num_query_groups=None, ffn_hidden_size=128, vocab_size=4096)
-CHECKS = ("logits", "reference", "parity", "resume", "evaluation", "memory", "throughput")
+CHECKS = ("logits", "documents", "reference", "parity", "resume", "evaluation", "memory", "throughput")
 MEMORY_ALLOWANCE = 512 * 2**20
 """cuBLAS and Transformer Engine workspaces share PyTorch's allocator beside the planned tensors."""
 
@@ -326,7 +330,11 @@ def run_checks(args: argparse.Namespace, overrides: list[str], workdir: Path) ->
     results: list[CheckResult] = []
     if "logits" in wanted:
         results += check_logits(args, workdir)
-    if not wanted - {"logits"}:
+    if "documents" in wanted:  # document masking, on a tiny model of its own
+        from megatron_harpe.gpu_check_documents import check_document_masking
+
+        results += check_document_masking(args, workdir)
+    if not wanted - {"logits", "documents"}:
         return results
     from megatron_harpe.config import Config, from_dict
 

@@ -21,27 +21,40 @@ def _tree(position: dict) -> dict:
             "train": {"train_tokens": 1}}  # fmt: skip
 
 
-def _logits_rank(tree: dict, checkpoint_dir: str, save: bool, backend: str) -> list:
-    """Logits for fixed tokens; the CPU reference initialises and saves the weights first."""
+def compared_model(cfg, checkpoint_dir: str, save: bool):
+    """The model of `cfg` (in eval mode) with the weights a check compares across runs: the CPU
+    reference initialises them (seed 7) and saves them, every other run loads them (Transformer
+    Engine from a checkpoint written without it). Needs `parallel.initialize` first."""
     from megatron_harpe import parallel
-    from megatron_harpe.config import Config, from_dict
     from megatron_harpe.model import build_model
     from megatron_harpe.training.checkpoint import load_checkpoint, save_checkpoint
 
-    tree = {**tree, "model": {**tree["model"], "attention_backend": backend}}
-    cfg = from_dict(Config, tree).validate()
-    ctx = parallel.initialize(1, 1)
     parallel.seed_everything(7)
     model = build_model(cfg.model, cfg.position)
     if save:
         save_checkpoint(checkpoint_dir, 0, model=model, config=cfg.to_dict(), train_state={})
     else:
         load_checkpoint(checkpoint_dir, model=model, weights_only=True, load_rng=False)
+    return model.eval()
+
+
+def device_autocast(device: torch.device):
+    """bf16 autocast on a GPU (as the checks' tolerances assume), nothing on the CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _logits_rank(tree: dict, checkpoint_dir: str, save: bool, backend: str) -> list:
+    """Logits for fixed tokens; the CPU reference initialises and saves the weights first."""
+    from megatron_harpe import parallel
+    from megatron_harpe.config import Config, from_dict
+
+    tree = {**tree, "model": {**tree["model"], "attention_backend": backend}}
+    cfg = from_dict(Config, tree).validate()
+    ctx = parallel.initialize(1, 1)
+    model = compared_model(cfg, checkpoint_dir, save)
     tokens = torch.arange(64, device=ctx.device)[None] * 37 % TINY["vocab_size"]
     positions = torch.arange(64, device=ctx.device)[None]
-    model.eval()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if ctx.device.type == "cuda" else contextlib.nullcontext()
-    with torch.no_grad(), autocast:
+    with torch.no_grad(), device_autocast(ctx.device):
         return [model(tokens, positions, None).float().cpu()]
 
 

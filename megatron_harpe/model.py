@@ -24,6 +24,12 @@ What is swapped in megatron-core's GPTModel, and why:
   save variables, but argument 4 is of type tuple").
 - self attention: under `gqa_bases: per_query_head`, keys and values are expanded to one head
   per query head before rotation (`KeyExpandingSelfAttention`).
+
+Packed documents (`data.reset_position_ids` / `reset_attention_mask`): `forward_micro_batch`
+hands the batch's per-token positions to the rotary table and its documents to attention (the
+ids of a `documents.DocumentMask` for sdpa, a THD `PackedSeqParams` for Transformer Engine).
+Both reach the layers as tensors (or, for the THD parameters, outside the checkpointed
+arguments), so megatron's recompute reruns them with the same table and mask.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_harpe.attention import SdpaCoreAttention
 from megatron_harpe.config import ModelConfig, ParallelConfig, TrainConfig
+from megatron_harpe.documents import DocumentMask
 from megatron_harpe.position.config import PositionConfig
 from megatron_harpe.position.rotary import HeadwiseRotaryEmbedding
 
@@ -219,3 +226,21 @@ def allow_megatron_recompute_on_cpu() -> None:
         return
     megatron_random._get_cuda_rng_state = _no_cuda_rng_state
     megatron_random._set_cuda_rng_state = _no_cuda_rng_state
+
+
+def forward_micro_batch(gpt: GPTModel, batch: dict[str, torch.Tensor], *, per_token_positions: bool) -> torch.Tensor:
+    """Per-token losses of a training micro-batch. With `per_token_positions` (packed documents)
+    the rotary tables follow `batch["position_ids"]`, and attention stays inside each document
+    when the batch carries them: `document_ids` of the whole sequences (sdpa) or a THD stream's
+    `cu_seqlens` (Transformer Engine, see thd.py)."""
+    tokens, positions, labels = batch["tokens"], batch["position_ids"], batch.get("labels")
+    if not per_token_positions:
+        return gpt(tokens, positions, None, labels=labels)
+    mask = DocumentMask(batch["document_ids"]).as_attention_mask() if "document_ids" in batch else None
+    packed = None
+    if "cu_seqlens" in batch:
+        from megatron_harpe.thd import packed_seq_params
+
+        packed = packed_seq_params(batch)
+    with gpt.rotary_pos_emb.at_token_positions(positions):
+        return gpt(tokens, positions, mask, labels=labels, packed_seq_params=packed)

@@ -2,7 +2,8 @@
 # Before a long job: run the preset's own training path at reduced size on this node (its parallel
 # layout, attention backend, sequence parallelism, TE's p2p ring, recompute, the sharding engine) and
 # print a PASS/FAIL table: logits, parity of each layout with one device, resume on another layout,
-# in-training evaluation, peak memory against the planner, tokens/s and MFU.
+# in-training evaluation, peak memory against the planner, tokens/s and MFU; and document masking
+# (packed documents against each alone, on sdpa and Transformer Engine's THD).
 #   bash scripts/gpu_check.sh                                   # the HARPE 7B preset, every GPU here
 #   bash scripts/gpu_check.sh --config configs/llama2_7b_128k_abf.yaml --gpus 8
 #   bash scripts/gpu_check.sh --help                            # every check, the tolerances, the options

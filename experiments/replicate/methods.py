@@ -16,6 +16,11 @@ target_length / 131072 (the same ratio of target length to base range):
 Every method trains on the same extension corpus for the same number of tokens and optimizer
 steps (multi-stage ABF's shorter stages take proportionally more sequences per step), with the
 loss on the answer digits only (the corpus's loss-mask datasets).
+
+Document masking (`<method>_docmask`, for harpe and abf_multistage): the same run with
+`data.reset_attention_mask`, `reset_position_ids` and `eod_mask_loss` on, so a packed window's
+short documents no longer see each other and every document's positions start at 0; the paper
+(and the other methods here) packs across document boundaries.
 """
 
 from __future__ import annotations
@@ -26,10 +31,12 @@ from typing import Any
 PAPER_TARGET_LENGTH = 131072
 ORIGINAL_BASE = 10000.0
 METHODS = ("harpe", "abf", "abf_multistage", "pi", "none")
-ABLATIONS = ("harpe_multistage",)
+DOCUMENT_MASKING = ("harpe_docmask", "abf_multistage_docmask")
+DOCMASK = "_docmask"
+ABLATIONS = ("harpe_multistage", *DOCUMENT_MASKING)
 """Runnable with --methods, not part of the default comparison: harpe_multistage keeps HARPE's
 per-head bases but trains through multi-stage ABF's 256 -> 512 -> 1024 curriculum, to separate
-the curriculum from the bases."""
+the curriculum from the bases; the `_docmask` variants mask documents (see above)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +142,10 @@ def extension_config(
 ) -> dict[str, Any]:
     """Continual pretraining of the base model to target_length with one method; `seed` sets
     the data order and the training seed."""
+    if method.endswith(DOCMASK):
+        config = extension_config(method.removesuffix(DOCMASK), scale, data, base_checkpoint, checkpoint_dir, seed)
+        config["data"].update(reset_position_ids=True, reset_attention_mask=True, eod_mask_loss=True)
+        return config
     config: dict[str, Any] = {
         "model": model_block(scale, data["vocab_size"]),
         "data": {"prefixes": [data["extension_prefix"]], "loss_mask_prefixes": [data["extension_mask"]],

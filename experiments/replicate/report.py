@@ -210,6 +210,7 @@ def markdown(rows: dict, lengths: tuple[int, ...], scale: Any) -> str:
             lines.append(f"| {row} | " + " | ".join(
                 f"{cells[k][0]:+.1f} ± {cells[k][1]:.1f} ({cells[k][2]}/{seeds})" if k in cells else "-"
                 for k in lengths) + " |")
+    lines += masking_lines(rows, lengths)
     lines += retention_markdown(rows, scale.base_length)
     bins = [f"{low}-{min(high, 100)}%" for low, high in DEPTH_BINS]
     for length in [k for k in lengths if k >= scale.target_length]:
@@ -219,6 +220,22 @@ def markdown(rows: dict, lengths: tuple[int, ...], scale: Any) -> str:
             cells = data["depth"].get(length, {})
             lines.append(f"| {row} | " + " | ".join(f"{cells[b]:.1f}" if b in cells else "-" for b in bins) + " |")
     return "\n".join(lines) + "\n"
+
+
+def masking_lines(rows: dict, lengths: tuple[int, ...]) -> list[str]:
+    """Each `<method>_docmask` row against its method packed across documents, paired by seed."""
+    pairs = [(row, row.removesuffix("_docmask")) for row in rows if row.endswith("_docmask") and row.removesuffix("_docmask") in rows]
+    if not pairs:
+        return []
+    lines = ["", "Document masking: exact match of `<method>_docmask` minus `<method>` (packed across documents), "
+             "paired by seed, percentage points, mean ± std over seeds (higher in how many seeds):", "",
+             "| method | " + " | ".join(str(k) for k in lengths) + " |", "|---" * (len(lengths) + 1) + "|"]
+    for masked, packed in pairs:
+        cells = paired_differences({packed: rows[packed], masked: rows[masked]}, packed, lengths)[masked]
+        seeds = len(rows[masked]["per_seed"])
+        lines.append(f"| {masked} | " + " | ".join(
+            f"{cells[k][0]:+.1f} ± {cells[k][1]:.1f} ({cells[k][2]}/{seeds})" if k in cells else "-" for k in lengths) + " |")
+    return lines
 
 
 def plot(rows: dict, lengths: tuple[int, ...], scale: Any, path: Path) -> Path:

@@ -11,8 +11,8 @@ split of every sequence over context-parallel ranks.
 Documents are concatenated across boundaries (packing); with `reset_position_ids` positions
 restart after every end-of-document token, `eod_mask_loss` drops the loss on it. Both need an
 EOS per document in the data (`tools/prepare_data.py` adds one by default). No dense
-attention mask is built (`create_attention_mask=False`): attention is causal, and document
-boundaries are visible to the model through `position_ids` when they are reset.
+attention mask is built (`create_attention_mask=False`): with `reset_attention_mask` the trainer
+masks documents itself from the EOD positions (documents.py, thd.py).
 
 A loss-mask dataset (`loss_mask_prefixes`, one per token dataset) restricts the loss to chosen
 tokens, e.g. the answers of a retrieval task: it holds the same documents with the same lengths,

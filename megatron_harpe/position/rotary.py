@@ -19,7 +19,9 @@ One table serves queries and keys: a k/v group's query heads share its base, so 
 distinct rows are the key table (`RotaryCosSin` keeps one row per distinct base and rotates any
 number of heads per row). `forward` returns it as the pair (table, table) megatron's attention
 takes; model.py hands megatron's block the single tensor, which its activation recomputation
-needs (`tensor_parallel.checkpoint` saves tensors only, not a tuple).
+needs (`tensor_parallel.checkpoint` saves tensors only, not a tuple). That recomputation reruns
+a layer on a detached alias of the table, without its attributes: tensor_tags.py finds the
+cos/sin (and the per-token mark below) again from the alias.
 
 Speed: megatron-core's unfused `apply_rotary_pos_emb` takes angles and recomputes cos and sin
 of the whole table in every layer, for q and k, every step; with per-head tables that is `heads`
@@ -31,6 +33,13 @@ sequences, interleaved layout, tables without cos/sin) to megatron's own functio
 The result is bitwise what megatron's unfused path computes (same cos/sin values, same
 products); autograd saves the shared cos/sin instead of a copy per layer.
 
+Packed documents (`data.reset_position_ids` / `reset_attention_mask`): inside
+`at_token_positions(position_ids)` the table follows the batch's own per-token positions
+([s, b, heads, d], restarting in every document; uncached, one table per micro-batch shared by
+all layers and by queries and keys as above), and the apply below rotates Transformer Engine's
+THD layout token by token with it instead of megatron's per-sequence `cu_seqlens` path, whose
+CP positions are wrong for packed sequences before megatron-core 0.18.
+
 PI divides positions by its factor; YaRN blends interpolated and original frequencies per
 dimension with megatron-core's own YaRN ramp (its attention applies the YaRN logit scale
 when `yarn_rotary_scaling_factor` is set on the TransformerConfig, see model.py).
@@ -38,6 +47,7 @@ when `yarn_rotary_scaling_factor` is set on the TransformerConfig, see model.py)
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 
 import torch
@@ -49,6 +59,7 @@ from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
 
 from megatron_harpe.parallel import context_parallel_indices
 from megatron_harpe.position.config import PositionConfig
+from megatron_harpe.tensor_tags import attribute, remember
 
 CACHED_LENGTHS = 4
 """Angle tables kept per rotary module: the training length and the few lengths an evaluation
@@ -147,7 +158,11 @@ _megatron_apply_rotary_pos_emb = megatron_attention.apply_rotary_pos_emb
 
 def apply_rotary_pos_emb(t, freqs, config, cu_seqlens=None, mscale: float = 1.0, cp_group=None):
     """megatron-core's `apply_rotary_pos_emb`, using the cos/sin cached on our tables."""
-    cached = getattr(freqs, "rotary_cos_sin", None)
+    cached = attribute(freqs, "rotary_cos_sin")  # also on the detached alias megatron's recompute passes
+    if cached is not None and attribute(freqs, "per_token", False) and freqs.size(-1) == t.size(-1):
+        if t.dim() == 3:  # THD [tokens, heads, d]: one table row per token, whatever the cu_seqlens
+            return cached.rotate(t.unsqueeze(1), mscale).squeeze(1)
+        return cached.rotate(t, mscale)
     if (
         cached is None
         or cu_seqlens is not None
@@ -221,6 +236,7 @@ class HeadwiseRotaryEmbedding(torch.nn.Module):
         )
         self._row_repeat = _row_repeat(query_rows)
         self._cache: OrderedDict[tuple[int, int, torch.device], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._token_positions: torch.Tensor | None = None
         install_cached_apply()
 
     def _angles(self, inv_freq: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -230,7 +246,10 @@ class HeadwiseRotaryEmbedding(torch.nn.Module):
 
     def forward(self, max_seq_len: int, offset: int = 0, **_unused) -> tuple[torch.Tensor, torch.Tensor]:
         """The angle table for this rank's positions of a sequence of `max_seq_len` tokens, as
-        (table, table); the `CACHED_LENGTHS` most recently used are kept."""
+        (table, table); the `CACHED_LENGTHS` most recently used are kept. Inside
+        `at_token_positions`, the uncached table of those per-token positions instead."""
+        if self._token_positions is not None:
+            return self.token_tables(self._token_positions)
         device = self.query_inv_freq.device
         key = (max_seq_len, offset, device)
         if key in self._cache:
@@ -239,6 +258,7 @@ class HeadwiseRotaryEmbedding(torch.nn.Module):
         positions = context_parallel_positions(max_seq_len, self.cp_rank, self.cp_size, offset).to(device)
         table = self._angles(self.query_inv_freq, positions)
         table.rotary_cos_sin = RotaryCosSin(table, self._row_repeat)
+        remember(table)  # megatron's recompute reruns layers on a detached alias of it
         self._cache[key] = (table, table)
         while len(self._cache) > CACHED_LENGTHS:
             self._cache.popitem(last=False)
@@ -253,6 +273,29 @@ class HeadwiseRotaryEmbedding(torch.nn.Module):
         uncached: the KV-cached decode of eval/kv_cache.py rotates each new token at its own position."""
         positions = positions.to(device=self.query_inv_freq.device, dtype=torch.float64)
         table = self._angles(self.query_inv_freq, positions)
+        return table, table
+
+    @contextlib.contextmanager
+    def at_token_positions(self, positions: torch.Tensor):
+        """Within the block, `forward` returns `token_tables(positions)`: the model's forward
+        computes its tables once (in GPTModel's preprocessing) and every layer reuses them."""
+        self._token_positions = positions
+        try:
+            yield
+        finally:
+            self._token_positions = None
+
+    def token_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The angle table [s, b, heads, d] for per-token positions [b, s] (this rank's tokens, in
+        its order) as (table, table), marked `per_token` and carrying its cos/sin."""
+        if positions.dim() != 2:
+            raise ValueError(f"per-token positions must be [batch, sequence], got shape {tuple(positions.shape)}")
+        positions = positions.t().to(device=self.query_inv_freq.device, dtype=torch.float64)  # [s, b]
+        angles = positions[:, :, None, None] * self.query_inv_freq[None, None]  # [s, b, heads, d/2], float64
+        table = torch.cat([angles, angles], dim=-1).float()
+        table.rotary_cos_sin = RotaryCosSin(table, self._row_repeat)
+        table.per_token = True
+        remember(table)  # found again by the apply below when megatron's recompute detaches it
         return table, table
 
     def get_rotary_seq_len(self, inference_context, transformer, transformer_input, transformer_config, packed_seq_params=None) -> int:

@@ -1,5 +1,6 @@
 """Training batches for one rank: megatron datasets per stage, this DP rank's samples, this
-CP rank's two chunks of every sequence.
+CP rank's two chunks of every sequence (with document masking on Transformer Engine: its THD
+stream, see thd.py).
 
 The demo corpus (offline, built from the local Python installation) is prepared by rank 0 on
 first use when the config names `data.demo_workdir` and no dataset prefixes.
@@ -19,6 +20,7 @@ from megatron_harpe.data.identity import check_training_data
 from megatron_harpe.data.index_cache import cache_directory
 from megatron_harpe.data.loader import build_gpt_dataset, micro_batches, slice_for_context_parallel
 from megatron_harpe.data.tokenizer import load_tokenizer
+from megatron_harpe.documents import document_ids
 from megatron_harpe.parallel import ParallelContext
 from megatron_harpe.rank_health import any_rank_failed
 
@@ -26,11 +28,12 @@ from megatron_harpe.rank_health import any_rank_failed
 class StageData:
     """The sequences of one stage, iterated from any step (resume is exact by consumed samples)."""
 
-    def __init__(self, dataset, cfg: Config, stage: StageConfig, ctx: ParallelContext) -> None:
+    def __init__(self, dataset, cfg: Config, stage: StageConfig, ctx: ParallelContext, eod: int | None = None) -> None:
         self.dataset = dataset
         self.cfg = cfg
         self.stage = stage
         self.ctx = ctx
+        self.eod = eod
 
     def consumed_samples(self, steps: int) -> int:
         return steps * self.stage.global_batch_size
@@ -44,7 +47,26 @@ class StageData:
             dp_size=self.ctx.dp_size,
             consumed_samples=self.consumed_samples(consumed_steps),
         ):
-            yield slice_for_context_parallel(batch, self.ctx.cp_rank, self.ctx.cp_size)
+            if self.cfg.data.reset_attention_mask:
+                yield prepare_documents(batch, self.cfg, self.ctx, self.eod)
+            else:
+                yield slice_for_context_parallel(batch, self.ctx.cp_rank, self.ctx.cp_size)
+
+
+def prepare_documents(batch: dict[str, torch.Tensor], cfg: Config, ctx: ParallelContext, eod: int) -> dict[str, torch.Tensor]:
+    """A micro-batch of whole sequences made ready for document masking on this rank: for sdpa
+    the CP rank's chunks plus the `document_ids` of the whole sequences; for Transformer Engine
+    the rank's part of the THD stream of documents (thd.py)."""
+    ids = document_ids(batch["tokens"], eod)
+    if cfg.model.attention_backend == "te":
+        from megatron_harpe.thd import pack_thd
+
+        tp_split = cfg.parallel.tensor if cfg.parallel.sequence_parallel else 1
+        return pack_thd(batch, ids, cp_rank=ctx.cp_rank, cp_size=ctx.cp_size, tp_split=tp_split,
+                        reset_positions=cfg.data.reset_position_ids)
+    local = slice_for_context_parallel(batch, ctx.cp_rank, ctx.cp_size)
+    local["document_ids"] = ids
+    return local
 
 
 def prepare_training_data(cfg: Config, ctx: ParallelContext, total_samples: list[int]) -> list[StageData]:
@@ -79,7 +101,8 @@ def prepare_training_data(cfg: Config, ctx: ParallelContext, total_samples: list
             error = caught
     if any_rank_failed(error is not None):
         raise error or ValueError("the training data could not be prepared (rank 0 says why)")
-    return [StageData(build_gpt_dataset(**build), cfg, stage, ctx) for build, stage in zip(builds, cfg.resolved_stages())]
+    return [StageData(build_gpt_dataset(**build), cfg, stage, ctx, eod=tokenizer.eos_id)
+            for build, stage in zip(builds, cfg.resolved_stages())]
 
 
 def _on_main(ctx: ParallelContext):

@@ -26,7 +26,7 @@ import yaml
 from megatron_harpe import collectives, parallel
 from megatron_harpe.config import Config, StageConfig
 from megatron_harpe.eval.in_training import check_eval_prompts
-from megatron_harpe.model import build_model, set_position_encoding
+from megatron_harpe.model import build_model, forward_micro_batch, set_position_encoding
 from megatron_harpe.parallel import ParallelContext
 from megatron_harpe.rank_health import CollectiveGuard
 from megatron_harpe.training import checkpoint, preemption, resume_check, run_lock
@@ -185,9 +185,10 @@ def train_step(cfg: Config, ctx: ParallelContext, stage: StageConfig, model, opt
     model.train()
     step_loss = torch.zeros((), dtype=torch.float64, device=ctx.device)
     autocast = _autocast(training_precision(cfg.train, ctx.device.type), ctx)
+    per_token_positions = cfg.data.reset_position_ids or cfg.data.reset_attention_mask  # packed documents
     for batch in micro_batches:  # each backward reduce-scatters into the gradient shards (summed over DP x CP)
         with autocast:
-            token_losses = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+            token_losses = forward_micro_batch(model, batch, per_token_positions=per_token_positions)
         loss = (token_losses.float() * batch["loss_mask"]).sum() / loss_tokens
         loss.backward()
         step_loss += loss.detach().double()
@@ -204,7 +205,7 @@ def train_step(cfg: Config, ctx: ParallelContext, stage: StageConfig, model, opt
         lr = schedule.step(optimizer)
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    tokens = stage.global_batch_size * micro_batches[0]["tokens"].size(1) * ctx.cp_size
+    tokens = stage.global_batch_size * stage.seq_length  # not the tokens held: THD adds padding (thd.py)
     return step_loss.item(), grad_norm, lr, tokens, not finite
 
 

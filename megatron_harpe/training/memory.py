@@ -50,6 +50,11 @@ per activation element, L = layers; all per micro-batch and per rank):
   causal attention 2 x S x a x d per layer (QK^T and AV over S/2 keys on average). Training is 3x
   forward; full recompute adds the forward of the recomputed layers (not the output layer),
   selective the forward of core attention and/or the MLP.
+- Document masking (`data.reset_attention_mask`, document_cost.py): Transformer Engine's THD
+  padding is planned into the sequence length (activations and compute); the sdpa path adds
+  what its document runs save for backward (block masks of merged short documents) to each
+  layer's core-attention activations (so recompute drops them like the rest of core attention)
+  and its document ids to the transient buffers; per-token rotary tables count once per sequence.
 - Step time = compute + exposed communication. Compute = tokens per step x executed FLOPs
   per token / (GPUs x peak x utilisation); communication (TP, CP, DP x CP traffic, links and
   overlap) is modelled in `communication.py`.
@@ -63,6 +68,12 @@ import math
 from megatron_harpe.config import Config, StageConfig, TrainConfig
 from megatron_harpe.training import engine_memory
 from megatron_harpe.training.communication import CommItem, communication_items
+from megatron_harpe.training.document_cost import (
+    planned_sequence_length,
+    rotary_table_copies,
+    sdpa_document_activations,
+    sdpa_mask_bytes,
+)
 from megatron_harpe.training.engine_memory import ENGINE, GIB, Headroom  # noqa: F401 (ENGINE, GIB: for the tools)
 from megatron_harpe.training.plan import parameters_per_rank
 
@@ -261,6 +272,8 @@ def activation_breakdown(
         layer["attention q/k/v"] = qkv_output + rotated_qk
         layer["attention output"] = s * b * a * d * e
         layer["softmax statistics"] = 4 * s * b * a
+    if "core_attn" not in selective:  # document masking: what the sdpa document runs save too
+        layer.update(sdpa_document_activations(cfg, layout, s, e, backend))
     final = {
         "final norm": norm_tensors * s * b * h * e // sp_split,
         "logits (fp32 softmax)": 4 * s * b * vocab,
@@ -304,7 +317,7 @@ def transient_buffers(
     if e < 4:
         buffers["logits before fp32 loss"] = s * b * (model.vocab_size // tp) * e
     layer = {kind: value for kind, value in activation_breakdown(cfg, dataclasses.replace(layout, recompute="none"),
-             seq_length, position, element_bytes, backend).items() if kind not in ("final norm", "logits (fp32 softmax)")}  # fmt: skip
+             seq_length, position, element_bytes, backend).items() if kind not in ("final norm", "logits (fp32 softmax)", "document block masks")}  # fmt: skip
     buffers["one layer's backward (gradients of its activations)"] = sum(layer.values()) // model.num_layers
     return buffers
 
@@ -347,7 +360,8 @@ def estimate_memory(cfg: Config, layout: Layout, precision: Precision | None = N
     while activations drain during backward), and on GPUs the headroom of `hardware`."""
     precision = precision or trainer_precision(cfg, device)
     stage = stage or longest_stage(cfg)
-    position, seq_length, e = stage.position, stage.seq_length, precision.activation_bytes
+    position, e = stage.position, precision.activation_bytes
+    seq_length = planned_sequence_length(cfg, stage, layout.context, layout.tensor, backend)  # + THD padding
     params = parameters_per_rank(cfg.model, layout.tensor)
     layer_params, root_params = unit_parameters(cfg, layout.tensor)
 
@@ -369,8 +383,9 @@ def estimate_memory(cfg: Config, layout: Layout, precision: Precision | None = N
         activations=sum(breakdown.values()),
         activations_by_recompute=by_recompute,
         activation_breakdown=breakdown,
-        rotary_tables=rotary_table_bytes(cfg, position, seq_length, layout, e),
-        transient=transient_buffers(cfg, layout, seq_length, position, e, backend),
+        rotary_tables=rotary_table_bytes(cfg, position, seq_length, layout, e) * rotary_table_copies(cfg, layout.micro_batch),
+        transient={**transient_buffers(cfg, layout, seq_length, position, e, backend),
+                   **sdpa_mask_bytes(cfg, layout.micro_batch, seq_length, backend)},
         headroom={},
     )
     if device == "gpu":
@@ -440,7 +455,8 @@ def estimate_step(cfg: Config, layout: Layout, hardware: Hardware, precision: Pr
     extra = recompute_flops_per_token(cfg, layout, seq_length)
     executed = model_flops + sum(extra.values())
     tokens = stage.global_batch_size * seq_length
-    compute = tokens * executed / (layout.gpus * hardware.peak_tflops * 1e12 * hardware.utilization)
+    executed_tokens = tokens * planned_sequence_length(cfg, stage, layout.context, layout.tensor, backend) / seq_length
+    compute = executed_tokens * executed / (layout.gpus * hardware.peak_tflops * 1e12 * hardware.utilization)
     attention_executed = 3 * attention + extra.get("attention", 0.0)
     parts = forward_flops_by_part(cfg, seq_length)
     layer_params, root_params = unit_parameters(cfg, layout.tensor)

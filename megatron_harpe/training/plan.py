@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 from megatron_harpe.config import Config, ModelConfig
+from megatron_harpe.training.document_cost import document_masking_lines
 
 
 def parameters_per_rank(model: ModelConfig, tp: int) -> int:
@@ -37,6 +38,7 @@ def describe_plan(cfg: Config, world_size: int) -> str:
         f"accumulation {accumulation} x data-parallel {dp}",
     ]
     lines += execution_lines(cfg, tp, cp, dp)
+    lines += document_masking_lines(cfg, cp, tp)
     total_steps = 0
     for index, stage in enumerate(cfg.resolved_stages()):
         tokens_per_step = stage.global_batch_size * stage.seq_length

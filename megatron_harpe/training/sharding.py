@@ -32,7 +32,8 @@ default average would divide twice. Every micro-batch's backward reduce-scatters
 gradient shards, which accumulate there: no unsharded gradient outlives its unit's backward.
 
 Precision (mixed_precision.training_precision): ``bf16`` is `MixedPrecisionPolicy(param_dtype=
-bf16, reduce_dtype=fp32)` over fp32 shards; ``fp32`` and ``autocast`` (bf16 autocast, GPU)
+bf16, reduce_dtype=fp32)` over fp32 shards (the layers' float arguments left uncast: the rotary
+angle table stays fp32); ``fp32`` and ``autocast`` (bf16 autocast, GPU)
 gather fp32 weights.
 
 Megatron's parameter attributes (``tensor_model_parallel``, ``sequence_parallel``, ...) live on
@@ -88,10 +89,12 @@ MEGATRON_ATTRIBUTES = ("tensor_model_parallel", "partition_dim", "partition_stri
 """Attributes megatron-core sets on its Parameters that outlive fully_shard only if copied."""
 
 
-def mixed_precision_policy(precision: str) -> MixedPrecisionPolicy:
-    """bf16 compute weights over fp32 shards with fp32 reduction, or everything in fp32."""
+def mixed_precision_policy(precision: str, cast_forward_inputs: bool = True) -> MixedPrecisionPolicy:
+    """bf16 compute weights over fp32 shards with fp32 reduction, or everything in fp32.
+    `cast_forward_inputs`: whether FSDP2 casts the unit's float arguments to bf16 (see shard_modules)."""
     if precision == "bf16":
-        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                    cast_forward_inputs=cast_forward_inputs)  # fmt: skip
     return MixedPrecisionPolicy()
 
 
@@ -111,10 +114,12 @@ def shard_modules(model: torch.nn.Module, units: list[torch.nn.Module], group: d
             raise ValueError(f"the sharded engine keeps fp32 weights; got a {param.dtype} parameter: build the model "
                              "in fp32 (bf16 compute comes from train.precision)")  # fmt: skip
     mesh = data_parallel_mesh(group)
-    policy = mixed_precision_policy(precision)
+    # Inner units keep their float arguments as they come: FSDP2 would cast a layer's fp32 rotary
+    # angle table to bf16 (position 1e5 off by up to 256 radians, its cached cos/sin dropped);
+    # its hidden states are bf16 already, from the root's bf16 embedding.
     for unit in units:
-        fully_shard(unit, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
+        fully_shard(unit, mesh=mesh, mp_policy=mixed_precision_policy(precision, cast_forward_inputs=False))
+    fully_shard(model, mesh=mesh, mp_policy=mixed_precision_policy(precision))
     for previous, following in zip(units, units[1:]):  # explicit, so that recompute cannot reorder it
         previous.set_modules_to_forward_prefetch([following])
         following.set_modules_to_backward_prefetch([previous])

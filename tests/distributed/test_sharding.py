@@ -352,3 +352,31 @@ def test_the_memory_measurement_sees_unsharded_gradient_accumulation(memory_repo
     measurement finds a full copy after the first backward, as it would any such copy."""
     for report in (reports["no_sync"] for reports in memory_reports):
         assert max(report["after_backward"]) > 0.9 * report["full_gradient"], report
+
+
+def _rotary_table_in_the_layers(params_dtype: str) -> list[tuple]:
+    """(dtype, carries its cos/sin) of the rotary table each layer's attention receives when the
+    engine trains in `params_dtype`."""
+    from megatron_harpe.model import build_model
+    from megatron_harpe.training import loop
+    from megatron_harpe.training.sharding import shard_model
+
+    cfg, _ = _config(1, 1, params_dtype)
+    ctx = parallel.initialize(1, 1)
+    model = build_model(MODEL, POSITION)
+    shard_model(model, ctx, loop.training_precision(cfg.train, "cpu"))
+    seen = []
+    for layer in model.decoder.layers:
+        layer.self_attention.register_forward_pre_hook(
+            lambda _m, _args, kwargs: seen.append((kwargs["rotary_pos_emb"].dtype,
+                                                   hasattr(kwargs["rotary_pos_emb"], "rotary_cos_sin"))),
+            with_kwargs=True)  # fmt: skip
+    batch = _global_batch(0)
+    model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"]).sum().backward()
+    return seen
+
+
+def test_bf16_layers_rotate_with_the_fp32_angle_table():
+    """FSDP2 casts a unit's float arguments to its compute dtype unless told not to: an angle
+    table in bf16 puts position 1e5 up to 256 radians off (and loses its cached cos/sin)."""
+    assert parallel.run_on_ranks(_rotary_table_in_the_layers, 1, "bf16")[0] == [(torch.float32, True)] * MODEL.num_layers

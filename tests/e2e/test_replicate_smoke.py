@@ -33,6 +33,7 @@ from megatron_harpe.eval.synthetic_kv import (
 REPO = Path(__file__).resolve().parents[2]
 RUN = REPO / "experiments" / "replicate" / "run.py"
 METHODS = ("harpe", "abf", "abf_multistage", "pi", "none")
+DOCUMENT_MASKING = ("harpe_docmask", "abf_multistage_docmask")  # the same runs with documents masked
 
 
 @pytest.fixture(scope="module")
@@ -124,14 +125,15 @@ def test_multistage_runs_the_tokens_and_steps_of_one_stage_at_full_scale(method)
 def test_smoke_run_trains_and_evaluates_every_method(tmp_path):
     output, workdir = tmp_path / "results", tmp_path / "work"
     environment = dict(os.environ, OMP_NUM_THREADS="2", PYTHONWARNINGS="ignore")
-    command = [sys.executable, str(RUN), "--output", str(output), "--workdir", str(workdir), "--smoke", "--jobs", "0"]
+    command = [sys.executable, str(RUN), "--output", str(output), "--workdir", str(workdir), "--smoke", "--jobs", "0",
+               "--methods", ",".join(METHODS + DOCUMENT_MASKING)]
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=environment, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     scale = json.loads((output / "scale.json").read_text())
     target, base_length = scale["target_length"], scale["base_length"]
 
     steps_per_method = {}
-    for method in METHODS:
+    for method in METHODS + DOCUMENT_MASKING:
         config = yaml.safe_load((output / "configs" / f"{method}_seed1.yaml").read_text())
         checkpoint = workdir / "checkpoints" / f"{method}_seed1"
         steps = int((checkpoint / "latest_checkpointed_iteration.txt").read_text())
@@ -151,6 +153,13 @@ def test_smoke_run_trains_and_evaluates_every_method(tmp_path):
         assert all(len(cell["scores"]) == scale["eval_samples"] for cell in cells.values())
 
     assert len(set(steps_per_method.values())) == 1, steps_per_method  # equal tokens in equal optimizer steps
+    for masked in DOCUMENT_MASKING:  # the method's own run, documents masked
+        config = yaml.safe_load((output / "configs" / f"{masked}_seed1.yaml").read_text())
+        plain = yaml.safe_load((output / "configs" / f"{masked.removesuffix('_docmask')}_seed1.yaml").read_text())
+        flags = ("reset_position_ids", "reset_attention_mask", "eod_mask_loss")
+        assert all(config["data"].pop(flag) for flag in flags) and not any(plain["data"].get(flag) for flag in flags)
+        assert {**config, "checkpoint": None} == {**plain, "checkpoint": None}
+        assert "reset_attention_mask: true" in (workdir / "logs" / f"{masked}_seed1.log").read_text()
     ratio = target / 131072
     harpe = yaml.safe_load((output / "configs" / "harpe_seed1.yaml").read_text())["position"]
     assert harpe["type"] == "harpe" and harpe["base_min"] == pytest.approx(1e6 * ratio)
@@ -167,8 +176,9 @@ def test_smoke_run_trains_and_evaluates_every_method(tmp_path):
     assert min(bases) >= 1e6 * ratio - 1e-6 and max(bases) <= 5e6 * ratio + 1e-6
 
     table = (output / "results.md").read_text()
-    for row in ("base (no extension)", *METHODS):
+    for row in ("base (no extension)", *METHODS, *DOCUMENT_MASKING):
         assert f"| {row} |" in table
+    assert "Document masking: exact match of `<method>_docmask` minus `<method>`" in table
     assert "First-digit accuracy" in table and "minus abf_multistage's, paired by seed" in table
     assert (output / "results.png").stat().st_size > 1000
 
@@ -176,22 +186,23 @@ def test_smoke_run_trains_and_evaluates_every_method(tmp_path):
     heldout = workdir / "data" / f"heldout_{base_length}.jsonl"
     assert len(heldout.read_text().splitlines()) == scale["heldout_documents"]
     perplexities = {}
-    for name in ["base_seed1", *(f"{method}_seed1" for method in METHODS)]:
+    for name in ["base_seed1", *(f"{method}_seed1" for method in METHODS + DOCUMENT_MASKING)]:
         ppl = json.loads((workdir / "eval" / f"{name}_ppl" / "results.json").read_text())["perplexity"][str(base_length)]
         assert ppl["documents"] == scale["heldout_documents"] and ppl["tokens"] == scale["heldout_documents"] * (base_length - 1)
         perplexities[name] = ppl["ppl"]
     assert all(1.0 < value < 200 for value in perplexities.values()), perplexities  # a word-level vocabulary of ~90
     retention_section = table.split("Retention at the base length")[1]
     summary = json.loads((output / "summary.json").read_text())["retention_at_base_length"]
-    for method in METHODS:
+    for method in METHODS + DOCUMENT_MASKING:
         row = next(line for line in retention_section.splitlines() if line.startswith(f"| {method} |"))
         assert row.count("±") == 6 or "| - |" in row  # before, after, kept (when the base scored), ppl x3
         ratio = summary[method]["ppl_ratio"][0]
         assert ratio == pytest.approx(perplexities[f"{method}_seed1"] / perplexities["base_seed1"])
     commands = (output / "commands.md").read_text()
-    assert commands.count("pretrain_harpe.py --config") == 1 + len(METHODS)
-    assert commands.count("tools/evaluate.py --model") == 2 * (1 + len(METHODS))
-    assert commands.count("--task ppl --lengths " + str(base_length)) == 1 + len(METHODS)
+    runs = 1 + len(METHODS + DOCUMENT_MASKING)  # the base model and every extension
+    assert commands.count("pretrain_harpe.py --config") == runs
+    assert commands.count("tools/evaluate.py --model") == 2 * runs
+    assert commands.count("--task ppl --lengths " + str(base_length)) == runs
     assert commands.count("tools/prepare_data.py tokenize") == 2
 
 

@@ -116,7 +116,7 @@ def test_help_lists_the_preset_path_checks():
                          env=env, check=True).stdout  # fmt: skip
     for words in ("preset's own training path", "parallel:", "sequence parallelism", "p2p ring", "recompute",
                   "sharding engine", "TP4 x CP2 and\nTP2 x CP2 x DP2", "parity <layout>", "resume", "in-training evaluation",
-                  "memory <layout>", "planner", "throughput <layout>", "Tolerances, bf16", "--device cpu"):  # fmt: skip
+                  "memory <layout>", "planner", "throughput <layout>", "documents: packed", "Tolerances, bf16", "--device cpu"):  # fmt: skip
         assert words in out, words
 
 
@@ -131,7 +131,7 @@ def test_the_whole_check_runs_on_cpu(tmp_path, capsys):
     for row in ("logits: equal bases = stock RoPE (cpu)", "logits: sdpa on cpu vs cpu", "reference: TP1 x CP1",
                 "parity TP2 x CP2: loss", "parity TP2 x CP2: grad norm", "parity CP2 x DP2: loss",
                 "evaluation: in training on TP2 x CP2", "resume: saved on CP2 x DP2 at step 2, resumed on TP2 x CP2",
-                "throughput TP2 x CP2", "memory TP2 x CP2"):  # fmt: skip
+                "throughput TP2 x CP2", "memory TP2 x CP2", "documents: sdpa packed = alone (cpu, fp32)"):  # fmt: skip
         assert row in out, row
     assert out.splitlines()[-1].split()[:2] == ["overall", "PASS"]
 

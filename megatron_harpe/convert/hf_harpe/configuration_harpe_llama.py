@@ -38,7 +38,7 @@ from transformers import LlamaConfig
 # sentencepiece tokenizer.model a generic tokenizer (not LlamaTokenizer: wrong token ids); 5.3.0 keeps
 # a remote-code model's tied lm_head on the meta device (NaN logits).
 TRANSFORMERS_MINIMUM = "5.4.0"
-TRANSFORMERS_TESTED_UP_TO = "5.24.0"
+TRANSFORMERS_TESTED_UP_TO = "5.25.0"
 TRANSFORMERS_EXCLUDED: tuple[str, ...] = ()  # versions inside the range found broken
 
 
