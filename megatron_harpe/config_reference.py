@@ -126,7 +126,7 @@ def render_markdown() -> str:
         intro = _class_doc(cls)
         if section == "stages[]":
             stages_doc = field_docs(Config).get("stages", "")
-            intro = f"{stages_doc} Each item of the list: {intro}".strip()
+            intro = f"{stages_doc} Each item of the list is {intro[:1].lower()}{intro[1:]}".strip()
         elif section in top and field_docs(Config).get(section):
             intro = f"{intro} {field_docs(Config)[section]}".strip()
         if intro:
