@@ -76,3 +76,33 @@ def test_readme_keeps_the_two_setup_commands_that_ci_runs():
     lines = (REPO / "README.md").read_text(encoding="utf-8").splitlines()
     assert SETUP_DEMO in lines and SETUP_TESTS in lines, "the README's two set-up commands changed"
     assert SETUP_TESTS in (REPO / ".ci" / "run").read_text(encoding="utf-8"), ".ci/run no longer runs the README's test command"
+
+
+PATH_ROOTS = ("megatron_harpe/", "tools/", "scripts/", "tests/", "benchmarks/", "configs/", "experiments/", "docs/",
+              ".ci/", "requirements/")
+OTHER_REPOSITORIES = {  # paths the pages cite in other projects' trees, by the project they name
+    "tools/preprocess_data.py",  # Megatron-LM
+    "tensor_parallel/mappings.py",  # megatron-core
+    "tests/pytorch/distributed/run_fsdp2_model.py",  # Transformer Engine
+}
+
+
+def test_every_repository_path_in_inline_code_exists():
+    """`megatron_harpe/eval/kv_cache.py`, `scripts/gpu_check.sh`, `training/loop.py` (a path inside
+    the package) ...: a file moved or renamed must take the pages' mentions with it."""
+    missing = []
+    for page in documentation_files():
+        for number, line in enumerate(page.read_text(encoding="utf-8").splitlines(), 1):
+            for span in re.findall(r"`([^`\n]+)`", line):
+                path = span.strip().split("::")[0].rstrip(",.:;")
+                if " " in path or re.search(r"[{}*<>\[\]]|\bX\b", path) or path in OTHER_REPOSITORIES:
+                    continue
+                if path.startswith(PATH_ROOTS):
+                    candidates = [REPO / path]
+                elif re.fullmatch(r"[a-z_]+/[\w/]*\.py", path):
+                    candidates = [REPO / "megatron_harpe" / path]
+                else:
+                    continue
+                if not any(candidate.exists() for candidate in candidates):
+                    missing.append(f"{page.relative_to(REPO)}:{number}: {path}")
+    assert not missing, "paths in the documentation that do not exist (moved? renamed?):\n" + "\n".join(missing)
