@@ -41,3 +41,19 @@ def test_field_docs_reads_attribute_docstrings_and_nothing_else():
     docs = field_docs(TrainConfig)
     assert docs["lr_schedule"] == "constant | cosine"
     assert "resolved_recompute_num_layers" not in docs  # methods are not fields
+
+
+def test_the_script_writes_and_checks_the_reference(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_config_reference_tool", REPO / "tools" / "config_reference.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    target = tmp_path / "reference.md"
+    assert tool.main(["--check", "--output", str(target)]) == 1  # missing
+    assert tool.main(["--output", str(target)]) == 0
+    assert target.read_text(encoding="utf-8") == render_markdown()
+    assert tool.main(["--check", "--output", str(target)]) == 0
+    target.write_text("old\n", encoding="utf-8")
+    assert tool.main(["--check", "--output", str(target)]) == 1
+    assert REGENERATE_COMMAND in capsys.readouterr().err
