@@ -31,18 +31,23 @@ class ModelConfig:
     num_layers: int = 2
     """Transformer layers."""
     hidden_size: int = 128
+    """Model width (Llama2-7B: 4096); a multiple of num_attention_heads with an even head dim."""
     num_attention_heads: int = 4
     """Query heads."""
     ffn_hidden_size: int = 344
     """SwiGLU inner size (Llama2-7B: 11008)."""
     vocab_size: int = 32000
+    """Vocabulary size of the embedding and output layer (Llama2: 32000); at least the tokenizer's."""
     num_query_groups: int | None = None
     """k/v heads; None (or equal to num_attention_heads) is multi-head attention, fewer is GQA."""
     max_position_embeddings: int = 4096
     """The context length the base model was pretrained at (YaRN and PI scale from it)."""
     norm_epsilon: float = 1e-5
+    """RMSNorm epsilon (Llama2: 1e-5)."""
     init_method_std: float = 0.02
+    """Standard deviation of the weight initialisation of a model trained from scratch."""
     tie_word_embeddings: bool = False
+    """Share the input embedding with the output layer (false for Llama2-7B)."""
     attention_backend: str = "sdpa"
     """`sdpa`: torch scaled_dot_product_attention with our context parallelism (CPU and GPU);
     `te`: Transformer Engine attention and its context parallelism (GPU only)."""
@@ -142,6 +147,7 @@ class DataConfig:
     """No loss where the input token is the end-of-document token (predicting the next
     document's first token)."""
     seed: int = 1234
+    """Seed of megatron's sample shuffling and blending (the data order)."""
     cache_dir: str | None = None
     """Where megatron's sample indices are cached, keyed by the data's content (tokenizer, file
     sizes and times). None: `index_cache/` beside the first dataset when that directory is
@@ -153,6 +159,7 @@ class StageConfig:
     """One stage of a multi-stage schedule (e.g. 32k -> 64k -> 128k with growing ABF bases)."""
 
     seq_length: int = 512
+    """Tokens per training sequence in this stage."""
     tokens: int = 0
     """Training tokens in this stage."""
     position: PositionConfig = dataclasses.field(default_factory=PositionConfig)
@@ -164,21 +171,31 @@ class StageConfig:
 @dataclasses.dataclass
 class TrainConfig:
     micro_batch_size: int = 1
+    """Sequences per forward/backward on one data-parallel rank."""
     global_batch_size: int = 8
     """Sequences per optimizer step = micro_batch_size x accumulation x data-parallel size."""
     train_tokens: int = 0
     """Training tokens of the single stage (ignored when `stages` is given)."""
     lr: float = 2e-5
+    """Peak learning rate (the paper: 2e-5, constant)."""
     min_lr: float = 0.0
+    """Learning rate at the end of the cosine schedule (at most lr)."""
     lr_schedule: str = "constant"
     """constant | cosine"""
     warmup_steps: int = 0
+    """Steps of linear warm-up from 0 to lr (0: none)."""
     weight_decay: float = 0.1
+    """AdamW decoupled weight decay."""
     adam_beta1: float = 0.9
+    """AdamW beta1."""
     adam_beta2: float = 0.95
+    """AdamW beta2."""
     adam_eps: float = 1e-8
+    """AdamW epsilon."""
     clip_grad: float = 1.0
+    """Clip the global gradient norm to this value (0: no clipping)."""
     seed: int = 1234
+    """Seed of the weight initialisation and of the prompts of evaluation during training."""
     precision: str = "auto"
     """Compute precision: auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16"""
     params_dtype: str = "auto"
@@ -268,6 +285,7 @@ class CheckpointConfig:
     save_interval: int = 0
     """Save every N steps (0: only at the end)."""
     keep_last: int | None = 2
+    """Keep this many newest checkpoints, deleting older ones (None: keep all)."""
     pretrained: str | None = None
     """Weights-only start (continual pretraining): fresh optimizer, schedule and step count."""
     stop_file: str | None = None
@@ -283,7 +301,9 @@ class CheckpointConfig:
 @dataclasses.dataclass
 class LoggingConfig:
     log_interval: int = 10
+    """Print (and log to TensorBoard) the training metrics every N steps."""
     tensorboard_dir: str | None = None
+    """Write TensorBoard event files here (None: no TensorBoard)."""
     peak_tflops: float | None = None
     """Dense peak TFLOP/s of one device, for the MFU of the log line (e.g. 989 for an H100 SXM in
     bf16); None: looked up from the GPU's name (training/monitor.py), no MFU on CPU."""
@@ -294,8 +314,11 @@ class EvalConfig:
     interval: int = 0
     """Evaluate every N steps during training (0: never)."""
     tasks: list[str] = dataclasses.field(default_factory=lambda: ["passkey"])
+    """Evaluation tasks run during training, the names of `tools/evaluate.py --task` (e.g. passkey, niah_single_1)."""
     lengths: list[int] = dataclasses.field(default_factory=list)
+    """Context lengths in tokens to evaluate at (empty: each stage's sequence length)."""
     samples: int = 4
+    """Samples per task and length."""
     max_new_tokens: int | None = None
     """Tokens generated per prompt, which also sizes its prompt (None: each task's own answer budget)."""
 

@@ -8,7 +8,7 @@
     write_json(summary, "run.summary.json")
 
 The plot has two panels: tokens per source and the share of tokens in documents longer than
-the threshold, one bar per source and per stage (SPEC section 3: about 30% -> about 70%).
+the threshold, one bar per source and per stage (Fu et al. 2024, arXiv 2402.10171: about 30% -> about 70%).
 """
 
 from __future__ import annotations

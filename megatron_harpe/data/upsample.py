@@ -1,4 +1,4 @@
-"""Per-source length upsampling (Fu et al. 2024, SPEC.md section 3): the sampling rule alone.
+"""Per-source length upsampling (Fu et al. 2024, arXiv 2402.10171): the sampling rule alone.
 
 Documents arrive in corpus order with a source label and a length (real tokens, or the
 published characters / 3.68 estimate). `LengthUpsampler.offer(source, length)` says whether

@@ -1,4 +1,5 @@
-"""Sliding-window perplexity of long documents at growing context lengths (SPEC.md section 4).
+"""Sliding-window perplexity of long documents at growing context lengths, as the HARPE
+paper (arXiv 2412.07171) reports it.
 
     from megatron_harpe.eval.perplexity import load_documents, perplexity_by_length
     documents = load_documents("data/proofpile_test.jsonl", backend.tokenizer, max_documents=20)

@@ -1,7 +1,7 @@
 """Scoring of retrieval answers: RULER's string-match metrics, their teacher-forced
 counterpart, and the Wilson interval of a cell's mean.
 
-string_match_all (RULER, SPEC.md section 4): the share of expected values that occur as
+string_match_all (RULER, arXiv 2404.06654): the share of expected values that occur as
 case-insensitive substrings of the model's output, times 100 (NIAH, vt, cwe, fwe).
 string_match_part (RULER's qa metric): 100 when any one of the reference answers occurs.
 

@@ -5,9 +5,9 @@ into one base per head. The registry `STRATEGIES` maps a name to a plain functio
 strategy is adding one function to it. `select_bases` is the single entry point used by the
 config (`position.strategy`) and by `tools/select_bases.py`:
 
-    paper        the 32 bases published for Llama2-7B (SPEC section 1), exactly
+    paper        the 32 bases published for Llama2-7B (the HARPE paper, arXiv 2412.07171), exactly
     uniform      b_h = b_min + h*(b_max-b_min)/(N-1), ascending or descending over heads
-    peak_valley  the greedy waveform search of SPEC section 1 (see `peak_valley_bases`)
+    peak_valley  the paper's greedy waveform search (see `peak_valley_bases`)
     constant     one value for every head (ABF as a degenerate HARPE)
     explicit     a given list, checked for length and positivity
 
@@ -155,7 +155,7 @@ def peak_valley_bases(
     peak_window: float | None = None,
     smoothing: float | None = None,
 ) -> list[float]:
-    """Greedy peak-valley search of SPEC section 1, with an explicit picking rule.
+    """Greedy peak-valley search of the HARPE paper, with an explicit picking rule.
 
     1. Candidates: b_min + k*stride up to b_max.
     2. Each candidate's waveform A_b(D) over D = 0..max_distance, smoothed by a Gaussian of
@@ -165,7 +165,7 @@ def peak_valley_bases(
        (default max_distance/128): a sample is a peak if nothing within the window is higher.
     4. Start from {b_min}. Repeatedly add the unselected candidate with the lowest cost: the
        mean, over all its peaks and valleys, of the distance from each peak to the nearest
-       valley of any selected base and from each valley to the nearest selected peak. (SPEC
+       valley of any selected base and from each valley to the nearest selected peak. (The paper
        says "sum"; the mean keeps a candidate from winning just by having fewer extrema in
        range; a candidate with none costs +inf.) Ties go to the smaller base, so if nothing
        can be compared (no extrema in range) the next smallest base is taken. Stop at N.

@@ -54,7 +54,9 @@ class PositionConfig:
     strategy: str | None = None
     """harpe base strategy: paper | uniform | peak_valley | constant | explicit."""
     base_min: float | None = None
+    """uniform and peak_valley: the smallest base (paper: 1e6)."""
     base_max: float | None = None
+    """uniform and peak_valley: the largest base (paper: 5e6)."""
     stride: float | None = None
     """peak_valley candidate stride."""
     order: str = "ascending"
@@ -72,7 +74,9 @@ class PositionConfig:
     original_max_position: int | None = None
     """yarn: the pretraining context (default: model.max_position_embeddings)."""
     yarn_beta_fast: float = 32.0
+    """yarn: beta_fast of the frequency ramp (high-frequency boundary)."""
     yarn_beta_slow: float = 1.0
+    """yarn: beta_slow of the frequency ramp (low-frequency boundary)."""
 
     def base_count(self, model: ModelShape) -> int:
         """How many bases `bases` must hold for this model."""

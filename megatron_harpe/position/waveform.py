@@ -1,4 +1,4 @@
-"""The attention waveform of a RoPE base (SPEC section 1) and the peak/valley rule used on it.
+"""The attention waveform of a RoPE base (the HARPE paper, arXiv 2412.07171) and the peak/valley rule used on it.
 
 The waveform of base `b` for head dimension `d` is the pre-softmax score of an all-ones
 query/key pair at distance `D` once RoPE has rotated them:

@@ -23,7 +23,7 @@ from megatron_harpe.position.waveform import (
     waveform_grid,
 )
 
-# SPEC section 1, heads 1..32, in millions, as printed there.
+# The HARPE paper's Llama2-7B bases (arXiv 2412.07171), heads 1..32, in millions, as printed there.
 PUBLISHED_MILLIONS = """
     1.00 1.15 1.30 1.45 2.17 2.20 2.23 2.47 2.50 2.65 2.68 2.71 2.74 2.80 2.83 2.92
     3.01 3.04 3.10 3.13 3.16 3.22 3.43 3.46 3.61 3.88 4.09 4.15 4.39 4.45 4.51 4.54

@@ -1,4 +1,4 @@
-"""The length-upsampling rule (SPEC section 3): budgets per source, shares, the short-document
+"""The length-upsampling rule (Fu et al. 2024, arXiv 2402.10171): budgets per source, shares, the short-document
 keep rate, determinism, modes and share parsing.
 
     pytest tests/unit/test_data_upsample.py

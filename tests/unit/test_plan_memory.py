@@ -227,7 +227,7 @@ def test_selective_recomputation(llama) -> None:
 
 
 def test_rotary_tables_are_one_sixteenth_of_the_full_table(llama) -> None:
-    # SPEC.md: 128k x 32 heads x 128 dims in fp32 is 2 GiB; a TP4 x CP4 rank holds 1/16 of it,
+    # 128k x 32 heads x 128 dims in fp32 is 2 GiB; a TP4 x CP4 rank holds 1/16 of it,
     # plus the cos/sin cached with it (once for all layers): half width, 8 distinct local bases,
     # fp32 and one bf16 copy for the bf16 activations
     angles = 2 * GIB // 16

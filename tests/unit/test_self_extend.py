@@ -1,5 +1,5 @@
 """Self-Extend (eval/self_extend/core.py and its Hugging Face adapter) against a per-token reference
-written here from the formulas of SPEC section 2, and against the plain model.
+written here from the formulas of Self-Extend (Jin et al. 2024, arXiv 2401.01325), and against the plain model.
 
 Run: pytest tests/unit/test_self_extend.py
 """

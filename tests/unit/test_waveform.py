@@ -18,7 +18,7 @@ from megatron_harpe.position.waveform import (
 
 
 def direct_sum(base: float, head_dim: int, distance: float) -> float:
-    """SPEC section 1 written out term by term."""
+    """The HARPE paper's waveform (arXiv 2412.07171) written out term by term."""
     total = sum(2.0 * math.cos(distance * base ** (-2.0 * j / head_dim)) for j in range(head_dim // 2))
     return total / math.sqrt(head_dim)
 

@@ -1,5 +1,5 @@
-"""Self-Extend (Jin et al. 2024, "LLM Maybe LongLM"): training-free grouped attention at
-evaluation time, the paper's last baseline (SPEC section 2). Shared by both backends.
+"""Self-Extend (Jin et al. 2024, "LLM Maybe LongLM", arXiv 2401.01325): training-free grouped
+attention at evaluation time, the HARPE paper's training-free baseline. Shared by both backends.
 
 For a query at position i and a key at position j (causal, j <= i):
 - neighbour tokens (i - j < W) keep the model's own RoPE relative position i - j;

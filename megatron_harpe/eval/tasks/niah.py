@@ -1,4 +1,5 @@
-"""RULER's eight needle-in-a-haystack tasks (SPEC.md section 4), generated for any tokenizer.
+"""RULER's eight needle-in-a-haystack tasks (arXiv 2404.06654; the HARPE paper's headline metric),
+generated for any tokenizer.
 
     from megatron_harpe.eval.tasks.niah import NIAH_TASKS, build_niah_sample
     sample = build_niah_sample(NIAH_TASKS["niah_multikey_2"], tokenizer, length=8192, index=0, seed=42)
