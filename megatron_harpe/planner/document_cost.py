@@ -27,7 +27,12 @@ import math
 from pathlib import Path
 
 from megatron_harpe.config import Config, StageConfig
-from megatron_harpe.documents import TILE
+
+
+def _tile() -> int:
+    from megatron_harpe.documents import TILE  # documents.py imports torch: not for `plan_memory --help`
+
+    return TILE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +70,7 @@ def _document_lengths(prefix: str):
 @functools.lru_cache(maxsize=64)
 def _length_statistics(prefixes: tuple[str, ...], seq_length: int) -> tuple[float, float, float] | None:
     """(document starts per token, token-weighted mean of min(length, S) / S, share of tokens in
-    documents shorter than TILE), or None when a dataset is missing."""
+    documents shorter than documents.TILE), or None when a dataset is missing."""
     if not prefixes or not all(Path(f"{p}.idx").is_file() and Path(f"{p}.bin").is_file() for p in prefixes):
         return None
     documents = tokens = clipped = short = 0.0
@@ -74,7 +79,7 @@ def _length_statistics(prefixes: tuple[str, ...], seq_length: int) -> tuple[floa
         documents += len(lengths)
         tokens += float(lengths.sum())
         clipped += float((lengths * lengths.clip(max=seq_length)).sum())
-        short += float(lengths[lengths < TILE].sum())
+        short += float(lengths[lengths < _tile()].sum())
     return documents / tokens, clipped / tokens / seq_length, short / tokens
 
 
@@ -132,7 +137,7 @@ def sdpa_document_activations(cfg: Config, layout, tokens_per_rank: int, element
     cost = document_cost(cfg, layout.context, layout.tensor)
     short = 1.0 if cost.short_token_fraction is None else cost.short_token_fraction
     tokens = layout.micro_batch * tokens_per_rank
-    terms = {"document block masks": int(tokens * short * TILE * 4)}
+    terms = {"document block masks": int(tokens * short * _tile() * 4)}
     if layout.context == 1:  # under CP the per-chunk outputs are concatenated anyway
         heads = cfg.model.num_attention_heads // layout.tensor
         terms["document runs' outputs"] = tokens * heads * cfg.model.head_dim * element_bytes
@@ -149,8 +154,8 @@ def document_masking_lines(cfg: Config, cp: int, tp: int) -> list[str]:
     cost = document_cost(cfg, cp, tp)
     te = cfg.model.attention_backend == "te"
     how = ("Transformer Engine THD (cu_seqlens per document" + (f", each padded to a multiple of {2 * cp})" if cp > 1 else ")")
-           if te else f"sdpa block-diagonal causal runs (no padding, no [S, S] mask; documents under {TILE} "
-           f"tokens merged into calls with at most a {TILE} x {TILE} block mask)")  # fmt: skip
+           if te else f"sdpa block-diagonal causal runs (no padding, no [S, S] mask; documents under {_tile()} "
+           f"tokens merged into calls with at most a {_tile()} x {_tile()} block mask)")  # fmt: skip
     positions = "restart per document" if data.reset_position_ids else "run on (attention is masked: the same logits)"
     lines = [f"document masking: on, {how}; positions {positions}; "
              f"loss on end-of-document tokens {'off' if data.eod_mask_loss else 'on'}"]  # fmt: skip
@@ -161,7 +166,7 @@ def document_masking_lines(cfg: Config, cp: int, tp: int) -> list[str]:
     line = (f"documents: about {cost.pieces_per_sequence:.1f} per {cost.seq_length}-token sequence (measured on the "
             f"data); masked attention does about {cost.attention_fraction:.0%} of the causal attention work")
     if not te:
-        line += f"; {cost.short_token_fraction:.0%} of the tokens in documents under {TILE} tokens"
+        line += f"; {cost.short_token_fraction:.0%} of the tokens in documents under {_tile()} tokens"
     if te and cost.padding_worst:
         line += (f"; THD padding about {cost.padding_expected:.0f} tokens per sequence "
                  f"({cost.padding_expected / cost.seq_length:.1%}), planned for {cost.padding_worst}")
