@@ -59,8 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--world-size", type=int, default=None, help="with --dry-run: the number of processes to plan for"
     )
-    parser.add_argument("--print-config", action="store_true",
-                        help="print the resolved config (YAML, overrides applied, bases written out) and exit")
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config (YAML, overrides applied, bases written out) and exit",
+    )
     cli.add_common_flags(parser)
     return parser
 

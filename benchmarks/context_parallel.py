@@ -36,8 +36,9 @@ def benchmark_model(context: int, seq: int):
     """(parallel context, model config, model, AdamW) of the benchmark's HARPE model on fresh ranks."""
     ctx = parallel.initialize(1, context)
     parallel.seed_everything(0)
-    model_cfg = ModelConfig(num_layers=4, hidden_size=256, num_attention_heads=8, num_query_groups=4,
-                            ffn_hidden_size=688, vocab_size=8192)
+    model_cfg = ModelConfig(
+        num_layers=4, hidden_size=256, num_attention_heads=8, num_query_groups=4, ffn_hidden_size=688, vocab_size=8192
+    )
     position = PositionConfig(type="harpe", strategy="uniform", base_min=1e4, base_max=5e5).resolve(model_cfg, seq)
     model = build_model(model_cfg, position)
     return ctx, model_cfg, model, torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -76,7 +77,9 @@ def main() -> None:
         }
     print(f"4 layers x hidden 256 x 8 heads (4 k/v groups), sequence {args.seq}, best of {args.steps} steps:")
     for context, result in results.items():
-        print(f"  CP={context}: peak memory added per rank {result['peak_mib']:8.1f} MiB, step {result['step_s']:.2f} s")
+        print(
+            f"  CP={context}: peak memory added per rank {result['peak_mib']:8.1f} MiB, step {result['step_s']:.2f} s"
+        )
     print(f"  CP=2 / CP=1 memory per rank: {results[2]['peak_mib'] / results[1]['peak_mib']:.2f}  (goal <= 0.6)")
     print(f"  CP=2 / CP=1 step time:       {results[2]['step_s'] / results[1]['step_s']:.2f}")
 

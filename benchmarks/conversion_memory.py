@@ -57,9 +57,16 @@ def make_model(directory: Path, layers: int, hidden: int, vocab: int, shard_mb: 
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=int(hidden * 2.75) // 64 * 64,
-                         num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=hidden // 128,
-                         max_position_embeddings=4096, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=int(hidden * 2.75) // 64 * 64,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 128,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+    )
     LlamaForCausalLM(config).save_pretrained(directory, max_shard_size=f"{shard_mb}MB")
 
 
@@ -82,8 +89,13 @@ def model_sizes(directory: Path) -> dict:
 
 def measure(direction: str, source: Path, target: Path) -> dict:
     environment = dict(os.environ, PYTHONWARNINGS="ignore")
-    result = subprocess.run([sys.executable, "-c", CHILD, direction, str(source), str(target)],
-                            capture_output=True, text=True, env=environment, check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", CHILD, direction, str(source), str(target)],
+        capture_output=True,
+        text=True,
+        env=environment,
+        check=False,
+    )
     if result.returncode != 0:
         raise RuntimeError(f"{direction} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -105,15 +117,19 @@ def main(argv: list[str] | None = None) -> int:
     sizes = model_sizes(hf)
     mb = 2**20
     bound = sizes["largest_shard_bytes"] + sizes["layer_bytes"]
-    print(f"model {sizes['model_bytes'] / mb:.0f} MB, {sizes['shards']} shards (largest "
-          f"{sizes['largest_shard_bytes'] / mb:.0f} MB), one layer {sizes['layer_bytes'] / mb:.0f} MB, largest "
-          f"megatron weight {sizes['largest_weight_bytes'] / mb:.0f} MB")
+    print(
+        f"model {sizes['model_bytes'] / mb:.0f} MB, {sizes['shards']} shards (largest "
+        f"{sizes['largest_shard_bytes'] / mb:.0f} MB), one layer {sizes['layer_bytes'] / mb:.0f} MB, largest "
+        f"megatron weight {sizes['largest_weight_bytes'] / mb:.0f} MB"
+    )
     for direction, source, target in (("hf-to-megatron", hf, megatron), ("megatron-to-hf", megatron, export)):
         found = measure(direction, source, target)
         above = found["peak"] - found["baseline"]
-        print(f"{direction:15s} peak above imports {above / mb:7.0f} MB = {above / sizes['model_bytes']:.2f}x the model "
-              f"= {above / bound:.2f}x (largest shard + one layer) = {above / sizes['largest_weight_bytes']:.2f}x "
-              "the largest weight")
+        print(
+            f"{direction:15s} peak above imports {above / mb:7.0f} MB = {above / sizes['model_bytes']:.2f}x the model "
+            f"= {above / bound:.2f}x (largest shard + one layer) = {above / sizes['largest_weight_bytes']:.2f}x "
+            "the largest weight"
+        )
     return 0
 
 

@@ -56,7 +56,9 @@ def build_source_corpus(output: Path, megabytes: float) -> Path:
     with open(output, "w", encoding="utf-8") as out:
         for root in roots:
             for directory, subdirectories, files in sorted(os.walk(root)):
-                subdirectories[:] = sorted(d for d in subdirectories if d not in _SKIPPED_DIRECTORIES and d != "site-packages")
+                subdirectories[:] = sorted(
+                    d for d in subdirectories if d not in _SKIPPED_DIRECTORIES and d != "site-packages"
+                )
                 for name in sorted(files):
                     if not name.endswith(".py"):
                         continue
@@ -111,8 +113,9 @@ def megatron_lm_preprocess(input_path: Path, prefix: str, tokenizer_path: str, w
 
 
 def megatron_harpe_tokenize(input_path: Path, prefix: str, tokenizer_path: str, workers: int) -> int:
-    summary = tokenize_corpus([input_path], prefix, tokenizer_path, add_bos=False, add_eos=True, workers=workers,
-                              write_report=False)
+    summary = tokenize_corpus(
+        [input_path], prefix, tokenizer_path, add_bos=False, add_eos=True, workers=workers, write_report=False
+    )
     return summary["tokens"]
 
 
@@ -127,12 +130,19 @@ IMPLEMENTATIONS = {"Megatron-LM preprocess_data": megatron_lm_preprocess, "megat
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--input", default=None, help="jsonl with a 'text' field (default: Python sources, see --megabytes)")
+    parser.add_argument(
+        "--input", default=None, help="jsonl with a 'text' field (default: Python sources, see --megabytes)"
+    )
     parser.add_argument("--megabytes", type=float, default=32.0, help="size of the default corpus")
     parser.add_argument("--tokenizer", default=None, help="sentencepiece .model (default: the demo tokenizer)")
     parser.add_argument("--workdir", default="work/demo", help="where the demo tokenizer lives or is built")
-    parser.add_argument("--workers", type=int, nargs="+", default=sorted({1, 2, os.cpu_count() or 1}),
-                        help="worker counts to compare at (default: 1, 2 and all cores)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        nargs="+",
+        default=sorted({1, 2, os.cpu_count() or 1}),
+        help="worker counts to compare at (default: 1, 2 and all cores)",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
@@ -140,8 +150,10 @@ def main() -> None:
     scratch = Path(tempfile.mkdtemp(prefix="data_prep_bench_"))
     try:
         corpus = Path(args.input) if args.input else build_source_corpus(scratch / "corpus.jsonl", args.megabytes)
-        print(f"input {corpus.stat().st_size / 1e6:.1f} MB ({corpus}), tokenizer {tokenizer_path}, workers {args.workers}, "
-              f"{args.repeats} interleaved repeats, load average {os.getloadavg()[0]:.2f} at start")
+        print(
+            f"input {corpus.stat().st_size / 1e6:.1f} MB ({corpus}), tokenizer {tokenizer_path}, workers {args.workers}, "
+            f"{args.repeats} interleaved repeats, load average {os.getloadavg()[0]:.2f} at start"
+        )
         seconds: dict[tuple[str, int], list[float]] = {}
         cpu: dict[tuple[str, int], list[float]] = {}
         tokens = 0
@@ -163,7 +175,9 @@ def main() -> None:
                         for suffix in (".bin", ".idx"):
                             os.remove(reference + suffix)
                             os.remove(prefix + suffix)
-        print(f"output identical to Megatron-LM's loop in every run ({tokens:,} tokens); load average now {os.getloadavg()[0]:.2f}")
+        print(
+            f"output identical to Megatron-LM's loop in every run ({tokens:,} tokens); load average now {os.getloadavg()[0]:.2f}"
+        )
         first = args.workers[0]
         for workers in args.workers:
             rates = {}
@@ -171,12 +185,16 @@ def main() -> None:
                 runs = seconds[(name, workers)]
                 rates[name] = (tokens / min(runs), tokens / statistics.median(runs))
                 scaling = min(seconds[(name, first)]) / min(runs)
-                print(f"{workers} workers {name:>28}: {rates[name][0] / 1e6:6.3f} M tokens/s fastest, "
-                      f"{rates[name][1] / 1e6:6.3f} median (runs {', '.join(f'{s:.2f}s' for s in runs)}; "
-                      f"x{scaling:.2f} of {first} worker(s)); CPU s (all processes) {', '.join(f'{s:.2f}' for s in cpu[(name, workers)])}")
+                print(
+                    f"{workers} workers {name:>28}: {rates[name][0] / 1e6:6.3f} M tokens/s fastest, "
+                    f"{rates[name][1] / 1e6:6.3f} median (runs {', '.join(f'{s:.2f}s' for s in runs)}; "
+                    f"x{scaling:.2f} of {first} worker(s)); CPU s (all processes) {', '.join(f'{s:.2f}' for s in cpu[(name, workers)])}"
+                )
             ours, theirs = rates["megatron_harpe"], rates["Megatron-LM preprocess_data"]
-            print(f"{workers} workers: megatron_harpe / Megatron-LM wall tokens/s = {ours[0] / theirs[0]:.2f}x fastest, "
-                  f"{ours[1] / theirs[1]:.2f}x median")
+            print(
+                f"{workers} workers: megatron_harpe / Megatron-LM wall tokens/s = {ours[0] / theirs[0]:.2f}x fastest, "
+                f"{ours[1] / theirs[1]:.2f}x median"
+            )
     finally:
         shutil.rmtree(scratch)
 

@@ -73,8 +73,12 @@ def measure(context: int, seq: int, steps: int) -> dict:
     for profile in PROFILES:
         tokens = packed_tokens(profile, seq + 1, model_cfg.vocab_size)
         ids = document_ids(tokens[:, :-1], EOD)
-        whole = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones(1, seq),
-                 "position_ids": torch.arange(seq)[None]}
+        whole = {
+            "tokens": tokens[:, :-1],
+            "labels": tokens[:, 1:],
+            "loss_mask": torch.ones(1, seq),
+            "position_ids": torch.arange(seq)[None],
+        }
         for masked in (False, True):
             batch = dict(whole, position_ids=document_positions(ids)) if masked else whole
             batch = slice_for_context_parallel(batch, ctx.cp_rank, context)
@@ -97,8 +101,15 @@ def measure(context: int, seq: int, steps: int) -> dict:
             optimizer.zero_grad(set_to_none=True)
             times[(profile, masked)].append((time.perf_counter() - start, time.process_time() - cpu_start))
             saved[(profile, masked)] = sum(kept.values()) / 2**20
-    results = {key: {"step_s": min(wall for wall, _ in times[key]), "cpu_s": min(cpu for _, cpu in times[key]),
-                     "saved_mib": saved[key], "documents": documents[key[0]]} for key in batches}
+    results = {
+        key: {
+            "step_s": min(wall for wall, _ in times[key]),
+            "cpu_s": min(cpu for _, cpu in times[key]),
+            "saved_mib": saved[key],
+            "documents": documents[key[0]],
+        }
+        for key in batches
+    }
     return results
 
 
@@ -108,7 +119,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--context", type=int, nargs="+", default=[1, 2])
     args = parser.parse_args()
-    print(f"4 layers x hidden 256 x 8 heads (4 k/v groups), sdpa on CPU, sequence {args.seq}, best of {args.steps} steps")
+    print(
+        f"4 layers x hidden 256 x 8 heads (4 k/v groups), sdpa on CPU, sequence {args.seq}, best of {args.steps} steps"
+    )
     print("ratios are masked / unmasked; CPU seconds are this process's (all its threads), the slowest rank's")
     print(f"{'CP':>3} {'documents':>12} {'wall s':>13} {'wall ratio':>11} {'CPU s':>13} {'CPU ratio':>10} "
           f"{'saved MiB':>15} {'memory ratio':>13}")  # fmt: skip
@@ -118,10 +131,13 @@ def main() -> None:
             plain, masked = ({key: max(r[(profile, m)][key] for r in per_rank) for key in ("step_s", "cpu_s", "saved_mib")}
                              for m in (False, True))  # fmt: skip
             documents = per_rank[0][(profile, True)]["documents"]
-            print(f"{context:>3} {profile + f' ({documents:.0f})':>12} "
-                  f"{plain['step_s']:>6.2f}/{masked['step_s']:<6.2f} {masked['step_s'] / plain['step_s']:>11.2f} "
-                  f"{plain['cpu_s']:>6.2f}/{masked['cpu_s']:<6.2f} {masked['cpu_s'] / plain['cpu_s']:>10.2f} "
-                  f"{plain['saved_mib']:>7.1f}/{masked['saved_mib']:<7.1f} {masked['saved_mib'] / plain['saved_mib']:>13.2f}")
+            print(
+                f"{context:>3} {profile + f' ({documents:.0f})':>12} "
+                f"{plain['step_s']:>6.2f}/{masked['step_s']:<6.2f} {masked['step_s'] / plain['step_s']:>11.2f} "
+                f"{plain['cpu_s']:>6.2f}/{masked['cpu_s']:<6.2f} {masked['cpu_s'] / plain['cpu_s']:>10.2f} "
+                f"{plain['saved_mib']:>7.1f}/{masked['saved_mib']:<7.1f} {masked['saved_mib'] / plain['saved_mib']:>13.2f}"
+            )
+
 
 if __name__ == "__main__":
     main()

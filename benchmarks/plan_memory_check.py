@@ -69,8 +69,16 @@ CASES = [
     Case("harpe mha", ()),
     Case("harpe gqa 8q/2kv", ("model.num_query_groups=2",)),
     Case("harpe gqa per-query-head", ("model.num_query_groups=2", "position.gqa_bases=per_query_head")),
-    Case("abf (one base)", ("position.type=abf", "position.strategy=null", "position.base=5.0e5",
-                            "position.base_min=null", "position.base_max=null")),  # fmt: skip
+    Case(
+        "abf (one base)",
+        (
+            "position.type=abf",
+            "position.strategy=null",
+            "position.base=5.0e5",
+            "position.base_min=null",
+            "position.base_max=null",
+        ),
+    ),  # fmt: skip
     Case("harpe seq 2048, batch 1", ("data.seq_length=2048",), micro_batch=1),
     Case("harpe tp2", (), tensor=2),
     Case("harpe cp2", (), context=2),

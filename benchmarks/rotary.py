@@ -41,9 +41,7 @@ def time_step(model, tokens, positions) -> tuple[float, float]:
 
 
 def compare_speed(args) -> None:
-    model_cfg = ModelConfig(
-        num_layers=4, hidden_size=512, num_attention_heads=8, ffn_hidden_size=1376, vocab_size=4096
-    )
+    model_cfg = ModelConfig(num_layers=4, hidden_size=512, num_attention_heads=8, ffn_hidden_size=1376, vocab_size=4096)
     encodings = {
         "harpe": PositionConfig(type="harpe", strategy="uniform", base_min=1e4, base_max=5e5),
         "abf": PositionConfig(type="abf", base=5e5),
@@ -60,21 +58,27 @@ def compare_speed(args) -> None:
         time_step(model, tokens, positions)
     load = os.getloadavg()[0]
     for repeat in range(args.repeats):
-        for name, model in (models.items() if repeat % 2 == 0 else reversed(models.items())):
+        for name, model in models.items() if repeat % 2 == 0 else reversed(models.items()):
             wall, cpu_seconds = time_step(model, tokens, positions)
             times[name].append(wall)
             cpu[name].append(cpu_seconds)
     median = {name: statistics.median(values) for name, values in times.items()}
-    print(f"forward+backward, 4 layers x hidden 512 x 8 heads, seq {args.seq}, {args.repeats} interleaved runs "
-          f"(load average {load:.2f} at start, {os.getloadavg()[0]:.2f} at end):")
+    print(
+        f"forward+backward, 4 layers x hidden 512 x 8 heads, seq {args.seq}, {args.repeats} interleaved runs "
+        f"(load average {load:.2f} at start, {os.getloadavg()[0]:.2f} at end):"
+    )
     for name, value in median.items():
         print(f"  {name:6s} median {value:.3f} s  (runs: {', '.join(f'{t:.3f}' for t in times[name])})")
     fastest = {name: min(values) for name, values in times.items()}
-    print(f"  harpe / abf time ratio: median {median['harpe'] / median['abf']:.3f}, "
-          f"fastest run {fastest['harpe'] / fastest['abf']:.3f}  (goal <= 1.05; on a busy machine trust the fastest)")
+    print(
+        f"  harpe / abf time ratio: median {median['harpe'] / median['abf']:.3f}, "
+        f"fastest run {fastest['harpe'] / fastest['abf']:.3f}  (goal <= 1.05; on a busy machine trust the fastest)"
+    )
     cpu_median = {name: statistics.median(values) for name, values in cpu.items()}
-    print(f"  harpe / abf CPU-time ratio: median {cpu_median['harpe'] / cpu_median['abf']:.3f}, "
-          f"fastest run {min(cpu['harpe']) / min(cpu['abf']):.3f}")
+    print(
+        f"  harpe / abf CPU-time ratio: median {cpu_median['harpe'] / cpu_median['abf']:.3f}, "
+        f"fastest run {min(cpu['harpe']) / min(cpu['abf']):.3f}"
+    )
 
 
 def compare_apply(args) -> None:
@@ -87,21 +91,27 @@ def compare_apply(args) -> None:
 
     config = TransformerConfig(num_layers=1, hidden_size=512, num_attention_heads=8, apply_rope_fusion=False)
     bases = [1e4 * (head + 1) for head in range(8)]
-    tables = {"harpe": HeadwiseRotaryEmbedding(PositionConfig(type="harpe", bases=bases), bases, bases, 64)(args.seq)[0],
-              "abf": HeadwiseRotaryEmbedding(PositionConfig(type="abf", base=5e5), [5e5] * 8, [5e5] * 8, 64)(args.seq)[0]}
-    applies = {"cached": lambda t, table: rotary.apply_rotary_pos_emb(t, table, config),
-               "megatron": lambda t, table: rope_utils.apply_rotary_pos_emb(t, table, config=config, cp_group=object())}
+    tables = {
+        "harpe": HeadwiseRotaryEmbedding(PositionConfig(type="harpe", bases=bases), bases, bases, 64)(args.seq)[0],
+        "abf": HeadwiseRotaryEmbedding(PositionConfig(type="abf", base=5e5), [5e5] * 8, [5e5] * 8, 64)(args.seq)[0],
+    }
+    applies = {
+        "cached": lambda t, table: rotary.apply_rotary_pos_emb(t, table, config),
+        "megatron": lambda t, table: rope_utils.apply_rotary_pos_emb(t, table, config=config, cp_group=object()),
+    }
     query = torch.randn(args.seq, 1, 8, 64, requires_grad=True)
     best = {(apply, name): float("inf") for apply in applies for name in tables}
     for _ in range(20):
-        for (apply, name) in best:
+        for apply, name in best:
             start = time.process_time()
             applies[apply](query, tables[name]).sum().backward()
             best[(apply, name)] = min(best[(apply, name)], time.process_time() - start)
     print(f"rotation of one query [{args.seq}, 1, 8, 64], forward+backward, best of 20 (CPU ms):")
     for apply in applies:
-        print(f"  {apply:8s} harpe {best[(apply, 'harpe')] * 1e3:6.2f}  abf {best[(apply, 'abf')] * 1e3:6.2f}  "
-              f"ratio {best[(apply, 'harpe')] / best[(apply, 'abf')]:.2f}")
+        print(
+            f"  {apply:8s} harpe {best[(apply, 'harpe')] * 1e3:6.2f}  abf {best[(apply, 'abf')] * 1e3:6.2f}  "
+            f"ratio {best[(apply, 'harpe')] / best[(apply, 'abf')]:.2f}"
+        )
 
 
 def compare_memory() -> None:
@@ -110,8 +120,14 @@ def compare_memory() -> None:
     seq, tp, cp = 131072, 8, 4
     naive = seq * llama.num_attention_heads * llama.head_dim * 4
     rotary = HeadwiseRotaryEmbedding(
-        position, position.query_head_bases(llama), position.key_head_bases(llama), llama.head_dim,
-        tp_rank=0, tp_size=tp, cp_rank=0, cp_size=cp,
+        position,
+        position.query_head_bases(llama),
+        position.key_head_bases(llama),
+        llama.head_dim,
+        tp_rank=0,
+        tp_size=tp,
+        cp_rank=0,
+        cp_size=cp,
     )
     query_table, key_table = rotary(seq)
     tables = [query_table] if key_table is query_table else [query_table, key_table]
@@ -120,8 +136,10 @@ def compare_memory() -> None:
     print(f"Llama2-7B rotary tables at {seq} tokens, TP={tp}, CP={cp}:")
     print(f"  naive full fp32 table: {naive / 2**30:.3f} GiB")
     print(f"  held by one rank:      {held / 2**20:.1f} MiB = 1/{naive / held:.0f} of naive (goal 1/{tp * cp})")
-    print(f"  + their cached cos/sin: {cos_sin / 2**20:.1f} MiB (fp32, half width, distinct rows; shared by all layers, "
-          "where megatron's apply made a cos/sin pair per layer)")
+    print(
+        f"  + their cached cos/sin: {cos_sin / 2**20:.1f} MiB (fp32, half width, distinct rows; shared by all layers, "
+        "where megatron's apply made a cos/sin pair per layer)"
+    )
 
 
 def main() -> None:

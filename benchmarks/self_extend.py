@@ -69,13 +69,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="forwards per measurement; the fastest counts")
     args = parser.parse_args()
     print(f"Self-Extend window={args.window} group={args.group} vs plain SDPA, one decoder forward, 1 thread")
-    print(f"{'tokens':>7} | {'plain s':>8} | {'S-E s':>8} | {'time x':>6} | {'plain MiB':>9} | {'S-E MiB':>8} | {'mem x':>6}")
+    print(
+        f"{'tokens':>7} | {'plain s':>8} | {'S-E s':>8} | {'time x':>6} | {'plain MiB':>9} | {'S-E MiB':>8} | {'mem x':>6}"
+    )
     for length in (int(value) for value in args.lengths.split(",")):
         plain = run(length, None, args.group, args.repeats)
         extended = run(length, args.window, args.group, args.repeats)
-        print(f"{length:>7} | {plain['seconds']:>8.2f} | {extended['seconds']:>8.2f} | "
-              f"{extended['seconds'] / plain['seconds']:>6.2f} | {plain['peak_mib']:>9.0f} | "
-              f"{extended['peak_mib']:>8.0f} | {extended['peak_mib'] / max(plain['peak_mib'], 1.0):>6.2f}", flush=True)
+        print(
+            f"{length:>7} | {plain['seconds']:>8.2f} | {extended['seconds']:>8.2f} | "
+            f"{extended['seconds'] / plain['seconds']:>6.2f} | {plain['peak_mib']:>9.0f} | "
+            f"{extended['peak_mib']:>8.0f} | {extended['peak_mib'] / max(plain['peak_mib'], 1.0):>6.2f}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -135,8 +135,10 @@ class SdpaCoreAttention(MegatronModule):
         if cp_size > 1:
             k, v = _gather_chunks(k, cp_group, cp_size), _gather_chunks(v, cp_group, cp_size)
         if mask.seq_length != k.size(2) or mask.ids.size(0) != q.size(0):
-            raise ValueError(f"document ids {tuple(mask.ids.shape)} do not match keys of {k.size(2)} tokens "
-                             f"and a batch of {q.size(0)}: pass the ids of the whole, unsplit sequences")
+            raise ValueError(
+                f"document ids {tuple(mask.ids.shape)} do not match keys of {k.size(2)} tokens "
+                f"and a batch of {q.size(0)}: pass the ids of the whole, unsplit sequences"
+            )
         outputs = []
         for sample, runs in enumerate(mask.runs(cp_rank, cp_size)):
             q_s, k_s, v_s = q[sample : sample + 1], k[sample : sample + 1], v[sample : sample + 1]

@@ -99,7 +99,9 @@ def take_common_flags(argv: Sequence[str]) -> list[str]:
 
 def add_common_flags(parser) -> None:
     """--verbose and --debug in a tool's --help (`run` takes them out of argv before parsing)."""
-    parser.add_argument("--verbose", action="store_true", help="show third-party warnings and logs (megatron-core, TE, torch)")
+    parser.add_argument(
+        "--verbose", action="store_true", help="show third-party warnings and logs (megatron-core, TE, torch)"
+    )
     parser.add_argument("--debug", action="store_true", help="print the traceback of an error")
 
 
@@ -132,18 +134,25 @@ def parser_for(description: str | None, **kwargs) -> argparse.ArgumentParser:
 
 
 def add_model(parser, *, required: bool = True, help: str | None = None) -> None:
-    parser.add_argument("--model", required=required,
-                        help=help or "a megatron_harpe checkpoint directory or a Hugging Face model directory")
+    parser.add_argument(
+        "--model",
+        required=required,
+        help=help or "a megatron_harpe checkpoint directory or a Hugging Face model directory",
+    )
 
 
 def add_tokenizer(parser, *, required: bool = False, help: str | None = None) -> None:
     text = "a Hugging Face tokenizer directory, a sentencepiece .model or a tokenizer.json"
-    parser.add_argument("--tokenizer", required=required, default=None,
-                        help=f"{text}{': ' + help if help else ''}")
+    parser.add_argument("--tokenizer", required=required, default=None, help=f"{text}{': ' + help if help else ''}")
 
 
-def add_parallel(parser, *, tensor: str | None = "tensor-parallel size", context: str | None = "context-parallel size",
-                 default: int | None = 1) -> None:
+def add_parallel(
+    parser,
+    *,
+    tensor: str | None = "tensor-parallel size",
+    context: str | None = "context-parallel size",
+    default: int | None = 1,
+) -> None:
     """--tensor-parallel / --context-parallel (pass None to leave one out)."""
     if tensor is not None:
         parser.add_argument("--tensor-parallel", type=int, default=default, help=tensor)
@@ -160,7 +169,9 @@ def add_model_backend(parser, *, tokenizer: str, context: str) -> None:
     add_parallel(parser, tensor="megatron checkpoint: tensor-parallel size (under torchrun)", context=context)
 
 
-def parse_with_overrides(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
+def parse_with_overrides(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None
+) -> tuple[argparse.Namespace, list[str]]:
     """The parser's flags, and the config overrides among the rest (`--section.key value` or
     `section.key=value`, as pretrain_harpe.py takes them); anything else is a usage error."""
     from megatron_harpe.config import parse_overrides
@@ -189,13 +200,17 @@ def add_overwrite(parser, what: str = "existing outputs") -> None:
 
 
 def add_text_key(parser) -> None:
-    parser.add_argument("--text-key", default="text",
-                        help="jsonl field holding the text; dotted paths reach nested keys (default: text)")
+    parser.add_argument(
+        "--text-key",
+        default="text",
+        help="jsonl field holding the text; dotted paths reach nested keys (default: text)",
+    )
 
 
 def add_progress(parser) -> None:
-    parser.add_argument("--no-progress", action="store_true",
-                        help="no progress bar (it shows only on a terminal, and only on rank 0)")
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (it shows only on a terminal, and only on rank 0)"
+    )
 
 
 def show_progress(no_progress: bool = False) -> bool:
@@ -211,8 +226,17 @@ def progress_bar(total: float | None, description: str, *, enabled: bool, unit: 
     from tqdm import tqdm
 
     size = shutil.get_terminal_size(fallback=(0, 0))  # a terminal reporting no size (0 x 0) gets 100 x 20:
-    return tqdm(total=total, desc=description, unit=unit, unit_scale=unit_scale, disable=not enabled,  # tqdm
-                ncols=size.columns or 100, nrows=size.lines or 20, mininterval=0.5, file=sys.stderr)  # hides at 0
+    return tqdm(
+        total=total,
+        desc=description,
+        unit=unit,
+        unit_scale=unit_scale,
+        disable=not enabled,  # tqdm
+        ncols=size.columns or 100,
+        nrows=size.lines or 20,
+        mininterval=0.5,
+        file=sys.stderr,
+    )  # hides at 0
 
 
 def refuse_existing(path: str | os.PathLike, overwrite: bool, what: str = "output") -> None:
@@ -246,8 +270,12 @@ def note_missing_gpu_libraries() -> None:
     """One line on rank 0 saying which optional GPU libraries are absent (nothing if none)."""
     missing = missing_gpu_libraries()
     if missing and is_rank_zero():
-        print(f"note: {' and '.join(missing)} not installed: megatron-core uses its PyTorch fallbacks "
-              "(slower on GPUs; --verbose shows its warnings)", file=sys.stderr, flush=True)
+        print(
+            f"note: {' and '.join(missing)} not installed: megatron-core uses its PyTorch fallbacks "
+            "(slower on GPUs; --verbose shows its warnings)",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def pyplot():
@@ -270,8 +298,13 @@ def user_error_message(error: BaseException) -> str | None:
     """The one-line message of an error the user can fix, None for anything else (a bug)."""
     if isinstance(error, OSError) and not isinstance(error, (ConnectionError, TimeoutError)):
         if error.errno is None and error.filename is None:  # raised by us with a message: FileNotFoundError("...")
-            return str(error) if isinstance(error, (FileNotFoundError, FileExistsError, IsADirectoryError,
-                                                    NotADirectoryError, PermissionError)) else None
+            return (
+                str(error)
+                if isinstance(
+                    error, (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
+                )
+                else None
+            )
         filename = f"{error.filename}: " if error.filename else ""
         if isinstance(error, FileNotFoundError):
             return f"{filename}no such file or directory"

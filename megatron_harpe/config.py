@@ -117,7 +117,9 @@ class ParallelConfig:
                 "torch norms, which it refuses for sequence parallelism); set sequence_parallel: false for sdpa"
             )
         if self.sequence_parallel and self.tensor == 1:
-            raise ValueError("parallel.sequence_parallel splits over tensor-parallel ranks: set parallel.tensor > 1 or sequence_parallel: false")
+            raise ValueError(
+                "parallel.sequence_parallel splits over tensor-parallel ranks: set parallel.tensor > 1 or sequence_parallel: false"
+            )
 
 
 @dataclasses.dataclass
@@ -227,7 +229,6 @@ class TrainConfig:
     exit_after_steps: int = 0
     """Stop this launch after N steps, saving a checkpoint first (e.g. to fit a job's time
     limit; the next launch resumes). 0: run to the end."""
-
 
     def resolved_recompute_num_layers(self, num_layers: int) -> int | None:
         """megatron's `recompute_num_layers` for `recompute: full` (None otherwise)."""
@@ -339,8 +340,10 @@ class Config:
     def resolved_stages(self) -> list[StageConfig]:
         """The stages to run, each with its global batch size filled in."""
         if self.stages:
-            return [dataclasses.replace(stage, global_batch_size=stage.global_batch_size or self.train.global_batch_size)
-                    for stage in self.stages]
+            return [
+                dataclasses.replace(stage, global_batch_size=stage.global_batch_size or self.train.global_batch_size)
+                for stage in self.stages
+            ]
         return [StageConfig(self.data.seq_length, self.train.train_tokens, self.position, self.train.global_batch_size)]
 
     def validate(self, world_size: int | None = None, *, require_backend: bool = True) -> "Config":
@@ -380,11 +383,12 @@ class Config:
                     "2*CP equal chunks; change data.seq_length/stages[].seq_length or parallel.context"
                 )
             if stage.global_batch_size < 1:
-                raise ValueError(f"stages[{index}].global_batch_size={stage.global_batch_size} must be positive (or 0 for train's)")
+                raise ValueError(
+                    f"stages[{index}].global_batch_size={stage.global_batch_size} must be positive (or 0 for train's)"
+                )
             if stage.tokens <= 0:
                 raise ValueError(
-                    f"stage {index} has no training tokens: set train.train_tokens (one stage) or "
-                    "stages[].tokens"
+                    f"stage {index} has no training tokens: set train.train_tokens (one stage) or stages[].tokens"
                 )
             if self.parallel.sequence_parallel and (stage.seq_length // cp) % tp:
                 raise ValueError(
@@ -422,8 +426,12 @@ class Config:
                         f"train.micro_batch_size={train.micro_batch_size} x data-parallel size {dp}: "
                         "adjust the batch sizes or the number of processes"
                     )
-        if (self.data.reset_attention_mask and self.model.attention_backend == "te" and cp > 1
-                and self.parallel.resolved_cp_comm_type(self.model) != "p2p"):
+        if (
+            self.data.reset_attention_mask
+            and self.model.attention_backend == "te"
+            and cp > 1
+            and self.parallel.resolved_cp_comm_type(self.model) != "p2p"
+        ):
             raise ValueError(
                 f"data.reset_attention_mask with model.attention_backend=te and parallel.cp_comm_type="
                 f"{self.parallel.cp_comm_type}: Transformer Engine's all_gather context parallelism has no THD "
@@ -449,15 +457,33 @@ class Config:
 
 # (key, smallest allowed value, whether the bound itself is allowed): checked before anything else
 _LOWER_BOUNDS = (
-    ("model.num_layers", 1, True), ("model.hidden_size", 1, True), ("model.num_attention_heads", 1, True),
-    ("model.ffn_hidden_size", 1, True), ("model.vocab_size", 1, True), ("model.max_position_embeddings", 1, True),
-    ("model.norm_epsilon", 0.0, False), ("model.init_method_std", 0.0, False),
-    ("data.seq_length", 1, True), ("train.micro_batch_size", 1, True), ("train.global_batch_size", 1, True),
-    ("train.train_tokens", 0, True), ("train.lr", 0.0, False), ("train.min_lr", 0.0, True),
-    ("train.warmup_steps", 0, True), ("train.weight_decay", 0.0, True), ("train.adam_beta1", 0.0, True),
-    ("train.adam_beta2", 0.0, True), ("train.adam_eps", 0.0, False), ("train.clip_grad", 0.0, True),
-    ("train.exit_after_steps", 0, True), ("train.max_consecutive_skips", 1, True), ("checkpoint.save_interval", 0, True), ("logging.log_interval", 1, True),
-    ("eval.interval", 0, True), ("eval.samples", 1, True), ("parallel.timeout_minutes", 0.0, False),
+    ("model.num_layers", 1, True),
+    ("model.hidden_size", 1, True),
+    ("model.num_attention_heads", 1, True),
+    ("model.ffn_hidden_size", 1, True),
+    ("model.vocab_size", 1, True),
+    ("model.max_position_embeddings", 1, True),
+    ("model.norm_epsilon", 0.0, False),
+    ("model.init_method_std", 0.0, False),
+    ("data.seq_length", 1, True),
+    ("train.micro_batch_size", 1, True),
+    ("train.global_batch_size", 1, True),
+    ("train.train_tokens", 0, True),
+    ("train.lr", 0.0, False),
+    ("train.min_lr", 0.0, True),
+    ("train.warmup_steps", 0, True),
+    ("train.weight_decay", 0.0, True),
+    ("train.adam_beta1", 0.0, True),
+    ("train.adam_beta2", 0.0, True),
+    ("train.adam_eps", 0.0, False),
+    ("train.clip_grad", 0.0, True),
+    ("train.exit_after_steps", 0, True),
+    ("train.max_consecutive_skips", 1, True),
+    ("checkpoint.save_interval", 0, True),
+    ("logging.log_interval", 1, True),
+    ("eval.interval", 0, True),
+    ("eval.samples", 1, True),
+    ("parallel.timeout_minutes", 0.0, False),
 )
 
 
@@ -476,8 +502,10 @@ def _check_ranges(cfg: Config) -> None:
         if getattr(train, key) >= 1:
             raise ValueError(f"train.{key}={getattr(train, key)} must be below 1 (e.g. 0.9 / 0.95)")
     if train.min_lr > train.lr:
-        raise ValueError(f"train.min_lr={train.min_lr:g} is above train.lr={train.lr:g}: the schedule decays "
-                         "from train.lr down to train.min_lr; lower train.min_lr")
+        raise ValueError(
+            f"train.min_lr={train.min_lr:g} is above train.lr={train.lr:g}: the schedule decays "
+            "from train.lr down to train.min_lr; lower train.min_lr"
+        )
     if cfg.model.num_query_groups is not None and cfg.model.num_query_groups < 1:
         raise ValueError(f"model.num_query_groups={cfg.model.num_query_groups} must be >= 1 (or null for multi-head)")
     if cfg.checkpoint.keep_last is not None and cfg.checkpoint.keep_last < 1:
@@ -543,9 +571,9 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
 
 RETIRED_KEYS = {
     "parallel.distributed_optimizer": "weights, gradients and AdamW states are always sharded over DP x CP now "
-                                      "(PyTorch FSDP2, see docs/sharding.md)",
+    "(PyTorch FSDP2, see docs/sharding.md)",
     "parallel.overlap_grad_reduce": "the sharding engine (PyTorch FSDP2, see docs/sharding.md) always overlaps its "
-                                    "gradient reduce-scatter with backward",
+    "gradient reduce-scatter with backward",
 }
 """Keys of earlier versions: a config that sets one is refused with the reason; a checkpoint's
 saved config drops them (`drop_retired_keys`)."""
@@ -572,12 +600,9 @@ def from_dict(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     unknown = sorted(set(values) - set(names))
     if unknown:
         where = prefix or "the top level"
-        raise ValueError(
-            f"unknown config key(s) {', '.join(unknown)} in {where}; valid keys: {', '.join(names)}"
-        )
+        raise ValueError(f"unknown config key(s) {', '.join(unknown)} in {where}; valid keys: {', '.join(names)}")
     kwargs = {
-        name: _coerce(value, hints[name], f"{prefix}.{name}" if prefix else name)
-        for name, value in values.items()
+        name: _coerce(value, hints[name], f"{prefix}.{name}" if prefix else name) for name, value in values.items()
     }
     return cls(**kwargs)
 
@@ -630,8 +655,11 @@ class UniqueKeyLoader(yaml.SafeLoader):
                 try:
                     if key in first_line:
                         raise yaml.constructor.ConstructorError(
-                            None, None, f"duplicate key {key!r} (first given on line {first_line[key] + 1}): "
-                            "keep one of them", key_node.start_mark)
+                            None,
+                            None,
+                            f"duplicate key {key!r} (first given on line {first_line[key] + 1}): keep one of them",
+                            key_node.start_mark,
+                        )
                     first_line[key] = key_node.start_mark.line
                 except TypeError:  # an unhashable key: SafeLoader reports it itself
                     pass

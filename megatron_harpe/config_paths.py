@@ -49,8 +49,9 @@ def _map(value: Any, convert) -> Any:
     return value
 
 
-def resolve_paths(tree: dict[str, Any], base: Path, *, source: str | None = None,
-                  overridden: set[str] = frozenset()) -> dict[str, Any]:
+def resolve_paths(
+    tree: dict[str, Any], base: Path, *, source: str | None = None, overridden: set[str] = frozenset()
+) -> dict[str, Any]:
     """Make every path key of a config tree absolute against `base` (in place; returns it).
     `source`: the config file the tree was read from, to refuse a relative path whose meaning
     changed with the rule (see module docstring), except for keys the command line replaces

@@ -95,7 +95,9 @@ def config_keys() -> list[KeyDoc]:
             if _is_section(field):
                 continue
             prefix = f"{section}." if section else ""
-            keys.append(KeyDoc(f"{prefix}{field.name}", str(field.type), _yaml(_default(field)), docs.get(field.name, "")))
+            keys.append(
+                KeyDoc(f"{prefix}{field.name}", str(field.type), _yaml(_default(field)), docs.get(field.name, ""))
+            )
     return keys
 
 
@@ -139,7 +141,10 @@ def render_markdown() -> str:
                 row = (key, "section", "", f"a `{field.name}:` block with the keys of `{field.name}` above")
             else:
                 row = (key, str(field.type), _yaml(_default(field)), docs.get(field.name, ""))
-            lines.append("| " + " | ".join(f"`{_cell(cell)}`" if i < 3 and cell else _cell(cell)
-                                           for i, cell in enumerate(row)) + " |")
+            lines.append(
+                "| "
+                + " | ".join(f"`{_cell(cell)}`" if i < 3 and cell else _cell(cell) for i, cell in enumerate(row))
+                + " |"
+            )
         lines.append("")
     return "\n".join(lines)

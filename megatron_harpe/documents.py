@@ -80,8 +80,9 @@ class Run:
     kind: str
 
 
-def chunk_runs(spans: list[tuple[int, int]], chunk_start: int, chunk_end: int, local_offset: int,
-               tile: int = TILE) -> list[Run]:
+def chunk_runs(
+    spans: list[tuple[int, int]], chunk_start: int, chunk_end: int, local_offset: int, tile: int = TILE
+) -> list[Run]:
     """The runs covering the queries of global positions [chunk_start, chunk_end), which sit at
     `local_offset` in the rank's local sequence; keys are indexed globally."""
     runs: list[Run] = []
@@ -114,8 +115,10 @@ def local_chunks(seq_length: int, cp_rank: int, cp_size: int) -> list[tuple[int,
     if cp_size == 1:
         return [(0, seq_length, 0)]
     chunk = seq_length // (2 * cp_size)
-    return [(index * chunk, (index + 1) * chunk, half * chunk)
-            for half, index in enumerate((cp_rank, 2 * cp_size - 1 - cp_rank))]
+    return [
+        (index * chunk, (index + 1) * chunk, half * chunk)
+        for half, index in enumerate((cp_rank, 2 * cp_size - 1 - cp_rank))
+    ]
 
 
 class DocumentMask:

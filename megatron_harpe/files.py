@@ -126,8 +126,10 @@ def atomic_path(path: str | Path, *, overwrite: bool = True) -> Iterator[Path]:
     try:
         yield temporary
         if path.exists() and not overwrite:  # another run may have finished meanwhile
-            raise ValueError(f"output {path} was written by another run while this one worked: nothing of this run "
-                             "was kept; pass --overwrite to replace it or choose another path")
+            raise ValueError(
+                f"output {path} was written by another run while this one worked: nothing of this run "
+                "was kept; pass --overwrite to replace it or choose another path"
+            )
         publish(temporary, path)
     finally:
         if temporary.exists():

@@ -70,18 +70,26 @@ MEMORY_ALLOWANCE = 512 * 2**20
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     from megatron_harpe.config import parse_overrides
 
-    parser = argparse.ArgumentParser(prog="gpu_check.sh", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="the preset whose path to check (default: the HARPE 7B preset)")
+    parser = argparse.ArgumentParser(
+        prog="gpu_check.sh", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--config", default=str(DEFAULT_CONFIG), help="the preset whose path to check (default: the HARPE 7B preset)"
+    )
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where to run (default: cuda when available; cpu: tiny widths, gloo, sdpa)")  # fmt: skip
-    parser.add_argument("--gpus", type=int, default=None, help="devices to use (default: all visible GPUs; 4 processes on cpu)")
+    parser.add_argument(
+        "--gpus", type=int, default=None, help="devices to use (default: all visible GPUs; 4 processes on cpu)"
+    )
     parser.add_argument("--layers", type=int, default=2, help="transformer layers of the reduced model (default 2)")
     parser.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 16384 on cuda, 256 on cpu)")
     parser.add_argument("--steps", type=int, default=6, help="training steps (even; the resume check saves at half)")
     parser.add_argument("--workdir", default=None, help="demo corpus and checkpoints (default: a temporary directory)")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak per GPU for MFU (H100: 989)")
     parser.add_argument("--loss-rtol", type=float, default=0.01, help="relative loss tolerance against the reference")
-    parser.add_argument("--grad-rtol", type=float, default=0.05, help="relative gradient-norm tolerance against the reference")
+    parser.add_argument(
+        "--grad-rtol", type=float, default=0.05, help="relative gradient-norm tolerance against the reference"
+    )
     parser.add_argument("--logit-atol", type=float, default=0.05, help="absolute logit tolerance, device vs CPU (bf16)")
     parser.add_argument("--only", nargs="+", default=None, choices=CHECKS, help="run only these checks")
     args, rest = parser.parse_known_args(argv)
@@ -90,7 +98,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     except ValueError as error:
         parser.error(str(error))
     if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is visible here (check the driver / CUDA_VISIBLE_DEVICES), or use --device cpu")
+        parser.error(
+            "--device cuda: no CUDA device is visible here (check the driver / CUDA_VISIBLE_DEVICES), or use --device cpu"
+        )
     if args.steps < 2 or args.steps % 2:
         parser.error(f"--steps {args.steps}: give an even number >= 2 (the resume check saves at half)")
     available = torch.cuda.device_count() if args.device == "cuda" else 4
@@ -118,8 +128,12 @@ def reduced_tree(args: argparse.Namespace, overrides: list[str], workdir: Path) 
         tree["model"].update(TINY_MODEL, attention_backend="sdpa")
         tree["parallel"].update(sequence_parallel=False, cp_comm_type="auto")
         if position.type == "harpe":
-            tree["position"] = {"type": "harpe", "strategy": "uniform", "base_min": min(position.bases),
-                                "base_max": max(position.bases)}
+            tree["position"] = {
+                "type": "harpe",
+                "strategy": "uniform",
+                "base_min": min(position.bases),
+                "base_max": max(position.bases),
+            }
     recompute_layers = tree["train"].get("recompute_num_layers")
     if recompute_layers is not None and recompute_layers > args.layers:
         tree["train"]["recompute_num_layers"] = args.layers if tree["train"]["recompute_method"] == "block" else 1
@@ -136,7 +150,12 @@ def with_layout(tree: dict, layout: tuple[int, int, int], **sections) -> dict:
     """The reduced preset on (TP, CP, DP); sequence parallelism where there is TP to split over."""
     tree = {key: dict(value) if isinstance(value, dict) else value for key, value in tree.items()}
     sequence_parallel = tree["parallel"]["sequence_parallel"] and layout[0] > 1
-    tree["parallel"] = {**tree["parallel"], "tensor": layout[0], "context": layout[1], "sequence_parallel": sequence_parallel}
+    tree["parallel"] = {
+        **tree["parallel"],
+        "tensor": layout[0],
+        "context": layout[1],
+        "sequence_parallel": sequence_parallel,
+    }
     for section, values in sections.items():
         tree[section] = {**tree.get(section, {}), **values}
     return tree
@@ -145,6 +164,7 @@ def with_layout(tree: dict, layout: tuple[int, int, int], **sections) -> dict:
 def check_layouts(parallel: dict, model: dict, gpus: int) -> list[tuple[int, int, int]]:
     """(TP, CP, DP) layouts of this node that run the preset's kind of parallelism: the preset's
     TP (leaving room for CP 2 when the preset uses CP), and one with less TP and more DP."""
+
     def valid(tp: int, cp: int) -> bool:
         return tp >= 1 and cp >= 1 and gpus % (tp * cp) == 0 and not (
             model["num_attention_heads"] % tp or (model["num_query_groups"] or model["num_attention_heads"]) % tp
@@ -344,8 +364,12 @@ def check_resume(args, runs: Runs, tree: dict, layouts: list, reference: dict) -
                          f"resume load {layout_name(first)}")[0]["history"]  # fmt: skip
     name = f"resume: saved on {layout_name(saver)} at step {half}, resumed on {layout_name(first)}"
     if [h["step"] for h in resumed] != list(range(half + 1, args.steps + 1)):
-        return CheckResult(name, "FAIL", f"resumed steps {[h['step'] for h in resumed]}, expected {half + 1}..{args.steps}")
-    return compare(name, [h["loss"] for h in resumed], [h["loss"] for h in reference["history"][half:]], args.loss_rtol, 0.0)
+        return CheckResult(
+            name, "FAIL", f"resumed steps {[h['step'] for h in resumed]}, expected {half + 1}..{args.steps}"
+        )
+    return compare(
+        name, [h["loss"] for h in resumed], [h["loss"] for h in reference["history"][half:]], args.loss_rtol, 0.0
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

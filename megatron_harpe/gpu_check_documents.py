@@ -47,8 +47,12 @@ def packed_batch() -> dict[str, torch.Tensor]:
     pieces = [torch.cat([torch.randint(4, MODEL["vocab_size"], (n - 1,), generator=generator), torch.tensor([EOD])])
               for n in LENGTHS]  # fmt: skip
     tokens = torch.cat(pieces)[None]
-    return {"tokens": tokens, "labels": tokens, "loss_mask": torch.ones(tokens.shape),
-            "position_ids": document_positions(document_ids(tokens, EOD))}
+    return {
+        "tokens": tokens,
+        "labels": tokens,
+        "loss_mask": torch.ones(tokens.shape),
+        "position_ids": document_positions(document_ids(tokens, EOD)),
+    }
 
 
 def _documents_rank(config_tree: dict, checkpoint_dir: str, save: bool) -> dict:
@@ -65,7 +69,9 @@ def _documents_rank(config_tree: dict, checkpoint_dir: str, save: bool) -> dict:
     ctx = parallel.initialize(1, cp)
     model = compared_model(cfg, checkpoint_dir, save)
     batch = packed_batch()
-    local = {key: value.to(ctx.device) for key, value in prepare_documents(batch, cfg, ctx, EOD).items() if key != "labels"}
+    local = {
+        key: value.to(ctx.device) for key, value in prepare_documents(batch, cfg, ctx, EOD).items() if key != "labels"
+    }
     with torch.no_grad(), device_autocast(ctx.device):
         logits = forward_micro_batch(model, local, per_token_positions=True).float()[0]  # [local tokens, V]
         alone = None

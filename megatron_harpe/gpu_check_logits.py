@@ -67,7 +67,9 @@ def check_logits(args, workdir: Path) -> list:
     checkpoint = str(workdir / CHECKPOINT)
     with visible_devices("cpu"):
         (reference,) = run_on_ranks(_logits_rank, 1, harpe, checkpoint, True, "sdpa")[0]
-        (equal,) = run_on_ranks(_logits_rank, 1, _tree({"type": "harpe", "bases": [1e4] * 4}), checkpoint, False, "sdpa")[0]
+        (equal,) = run_on_ranks(
+            _logits_rank, 1, _tree({"type": "harpe", "bases": [1e4] * 4}), checkpoint, False, "sdpa"
+        )[0]
         (stock,) = run_on_ranks(_logits_rank, 1, _tree({"type": "abf", "base": 1e4}), checkpoint, False, "sdpa")[0]
     results = [compare("logits: equal bases = stock RoPE (cpu)", equal, stock, 0.0, 1e-5)]
     backends = ["sdpa"] + (["te"] if args.device == "cuda" and transformer_engine_available() else [])
@@ -76,5 +78,7 @@ def check_logits(args, workdir: Path) -> list:
             (got,) = run_on_ranks(_logits_rank, 1, harpe, checkpoint, False, backend)[0]
         results.append(compare(f"logits: {backend} on {args.device} vs cpu", got, reference, 0.02, args.logit_atol))
     if "te" not in backends:
-        results.append(CheckResult("logits: te vs cpu", "SKIP", "Transformer Engine needs CUDA and is not available here"))
+        results.append(
+            CheckResult("logits: te vs cpu", "SKIP", "Transformer Engine needs CUDA and is not available here")
+        )
     return results

@@ -304,8 +304,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--nproc-per-node", type=int, default=None, help="processes per node (default: GPUs on the node)")
-    parser.add_argument("--rdzv-port", type=int, default=None, help="rendezvous port (default: derived from the job id)")
+    parser.add_argument(
+        "--nproc-per-node", type=int, default=None, help="processes per node (default: GPUs on the node)"
+    )
+    parser.add_argument(
+        "--rdzv-port", type=int, default=None, help="rendezvous port (default: derived from the job id)"
+    )
     parser.add_argument("--run-name", default=None, help="log directory name (default: the config file's stem)")
     parser.add_argument("--runs-dir", default="runs", help="parent of the per-run log directories")
     parser.add_argument("--max-restarts", type=int, default=0, help="torchrun restarts inside one allocation")

@@ -20,7 +20,6 @@ import sys
 from pathlib import Path
 
 
-
 def pid_alive(pid: int) -> bool:
     """Whether a process with this pid exists on this host."""
     if pid <= 0:

@@ -36,8 +36,8 @@ from __future__ import annotations
 
 import contextlib
 
-import torch
 import megatron.core.tensor_parallel.random as megatron_random
+import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
@@ -75,8 +75,10 @@ def transformer_config(
     parallel: ParallelConfig | None = None,
     recompute: str | TrainConfig = "none",
 ) -> TransformerConfig:
-    parallel = parallel or ParallelConfig(tensor=parallel_state.get_tensor_model_parallel_world_size(),
-                                          context=parallel_state.get_context_parallel_world_size())
+    parallel = parallel or ParallelConfig(
+        tensor=parallel_state.get_tensor_model_parallel_world_size(),
+        context=parallel_state.get_context_parallel_world_size(),
+    )
     tp = parallel_state.get_tensor_model_parallel_world_size()
     cp = parallel_state.get_context_parallel_world_size()
     on_gpu = torch.cuda.is_available()
@@ -210,7 +212,12 @@ def _one_rotary_table(_module, args, kwargs):
     """Hand megatron's TransformerBlock the (table, table) pair of HeadwiseRotaryEmbedding as the
     one tensor its attention expands back to (t, t): its recompute checkpoints tensors only."""
     tables = kwargs.get("rotary_pos_emb")
-    if isinstance(tables, tuple) and len(tables) == 2 and isinstance(tables[0], torch.Tensor) and tables[0] is tables[1]:
+    if (
+        isinstance(tables, tuple)
+        and len(tables) == 2
+        and isinstance(tables[0], torch.Tensor)
+        and tables[0] is tables[1]
+    ):
         return args, {**kwargs, "rotary_pos_emb": tables[0]}
     return None
 

@@ -196,8 +196,7 @@ def run_on_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: f
     queue = ctx.SimpleQueue()
     port = free_port()
     procs = [
-        ctx.Process(target=_rank_entry, args=(rank, world_size, port, fn, args, queue))
-        for rank in range(world_size)
+        ctx.Process(target=_rank_entry, args=(rank, world_size, port, fn, args, queue)) for rank in range(world_size)
     ]
     for proc in procs:
         proc.start()

@@ -64,8 +64,15 @@ def partition_indices(cu_seqlens_padded: torch.Tensor, cp_size: int, cp_rank: in
     return torch.cat(pieces)
 
 
-def pack_thd(batch: dict[str, torch.Tensor], ids: torch.Tensor, *, cp_rank: int, cp_size: int, tp_split: int = 1,
-             reset_positions: bool = True) -> dict[str, torch.Tensor]:
+def pack_thd(
+    batch: dict[str, torch.Tensor],
+    ids: torch.Tensor,
+    *,
+    cp_rank: int,
+    cp_size: int,
+    tp_split: int = 1,
+    reset_positions: bool = True,
+) -> dict[str, torch.Tensor]:
     """This rank's part of a micro-batch of whole sequences [b, S] as one THD stream [1, T/CP],
     with `cu_seqlens`, `cu_seqlens_padded` (int32, whole stream) and `max_seqlen` added.
     Positions restart in every document with `reset_positions`, else keep the sequence's own."""
@@ -88,14 +95,18 @@ def pack_thd(batch: dict[str, torch.Tensor], ids: torch.Tensor, *, cp_rank: int,
         stream[key] = filled
     # padding continues its document's positions (as TE's generate_positional_ids_for_cp does)
     last_real = torch.where(real, torch.arange(source.size(0)), torch.zeros_like(source)).cummax(0).values
-    stream["position_ids"] = torch.where(real, stream["position_ids"],
-                                         stream["position_ids"][last_real] + torch.arange(source.size(0)) - last_real)
+    stream["position_ids"] = torch.where(
+        real, stream["position_ids"], stream["position_ids"][last_real] + torch.arange(source.size(0)) - last_real
+    )
     cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
     cu_seqlens_padded = torch.tensor([0, *torch.tensor(padded).cumsum(0).tolist()], dtype=torch.int32)
     local = partition_indices(cu_seqlens_padded, cp_size, cp_rank)
     packed = {key: value[local][None] for key, value in stream.items()}
-    packed.update(cu_seqlens=cu_seqlens, cu_seqlens_padded=cu_seqlens_padded,
-                  max_seqlen=torch.tensor(max(padded), dtype=torch.int32))
+    packed.update(
+        cu_seqlens=cu_seqlens,
+        cu_seqlens_padded=cu_seqlens_padded,
+        max_seqlen=torch.tensor(max(padded), dtype=torch.int32),
+    )
     return packed
 
 
@@ -104,9 +115,15 @@ def packed_seq_params(batch: dict[str, torch.Tensor]) -> PackedSeqParams:
     per-token tables bypass)."""
     cu_seqlens, cu_padded = batch["cu_seqlens"], batch["cu_seqlens_padded"]
     max_seqlen = int(batch["max_seqlen"])
-    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
-                           cu_seqlens_q_padded=cu_padded, cu_seqlens_kv_padded=cu_padded,
-                           max_seqlen_q=max_seqlen, max_seqlen_kv=max_seqlen)
+    return PackedSeqParams(
+        qkv_format="thd",
+        cu_seqlens_q=cu_seqlens,
+        cu_seqlens_kv=cu_seqlens,
+        cu_seqlens_q_padded=cu_padded,
+        cu_seqlens_kv_padded=cu_padded,
+        max_seqlen_q=max_seqlen,
+        max_seqlen_kv=max_seqlen,
+    )
 
 
 def padding_tokens(lengths: list[int], cp_size: int, tp_split: int = 1) -> int:

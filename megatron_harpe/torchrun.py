@@ -61,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ChildFailedError as error:
         rank, failure = error.get_first_failure()
         code = failure.exitcode if failure.exitcode >= 0 else 128 - failure.exitcode  # -N: killed by signal N
-        how = (f"was killed by {failure.signal_name()}" if failure.exitcode < 0 else f"exited with code {code}")
+        how = f"was killed by {failure.signal_name()}" if failure.exitcode < 0 else f"exited with code {code}"
         print(f"[launch] {error.name} failed: rank {rank} {how} first (its messages are above)",
               file=sys.stderr, flush=True)  # fmt: skip
         return code or 1

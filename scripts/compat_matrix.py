@@ -94,7 +94,7 @@ def newest_in_range(index_listing: str, specifier: str) -> tuple[str | None, str
 
     match = re.search(r"^Available versions: (.+)$", index_listing, re.MULTILINE)
     versions = []
-    for text in (match.group(1).split(",") if match else []):
+    for text in match.group(1).split(",") if match else []:
         try:
             versions.append(Version(text.strip()))
         except InvalidVersion:
@@ -114,8 +114,11 @@ def newest_on_index() -> str | None:
     specifier = declared_range()
     newest, newest_of_all = newest_in_range(result.stdout, specifier)
     if newest_of_all and newest_of_all != newest:
-        print(f"compat matrix: transformers {newest_of_all} is on the index but outside pyproject.toml's range "
-              f"({specifier}): not tested", flush=True)
+        print(
+            f"compat matrix: transformers {newest_of_all} is on the index but outside pyproject.toml's range "
+            f"({specifier}): not tested",
+            flush=True,
+        )
     return newest
 
 

@@ -17,10 +17,14 @@ REPO = Path(__file__).resolve().parent.parent
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output", default=str(REPO / "docs" / "config-reference.md"),
-                        help="where to write the reference ('-': standard output; default docs/config-reference.md)")
-    parser.add_argument("--check", action="store_true",
-                        help="write nothing; exit 1 if --output differs from a fresh rendering")
+    parser.add_argument(
+        "--output",
+        default=str(REPO / "docs" / "config-reference.md"),
+        help="where to write the reference ('-': standard output; default docs/config-reference.md)",
+    )
+    parser.add_argument(
+        "--check", action="store_true", help="write nothing; exit 1 if --output differs from a fresh rendering"
+    )
     return parser
 
 

@@ -17,7 +17,6 @@ loss falls on retrieval only: the random needle keys and values and the filler g
 no learnable signal and would only add noise to the gradient.
 """
 
-
 from __future__ import annotations
 
 import argparse
@@ -61,21 +60,41 @@ def write_jsonl(path: Path, lengths: list[int], seed: int, grammar: dict | None 
     rng = random.Random(seed)
     with files.atomic_open(path) as handle:
         for length in lengths:
-            handle.write(json.dumps({"text": training_document(length - SPECIAL_TOKENS_PER_DOCUMENT, rng, **(grammar or {}))}) + "\n")
+            handle.write(
+                json.dumps({"text": training_document(length - SPECIAL_TOKENS_PER_DOCUMENT, rng, **(grammar or {}))})
+                + "\n"
+            )
     return path
 
 
 def tokenize_command(jsonl: Path, tokenizer: Path, prefix: Path) -> list[str]:
     """The prepare_data.py call that turns one jsonl into a Megatron dataset (BOS + EOS per document)."""
     return [
-        sys.executable, str(REPO / "tools" / "prepare_data.py"), "tokenize", "--inputs", str(jsonl),
-        "--tokenizer", str(tokenizer), "--output", str(prefix), "--bos", "--eos", "--workers", "0",
+        sys.executable,
+        str(REPO / "tools" / "prepare_data.py"),
+        "tokenize",
+        "--inputs",
+        str(jsonl),
+        "--tokenizer",
+        str(tokenizer),
+        "--output",
+        str(prefix),
+        "--bos",
+        "--eos",
+        "--workers",
+        "0",
         "--overwrite",
     ]
 
 
 def write_corpus(
-    output: Path, name: str, total_tokens: int, full_length: int, short_share: float, seed: int, tokenizer: Path,
+    output: Path,
+    name: str,
+    total_tokens: int,
+    full_length: int,
+    short_share: float,
+    seed: int,
+    tokenizer: Path,
     grammar: dict | None = None,
 ) -> tuple[Path, list[str]]:
     """Write the jsonl of one corpus (unless its dataset exists); returns (dataset prefix, the

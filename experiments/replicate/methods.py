@@ -83,9 +83,23 @@ class Scale:
 
 FULL = Scale()
 SMOKE = Scale(
-    base_length=64, target_length=512, num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64,
-    base_tokens=8192, later_round_tokens=8192, base_rounds=1, base_processes=1, extension_tokens=12288, base_batch=8, extension_batch=2, seeds=(1,),
-    eval_lengths=(64, 512), eval_samples=4, heldout_documents=8,
+    base_length=64,
+    target_length=512,
+    num_layers=2,
+    hidden_size=32,
+    num_attention_heads=4,
+    ffn_hidden_size=64,
+    base_tokens=8192,
+    later_round_tokens=8192,
+    base_rounds=1,
+    base_processes=1,
+    extension_tokens=12288,
+    base_batch=8,
+    extension_batch=2,
+    seeds=(1,),
+    eval_lengths=(64, 512),
+    eval_samples=4,
+    heldout_documents=8,
 )
 
 
@@ -96,9 +110,12 @@ def warmup_steps(total_steps: int, wanted: int) -> int:
 
 def model_block(scale: Scale, vocab_size: int) -> dict[str, Any]:
     return {
-        "num_layers": scale.num_layers, "hidden_size": scale.hidden_size,
-        "num_attention_heads": scale.num_attention_heads, "ffn_hidden_size": scale.ffn_hidden_size,
-        "vocab_size": vocab_size, "max_position_embeddings": scale.base_length,
+        "num_layers": scale.num_layers,
+        "hidden_size": scale.hidden_size,
+        "num_attention_heads": scale.num_attention_heads,
+        "ffn_hidden_size": scale.ffn_hidden_size,
+        "vocab_size": vocab_size,
+        "max_position_embeddings": scale.base_length,
     }
 
 
@@ -106,8 +123,14 @@ def position_block(method: str, scale: Scale) -> dict[str, Any]:
     """The position encoding of one single-stage method at the target length."""
     r = scale.ratio
     if method == "harpe":
-        return {"type": "harpe", "strategy": "peak_valley", "base_min": 1e6 * r, "base_max": 5e6 * r,
-                "stride": 3e4 * r, "max_distance": scale.target_length}
+        return {
+            "type": "harpe",
+            "strategy": "peak_valley",
+            "base_min": 1e6 * r,
+            "base_max": 5e6 * r,
+            "stride": 3e4 * r,
+            "max_distance": scale.target_length,
+        }
     if method == "abf":
         return {"type": "abf", "base": 5e6 * r}
     if method == "pi":
@@ -126,12 +149,24 @@ def base_config(
     return {
         "model": model_block(scale, data["vocab_size"]),
         "position": {"type": "abf", "base": ORIGINAL_BASE},
-        "data": {"prefixes": [data["base_prefix"]], "loss_mask_prefixes": [data["base_mask"]],
-                 "tokenizer": data["tokenizer"], "seq_length": scale.base_length, "seed": seed},
-        "train": {"micro_batch_size": scale.base_batch // scale.base_processes, "global_batch_size": scale.base_batch,
-                  "train_tokens": tokens, "lr": scale.base_lr, "min_lr": scale.base_lr / 10,
-                  "lr_schedule": "cosine", "weight_decay": 0.01, "seed": seed,
-                  "warmup_steps": warmup_steps(tokens // (scale.base_batch * scale.base_length), 50)},
+        "data": {
+            "prefixes": [data["base_prefix"]],
+            "loss_mask_prefixes": [data["base_mask"]],
+            "tokenizer": data["tokenizer"],
+            "seq_length": scale.base_length,
+            "seed": seed,
+        },
+        "train": {
+            "micro_batch_size": scale.base_batch // scale.base_processes,
+            "global_batch_size": scale.base_batch,
+            "train_tokens": tokens,
+            "lr": scale.base_lr,
+            "min_lr": scale.base_lr / 10,
+            "lr_schedule": "cosine",
+            "weight_decay": 0.01,
+            "seed": seed,
+            "warmup_steps": warmup_steps(tokens // (scale.base_batch * scale.base_length), 50),
+        },
         "checkpoint": {"save": checkpoint_dir, "save_interval": 500, "keep_last": 1, "pretrained": pretrained},
         "logging": {"log_interval": 50},
     }
@@ -148,12 +183,23 @@ def extension_config(
         return config
     config: dict[str, Any] = {
         "model": model_block(scale, data["vocab_size"]),
-        "data": {"prefixes": [data["extension_prefix"]], "loss_mask_prefixes": [data["extension_mask"]],
-                 "tokenizer": data["tokenizer"], "seq_length": scale.target_length, "seed": seed},
-        "train": {"micro_batch_size": scale.extension_batch, "global_batch_size": scale.extension_batch,
-                  "lr": scale.extension_lr, "min_lr": scale.extension_lr / 10, "lr_schedule": "cosine",
-                  "weight_decay": 0.01, "seed": seed,
-                  "warmup_steps": warmup_steps(scale.extension_tokens // (scale.extension_batch * scale.target_length), 10)},
+        "data": {
+            "prefixes": [data["extension_prefix"]],
+            "loss_mask_prefixes": [data["extension_mask"]],
+            "tokenizer": data["tokenizer"],
+            "seq_length": scale.target_length,
+            "seed": seed,
+        },
+        "train": {
+            "micro_batch_size": scale.extension_batch,
+            "global_batch_size": scale.extension_batch,
+            "lr": scale.extension_lr,
+            "min_lr": scale.extension_lr / 10,
+            "lr_schedule": "cosine",
+            "weight_decay": 0.01,
+            "seed": seed,
+            "warmup_steps": warmup_steps(scale.extension_tokens // (scale.extension_batch * scale.target_length), 10),
+        },
         "checkpoint": {"save": checkpoint_dir, "pretrained": base_checkpoint, "save_interval": 0, "keep_last": 1},
         "logging": {"log_interval": 10},
     }
@@ -165,9 +211,14 @@ def extension_config(
         steps = -(-scale.extension_tokens // tokens_per_step)
         thirds = [steps // 3 + (index < steps % 3) for index in range(3)]
         config["stages"] = [
-            {"seq_length": length, "tokens": stage_steps * tokens_per_step,
-             "position": position_block("harpe", scale) if method == "harpe_multistage" else {"type": "abf", "base": base * r},
-             "global_batch_size": tokens_per_step // length}
+            {
+                "seq_length": length,
+                "tokens": stage_steps * tokens_per_step,
+                "position": position_block("harpe", scale)
+                if method == "harpe_multistage"
+                else {"type": "abf", "base": base * r},
+                "global_batch_size": tokens_per_step // length,
+            }
             for length, stage_steps, base in zip(lengths, thirds, (1e6, 2e6, 5e6))
         ]
         config["position"] = config["stages"][-1]["position"]

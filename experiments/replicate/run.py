@@ -44,7 +44,6 @@ from megatron_harpe.cli import quiet_third_party  # noqa: E402
 quiet_third_party()  # before megatron-core is imported below: our progress lines, not its warnings
 
 import yaml  # noqa: E402
-
 from corpus import write_answer_mask, write_corpus, write_heldout  # noqa: E402
 from methods import ABLATIONS, FULL, METHODS, SMOKE, Scale, base_config, extension_config  # noqa: E402
 from report import write_report  # noqa: E402
@@ -95,8 +94,12 @@ class Runner:
         if self.jobs == 0:  # everything in this process: one import of torch/megatron for the whole run
             for name, command, marker in pending:
                 began = time.time()
-                job = {"name": name, "command": command, "marker": str(marker),
-                       "log": str(self.workdir / "logs" / f"{name}.log")}
+                job = {
+                    "name": name,
+                    "command": command,
+                    "marker": str(marker),
+                    "log": str(self.workdir / "logs" / f"{name}.log"),
+                }
                 if not run_job(job, self.scripts):
                     raise RuntimeError(f"{phase}: {name} failed; see {job['log']}")
                 self.progress(f"{phase}: done {name} {time.time() - began:.0f}s")
@@ -106,13 +109,27 @@ class Runner:
         env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", threads), PYTHONWARNINGS="ignore")
         workers = []
         for index, share_chains in enumerate(balance(pending_chains, worker_count, costs or {})):
-            share = [{"name": name, "command": command, "marker": str(marker),
-                      "log": str(self.workdir / "logs" / f"{name}.log")}
-                     for chain in share_chains for name, command, marker in chain]
+            share = [
+                {
+                    "name": name,
+                    "command": command,
+                    "marker": str(marker),
+                    "log": str(self.workdir / "logs" / f"{name}.log"),
+                }
+                for chain in share_chains
+                for name, command, marker in chain
+            ]
             jobs_file = self.workdir / "logs" / f"{phase}_worker{index}.json"
             jobs_file.write_text(json.dumps(share, indent=1))
-            workers.append(subprocess.Popen([sys.executable, str(Path(__file__).parent / "worker.py"), str(jobs_file)],
-                                            cwd=REPO, env=env, stdout=subprocess.PIPE, text=True))
+            workers.append(
+                subprocess.Popen(
+                    [sys.executable, str(Path(__file__).parent / "worker.py"), str(jobs_file)],
+                    cwd=REPO,
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
+            )
         finished, phase_started = [0], time.time()
         cost = {name: (costs or {}).get(name, 1.0) for name, _, _ in pending}
         cost_done, cost_total = [0.0], sum(cost.values())
@@ -127,8 +144,10 @@ class Runner:
                 # a rough guide: the cost left at the pace so far (parallel workers finish out of order)
                 eta = (time.time() - phase_started) / max(cost_done[0], 1e-9) * max(cost_total - cost_done[0], 0.0)
                 bar = "#" * (20 * done // len(pending))
-                self.progress(f"{phase}: [{bar:<20}] {done}/{len(pending)} {line.strip()}"
-                              + (f", about {eta / 60:.0f} min left" if left else ""))
+                self.progress(
+                    f"{phase}: [{bar:<20}] {done}/{len(pending)} {line.strip()}"
+                    + (f", about {eta / 60:.0f} min left" if left else "")
+                )
 
         relays = [threading.Thread(target=relay, args=(worker,)) for worker in workers]
         for thread in relays:
@@ -158,8 +177,10 @@ def start_runner(output: Path, workdir: Path, jobs: int, script: str, argv: list
     output.mkdir(parents=True, exist_ok=True)
     runner = Runner(output, workdir, jobs)
     with runner.commands.open("a") as handle:
-        handle.write(f"\n## run of {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n"
-                     f"    python experiments/replicate/{script} {' '.join(argv)}\n\n")
+        handle.write(
+            f"\n## run of {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n"
+            f"    python experiments/replicate/{script} {' '.join(argv)}\n\n"
+        )
     return runner
 
 
@@ -180,36 +201,85 @@ def prepare_data(runner: Runner, scale: Scale) -> dict:
     tokenizer = write_tokenizer(data_dir / "tokenizer.json")
     base_prefix, base_command = write_corpus(data_dir, "base", scale.base_tokens, scale.base_length, 0.0, 0, tokenizer)
     extension_prefix, extension_command = write_corpus(  # twice the tokens one run uses: seeds see different halves
-        data_dir, "extension", scale.extension_tokens * 2, scale.target_length, scale.short_share, 1, tokenizer)
-    runner.run_all("data", [[("tokenize_base", base_command, data_dir / "base.DONE")],
-                            [("tokenize_extension", extension_command, data_dir / "extension.DONE")]])
+        data_dir, "extension", scale.extension_tokens * 2, scale.target_length, scale.short_share, 1, tokenizer
+    )
+    runner.run_all(
+        "data",
+        [
+            [("tokenize_base", base_command, data_dir / "base.DONE")],
+            [("tokenize_extension", extension_command, data_dir / "extension.DONE")],
+        ],
+    )
     vocab = len(vocabulary())
     heldout = write_heldout(data_dir, scale.heldout_documents, scale.base_length, seed=7919)
-    return {"tokenizer": str(tokenizer), "base_prefix": str(base_prefix), "extension_prefix": str(extension_prefix),
-            "heldout": str(heldout),
-            "base_mask": str(write_answer_mask(base_prefix)), "extension_mask": str(write_answer_mask(extension_prefix)),
-            "vocab_size": -(-vocab // MODEL_VOCAB_MULTIPLE) * MODEL_VOCAB_MULTIPLE}
+    return {
+        "tokenizer": str(tokenizer),
+        "base_prefix": str(base_prefix),
+        "extension_prefix": str(extension_prefix),
+        "heldout": str(heldout),
+        "base_mask": str(write_answer_mask(base_prefix)),
+        "extension_mask": str(write_answer_mask(extension_prefix)),
+        "vocab_size": -(-vocab // MODEL_VOCAB_MULTIPLE) * MODEL_VOCAB_MULTIPLE,
+    }
 
 
 def train_command(config_path: Path, processes: int = 1) -> list[str]:
     if processes > 1:
-        return ["torchrun", "--nproc-per-node", str(processes), str(REPO / "pretrain_harpe.py"), "--config",
-                str(config_path)]
+        return [
+            "torchrun",
+            "--nproc-per-node",
+            str(processes),
+            str(REPO / "pretrain_harpe.py"),
+            "--config",
+            str(config_path),
+        ]
     return [sys.executable, str(REPO / "pretrain_harpe.py"), "--config", str(config_path)]
 
 
 def eval_command(checkpoint: Path, out_dir: Path, scale: Scale) -> list[str]:
-    return [sys.executable, str(REPO / "tools" / "evaluate.py"), "--model", str(checkpoint), "--task", "synthetic_kv",
-            "--lengths", ",".join(str(length) for length in scale.eval_lengths), "--samples", str(scale.eval_samples),
-            "--scoring", "teacher_forcing", "--seed", "42", "--output-dir", str(out_dir), "--save-predictions", "--overwrite",
-            "--no-progress"]
+    return [
+        sys.executable,
+        str(REPO / "tools" / "evaluate.py"),
+        "--model",
+        str(checkpoint),
+        "--task",
+        "synthetic_kv",
+        "--lengths",
+        ",".join(str(length) for length in scale.eval_lengths),
+        "--samples",
+        str(scale.eval_samples),
+        "--scoring",
+        "teacher_forcing",
+        "--seed",
+        "42",
+        "--output-dir",
+        str(out_dir),
+        "--save-predictions",
+        "--overwrite",
+        "--no-progress",
+    ]
 
 
 def perplexity_command(checkpoint: Path, out_dir: Path, scale: Scale, heldout: str) -> list[str]:
     """Held-out perplexity at the base length (one window per document), for the retention table."""
-    return [sys.executable, str(REPO / "tools" / "evaluate.py"), "--model", str(checkpoint), "--task", "ppl",
-            "--lengths", str(scale.base_length), "--ppl-data", heldout, "--ppl-max-documents",
-            str(scale.heldout_documents), "--output-dir", str(out_dir), "--overwrite", "--no-progress"]
+    return [
+        sys.executable,
+        str(REPO / "tools" / "evaluate.py"),
+        "--model",
+        str(checkpoint),
+        "--task",
+        "ppl",
+        "--lengths",
+        str(scale.base_length),
+        "--ppl-data",
+        heldout,
+        "--ppl-max-documents",
+        str(scale.heldout_documents),
+        "--output-dir",
+        str(out_dir),
+        "--overwrite",
+        "--no-progress",
+    ]
 
 
 def evaluation_jobs(runner: Runner, name: str, checkpoint: Path, scale: Scale, data: dict | None) -> list[Job]:
@@ -223,13 +293,16 @@ def evaluation_jobs(runner: Runner, name: str, checkpoint: Path, scale: Scale, d
     return jobs
 
 
-def train_then_evaluate(runner: Runner, output: Path, name: str, tree: dict, scale: Scale,
-                        data: dict | None = None) -> list[Job]:
+def train_then_evaluate(
+    runner: Runner, output: Path, name: str, tree: dict, scale: Scale, data: dict | None = None
+) -> list[Job]:
     """The jobs that train `tree` (config in <output>/configs/<name>.yaml, weights in its
     checkpoint.save) and then evaluate that checkpoint (`evaluation_jobs`)."""
     checkpoint = Path(tree["checkpoint"]["save"])
-    return [(name, train_command(write_yaml(tree, output / "configs" / f"{name}.yaml")), checkpoint / "DONE"),
-            *evaluation_jobs(runner, name, checkpoint, scale, data)]
+    return [
+        (name, train_command(write_yaml(tree, output / "configs" / f"{name}.yaml")), checkpoint / "DONE"),
+        *evaluation_jobs(runner, name, checkpoint, scale, data),
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -237,13 +310,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True, type=Path, help="results folder (small files only)")
     parser.add_argument("--workdir", type=Path, default=None, help="data, checkpoints, logs (default runs/replicate)")
     parser.add_argument("--smoke", action="store_true", help="tiny model, one seed, a few steps")
-    parser.add_argument("--seeds", type=int, default=None, help="number of seeds, each a base model and its extensions (default 3; smoke 1)")
-    parser.add_argument("--jobs", type=int, default=2,
-                        help="worker processes running in parallel (one core each); 0 runs everything in this process")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=None,
+        help="number of seeds, each a base model and its extensions (default 3; smoke 1)",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=2,
+        help="worker processes running in parallel (one core each); 0 runs everything in this process",
+    )
     parser.add_argument("--extension-tokens", type=int, default=None, help="tokens per extension run (scale down)")
     parser.add_argument("--eval-samples", type=int, default=None, help="samples per length and model (scale down)")
     parser.add_argument("--eval-lengths", default=None, help="comma-separated evaluation lengths")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS + ABLATIONS))
+    parser.add_argument(
+        "--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS + ABLATIONS)
+    )
     args = parser.parse_args(argv)
     scale = SMOKE if args.smoke else FULL
     changes: dict = {}

@@ -42,9 +42,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run import MODEL_VOCAB_MULTIPLE, Runner, start_runner, train_then_evaluate  # noqa: E402  (first: it quiets megatron-core)
 from corpus import write_answer_mask, write_corpus  # noqa: E402
 from methods import Scale, base_config, extension_config  # noqa: E402
+from run import MODEL_VOCAB_MULTIPLE, Runner, start_runner, train_then_evaluate  # noqa: E402  (first: it quiets megatron-core)
 from sweep_report import write_sweep_report  # noqa: E402
 
 from megatron_harpe.eval.tasks.synthetic_kv import vocabulary, write_tokenizer  # noqa: E402
@@ -86,22 +86,34 @@ class Sweep:
         """(hidden, heads) of every model shape: the budget sweep's first (unless heads_only), then the
         heads comparison's."""
         shapes = [] if self.heads_only else [(self.scale.hidden_size, self.heads[0])]
-        return shapes + [(self.comparison_hidden, heads) for heads in self.heads
-                         if (self.comparison_hidden, heads) not in shapes]
+        return shapes + [
+            (self.comparison_hidden, heads) for heads in self.heads if (self.comparison_hidden, heads) not in shapes
+        ]
 
     def runs(self) -> list[tuple[int, int, int, str, int]]:
         """(hidden, heads, budget, method, seed) of every extension run."""
         grid = [] if self.heads_only else [(self.scale.hidden_size, self.heads[0], budget) for budget in self.budgets]
-        grid += [(self.comparison_hidden, heads, self.heads_budget) for heads in self.heads
-                 if (self.comparison_hidden, heads, self.heads_budget) not in grid]
-        return [(hidden, heads, budget, method, seed) for hidden, heads, budget in grid for seed in self.scale.seeds
-                for method in self.methods]
+        grid += [
+            (self.comparison_hidden, heads, self.heads_budget)
+            for heads in self.heads
+            if (self.comparison_hidden, heads, self.heads_budget) not in grid
+        ]
+        return [
+            (hidden, heads, budget, method, seed)
+            for hidden, heads, budget in grid
+            for seed in self.scale.seeds
+            for method in self.methods
+        ]
 
     def scale_of(self, hidden: int, heads: int, **changes: Any) -> Scale:
         """The scale of one model shape (the feed-forward size grows with the width)."""
-        return dataclasses.replace(self.scale, hidden_size=hidden, num_attention_heads=heads,
-                                   ffn_hidden_size=self.scale.ffn_hidden_size * hidden // self.scale.hidden_size,
-                                   **changes)
+        return dataclasses.replace(
+            self.scale,
+            hidden_size=hidden,
+            num_attention_heads=heads,
+            ffn_hidden_size=self.scale.ffn_hidden_size * hidden // self.scale.hidden_size,
+            **changes,
+        )
 
     def round_tokens(self, hidden: int) -> int:
         """Tokens per base round of a model `hidden` wide."""
@@ -122,26 +134,60 @@ class Sweep:
             raise ValueError("heads must be at least 1, heads_hidden and heads_round_tokens positive (or 0: default)")
         if any(hidden % heads or hidden // heads % 2 for hidden, heads in self.models()):
             shapes = ", ".join(f"hidden {hidden} / {heads} heads" for hidden, heads in self.models())
-            raise ValueError(f"every heads setting must split its hidden size into heads of an even size (rotary "
-                             f"pairs): {shapes}")
+            raise ValueError(
+                f"every heads setting must split its hidden size into heads of an even size (rotary pairs): {shapes}"
+            )
         if not 0 < self.base_gate <= 100 or self.base_max_rounds < 1:
             raise ValueError("base_gate must be in (0, 100] and base_max_rounds >= 1")
 
 
 FULL_SWEEP = Sweep(
-    scale=Scale(base_length=64, target_length=512, eval_lengths=(64, 128, 256, 512, 1024), eval_samples=100,
-                base_tokens=3_000_000, base_rounds=1, later_round_tokens=3_000_000, base_batch=16, base_lr=1e-3,
-                extension_batch=4),
-    budgets=(150_000, 500_000, 1_500_000), heads=(8, 4), heads_budget=150_000,
-    base_round_tokens=3_000_000, base_max_rounds=3, base_gate=80.0,
+    scale=Scale(
+        base_length=64,
+        target_length=512,
+        eval_lengths=(64, 128, 256, 512, 1024),
+        eval_samples=100,
+        base_tokens=3_000_000,
+        base_rounds=1,
+        later_round_tokens=3_000_000,
+        base_batch=16,
+        base_lr=1e-3,
+        extension_batch=4,
+    ),
+    budgets=(150_000, 500_000, 1_500_000),
+    heads=(8, 4),
+    heads_budget=150_000,
+    base_round_tokens=3_000_000,
+    base_max_rounds=3,
+    base_gate=80.0,
     base_grammar={"mean_gap": 1.5, "query_share": 0.4, "fresh_queries": True},
 )
 SMOKE_SWEEP = Sweep(
-    scale=Scale(base_length=64, target_length=256, num_layers=2, hidden_size=32, num_attention_heads=4,
-                ffn_hidden_size=64, base_tokens=8192, later_round_tokens=8192, base_rounds=1, extension_tokens=4096,
-                base_batch=8, extension_batch=2, seeds=(1, 2), eval_lengths=(64, 256), eval_samples=3),
-    budgets=(4096, 8192), heads=(4, 8), heads_budget=4096, heads_hidden=64, heads_round_tokens=4096,
-    base_round_tokens=8192, base_max_rounds=2, base_gate=100.0,
+    scale=Scale(
+        base_length=64,
+        target_length=256,
+        num_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        ffn_hidden_size=64,
+        base_tokens=8192,
+        later_round_tokens=8192,
+        base_rounds=1,
+        extension_tokens=4096,
+        base_batch=8,
+        extension_batch=2,
+        seeds=(1, 2),
+        eval_lengths=(64, 256),
+        eval_samples=3,
+    ),
+    budgets=(4096, 8192),
+    heads=(4, 8),
+    heads_budget=4096,
+    heads_hidden=64,
+    heads_round_tokens=4096,
+    base_round_tokens=8192,
+    base_max_rounds=2,
+    base_gate=100.0,
     base_grammar={"mean_gap": 1.5, "query_share": 0.4, "fresh_queries": True},
 )
 
@@ -152,16 +198,33 @@ def prepare_sweep_data(runner: Runner, sweep: Sweep) -> dict[str, Any]:
     scale, data_dir = sweep.scale, runner.workdir / "data"
     tokenizer = write_tokenizer(data_dir / "tokenizer.json")
     base_tokens = max(sweep.round_tokens(hidden) for hidden, _ in sweep.models()) * sweep.base_max_rounds
-    base_prefix, base_command = write_corpus(data_dir, "base", base_tokens, scale.base_length, 0.0, 0, tokenizer,
-                                             grammar=sweep.base_grammar)
+    base_prefix, base_command = write_corpus(
+        data_dir, "base", base_tokens, scale.base_length, 0.0, 0, tokenizer, grammar=sweep.base_grammar
+    )
     extension_prefix, extension_command = write_corpus(
-        data_dir, "extension", max(sweep.budgets + (sweep.heads_budget,)) * 2, scale.target_length,
-        scale.short_share, 1, tokenizer)
-    runner.run_all("data", [[("tokenize_base", base_command, data_dir / "base.DONE")],
-                            [("tokenize_extension", extension_command, data_dir / "extension.DONE")]])
-    return {"tokenizer": str(tokenizer), "base_prefix": str(base_prefix), "extension_prefix": str(extension_prefix),
-            "base_mask": str(write_answer_mask(base_prefix)), "extension_mask": str(write_answer_mask(extension_prefix)),
-            "vocab_size": -(-len(vocabulary()) // MODEL_VOCAB_MULTIPLE) * MODEL_VOCAB_MULTIPLE}
+        data_dir,
+        "extension",
+        max(sweep.budgets + (sweep.heads_budget,)) * 2,
+        scale.target_length,
+        scale.short_share,
+        1,
+        tokenizer,
+    )
+    runner.run_all(
+        "data",
+        [
+            [("tokenize_base", base_command, data_dir / "base.DONE")],
+            [("tokenize_extension", extension_command, data_dir / "extension.DONE")],
+        ],
+    )
+    return {
+        "tokenizer": str(tokenizer),
+        "base_prefix": str(base_prefix),
+        "extension_prefix": str(extension_prefix),
+        "base_mask": str(write_answer_mask(base_prefix)),
+        "extension_mask": str(write_answer_mask(extension_prefix)),
+        "vocab_size": -(-len(vocabulary()) // MODEL_VOCAB_MULTIPLE) * MODEL_VOCAB_MULTIPLE,
+    }
 
 
 def exact_match_at(eval_dir: Path, length: int) -> float | None:
@@ -171,30 +234,39 @@ def exact_match_at(eval_dir: Path, length: int) -> float | None:
     return float(json.loads(results.read_text())["tasks"]["synthetic_kv"][str(length)]["score"])
 
 
-def base_round_chains(runner: Runner, sweep: Sweep, data: dict[str, Any], output: Path, state: dict,
-                      round_index: int) -> tuple[list, dict[str, float]]:
+def base_round_chains(
+    runner: Runner, sweep: Sweep, data: dict[str, Any], output: Path, state: dict, round_index: int
+) -> tuple[list, dict[str, float]]:
     """The train+eval chains of one base round for every base model still below the gate."""
     workdir, chains, costs = runner.workdir, [], {}
     for (hidden, heads, seed), entry in state.items():
         if entry["passed"]:
             continue
-        name = f"{sweep.model_name(hidden, heads)}_base_seed{seed}" + (f"_round{round_index + 1}" if round_index else "")
+        name = f"{sweep.model_name(hidden, heads)}_base_seed{seed}" + (
+            f"_round{round_index + 1}" if round_index else ""
+        )
         checkpoint = workdir / "checkpoints" / name
         tokens = sweep.round_tokens(hidden)
         round_scale = sweep.scale_of(hidden, heads, base_tokens=tokens, later_round_tokens=tokens)
-        tree = base_config(round_scale, data, str(checkpoint), seed=100 * seed + round_index,
-                           pretrained=entry.get("checkpoint"))
+        tree = base_config(
+            round_scale, data, str(checkpoint), seed=100 * seed + round_index, pretrained=entry.get("checkpoint")
+        )
         chain = train_then_evaluate(runner, output, name, tree, sweep.scale)
         chains.append(chain)
         costs[name] = tokens * hidden / sweep.scale.hidden_size  # time grows about with width
         costs[f"eval_{name}"] = sweep.base_round_tokens / 20
-        entry.update(checkpoint=str(checkpoint), eval=chain[-1][2].parent, rounds=round_index + 1,  # eval marker: in its folder
-                     tokens=entry.get("tokens", 0) + tokens)
+        entry.update(
+            checkpoint=str(checkpoint),
+            eval=chain[-1][2].parent,
+            rounds=round_index + 1,  # eval marker: in its folder
+            tokens=entry.get("tokens", 0) + tokens,
+        )
     return chains, costs
 
 
-def extension_chains(runner: Runner, sweep: Sweep, data: dict[str, Any], output: Path, bases: dict,
-                     keys: set[tuple[int, int, int]]) -> tuple[list, dict[str, float]]:
+def extension_chains(
+    runner: Runner, sweep: Sweep, data: dict[str, Any], output: Path, bases: dict, keys: set[tuple[int, int, int]]
+) -> tuple[list, dict[str, float]]:
     """The extend+eval chains of every run whose base model, (hidden, heads, seed), is in `keys`."""
     workdir, chains, costs = runner.workdir, [], {}
     for hidden, heads, budget, method, seed in sweep.runs():
@@ -202,8 +274,9 @@ def extension_chains(runner: Runner, sweep: Sweep, data: dict[str, Any], output:
             continue
         name = sweep.run_name(hidden, heads, budget, method, seed)
         run_scale = sweep.scale_of(hidden, heads, extension_tokens=budget)
-        tree = extension_config(method, run_scale, data, bases[hidden, heads, seed]["checkpoint"],
-                                str(workdir / "checkpoints" / name), seed)
+        tree = extension_config(
+            method, run_scale, data, bases[hidden, heads, seed]["checkpoint"], str(workdir / "checkpoints" / name), seed
+        )
         chains.append(train_then_evaluate(runner, output, name, tree, sweep.scale))
         # a token at the target length costs about twice one at the base length; time grows about with width
         costs[name] = budget * 2 * hidden / sweep.scale.hidden_size
@@ -220,8 +293,11 @@ def train_and_extend(runner: Runner, sweep: Sweep, data: dict[str, Any], output:
     workers stay busy while a few seeds take another round. A base model still below the gate
     after base_max_rounds is extended all the same (the report marks it)."""
     scale = sweep.scale
-    state = {(hidden, heads, seed): {"rounds": 0, "passed": False}
-             for hidden, heads in sweep.models() for seed in scale.seeds}
+    state = {
+        (hidden, heads, seed): {"rounds": 0, "passed": False}
+        for hidden, heads in sweep.models()
+        for seed in scale.seeds
+    }
     extended: set[tuple[int, int, int]] = set()
     for round_index in range(sweep.base_max_rounds):
         chains, costs = base_round_chains(runner, sweep, data, output, state, round_index)
@@ -236,9 +312,11 @@ def train_and_extend(runner: Runner, sweep: Sweep, data: dict[str, Any], output:
             if not entry["passed"]:
                 entry["exact_match"] = exact_match_at(entry["eval"], scale.base_length)
                 entry["passed"] = (entry["exact_match"] or 0.0) >= sweep.base_gate
-                runner.progress(f"base: hidden {hidden}, {heads} heads, seed {seed}: {entry['exact_match']:.1f}% exact match at "
-                                f"{scale.base_length} after {entry['tokens']:,} tokens"
-                                + ("" if entry["passed"] else f" (below the {sweep.base_gate:.0f}% gate)"))
+                runner.progress(
+                    f"base: hidden {hidden}, {heads} heads, seed {seed}: {entry['exact_match']:.1f}% exact match at "
+                    f"{scale.base_length} after {entry['tokens']:,} tokens"
+                    + ("" if entry["passed"] else f" (below the {sweep.base_gate:.0f}% gate)")
+                )
     chains, costs = extension_chains(runner, sweep, data, output, state, set(state) - extended)
     runner.run_all("extend+eval", chains, costs)
     return state
@@ -249,27 +327,51 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", required=True, type=Path, help="results folder (small files only)")
     parser.add_argument("--workdir", type=Path, default=None, help="data, checkpoints, logs (default runs/sweep)")
     parser.add_argument("--smoke", action="store_true", help="a tiny grid of tiny models, a few steps each")
-    parser.add_argument("--jobs", type=int, default=2,
-                        help="worker processes running in parallel (one core each); 0 runs everything in this process")
-    parser.add_argument("--heads", type=int, nargs="+", default=None,
-                        help="heads per layer to compare, the first also gets the budget sweep (default: 8 4)")
-    parser.add_argument("--heads-hidden", type=int, default=None,
-                        help="hidden size of the heads comparison, e.g. 256 for 8 against 16 heads of 32 and 16 "
-                             "dimensions (default: the budget sweep's 128)")
-    parser.add_argument("--heads-round-tokens", type=int, default=None,
-                        help="tokens per base round of the models wider than the budget sweep's")
-    parser.add_argument("--heads-only", action="store_true",
-                        help="run only the heads comparison (its report has no budget tables)")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=2,
+        help="worker processes running in parallel (one core each); 0 runs everything in this process",
+    )
+    parser.add_argument(
+        "--heads",
+        type=int,
+        nargs="+",
+        default=None,
+        help="heads per layer to compare, the first also gets the budget sweep (default: 8 4)",
+    )
+    parser.add_argument(
+        "--heads-hidden",
+        type=int,
+        default=None,
+        help="hidden size of the heads comparison, e.g. 256 for 8 against 16 heads of 32 and 16 "
+        "dimensions (default: the budget sweep's 128)",
+    )
+    parser.add_argument(
+        "--heads-round-tokens",
+        type=int,
+        default=None,
+        help="tokens per base round of the models wider than the budget sweep's",
+    )
+    parser.add_argument(
+        "--heads-only", action="store_true", help="run only the heads comparison (its report has no budget tables)"
+    )
     return parser
 
 
 def sweep_from_args(args: argparse.Namespace) -> Sweep:
     """FULL_SWEEP (or SMOKE_SWEEP) with the heads comparison the options ask for; ValueError if it
     cannot work."""
-    changes = {"heads": tuple(args.heads) if args.heads else None, "heads_hidden": args.heads_hidden,
-               "heads_round_tokens": args.heads_round_tokens, "heads_only": args.heads_only or None}
-    sweep = dataclasses.replace(SMOKE_SWEEP if args.smoke else FULL_SWEEP,
-                                **{name: value for name, value in changes.items() if value is not None})
+    changes = {
+        "heads": tuple(args.heads) if args.heads else None,
+        "heads_hidden": args.heads_hidden,
+        "heads_round_tokens": args.heads_round_tokens,
+        "heads_only": args.heads_only or None,
+    }
+    sweep = dataclasses.replace(
+        SMOKE_SWEEP if args.smoke else FULL_SWEEP,
+        **{name: value for name, value in changes.items() if value is not None},
+    )
     sweep.validate()
     return sweep
 
@@ -285,8 +387,17 @@ def main(argv: list[str] | None = None) -> int:
     workdir = (args.workdir or repo / "runs" / ("sweep_smoke" if args.smoke else "sweep")).resolve()
     runner = start_runner(args.output, workdir, args.jobs, "sweep.py", sys.argv[1:] if argv is None else argv)
     output = runner.output
-    (output / "scale.json").write_text(json.dumps(
-        {**dataclasses.asdict(sweep), "models": sweep.models(), "ratio": sweep.scale.ratio, "runs": len(sweep.runs())}, indent=2))
+    (output / "scale.json").write_text(
+        json.dumps(
+            {
+                **dataclasses.asdict(sweep),
+                "models": sweep.models(),
+                "ratio": sweep.scale.ratio,
+                "runs": len(sweep.runs()),
+            },
+            indent=2,
+        )
+    )
 
     runner.progress(f"data: tokenizer and synthetic corpora; {len(sweep.runs())} extension runs planned")
     data = prepare_sweep_data(runner, sweep)

@@ -28,17 +28,23 @@ def collect(eval_dir: Path, sweep: Any) -> dict:
         if run is None:
             continue
         table.setdefault((hidden, heads, budget, method), {})[seed] = {
-            "exact": run["scores"], "digits": digit_accuracy(run["records"], sweep.scale.eval_lengths)}
+            "exact": run["scores"],
+            "digits": digit_accuracy(run["records"], sweep.scale.eval_lengths),
+        }
     return table
 
 
-def paired(cells: dict, method: str, reference: str, model: tuple[int, int], budget: int, length: int,
-           key: str = "exact") -> list[float]:
+def paired(
+    cells: dict, method: str, reference: str, model: tuple[int, int], budget: int, length: int, key: str = "exact"
+) -> list[float]:
     """method - reference score (`key`: exact or digits) at one length for one model shape
     (hidden, heads), one value per seed both have."""
     mine, theirs = cells.get((*model, budget, method), {}), cells.get((*model, budget, reference), {})
-    return [mine[seed][key][length] - theirs[seed][key][length]
-            for seed in sorted(set(mine) & set(theirs)) if length in mine[seed][key]]
+    return [
+        mine[seed][key][length] - theirs[seed][key][length]
+        for seed in sorted(set(mine) & set(theirs))
+        if length in mine[seed][key]
+    ]
 
 
 def slope(xs: list[float], ys: list[float]) -> float:
@@ -102,26 +108,48 @@ def budget_sections(cells: dict, sweep: Any, summary: dict) -> list[str]:
     model0 = sweep.models()[0]
     heads0 = model0[1]
     for key, title in (("exact", "Exact match (%)"), ("digits", "Digit accuracy (%), chance 10")):
-        lines += ["", f"## {title} vs adaptation budget, {heads0} heads, hidden {model0[0]}, mean ± std over seeds", "",
-                  "| method | budget | " + " | ".join(str(k) for k in lengths) + " |", "|---" * (len(lengths) + 2) + "|"]
+        lines += [
+            "",
+            f"## {title} vs adaptation budget, {heads0} heads, hidden {model0[0]}, mean ± std over seeds",
+            "",
+            "| method | budget | " + " | ".join(str(k) for k in lengths) + " |",
+            "|---" * (len(lengths) + 2) + "|",
+        ]
         for method in sweep.methods:
             for budget in sweep.budgets:
                 seeds = cells.get((*model0, budget, method), {})
-                lines.append(f"| {method} | {budget:,} | " + " | ".join(
-                    format_cell([s[key][k] for s in seeds.values() if k in s[key]]) for k in lengths) + " |")
+                lines.append(
+                    f"| {method} | {budget:,} | "
+                    + " | ".join(format_cell([s[key][k] for s in seeds.values() if k in s[key]]) for k in lengths)
+                    + " |"
+                )
     for key, title in (("exact", "Exact match"), ("digits", "Digit accuracy")):
-        lines += ["", f"## {title} minus {REFERENCE}'s, paired by seed ({heads0} heads, hidden {model0[0]})", "",
-                  "Percentage points, mean ± std over seeds (higher in how many seeds):", "",
-                  "| method | budget | " + " | ".join(str(k) for k in lengths) + " |", "|---" * (len(lengths) + 2) + "|"]
+        lines += [
+            "",
+            f"## {title} minus {REFERENCE}'s, paired by seed ({heads0} heads, hidden {model0[0]})",
+            "",
+            "Percentage points, mean ± std over seeds (higher in how many seeds):",
+            "",
+            "| method | budget | " + " | ".join(str(k) for k in lengths) + " |",
+            "|---" * (len(lengths) + 2) + "|",
+        ]
         for method in [m for m in sweep.methods if m != REFERENCE]:
             for budget in sweep.budgets:
-                row = [format_difference(paired(cells, method, REFERENCE, model0, budget, length, key))
-                       for length in lengths]
+                row = [
+                    format_difference(paired(cells, method, REFERENCE, model0, budget, length, key))
+                    for length in lengths
+                ]
                 lines.append(f"| {method} | {budget:,} | " + " | ".join(row) + " |")
-    lines += ["", f"## Trend: (method - {REFERENCE}) per 10x budget", "",
-              "Least-squares slope of the paired difference over log10(budget), per seed, then mean ± std over "
-              "seeds; judged against twice its standard error.", "",
-              "| method | length | slope (points per 10x) | verdict |", "|---|---|---|---|"]
+    lines += [
+        "",
+        f"## Trend: (method - {REFERENCE}) per 10x budget",
+        "",
+        "Least-squares slope of the paired difference over log10(budget), per seed, then mean ± std over "
+        "seeds; judged against twice its standard error.",
+        "",
+        "| method | length | slope (points per 10x) | verdict |",
+        "|---|---|---|---|",
+    ]
     for method in [m for m in sweep.methods if m != REFERENCE]:
         for length in [k for k in lengths if k > scale.base_length]:
             fit = trend(cells, sweep, method, length)
@@ -134,43 +162,73 @@ def budget_sections(cells: dict, sweep: Any, summary: dict) -> list[str]:
 def markdown(cells: dict, sweep: Any, bases: dict) -> tuple[str, dict]:
     scale, lengths = sweep.scale, sweep.scale.eval_lengths
     hidden0, heads0 = sweep.models()[0]
-    budgets = "" if sweep.heads_only else (f"budgets {', '.join(f'{b:,}' for b in sweep.budgets)} tokens at {heads0} "
-                                           f"heads, hidden {hidden0}; ")
-    lines = [f"Sweep: base length {scale.base_length} -> target {scale.target_length}, {scale.num_layers} layers, "
-             f"{len(scale.seeds)} seeds, {scale.eval_samples} samples per length and model (teacher forced); "
-             f"{budgets}heads {', '.join(str(h) for h in sweep.heads)} at hidden {sweep.comparison_hidden} with "
-             f"{sweep.heads_budget:,} tokens.", "",
-             "## Base models", "",
-             f"Rounds of {sweep.round_tokens(hidden0):,} tokens"
-             + (f" (hidden {hidden0}) or {sweep.round_tokens(sweep.comparison_hidden):,} (hidden "
-                f"{sweep.comparison_hidden})" if sweep.comparison_hidden != hidden0 else "")
-             + f" until exact match at {scale.base_length} reaches "
-             f"{sweep.base_gate:.0f}% (at most {sweep.base_max_rounds} rounds):", "",
-             "| hidden | heads | seed | rounds | tokens | exact match at base length |", "|---|---|---|---|---|---|"]
+    budgets = (
+        ""
+        if sweep.heads_only
+        else (f"budgets {', '.join(f'{b:,}' for b in sweep.budgets)} tokens at {heads0} heads, hidden {hidden0}; ")
+    )
+    lines = [
+        f"Sweep: base length {scale.base_length} -> target {scale.target_length}, {scale.num_layers} layers, "
+        f"{len(scale.seeds)} seeds, {scale.eval_samples} samples per length and model (teacher forced); "
+        f"{budgets}heads {', '.join(str(h) for h in sweep.heads)} at hidden {sweep.comparison_hidden} with "
+        f"{sweep.heads_budget:,} tokens.",
+        "",
+        "## Base models",
+        "",
+        f"Rounds of {sweep.round_tokens(hidden0):,} tokens"
+        + (
+            f" (hidden {hidden0}) or {sweep.round_tokens(sweep.comparison_hidden):,} (hidden {sweep.comparison_hidden})"
+            if sweep.comparison_hidden != hidden0
+            else ""
+        )
+        + f" until exact match at {scale.base_length} reaches "
+        f"{sweep.base_gate:.0f}% (at most {sweep.base_max_rounds} rounds):",
+        "",
+        "| hidden | heads | seed | rounds | tokens | exact match at base length |",
+        "|---|---|---|---|---|---|",
+    ]
     for (hidden, heads, seed), entry in sorted(bases.items()):
         match = entry.get("exact_match")
-        lines.append(f"| {hidden} | {heads} | {seed} | {entry['rounds']} | {entry['tokens']:,} | "
-                     + (f"{match:.1f}" if match is not None else "-") + (" (below the gate)" if not entry.get("passed") else "")
-                     + " |")
+        lines.append(
+            f"| {hidden} | {heads} | {seed} | {entry['rounds']} | {entry['tokens']:,} | "
+            + (f"{match:.1f}" if match is not None else "-")
+            + (" (below the gate)" if not entry.get("passed") else "")
+            + " |"
+        )
     summary: dict[str, Any] = {"trend": {}, "heads": {}}
     if not sweep.heads_only:
         lines += budget_sections(cells, sweep, summary)
     compared = [model for model in sweep.models() if cells_at(cells, model, sweep.heads_budget)]
     if len(sweep.heads) > 1:
-        lines += ["", f"## Model shapes at {sweep.heads_budget:,} tokens, exact match (%)", "",
-                  f"Heads per layer at equal width (hidden {sweep.comparison_hidden})"
-                  + (":" if sweep.heads_only else ", and the budget sweep's model:"), "",
-                  "| method | hidden | heads | " + " | ".join(str(k) for k in lengths) + " |",
-                  "|---" * (len(lengths) + 3) + "|"]
+        lines += [
+            "",
+            f"## Model shapes at {sweep.heads_budget:,} tokens, exact match (%)",
+            "",
+            f"Heads per layer at equal width (hidden {sweep.comparison_hidden})"
+            + (":" if sweep.heads_only else ", and the budget sweep's model:"),
+            "",
+            "| method | hidden | heads | " + " | ".join(str(k) for k in lengths) + " |",
+            "|---" * (len(lengths) + 3) + "|",
+        ]
         for method in sweep.methods:
             for hidden, heads in compared:
                 seeds = cells.get((hidden, heads, sweep.heads_budget, method), {})
-                lines.append(f"| {method} | {hidden} | {heads} | " + " | ".join(
-                    format_cell([s["exact"][k] for s in seeds.values() if k in s["exact"]]) for k in lengths) + " |")
+                lines.append(
+                    f"| {method} | {hidden} | {heads} | "
+                    + " | ".join(
+                        format_cell([s["exact"][k] for s in seeds.values() if k in s["exact"]]) for k in lengths
+                    )
+                    + " |"
+                )
         for other in [m for m in sweep.methods if m != REFERENCE]:
-            lines += ["", f"{other} minus {REFERENCE}, exact match paired by seed, at {sweep.heads_budget:,} tokens "
-                      "(higher in how many seeds):", "",
-                      "| hidden | heads | " + " | ".join(str(k) for k in lengths) + " |", "|---" * (len(lengths) + 2) + "|"]
+            lines += [
+                "",
+                f"{other} minus {REFERENCE}, exact match paired by seed, at {sweep.heads_budget:,} tokens "
+                "(higher in how many seeds):",
+                "",
+                "| hidden | heads | " + " | ".join(str(k) for k in lengths) + " |",
+                "|---" * (len(lengths) + 2) + "|",
+            ]
             for model in compared:
                 row = []
                 for length in lengths:
@@ -194,8 +252,11 @@ def plot(cells: dict, sweep: Any, path: Path) -> Path:
         for method in sweep.methods:
             xs, ys, errors = [], [], []
             for budget in sweep.budgets:
-                values = [s["exact"][length] for s in cells.get((*model0, budget, method), {}).values()
-                          if length in s["exact"]]
+                values = [
+                    s["exact"][length]
+                    for s in cells.get((*model0, budget, method), {}).values()
+                    if length in s["exact"]
+                ]
                 if values:
                     xs.append(budget)
                     ys.append(statistics.fmean(values))
@@ -212,11 +273,24 @@ def plot(cells: dict, sweep: Any, path: Path) -> Path:
     models, length = sweep.models(), scale.target_length
     axis, width = axes[0][-1], 0.8 / len(models)
     for index, (hidden, heads) in enumerate(models):
-        means = [statistics.fmean(values) if (values := [s["exact"][length] for s in cells.get(
-            (hidden, heads, sweep.heads_budget, method), {}).values() if length in s["exact"]]) else 0.0
-            for method in sweep.methods]
-        axis.bar([i + index * width for i in range(len(sweep.methods))], means, width,
-                 label=f"{heads} heads, hidden {hidden}")
+        means = [
+            statistics.fmean(values)
+            if (
+                values := [
+                    s["exact"][length]
+                    for s in cells.get((hidden, heads, sweep.heads_budget, method), {}).values()
+                    if length in s["exact"]
+                ]
+            )
+            else 0.0
+            for method in sweep.methods
+        ]
+        axis.bar(
+            [i + index * width for i in range(len(sweep.methods))],
+            means,
+            width,
+            label=f"{heads} heads, hidden {hidden}",
+        )
     axis.set_xticks([i + width * (len(models) - 1) / 2 for i in range(len(sweep.methods))], list(sweep.methods))
     axis.set_ylabel(f"exact match at {length} (%)")
     axis.set_title(f"model shapes at {sweep.heads_budget:,} tokens")
@@ -233,10 +307,14 @@ def write_sweep_report(eval_dir: Path, output: Path, sweep: Any, bases: dict) ->
     text, summary = markdown(cells, sweep, bases)
     report = output / "sweep.md"
     write_text(str(report), text)
-    summary["cells"] = {f"{sweep.model_name(hidden, heads)}_{method}_{budget}": seeds
-                        for (hidden, heads, budget, method), seeds in cells.items()}
-    summary["bases"] = {f"{sweep.model_name(hidden, heads)}_seed{seed}": {k: v for k, v in entry.items() if k != "eval"}
-                        for (hidden, heads, seed), entry in bases.items()}
+    summary["cells"] = {
+        f"{sweep.model_name(hidden, heads)}_{method}_{budget}": seeds
+        for (hidden, heads, budget, method), seeds in cells.items()
+    }
+    summary["bases"] = {
+        f"{sweep.model_name(hidden, heads)}_seed{seed}": {k: v for k, v in entry.items() if k != "eval"}
+        for (hidden, heads, seed), entry in bases.items()
+    }
     data = output / "sweep_summary.json"
     write_text(str(data), json.dumps(summary, indent=2, default=str))
     return [report, plot(cells, sweep, output / "sweep.png"), data]

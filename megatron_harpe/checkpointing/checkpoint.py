@@ -126,7 +126,9 @@ def save_checkpoint(
     try:
         sharded = _checkpoint_entries(model, optimizer, placeholders=None)
         dist_checkpointing.save(
-            sharded, str(work_dir / "dist"), sharded_strategy=sharded_strategy or _save_strategy(),
+            sharded,
+            str(work_dir / "dist"),
+            sharded_strategy=sharded_strategy or _save_strategy(),
             async_sharded_save=False,
         )
         _save_rng_state(work_dir / "rng" / f"rank_{rank:05d}.pt")
@@ -168,7 +170,9 @@ def _raise_if_any_rank_failed(error: BaseException | None, save_dir, iteration: 
     if dist.get_rank() == 0:
         shutil.rmtree(work_dir, ignore_errors=True)
     if error is None:
-        raise CheckpointWriteError(f"another rank failed to write checkpoint iteration {iteration} to {save_dir} (see its log)")
+        raise CheckpointWriteError(
+            f"another rank failed to write checkpoint iteration {iteration} to {save_dir} (see its log)"
+        )
     raise CheckpointWriteError(_describe_write_error(error, Path(save_dir), iteration)) from error
 
 
@@ -185,7 +189,11 @@ def _describe_write_error(error: BaseException, save_dir: Path, iteration: int) 
         chain += [failure[0] if isinstance(failure, tuple) else failure for failure in error.failures.values()]
     codes = [e.errno for e in chain if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS]
     text = " ".join(str(e) for e in chain)
-    for code, phrase in ((errno.ENOSPC, "No space left"), (errno.EACCES, "Permission denied"), (errno.EROFS, "Read-only")):
+    for code, phrase in (
+        (errno.ENOSPC, "No space left"),
+        (errno.EACCES, "Permission denied"),
+        (errno.EROFS, "Read-only"),
+    ):
         if phrase in text:
             codes.append(code)
     try:
@@ -201,7 +209,9 @@ def _describe_write_error(error: BaseException, save_dir: Path, iteration: int) 
         kept = f"the newest checkpoint is still {previous.name}" if previous else "no earlier checkpoint exists"
     except ValueError:  # every earlier iteration damaged: find_latest_checkpoint says so when loading
         kept = "no intact earlier checkpoint exists"
-    return f"cannot write checkpoint iteration {iteration} to {save_dir}{space}: {reason}. Nothing of it was kept; {kept}"
+    return (
+        f"cannot write checkpoint iteration {iteration} to {save_dir}{space}: {reason}. Nothing of it was kept; {kept}"
+    )
 
 
 class _HostSafeTorchDistSaveStrategy(TorchDistSaveShardedStrategy):
@@ -335,8 +345,10 @@ def find_latest_checkpoint(save_dir: str | Path) -> Path | None:
         problem = checkpoint_problem(candidate)
         if problem is None:
             if damaged:
-                _warn(f"damaged checkpoint {'; '.join(damaged)} in {path}: falling back to {candidate.name}, "
-                      "the newest intact one")
+                _warn(
+                    f"damaged checkpoint {'; '.join(damaged)} in {path}: falling back to {candidate.name}, "
+                    "the newest intact one"
+                )
             return candidate
         damaged.append(f"{candidate.name} ({problem})")
     if damaged:
@@ -459,9 +471,7 @@ def _checkpoint_entries(model, optimizer, placeholders: dict | None) -> dict[str
     return sharded
 
 
-def _optimizer_sharded_state(
-    optimizer: torch.optim.Optimizer, model_sharded: dict, placeholders: dict | None
-) -> dict:
+def _optimizer_sharded_state(optimizer: torch.optim.Optimizer, model_sharded: dict, placeholders: dict | None) -> dict:
     """The optimizer's state with each per-parameter tensor (Adam moments ...) described as a
     slice of a global tensor, sharded exactly like its parameter; scalars (Adam's step) and
     hyperparameters are kept as plain (common) values.

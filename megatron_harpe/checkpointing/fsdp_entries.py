@@ -161,7 +161,9 @@ def optimizer_entries(model: torch.nn.Module, optimizer: torch.optim.Optimizer, 
                 described = _describe(description, {name: value}, prefix=f"optimizer.state.{key}.")
                 tensor_state.setdefault(index, {})[key] = described.get(name, [])
             else:
-                scalar_state.setdefault(index, {})[key] = value.detach().cpu().clone() if torch.is_tensor(value) else value
+                scalar_state.setdefault(index, {})[key] = (
+                    value.detach().cpu().clone() if torch.is_tensor(value) else value
+                )
     ids = iter(range(len(params)))  # as torch's Optimizer.state_dict numbers them (the unsharded path's)
     groups = [{**{k: v for k, v in group.items() if k != "params"},
                "params": LocalNonpersistentObject([next(ids) for _ in group["params"]])}
@@ -204,7 +206,9 @@ def install_loaded(model: torch.nn.Module, requested: dict, loaded: dict, optimi
         len(saved["params"]) != len(current["params"])
         for saved, current in zip(loaded["optimizer"]["param_groups"], optimizer.param_groups)
     ):
-        raise ValueError("the optimizer's parameter groups differ from the checkpoint's: build it the same way as when saving")
+        raise ValueError(
+            "the optimizer's parameter groups differ from the checkpoint's: build it the same way as when saving"
+        )
     for saved, current in zip(loaded["optimizer"]["param_groups"], optimizer.param_groups):
         current.update({k: v for k, v in saved.items() if k != "params"})
 

@@ -21,8 +21,15 @@ from torch.distributed.checkpoint import CheckpointException
 
 from megatron_harpe.config import ModelConfig, from_dict
 
-SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "kv_groups", "ffn_hidden_size",
-                "tie_word_embeddings")
+SHAPE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "num_layers",
+    "num_attention_heads",
+    "kv_groups",
+    "ffn_hidden_size",
+    "tie_word_embeddings",
+)
 """What fixes the shapes of a model's weights (kv_groups: model.num_query_groups)."""
 _EMBEDDING = "embedding.word_embeddings.weight"
 
@@ -37,8 +44,10 @@ def saved_model_config(path: str | Path) -> tuple[Path, ModelConfig]:
 
     found = find_latest_checkpoint(path)
     if found is None:
-        raise ValueError(f"checkpoint.pretrained={path} holds no checkpoint (no latest_checkpointed_iteration.txt "
-                         "or iter_*/ dirs): convert one with tools/convert_checkpoint.py hf-to-megatron")
+        raise ValueError(
+            f"checkpoint.pretrained={path} holds no checkpoint (no latest_checkpointed_iteration.txt "
+            "or iter_*/ dirs): convert one with tools/convert_checkpoint.py hf-to-megatron"
+        )
     return found, from_dict(ModelConfig, read_checkpoint_config(found).get("model") or {}, prefix="model")
 
 
@@ -58,18 +67,25 @@ def check_pretrained_shapes(path: str | Path, model: ModelConfig) -> None:
     rows = saved_vocabulary_rows(found)
     if rows is not None and rows != saved.vocab_size:
         saved.vocab_size = rows  # the tensors win over a config that does not describe them
-    differences = [(field, getattr(saved, field), getattr(model, field)) for field in SHAPE_FIELDS
-                   if getattr(saved, field) != getattr(model, field)]
+    differences = [
+        (field, getattr(saved, field), getattr(model, field))
+        for field in SHAPE_FIELDS
+        if getattr(saved, field) != getattr(model, field)
+    ]
     if not differences:
         return
     listed = ", ".join(f"{_field_key(field)}: checkpoint {old}, config {new}" for field, old, new in differences)
     if [field for field, _, _ in differences] == ["vocab_size"]:
-        fix = (f"to change the vocabulary deliberately, resize the checkpoint first: python tools/convert_checkpoint.py "
-               f"resize-vocab --input {path} --output NEW_DIR --vocab-size {model.vocab_size}, then set "
-               "checkpoint.pretrained to NEW_DIR; or set model.vocab_size to the checkpoint's")
+        fix = (
+            f"to change the vocabulary deliberately, resize the checkpoint first: python tools/convert_checkpoint.py "
+            f"resize-vocab --input {path} --output NEW_DIR --vocab-size {model.vocab_size}, then set "
+            "checkpoint.pretrained to NEW_DIR; or set model.vocab_size to the checkpoint's"
+        )
     else:
         fix = "set these model keys to the checkpoint's values, or start from a checkpoint of this model"
-    raise ValueError(f"checkpoint.pretrained={path} ({found.name}) holds another model than the config builds ({listed}): {fix}")
+    raise ValueError(
+        f"checkpoint.pretrained={path} ({found.name}) holds another model than the config builds ({listed}): {fix}"
+    )
 
 
 def load_pretrained(path: str | Path, model_config: ModelConfig, model) -> None:
@@ -82,5 +98,6 @@ def load_pretrained(path: str | Path, model_config: ModelConfig, model) -> None:
         load_checkpoint(path, model=model, weights_only=True, load_rng=False)
     except CheckpointException as error:  # a BaseException: one line instead of every rank's traceback
         first = (str(error).strip().splitlines() or [type(error).__name__])[-1][:300]
-        raise ValueError(f"checkpoint.pretrained={path} could not be loaded into the model built here: {first}") from None
-
+        raise ValueError(
+            f"checkpoint.pretrained={path} could not be loaded into the model built here: {first}"
+        ) from None

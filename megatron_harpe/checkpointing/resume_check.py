@@ -18,14 +18,27 @@ from pathlib import Path
 from typing import Any, Callable
 
 PROTECTED = (
-    "model.num_layers", "model.hidden_size", "model.num_attention_heads", "model.ffn_hidden_size",
-    "model.vocab_size", "model.num_query_groups", "model.max_position_embeddings", "model.norm_epsilon",
+    "model.num_layers",
+    "model.hidden_size",
+    "model.num_attention_heads",
+    "model.ffn_hidden_size",
+    "model.vocab_size",
+    "model.num_query_groups",
+    "model.max_position_embeddings",
+    "model.norm_epsilon",
     "model.tie_word_embeddings",
     "position",
     "stages",
-    "data.prefixes", "data.weights", "data.loss_mask_prefixes", "data.seq_length", "data.seed",
-    "data.reset_position_ids", "data.reset_attention_mask", "data.eod_mask_loss",
-    "train.micro_batch_size", "train.global_batch_size",
+    "data.prefixes",
+    "data.weights",
+    "data.loss_mask_prefixes",
+    "data.seq_length",
+    "data.seed",
+    "data.reset_position_ids",
+    "data.reset_attention_mask",
+    "data.eod_mask_loss",
+    "train.micro_batch_size",
+    "train.global_batch_size",
 )
 """Keys (or whole sections) whose change alters what the model computes or which data it sees
 in which order. `stages[i].tokens` is left out: a longer stage extends the run."""
@@ -83,14 +96,17 @@ def _show(value: Any) -> str:
     return "(absent)" if value is _MISSING else repr(value)
 
 
-def check_resume_config(saved: dict, current: dict, allowed: str = "", log: Callable[[str], None] = print,
-                        where: str = "the checkpoint") -> None:
+def check_resume_config(
+    saved: dict, current: dict, allowed: str = "", log: Callable[[str], None] = print, where: str = "the checkpoint"
+) -> None:
     """Raise ValueError listing the protected changes not in `allowed` (comma-separated keys or
     sections); log one line with the changes that are let through."""
     allowed_keys = [key.strip() for key in allowed.split(",") if key.strip()]
     changes = compare_configs(saved, current)
     changes = {key: change for key, change in changes.items() if not key.startswith("checkpoint.allow_config_change")}
-    refused = {key: change for key, change in changes.items() if is_protected(key) and not _section_of(key, allowed_keys)}
+    refused = {
+        key: change for key, change in changes.items() if is_protected(key) and not _section_of(key, allowed_keys)
+    }
     if refused:
         diff = "; ".join(f"{key}: {_show(before)} -> {_show(after)}" for key, (before, after) in refused.items())
         names = ",".join(refused)

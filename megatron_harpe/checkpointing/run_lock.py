@@ -111,9 +111,15 @@ def _locked_error(save_dir: Path, holder: dict) -> CheckpointDirLocked:
 class RunLock:
     """The lock file of one run on one checkpoint directory (acquired by one process)."""
 
-    def __init__(self, save_dir: str | Path, stale_after_minutes: float = STALE_AFTER_MINUTES,
-                 heartbeat_seconds: float = HEARTBEAT_SECONDS, *, lock_path: str | Path | None = None,
-                 refusal: Callable[[dict], Exception] | None = None) -> None:
+    def __init__(
+        self,
+        save_dir: str | Path,
+        stale_after_minutes: float = STALE_AFTER_MINUTES,
+        heartbeat_seconds: float = HEARTBEAT_SECONDS,
+        *,
+        lock_path: str | Path | None = None,
+        refusal: Callable[[dict], Exception] | None = None,
+    ) -> None:
         """`lock_path` and `refusal` (holder -> the error to raise) lock something other than a
         checkpoint directory with the same rules: an output of data preparation (data/output_lock.py)."""
         self.save_dir = Path(save_dir)
@@ -203,8 +209,10 @@ def hold_checkpoint_dir(save_dir: str | Path | None, ctx, log: Callable[[str], N
         except CheckpointDirLocked as refused:
             error = refused
         except OSError as failed:
-            error = ValueError(f"cannot lock checkpoint directory {save_dir} ({failed}): check that checkpoint.save "
-                               "is a writable directory")
+            error = ValueError(
+                f"cannot lock checkpoint directory {save_dir} ({failed}): check that checkpoint.save "
+                "is a writable directory"
+            )
     if any_rank_failed(error is not None) and error is None:
         raise CheckpointDirLocked(f"checkpoint directory {save_dir} could not be locked (rank 0 says why)")
     if error is not None:

@@ -50,17 +50,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--documents", required=True, help=".jsonl[.zst], .txt or Megatron dataset prefix")
     parser.add_argument("--length", type=single_count, default=2048, help="tokens per document analysed (2048, 32k)")
     parser.add_argument("--num-documents", type=int, default=4, help="documents with at least --length tokens")
-    parser.add_argument("--thresholds", type=parse_token_counts, default=None,
-                        help="report the attention share further back than these distances (e.g. 64,256 for "
-                             "short demo contexts; default 4096,32768)")
-    parser.add_argument("--min-query-position", type=int, default=None,
-                        help="only queries at this position or later count (default: length // 2)")
+    parser.add_argument(
+        "--thresholds",
+        type=parse_token_counts,
+        default=None,
+        help="report the attention share further back than these distances (e.g. 64,256 for "
+        "short demo contexts; default 4096,32768)",
+    )
+    parser.add_argument(
+        "--min-query-position",
+        type=int,
+        default=None,
+        help="only queries at this position or later count (default: length // 2)",
+    )
     cli.add_output_dir(parser, default="head_analysis", help="where the JSON and PNGs go")
     cli.add_overwrite(parser, "an earlier analysis in --output-dir")
     cli.add_text_key(parser)
-    cli.add_model_backend(parser, tokenizer="replaces the model's own", context="must be 1: not supported by the analysis")
-    parser.add_argument("--max-block-elements", type=int, default=None,
-                        help="attention scores computed at once (memory: about 4 bytes x 4 x this; default 2^24)")
+    cli.add_model_backend(
+        parser, tokenizer="replaces the model's own", context="must be 1: not supported by the analysis"
+    )
+    parser.add_argument(
+        "--max-block-elements",
+        type=int,
+        default=None,
+        help="attention scores computed at once (memory: about 4 bytes x 4 x this; default 2^24)",
+    )
     cli.add_progress(parser)
     cli.add_common_flags(parser)
     return parser
@@ -86,8 +100,10 @@ def correlation_text(analysis: HeadAnalysis) -> str:
     correlation = analysis.correlation()
     if correlation["spearman"] is None:
         return "correlation base vs mean distance: undefined (one base for all heads, or constant distances)"
-    return (f"correlation base vs mean distance over {correlation['points']} (layer, head) points: "
-            f"Pearson (log10 base) {correlation['pearson_log_base']:+.3f}, Spearman {correlation['spearman']:+.3f}")
+    return (
+        f"correlation base vs mean distance over {correlation['points']} (layer, head) points: "
+        f"Pearson (log10 base) {correlation['pearson_log_base']:+.3f}, Spearman {correlation['spearman']:+.3f}"
+    )
 
 
 def plot_distance_vs_base(analysis: HeadAnalysis, path: Path) -> None:
@@ -103,21 +119,35 @@ def plot_distance_vs_base(analysis: HeadAnalysis, path: Path) -> None:
     by_base = analysis.by_base()
     series = [("mean attended distance (tokens)", analysis.mean_distance, "mean_distance")]
     if threshold is not None:
-        series.append((f"share of attention beyond {threshold} tokens", analysis.share_beyond[threshold],
-                       f"share_beyond_{threshold}"))
+        series.append(
+            (
+                f"share of attention beyond {threshold} tokens",
+                analysis.share_beyond[threshold],
+                f"share_beyond_{threshold}",
+            )
+        )
     for axis, (label, values, key) in zip(axes[0], series):
         for layer in range(layers):
             axis.scatter(bases, values[layer].numpy(), s=18, color=colour[layer], alpha=0.8, label=f"layer {layer}")
-        axis.plot([row["base"] for row in by_base], [row[key] for row in by_base], color="black", marker="x",
-                  linewidth=1, label="mean per base")
+        axis.plot(
+            [row["base"] for row in by_base],
+            [row[key] for row in by_base],
+            color="black",
+            marker="x",
+            linewidth=1,
+            label="mean per base",
+        )
         axis.set_xscale("log")
         axis.set_xlabel("RoPE base of the head")
         axis.set_ylabel(label)
         axis.grid(True, which="both", alpha=0.3)
     if layers <= 12:
         axes[0][0].legend(fontsize=7)
-    figure.suptitle(f"{analysis.model}: {analysis.documents} documents x {analysis.length} tokens, queries from "
-                    f"position {analysis.min_query_position}\n{correlation_text(analysis)}", fontsize=9)
+    figure.suptitle(
+        f"{analysis.model}: {analysis.documents} documents x {analysis.length} tokens, queries from "
+        f"position {analysis.min_query_position}\n{correlation_text(analysis)}",
+        fontsize=9,
+    )
     figure.tight_layout()
     save_figure(figure, path)
 
@@ -131,8 +161,9 @@ def plot_heatmaps(analysis: HeadAnalysis, path: Path) -> None:
     if threshold is not None:
         maps.append((f"share beyond {threshold} tokens", analysis.share_beyond[threshold].numpy()))
     layers, heads = analysis.mean_distance.shape
-    figure, axes = plt.subplots(1, len(maps), figsize=(max(5.0, 0.45 * heads + 2.5) * len(maps), 0.35 * layers + 2.5),
-                                squeeze=False)
+    figure, axes = plt.subplots(
+        1, len(maps), figsize=(max(5.0, 0.45 * heads + 2.5) * len(maps), 0.35 * layers + 2.5), squeeze=False
+    )
     labels = [f"{head}\n{base:.3g}" for head, base in enumerate(analysis.bases)]
     for axis, (title, values) in zip(axes[0], maps):
         image = axis.imshow(values, aspect="auto", cmap="magma", origin="lower")
@@ -152,8 +183,10 @@ def by_base_table(analysis: HeadAnalysis) -> str:
     lines = [header, "|" + "---|" * (4 + len(thresholds))]
     for row in analysis.by_base():
         shares = " | ".join(f"{row[f'share_beyond_{t}']:.3f}" for t in thresholds)
-        lines.append(f"| {row['base']:.4g} | {row['heads']} | {row['mean_distance']:.1f} | {shares} | "
-                     f"{row['first_token_mass']:.3f} |")
+        lines.append(
+            f"| {row['base']:.4g} | {row['heads']} | {row['mean_distance']:.1f} | {shares} | "
+            f"{row['first_token_mass']:.3f} |"
+        )
     return "\n".join(lines)
 
 
@@ -170,42 +203,67 @@ def write_outputs(analysis: HeadAnalysis, output_dir: Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from megatron_harpe.eval.analysis.heads import (
+        DEFAULT_CHUNK_ELEMENTS,
+        DEFAULT_THRESHOLDS,
+        analyze_heads,
+        check_request,
+    )
     from megatron_harpe.eval.backends import load_backend
-    from megatron_harpe.eval.analysis.heads import DEFAULT_CHUNK_ELEMENTS, DEFAULT_THRESHOLDS, analyze_heads, check_request
     from megatron_harpe.eval.perplexity import load_documents
 
     args.thresholds = list(DEFAULT_THRESHOLDS) if args.thresholds is None else args.thresholds
     args.max_block_elements = args.max_block_elements or DEFAULT_CHUNK_ELEMENTS
     try:
         if args.context_parallel != 1:
-            raise ValueError("the head analysis does not support context parallelism (each CP rank would see part "
-                             "of the keys): use --context-parallel 1, and --tensor-parallel to split a large model")
+            raise ValueError(
+                "the head analysis does not support context parallelism (each CP rank would see part "
+                "of the keys): use --context-parallel 1, and --tensor-parallel to split a large model"
+            )
         check_request(args.length, args.min_query_position, args.thresholds)
         cli.refuse_existing(Path(args.output_dir) / "head_analysis.json", args.overwrite, "head analysis")
         if args.num_documents < 1:
             raise ValueError(f"--num-documents {args.num_documents} must be at least 1")
         if args.model in ("oracle", "random"):
             raise ValueError(f"--model {args.model} is a synthetic backend without attention: pass a model directory")
-        backend = load_backend(args.model, tokenizer=args.tokenizer, trust_remote_code=args.trust_remote_code,
-                               device=args.device, dtype=args.dtype, tensor_parallel=args.tensor_parallel,
-                               context_parallel=args.context_parallel)
-        documents = load_documents(args.documents, backend.tokenizer, args.text_key, args.num_documents,
-                                   min_tokens=args.length)
-        analysis = analyze_heads(backend, documents, args.length, args.thresholds, args.min_query_position,
-                                 args.max_block_elements, progress=cli.show_progress(args.no_progress) and is_main_process())
+        backend = load_backend(
+            args.model,
+            tokenizer=args.tokenizer,
+            trust_remote_code=args.trust_remote_code,
+            device=args.device,
+            dtype=args.dtype,
+            tensor_parallel=args.tensor_parallel,
+            context_parallel=args.context_parallel,
+        )
+        documents = load_documents(
+            args.documents, backend.tokenizer, args.text_key, args.num_documents, min_tokens=args.length
+        )
+        analysis = analyze_heads(
+            backend,
+            documents,
+            args.length,
+            args.thresholds,
+            args.min_query_position,
+            args.max_block_elements,
+            progress=cli.show_progress(args.no_progress) and is_main_process(),
+        )
     except ValueError as error:
         return cli.report_user_error(error)
     if not is_main_process():  # under torchrun every rank measures its heads; rank 0 reports
         return 0
     paths = write_outputs(analysis, Path(args.output_dir))
-    print(f"{analysis.model}: {analysis.documents} documents x {analysis.length} tokens, queries from position "
-          f"{analysis.min_query_position}, position encoding {analysis.position}\n")
+    print(
+        f"{analysis.model}: {analysis.documents} documents x {analysis.length} tokens, queries from position "
+        f"{analysis.min_query_position}, position encoding {analysis.position}\n"
+    )
     print(by_base_table(analysis))
     print("\n" + correlation_text(analysis))
     unreachable = [t for t in analysis.thresholds if t >= analysis.length - 1]
     if unreachable:
-        print(f"note: no query is further than {analysis.length - 1} tokens from a key, so the shares beyond "
-              f"{unreachable} are 0 by construction: pass smaller --thresholds (e.g. 64,256) or a larger --length")
+        print(
+            f"note: no query is further than {analysis.length - 1} tokens from a key, so the shares beyond "
+            f"{unreachable} are 0 by construction: pass smaller --thresholds (e.g. 64,256) or a larger --length"
+        )
     print("\nwrote " + ", ".join(str(path) for path in paths))
     return 0
 

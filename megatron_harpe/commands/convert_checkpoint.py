@@ -38,8 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     to_megatron.add_argument("--gguf-file", help="convert this GGUF file inside --input (dequantized by transformers)")
     to_megatron.add_argument("--output", required=True, help="new checkpoint directory (must not exist or be empty)")
     to_megatron.add_argument("--config", help="YAML run config: its position block (and the rest) is saved along")
-    cli.add_parallel(to_megatron, tensor="tensor-parallel size to train with (checked, recorded)", context=None,
-                     default=None)
+    cli.add_parallel(
+        to_megatron, tensor="tensor-parallel size to train with (checked, recorded)", context=None, default=None
+    )
     cli.add_dtype(to_megatron, help="weight dtype (default: the source's)")
     to_megatron.add_argument("--verify", action="store_true", help="compare with the source afterwards")
     to_megatron.add_argument("--allow-nonfinite", action="store_true", help="convert weights holding NaN/inf anyway")
@@ -95,7 +96,9 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
         from megatron_harpe.convert.hf_files import check_output_directory
 
         check_output_directory(args.output, args.overwrite)
-        with gguf_as_hf_directory(args.input, args.gguf_file, work_parent=Path(args.output).absolute().parent) as hf_dir:
+        with gguf_as_hf_directory(
+            args.input, args.gguf_file, work_parent=Path(args.output).absolute().parent
+        ) as hf_dir:
             args.source_name = str((Path(args.input) / args.gguf_file).resolve())
             args.input, args.gguf_file = str(hf_dir), None
             return run(args, overrides)
@@ -127,8 +130,10 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
         from megatron_harpe.convert.resize_vocab import resize_vocabulary
 
         resize_vocabulary(args.input, args.output, args.vocab_size, seed=args.seed, overwrite=args.overwrite)
-        print(f"wrote megatron checkpoint {args.output} with a vocabulary of {args.vocab_size} (start training from it "
-              "with checkpoint.pretrained and the same model.vocab_size)")
+        print(
+            f"wrote megatron checkpoint {args.output} with a vocabulary of {args.vocab_size} (start training from it "
+            "with checkpoint.pretrained and the same model.vocab_size)"
+        )
         return 0
     if args.command == "megatron-to-hf":
         from megatron_harpe.convert.megatron_to_hf import convert_megatron_to_hf
@@ -144,7 +149,9 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
             progress=cli.show_progress(args.no_progress),
         )
         print(f"wrote Hugging Face model {args.output} (from {exported})")
-        return _verify(str(exported), args.output, args) if args.verify else 0  # the iteration exported, not a newer one
+        return (
+            _verify(str(exported), args.output, args) if args.verify else 0
+        )  # the iteration exported, not a newer one
     return _verify(args.megatron, args.hf, args)
 
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import sys
 
 from megatron_harpe import cli
@@ -61,30 +60,58 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", required=True, help="the YAML run config to plan (see configs/)")
     parser.add_argument("--gpus", type=int, required=True, help="GPUs for the whole job")
     parser.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU (default 80)")
-    parser.add_argument("--cuda-context-gib", type=float, default=Headroom.cuda_context_gib,
-                        help=f"headroom for the CUDA context and workspaces (default {Headroom.cuda_context_gib})")
-    parser.add_argument("--nccl-gib-per-group", type=float, default=Headroom.nccl_gib_per_group,
-                        help=f"headroom per NCCL communicator (default {Headroom.nccl_gib_per_group})")
-    parser.add_argument("--fragmentation", type=float, default=Headroom.fragmentation,
-                        help=f"headroom for allocator fragmentation, fraction of the tensors (default {Headroom.fragmentation})")
+    parser.add_argument(
+        "--cuda-context-gib",
+        type=float,
+        default=Headroom.cuda_context_gib,
+        help=f"headroom for the CUDA context and workspaces (default {Headroom.cuda_context_gib})",
+    )
+    parser.add_argument(
+        "--nccl-gib-per-group",
+        type=float,
+        default=Headroom.nccl_gib_per_group,
+        help=f"headroom per NCCL communicator (default {Headroom.nccl_gib_per_group})",
+    )
+    parser.add_argument(
+        "--fragmentation",
+        type=float,
+        default=Headroom.fragmentation,
+        help=f"headroom for allocator fragmentation, fraction of the tensors (default {Headroom.fragmentation})",
+    )
     parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak per GPU (H100: 989)")
     parser.add_argument("--utilization", type=float, default=0.4, help="fraction of peak sustained (default 0.4)")
-    parser.add_argument("--precision", choices=["trainer", *PRECISIONS], default="trainer",
-                        help="trainer (default): what pretrain_harpe.py will do with this config; or a fixed one")
+    parser.add_argument(
+        "--precision",
+        choices=["trainer", *PRECISIONS],
+        default="trainer",
+        help="trainer (default): what pretrain_harpe.py will do with this config; or a fixed one",
+    )
     parser.add_argument("--cpu", action="store_true", help="plan CPU processes (fp32, the CPU attention path)")
     parser.add_argument("--backend", choices=["sdpa", "te"], default=None, help="default: model.attention_backend")
     parser.add_argument("--cp-comm", choices=CP_COMM_CHOICES, default=None, help="te: p2p (default) | a2a | all_gather")
-    parser.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=None,
-                        help="te backend: split norms over TP (default: parallel.sequence_parallel)")
+    parser.add_argument(
+        "--sequence-parallel",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="te backend: split norms over TP (default: parallel.sequence_parallel)",
+    )
     parser.add_argument("--nvlink-gbs", type=float, default=360.0, help="GB/s a GPU sends inside a node (default 360)")
     parser.add_argument("--ib-gbs", type=float, default=40.0, help="GB/s a GPU sends between nodes (default 40)")
-    cli.add_parallel(parser, tensor="layout to detail (default: parallel.tensor)",
-                     context="layout to detail (default: parallel.context)", default=None)
+    cli.add_parallel(
+        parser,
+        tensor="layout to detail (default: parallel.tensor)",
+        context="layout to detail (default: parallel.context)",
+        default=None,
+    )
     parser.add_argument("--micro-batch", type=int, default=None, help="default: train.micro_batch_size")
-    parser.add_argument("--recompute", choices=RECOMPUTE_CHOICES, default=None,
-                        help="granularity of the detailed layout (default: train.recompute; method, layers and "
-                             "modules: --train.recompute_method etc.)")
+    parser.add_argument(
+        "--recompute",
+        choices=RECOMPUTE_CHOICES,
+        default=None,
+        help="granularity of the detailed layout (default: train.recompute; method, layers and "
+        "modules: --train.recompute_method etc.)",
+    )
     parser.add_argument("--top", type=int, default=10, help="how many fitting layouts to list")
     cli.add_common_flags(parser)
     return parser
@@ -109,7 +136,11 @@ def detailed_layout(args: argparse.Namespace, cfg: Config) -> Layout:
     cfg.train.micro_batch_size = args.micro_batch or cfg.train.micro_batch_size
     cfg.validate(world_size=args.gpus, require_backend=False)
     if args.recompute and args.recompute != cfg.train.recompute:
-        cfg.train.recompute, cfg.train.recompute_method, cfg.train.recompute_num_layers = args.recompute, "uniform", None
+        cfg.train.recompute, cfg.train.recompute_method, cfg.train.recompute_num_layers = (
+            args.recompute,
+            "uniform",
+            None,
+        )
         cfg.train.recompute_modules = ["core_attn"]
     layout = config_layout(cfg, args.gpus)
     return dataclasses.replace(
@@ -159,10 +190,15 @@ def describe(cfg: Config, plan: LayoutPlan, hardware: Hardware, backend: str) ->
     for kind, value in memory.headroom.items():
         lines.append(f"  headroom          {gib(value)}   {kind}")
     verdict = "fits" if plan.fits(hardware) else "DOES NOT FIT"
-    lines.append(f"  total             {gib(memory.total)}   of {hardware.memory_gib:g} GiB with the headroom: {verdict}")
+    lines.append(
+        f"  total             {gib(memory.total)}   of {hardware.memory_gib:g} GiB with the headroom: {verdict}"
+    )
     comm = ", ".join(f"{dim} {volume / GIB:.1f}" for dim, volume in step.communication_bytes.items()) or "0"
-    model_utilization = (step.tokens_per_step * step.model_flops_per_token
-                         / (step.step_seconds * layout.gpus * hardware.peak_tflops * 1e12))  # communication included
+    model_utilization = (
+        step.tokens_per_step
+        * step.model_flops_per_token
+        / (step.step_seconds * layout.gpus * hardware.peak_tflops * 1e12)
+    )  # communication included
     lines.append(f"  step time         {step.step_seconds:8.2f} s    at {hardware.utilization:.0%} of "
                  f"{hardware.peak_tflops:g} TFLOP/s (model FLOPs utilisation {model_utilization:.0%})")  # fmt: skip
     lines.append(f"  sent per GPU      {comm} GiB per step; compute {step.compute_seconds:.2f} s + exposed "
@@ -211,9 +247,15 @@ def main(argv: list[str] | None = None) -> int:
               "layout that fits instead\n")  # fmt: skip
         layout = None
     backend = args.backend or cfg.model.attention_backend
-    hardware = Hardware(args.gpu_memory, args.peak_tflops, args.utilization, args.gpus_per_node,
-                        nvlink_gbs=args.nvlink_gbs, ib_gbs=args.ib_gbs,
-                        headroom=Headroom(args.cuda_context_gib, args.nccl_gib_per_group, args.fragmentation))
+    hardware = Hardware(
+        args.gpu_memory,
+        args.peak_tflops,
+        args.utilization,
+        args.gpus_per_node,
+        nvlink_gbs=args.nvlink_gbs,
+        ib_gbs=args.ib_gbs,
+        headroom=Headroom(args.cuda_context_gib, args.nccl_gib_per_group, args.fragmentation),
+    )
     device = "cpu" if args.cpu else "gpu"
     try:
         precision = trainer_precision(cfg, device) if args.precision == "trainer" else PRECISIONS[args.precision]
@@ -254,7 +296,9 @@ def main(argv: list[str] | None = None) -> int:
         print("no layout fits: add GPUs, shorten the sequence, or try --backend te --sequence-parallel")
         return 1
     layers = cfg.model.num_layers
-    print(f"layouts that fit with the headroom, fastest schedule first ({len(plans)} of them; top {min(args.top, len(plans))}):")
+    print(
+        f"layouts that fit with the headroom, fastest schedule first ({len(plans)} of them; top {min(args.top, len(plans))}):"
+    )
     print(f"  {'#':>2s} {'TP':>3s} {'CP':>3s} {'DP':>3s} {'mbs':>3s} {'recompute':>18s} {'memory/GPU':>11s} "
           f"{'step s':>8s} {'hours':>7s} {'sent/GPU/step':>13s}")  # fmt: skip
     for index, plan in enumerate(plans[: args.top], 1):

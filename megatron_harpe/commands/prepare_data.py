@@ -49,46 +49,79 @@ def _positive_tokens(text: str) -> int:
 def _add_input_options(parser: argparse.ArgumentParser, source_default: str | None = "source") -> None:
     parser.add_argument("--inputs", nargs="+", required=True, help="jsonl files (.gz/.zst too), directories or globs")
     cli.add_text_key(parser)
-    parser.add_argument("--source-key", default=source_default,
-                        help=f"jsonl field holding the source label, e.g. meta.redpajama_set_name (default: {source_default or 'none'})")
-    parser.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores; 0 = in this process)")
+    parser.add_argument(
+        "--source-key",
+        default=source_default,
+        help=f"jsonl field holding the source label, e.g. meta.redpajama_set_name (default: {source_default or 'none'})",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=None, help="tokenizer processes (default: all cores; 0 = in this process)"
+    )
     parser.add_argument("--strict", action="store_true", help="stop at the first bad line instead of skipping it")
 
 
 def _add_upsample_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--mode", default="per_source", choices=["per_source", "upsample_code_arxiv_book", "global", "none"],
-                        help="upsampling rule: per_source (default: each source to its share), upsample_code_arxiv_book, "
-                             "global (one rule for all), none (keep every document)")
-    parser.add_argument("--total-tokens", type=_positive_tokens, default=None, help="token budget of the output, e.g. 6e9")
-    parser.add_argument("--shares", default=None, help="per_source shares: name=weight,... or a JSON/YAML file (default: SlimPajama)")
+    parser.add_argument(
+        "--mode",
+        default="per_source",
+        choices=["per_source", "upsample_code_arxiv_book", "global", "none"],
+        help="upsampling rule: per_source (default: each source to its share), upsample_code_arxiv_book, "
+        "global (one rule for all), none (keep every document)",
+    )
+    parser.add_argument(
+        "--total-tokens", type=_positive_tokens, default=None, help="token budget of the output, e.g. 6e9"
+    )
+    parser.add_argument(
+        "--shares", default=None, help="per_source shares: name=weight,... or a JSON/YAML file (default: SlimPajama)"
+    )
     parser.add_argument("--length-threshold", type=int, default=4096, help="documents shorter than this are 'short'")
-    parser.add_argument("--short-keep-probability", type=float, default=0.1,
-                        help="chance a short document is kept (default 0.1)")
-    parser.add_argument("--length-estimate", choices=["tokens", "chars"], default="tokens",
-                        help="measure lengths by tokenizing (default) or as characters / 3.68 (the published estimate)")
+    parser.add_argument(
+        "--short-keep-probability", type=float, default=0.1, help="chance a short document is kept (default 0.1)"
+    )
+    parser.add_argument(
+        "--length-estimate",
+        choices=["tokens", "chars"],
+        default="tokens",
+        help="measure lengths by tokenizing (default) or as characters / 3.68 (the published estimate)",
+    )
     parser.add_argument("--seed", type=int, default=1234, help="seed of the sampling (default 1234)")
 
 
 def _add_tokenize_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bos", action=argparse.BooleanOptionalAction, default=True, help="BOS before every document")
-    parser.add_argument("--eos", action=argparse.BooleanOptionalAction, default=True,
-                        help="EOS after every document (the loader finds document ends by it)")
-    parser.add_argument("--vocab-size", type=int, default=None, help="largest valid id + 1 (default: the tokenizer's vocabulary)")
+    parser.add_argument(
+        "--eos",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="EOS after every document (the loader finds document ends by it)",
+    )
+    parser.add_argument(
+        "--vocab-size", type=int, default=None, help="largest valid id + 1 (default: the tokenizer's vocabulary)"
+    )
 
 
 def _upsample_config(args: argparse.Namespace):
     from megatron_harpe.data.upsample import UpsampleConfig, parse_shares
 
-    config = UpsampleConfig(mode=args.mode, total_tokens=args.total_tokens, shares=parse_shares(args.shares) if args.shares else None,
-                            length_threshold=args.length_threshold, short_keep_probability=args.short_keep_probability, seed=args.seed)
+    config = UpsampleConfig(
+        mode=args.mode,
+        total_tokens=args.total_tokens,
+        shares=parse_shares(args.shares) if args.shares else None,
+        length_threshold=args.length_threshold,
+        short_keep_probability=args.short_keep_probability,
+        seed=args.seed,
+    )
     config.validate()
     return config
 
 
 def _fields(args: argparse.Namespace) -> FieldSpec:
     """Modes that ignore sources (global, none) keep documents without one."""
-    return FieldSpec(text_field=args.text_key, source_field=args.source_key or None,
-                     source_optional=getattr(args, "mode", None) in ("global", "none"))
+    return FieldSpec(
+        text_field=args.text_key,
+        source_field=args.source_key or None,
+        source_optional=getattr(args, "mode", None) in ("global", "none"),
+    )
 
 
 def _iter_texts(inputs: list[str], fields: FieldSpec, limit: int | None):
@@ -123,32 +156,75 @@ def run(args: argparse.Namespace) -> dict | str:
         from megatron_harpe.data.demo_corpus import prepare_demo_data
 
         demo = prepare_demo_data(args.output_dir, workers=args.workers)
-        return {"corpus": str(demo.corpus), "tokenizer": str(demo.tokenizer), "prefix": demo.prefix, "summary": str(demo.summary)}
+        return {
+            "corpus": str(demo.corpus),
+            "tokenizer": str(demo.tokenizer),
+            "prefix": demo.prefix,
+            "summary": str(demo.summary),
+        }
 
     from megatron_harpe.data import pipeline
 
     progress = cli.show_progress(getattr(args, "no_progress", False))
     if args.command == "upsample":
-        return pipeline.upsample_corpus(args.inputs, args.output, _upsample_config(args), tokenizer=args.tokenizer,
-                                        length_measure=args.length_estimate, fields=_fields(args), workers=args.workers,
-                                        strict=args.strict, overwrite=args.overwrite, progress=progress)
+        return pipeline.upsample_corpus(
+            args.inputs,
+            args.output,
+            _upsample_config(args),
+            tokenizer=args.tokenizer,
+            length_measure=args.length_estimate,
+            fields=_fields(args),
+            workers=args.workers,
+            strict=args.strict,
+            overwrite=args.overwrite,
+            progress=progress,
+        )
     if args.command == "tokenize":
-        return pipeline.tokenize_corpus(args.inputs, args.output, args.tokenizer, fields=_fields(args),
-                                        add_bos=args.bos, add_eos=args.eos, vocab_size=args.vocab_size, workers=args.workers,
-                                        strict=args.strict, overwrite=args.overwrite, shard_dir=args.shard_dir,
-                                        progress=progress)
+        return pipeline.tokenize_corpus(
+            args.inputs,
+            args.output,
+            args.tokenizer,
+            fields=_fields(args),
+            add_bos=args.bos,
+            add_eos=args.eos,
+            vocab_size=args.vocab_size,
+            workers=args.workers,
+            strict=args.strict,
+            overwrite=args.overwrite,
+            shard_dir=args.shard_dir,
+            progress=progress,
+        )
     if args.command == "all":
-        return pipeline.prepare(args.inputs, args.output, _upsample_config(args), args.tokenizer, fields=_fields(args),
-                                length_measure=args.length_estimate, add_bos=args.bos, add_eos=args.eos,
-                                vocab_size=args.vocab_size, workers=args.workers, strict=args.strict, overwrite=args.overwrite,
-                                progress=progress)
+        return pipeline.prepare(
+            args.inputs,
+            args.output,
+            _upsample_config(args),
+            args.tokenizer,
+            fields=_fields(args),
+            length_measure=args.length_estimate,
+            add_bos=args.bos,
+            add_eos=args.eos,
+            vocab_size=args.vocab_size,
+            workers=args.workers,
+            strict=args.strict,
+            overwrite=args.overwrite,
+            progress=progress,
+        )
     if args.command == "merge":
         return pipeline.merge_corpus(args.inputs, args.output, overwrite=args.overwrite)
     if args.command == "report":
-        return pipeline.corpus_report(args.inputs, args.output, compare=args.compare, tokenizer=args.tokenizer,
-                                      length_measure=args.length_estimate, fields=_fields(args),
-                                      long_threshold=args.length_threshold, workers=args.workers, overwrite=args.overwrite,
-                                      progress=progress)
+        return pipeline.corpus_report(
+            args.inputs,
+            args.output,
+            compare=args.compare,
+            tokenizer=args.tokenizer,
+            length_measure=args.length_estimate,
+            fields=_fields(args),
+            long_threshold=args.length_threshold,
+            workers=args.workers,
+            overwrite=args.overwrite,
+            progress=progress,
+        )
     raise AssertionError(args.command)
 
 
@@ -157,7 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_common_flags(parser)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = commands.add_parser("demo", help="build the offline demo corpus, tokenizer and dataset (skips finished steps)")
+    demo = commands.add_parser(
+        "demo", help="build the offline demo corpus, tokenizer and dataset (skips finished steps)"
+    )
     cli.add_output_dir(demo, required=True, help="where the corpus, tokenizer and dataset go")
     demo.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
 
@@ -186,7 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tokenize_options(tokenize)
     cli.add_tokenizer(tokenize, required=True)
     cli.add_output(tokenize, help="dataset prefix: writes OUTPUT.bin/.idx/.summary.json/.report.png")
-    tokenize.add_argument("--shard-dir", default=None, help="one shard per input file here first (reused on rerun), then merged")
+    tokenize.add_argument(
+        "--shard-dir", default=None, help="one shard per input file here first (reused on rerun), then merged"
+    )
     cli.add_overwrite(tokenize, "an existing dataset (and shards made with other settings)")
     cli.add_progress(tokenize)
 
@@ -206,10 +286,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = commands.add_parser("report", help="length statistics per source of a corpus (and of a second one)")
     _add_input_options(report)
-    report.add_argument("--compare", nargs="+", default=None, help="a second corpus shown side by side (e.g. the upsampled one)")
+    report.add_argument(
+        "--compare", nargs="+", default=None, help="a second corpus shown side by side (e.g. the upsampled one)"
+    )
     cli.add_tokenizer(report, help="for token lengths (not needed with --length-estimate chars)")
-    report.add_argument("--length-estimate", choices=["tokens", "chars"], default="tokens",
-                        help="measure lengths by tokenizing (default) or as characters / 3.68")
+    report.add_argument(
+        "--length-estimate",
+        choices=["tokens", "chars"],
+        default="tokens",
+        help="measure lengths by tokenizing (default) or as characters / 3.68",
+    )
     report.add_argument("--length-threshold", type=int, default=4096, help="documents shorter than this are 'short'")
     cli.add_output(report, help="report prefix: writes OUTPUT.summary.json and OUTPUT.report.png")
     cli.add_overwrite(report, "an existing report")

@@ -50,8 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--base-min", type=float, help=f"lowest base (the paper: {PAPER_BASE_MIN:g})")
     parser.add_argument("--base-max", type=float, help=f"highest base (the paper: {PAPER_BASE_MAX:g})")
     parser.add_argument("--stride", type=float, help=f"peak_valley candidate stride (the paper: {PAPER_STRIDE:g})")
-    parser.add_argument("--order", choices=["ascending", "descending"], default="ascending",
-                        help="bases from the first head to the last (default ascending)")
+    parser.add_argument(
+        "--order",
+        choices=["ascending", "descending"],
+        default="ascending",
+        help="bases from the first head to the last (default ascending)",
+    )
     parser.add_argument("--value", type=float, help="constant: the base of every head")
     parser.add_argument("--values", help="explicit: comma-separated bases, one per head or k/v group")
     parser.add_argument("--target-length", type=int, default=131072, help="distances 0..this are searched and plotted")

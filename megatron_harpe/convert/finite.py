@@ -49,8 +49,10 @@ def nonfinite_counts(named: Iterable[tuple[str, torch.Tensor]]) -> dict[str, tup
 def describe(counts: dict[str, tuple[int, int]], where: str, flag: str) -> str:
     listed = ", ".join(f"{name} ({bad} NaN/inf of {total})" for name, (bad, total) in list(counts.items())[:_LISTED])
     more = f" and {len(counts) - _LISTED} more tensors" if len(counts) > _LISTED else ""
-    return (f"{where} holds non-finite weights: {listed}{more}: these weights compute nothing useful (a run that "
-            f"diverged, see train.on_nonfinite); pass {flag} to go ahead anyway")
+    return (
+        f"{where} holds non-finite weights: {listed}{more}: these weights compute nothing useful (a run that "
+        f"diverged, see train.on_nonfinite); pass {flag} to go ahead anyway"
+    )
 
 
 def refuse_nonfinite(named: Iterable[tuple[str, torch.Tensor]], where: str, flag: str = FLAG) -> None:
@@ -72,4 +74,6 @@ def refuse_nonfinite_everywhere(model: torch.nn.Module, where: str, flag: str = 
     if counts:
         raise NonFiniteWeights(describe(counts, where, flag))
     rank = dist.get_rank() if dist.is_initialized() else 0
-    raise NonFiniteWeights(f"{where} holds non-finite weights (on ranks other than {rank}); pass {flag} to go ahead anyway")
+    raise NonFiniteWeights(
+        f"{where} holds non-finite weights (on ranks other than {rank}); pass {flag} to go ahead anyway"
+    )

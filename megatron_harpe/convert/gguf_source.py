@@ -29,7 +29,9 @@ _SOURCE_ONLY_KEYS = ("quantization_config", "_model_name_or_path", "transformers
 
 
 @contextlib.contextmanager
-def gguf_as_hf_directory(directory: str | Path, gguf_file: str, work_parent: str | Path | None = None) -> Iterator[Path]:
+def gguf_as_hf_directory(
+    directory: str | Path, gguf_file: str, work_parent: str | Path | None = None
+) -> Iterator[Path]:
     """A temporary HF model directory holding the dequantized GGUF model; deleted on exit."""
     path = Path(directory) / gguf_file
     if not path.is_file():
@@ -62,8 +64,11 @@ def gguf_as_hf_directory(directory: str | Path, gguf_file: str, work_parent: str
         GenerationConfig.from_model_config(model.config).save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         tied = bool(config.get("tie_word_embeddings"))
-        tensors = ((name, tensor.detach()) for name, tensor in model.state_dict().items()
-                   if not (tied and name == "lm_head.weight"))
+        tensors = (
+            (name, tensor.detach())
+            for name, tensor in model.state_dict().items()
+            if not (tied and name == "lm_head.weight")
+        )
         write_safetensors(tensors, staging)
         del model
         yield staging

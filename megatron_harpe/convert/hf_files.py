@@ -234,11 +234,16 @@ def check_output_directory(path: str | Path, overwrite: bool = False) -> Path:
     if not path.is_dir():
         raise ValueError(f"output {path} is a file: choose a new directory")
     if not overwrite:
-        raise ValueError(f"output directory {path} is not empty: pass --overwrite to replace it, or choose a new "
-                         "directory")
-    if not any((path / marker).is_file() for marker in ("config.json", "config.yaml", "latest_checkpointed_iteration.txt")):
-        raise ValueError(f"output directory {path} holds neither a model nor a checkpoint: --overwrite replaces only "
-                         "those; choose a new directory")
+        raise ValueError(
+            f"output directory {path} is not empty: pass --overwrite to replace it, or choose a new directory"
+        )
+    if not any(
+        (path / marker).is_file() for marker in ("config.json", "config.yaml", "latest_checkpointed_iteration.txt")
+    ):
+        raise ValueError(
+            f"output directory {path} holds neither a model nor a checkpoint: --overwrite replaces only "
+            "those; choose a new directory"
+        )
     return path
 
 

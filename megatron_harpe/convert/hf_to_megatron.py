@@ -129,8 +129,9 @@ class StreamedHFWeights(WeightMaker):
     for it (WeightMaker); a weight holding NaN/inf values is refused by name (convert/finite.py)
     unless `allow_nonfinite`."""
 
-    def __init__(self, gpt: torch.nn.Module, weights: HFWeights, model: ModelConfig, allow_nonfinite: bool = False,
-                 progress=None) -> None:
+    def __init__(
+        self, gpt: torch.nn.Module, weights: HFWeights, model: ModelConfig, allow_nonfinite: bool = False, progress=None
+    ) -> None:
         super().__init__(gpt)
         names = megatron_names(model)
         found = {name for name, _ in self._parameter_of.values()}
@@ -184,9 +185,13 @@ def convert_hf_to_megatron(
     position = config.resolved_stages()[0].position  # training starts in the first stage
     # shapes only: the weights are made one by one while written
     gpt = build_model(config.model, position, params_dtype=params_dtype, initialize=False, on_meta_device=True)
-    total = sum(math.prod(shape) * weights.dtype(name).itemsize for name, shape in expected_hf_shapes(config.model).items())
-    with staging_directory(output_dir, overwrite) as staging, \
-            cli.progress_bar(total, "hf-to-megatron", enabled=progress, unit="B", unit_scale=True) as bar:
+    total = sum(
+        math.prod(shape) * weights.dtype(name).itemsize for name, shape in expected_hf_shapes(config.model).items()
+    )
+    with (
+        staging_directory(output_dir, overwrite) as staging,
+        cli.progress_bar(total, "hf-to-megatron", enabled=progress, unit="B", unit_scale=True) as bar,
+    ):
         train_state = {
             "weights_only": True,
             "stage": 0,
@@ -195,8 +200,9 @@ def convert_hf_to_megatron(
             "converted_from": source_name or str(Path(hf_dir).resolve()),
         }
         streamed = StreamingSaveStrategy(StreamedHFWeights(gpt, weights, config.model, allow_nonfinite, bar))
-        save_checkpoint(staging, 0, model=gpt, config=config.to_dict(), train_state=train_state,
-                        sharded_strategy=streamed)
+        save_checkpoint(
+            staging, 0, model=gpt, config=config.to_dict(), train_state=train_state, sharded_strategy=streamed
+        )
         source_files = staging / HF_SOURCE_DIR
         source_files.mkdir()
         shutil.copy2(Path(hf_dir) / "config.json", source_files / "config.json")

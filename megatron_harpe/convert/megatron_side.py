@@ -62,8 +62,14 @@ def unfinished_iteration(path: str | Path) -> str | None:
         latest = find_latest_checkpoint(path.parent)
     except ValueError:
         latest = None
-    newest = (f"the newest complete iteration in {path.parent} is {latest.name}: convert that one (--input {latest}) "
-              "or wait for the save to finish") if latest is not None else f"{path.parent} holds no complete iteration yet"
+    newest = (
+        (
+            f"the newest complete iteration in {path.parent} is {latest.name}: convert that one (--input {latest}) "
+            "or wait for the save to finish"
+        )
+        if latest is not None
+        else f"{path.parent} holds no complete iteration yet"
+    )
     return f"{state}; {newest}"
 
 
@@ -107,9 +113,7 @@ def stored_dtype(path: str | Path) -> torch.dtype:
     return metadata["embedding.word_embeddings.weight"].dtype
 
 
-def load_megatron_model(
-    path: str | Path, dtype: torch.dtype = torch.float32
-) -> tuple[torch.nn.Module, CheckpointSpec]:
+def load_megatron_model(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, CheckpointSpec]:
     spec = read_checkpoint_spec(path)
     ensure_single_process()
     model = build_model(spec.model, spec.position, params_dtype=dtype, initialize=False)

@@ -128,8 +128,10 @@ def convert_megatron_to_hf(
         dtype=str(out_dtype).removeprefix("torch."),
     )
     total = sum(math.prod(shape) for shape in expected_hf_shapes(spec.model).values()) * out_dtype.itemsize
-    with staging_directory(output_dir, overwrite) as staging, \
-            cli.progress_bar(total, "megatron-to-hf", enabled=progress, unit="B", unit_scale=True) as bar:
+    with (
+        staging_directory(output_dir, overwrite) as staging,
+        cli.progress_bar(total, "megatron-to-hf", enabled=progress, unit="B", unit_scale=True) as bar,
+    ):
         write_safetensors(_counted(_hf_tensors(model, spec, out_dtype), bar), staging, max_shard_bytes=max_shard_bytes)
         hf_config.save_pretrained(staging)
         if spec.position.type == "harpe":
@@ -145,7 +147,9 @@ def convert_megatron_to_hf(
     return spec.path
 
 
-def _load_newest(checkpoint: str | Path, spec: CheckpointSpec, attempts: int = 3) -> tuple[torch.nn.Module, CheckpointSpec]:
+def _load_newest(
+    checkpoint: str | Path, spec: CheckpointSpec, attempts: int = 3
+) -> tuple[torch.nn.Module, CheckpointSpec]:
     """The weights of `spec`'s iteration. A run still saving into `checkpoint` may delete that
     iteration while it is read (checkpoint.keep_last): then say so and read the newest complete
     one instead; an iteration named explicitly is an error naming the newest."""
@@ -156,11 +160,18 @@ def _load_newest(checkpoint: str | Path, spec: CheckpointSpec, attempts: int = 3
             if spec.path.is_dir() and checkpoint_problem(spec.path) is None:
                 raise  # the iteration is intact: the error is about something else
             if Path(checkpoint).resolve() == spec.path.resolve():
-                raise FileNotFoundError(unfinished_iteration(spec.path) or f"{spec.path} was deleted while it was read") from None
+                raise FileNotFoundError(
+                    unfinished_iteration(spec.path) or f"{spec.path} was deleted while it was read"
+                ) from None
             newer = read_checkpoint_spec(checkpoint)
-            print(f"note: {spec.path.name} was deleted while it was read (the run saving into {checkpoint} keeps "
-                  f"checkpoint.keep_last iterations): exporting {newer.path.name}, the newest complete one",
-                  file=sys.stderr, flush=True)
+            print(
+                f"note: {spec.path.name} was deleted while it was read (the run saving into {checkpoint} keeps "
+                f"checkpoint.keep_last iterations): exporting {newer.path.name}, the newest complete one",
+                file=sys.stderr,
+                flush=True,
+            )
             spec = newer
-    raise FileNotFoundError(f"the iterations of {checkpoint} were replaced {attempts} times while being read: export "
-                            "when its run is not saving, or copy an iteration dir elsewhere first")
+    raise FileNotFoundError(
+        f"the iterations of {checkpoint} were replaced {attempts} times while being read: export "
+        "when its run is not saving, or copy an iteration dir elsewhere first"
+    )

@@ -55,8 +55,9 @@ class ResizedWeights(WeightMaker):
         return resized
 
 
-def resize_vocabulary(checkpoint: str | Path, output_dir: str | Path, vocab_size: int, *, seed: int = 1234,
-                      overwrite: bool = False) -> Path:
+def resize_vocabulary(
+    checkpoint: str | Path, output_dir: str | Path, vocab_size: int, *, seed: int = 1234, overwrite: bool = False
+) -> Path:
     """Write the resized copy of `checkpoint` (a save dir: its latest iteration, or an iteration
     dir) to `output_dir`, which appears only when complete (`overwrite`: replacing an earlier one)."""
     spec = read_checkpoint_spec(checkpoint)
@@ -72,14 +73,27 @@ def resize_vocabulary(checkpoint: str | Path, output_dir: str | Path, vocab_size
     source, _ = load_megatron_model(spec.path, dtype=dtype)
     first_stage = config.resolved_stages()[0].position
     target = build_model(config.model, first_stage, params_dtype=dtype, initialize=False, on_meta_device=True)
-    train_state = {"weights_only": True, "stage": 0, "consumed_samples": 0, "consumed_tokens": 0,
-                   "resized_from": {"checkpoint": str(spec.path.resolve()), "vocab_size": spec.model.vocab_size}}
+    train_state = {
+        "weights_only": True,
+        "stage": 0,
+        "consumed_samples": 0,
+        "consumed_tokens": 0,
+        "resized_from": {"checkpoint": str(spec.path.resolve()), "vocab_size": spec.model.vocab_size},
+    }
     with staging_directory(output_dir, overwrite) as staging:
         maker = ResizedWeights(target, source, spec.model.init_method_std, seed)
-        save_checkpoint(staging, 0, model=target, config=config.to_dict(), train_state=train_state,
-                        sharded_strategy=StreamingSaveStrategy(maker))
+        save_checkpoint(
+            staging,
+            0,
+            model=target,
+            config=config.to_dict(),
+            train_state=train_state,
+            sharded_strategy=StreamingSaveStrategy(maker),
+        )
         for root in (Path(checkpoint), spec.path.parent):
-            if (root / HF_SOURCE_DIR).is_dir():  # the tokenizer files travel on (pass --tokenizer on export if it changed)
+            if (
+                root / HF_SOURCE_DIR
+            ).is_dir():  # the tokenizer files travel on (pass --tokenizer on export if it changed)
                 shutil.copytree(root / HF_SOURCE_DIR, staging / HF_SOURCE_DIR)
                 break
     return Path(output_dir)

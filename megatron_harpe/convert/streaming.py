@@ -44,8 +44,10 @@ class SafetensorsReader:
         self._entries = header
         self._data_start = 8 + header_length
         if self.path.stat().st_size < self._data_start + data_end:
-            raise ValueError(f"{damaged} (its header describes {self._data_start + data_end} bytes, the file has "
-                             f"{self.path.stat().st_size}): copy or download it again")
+            raise ValueError(
+                f"{damaged} (its header describes {self._data_start + data_end} bytes, the file has "
+                f"{self.path.stat().st_size}): copy or download it again"
+            )
 
     def keys(self) -> list[str]:
         return list(self._entries)

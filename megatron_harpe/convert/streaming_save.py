@@ -93,8 +93,14 @@ class _OneAtATimeWriter(FileSystemWriterAsync):
                 if isinstance(data, torch.Tensor):
                     data = _own_storage(data.detach())
                 self._results.append(
-                    _write_item(self.transforms, stream, data, item, file_name,
-                                serialization_format=SerializationFormat.TORCH_SAVE)
+                    _write_item(
+                        self.transforms,
+                        stream,
+                        data,
+                        item,
+                        file_name,
+                        serialization_format=SerializationFormat.TORCH_SAVE,
+                    )
                 )
                 del data
             stream.flush()

@@ -43,8 +43,10 @@ class VerifyReport:
 
     def summary(self) -> str:
         if self.nonfinite_logits:  # an argmax over NaN agrees with anything: say nothing about agreement
-            return (f"the logits of {' and '.join(self.nonfinite_logits)} hold NaN/inf over {self.prompt_length} tokens: "
-                    "the weights are not finite (or overflow), so the two cannot be compared")
+            return (
+                f"the logits of {' and '.join(self.nonfinite_logits)} hold NaN/inf over {self.prompt_length} tokens: "
+                "the weights are not finite (or overflow), so the two cannot be compared"
+            )
         return (
             f"largest logit difference {self.max_abs_logit_diff:.3e} (largest |logit| {self.max_abs_logit:.3g}) "
             f"over {self.prompt_length} tokens, {self.max_abs_cached_logit_diff:.3e} in HF's cached decoding steps; "

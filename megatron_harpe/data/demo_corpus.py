@@ -51,9 +51,23 @@ DEMO_SEED = 1234
 # Packages some distributions ship separately or that are mostly data/tests: left out so the
 # corpus is the same wherever Python 3.11 is installed.
 _EXCLUDED_TOP_LEVEL = {
-    "test", "idlelib", "tkinter", "turtledemo", "lib2to3", "ensurepip", "distutils", "site-packages",
-    "dist-packages", "encodings", "pydoc_data", "__phello__", "config-3.11-x86_64-linux-gnu", "lib-dynload",
-    "turtle.py", "antigravity.py", "this.py",
+    "test",
+    "idlelib",
+    "tkinter",
+    "turtledemo",
+    "lib2to3",
+    "ensurepip",
+    "distutils",
+    "site-packages",
+    "dist-packages",
+    "encodings",
+    "pydoc_data",
+    "__phello__",
+    "config-3.11-x86_64-linux-gnu",
+    "lib-dynload",
+    "turtle.py",
+    "antigravity.py",
+    "this.py",
 }
 _SOURCE_CHAR_BUDGET = {"Github": 1_800_000, "Manual": 1_000_000, "Docstrings": 700_000}
 _MIN_DOCSTRING_CHARS = 60
@@ -69,10 +83,17 @@ def _stdlib_modules(stdlib: Path) -> list[tuple[str, Path]]:
     for directory, subdirectories, files in os.walk(stdlib):
         relative = Path(directory).relative_to(stdlib)
         # prune before descending: site-packages alone can hold hundreds of thousands of files
-        subdirectories[:] = [name for name in subdirectories if name not in ("tests", "test", "__pycache__")
-                             and not (relative == Path(".") and name in _EXCLUDED_TOP_LEVEL)]
-        paths += [Path(directory) / name for name in files if name.endswith(".py")
-                  and not (relative == Path(".") and name in _EXCLUDED_TOP_LEVEL)]
+        subdirectories[:] = [
+            name
+            for name in subdirectories
+            if name not in ("tests", "test", "__pycache__")
+            and not (relative == Path(".") and name in _EXCLUDED_TOP_LEVEL)
+        ]
+        paths += [
+            Path(directory) / name
+            for name in files
+            if name.endswith(".py") and not (relative == Path(".") and name in _EXCLUDED_TOP_LEVEL)
+        ]
     modules = []
     for path in sorted(paths):
         name = ".".join(path.relative_to(stdlib).with_suffix("").parts).removesuffix(".__init__")
@@ -113,7 +134,11 @@ def _module_manuals(name: str, tree: ast.Module, whole: bool) -> list[str]:
     manuals: dict[str, list[str]] = {}
     for qualified, signature, docstring in entries:
         manuals.setdefault(qualified.split(".")[0], []).append(_manual_entry(signature, docstring))
-    return [f"{name}.{top}\n\n" + "\n\n".join(parts) + "\n" for top, parts in manuals.items() if any("\n" in p for p in parts)]
+    return [
+        f"{name}.{top}\n\n" + "\n\n".join(parts) + "\n"
+        for top, parts in manuals.items()
+        if any("\n" in p for p in parts)
+    ]
 
 
 def _module_sources(code: str, tree: ast.Module, whole: bool) -> list[str]:
@@ -184,7 +209,11 @@ def build_demo_corpus(output_jsonl: str | Path, seed: int = DEMO_SEED, overwrite
     licence = _stdlib_dir() / "LICENSE.txt"
     notice = output_jsonl.with_name("LICENSE-PSF.txt")
     header = "The demo corpus next to this file is text from the CPython standard library, under this licence:\n\n"
-    body = licence.read_text(encoding="utf-8") if licence.is_file() else "PSF License Agreement for Python 3.11: https://docs.python.org/3.11/license.html\n"
+    body = (
+        licence.read_text(encoding="utf-8")
+        if licence.is_file()
+        else "PSF License Agreement for Python 3.11: https://docs.python.org/3.11/license.html\n"
+    )
     files.write_text(notice, header + body)
     return output_jsonl
 
@@ -218,8 +247,8 @@ def _exclusive(lock_path: Path) -> Iterator[None]:
 def prepare_demo_data(workdir: str | Path, vocab_size: int = DEMO_VOCAB_SIZE, workers: int | None = None) -> DemoData:
     """Corpus -> sentencepiece tokenizer -> upsampled Megatron dataset in `workdir`; a step
     whose output exists is skipped, so a second call costs nothing."""
-    from megatron_harpe.data.pipeline import prepare
     from megatron_harpe.data.indexed import dataset_exists
+    from megatron_harpe.data.pipeline import prepare
     from megatron_harpe.data.tokenizer import train_sentencepiece
     from megatron_harpe.data.upsample import UpsampleConfig
 
@@ -236,7 +265,21 @@ def prepare_demo_data(workdir: str | Path, vocab_size: int = DEMO_VOCAB_SIZE, wo
                 texts = (json.loads(line)["text"] for line in stream)
                 train_sentencepiece(texts, tokenizer_prefix, vocab_size)
         if not (os.path.exists(dataset_prefix + ".bin") and os.path.exists(dataset_prefix + ".idx")):
-            config = UpsampleConfig(mode="per_source", total_tokens=DEMO_TOTAL_TOKENS, shares=dict(DEMO_SHARES),
-                                    length_threshold=DEMO_LENGTH_THRESHOLD, seed=DEMO_SEED)
-            prepare([corpus], dataset_prefix, config, str(tokenizer), workers=workers, overwrite=dataset_exists(dataset_prefix))
-    return DemoData(corpus=corpus, tokenizer=tokenizer, prefix=dataset_prefix, summary=Path(f"{dataset_prefix}.summary.json"))
+            config = UpsampleConfig(
+                mode="per_source",
+                total_tokens=DEMO_TOTAL_TOKENS,
+                shares=dict(DEMO_SHARES),
+                length_threshold=DEMO_LENGTH_THRESHOLD,
+                seed=DEMO_SEED,
+            )
+            prepare(
+                [corpus],
+                dataset_prefix,
+                config,
+                str(tokenizer),
+                workers=workers,
+                overwrite=dataset_exists(dataset_prefix),
+            )
+    return DemoData(
+        corpus=corpus, tokenizer=tokenizer, prefix=dataset_prefix, summary=Path(f"{dataset_prefix}.summary.json")
+    )

@@ -97,7 +97,9 @@ def _encode_chunk(chunk: LineChunk) -> ChunkResult:
             valid = _drop_out_of_vocabulary(flat, text_tokens, limit, documents, chunk.path, tokenizer.path, problems)
             flat = flat[np.repeat(valid, text_tokens)]
             documents = [doc for doc, ok in zip(documents, valid.tolist()) if ok]
-            raw_lines = [raw for raw, ok in zip(raw_lines, valid.tolist()) if ok] if options.keep_raw_lines else raw_lines
+            raw_lines = (
+                [raw for raw, ok in zip(raw_lines, valid.tolist()) if ok] if options.keep_raw_lines else raw_lines
+            )
             text_tokens = text_tokens[valid]
         if options.keep_ids:
             ids, doc_lengths = _add_specials(flat, text_tokens, tokenizer, options, limit)
@@ -114,8 +116,15 @@ def _encode_chunk(chunk: LineChunk) -> ChunkResult:
     )
 
 
-def _drop_out_of_vocabulary(flat: np.ndarray, text_tokens: np.ndarray, limit: int, documents: list[Document], path: str,
-                            tokenizer_path: str, problems: list[Problem]) -> np.ndarray:
+def _drop_out_of_vocabulary(
+    flat: np.ndarray,
+    text_tokens: np.ndarray,
+    limit: int,
+    documents: list[Document],
+    path: str,
+    tokenizer_path: str,
+    problems: list[Problem],
+) -> np.ndarray:
     """Report every document holding an id >= `limit`; return the mask of the others."""
     ends = np.cumsum(text_tokens)
     valid = np.ones(len(documents), dtype=bool)
@@ -135,8 +144,9 @@ def _drop_out_of_vocabulary(flat: np.ndarray, text_tokens: np.ndarray, limit: in
     return valid
 
 
-def _add_specials(flat: np.ndarray, text_tokens: np.ndarray, tokenizer: Tokenizer, options: EncodeOptions,
-                  limit: int) -> tuple[np.ndarray, np.ndarray]:
+def _add_specials(
+    flat: np.ndarray, text_tokens: np.ndarray, tokenizer: Tokenizer, options: EncodeOptions, limit: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Documents' ids with BOS/EOS around each, concatenated, and their lengths. Ids travel as
     uint16 when the vocabulary allows (megatron-core's on-disk dtype then), else int32."""
     prefix = [tokenizer.bos_id] if options.add_bos else []
@@ -195,7 +205,10 @@ def encode_chunks(chunks: Iterable[LineChunk], options: EncodeOptions, workers: 
     if options.tokenizer_path:
         probe = load_tokenizer(options.tokenizer_path)  # fail here, not in every worker
         if options.keep_ids:
-            for flag, token_id, name in ((options.add_bos, probe.bos_id, "BOS"), (options.add_eos, probe.eos_id, "EOS")):
+            for flag, token_id, name in (
+                (options.add_bos, probe.bos_id, "BOS"),
+                (options.add_eos, probe.eos_id, "EOS"),
+            ):
                 if flag and token_id is None:
                     raise ValueError(
                         f"tokenizer {probe.path} has no {name} token: disable it (--no-{name.lower()}) "

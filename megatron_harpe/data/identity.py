@@ -53,9 +53,15 @@ def file_sha256(path: str | Path) -> str:
 def tokenizer_identity(tokenizer: Tokenizer) -> dict[str, Any]:
     """The tokenizer by content: SHA-256 of its file, vocabulary size and special ids (path and
     kind are recorded for the reader, not compared)."""
-    return {"sha256": file_sha256(tokenizer.path), "vocab_size": tokenizer.vocab_size, "bos_id": tokenizer.bos_id,
-            "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id, "kind": tokenizer.kind,
-            "path": os.path.abspath(tokenizer.path)}
+    return {
+        "sha256": file_sha256(tokenizer.path),
+        "vocab_size": tokenizer.vocab_size,
+        "bos_id": tokenizer.bos_id,
+        "eos_id": tokenizer.eos_id,
+        "pad_id": tokenizer.pad_id,
+        "kind": tokenizer.kind,
+        "path": os.path.abspath(tokenizer.path),
+    }
 
 
 def same_tokenizer(first: dict[str, Any], second: dict[str, Any]) -> bool:
@@ -119,8 +125,12 @@ def scan_largest_token_id(prefix: str | Path) -> int:
         dtype = np.dtype(DType.dtype_from_code(handle.read(1)[0]))
     size = os.path.getsize(f"{prefix}.bin")
     if size >= 1 << 30:
-        print(f"note: measuring the largest token id of {prefix}.bin ({size / 2**30:.1f} GiB; its summary does not "
-              "record it) ...", file=sys.stderr, flush=True)
+        print(
+            f"note: measuring the largest token id of {prefix}.bin ({size / 2**30:.1f} GiB; its summary does not "
+            "record it) ...",
+            file=sys.stderr,
+            flush=True,
+        )
     tokens = np.memmap(f"{prefix}.bin", dtype=dtype, mode="r") if size else np.zeros(0, dtype=dtype)
     largest = -1
     for start in range(0, tokens.size, _SCAN_CHUNK_TOKENS):
@@ -129,8 +139,13 @@ def scan_largest_token_id(prefix: str | Path) -> int:
     return largest
 
 
-def check_training_data(prefixes: list[str], tokenizer_path: str | None, vocab_size: int,
-                        cache_dir: Path | None = None, measure: bool = True) -> list[str]:
+def check_training_data(
+    prefixes: list[str],
+    tokenizer_path: str | None,
+    vocab_size: int,
+    cache_dir: Path | None = None,
+    measure: bool = True,
+) -> list[str]:
     """Refuse (ValueError, one line) a dataset made with a tokenizer other than `tokenizer_path`
     or holding a token id >= `vocab_size`. Returns notes for datasets that record no tokenizer.
     `measure=False` skips measuring the largest id of datasets whose summary lacks it (ranks
@@ -148,8 +163,10 @@ def check_training_data(prefixes: list[str], tokenizer_path: str | None, vocab_s
                 "to the tokenizer that made it"
             )
         if expected is not None and not isinstance(recorded, dict):
-            notes.append(f"note: data.prefixes[{index}]={prefix} records no tokenizer hash (prepared before "
-                         "megatron_harpe recorded one): that it was made with data.tokenizer is not checked")
+            notes.append(
+                f"note: data.prefixes[{index}]={prefix} records no tokenizer hash (prepared before "
+                "megatron_harpe recorded one): that it was made with data.tokenizer is not checked"
+            )
         if summary is None or not isinstance(summary.get("max_token_id"), int):
             if not measure:
                 continue

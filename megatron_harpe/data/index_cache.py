@@ -59,16 +59,20 @@ def cache_directory(configured: str | None, prefixes: list[str], say: Callable[[
         return beside
     fallback = user_cache_dir()
     if say is not None:
-        say(f"note: {beside.parent} is not writable: megatron's sample-index cache goes to {fallback} "
-            "(set data.cache_dir to choose; a multi-node job needs a directory every node sees)")
+        say(
+            f"note: {beside.parent} is not writable: megatron's sample-index cache goes to {fallback} "
+            "(set data.cache_dir to choose; a multi-node job needs a directory every node sees)"
+        )
     return fallback
 
 
 def cache_identifiers(prefixes: list[str], tokenizer_sha256: str | None) -> dict[str, Any]:
     """What, besides megatron's own description, a cache entry must match: the tokenizer's
     content and every dataset's files."""
-    return {"tokenizer_sha256": tokenizer_sha256,
-            "data": {os.path.abspath(prefix): file_identity(prefix) for prefix in prefixes}}
+    return {
+        "tokenizer_sha256": tokenizer_sha256,
+        "data": {os.path.abspath(prefix): file_identity(prefix) for prefix in prefixes},
+    }
 
 
 def remove_cached_indices(prefix: str | Path) -> list[Path]:

@@ -49,13 +49,17 @@ def mask_prefix_problem(prefix: str, dataset: IndexedDataset, mask_prefix: str, 
     """Why `mask_prefix` cannot be the loss mask of `prefix` (None if it can): both must hold
     the same documents with the same lengths."""
     if len(mask.sequence_lengths) != len(dataset.sequence_lengths):
-        return (f"loss-mask dataset {mask_prefix} has {len(mask.sequence_lengths)} documents but {prefix} has "
-                f"{len(dataset.sequence_lengths)}: write the mask from the same tokenized dataset")
+        return (
+            f"loss-mask dataset {mask_prefix} has {len(mask.sequence_lengths)} documents but {prefix} has "
+            f"{len(dataset.sequence_lengths)}: write the mask from the same tokenized dataset"
+        )
     if not np.array_equal(mask.sequence_lengths, dataset.sequence_lengths):
         first = int(np.flatnonzero(mask.sequence_lengths != dataset.sequence_lengths)[0])
-        return (f"loss-mask dataset {mask_prefix} does not match {prefix}: document {first} has "
-                f"{mask.sequence_lengths[first]} mask values for {dataset.sequence_lengths[first]} tokens; "
-                "write the mask from the same tokenized dataset")
+        return (
+            f"loss-mask dataset {mask_prefix} does not match {prefix}: document {first} has "
+            f"{mask.sequence_lengths[first]} mask values for {dataset.sequence_lengths[first]} tokens; "
+            "write the mask from the same tokenized dataset"
+        )
     return None
 
 
@@ -91,8 +95,13 @@ class DatasetWriter:
     every written id is checked against; `dtype` alone (for merging) bounds ids by the dtype.
     """
 
-    def __init__(self, prefix: str | Path, vocab_size: int | None = None, overwrite: bool = False,
-                 dtype: type[np.number] | None = None) -> None:
+    def __init__(
+        self,
+        prefix: str | Path,
+        vocab_size: int | None = None,
+        overwrite: bool = False,
+        dtype: type[np.number] | None = None,
+    ) -> None:
         if (vocab_size is None) == (dtype is None):
             raise ValueError("DatasetWriter needs exactly one of vocab_size and dtype")
         self.prefix = str(prefix)
@@ -171,8 +180,9 @@ class DatasetWriter:
                     os.remove(leftover)
 
 
-def merge_datasets(shard_prefixes: Sequence[str | Path], output_prefix: str | Path,
-                   overwrite: bool = False) -> tuple[int, int, int]:
+def merge_datasets(
+    shard_prefixes: Sequence[str | Path], output_prefix: str | Path, overwrite: bool = False
+) -> tuple[int, int, int]:
     """Concatenate shard datasets in the given order into one (all must share a token dtype);
     returns (documents, tokens, largest token id)."""
     if not shard_prefixes:

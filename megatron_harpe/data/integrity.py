@@ -41,7 +41,7 @@ def validate_indexed_dataset(prefix: str) -> tuple[int, int]:
         header = handle.read(_FIXED_BYTES)
     if not header.startswith(_HEADER):
         raise _fail(idx_path, "is not a Megatron index (bad magic bytes)")
-    version, code, sequences, documents = struct.unpack("<QBQQ", header[len(_HEADER):])
+    version, code, sequences, documents = struct.unpack("<QBQQ", header[len(_HEADER) :])
     if version != 1:
         raise _fail(idx_path, f"has index version {version} (expected 1)")
     try:
@@ -50,8 +50,11 @@ def validate_indexed_dataset(prefix: str) -> tuple[int, int]:
         raise _fail(idx_path, f"names an unknown token dtype code {code}") from None
     expected = _FIXED_BYTES + sequences * (4 + 8) + documents * 8
     if idx_size < expected:
-        raise _fail(idx_path, f"is truncated ({idx_size} bytes; its header announces {sequences} sequences and "
-                              f"{documents - 1} documents, {expected} bytes)")
+        raise _fail(
+            idx_path,
+            f"is truncated ({idx_size} bytes; its header announces {sequences} sequences and "
+            f"{documents - 1} documents, {expected} bytes)",
+        )
     if idx_size not in (expected, expected + sequences):  # + one mode byte per sequence if multimodal
         raise _fail(idx_path, f"has {idx_size} bytes where its header announces {expected}")
     if documents < 1:
@@ -65,13 +68,19 @@ def validate_indexed_dataset(prefix: str) -> tuple[int, int]:
         if sequences:
             negative = np.flatnonzero(lengths < 0)
             if negative.size:
-                raise _fail(idx_path, f"gives sequence {int(negative[0])} a negative length {int(lengths[negative[0]])} "
-                                      f"({negative.size} negative lengths in all)")
+                raise _fail(
+                    idx_path,
+                    f"gives sequence {int(negative[0])} a negative length {int(lengths[negative[0]])} "
+                    f"({negative.size} negative lengths in all)",
+                )
             ends = pointers + lengths.astype(np.int64) * dtype.itemsize
             if pointers[0] != 0 or np.any(pointers[1:] != ends[:-1]):
                 first = 0 if pointers[0] != 0 else int(np.flatnonzero(pointers[1:] != ends[:-1])[0]) + 1
-                raise _fail(idx_path, f"has a sequence pointer that does not follow the lengths (sequence {first}: "
-                                      f"{int(pointers[first])})")
+                raise _fail(
+                    idx_path,
+                    f"has a sequence pointer that does not follow the lengths (sequence {first}: "
+                    f"{int(pointers[first])})",
+                )
             tokens = int(ends[-1] // dtype.itemsize)
         else:
             tokens = 0

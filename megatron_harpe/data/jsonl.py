@@ -23,8 +23,8 @@ import io
 import json
 import os
 import sys
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import IO, Any, Iterator
 
 import zstandard
@@ -97,7 +97,9 @@ class ProblemLog:
 
     def add(self, problem: Problem) -> None:
         if self.strict:
-            raise ValueError(f"{problem} (input rejected because of --strict; fix the line or drop --strict to skip it)")
+            raise ValueError(
+                f"{problem} (input rejected because of --strict; fix the line or drop --strict to skip it)"
+            )
         self.counts[problem.kind] = self.counts.get(problem.kind, 0) + 1
         self.bad_lines[problem.path][problem.kind] += 1
         self.first_problem.setdefault(problem.path, problem)
@@ -263,8 +265,9 @@ def _file_position(stream: IO[bytes]) -> int:
         return 0
 
 
-def read_line_chunks(files: list[Path], chunk_lines: int = 4096, chunk_bytes: int = 1 << 20,
-                     on_bytes: Callable[[int], Any] | None = None) -> Iterator[LineChunk]:
+def read_line_chunks(
+    files: list[Path], chunk_lines: int = 4096, chunk_bytes: int = 1 << 20, on_bytes: Callable[[int], Any] | None = None
+) -> Iterator[LineChunk]:
     """Raw lines of `files` in order, grouped into chunks of at most `chunk_lines` lines or
     about `chunk_bytes` bytes (the bound that usually applies: short documents still make
     chunks of useful size, fewer hand-offs to the workers). Line numbers start at 1.
@@ -343,8 +346,12 @@ def parse_line(raw: bytes, fields: FieldSpec, path: str, line_number: int) -> Do
                 return Problem("missing_field", path, line_number, f"no source field {fields.source_field!r}")
         else:
             if not isinstance(source, str) or not source:
-                return Problem("missing_field", path, line_number,
-                               f"source field {fields.source_field!r} is not a non-empty string")
+                return Problem(
+                    "missing_field",
+                    path,
+                    line_number,
+                    f"source field {fields.source_field!r} is not a non-empty string",
+                )
     if not text.strip():
         return Problem("empty_document", path, line_number, "text is empty or whitespace only")
     try:

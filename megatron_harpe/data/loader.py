@@ -152,7 +152,9 @@ def build_gpt_dataset(
                 raise ValueError(f"loss-mask dataset {prefix}.bin/.idx not found: write it next to its token dataset")
             validate_indexed_dataset(prefix)
     if weights is not None and len(weights) != len(prefixes):
-        raise ValueError(f"data.weights has {len(weights)} entries for {len(prefixes)} prefixes: give one weight per prefix")
+        raise ValueError(
+            f"data.weights has {len(weights)} entries for {len(prefixes)} prefixes: give one weight per prefix"
+        )
     if weights is not None and (any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0):
         raise ValueError(f"data.weights {weights} must be finite, non-negative numbers with a positive sum")
     if seq_length < 1 or num_samples < 1:
@@ -185,7 +187,9 @@ def build_gpt_dataset(
     with _megatron_sees_one_process(alone):
         train, _, _ = builder.build()
     if train is None or len(train) < num_samples:
-        raise ValueError(f"could not build {num_samples} samples of {seq_length} tokens from {prefixes}: is the data too small?")
+        raise ValueError(
+            f"could not build {num_samples} samples of {seq_length} tokens from {prefixes}: is the data too small?"
+        )
     return train
 
 
@@ -271,7 +275,9 @@ def micro_batches(
         yield {key: torch.stack([sample[key] for sample in samples]) for key in SEQUENCE_KEYS}
 
 
-def slice_for_context_parallel(batch: dict[str, torch.Tensor], cp_rank: int, cp_size: int, seq_dim: int = 1) -> dict[str, torch.Tensor]:
+def slice_for_context_parallel(
+    batch: dict[str, torch.Tensor], cp_rank: int, cp_size: int, seq_dim: int = 1
+) -> dict[str, torch.Tensor]:
     """This CP rank's part of every sequence tensor (tokens, labels, loss_mask, position_ids);
     other entries pass through. With cp_size 1 the batch is returned as is."""
     if cp_size == 1:

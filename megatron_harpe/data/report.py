@@ -46,7 +46,9 @@ class LengthStats:
 
     def state(self) -> dict[str, list[float]]:
         """Exact counts per source, `[documents, tokens, long_tokens]`, for `merge_state`."""
-        return {source: [self.documents[source], self.tokens[source], self.long_tokens[source]] for source in self.documents}
+        return {
+            source: [self.documents[source], self.tokens[source], self.long_tokens[source]] for source in self.documents
+        }
 
     def merge_state(self, state: dict[str, list[float]]) -> None:
         for source, (documents, tokens, long_tokens) in state.items():
@@ -77,7 +79,9 @@ def write_json(data: dict[str, Any], path: str | Path) -> Path:
     return files.write_json(path, data)
 
 
-def plot_report(stages: dict[str, dict[str, dict[str, float]]], path: str | Path, title: str, long_threshold: int = 4096) -> Path:
+def plot_report(
+    stages: dict[str, dict[str, dict[str, float]]], path: str | Path, title: str, long_threshold: int = 4096
+) -> Path:
     """Bar charts of tokens per source and long-document token share, one bar group per source,
     one bar per stage (e.g. before / after upsampling). `stages` maps a label to a
     `LengthStats.to_dict()` result."""

@@ -130,7 +130,9 @@ class Tokenizer:
         self._word_start = None  # for each id: does its piece start with "▁"
         encoder = self._segment_encoder
         space_id = encoder.PieceToId(_SPACE_SYMBOL)
-        if self._cut_at_single_spaces and not (encoder.IsUnknown(space_id) or encoder.IsControl(space_id) or encoder.IsByte(space_id)):
+        if self._cut_at_single_spaces and not (
+            encoder.IsUnknown(space_id) or encoder.IsControl(space_id) or encoder.IsByte(space_id)
+        ):
             self._word_start = np.array([entry.piece.startswith(_SPACE_SYMBOL) for entry in model.pieces], dtype=bool)
 
     def _load_huggingface(self) -> None:
@@ -186,7 +188,11 @@ class Tokenizer:
             return encoded
         result, position = [], 0
         for count in counts:
-            result.append(encoded[position] if count == 1 else list(itertools.chain.from_iterable(encoded[position : position + count])))
+            result.append(
+                encoded[position]
+                if count == 1
+                else list(itertools.chain.from_iterable(encoded[position : position + count]))
+            )
             position += count
         return result
 
@@ -209,7 +215,9 @@ class Tokenizer:
             segments_per_text = [text.split(" ") if text else [] for text in texts]
         elif self._cut_at_single_spaces:
             split = self._segment_pattern.split
-            segments_per_text = [text.split(" ") if _single_spaces_between_words(text) else split(text) for text in texts]
+            segments_per_text = [
+                text.split(" ") if _single_spaces_between_words(text) else split(text) for text in texts
+            ]
         else:
             segments_per_text = [self._segment_pattern.split(text) for text in texts]
         collecting = gc.isenabled()
@@ -361,8 +369,13 @@ def _normalized_text_cuts_at_every_space(model: Any) -> bool:
     from sentencepiece import sentencepiece_model_pb2
 
     normalizer, trainer = model.normalizer_spec, model.trainer_spec
-    return (normalizer.escape_whitespaces and normalizer.add_dummy_prefix and not trainer.treat_whitespace_as_suffix
-            and trainer.model_type == sentencepiece_model_pb2.TrainerSpec.BPE and _spaces_only_start_pieces(model))
+    return (
+        normalizer.escape_whitespaces
+        and normalizer.add_dummy_prefix
+        and not trainer.treat_whitespace_as_suffix
+        and trainer.model_type == sentencepiece_model_pb2.TrainerSpec.BPE
+        and _spaces_only_start_pieces(model)
+    )
 
 
 def _without_normalization(model: Any) -> sentencepiece.SentencePieceProcessor:
@@ -463,9 +476,7 @@ def resolve_tokenizer_path(path: str | Path) -> Path:
             "tokenizer.json, or a directory holding one"
         )
     if path.suffix not in (SENTENCEPIECE_FILE_SUFFIX, ".json"):
-        raise ValueError(
-            f"tokenizer {path} is neither a sentencepiece .model nor a tokenizer .json file"
-        )
+        raise ValueError(f"tokenizer {path} is neither a sentencepiece .model nor a tokenizer .json file")
     return path
 
 

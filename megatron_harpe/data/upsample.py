@@ -91,7 +91,11 @@ class UpsampleConfig:
         if self.shares is not None:
             if self.mode != "per_source":
                 raise ValueError(f"--shares applies to mode per_source only, not {self.mode}")
-            if not self.shares or any(not math.isfinite(w) or w < 0 for w in self.shares.values()) or sum(self.shares.values()) <= 0:
+            if (
+                not self.shares
+                or any(not math.isfinite(w) or w < 0 for w in self.shares.values())
+                or sum(self.shares.values()) <= 0
+            ):
                 raise ValueError(f"shares {self.shares} must be non-negative numbers with a positive sum")
 
     def resolved_shares(self) -> dict[str, float]:

@@ -33,16 +33,31 @@ LONGEST_SEARCHED = 1 << 22
 
 
 def sample_factory(
-    task: str, tokenizer: Tokenizer, seed: int, max_new_tokens: int | None, prose: tuple[str, ...],
-    chat: PromptFormat, qa_files: dict[str, str], fill: str = "tight", fixed_depth: int | None = None,
+    task: str,
+    tokenizer: Tokenizer,
+    seed: int,
+    max_new_tokens: int | None,
+    prose: tuple[str, ...],
+    chat: PromptFormat,
+    qa_files: dict[str, str],
+    fill: str = "tight",
+    fixed_depth: int | None = None,
 ) -> SampleBuilder:
     """make(length, index) -> the sample, from the task's registered builder. With RULER's fill,
     sample 0 of a length sizes every other sample of it, so it is built first. `fixed_depth`: a
     needle-grid cell (registry.GRID_TASK at that depth)."""
     spec = TASKS["needle_grid" if fixed_depth is not None else task]
     rule = Fill(fill)
-    setting = TaskSetting(tokenizer, seed, max_new_tokens or spec.answer_budget, chat=chat, fill=rule, prose=prose,
-                          data_file=qa_files.get(task), fixed_depth=fixed_depth)
+    setting = TaskSetting(
+        tokenizer,
+        seed,
+        max_new_tokens or spec.answer_budget,
+        chat=chat,
+        fill=rule,
+        prose=prose,
+        data_file=qa_files.get(task),
+        fixed_depth=fixed_depth,
+    )
     build = spec.builder(setting)
 
     def make(length: int, index: int) -> EvalSample:
@@ -76,6 +91,7 @@ class CellPlan:
 
 def shortest_length(make: SampleBuilder, failing: int) -> int | None:
     """The shortest length above `failing` whose sample 0 builds (None if none up to 4M tokens)."""
+
     def builds(length: int) -> bool:
         try:
             make(length, 0)
@@ -95,9 +111,17 @@ def shortest_length(make: SampleBuilder, failing: int) -> int | None:
 
 
 def plan_cells(
-    tokenizer: Tokenizer, task_names: list[str], lengths: list[int], seed: int, max_new_tokens: int | None,
-    prose: tuple[str, ...], chat: PromptFormat, qa_files: dict[str, str], fill: str = "tight",
-    grid_depths: tuple[int, ...] = DEFAULT_GRID_DEPTHS, progress: Callable[[str], None] | None = None,
+    tokenizer: Tokenizer,
+    task_names: list[str],
+    lengths: list[int],
+    seed: int,
+    max_new_tokens: int | None,
+    prose: tuple[str, ...],
+    chat: PromptFormat,
+    qa_files: dict[str, str],
+    fill: str = "tight",
+    grid_depths: tuple[int, ...] = DEFAULT_GRID_DEPTHS,
+    progress: Callable[[str], None] | None = None,
 ) -> CellPlan:
     """Build sample 0 of every retrieval and needle-grid cell of `task_names` (already expanded)
     at every length; see the module docstring."""
@@ -111,7 +135,8 @@ def plan_cells(
         else:
             for depth in grid_depths:
                 plan.makers[f"needle_grid@{depth}"] = sample_factory(
-                    GRID_TASK, tokenizer, seed, max_new_tokens, prose, chat, qa_files, fill, fixed_depth=depth)
+                    GRID_TASK, tokenizer, seed, max_new_tokens, prose, chat, qa_files, fill, fixed_depth=depth
+                )
     for label, make in plan.makers.items():
         for length in lengths:
             if progress is not None:
@@ -135,5 +160,7 @@ def first_sample_or_build(plan: CellPlan, label: str, length: int, index: int) -
 def describe_budgets() -> str:
     """The default answer budgets, for --help."""
     budget = {task: spec.answer_budget for task, spec in TASKS.items()}
-    return (f"NIAH {budget[GRID_TASK]}, vt {budget['vt']}, cwe {budget['cwe']}, fwe {budget['fwe']}, "
-            f"qa {budget['qa_1']}, passkey and needle_grid {budget['passkey']}, synthetic_kv {budget['synthetic_kv']}")
+    return (
+        f"NIAH {budget[GRID_TASK]}, vt {budget['vt']}, cwe {budget['cwe']}, fwe {budget['fwe']}, "
+        f"qa {budget['qa_1']}, passkey and needle_grid {budget['passkey']}, synthetic_kv {budget['synthetic_kv']}"
+    )

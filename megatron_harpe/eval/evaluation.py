@@ -70,9 +70,16 @@ def run_evaluation(args: Any) -> dict[str, Any]:
     output = args.output_dir
     check_output_dir(output)
     check_unfinished_run(output, args.resume, args.overwrite)
-    options = dict(tokenizer=args.tokenizer, trust_remote_code=args.trust_remote_code, device=args.device,
-                   dtype=args.dtype, seed=args.seed, tensor_parallel=args.tensor_parallel,
-                   context_parallel=args.context_parallel, self_extend=args.self_extend)
+    options = dict(
+        tokenizer=args.tokenizer,
+        trust_remote_code=args.trust_remote_code,
+        device=args.device,
+        dtype=args.dtype,
+        seed=args.seed,
+        tensor_parallel=args.tensor_parallel,
+        context_parallel=args.context_parallel,
+        self_extend=args.self_extend,
+    )
 
     # 1. the short tasks and the baseline, before any model
     short_plan = _prepare_short(args, output) if short_wanted else None
@@ -88,12 +95,24 @@ def run_evaluation(args: Any) -> dict[str, Any]:
         if "ppl" in expand_tasks(long_requested):
             if not args.ppl_data:
                 raise ValueError("--task ppl needs --ppl-data (a .jsonl, .txt or Megatron dataset prefix)")
-            documents = load_documents(args.ppl_data, tokenizer, args.text_key, args.ppl_max_documents,
-                                       min_tokens=min(args.lengths))
+            documents = load_documents(
+                args.ppl_data, tokenizer, args.text_key, args.ppl_max_documents, min_tokens=min(args.lengths)
+            )
         qa_files = {task: path for task, path in (("qa_1", args.qa_squad), ("qa_2", args.qa_hotpot)) if path}
-        setup = prepare_suite(tokenizer, long_requested, args.lengths, args.samples, args.seed, args.max_new_tokens,
-                              args.haystack_file, tuple(args.grid_depths), args.chat_template, qa_files, args.fill,
-                              args.skip_unfit)
+        setup = prepare_suite(
+            tokenizer,
+            long_requested,
+            args.lengths,
+            args.samples,
+            args.seed,
+            args.max_new_tokens,
+            args.haystack_file,
+            tuple(args.grid_depths),
+            args.chat_template,
+            qa_files,
+            args.fill,
+            args.skip_unfit,
+        )
         if setup.plan.unfit:
             _say("note: " + setup.plan.unfit_line() + ": skipped (--skip-unfit)")
 
@@ -112,14 +131,25 @@ def run_evaluation(args: Any) -> dict[str, Any]:
             refuse_nonfinite_everywhere(backend.model, f"model {args.model}")  # scores of NaN weights mean nothing
         method = resolve_scoring(backend, args.scoring)
         self_extend = backend.self_extend.as_dict() if getattr(backend, "self_extend", None) is not None else None
-        store = RunStore(output, setup.settings(backend.tokenizer, backend.name, method, self_extend),
-                         resume=args.resume, overwrite=args.overwrite, writer=writer)
+        store = RunStore(
+            output,
+            setup.settings(backend.tokenizer, backend.name, method, self_extend),
+            resume=args.resume,
+            overwrite=args.overwrite,
+            writer=writer,
+        )
         if store.resumed:
             _say(f"resuming: {store.resumed} samples already scored in {output}")
         results = run_eval_suite(
-            backend, setup=setup, scoring=args.scoring, ppl_documents=documents, ppl_stride=args.ppl_stride,
-            ppl_document_tokens=args.ppl_document_tokens, keep_records=args.save_predictions,
-            progress=cli.show_progress(args.no_progress) and writer, store=store,
+            backend,
+            setup=setup,
+            scoring=args.scoring,
+            ppl_documents=documents,
+            ppl_stride=args.ppl_stride,
+            ppl_document_tokens=args.ppl_document_tokens,
+            keep_records=args.save_predictions,
+            progress=cli.show_progress(args.no_progress) and writer,
+            store=store,
             on_cell=(lambda partial: write_report(partial, output, plots=False)) if writer else None,
             announce=_say,
         )
@@ -145,8 +175,9 @@ def _prepare_short(args: Any, output: str) -> dict[str, Any]:
     try:
         from megatron_harpe.eval.lm_eval_adapter import quiet_lm_eval
     except ImportError as error:
-        raise ValueError(f"--task short runs lm-evaluation-harness, which is not installed ({error}): "
-                         "pip install -e '.[eval]'") from error
+        raise ValueError(
+            f"--task short runs lm-evaluation-harness, which is not installed ({error}): pip install -e '.[eval]'"
+        ) from error
     from megatron_harpe.eval.short_tasks import load_baseline, load_task_manager, parse_short_tasks
 
     tasks = parse_short_tasks(args.short_tasks)
@@ -163,28 +194,59 @@ def _log_path(output: str) -> str:
     return os.path.join(output, "lm_eval.log") if cli.is_rank_zero() else os.devnull
 
 
-def _short_section(args: Any, output: str, model: str, options: dict[str, Any], plan: dict[str, Any],
-                   backend: Any, name: str, on_group: Any) -> dict[str, Any]:
+def _short_section(
+    args: Any,
+    output: str,
+    model: str,
+    options: dict[str, Any],
+    plan: dict[str, Any],
+    backend: Any,
+    name: str,
+    on_group: Any,
+) -> dict[str, Any]:
     """Score the short tasks of `model` (reusing a megatron `backend` already loaded)."""
     from megatron_harpe.eval.lm_eval_adapter import quiet_lm_eval
     from megatron_harpe.eval.short_tasks import build_lm, request_cache, run_short_tasks
 
     with quiet_lm_eval(_log_path(output)):
         lm, description = build_lm(model, options, backend=backend, batch_size=args.batch_size)
-    identity = {"model": os.path.abspath(model) if os.path.exists(model) else model, "dtype": args.dtype,
-                "tokenizer": args.tokenizer, "limit": args.short_limit,
-                "tasks": [[task.name, task.shots] for task in plan["tasks"]]}
+    identity = {
+        "model": os.path.abspath(model) if os.path.exists(model) else model,
+        "dtype": args.dtype,
+        "tokenizer": args.tokenizer,
+        "limit": args.short_limit,
+        "tasks": [[task.name, task.shots] for task in plan["tasks"]],
+    }
     cache = request_cache(os.path.join(output, "lm_eval_cache", name), identity, args.resume, _rank())
-    samples_path = os.path.join(output, f"{name}_samples.jsonl") if args.save_predictions and cli.is_rank_zero() else None
-    section = run_short_tasks(lm, plan["tasks"], plan["manager"], description, model, limit=args.short_limit,
-                              samples_path=samples_path, log_path=_log_path(output),
-                              progress=cli.show_progress(args.no_progress), cache=cache,
-                              announce=_say, on_group=on_group)
+    samples_path = (
+        os.path.join(output, f"{name}_samples.jsonl") if args.save_predictions and cli.is_rank_zero() else None
+    )
+    section = run_short_tasks(
+        lm,
+        plan["tasks"],
+        plan["manager"],
+        description,
+        model,
+        limit=args.short_limit,
+        samples_path=samples_path,
+        log_path=_log_path(output),
+        progress=cli.show_progress(args.no_progress),
+        cache=cache,
+        announce=_say,
+        on_group=on_group,
+    )
     return section
 
 
-def _run_short(args: Any, output: str, options: dict[str, Any], plan: dict[str, Any], results: dict[str, Any],
-               backend: Any, writer: bool) -> None:
+def _run_short(
+    args: Any,
+    output: str,
+    options: dict[str, Any],
+    plan: dict[str, Any],
+    results: dict[str, Any],
+    backend: Any,
+    writer: bool,
+) -> None:
     from megatron_harpe.eval.report import write_report
     from megatron_harpe.eval.short_tasks import add_retention
 
@@ -199,8 +261,16 @@ def _run_short(args: Any, output: str, options: dict[str, Any], plan: dict[str, 
     baseline, baseline_name = plan["baseline"], args.baseline
     if args.baseline and baseline is None:  # a model: score it the same way
         _say(f"baseline: the short tasks on {args.baseline}")
-        baseline = _short_section(args, output, args.baseline, {**options, "tokenizer": None, "self_extend": None},
-                                  plan, None, "baseline", lambda _: None)
+        baseline = _short_section(
+            args,
+            output,
+            args.baseline,
+            {**options, "tokenizer": None, "self_extend": None},
+            plan,
+            None,
+            "baseline",
+            lambda _: None,
+        )
         results["short_baseline"] = baseline
     if baseline is not None and section["tasks"]:
         add_retention(section, baseline, baseline_name)

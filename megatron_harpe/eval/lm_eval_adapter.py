@@ -54,8 +54,10 @@ class MegatronLM(TemplateLM):
     def __init__(self, backend: Any, max_length: int | None = None) -> None:
         super().__init__()
         if not hasattr(backend, "logits"):
-            raise ValueError(f"backend {backend.name} has no logits(): lm-eval needs the megatron backend "
-                             "(Hugging Face directories run through lm-eval's own model)")
+            raise ValueError(
+                f"backend {backend.name} has no logits(): lm-eval needs the megatron backend "
+                "(Hugging Face directories run through lm-eval's own model)"
+            )
         self.backend = backend
         self.model_tokenizer = backend.tokenizer
         self._max_length = max_length or backend.config.model.max_position_embeddings
@@ -80,8 +82,10 @@ class MegatronLM(TemplateLM):
 
     @property
     def tokenizer_name(self) -> str:
-        return str(getattr(getattr(self.model_tokenizer, "hf_tokenizer", None), "name_or_path", "") or
-                   type(self.model_tokenizer).__name__)
+        return str(
+            getattr(getattr(self.model_tokenizer, "hf_tokenizer", None), "name_or_path", "")
+            or type(self.model_tokenizer).__name__
+        )
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
         """BOS as the model's tokenizer adds it (once), unless add_special_tokens=False."""
@@ -97,7 +101,7 @@ class MegatronLM(TemplateLM):
     def _continuation_logprob(self, context: list[int], continuation: list[int]) -> tuple[float, bool]:
         """log p(continuation | context) and whether greedy decoding would write it, from the
         last max_length + 1 tokens (lm-eval's left truncation)."""
-        ids = (context + continuation)[-(self.max_length + 1):][:-1]
+        ids = (context + continuation)[-(self.max_length + 1) :][:-1]
         logits = self.backend.logits(ids, last=len(continuation)).float()  # [n, vocab]
         logprobs = torch.log_softmax(logits, dim=-1)
         targets = torch.tensor(continuation, device=logprobs.device)
@@ -105,7 +109,9 @@ class MegatronLM(TemplateLM):
         greedy = bool((logprobs.argmax(dim=-1) == targets).all())
         return total, greedy
 
-    def _loglikelihood_tokens(self, requests: list, disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
+    def _loglikelihood_tokens(
+        self, requests: list, disable_tqdm: bool = False, **kwargs: Any
+    ) -> list[tuple[float, bool]]:
         results = []
         for key, context, continuation in requests:
             if not continuation:
@@ -119,9 +125,15 @@ class MegatronLM(TemplateLM):
     def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list[float]:
         totals = []
         for (string,) in (request.args for request in requests):
-            windows = map(make_disjoint_window, get_rolling_token_windows(
-                token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
-                max_seq_len=self.max_length, context_len=1))
+            windows = map(
+                make_disjoint_window,
+                get_rolling_token_windows(
+                    token_list=self.tok_encode(string),
+                    prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length,
+                    context_len=1,
+                ),
+            )
             total = sum(self._continuation_logprob(context, continuation)[0] for context, continuation in windows)
             totals.append(total)
             self.cache_hook.add_partial("loglikelihood_rolling", (string,), total)
@@ -129,17 +141,22 @@ class MegatronLM(TemplateLM):
 
     def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
         outputs = []
-        eos_text = self.model_tokenizer.decode([self.eot_token_id]) if self.eot_token_id < self.model_tokenizer.vocab_size else None
+        eos_text = (
+            self.model_tokenizer.decode([self.eot_token_id])
+            if self.eot_token_id < self.model_tokenizer.vocab_size
+            else None
+        )
         for context, gen_kwargs in (request.args for request in requests):
             options = normalize_gen_kwargs(dict(gen_kwargs), DEFAULT_MAX_GEN_TOKENS)
             if options.get("do_sample") or float(options.get("temperature") or 0.0) > 0.0:
-                raise ValueError("the megatron backend decodes greedily only: the task asks for sampling "
-                                 f"({gen_kwargs})")
+                raise ValueError(
+                    f"the megatron backend decodes greedily only: the task asks for sampling ({gen_kwargs})"
+                )
             stops = handle_stop_sequences(options.pop("until", None), eos=eos_text or None)
             budget = int(options.pop("max_gen_toks"))
             if budget >= self.max_length:
                 raise ValueError(f"the task asks for {budget} new tokens, more than the model's {self.max_length}")
-            prompt = self.tok_encode(context)[-(self.max_length - budget):]
+            prompt = self.tok_encode(context)[-(self.max_length - budget) :]
             text = self._generate_until_stop(prompt, budget, stops)
             text = postprocess_generated_text(text, stops, None)
             outputs.append(text)
@@ -195,10 +212,11 @@ class ProgressLM(LM):
 
     def _in_groups(self, method: str, requests: list) -> list:
         results: list = []
-        with tqdm(total=len(requests), desc=f"{self.label}: {method}", file=self.stream, disable=not self.enabled,
-                  leave=False) as bar:
+        with tqdm(
+            total=len(requests), desc=f"{self.label}: {method}", file=self.stream, disable=not self.enabled, leave=False
+        ) as bar:
             for start in range(0, len(requests), REQUESTS_PER_PROGRESS_STEP):
-                group = requests[start:start + REQUESTS_PER_PROGRESS_STEP]
+                group = requests[start : start + REQUESTS_PER_PROGRESS_STEP]
                 results += getattr(self.lm, method)(group, disable_tqdm=True)
                 bar.update(len(group))
         return results

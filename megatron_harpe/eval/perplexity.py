@@ -39,9 +39,11 @@ def sliding_window_nll(backend: ModelBackend, ids: list[int], window: int, strid
     if window < 2:
         raise ValueError(f"window {window} is too small: it must hold at least two tokens")
     if not 1 <= stride < window:
-        raise ValueError(f"stride {stride} must be at least 1 and smaller than the window ({window}): "
-                         "otherwise the first token of each later window would have no context and "
-                         "never be scored")
+        raise ValueError(
+            f"stride {stride} must be at least 1 and smaller than the window ({window}): "
+            "otherwise the first token of each later window would have no context and "
+            "never be scored"
+        )
     total, scored, previous_end = 0.0, 0, 0
     for begin in range(0, len(ids), stride):
         end = min(begin + window, len(ids))
@@ -71,8 +73,10 @@ def _read_jsonl_texts(path: str, text_key: str) -> Iterator[str]:
                 continue
             record = json.loads(line)
             if text_key not in record:
-                raise ValueError(f"{path}:{line_number} has no {text_key!r} field: choose the text field with the tool's text-key option "
-                                 f"with one of {sorted(record)}")
+                raise ValueError(
+                    f"{path}:{line_number} has no {text_key!r} field: choose the text field with the tool's text-key option "
+                    f"with one of {sorted(record)}"
+                )
             yield record[text_key]
 
 
@@ -93,8 +97,10 @@ def _read_megatron_documents(prefix: str, vocab_size: int) -> Iterator[list[int]
         pieces = [dataset[i] for i in range(int(boundaries[document]), int(boundaries[document + 1]))]
         tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
         if len(tokens) and int(tokens.max()) >= vocab_size:
-            raise ValueError(f"{prefix} holds token id {int(tokens.max())} but the model's vocabulary has "
-                             f"{vocab_size} entries: tokenize the data with the model's tokenizer")
+            raise ValueError(
+                f"{prefix} holds token id {int(tokens.max())} but the model's vocabulary has "
+                f"{vocab_size} entries: tokenize the data with the model's tokenizer"
+            )
         yield tokens.tolist()
 
 
@@ -116,8 +122,10 @@ def load_documents(
         with open(path, encoding="utf-8") as handle:
             source = iter([encode_prompt(tokenizer, handle.read())])
     else:
-        raise ValueError(f"cannot read documents from {path!r}: give a .jsonl, .jsonl.zst or .txt "
-                         "file, or a Megatron dataset prefix with .bin and .idx files")
+        raise ValueError(
+            f"cannot read documents from {path!r}: give a .jsonl, .jsonl.zst or .txt "
+            "file, or a Megatron dataset prefix with .bin and .idx files"
+        )
     documents: list[list[int]] = []
     for ids in source:
         if len(ids) >= min_tokens:
@@ -125,8 +133,9 @@ def load_documents(
             if max_documents is not None and len(documents) >= max_documents:
                 break
     if not documents:
-        raise ValueError(f"{path!r} has no document with at least {min_tokens} tokens: use longer "
-                         "documents or shorter --lengths")
+        raise ValueError(
+            f"{path!r} has no document with at least {min_tokens} tokens: use longer documents or shorter --lengths"
+        )
     return documents
 
 

@@ -38,8 +38,10 @@ def check_output_dir(path: str, minimum_free: int = MINIMUM_FREE_BYTES) -> None:
         raise ValueError(f"--output-dir {path!r} cannot be written ({reason}): choose a writable directory") from error
     free = shutil.disk_usage(path).free
     if free < minimum_free:
-        raise ValueError(f"--output-dir {path!r} has {free >> 20} MiB free, less than the {minimum_free >> 20} MiB the "
-                         "results need: free space or choose another directory")
+        raise ValueError(
+            f"--output-dir {path!r} has {free >> 20} MiB free, less than the {minimum_free >> 20} MiB the "
+            "results need: free space or choose another directory"
+        )
 
 
 def check_unfinished_run(path: str, resume: bool, overwrite: bool) -> None:
@@ -51,11 +53,15 @@ def check_unfinished_run(path: str, resume: bool, overwrite: bool) -> None:
         return
     settings, records, finished = read_log(os.path.join(path, SAMPLES_FILE))
     if settings is not None and records and not finished:
-        raise ValueError(f"{path} holds an unfinished evaluation ({len(records)} samples scored): pass --resume to "
-                         "continue it, --overwrite to start again, or another --output-dir")
+        raise ValueError(
+            f"{path} holds an unfinished evaluation ({len(records)} samples scored): pass --resume to "
+            "continue it, --overwrite to start again, or another --output-dir"
+        )
     if os.path.isdir(path) and any(os.scandir(path)):  # earlier results are never replaced silently
-        raise ValueError(f"--output-dir {path} is not empty: pass --overwrite to replace its results, --resume to "
-                         "continue the run in it, or choose another --output-dir")
+        raise ValueError(
+            f"--output-dir {path} is not empty: pass --overwrite to replace its results, --resume to "
+            "continue the run in it, or choose another --output-dir"
+        )
 
 
 def tokenizer_for(model: str, options: dict[str, Any]) -> Tokenizer:
@@ -68,8 +74,10 @@ def tokenizer_for(model: str, options: dict[str, Any]) -> Tokenizer:
             raise ValueError(f"the {model} backend needs a tokenizer: pass --tokenizer PATH")
         return load_tokenizer_any(explicit, trust_remote_code=trust)
     if not os.path.isdir(model):
-        raise ValueError(f"model path {model!r} is not a directory: pass a Hugging Face model "
-                         "directory, a megatron_harpe checkpoint directory, 'oracle' or 'random'")
+        raise ValueError(
+            f"model path {model!r} is not a directory: pass a Hugging Face model "
+            "directory, a megatron_harpe checkpoint directory, 'oracle' or 'random'"
+        )
     if explicit:
         return load_tokenizer_any(explicit, trust_remote_code=trust)
     if is_megatron_checkpoint(model):
@@ -78,14 +86,20 @@ def tokenizer_for(model: str, options: dict[str, Any]) -> Tokenizer:
 
         path = checkpoint_tokenizer(model, read_checkpoint_spec(model))
         if not path or not os.path.exists(path):
-            raise ValueError(f"no tokenizer for {model}: it keeps no hf_source/ and its config names none that "
-                             "exists; pass --tokenizer PATH")
+            raise ValueError(
+                f"no tokenizer for {model}: it keeps no hf_source/ and its config names none that "
+                "exists; pass --tokenizer PATH"
+            )
         return load_tokenizer_any(path, trust_remote_code=trust)
     if not os.path.exists(os.path.join(model, "config.json")):
-        raise ValueError(f"{model!r} holds neither config.json (Hugging Face model) nor "
-                         "latest_checkpointed_iteration.txt / config.yaml (megatron_harpe checkpoint)")
+        raise ValueError(
+            f"{model!r} holds neither config.json (Hugging Face model) nor "
+            "latest_checkpointed_iteration.txt / config.yaml (megatron_harpe checkpoint)"
+        )
     from megatron_harpe.eval.backends.hf import needs_remote_code
 
     if not trust and needs_remote_code(model):  # transformers would otherwise ask on the terminal
-        raise ValueError(f"{model!r} ships its own modeling code (our HARPE export does): rerun with --trust-remote-code")
+        raise ValueError(
+            f"{model!r} ships its own modeling code (our HARPE export does): rerun with --trust-remote-code"
+        )
     return load_tokenizer_any(model, trust_remote_code=trust)

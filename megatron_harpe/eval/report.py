@@ -54,9 +54,12 @@ def _provenance_lines(results: dict[str, Any]) -> list[str]:
     prompt = provenance["prompt"]
     template = prompt["chat_template"] + (f" (sha256 {prompt['sha256'][:12]})" if "sha256" in prompt else "")
     haystack = provenance["haystack"]
-    return [f"Chat template: {template}; tokenizer: {tokenizer['class']} {tokenizer['name_or_path'] or ''} "
-            f"(vocab {tokenizer['vocab_size']}); haystack: {haystack['source']} (sha256 {haystack['sha256'][:12]}); "
-            f"megatron_harpe {provenance['megatron_harpe_git'] or 'unknown revision'}; {versions}", ""]
+    return [
+        f"Chat template: {template}; tokenizer: {tokenizer['class']} {tokenizer['name_or_path'] or ''} "
+        f"(vocab {tokenizer['vocab_size']}); haystack: {haystack['source']} (sha256 {haystack['sha256'][:12]}); "
+        f"megatron_harpe {provenance['megatron_harpe_git'] or 'unknown revision'}; {versions}",
+        "",
+    ]
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:
@@ -64,8 +67,10 @@ def _fmt(value: float | None, digits: int = 2) -> str:
 
 
 def _run_line(results: dict[str, Any]) -> str:
-    line = (f"Model: `{results['model']}`, {results['samples']} samples per cell, seed {results['seed']}, "
-            f"scoring: {results['scoring']}" + _self_extend_note(results))
+    line = (
+        f"Model: `{results['model']}`, {results['samples']} samples per cell, seed {results['seed']}, "
+        f"scoring: {results['scoring']}" + _self_extend_note(results)
+    )
     if "fill" in results:
         line += f", fill: {results['fill']}"
     if "ruler_version" in results:
@@ -89,8 +94,9 @@ def markdown_table(results: dict[str, Any]) -> str:
         unfit = results.get("unfit_cells", {})
         if results.get("tasks") or unfit:
             lines += ["| task " + header + " mean |", rule + "---|"]
-            for task in list(results.get("tasks", {})) + [t for t in unfit if t not in results.get("tasks", {})
-                                                          and not t.startswith("needle_grid@")]:
+            for task in list(results.get("tasks", {})) + [
+                t for t in unfit if t not in results.get("tasks", {}) and not t.startswith("needle_grid@")
+            ]:
                 by_length = results.get("tasks", {}).get(task, {})
                 cells = []
                 for length in lengths:
@@ -99,7 +105,9 @@ def markdown_table(results: dict[str, Any]) -> str:
                     else:
                         cells.append("does not fit" if length in unfit.get(task, {}) else "-")
                 scores = [by_length[length]["score"] for length in lengths if length in by_length]
-                lines.append(f"| {task} | {' | '.join(cells)} | {_fmt(sum(scores) / len(scores) if scores else None)} |")
+                lines.append(
+                    f"| {task} | {' | '.join(cells)} | {_fmt(sum(scores) / len(scores) if scores else None)} |"
+                )
             per_length = " | ".join(f"**{_fmt(results.get('per_length', {}).get(length))}**" for length in lengths)
             if results.get("mean_over"):
                 lines += [f"| **{_headline_label(results)}** | {per_length} | **{_fmt(results.get('overall'))}** |"]
@@ -111,12 +119,13 @@ def markdown_table(results: dict[str, Any]) -> str:
                     lines += [f"{task} at {_length_label(length)} skipped: the prompt does not fit ({reason}).", ""]
         if "needle_grid" in results:
             grid = results["needle_grid"]
-            lines += [f"Needle grid ({grid['task']}, score by depth x length):", "",
-                      "| depth % " + header, rule]
+            lines += [f"Needle grid ({grid['task']}, score by depth x length):", "", "| depth % " + header, rule]
             intervals = grid.get("intervals") or [[None] * len(row) for row in grid["scores"]]
             for depth, row, row_intervals in zip(grid["depths"], grid["scores"], intervals):
-                row_cells = ["-" if score is None else f"{score:.0f}" + (f" [{span[0]:.0f}, {span[1]:.0f}]" if span else "")
-                             for score, span in zip(row, row_intervals)]
+                row_cells = [
+                    "-" if score is None else f"{score:.0f}" + (f" [{span[0]:.0f}, {span[1]:.0f}]" if span else "")
+                    for score, span in zip(row, row_intervals)
+                ]
                 lines.append(f"| {depth} | " + " | ".join(row_cells) + " |")
             lines.append("")
         if "perplexity" in results:
@@ -140,15 +149,23 @@ def plot_retrieval(results: dict[str, Any], path: str) -> None:
         present = [length for length in lengths if str(length) in by_length]  # a cell that did not fit is absent
         axis.plot(present, [by_length[str(length)]["score"] for length in present], marker="o", alpha=0.6, label=task)
     present = [length for length in lengths if str(length) in results["per_length"]]
-    axis.plot(present, [results["per_length"][str(length)] for length in present], marker="s", color="black",
-              linewidth=2.5, label=_headline_label(results))
+    axis.plot(
+        present,
+        [results["per_length"][str(length)] for length in present],
+        marker="s",
+        color="black",
+        linewidth=2.5,
+        label=_headline_label(results),
+    )
     axis.set_xscale("log", base=2)
     axis.set_xticks(lengths, [_length_label(length) for length in lengths])
     axis.set_ylim(-3, 103)
     axis.set_xlabel("context length (tokens)")
     axis.set_ylabel("score")
-    axis.set_title(f"Retrieval ({results['scoring']}{_self_extend_note(results)}) - "
-                   f"{os.path.basename(str(results['model']).rstrip('/'))}")
+    axis.set_title(
+        f"Retrieval ({results['scoring']}{_self_extend_note(results)}) - "
+        f"{os.path.basename(str(results['model']).rstrip('/'))}"
+    )
     axis.grid(alpha=0.3)
     axis.legend(fontsize=7, ncol=2)
     files.save_figure(figure, path, dpi=120, bbox_inches="tight")

@@ -60,8 +60,14 @@ def _barrier() -> None:
 class RunStore:
     """The samples of one run, read back on resume and appended as they are scored."""
 
-    def __init__(self, output_dir: str, settings: dict[str, Any], resume: bool = False, overwrite: bool = False,
-                 writer: bool = True) -> None:
+    def __init__(
+        self,
+        output_dir: str,
+        settings: dict[str, Any],
+        resume: bool = False,
+        overwrite: bool = False,
+        writer: bool = True,
+    ) -> None:
         self.path = os.path.join(output_dir, SAMPLES_FILE)
         self.settings = json.loads(json.dumps(settings))  # as it reads back from the file
         self.writer = writer
@@ -70,15 +76,20 @@ class RunStore:
         if resume:
             if previous is None:
                 raise ValueError(f"--resume: {self.path} holds no earlier run to continue")
-            differing = sorted(key for key in set(previous) | set(self.settings)
-                               if previous.get(key) != self.settings.get(key))
+            differing = sorted(
+                key for key in set(previous) | set(self.settings) if previous.get(key) != self.settings.get(key)
+            )
             if differing:
-                raise ValueError(f"--resume: the run in {output_dir} used other settings ({', '.join(differing)}): "
-                                 "resume with the same options, or use another --output-dir")
+                raise ValueError(
+                    f"--resume: the run in {output_dir} used other settings ({', '.join(differing)}): "
+                    "resume with the same options, or use another --output-dir"
+                )
             self.done = {(r["task"], int(r["length"]), int(r["index"])): r for r in records}
         elif previous is not None and not finished and records and not overwrite:
-            raise ValueError(f"{output_dir} holds an unfinished evaluation ({len(records)} samples scored): pass --resume "
-                             "to continue it, --overwrite to start again, or another --output-dir")
+            raise ValueError(
+                f"{output_dir} holds an unfinished evaluation ({len(records)} samples scored): pass --resume "
+                "to continue it, --overwrite to start again, or another --output-dir"
+            )
         self._handle = None
         _barrier()  # every rank has read the file before rank 0 rewrites it
         if writer:

@@ -86,8 +86,10 @@ def teacher_forced_score(
     if not answers:
         raise ValueError("teacher_forced_score needs at least one expected answer")
     if len(predictions) != len(answer_ids):
-        raise ValueError(f"{len(predictions)} predictions for {len(answer_ids)} answer tokens: a backend's "
-                         "teacher_forced_match must return one prediction per answer token")
+        raise ValueError(
+            f"{len(predictions)} predictions for {len(answer_ids)} answer tokens: a backend's "
+            "teacher_forced_match must return one prediction per answer token"
+        )
     correct = [predicted == target for predicted, target in zip(predictions, answer_ids)]
     spans = value_token_spans(tokenizer, answer_ids, answers)
     found = sum(bool(span) and all(correct[k] for k in span) for span in spans)

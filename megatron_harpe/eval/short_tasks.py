@@ -33,8 +33,12 @@ from typing import Any
 from megatron_harpe import cli
 
 SHORT_GROUP = "short"
-DEFAULT_SAMPLE_SEEDS = {"random_seed": 0, "numpy_random_seed": 1234, "torch_random_seed": 1234,
-                        "fewshot_random_seed": 1234}  # lm-eval's defaults, recorded with the results
+DEFAULT_SAMPLE_SEEDS = {
+    "random_seed": 0,
+    "numpy_random_seed": 1234,
+    "torch_random_seed": 1234,
+    "fewshot_random_seed": 1234,
+}  # lm-eval's defaults, recorded with the results
 METRIC_PREFERENCE = ("acc_norm", "acc", "exact_match", "word_perplexity")
 
 
@@ -97,15 +101,19 @@ def load_task_manager(tasks: list[ShortTask], include_path: str | None) -> Any:
     manager = TaskManager(include_path=include_path or None)
     unknown = [task.name for task in tasks if task.name not in manager.all_tasks]
     if unknown:
-        raise ValueError(f"lm-eval has no task {', '.join(unknown)}: check the name ('lm-eval ls tasks' lists them) "
-                         "or pass --lm-eval-include DIR with your task YAML files")
+        raise ValueError(
+            f"lm-eval has no task {', '.join(unknown)}: check the name ('lm-eval ls tasks' lists them) "
+            "or pass --lm-eval-include DIR with your task YAML files"
+        )
     for task in tasks:
         try:
             manager.load([task.name])
         except Exception as error:  # a data set that cannot be fetched or read, a broken YAML
-            raise ValueError(f"lm-eval could not load task {task.name}: {type(error).__name__}: {error} "
-                             "(the standard tasks read their data from the Hugging Face hub; offline, define a "
-                             "task over local files and pass --lm-eval-include DIR)") from error
+            raise ValueError(
+                f"lm-eval could not load task {task.name}: {type(error).__name__}: {error} "
+                "(the standard tasks read their data from the Hugging Face hub; offline, define a "
+                "task over local files and pass --lm-eval-include DIR)"
+            ) from error
     return manager
 
 
@@ -126,7 +134,9 @@ def build_lm(model: str, options: dict[str, Any], backend: Any = None, batch_siz
     import torch.distributed as dist
 
     if dist.is_initialized() and dist.get_world_size() > 1:
-        raise ValueError("a Hugging Face directory runs the short tasks in one process: start it with python, not torchrun")
+        raise ValueError(
+            "a Hugging Face directory runs the short tasks in one process: start it with python, not torchrun"
+        )
     from lm_eval.models.huggingface import HFLM
 
     if not os.path.isdir(model) or not os.path.exists(os.path.join(model, "config.json")):
@@ -135,14 +145,24 @@ def build_lm(model: str, options: dict[str, Any], backend: Any = None, batch_siz
 
     trust = bool(options.get("trust_remote_code"))
     if not trust and needs_remote_code(model):
-        raise ValueError(f"{model!r} ships its own modeling code (our HARPE export does): rerun with --trust-remote-code")
+        raise ValueError(
+            f"{model!r} ships its own modeling code (our HARPE export does): rerun with --trust-remote-code"
+        )
     tokenizer = options.get("tokenizer")
     if tokenizer and not os.path.isdir(tokenizer):  # lm-eval's HFLM loads tokenizers from directories only
-        raise ValueError(f"--task short runs a Hugging Face model through lm-eval, which loads a tokenizer from a "
-                         f"directory: --tokenizer {tokenizer} is a file; pass a Hugging Face tokenizer directory or "
-                         "leave --tokenizer out (the model's own)")
-    lm = HFLM(pretrained=model, tokenizer=tokenizer or model, trust_remote_code=trust,
-              dtype=cli.torch_dtype(options.get("dtype", "fp32")), device=options.get("device", "cpu"), batch_size=batch_size)
+        raise ValueError(
+            f"--task short runs a Hugging Face model through lm-eval, which loads a tokenizer from a "
+            f"directory: --tokenizer {tokenizer} is a file; pass a Hugging Face tokenizer directory or "
+            "leave --tokenizer out (the model's own)"
+        )
+    lm = HFLM(
+        pretrained=model,
+        tokenizer=tokenizer or model,
+        trust_remote_code=trust,
+        dtype=cli.torch_dtype(options.get("dtype", "fp32")),
+        device=options.get("device", "cpu"),
+        batch_size=batch_size,
+    )
     return lm, "Hugging Face directory through lm-eval's HFLM"
 
 
@@ -169,8 +189,10 @@ def _task_score(output: dict[str, Any], task: ShortTask) -> dict[str, Any]:
     key = _metric_key(task_results, metric) if metric else None
     if key is None:
         reported = sorted({key.split(",")[0] for key in task_results if "," in key and "_stderr" not in key})
-        raise ValueError(f"task {task.name} reports no {metric or 'known'} metric: choose one of {', '.join(reported)} "
-                         f"(--short-tasks {task.name}:{task.shots}:METRIC)")
+        raise ValueError(
+            f"task {task.name} reports no {metric or 'known'} metric: choose one of {', '.join(reported)} "
+            f"(--short-tasks {task.name}:{task.shots}:METRIC)"
+        )
     value = float(task_results[key])
     stderr_value = task_results.get(key.replace(",", "_stderr,", 1))
     stderr = float(stderr_value) if isinstance(stderr_value, (int, float)) else None
@@ -178,9 +200,15 @@ def _task_score(output: dict[str, Any], task: ShortTask) -> dict[str, Any]:
     percent = bool(higher) and 0.0 <= value <= 1.0  # accuracies and exact match as 0..100, like RULER scores
     scale = 100.0 if percent else 1.0
     return {
-        "lm_eval_task": task.name, "num_fewshot": task.shots, "metric": metric, "filter": key.split(",", 1)[1],
-        "score": value * scale, "stderr": None if stderr is None else stderr * scale, "percent": percent,
-        "higher_is_better": bool(higher), "version": output.get("versions", {}).get(task.name),
+        "lm_eval_task": task.name,
+        "num_fewshot": task.shots,
+        "metric": metric,
+        "filter": key.split(",", 1)[1],
+        "score": value * scale,
+        "stderr": None if stderr is None else stderr * scale,
+        "percent": percent,
+        "higher_is_better": bool(higher),
+        "version": output.get("versions", {}).get(task.name),
         "samples": _samples_of(output, task.name),
     }
 
@@ -188,6 +216,7 @@ def _task_score(output: dict[str, Any], task: ShortTask) -> dict[str, Any]:
 def _write_samples(path: str, output: dict[str, Any], append: bool) -> None:
     """Every scored item (lm-eval's logged samples) as one JSON line: what was asked, the
     model's log-likelihoods or text, and the item's metrics."""
+
     def plain(value: Any) -> Any:
         if isinstance(value, (list, tuple)):
             return [plain(item) for item in value]
@@ -200,10 +229,15 @@ def _write_samples(path: str, output: dict[str, Any], append: bool) -> None:
     with open(path, "a" if append else "w", encoding="utf-8") as handle:
         for task, items in output.get("samples", {}).items():
             for item in items:
-                record = {"task": task, "doc_id": item["doc_id"], "arguments": plain(item["arguments"]),
-                          "responses": plain(item["resps"]), "filtered": plain(item["filtered_resps"]),
-                          "target": plain(item["target"]),
-                          "metrics": {name: plain(item[name]) for name in item.get("metrics", []) if name in item}}
+                record = {
+                    "task": task,
+                    "doc_id": item["doc_id"],
+                    "arguments": plain(item["arguments"]),
+                    "responses": plain(item["resps"]),
+                    "filtered": plain(item["filtered_resps"]),
+                    "target": plain(item["target"]),
+                    "metrics": {name: plain(item[name]) for name in item.get("metrics", []) if name in item},
+                }
                 handle.write(json.dumps(record) + "\n")
 
 
@@ -219,8 +253,10 @@ def request_cache(directory: str, identity: dict[str, Any], resume: bool, rank: 
         with open(marker, encoding="utf-8") as handle:
             previous = json.load(handle)
         if previous != identity:
-            raise ValueError(f"--resume: the short tasks in {directory} were scored for {previous.get('model')} with "
-                             "other options: resume with the same ones, or use another --output-dir")
+            raise ValueError(
+                f"--resume: the short tasks in {directory} were scored for {previous.get('model')} with "
+                "other options: resume with the same ones, or use another --output-dir"
+            )
     elif os.path.isdir(own):
         shutil.rmtree(own)
     os.makedirs(own, exist_ok=True)
@@ -252,8 +288,12 @@ def run_short_tasks(
     from megatron_harpe.eval.lm_eval_adapter import ProgressLM, quiet_lm_eval
 
     section: dict[str, Any] = {
-        "harness": f"lm-evaluation-harness {lm_eval_version()}", "model": model_name, "backend": description,
-        "limit": limit, "seeds": dict(DEFAULT_SAMPLE_SEEDS), "tasks": {},
+        "harness": f"lm-evaluation-harness {lm_eval_version()}",
+        "model": model_name,
+        "backend": description,
+        "limit": limit,
+        "seeds": dict(DEFAULT_SAMPLE_SEEDS),
+        "tasks": {},
     }
     by_shots: dict[int, list[ShortTask]] = {}
     for task in tasks:
@@ -262,8 +302,15 @@ def run_short_tasks(
         wrapped = ProgressLM(lm, stream=terminal, enabled=progress)
         for number, (shots, group) in enumerate(by_shots.items()):
             output = lm_eval.simple_evaluate(
-                model=wrapped, tasks=[task.name for task in group], num_fewshot=shots, limit=limit, task_manager=manager,
-                log_samples=samples_path is not None, verbosity="ERROR", bootstrap_iters=100000, use_cache=cache,
+                model=wrapped,
+                tasks=[task.name for task in group],
+                num_fewshot=shots,
+                limit=limit,
+                task_manager=manager,
+                log_samples=samples_path is not None,
+                verbosity="ERROR",
+                bootstrap_iters=100000,
+                use_cache=cache,
                 **DEFAULT_SAMPLE_SEEDS,
             )
             if output is None:  # a non-zero rank under torchrun
@@ -272,8 +319,10 @@ def run_short_tasks(
                 cell = section["tasks"][task.name] = _task_score(output, task)
                 if announce is not None:
                     stderr = f" ± {cell['stderr']:.2f}" if cell["stderr"] is not None else ""
-                    announce(f"{task.name} ({task.shots}-shot {cell['metric']}): {cell['score']:.2f}{stderr} "
-                             f"({cell['samples']} items)")
+                    announce(
+                        f"{task.name} ({task.shots}-shot {cell['metric']}): {cell['score']:.2f}{stderr} "
+                        f"({cell['samples']} items)"
+                    )
             if samples_path is not None:
                 _write_samples(samples_path, output, append=number > 0)
             _summarize(section)
@@ -296,7 +345,9 @@ def load_baseline(spec: str) -> dict[str, Any] | None:
     if not os.path.isfile(path):
         if os.path.isdir(spec):
             return None  # a model directory
-        raise ValueError(f"--baseline {spec!r} is neither a results.json, a directory holding one, nor a model directory")
+        raise ValueError(
+            f"--baseline {spec!r} is neither a results.json, a directory holding one, nor a model directory"
+        )
     try:
         with open(path, encoding="utf-8") as handle:
             results = json.load(handle)
@@ -304,7 +355,9 @@ def load_baseline(spec: str) -> dict[str, Any] | None:
         raise ValueError(f"--baseline: cannot read {path}: {error}") from error
     short = results.get(SHORT_GROUP) if isinstance(results, dict) else None
     if not short or not short.get("tasks"):
-        raise ValueError(f"--baseline {path} holds no short-task scores: evaluate the base model with --task short first")
+        raise ValueError(
+            f"--baseline {path} holds no short-task scores: evaluate the base model with --task short first"
+        )
     return short
 
 
@@ -317,29 +370,43 @@ def add_retention(short: dict[str, Any], baseline: dict[str, Any], baseline_name
             raise ValueError(f"the baseline {baseline_name} has no score for {name}: evaluate both with the same tasks")
         for field in ("num_fewshot", "metric"):
             if base[field] != cell[field]:
-                raise ValueError(f"{name}: the baseline was scored with {field} {base[field]}, this run with "
-                                 f"{cell[field]}: compare like with like")
+                raise ValueError(
+                    f"{name}: the baseline was scored with {field} {base[field]}, this run with "
+                    f"{cell[field]}: compare like with like"
+                )
         if cell["higher_is_better"]:
             ratio = cell["score"] / base["score"] if base["score"] else None
         else:
             ratio = base["score"] / cell["score"] if cell["score"] else None
-        cells[name] = {"baseline_score": base["score"], "baseline_stderr": base.get("stderr"),
-                       "retention": None if ratio is None else 100.0 * ratio,
-                       "baseline_version": base.get("version")}
+        cells[name] = {
+            "baseline_score": base["score"],
+            "baseline_stderr": base.get("stderr"),
+            "retention": None if ratio is None else 100.0 * ratio,
+            "baseline_version": base.get("version"),
+        }
     averaged = [name for name in short.get("mean_over", []) if cells[name]["retention"] is not None]
-    short["retention"] = {"baseline": baseline_name, "tasks": cells, "mean_over": averaged,
-                          "mean": sum(cells[name]["retention"] for name in averaged) / len(averaged) if averaged else None,
-                          "definition": "extended / base x 100 per task (base / extended where lower is better); "
-                                        "mean = average of the retentions of the tasks in the score mean"}
+    short["retention"] = {
+        "baseline": baseline_name,
+        "tasks": cells,
+        "mean_over": averaged,
+        "mean": sum(cells[name]["retention"] for name in averaged) / len(averaged) if averaged else None,
+        "definition": "extended / base x 100 per task (base / extended where lower is better); "
+        "mean = average of the retentions of the tasks in the score mean",
+    }
 
 
 def markdown_section(short: dict[str, Any]) -> list[str]:
     """The short-task table: score ± stderr per task, and the baseline and retention when given."""
     retention = short.get("retention")
     header = "| task | shots | metric | score | version |" + (" baseline | retention |" if retention else "")
-    lines = [f"Short tasks ({short['harness']}; {short['backend']}"
-             + (f"; limited to {short['limit']} items per task" if short.get("limit") else "") + "):", "",
-             header, "|---" * (7 if retention else 5) + "|"]
+    lines = [
+        f"Short tasks ({short['harness']}; {short['backend']}"
+        + (f"; limited to {short['limit']} items per task" if short.get("limit") else "")
+        + "):",
+        "",
+        header,
+        "|---" * (7 if retention else 5) + "|",
+    ]
 
     def number(value: float | None, stderr: float | None = None) -> str:
         if value is None:
@@ -350,8 +417,10 @@ def markdown_section(short: dict[str, Any]) -> list[str]:
         return "n/a" if value is None else f"{value:.1f}%"
 
     for name, cell in short["tasks"].items():
-        row = (f"| {name} | {cell['num_fewshot']} | {cell['metric']} | {number(cell['score'], cell['stderr'])} | "
-               f"{cell['version']} |")
+        row = (
+            f"| {name} | {cell['num_fewshot']} | {cell['metric']} | {number(cell['score'], cell['stderr'])} | "
+            f"{cell['version']} |"
+        )
         if retention:
             kept = retention["tasks"][name]
             row += f" {number(kept['baseline_score'], kept['baseline_stderr'])} | {percent(kept['retention'])} |"

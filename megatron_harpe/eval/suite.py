@@ -121,9 +121,15 @@ class SuiteSetup:
     def settings(self, tokenizer: Tokenizer, model: str, scoring: str, self_extend: dict | None) -> dict[str, Any]:
         """What decides every sample's prompt and score (a resumed run must match it)."""
         return {
-            "model": model, "tokenizer": tokenizer_info(tokenizer), "seed": self.seed, "scoring": scoring,
-            "max_new_tokens": self.max_new_tokens, "prompt": self.chat.info, "fill": self.fill,
-            "ruler_version": RULER_VERSION["commit"], "self_extend": self_extend,
+            "model": model,
+            "tokenizer": tokenizer_info(tokenizer),
+            "seed": self.seed,
+            "scoring": scoring,
+            "max_new_tokens": self.max_new_tokens,
+            "prompt": self.chat.info,
+            "fill": self.fill,
+            "ruler_version": RULER_VERSION["commit"],
+            "self_extend": self_extend,
             "haystack": run_provenance(tokenizer, self.chat, self.haystack_file)["haystack"]["sha256"],
             "qa_files": {task: _file_sha256(path) for task, path in sorted(self.qa_files.items())},
         }
@@ -165,23 +171,58 @@ def prepare_suite(
         raise ValueError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     prose = load_prose_sentences(haystack_file)
     chat = resolve_prompt_format(tokenizer, chat_template)
-    plan = plan_cells(tokenizer, task_names, list(lengths), seed, max_new_tokens, prose, chat, qa_files, fill,
-                      tuple(grid_depths), progress)
+    plan = plan_cells(
+        tokenizer,
+        task_names,
+        list(lengths),
+        seed,
+        max_new_tokens,
+        prose,
+        chat,
+        qa_files,
+        fill,
+        tuple(grid_depths),
+        progress,
+    )
     if plan.unfit and not skip_unfit:
-        raise ValueError(plan.unfit_line() + ": evaluate at longer --lengths, drop those tasks, or pass --skip-unfit "
-                         "to skip such cells")
-    return SuiteSetup(list(tasks), task_names, skipped, list(lengths), samples, seed, max_new_tokens, haystack_file,
-                      tuple(grid_depths), chat, qa_files, fill, plan, skip_unfit)
+        raise ValueError(
+            plan.unfit_line() + ": evaluate at longer --lengths, drop those tasks, or pass --skip-unfit "
+            "to skip such cells"
+        )
+    return SuiteSetup(
+        list(tasks),
+        task_names,
+        skipped,
+        list(lengths),
+        samples,
+        seed,
+        max_new_tokens,
+        haystack_file,
+        tuple(grid_depths),
+        chat,
+        qa_files,
+        fill,
+        plan,
+        skip_unfit,
+    )
 
 
 def _cell_result(scores: list[float], prompt_tokens: list[float], method: str) -> dict[str, Any]:
     low, high = wilson_interval(scores)
-    return {"score": mean(scores), "interval": [round(low, 2), round(high, 2)], "interval_method": "wilson95",
-            "scores": scores, "samples": len(scores), "method": method,
-            "prompt_tokens_mean": mean([float(t) for t in prompt_tokens])}
+    return {
+        "score": mean(scores),
+        "interval": [round(low, 2), round(high, 2)],
+        "interval_method": "wilson95",
+        "scores": scores,
+        "samples": len(scores),
+        "method": method,
+        "prompt_tokens_mean": mean([float(t) for t in prompt_tokens]),
+    }
 
 
-def summarize_retrieval(results: dict[str, Any], retrieval: list[str], lengths: list[int], skipped: dict[str, str]) -> None:
+def summarize_retrieval(
+    results: dict[str, Any], retrieval: list[str], lengths: list[int], skipped: dict[str, str]
+) -> None:
     """The headline of the cells computed so far: `per_length` (mean over the averaged tasks that
     have the cell) and `overall` (mean over the lengths that have one)."""
     averaged = [task for task in retrieval if task in RULER_TASKS] or retrieval
@@ -229,17 +270,35 @@ def run_eval_suite(
     if setup is None:
         if tasks is None or lengths is None:
             raise ValueError("run_eval_suite needs tasks and lengths, or a prepared setup")
-        setup = prepare_suite(backend.tokenizer, tasks, lengths, samples, seed, max_new_tokens, haystack_file,
-                              grid_depths, chat_template, qa_files, fill, skip_unfit)
+        setup = prepare_suite(
+            backend.tokenizer,
+            tasks,
+            lengths,
+            samples,
+            seed,
+            max_new_tokens,
+            haystack_file,
+            grid_depths,
+            chat_template,
+            qa_files,
+            fill,
+            skip_unfit,
+        )
     task_names, lengths, samples = setup.task_names, setup.lengths, setup.samples
     if "ppl" in task_names and not ppl_documents:
         raise ValueError("the ppl task needs documents: pass --ppl-data (jsonl, txt or Megatron prefix)")
     method = resolve_scoring(backend, scoring)
     started = time.time()
     results: dict[str, Any] = {
-        "model": backend.name, "seed": setup.seed, "samples": samples, "lengths": list(lengths),
-        "scoring": method, "fill": setup.fill, "ruler_version": dict(RULER_VERSION),
-        "provenance": run_provenance(backend.tokenizer, setup.chat, setup.haystack_file), "tasks": {},
+        "model": backend.name,
+        "seed": setup.seed,
+        "samples": samples,
+        "lengths": list(lengths),
+        "scoring": method,
+        "fill": setup.fill,
+        "ruler_version": dict(RULER_VERSION),
+        "provenance": run_provenance(backend.tokenizer, setup.chat, setup.haystack_file),
+        "tasks": {},
         "complete": False,
     }
     if getattr(backend, "self_extend", None) is not None:  # evaluation-time grouped attention
@@ -247,19 +306,24 @@ def run_eval_suite(
     if setup.skipped:
         results["skipped"] = setup.skipped
         if progress:
-            print(f"note: {', '.join(setup.skipped)} skipped ({'; '.join(setup.skipped.values())}): the headline is "
-                  "not RULER-13", file=sys.stderr)
+            print(
+                f"note: {', '.join(setup.skipped)} skipped ({'; '.join(setup.skipped.values())}): the headline is "
+                "not RULER-13",
+                file=sys.stderr,
+            )
     plan = setup.plan
     if plan.unfit:
         results["unfit_cells"] = {}
         for (label, length), reason in plan.unfit.items():
             shortest = plan.shortest.get((label, length))
             results["unfit_cells"].setdefault(label, {})[str(length)] = (
-                f"needs at least {shortest} tokens" if shortest else reason)
+                f"needs at least {shortest} tokens" if shortest else reason
+            )
     records: list[dict[str, Any]] = []
     retrieval = setup.retrieval
-    labels = list(retrieval) + ([f"needle_grid@{depth}" for depth in setup.grid_depths]
-                                if "needle_grid" in task_names else [])
+    labels = list(retrieval) + (
+        [f"needle_grid@{depth}" for depth in setup.grid_depths] if "needle_grid" in task_names else []
+    )
     cells = [(label, length) for label in labels for length in lengths if (label, length) not in plan.unfit]
     bar = tqdm(total=len(cells) * samples, desc="eval", disable=not progress)
 
@@ -270,9 +334,16 @@ def run_eval_suite(
             if record is None:
                 sample: EvalSample = first_sample_or_build(plan, label, length, index)
                 score, output = score_sample(backend, sample, method)
-                record = {"task": label, "length": length, "index": index, "depths": sample.depths,
-                          "prompt_tokens": sample.prompt_tokens, "answers": sample.answers,
-                          "output": output, "score": score}
+                record = {
+                    "task": label,
+                    "length": length,
+                    "index": index,
+                    "depths": sample.depths,
+                    "prompt_tokens": sample.prompt_tokens,
+                    "answers": sample.answers,
+                    "output": output,
+                    "score": score,
+                }
                 if store is not None:
                     store.add(record)
             else:
@@ -287,8 +358,10 @@ def run_eval_suite(
         if announce is not None:
             low, high = cell["interval"]
             note = f", {reused} from the earlier run" if reused else ""
-            announce(f"{label} @ {length}: {cell['score']:.1f} [{low:.0f}, {high:.0f}] "
-                     f"({samples} samples{note}, {time.time() - began:.0f} s)")
+            announce(
+                f"{label} @ {length}: {cell['score']:.1f} [{low:.0f}, {high:.0f}] "
+                f"({samples} samples{note}, {time.time() - began:.0f} s)"
+            )
         return cell
 
     for label, length in cells:
@@ -305,12 +378,21 @@ def run_eval_suite(
         summarize_retrieval(results, retrieval, lengths, setup.skipped)
     if "needle_grid" in task_names:
         grid = results.pop("needle_grid_cells", {})
-        scores = [[grid.get(f"needle_grid@{d}", {}).get(str(n), {}).get("score") for n in lengths]
-                  for d in setup.grid_depths]
-        intervals = [[grid.get(f"needle_grid@{d}", {}).get(str(n), {}).get("interval") for n in lengths]
-                     for d in setup.grid_depths]
-        results["needle_grid"] = {"task": GRID_TASK, "depths": list(setup.grid_depths), "lengths": list(lengths),
-                                  "scores": scores, "intervals": intervals, "method": method}
+        scores = [
+            [grid.get(f"needle_grid@{d}", {}).get(str(n), {}).get("score") for n in lengths] for d in setup.grid_depths
+        ]
+        intervals = [
+            [grid.get(f"needle_grid@{d}", {}).get(str(n), {}).get("interval") for n in lengths]
+            for d in setup.grid_depths
+        ]
+        results["needle_grid"] = {
+            "task": GRID_TASK,
+            "depths": list(setup.grid_depths),
+            "lengths": list(lengths),
+            "scores": scores,
+            "intervals": intervals,
+            "method": method,
+        }
     if "ppl" in task_names:
         assert ppl_documents is not None
         by_length = perplexity_by_length(backend, ppl_documents, lengths, ppl_stride, ppl_document_tokens, progress)

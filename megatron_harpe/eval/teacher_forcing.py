@@ -36,8 +36,10 @@ def _forced_ids(
         continuation = format_answer(sample.answer_style, order)
     ids = encode_continuation(backend.tokenizer, sample.prompt, continuation)
     if len(ids) > sample.answer_budget:
-        raise ValueError(f"the expected answer of {sample.task} needs {len(ids)} tokens, more than its "
-                         f"budget of {sample.answer_budget}: raise --max-new-tokens")
+        raise ValueError(
+            f"the expected answer of {sample.task} needs {len(ids)} tokens, more than its "
+            f"budget of {sample.answer_budget}: raise --max-new-tokens"
+        )
     return ids, value_token_spans(backend.tokenizer, ids, order)
 
 
@@ -73,8 +75,11 @@ def _score_in_model_order(backend: ModelBackend, sample: EvalSample) -> tuple[fl
                     continue
                 order = accepted + [candidate] + [value for value in remaining if value != candidate]
                 other_ids, other_spans = _forced_ids(backend, sample, order)
-                if (other_spans[position] and other_ids[:miss] == ids[:miss]
-                        and other_ids[miss : miss + 1] == [predictions[miss]]):
+                if (
+                    other_spans[position]
+                    and other_ids[:miss] == ids[:miss]
+                    and other_ids[miss : miss + 1] == [predictions[miss]]
+                ):
                     current, ids, spans = candidate, other_ids, other_spans
                     predictions = backend.teacher_forced_match(sample.prompt_ids, ids)
                     tried.add(candidate)

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 from megatron_harpe.eval.tasks.registry import PERPLEXITY_TASK, TASKS, expand_tasks
 
-NEEDS_FILES = {PERPLEXITY_TASK: "--ppl-data",
-               **{task: spec.data_flag for task, spec in TASKS.items() if spec.data_flag}}
+NEEDS_FILES = {
+    PERPLEXITY_TASK: "--ppl-data",
+    **{task: spec.data_flag for task, spec in TASKS.items() if spec.data_flag},
+}
 
 
 def check_eval_settings(cfg) -> None:

@@ -94,7 +94,12 @@ def communication_items(cfg, layout, hardware, precision, stage, backend: str, *
             add("context", "q/k/v all-to-all", 2 * (attention_forwards + 1) * qkv * model.num_layers * micro_batches,
                 tp * cp)  # fmt: skip
         else:
-            add("context", "k/v all-gather + gradient reduce-scatter", (attention_forwards + 1) * per_layer_steps, tp * cp)
+            add(
+                "context",
+                "k/v all-gather + gradient reduce-scatter",
+                (attention_forwards + 1) * per_layer_steps,
+                tp * cp,
+            )
     replicas = dp * cp
     if replicas > 1:
         ring = (replicas - 1) / replicas

@@ -83,8 +83,9 @@ def _length_statistics(prefixes: tuple[str, ...], seq_length: int) -> tuple[floa
     return documents / tokens, clipped / tokens / seq_length, short / tokens
 
 
-def document_cost(cfg: Config, cp: int, tp: int, stage: StageConfig | None = None,
-                  backend: str | None = None) -> DocumentCost | None:
+def document_cost(
+    cfg: Config, cp: int, tp: int, stage: StageConfig | None = None, backend: str | None = None
+) -> DocumentCost | None:
     """The cost of document masking for the longest stage (or `stage`) on the config's attention
     backend (or `backend`); None when it is off."""
     if not cfg.data.reset_attention_mask:
@@ -160,16 +161,22 @@ def document_masking_lines(cfg: Config, cp: int, tp: int) -> list[str]:
     lines = [f"document masking: on, {how}; positions {positions}; "
              f"loss on end-of-document tokens {'off' if data.eod_mask_loss else 'on'}"]  # fmt: skip
     if cost.pieces_per_sequence is None:
-        lines.append(f"documents: data not prepared yet, so documents per sequence unknown"
-                     + (f"; THD padding up to {2 * cp - 1} tokens per document, not in the memory plan" if te and cp > 1 else ""))
+        lines.append(
+            "documents: data not prepared yet, so documents per sequence unknown"
+            + (f"; THD padding up to {2 * cp - 1} tokens per document, not in the memory plan" if te and cp > 1 else "")
+        )
         return lines
-    line = (f"documents: about {cost.pieces_per_sequence:.1f} per {cost.seq_length}-token sequence (measured on the "
-            f"data); masked attention does about {cost.attention_fraction:.0%} of the causal attention work")
+    line = (
+        f"documents: about {cost.pieces_per_sequence:.1f} per {cost.seq_length}-token sequence (measured on the "
+        f"data); masked attention does about {cost.attention_fraction:.0%} of the causal attention work"
+    )
     if not te:
         line += f"; {cost.short_token_fraction:.0%} of the tokens in documents under {_tile()} tokens"
     if te and cost.padding_worst:
-        line += (f"; THD padding about {cost.padding_expected:.0f} tokens per sequence "
-                 f"({cost.padding_expected / cost.seq_length:.1%}), planned for {cost.padding_worst}")
+        line += (
+            f"; THD padding about {cost.padding_expected:.0f} tokens per sequence "
+            f"({cost.padding_expected / cost.seq_length:.1%}), planned for {cost.padding_worst}"
+        )
     lines.append(line)
     return lines
 

@@ -383,9 +383,12 @@ def estimate_memory(cfg: Config, layout: Layout, precision: Precision | None = N
         activations=sum(breakdown.values()),
         activations_by_recompute=by_recompute,
         activation_breakdown=breakdown,
-        rotary_tables=rotary_table_bytes(cfg, position, seq_length, layout, e) * rotary_table_copies(cfg, layout.micro_batch),
-        transient={**transient_buffers(cfg, layout, seq_length, position, e, backend),
-                   **sdpa_mask_bytes(cfg, layout.micro_batch, seq_length, backend)},
+        rotary_tables=rotary_table_bytes(cfg, position, seq_length, layout, e)
+        * rotary_table_copies(cfg, layout.micro_batch),
+        transient={
+            **transient_buffers(cfg, layout, seq_length, position, e, backend),
+            **sdpa_mask_bytes(cfg, layout.micro_batch, seq_length, backend),
+        },
         headroom={},
     )
     if device == "gpu":
@@ -531,7 +534,9 @@ def candidate_layouts(cfg: Config, gpus: int, gpus_per_node: int, *, backend: st
             for micro in sorted({1, train.micro_batch_size}):
                 if train.global_batch_size % (micro * dp) or seq_length // cp < 1:
                     continue
-                layouts.append(Layout(tp, cp, dp, micro, sequence_parallel=sequence_parallel and tp > 1, cp_comm=cp_comm))
+                layouts.append(
+                    Layout(tp, cp, dp, micro, sequence_parallel=sequence_parallel and tp > 1, cp_comm=cp_comm)
+                )
     return layouts
 
 
@@ -542,7 +547,9 @@ def recompute_options(layout: Layout, num_layers: int) -> list[Layout]:
     variants = [dataclasses.replace(layout, recompute="none")]
     for modules in (("core_attn",), ("mlp",), ("core_attn", "mlp")):
         variants.append(dataclasses.replace(layout, recompute="selective", recompute_modules=modules))
-    variants.append(dataclasses.replace(layout, recompute="full", recompute_method="uniform", recompute_num_layers=None))
+    variants.append(
+        dataclasses.replace(layout, recompute="full", recompute_method="uniform", recompute_num_layers=None)
+    )
     return variants
 
 

@@ -70,7 +70,8 @@ def execution_lines(cfg: Config, tp: int, cp: int, dp: int) -> list[str]:
     except ValueError:
         on_cpu = None
     precision = f"on GPU {DESCRIPTIONS[on_gpu]}" + (
-        "" if on_cpu == on_gpu else f"; on CPU {DESCRIPTIONS[on_cpu]}" if on_cpu else "; refused on CPU")
+        "" if on_cpu == on_gpu else f"; on CPU {DESCRIPTIONS[on_cpu]}" if on_cpu else "; refused on CPU"
+    )
     layout = config_layout(cfg, tp * cp * dp)
     memory = estimate_memory(cfg, layout, PRECISIONS[on_gpu])
     gathered = "bf16" if memory.precision.unit_bytes == 2 else "fp32"

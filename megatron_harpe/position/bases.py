@@ -92,7 +92,9 @@ def validate_bases(
         if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
             raise ValueError(f"{what}[{index}]={value!r} is not a number: every base must be a number > 0")
         if not math.isfinite(value) or value <= 0:
-            raise ValueError(f"{what}[{index}]={value} must be a finite number > 0 (RoPE bases are positive), e.g. 1.0e6")
+            raise ValueError(
+                f"{what}[{index}]={value} must be a finite number > 0 (RoPE bases are positive), e.g. 1.0e6"
+            )
         checked.append(float(value))
     return checked
 
@@ -192,7 +194,9 @@ def peak_valley_bases(
         )
     sigma = default_smoothing(max_distance) if smoothing is None else float(smoothing)
     if not math.isfinite(sigma) or sigma < 0:
-        raise ValueError(f"smoothing={smoothing} must be a number of tokens >= 0 (0 = raw waveform), e.g. smoothing: 64")
+        raise ValueError(
+            f"smoothing={smoothing} must be a number of tokens >= 0 (0 = raw waveform), e.g. smoothing: 64"
+        )
     window = default_peak_window(max_distance) if peak_window is None else _positive(peak_window, "peak_window", "1024")
     grid = waveform_grid(max_distance, sigma)
     waves = attention_waveforms(candidates, head_dim, grid, sigma)

@@ -39,6 +39,7 @@ class ModelShape(Protocol):
     @property
     def max_position_embeddings(self) -> int: ...
 
+
 POSITION_TYPES = ("harpe", "abf", "pi", "yarn")
 GQA_BASE_MODES = ("per_group", "per_query_head")
 
@@ -162,7 +163,5 @@ class PositionConfig:
 
     def expands_keys(self, model: ModelShape) -> bool:
         return (
-            self.type == "harpe"
-            and self.gqa_bases == "per_query_head"
-            and model.kv_groups != model.num_attention_heads
+            self.type == "harpe" and self.gqa_bases == "per_query_head" and model.kv_groups != model.num_attention_heads
         )

@@ -51,11 +51,11 @@ import contextlib
 from collections import OrderedDict
 
 import torch
-from megatron.core.transformer import attention as megatron_attention
 from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
     _yarn_find_correction_range,
     _yarn_linear_ramp_mask,
 )
+from megatron.core.transformer import attention as megatron_attention
 
 from megatron_harpe.parallel import context_parallel_indices
 from megatron_harpe.position.config import PositionConfig
@@ -172,7 +172,9 @@ def apply_rotary_pos_emb(t, freqs, config, cu_seqlens=None, mscale: float = 1.0,
         or freqs.size(-1) != t.size(-1)
     ):
         freqs = fit_rows(freqs, t.size(-2))
-        return _megatron_apply_rotary_pos_emb(t, freqs, config=config, cu_seqlens=cu_seqlens, mscale=mscale, cp_group=cp_group)
+        return _megatron_apply_rotary_pos_emb(
+            t, freqs, config=config, cu_seqlens=cu_seqlens, mscale=mscale, cp_group=cp_group
+        )
     return cached.rotate(t, mscale)
 
 
@@ -298,7 +300,9 @@ class HeadwiseRotaryEmbedding(torch.nn.Module):
         remember(table)  # found again by the apply below when megatron's recompute detaches it
         return table, table
 
-    def get_rotary_seq_len(self, inference_context, transformer, transformer_input, transformer_config, packed_seq_params=None) -> int:
+    def get_rotary_seq_len(
+        self, inference_context, transformer, transformer_input, transformer_config, packed_seq_params=None
+    ) -> int:
         """Full (pre-CP-split) sequence length, the signature GPTModel calls."""
         if inference_context is not None:
             return inference_context.max_sequence_length

@@ -195,9 +195,7 @@ def coverage_band(
     return grid, waves.min(axis=0), waves.max(axis=0)
 
 
-def coverage_score(
-    bases: Sequence[float], head_dim: int, max_distance: int, smoothing: float | None = None
-) -> float:
+def coverage_score(bases: Sequence[float], head_dim: int, max_distance: int, smoothing: float | None = None) -> float:
     """Mean over distances 0..max_distance of (max_h - min_h) smoothed waveform, / sqrt(d).
 
     0 for a single shared base; higher when, at each distance, some heads sit near a peak

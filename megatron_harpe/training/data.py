@@ -53,7 +53,9 @@ class StageData:
                 yield slice_for_context_parallel(batch, self.ctx.cp_rank, self.ctx.cp_size)
 
 
-def prepare_documents(batch: dict[str, torch.Tensor], cfg: Config, ctx: ParallelContext, eod: int) -> dict[str, torch.Tensor]:
+def prepare_documents(
+    batch: dict[str, torch.Tensor], cfg: Config, ctx: ParallelContext, eod: int
+) -> dict[str, torch.Tensor]:
     """A micro-batch of whole sequences made ready for document masking on this rank: for sdpa
     the CP rank's chunks plus the `document_ids` of the whole sequences; for Transformer Engine
     the rank's part of the THD stream of documents (thd.py)."""
@@ -62,8 +64,14 @@ def prepare_documents(batch: dict[str, torch.Tensor], cfg: Config, ctx: Parallel
         from megatron_harpe.thd import pack_thd
 
         tp_split = cfg.parallel.tensor if cfg.parallel.sequence_parallel else 1
-        return pack_thd(batch, ids, cp_rank=ctx.cp_rank, cp_size=ctx.cp_size, tp_split=tp_split,
-                        reset_positions=cfg.data.reset_position_ids)
+        return pack_thd(
+            batch,
+            ids,
+            cp_rank=ctx.cp_rank,
+            cp_size=ctx.cp_size,
+            tp_split=tp_split,
+            reset_positions=cfg.data.reset_position_ids,
+        )
     local = slice_for_context_parallel(batch, ctx.cp_rank, ctx.cp_size)
     local["document_ids"] = ids
     return local
@@ -84,10 +92,19 @@ def prepare_training_data(cfg: Config, ctx: ParallelContext, total_samples: list
     cache_dir = cache_directory(cfg.data.cache_dir, cfg.data.prefixes, say=_on_main(ctx))
     _check_data_identity(cfg, ctx, cache_dir)
     builds = [
-        dict(prefixes=cfg.data.prefixes, weights=cfg.data.weights, seq_length=stage.seq_length, num_samples=samples,
-             seed=cfg.data.seed, tokenizer=tokenizer, reset_position_ids=cfg.data.reset_position_ids,
-             reset_attention_mask=cfg.data.reset_attention_mask, eod_mask_loss=cfg.data.eod_mask_loss,
-             loss_mask_prefixes=cfg.data.loss_mask_prefixes, cache_dir=str(cache_dir))
+        dict(
+            prefixes=cfg.data.prefixes,
+            weights=cfg.data.weights,
+            seq_length=stage.seq_length,
+            num_samples=samples,
+            seed=cfg.data.seed,
+            tokenizer=tokenizer,
+            reset_position_ids=cfg.data.reset_position_ids,
+            reset_attention_mask=cfg.data.reset_attention_mask,
+            eod_mask_loss=cfg.data.eod_mask_loss,
+            loss_mask_prefixes=cfg.data.loss_mask_prefixes,
+            cache_dir=str(cache_dir),
+        )
         for stage, samples in zip(cfg.resolved_stages(), total_samples)
     ]
     # rank 0 builds and caches megatron's indices first, alone: its failure (say, a full disk)
@@ -101,8 +118,10 @@ def prepare_training_data(cfg: Config, ctx: ParallelContext, total_samples: list
             error = caught
     if any_rank_failed(error is not None):
         raise error or ValueError("the training data could not be prepared (rank 0 says why)")
-    return [StageData(build_gpt_dataset(**build), cfg, stage, ctx, eod=tokenizer.eos_id)
-            for build, stage in zip(builds, cfg.resolved_stages())]
+    return [
+        StageData(build_gpt_dataset(**build), cfg, stage, ctx, eod=tokenizer.eos_id)
+        for build, stage in zip(builds, cfg.resolved_stages())
+    ]
 
 
 def _on_main(ctx: ParallelContext):
@@ -114,8 +133,9 @@ def _check_data_identity(cfg: Config, ctx: ParallelContext, cache_dir: Path) -> 
     vocabulary (data/identity.py), before the first step; rank 0 measures what is not recorded."""
     error, notes = None, []
     try:
-        notes = check_training_data(cfg.data.prefixes, cfg.data.tokenizer, cfg.model.vocab_size, cache_dir,
-                                    measure=ctx.is_main)
+        notes = check_training_data(
+            cfg.data.prefixes, cfg.data.tokenizer, cfg.model.vocab_size, cache_dir, measure=ctx.is_main
+        )
     except ValueError as caught:
         error = caught
     if any_rank_failed(error is not None):

@@ -79,7 +79,11 @@ def clip_grad_norm(model: torch.nn.Module, max_norm: float, tp_group: dist.Proce
     counted = [grad for param, grad in grads if _counts_towards_norm(param, tp_rank)]
     squared = torch.zeros((), dtype=torch.float32, device=next(model.parameters()).device)
     if counted:
-        squared = torch.stack([norm.to(squared.device) for norm in torch._foreach_norm(counted, 2, dtype=torch.float32)]).square().sum()
+        squared = (
+            torch.stack([norm.to(squared.device) for norm in torch._foreach_norm(counted, 2, dtype=torch.float32)])
+            .square()
+            .sum()
+        )
     for group in (dp_cp_group, tp_group):
         if _group_size(group) > 1:
             collectives.all_reduce(squared, op=dist.ReduceOp.SUM, group=group)
@@ -100,9 +104,7 @@ def gradient_bytes(model: torch.nn.Module) -> int:
     return sum(grad.numel() * grad.element_size() for _, grad in local_gradients(model))
 
 
-def global_token_count(
-    loss_masks: list[torch.Tensor], group: dist.ProcessGroup | None
-) -> torch.Tensor:
+def global_token_count(loss_masks: list[torch.Tensor], group: dist.ProcessGroup | None) -> torch.Tensor:
     """Loss-carrying tokens of one optimizer step over all ranks of `group` (DP x CP).
 
     Sums every mask of this rank's micro-batches (0/1 or fractional weights), all-reduces the

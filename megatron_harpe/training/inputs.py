@@ -38,6 +38,11 @@ def check_training_inputs(cfg: Config) -> Config:
         from megatron_harpe.data.identity import check_training_data
         from megatron_harpe.data.index_cache import cache_directory
 
-        check_training_data(data.prefixes, data.tokenizer, cfg.model.vocab_size,
-                            cache_directory(data.cache_dir, data.prefixes), measure=is_rank_zero())
+        check_training_data(
+            data.prefixes,
+            data.tokenizer,
+            cfg.model.vocab_size,
+            cache_directory(data.cache_dir, data.prefixes),
+            measure=is_rank_zero(),
+        )
     return cfg

@@ -30,12 +30,12 @@ from megatron_harpe.config import Config, StageConfig
 from megatron_harpe.eval.in_training import check_eval_prompts
 from megatron_harpe.model import build_model, forward_micro_batch, set_position_encoding
 from megatron_harpe.parallel import ParallelContext
+from megatron_harpe.planner.memory import model_flops_per_token
 from megatron_harpe.rank_health import CollectiveGuard
 from megatron_harpe.training import preemption
 from megatron_harpe.training.data import StageData, prepare_training_data
 from megatron_harpe.training.grads import clip_grad_norm, global_token_count
 from megatron_harpe.training.mixed_precision import training_precision
-from megatron_harpe.planner.memory import model_flops_per_token
 from megatron_harpe.training.monitor import (
     TrainingMonitor,
     check_loss_finite,
@@ -151,8 +151,11 @@ def _train(cfg: Config, ctx: ParallelContext, log, guard: CollectiveGuard,
             if cfg.eval.interval and state.iteration % cfg.eval.interval == 0:
                 _evaluate(cfg, model, monitor, state.iteration, plan.config.seq_length)
             stop_file, stop_signal = (  # done: nothing to resume
-                _stop_requested(cfg, ctx, signals) if state.iteration < total_steps else (False, 0))
-            exiting = stop_file or stop_signal or (cfg.train.exit_after_steps and len(history) == cfg.train.exit_after_steps)
+                _stop_requested(cfg, ctx, signals) if state.iteration < total_steps else (False, 0)
+            )
+            exiting = (
+                stop_file or stop_signal or (cfg.train.exit_after_steps and len(history) == cfg.train.exit_after_steps)
+            )
             if _should_save(cfg, state.iteration, total_steps) or (exiting and cfg.checkpoint.save):
                 guard.phase = f"the checkpoint save of step {state.iteration}"
                 _save(cfg, model, optimizer, schedule, state, training_data[plan.index])
@@ -162,8 +165,10 @@ def _train(cfg: Config, ctx: ParallelContext, log, guard: CollectiveGuard,
             if exiting:
                 reason = (f"{signals.name(stop_signal)} received" if stop_signal else
                           f"{cfg.checkpoint.stop_file} appeared" if stop_file else "train.exit_after_steps")  # fmt: skip
-                log(f"stopping after step {state.iteration} ({reason})"
-                    + ("; the next launch resumes" if cfg.checkpoint.save else "; no checkpoint.save, nothing saved"))
+                log(
+                    f"stopping after step {state.iteration} ({reason})"
+                    + ("; the next launch resumes" if cfg.checkpoint.save else "; no checkpoint.save, nothing saved")
+                )
                 if stop_file and ctx.is_main:
                     os.remove(cfg.checkpoint.stop_file)  # after the save: a requeued run must not stop again
                 monitor.close()
@@ -234,8 +239,11 @@ def _restore(cfg: Config, model, optimizer, schedule, log) -> TrainState:
     latest = checkpoint.find_latest_checkpoint(cfg.checkpoint.save) if cfg.checkpoint.save else None
     if latest is not None:
         resume_check.check_resume_config(
-            yaml.safe_load((latest / checkpoint.CONFIG_FILE).read_text()), cfg.to_dict(),
-            cfg.checkpoint.allow_config_change, log, where=str(latest),
+            yaml.safe_load((latest / checkpoint.CONFIG_FILE).read_text()),
+            cfg.to_dict(),
+            cfg.checkpoint.allow_config_change,
+            log,
+            where=str(latest),
         )
         saved = checkpoint.load_checkpoint(latest, model=model, optimizer=optimizer)
         schedule.load_state_dict(saved["schedule"])

@@ -30,7 +30,7 @@ DESCRIPTIONS = {
     "fp32": "fp32 weights, gradients and compute",
     "autocast": "fp32 weights and gradients under bf16 autocast",
     "bf16": "bf16 compute weights gathered from fp32 sharded main weights; fp32 gradient reduction, "
-            "accumulation and clipping",
+    "accumulation and clipping",
 }
 
 

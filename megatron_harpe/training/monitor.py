@@ -50,8 +50,16 @@ from typing import Callable, Mapping
 logger = logging.getLogger(__name__)
 
 NONFINITE_POLICIES = ("skip", "stop")
-PEAK_TFLOPS = {"B200": 2250.0, "H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0,
-               "A10G": 70.0, "L4": 121.0}
+PEAK_TFLOPS = {
+    "B200": 2250.0,
+    "H200": 989.0,
+    "H100 PCIe": 756.0,
+    "H100": 989.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "A10G": 70.0,
+    "L4": 121.0,
+}
 """Dense bf16 tensor-core peak TFLOP/s by GPU name (vendor data sheets; SXM unless named), first match wins."""
 
 
@@ -90,15 +98,11 @@ def check_loss_finite(loss: float, step: int, policy: str, *, what: str = "loss"
     """True if `loss` is finite. Otherwise apply `policy`: "skip" warns and returns False,
     "stop" raises NonFiniteLossError. `what` names the quantity ("loss", "gradient norm")."""
     if policy not in NONFINITE_POLICIES:
-        raise ValueError(
-            f"unknown non-finite policy {policy!r}: set train.on_nonfinite to one of {NONFINITE_POLICIES}"
-        )
+        raise ValueError(f"unknown non-finite policy {policy!r}: set train.on_nonfinite to one of {NONFINITE_POLICIES}")
     if math.isfinite(loss):
         return True
     if policy == "skip":
-        logger.warning(
-            "step %d: %s is %s; skipping this optimizer step (train.on_nonfinite=skip)", step, what, loss
-        )
+        logger.warning("step %d: %s is %s; skipping this optimizer step (train.on_nonfinite=skip)", step, what, loss)
         return False
     raise NonFiniteLossError(
         f"step {step}: {what} is {loss}. Training stopped (train.on_nonfinite=stop). Try a lower "
@@ -117,8 +121,12 @@ def check_skip_limit(consecutive: int, limit: int, step: int, model) -> None:
     from megatron_harpe.convert.finite import nonfinite_counts
 
     bad = nonfinite_counts(model.named_parameters())
-    weights = (f" The weights themselves hold NaN/inf ({', '.join(list(bad)[:3])}{' ...' if len(bad) > 3 else ''}): "
-               "start from finite weights (checkpoint.pretrained, or an earlier checkpoint)." if bad else "")
+    weights = (
+        f" The weights themselves hold NaN/inf ({', '.join(list(bad)[:3])}{' ...' if len(bad) > 3 else ''}): "
+        "start from finite weights (checkpoint.pretrained, or an earlier checkpoint)."
+        if bad
+        else ""
+    )
     raise NonFiniteLossError(
         f"step {step}: {consecutive} optimizer steps in a row were skipped for a NaN/inf loss or gradient norm "
         f"(train.on_nonfinite=skip, train.max_consecutive_skips={limit}): the run is not learning.{weights} Try a "
@@ -254,7 +262,10 @@ class TrainingMonitor:
         memory = self._memory() if self._memory is not None else None
         if memory is not None:
             fields.append(f"{memory[0]} {memory[1] / 2**30:.2f} GiB")
-        fields += [f"elapsed {format_duration(now - self._start_time)}", f"left {format_duration(self.eta_seconds(step))}"]
+        fields += [
+            f"elapsed {format_duration(now - self._start_time)}",
+            f"left {format_duration(self.eta_seconds(step))}",
+        ]
         if self._skipped_steps:
             fields.append(f"skipped {self._skipped_steps}")
         line = " | ".join(fields)
@@ -276,9 +287,7 @@ class TrainingMonitor:
         """Write `scalars` (e.g. eval results) to TensorBoard as ``prefix/name`` and log them."""
         if not self.enabled:
             return
-        self._emit(
-            f"step {step} {prefix}: " + ", ".join(f"{name} {value:.4g}" for name, value in scalars.items())
-        )
+        self._emit(f"step {step} {prefix}: " + ", ".join(f"{name} {value:.4g}" for name, value in scalars.items()))
         if self._writer is not None:
             for name, value in scalars.items():
                 self._writer.add_scalar(f"{prefix}/{name}", float(value), step)

@@ -61,8 +61,7 @@ def _kernel_options(params: list[torch.nn.Parameter]) -> dict[str, bool]:
 
     device_types = {param.device.type for param in params}
     fused_ok = all(
-        param.dtype in _FUSED_DTYPES and param.device.type in _get_fused_kernels_supported_devices()
-        for param in params
+        param.dtype in _FUSED_DTYPES and param.device.type in _get_fused_kernels_supported_devices() for param in params
     )
     if fused_ok and len(device_types) == 1:
         return {"fused": True}
@@ -86,9 +85,7 @@ def build_optimizer(
     if lr < 0:
         raise ValueError(f"learning rate must be >= 0, got {lr}: set train.lr to a non-negative value")
     if weight_decay < 0:
-        raise ValueError(
-            f"weight decay must be >= 0, got {weight_decay}: set train.weight_decay to 0 or more"
-        )
+        raise ValueError(f"weight decay must be >= 0, got {weight_decay}: set train.weight_decay to 0 or more")
     beta1, beta2 = betas
     for key, beta in (("train.adam_beta1", beta1), ("train.adam_beta2", beta2)):
         if not 0.0 <= beta < 1.0:
@@ -108,6 +105,10 @@ def build_optimizer(
         {"name": NO_DECAY_GROUP, "params": [p for _, p in no_decay], "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(
-        groups, lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay,
+        groups,
+        lr=lr,
+        betas=(beta1, beta2),
+        eps=eps,
+        weight_decay=weight_decay,
         **_kernel_options(params),
     )

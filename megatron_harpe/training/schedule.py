@@ -63,9 +63,7 @@ class LearningRateSchedule:
         if peak_lr < 0:
             raise ValueError(f"train.lr must be >= 0, got {peak_lr}")
         if not 0.0 <= min_lr <= peak_lr:
-            raise ValueError(
-                f"train.min_lr={min_lr} must lie in [0, train.lr={peak_lr}]: lower train.min_lr"
-            )
+            raise ValueError(f"train.min_lr={min_lr} must lie in [0, train.lr={peak_lr}]: lower train.min_lr")
         if total_steps < 1:
             raise ValueError(
                 f"the run has {total_steps} optimizer steps: raise train.train_tokens or lower "
@@ -137,9 +135,7 @@ class LearningRateSchedule:
         if completed < 0:
             raise ValueError(f"learning-rate schedule state has completed_steps={completed} < 0")
         changed = {
-            key: (state[key], value)
-            for key, value in self._settings().items()
-            if key in state and state[key] != value
+            key: (state[key], value) for key, value in self._settings().items() if key in state and state[key] != value
         }
         if changed:
             details = ", ".join(f"{key}: {old} -> {new}" for key, (old, new) in changed.items())

@@ -73,9 +73,9 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from megatron_harpe import collectives
 from megatron_harpe.sharded_params import MEGATRON_ATTRIBUTES

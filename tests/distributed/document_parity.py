@@ -40,12 +40,18 @@ def packed_batch(lengths_per_row: list[list[int]], vocab: int, seed: int = 0) ->
     generator = torch.Generator().manual_seed(seed)
     rows = []
     for lengths in lengths_per_row:
-        docs = [torch.cat([torch.randint(1, vocab, (n - 1,), generator=generator), torch.tensor([EOD])]) for n in lengths]
+        docs = [
+            torch.cat([torch.randint(1, vocab, (n - 1,), generator=generator), torch.tensor([EOD])]) for n in lengths
+        ]
         rows.append(torch.cat(docs))
     tokens = torch.stack(rows)
     labels = torch.cat([tokens[:, 1:], torch.randint(1, vocab, (tokens.size(0), 1), generator=generator)], dim=1)
-    return {"tokens": tokens, "labels": labels, "loss_mask": torch.ones(tokens.shape),
-            "position_ids": document_positions(document_ids(tokens, EOD))}
+    return {
+        "tokens": tokens,
+        "labels": labels,
+        "loss_mask": torch.ones(tokens.shape),
+        "position_ids": document_positions(document_ids(tokens, EOD)),
+    }
 
 
 def make_weights(case: Case, seed: int = 7) -> dict[str, torch.Tensor]:
@@ -89,8 +95,13 @@ def _config(case: Case, tp: int, cp: int, sequence_parallel: bool = False) -> Co
                   data=DataConfig(reset_position_ids=True, reset_attention_mask=True))  # fmt: skip
 
 
-def packed(tp: int, cp: int, jobs: list[tuple[Case, dict, str | None]], batch: dict[str, torch.Tensor],
-           sequence_parallel: bool = False) -> list[dict]:
+def packed(
+    tp: int,
+    cp: int,
+    jobs: list[tuple[Case, dict, str | None]],
+    batch: dict[str, torch.Tensor],
+    sequence_parallel: bool = False,
+) -> list[dict]:
     """On every rank, per (case, full weights, breakage) job: the packed batch through the
     trainer's path; the gathered results (complete on every rank) and this rank's largest rotary
     table difference. `breakage`: None, `no_mask` (the document ids are dropped) or
@@ -116,7 +127,9 @@ def packed(tp: int, cp: int, jobs: list[tuple[Case, dict, str | None]], batch: d
         split = []  # tokens each layer's norm sees: split over TP under sequence parallelism
         gpt.decoder.layers[0].input_layernorm.register_forward_hook(lambda m, args, out: split.append(args[0].size(0)))
         with torch.no_grad():
-            logits = forward_micro_batch(gpt, {k: v for k, v in local.items() if k != "labels"}, per_token_positions=True)
+            logits = forward_micro_batch(
+                gpt, {k: v for k, v in local.items() if k != "labels"}, per_token_positions=True
+            )
         token_losses = forward_micro_batch(gpt, local, per_token_positions=True)
         (token_losses.sum() / batch["tokens"].numel()).backward()
         assert gpt.config.sequence_parallel == (sequence_parallel and tp > 1)

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_training import LAYOUTS, assert_same_history, run, tiny_config
 
 from megatron_harpe import parallel
 from megatron_harpe.config import Config, from_dict
-from test_training import LAYOUTS, assert_same_history, run, tiny_config
 
 pytestmark = pytest.mark.distributed
 
@@ -113,7 +113,9 @@ def test_bf16_mode_keeps_fp32_shards_and_computes_in_bf16(demo_data, world_size)
     assert sum(r["bytes"]["optimizer"] for r in reports) == 8 * reports[0]["parameters"]
 
 
-@pytest.mark.parametrize("layout", ["dp2", *(pytest.param(layout, marks=pytest.mark.slow) for layout in ("cp2", "tp2"))])
+@pytest.mark.parametrize(
+    "layout", ["dp2", *(pytest.param(layout, marks=pytest.mark.slow) for layout in ("cp2", "tp2"))]
+)
 def test_parallel_splits_equal_single_process(demo_data, bf16_reference, layout):
     """The engine at DP2 (and, slow, CP2 and TP2) in bf16 mode: the single process's losses
     within bf16 rounding."""

@@ -80,7 +80,7 @@ def test_killed_save_keeps_previous_latest(tmp_path: Path) -> None:
     assert any(debris.glob("dist/*.distcp")) and not (debris / "dist" / ".metadata").exists()
     assert not (save_dir / "iter_0000002").exists()
 
-    (state, restored, listing), = parallel.run_on_ranks(_load_and_save_again, 1, str(save_dir))
+    ((state, restored, listing),) = parallel.run_on_ranks(_load_and_save_again, 1, str(save_dir))
     assert state["n"] == 1 and state["iteration"] == 1
     expected = torch.load(expected_path)
     assert restored.keys() == expected.keys()

@@ -102,7 +102,7 @@ def _assert_equal(actual: dict[str, torch.Tensor], expected: dict[str, torch.Ten
 
 def test_save_at_tp2_loads_at_tp1_with_optimizer_and_rng(tmp_path: Path) -> None:
     saved = parallel.run_on_ranks(_train_and_save, 2, 2, str(tmp_path))
-    (loaded, draws, state), = parallel.run_on_ranks(_load, 1, 1, str(tmp_path), None)
+    ((loaded, draws, state),) = parallel.run_on_ranks(_load, 1, 1, str(tmp_path), None)
 
     _assert_equal(loaded, _full([snapshot for snapshot, _ in saved]))
     assert draws[0] == saved[0][1][0] and draws[1] == saved[0][1][1]

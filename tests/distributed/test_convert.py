@@ -129,7 +129,7 @@ def _convert_run_export(hf_dir: str, root: str, tokens: torch.Tensor) -> tuple:
 def test_gqa_harpe_round_trip(tmp_path: Path) -> None:
     source = make_hf_model(tmp_path / "source", kv_heads=2)
     tokens = _tokens(96)
-    (megatron, megatron_tokens, per_query_head), = parallel.run_on_ranks(
+    ((megatron, megatron_tokens, per_query_head),) = parallel.run_on_ranks(
         _convert_run_export, 1, str(source), str(tmp_path), tokens
     )
 
@@ -159,7 +159,7 @@ def test_gqa_harpe_loads_and_resaves_at_tp2(tmp_path: Path) -> None:
     source = make_hf_model(tmp_path / "source", kv_heads=2)
     tokens = _tokens(96)
     tp1 = str(tmp_path / "tp1")
-    (megatron, _), = parallel.run_on_ranks(_convert_and_run, 1, str(source), tp1, GQA_OVERRIDES, tokens)
+    ((megatron, _),) = parallel.run_on_ranks(_convert_and_run, 1, str(source), tp1, GQA_OVERRIDES, tokens)
     tp2 = parallel.run_on_ranks(_load_at_tp2_and_resave, 2, tp1, str(tmp_path / "tp2"), tokens)[0]
     assert (tp2 - megatron).abs().max() < ATOL
     parallel.run_on_ranks(_export, 1, str(tmp_path / "tp2"), str(tmp_path / "hf"))

@@ -69,13 +69,25 @@ def _convert_both_ways(hf_dir: str, streamed: str, reference: str, dtype: torch.
     load_hf_weights_into(real, weights, config.model)
     save_checkpoint(reference, 0, model=real, config=config.to_dict(), train_state={"weights_only": True})
     with pytest.raises(CheckpointWriteError, match="not on the meta device"):  # it would write stale weights
-        save_checkpoint(f"{reference}-real", 0, model=real, config=config.to_dict(), train_state={},
-                        sharded_strategy=StreamingSaveStrategy(StreamedHFWeights(real, weights, config.model)))
+        save_checkpoint(
+            f"{reference}-real",
+            0,
+            model=real,
+            config=config.to_dict(),
+            train_state={},
+            sharded_strategy=StreamingSaveStrategy(StreamedHFWeights(real, weights, config.model)),
+        )
 
     meta = build_model(config.model, position, params_dtype=params_dtype, initialize=False, on_meta_device=True)
     maker = StreamedHFWeights(meta, weights, config.model)
-    save_checkpoint(f"{reference}-again", 0, model=meta, config=config.to_dict(), train_state={},
-                    sharded_strategy=StreamingSaveStrategy(maker))
+    save_checkpoint(
+        f"{reference}-again",
+        0,
+        model=meta,
+        config=config.to_dict(),
+        train_state={},
+        sharded_strategy=StreamingSaveStrategy(maker),
+    )
     return maker.made
 
 

@@ -71,7 +71,10 @@ def test_chat_model_round_trip_keeps_tokenizer_and_generates_alike(chat_model: P
 
     assert (checkpoint / "hf_source" / "chat_template.jinja").is_file()
     assert (export / "chat_template.jinja").is_file()
-    source_tokenizer, export_tokenizer = AutoTokenizer.from_pretrained(chat_model), AutoTokenizer.from_pretrained(export)
+    source_tokenizer, export_tokenizer = (
+        AutoTokenizer.from_pretrained(chat_model),
+        AutoTokenizer.from_pretrained(export),
+    )
     rendered = export_tokenizer.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
     assert rendered == source_tokenizer.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
     assert rendered.startswith("<|system|>Be brief.</s><|user|>")

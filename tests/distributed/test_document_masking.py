@@ -36,8 +36,9 @@ GQA = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query
 CASES = {
     "harpe_mha": Case(MHA, PositionConfig(type="harpe", bases=[50.0, 500.0, 5000.0, 50000.0])),
     "harpe_gqa": Case(GQA, PositionConfig(type="harpe", bases=[30.0, 3000.0])),
-    "harpe_gqa_per_query_head": Case(GQA, PositionConfig(type="harpe", bases=[20.0, 200.0, 2000.0, 20000.0],
-                                                         gqa_bases="per_query_head")),
+    "harpe_gqa_per_query_head": Case(
+        GQA, PositionConfig(type="harpe", bases=[20.0, 200.0, 2000.0, 20000.0], gqa_bases="per_query_head")
+    ),
     "abf": Case(GQA, PositionConfig(type="abf", base=500.0)),
     "pi": Case(MHA, PositionConfig(type="pi", base=100.0, scaling_factor=4.0)),
     "yarn": Case(GQA, PositionConfig(type="yarn", base=100.0, scaling_factor=4.0)),
@@ -63,8 +64,9 @@ def reference() -> dict[str, dict]:
 
 
 @functools.cache
-def run(tp: int, cp: int, names: tuple[str, ...], breakages: tuple[str, ...] = (),
-        sequence_parallel: bool = False) -> dict[tuple[str, str | None], dict]:
+def run(
+    tp: int, cp: int, names: tuple[str, ...], breakages: tuple[str, ...] = (), sequence_parallel: bool = False
+) -> dict[tuple[str, str | None], dict]:
     """Results of one spawn of tp x cp ranks, keyed by (case, breakage): every case as it
     should run, then the first case broken in each of `breakages`."""
     jobs = [(name, None) for name in names] + [(names[0], breakage) for breakage in breakages]
@@ -115,8 +117,9 @@ def test_context_parallel_4_matches_alone():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tp,cp,sequence_parallel", [(1, 1, False), (2, 1, False), (1, 4, False), (2, 2, False),
-                                                     (2, 2, True)])
+@pytest.mark.parametrize(
+    "tp,cp,sequence_parallel", [(1, 1, False), (2, 1, False), (1, 4, False), (2, 2, False), (2, 2, True)]
+)
 def test_full_matrix(tp, cp, sequence_parallel):
     assert_as_alone(run(tp, cp, ALL, sequence_parallel=sequence_parallel))
 

@@ -94,8 +94,9 @@ def _train_and_record(tree: dict, sequence_parallel: bool) -> dict:
         enable_sequence_parallel_on_cpu()
     generations, scalars = [], []
     generate = MegatronBackend.generate
-    MegatronBackend.generate = lambda self, ids, max_new_tokens: generations.append(
-        (len(ids), generate(self, ids, max_new_tokens))) or generations[-1][1]
+    MegatronBackend.generate = lambda self, ids, max_new_tokens: (
+        generations.append((len(ids), generate(self, ids, max_new_tokens))) or generations[-1][1]
+    )
     evaluate = in_training.evaluate_during_training
     in_training.evaluate_during_training = lambda *args: scalars.append(evaluate(*args)) or scalars[-1]
     history = train(from_dict(Config, tree))

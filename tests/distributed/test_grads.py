@@ -48,10 +48,10 @@ class ParallelMlp(torch.nn.Module):
         config = ModelParallelConfig(tensor_model_parallel_size=tp_size, use_cpu_initialization=True)
         init = torch.nn.init.zeros_
         self.norm = torch.nn.RMSNorm(HIDDEN, eps=1e-5)
-        self.up = ColumnParallelLinear(HIDDEN, FFN, config=config, init_method=init, bias=True,
-                                       gather_output=False)
-        self.down = RowParallelLinear(FFN, HIDDEN, config=config, init_method=init, bias=True,
-                                      input_is_parallel=True, skip_bias_add=False)
+        self.up = ColumnParallelLinear(HIDDEN, FFN, config=config, init_method=init, bias=True, gather_output=False)
+        self.down = RowParallelLinear(
+            FFN, HIDDEN, config=config, init_method=init, bias=True, input_is_parallel=True, skip_bias_add=False
+        )
         rows = slice(tp_rank * FFN // tp_size, (tp_rank + 1) * FFN // tp_size)
         with torch.no_grad():
             self.norm.weight.copy_(reference.norm.weight)

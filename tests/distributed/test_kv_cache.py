@@ -22,8 +22,15 @@ NEW_TOKENS = 6
 
 
 def _model(heads: int, groups: int) -> ModelConfig:
-    return ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=heads, num_query_groups=groups,
-                       ffn_hidden_size=128, vocab_size=VOCAB, max_position_embeddings=128)
+    return ModelConfig(
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=heads,
+        num_query_groups=groups,
+        ffn_hidden_size=128,
+        vocab_size=VOCAB,
+        max_position_embeddings=128,
+    )
 
 
 CASES = {
@@ -60,12 +67,14 @@ def _cached_vs_full(gpt, prompts):
         with IncrementalDecoder(cached) as decoder:
             step_logits = [decoder.prefill(prompt)] + [decoder.step(token) for token in continuation]
         full_logits = [full.logits(prompt + continuation[:i], last=1)[-1] for i in range(NEW_TOKENS + 1)]
-        results.append({
-            "cached_logits": torch.stack(step_logits),
-            "full_logits": torch.stack(full_logits),
-            "cached_tokens": cached.generate(prompt, NEW_TOKENS),
-            "full_tokens": full.generate(prompt, NEW_TOKENS),
-        })
+        results.append(
+            {
+                "cached_logits": torch.stack(step_logits),
+                "full_logits": torch.stack(full_logits),
+                "cached_tokens": cached.generate(prompt, NEW_TOKENS),
+                "full_tokens": full.generate(prompt, NEW_TOKENS),
+            }
+        )
     return results
 
 

@@ -22,8 +22,15 @@ def _train(tree):
 def trained(demo_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("backend")
     tree = {
-        "model": dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
-                      ffn_hidden_size=128, vocab_size=4096, max_position_embeddings=64),
+        "model": dict(
+            num_layers=2,
+            hidden_size=64,
+            num_attention_heads=4,
+            num_query_groups=2,
+            ffn_hidden_size=128,
+            vocab_size=4096,
+            max_position_embeddings=64,
+        ),
         "position": {"type": "harpe", "bases": [100.0, 10000.0]},
         "data": {"prefixes": [demo_data.prefix], "tokenizer": str(demo_data.tokenizer), "seq_length": 64},
         "train": {"micro_batch_size": 2, "global_batch_size": 2, "train_tokens": 2 * 2 * 64, "lr": 1e-2},
@@ -84,10 +91,7 @@ def _perplexities(path, export_dir, documents):
     megatron = load_backend(path)
     convert_megatron_to_hf(path, export_dir)  # fp32, as trained
     hf = load_backend(export_dir, trust_remote_code=True)
-    return [
-        perplexity_by_length(backend, documents, [48, 96], stride=16, progress=False)
-        for backend in (megatron, hf)
-    ]
+    return [perplexity_by_length(backend, documents, [48, 96], stride=16, progress=False) for backend in (megatron, hf)]
 
 
 def test_megatron_checkpoint_and_its_hf_export_give_the_same_perplexity(trained, tmp_path):

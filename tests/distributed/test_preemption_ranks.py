@@ -12,9 +12,9 @@ import os
 import signal
 
 import pytest
+from test_training import tiny_config
 
 from megatron_harpe.checkpointing.checkpoint import find_latest_checkpoint
-from test_training import tiny_config
 
 pytestmark = pytest.mark.distributed
 

@@ -24,7 +24,10 @@ SETTINGS = {  # name: (train.recompute* keys, {layer: forward calls of what is c
     "full block 3": ({"recompute": "full", "recompute_method": "block", "recompute_num_layers": 3}, "layers 0-2"),
     "selective core_attn": ({"recompute": "selective"}, "core_attention"),
     "selective mlp": ({"recompute": "selective", "recompute_modules": ["mlp"]}, "linear_fc1"),
-    "selective both": ({"recompute": "selective", "recompute_modules": ["core_attn", "mlp"]}, "core_attention+linear_fc1"),
+    "selective both": (
+        {"recompute": "selective", "recompute_modules": ["core_attn", "mlp"]},
+        "core_attention+linear_fc1",
+    ),
 }
 COUNTED = ("linear_qkv", "core_attention", "input_layernorm", "pre_mlp_layernorm", "linear_fc1")
 

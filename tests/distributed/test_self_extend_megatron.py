@@ -68,8 +68,13 @@ def _megatron_outputs(root: str, tp: int, cp: int, runs: list[tuple[str, SelfExt
 
     outputs = []
     for name, settings in runs:
-        backend = load_backend(f"{root}/{name}/megatron", tensor_parallel=tp, context_parallel=cp,
-                               tokenizer=f"{root}/{name}/hf", self_extend=settings)
+        backend = load_backend(
+            f"{root}/{name}/megatron",
+            tensor_parallel=tp,
+            context_parallel=cp,
+            tokenizer=f"{root}/{name}/hf",
+            self_extend=settings,
+        )
         outputs.append({"logits": backend.logits(IDS).cpu(), "generated": backend.generate(IDS, 4)})
     return outputs
 
@@ -93,7 +98,9 @@ def single_process(checkpoints) -> dict:
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_megatron_equals_plain_with_a_covering_window_and_the_hf_export_with_a_short_one(checkpoints, single_process, name):
+def test_megatron_equals_plain_with_a_covering_window_and_the_hf_export_with_a_short_one(
+    checkpoints, single_process, name
+):
     plain, covering, short = single_process[name]
     torch.testing.assert_close(covering["logits"], plain["logits"], atol=2e-5, rtol=1e-5)
     assert (short["logits"] - plain["logits"]).abs().max() > 1e-3  # the short window changes the model
@@ -105,21 +112,40 @@ def test_megatron_equals_plain_with_a_covering_window_and_the_hf_export_with_a_s
 def test_tensor_and_context_parallel_equal_one_process(checkpoints, single_process):
     reference = single_process["harpe_per_query_head"][2]
     for tp, cp in [(2, 1), (1, 2)]:
-        result = parallel.run_on_ranks(_megatron_outputs, tp * cp, checkpoints, tp, cp,
-                                       [("harpe_per_query_head", SHORT)])[0][0]
+        result = parallel.run_on_ranks(
+            _megatron_outputs, tp * cp, checkpoints, tp, cp, [("harpe_per_query_head", SHORT)]
+        )[0][0]
         torch.testing.assert_close(result["logits"], reference["logits"], atol=1e-5, rtol=1e-5)
         assert result["generated"] == reference["generated"]
 
 
 def _run_tool(*args: str) -> subprocess.CompletedProcess:
     environment = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    return subprocess.run([sys.executable, os.path.join(REPO, "tools", "evaluate.py"), *args], capture_output=True,
-                          text=True, cwd=REPO, env=environment, timeout=600)
+    return subprocess.run(
+        [sys.executable, os.path.join(REPO, "tools", "evaluate.py"), *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=environment,
+        timeout=600,
+    )
 
 
 def test_evaluate_cli_gives_the_same_scores_on_both_backends(checkpoints, tmp_path):
-    common = ["--task", "niah_single_1,passkey", "--lengths", "512", "--samples", "1", "--max-new-tokens", "6",
-              "--self-extend", "window=32,group=4", "--save-predictions", "--no-progress"]
+    common = [
+        "--task",
+        "niah_single_1,passkey",
+        "--lengths",
+        "512",
+        "--samples",
+        "1",
+        "--max-new-tokens",
+        "6",
+        "--self-extend",
+        "window=32,group=4",
+        "--save-predictions",
+        "--no-progress",
+    ]
     hf_dir, megatron_dir = f"{checkpoints}/harpe/hf", f"{checkpoints}/harpe/megatron"
     runs = {
         "hf": _run_tool("--model", hf_dir, "--trust-remote-code", "--output-dir", str(tmp_path / "hf"), *common),

@@ -70,9 +70,13 @@ def _rank_batches(ctx, seq: int = SEQ):
 
 def _config(tp: int, cp: int, params_dtype: str) -> tuple[Config, StageConfig]:
     POSITION.resolve(MODEL)
-    train = TrainConfig(micro_batch_size=1, global_batch_size=SEQUENCES, lr=3e-3, clip_grad=0.5, params_dtype=params_dtype)
+    train = TrainConfig(
+        micro_batch_size=1, global_batch_size=SEQUENCES, lr=3e-3, clip_grad=0.5, params_dtype=params_dtype
+    )
     cfg = Config(model=MODEL, position=POSITION, parallel=ParallelConfig(tensor=tp, context=cp), train=train)
-    return cfg, StageConfig(seq_length=SEQ, tokens=STEPS * SEQUENCES * SEQ, position=POSITION, global_batch_size=SEQUENCES)
+    return cfg, StageConfig(
+        seq_length=SEQ, tokens=STEPS * SEQUENCES * SEQ, position=POSITION, global_batch_size=SEQUENCES
+    )
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:
@@ -90,7 +94,9 @@ def _train(tp: int, cp: int, params_dtype: str, sharded: bool, weights: dict, re
 
     cfg, stage = _config(tp, cp, params_dtype)
     ctx = parallel.initialize(tp, cp)
-    model = build_model(MODEL, POSITION, recompute=recompute)  # initialize=False would leave megatron's TP attributes unset
+    model = build_model(
+        MODEL, POSITION, recompute=recompute
+    )  # initialize=False would leave megatron's TP attributes unset
     local = {name: shard(name, full, ctx.tp_rank, tp) for name, full in weights.items()}
     model.load_state_dict(local, strict=False)
     if sharded:
@@ -106,7 +112,9 @@ def _train(tp: int, cp: int, params_dtype: str, sharded: bool, weights: dict, re
     optimizer.step = recording_step
     schedule = LearningRateSchedule(peak_lr=cfg.train.lr, warmup_steps=0, total_steps=STEPS)
     batches = _rank_batches(ctx)
-    history = [loop.train_step(cfg, ctx, stage, model, optimizer, schedule, batches, step)[:2] for step in range(1, STEPS + 1)]
+    history = [
+        loop.train_step(cfg, ctx, stage, model, optimizer, schedule, batches, step)[:2] for step in range(1, STEPS + 1)
+    ]
     return {"history": history, "grads": clipped, "weights": {name: _full(p) for name, p in model.named_parameters()},
             "tp_rank": ctx.tp_rank}  # fmt: skip
 
@@ -156,7 +164,9 @@ def _assert_bf16_tracks(got: dict, want: dict, initial: dict) -> None:
         for name, grad in want_grads.items():
             assert _relative([grads[name]], [grad]) < BF16_TOL["tensor_grad"], f"step {step + 1}: {name}"
     names = list(want["weights"])
-    updates = _relative([got["weights"][n] - initial[n] for n in names], [want["weights"][n] - initial[n] for n in names])
+    updates = _relative(
+        [got["weights"][n] - initial[n] for n in names], [want["weights"][n] - initial[n] for n in names]
+    )
     assert updates < BF16_TOL["update"]
 
 
@@ -286,14 +296,21 @@ def _memory_during_training(no_sync: bool) -> dict:
             if no_sync:
                 model.set_requires_gradient_sync(last)
             sampling = last and step == 1
-            loss = (model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"]) * batch["loss_mask"]).sum()
+            loss = (
+                model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"]) * batch["loss_mask"]
+            ).sum()
             (loss / n_tokens).backward()
             after_backward.append(extra())
         shards = gradient_bytes(model)
         optimizer.step()
         optimizer.zero_grad()
-    return {"full_gradient": full_gradient, "gradient_shards": shards, "after_backward": after_backward,
-            "during_last_backward": max(during), "samples": len(during)}
+    return {
+        "full_gradient": full_gradient,
+        "gradient_shards": shards,
+        "after_backward": after_backward,
+        "during_last_backward": max(during),
+        "samples": len(during),
+    }
 
 
 class _Column(torch.nn.Module):
@@ -379,4 +396,6 @@ def _rotary_table_in_the_layers(params_dtype: str) -> list[tuple]:
 def test_bf16_layers_rotate_with_the_fp32_angle_table():
     """FSDP2 casts a unit's float arguments to its compute dtype unless told not to: an angle
     table in bf16 puts position 1e5 up to 256 radians off (and loses its cached cos/sin)."""
-    assert parallel.run_on_ranks(_rotary_table_in_the_layers, 1, "bf16")[0] == [(torch.float32, True)] * MODEL.num_layers
+    assert (
+        parallel.run_on_ranks(_rotary_table_in_the_layers, 1, "bf16")[0] == [(torch.float32, True)] * MODEL.num_layers
+    )

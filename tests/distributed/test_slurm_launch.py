@@ -72,8 +72,18 @@ def _launch(tmp_path: Path, nodes: int, tasks_per_node: int) -> tuple[list[dict]
     port = free_port()
     launchers = [
         subprocess.Popen(
-            [sys.executable, "-m", "megatron_harpe.launch", "--runs-dir", str(tmp_path / "runs"), "--rdzv-port",
-             str(port), "--", str(THIS_FILE), str(out_dir)],
+            [
+                sys.executable,
+                "-m",
+                "megatron_harpe.launch",
+                "--runs-dir",
+                str(tmp_path / "runs"),
+                "--rdzv-port",
+                str(port),
+                "--",
+                str(THIS_FILE),
+                str(out_dir),
+            ],
             env=_slurm_env(node, nodes, tasks_per_node, port),
             cwd=tmp_path,
             stdout=subprocess.PIPE,

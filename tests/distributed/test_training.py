@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from megatron_harpe import parallel
-from megatron_harpe.config import from_dict, Config
+from megatron_harpe.config import Config, from_dict
 
 pytestmark = pytest.mark.distributed
 
@@ -19,12 +19,26 @@ STEPS = 6
 
 def tiny_config(demo_data, **sections) -> dict:
     tree = {
-        "model": dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
-                      ffn_hidden_size=128, vocab_size=4096, max_position_embeddings=64),
+        "model": dict(
+            num_layers=2,
+            hidden_size=64,
+            num_attention_heads=4,
+            num_query_groups=2,
+            ffn_hidden_size=128,
+            vocab_size=4096,
+            max_position_embeddings=64,
+        ),
         "position": {"type": "harpe", "bases": [300.0, 30000.0]},
         "data": {"prefixes": [demo_data.prefix], "tokenizer": str(demo_data.tokenizer), "seq_length": 64},
-        "train": {"micro_batch_size": 1, "global_batch_size": 4, "train_tokens": STEPS * 4 * 64,
-                  "lr": 3e-3, "warmup_steps": 2, "lr_schedule": "cosine", "clip_grad": 1.0},
+        "train": {
+            "micro_batch_size": 1,
+            "global_batch_size": 4,
+            "train_tokens": STEPS * 4 * 64,
+            "lr": 3e-3,
+            "warmup_steps": 2,
+            "lr_schedule": "cosine",
+            "clip_grad": 1.0,
+        },
         "logging": {"log_interval": 100},
     }
     for section, values in sections.items():
@@ -104,7 +118,10 @@ def test_stop_file_saves_and_exits_then_the_next_launch_continues(demo_data, ref
 LAYOUTS = {"dp2": {}, "tp2": {"tensor": 2}, "cp2": {"context": 2}}
 
 
-@pytest.mark.parametrize("saved,resumed", [("dp2", "tp2"), *(pytest.param(*pair, marks=pytest.mark.slow) for pair in [("tp2", "dp2"), ("cp2", "dp2")])])
+@pytest.mark.parametrize(
+    "saved,resumed",
+    [("dp2", "tp2"), *(pytest.param(*pair, marks=pytest.mark.slow) for pair in [("tp2", "dp2"), ("cp2", "dp2")])],
+)
 def test_checkpoints_reshard_between_layouts(demo_data, reference, tmp_path, saved, resumed):
     """Saved by the sharding engine at one layout, resumed at another: weights and AdamW moments
     travel as the same global tensors, so the run continues exactly."""

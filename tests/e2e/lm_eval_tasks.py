@@ -96,8 +96,13 @@ def write_tasks(directory: str) -> str:
 
 
 def offline_environment(cache: str) -> dict[str, str]:
-    return {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": cache, "OMP_NUM_THREADS": "2",
-            "TOKENIZERS_PARALLELISM": "false"}
+    return {
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_DATASETS_CACHE": cache,
+        "OMP_NUM_THREADS": "2",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
 
 
 def items(path: str) -> dict[tuple[str, int, str], dict]:
@@ -112,8 +117,10 @@ def items(path: str) -> dict[tuple[str, int, str], dict]:
 
 def responses(record: dict) -> list:
     """The model's answers of one item, flat: (log-likelihood, greedy) pairs, texts or sums."""
-    return [response[0] if isinstance(response, list) and len(response) == 1 else response
-            for response in record["responses"]]
+    return [
+        response[0] if isinstance(response, list) and len(response) == 1 else response
+        for response in record["responses"]
+    ]
 
 
 def assert_same_items(reference: dict, other: dict, tolerance: float = TOLERANCE) -> None:

@@ -26,8 +26,9 @@ GROUP_BASES = [100.0, 10000.0]  # one per k/v group; 2 query heads per group
 
 def run_tool(*args: str) -> subprocess.CompletedProcess:
     environment = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    return subprocess.run([sys.executable, TOOL, *args], capture_output=True, text=True, cwd=REPO,
-                          env=environment, timeout=600)
+    return subprocess.run(
+        [sys.executable, TOOL, *args], capture_output=True, text=True, cwd=REPO, env=environment, timeout=600
+    )
 
 
 def _train(tree: dict) -> None:
@@ -41,8 +42,15 @@ def demo_checkpoint(demo_data, tmp_path_factory) -> str:
     """A tiny HARPE model trained for 2 steps on the demo dataset."""
     root = tmp_path_factory.mktemp("heads_checkpoint")
     tree = {
-        "model": dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
-                      ffn_hidden_size=128, vocab_size=4096, max_position_embeddings=128),
+        "model": dict(
+            num_layers=2,
+            hidden_size=64,
+            num_attention_heads=4,
+            num_query_groups=2,
+            ffn_hidden_size=128,
+            vocab_size=4096,
+            max_position_embeddings=128,
+        ),
         "position": {"type": "harpe", "bases": GROUP_BASES},
         "data": {"prefixes": [demo_data.prefix], "tokenizer": str(demo_data.tokenizer), "seq_length": 128},
         "train": {"micro_batch_size": 2, "global_batch_size": 2, "train_tokens": 2 * 2 * 128, "lr": 1e-2},
@@ -52,8 +60,9 @@ def demo_checkpoint(demo_data, tmp_path_factory) -> str:
     return str(root / "ckpt")
 
 
-def check_outputs(output_dir, layers: int, heads: int, bases: list[float], length: int, thresholds: list[int],
-                  documents: int) -> dict:
+def check_outputs(
+    output_dir, layers: int, heads: int, bases: list[float], length: int, thresholds: list[int], documents: int
+) -> dict:
     for name in ("distance_vs_base.png", "distance_heatmap.png"):
         with open(output_dir / name, "rb") as handle:
             assert handle.read(8) == PNG_MAGIC
@@ -78,9 +87,23 @@ def check_outputs(output_dir, layers: int, heads: int, bases: list[float], lengt
 
 def test_demo_checkpoint_to_json_and_plots(demo_checkpoint, demo_data, tmp_path):
     output = tmp_path / "heads"
-    completed = run_tool("--model", demo_checkpoint, "--documents", demo_data.prefix, "--length", "128",
-                         "--num-documents", "2", "--thresholds", "16,64", "--output-dir", str(output),
-                         "--max-block-elements", "4096", "--no-progress")
+    completed = run_tool(
+        "--model",
+        demo_checkpoint,
+        "--documents",
+        demo_data.prefix,
+        "--length",
+        "128",
+        "--num-documents",
+        "2",
+        "--thresholds",
+        "16,64",
+        "--output-dir",
+        str(output),
+        "--max-block-elements",
+        "4096",
+        "--no-progress",
+    )
     assert completed.returncode == 0, completed.stderr
     bases = [base for base in GROUP_BASES for _ in range(2)]
     summary = check_outputs(output, 2, 4, bases, 128, [16, 64], 2)
@@ -104,8 +127,9 @@ def hf_export(tmp_path_factory):
     save_tiny_harpe_llama(str(model_dir), bases=HF_BASES, seed=4)
     sentences = load_prose_sentences()
     documents = root / "docs.jsonl"
-    documents.write_text("".join(json.dumps({"body": " ".join(sentences[i : i + 60])}) + "\n" for i in (0, 60, 120)),
-                         encoding="utf-8")
+    documents.write_text(
+        "".join(json.dumps({"body": " ".join(sentences[i : i + 60])}) + "\n" for i in (0, 60, 120)), encoding="utf-8"
+    )
     return model_dir, documents
 
 
@@ -113,9 +137,26 @@ def test_hf_harpe_export_to_json_and_plots(hf_export, tmp_path, capsys):
     model_dir, documents = hf_export
     output = tmp_path / "heads"
     # in this process (no process group is involved): saves starting another interpreter
-    exit_code = load_tool_main()(["--model", str(model_dir), "--trust-remote-code", "--documents", str(documents),
-                                  "--text-key", "body", "--length", "256", "--num-documents", "3", "--thresholds",
-                                  "32,4k", "--output-dir", str(output), "--no-progress"])
+    exit_code = load_tool_main()(
+        [
+            "--model",
+            str(model_dir),
+            "--trust-remote-code",
+            "--documents",
+            str(documents),
+            "--text-key",
+            "body",
+            "--length",
+            "256",
+            "--num-documents",
+            "3",
+            "--thresholds",
+            "32,4k",
+            "--output-dir",
+            str(output),
+            "--no-progress",
+        ]
+    )
     printed = capsys.readouterr()
     assert exit_code == 0, printed.err
     summary = check_outputs(output, 2, 4, HF_BASES, 256, [32, 4096], 3)
@@ -154,8 +195,17 @@ def load_tool_main():
 def test_user_errors_exit_with_a_message(hf_export, tmp_path, capsys):
     main = load_tool_main()
     model_dir, documents = hf_export
-    common = ["--model", str(model_dir), "--trust-remote-code", "--documents", str(documents), "--text-key", "body",
-              "--output-dir", str(tmp_path / "out")]
+    common = [
+        "--model",
+        str(model_dir),
+        "--trust-remote-code",
+        "--documents",
+        str(documents),
+        "--text-key",
+        "body",
+        "--output-dir",
+        str(tmp_path / "out"),
+    ]
     assert main([*common, "--context-parallel", "2"]) == 2
     assert "--context-parallel 1" in capsys.readouterr().err
     assert main([*common, "--length", "64", "--min-query-position", "64"]) == 2

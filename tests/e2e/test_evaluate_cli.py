@@ -23,8 +23,9 @@ TOOL = os.path.join(REPO, "tools", "evaluate.py")
 
 def run_tool(*args: str) -> subprocess.CompletedProcess:
     environment = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    return subprocess.run([sys.executable, TOOL, *args], capture_output=True, text=True, cwd=REPO,
-                          env=environment, timeout=600)
+    return subprocess.run(
+        [sys.executable, TOOL, *args], capture_output=True, text=True, cwd=REPO, env=environment, timeout=600
+    )
 
 
 @pytest.fixture(scope="module")
@@ -38,13 +39,33 @@ def model_dir(tmp_path_factory) -> str:
 def test_hf_model_all_task_kinds(model_dir, tmp_path):
     sentences = load_prose_sentences()
     documents = tmp_path / "docs.jsonl"
-    documents.write_text("".join(json.dumps({"text": " ".join(sentences[i : i + 150])}) + "\n"
-                                 for i in range(0, 450, 150)), encoding="utf-8")
+    documents.write_text(
+        "".join(json.dumps({"text": " ".join(sentences[i : i + 150])}) + "\n" for i in range(0, 450, 150)),
+        encoding="utf-8",
+    )
     output = tmp_path / "out"
-    completed = run_tool("--model", model_dir, "--task", "niah_single_2,passkey,needle_grid,ppl",
-                         "--lengths", "512,1k", "--samples", "1", "--max-new-tokens", "8",
-                         "--grid-depths", "0,100", "--ppl-data", str(documents), "--ppl-stride", "128",
-                         "--output-dir", str(output), "--save-predictions", "--no-progress")
+    completed = run_tool(
+        "--model",
+        model_dir,
+        "--task",
+        "niah_single_2,passkey,needle_grid,ppl",
+        "--lengths",
+        "512,1k",
+        "--samples",
+        "1",
+        "--max-new-tokens",
+        "8",
+        "--grid-depths",
+        "0,100",
+        "--ppl-data",
+        str(documents),
+        "--ppl-stride",
+        "128",
+        "--output-dir",
+        str(output),
+        "--save-predictions",
+        "--no-progress",
+    )
     assert completed.returncode == 0, completed.stderr
     results = json.loads((output / "results.json").read_text())
     assert results["lengths"] == [512, 1024] and results["scoring"] == "generate"
@@ -63,9 +84,23 @@ def test_hf_model_all_task_kinds(model_dir, tmp_path):
 
 
 def test_oracle_through_the_cli_scores_100(model_dir, tmp_path):
-    completed = run_tool("--model", "oracle", "--tokenizer", model_dir, "--task", "niah", "--lengths", "1024",
-                         "--samples", "2", "--scoring", "teacher_forcing", "--output-dir", str(tmp_path),
-                         "--no-progress")
+    completed = run_tool(
+        "--model",
+        "oracle",
+        "--tokenizer",
+        model_dir,
+        "--task",
+        "niah",
+        "--lengths",
+        "1024",
+        "--samples",
+        "2",
+        "--scoring",
+        "teacher_forcing",
+        "--output-dir",
+        str(tmp_path),
+        "--no-progress",
+    )
     assert completed.returncode == 0, completed.stderr
     results = json.loads((tmp_path / "results.json").read_text())
     assert len(results["tasks"]) == 8 and results["overall"] == 100.0
@@ -78,10 +113,27 @@ DATA = os.path.join(REPO, "tests", "data")
 def test_ruler_through_the_cli_with_a_chat_template(model_dir, tmp_path):
     template = tmp_path / "chat.jinja"
     template.write_text("{% for m in messages %}<|user|>{{ m['content'] }}<|end|>{% endfor %}<|assistant|>")
-    completed = run_tool("--model", "oracle", "--tokenizer", model_dir, "--task", "ruler", "--lengths", "2048",
-                         "--samples", "2", "--qa-squad", os.path.join(DATA, "qa_squad_tiny.json"),
-                         "--qa-hotpot", os.path.join(DATA, "qa_hotpot_tiny.json"), "--chat-template", str(template),
-                         "--output-dir", str(tmp_path / "out"), "--no-progress")
+    completed = run_tool(
+        "--model",
+        "oracle",
+        "--tokenizer",
+        model_dir,
+        "--task",
+        "ruler",
+        "--lengths",
+        "2048",
+        "--samples",
+        "2",
+        "--qa-squad",
+        os.path.join(DATA, "qa_squad_tiny.json"),
+        "--qa-hotpot",
+        os.path.join(DATA, "qa_hotpot_tiny.json"),
+        "--chat-template",
+        str(template),
+        "--output-dir",
+        str(tmp_path / "out"),
+        "--no-progress",
+    )
     assert completed.returncode == 0, completed.stderr
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert len(results["tasks"]) == 13 and results["overall"] == 100.0 and results["mean_label"] == "RULER-13 mean"
@@ -90,8 +142,20 @@ def test_ruler_through_the_cli_with_a_chat_template(model_dir, tmp_path):
     assert len(provenance["haystack"]["sha256"]) == 64 and provenance["versions"]["torch"]
     assert results["tasks"]["cwe"]["2048"]["interval"][1] == 100.0
     assert "| **RULER-13 mean** |" in completed.stdout
-    without_qa = run_tool("--model", "oracle", "--tokenizer", model_dir, "--task", "ruler", "--lengths", "2048",
-                          "--samples", "1", "--output-dir", str(tmp_path / "no_qa"))
+    without_qa = run_tool(
+        "--model",
+        "oracle",
+        "--tokenizer",
+        model_dir,
+        "--task",
+        "ruler",
+        "--lengths",
+        "2048",
+        "--samples",
+        "1",
+        "--output-dir",
+        str(tmp_path / "no_qa"),
+    )
     assert without_qa.returncode == 0, without_qa.stderr
     assert "qa_1, qa_2 skipped" in without_qa.stderr and "not RULER-13" in without_qa.stdout
 
@@ -109,11 +173,43 @@ def test_user_errors_exit_with_a_message(model_dir, tmp_path, capsys):
     assert "unknown task" in capsys.readouterr().err
     assert main(["--model", "oracle", "--task", "passkey", "--lengths", "512"]) == 2
     assert "--tokenizer" in capsys.readouterr().err
-    assert main(["--model", "oracle", "--tokenizer", model_dir, "--task", "qa_1", "--lengths", "2048",
-                 "--output-dir", str(tmp_path)]) == 2
+    assert (
+        main(
+            [
+                "--model",
+                "oracle",
+                "--tokenizer",
+                model_dir,
+                "--task",
+                "qa_1",
+                "--lengths",
+                "2048",
+                "--output-dir",
+                str(tmp_path),
+            ]
+        )
+        == 2
+    )
     assert "qa_1 needs its data file: pass --qa-squad FILE" in capsys.readouterr().err
-    assert main(["--model", "oracle", "--tokenizer", model_dir, "--task", "niah_single_1", "--lengths", "2048",
-                 "--chat-template", str(tmp_path / "none.jinja"), "--output-dir", str(tmp_path)]) == 2
+    assert (
+        main(
+            [
+                "--model",
+                "oracle",
+                "--tokenizer",
+                model_dir,
+                "--task",
+                "niah_single_1",
+                "--lengths",
+                "2048",
+                "--chat-template",
+                str(tmp_path / "none.jinja"),
+                "--output-dir",
+                str(tmp_path),
+            ]
+        )
+        == 2
+    )
     assert "Jinja chat template" in capsys.readouterr().err
     assert not (tmp_path / "results.json").exists()
     with pytest.raises(SystemExit):

@@ -42,8 +42,19 @@ def tiny_hf(tmp_path_factory):
 
 def test_a_cell_that_cannot_fit_stops_the_run_in_seconds_naming_it(tool, demo_data, tmp_path, capsys):
     """RULER at 1024 tokens with the demo's 4096-piece tokenizer: cwe's example alone does not fit."""
-    arguments = ["--model", "oracle", "--tokenizer", str(demo_data.tokenizer), "--task", "ruler", "--lengths", "1024",
-                 "--output-dir", str(tmp_path / "out"), "--no-progress"]
+    arguments = [
+        "--model",
+        "oracle",
+        "--tokenizer",
+        str(demo_data.tokenizer),
+        "--task",
+        "ruler",
+        "--lengths",
+        "1024",
+        "--output-dir",
+        str(tmp_path / "out"),
+        "--no-progress",
+    ]
     began = time.time()
     assert tool.main(arguments) == 2
     assert time.time() - began < 10
@@ -53,8 +64,26 @@ def test_a_cell_that_cannot_fit_stops_the_run_in_seconds_naming_it(tool, demo_da
     assert 1024 < shortest < 1300 and "--skip-unfit" in error[0]
     assert not (tmp_path / "out" / "results.json").exists()
     # the shortest length named works
-    assert tool.main(["--model", "oracle", "--tokenizer", str(demo_data.tokenizer), "--task", "cwe", "--lengths",
-                      str(shortest), "--samples", "1", "--output-dir", str(tmp_path / "ok"), "--no-progress"]) == 0
+    assert (
+        tool.main(
+            [
+                "--model",
+                "oracle",
+                "--tokenizer",
+                str(demo_data.tokenizer),
+                "--task",
+                "cwe",
+                "--lengths",
+                str(shortest),
+                "--samples",
+                "1",
+                "--output-dir",
+                str(tmp_path / "ok"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     # --skip-unfit: the other cells run and the table says which did not fit
     assert tool.main(arguments[:-1] + ["--samples", "1", "--skip-unfit", "--no-progress"]) == 0
@@ -82,8 +111,10 @@ def test_a_bad_output_directory_fails_before_the_model_loads(tool, tiny_hf, tmp_
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1 << 30, (1 << 30) - (1 << 20), 1 << 20))
-    assert tool.main(["--model", tiny_hf, "--task", "passkey", "--lengths", "512",
-                      "--output-dir", str(tmp_path / "full")]) == 2
+    assert (
+        tool.main(["--model", tiny_hf, "--task", "passkey", "--lengths", "512", "--output-dir", str(tmp_path / "full")])
+        == 2
+    )
     assert "1 MiB free" in capsys.readouterr().err
 
 
@@ -100,8 +131,21 @@ def test_an_interrupted_run_keeps_its_work_and_resumes(tool, tiny_hf, tmp_path, 
     import megatron_harpe.eval.suite as suite
 
     output = tmp_path / "out"
-    arguments = ["--model", "oracle", "--tokenizer", tiny_hf, "--task", "niah_single_1,passkey", "--lengths", "512,1k",
-                 "--samples", "3", "--output-dir", str(output), "--no-progress"]
+    arguments = [
+        "--model",
+        "oracle",
+        "--tokenizer",
+        tiny_hf,
+        "--task",
+        "niah_single_1,passkey",
+        "--lengths",
+        "512,1k",
+        "--samples",
+        "3",
+        "--output-dir",
+        str(output),
+        "--no-progress",
+    ]
     real_score, calls = suite.score_sample, []
 
     def scoring_that_dies(backend, sample, method, limit=7):
@@ -124,7 +168,9 @@ def test_an_interrupted_run_keeps_its_work_and_resumes(tool, tiny_hf, tmp_path, 
     assert tool.main(arguments) == 2  # an unfinished run is neither continued nor overwritten silently
     assert "holds an unfinished evaluation (7 samples scored): pass --resume" in capsys.readouterr().err
     calls.clear()
-    monkeypatch.setattr(suite, "score_sample", lambda backend, sample, method: scoring_that_dies(backend, sample, method, 99))
+    monkeypatch.setattr(
+        suite, "score_sample", lambda backend, sample, method: scoring_that_dies(backend, sample, method, 99)
+    )
     assert tool.main(arguments + ["--resume"]) == 0
     assert len(calls) == 12 - 7  # only what the first run did not score
     assert "7 samples already scored" in capsys.readouterr().out

@@ -37,8 +37,14 @@ def demo_dir(tmp_path_factory) -> Path:
     """The corpus built by the tool run as a script, then the `demo` command (which reuses it)."""
     workdir = tmp_path_factory.mktemp("demo")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    completed = subprocess.run([sys.executable, str(TOOL), "build-demo-corpus", "--output", str(workdir / "corpus.jsonl")],
-                               capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    completed = subprocess.run(
+        [sys.executable, str(TOOL), "build-demo-corpus", "--output", str(workdir / "corpus.jsonl")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=REPO,
+    )
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert completed.stdout.strip() == str(workdir / "corpus.jsonl")
     assert tool_main(["demo", "--output-dir", str(workdir), "--workers", "2"]) == 0
@@ -88,18 +94,66 @@ def test_demo_dataset_is_upsampled_and_decodes_to_corpus_documents(demo_dir):
 
 def test_stages_one_by_one_equal_the_demo(demo_dir, tmp_path):
     corpus = str(demo_dir / "corpus.jsonl")
-    assert tool_main(["train-tokenizer", "--inputs", corpus, "--output", str(tmp_path / "sp"), "--vocab-size", "4096"]) == 0
+    assert (
+        tool_main(["train-tokenizer", "--inputs", corpus, "--output", str(tmp_path / "sp"), "--vocab-size", "4096"])
+        == 0
+    )
     assert (tmp_path / "sp.model").read_bytes() == (demo_dir / "tokenizer.model").read_bytes()
     shares = ",".join(f"{name}={weight}" for name, weight in DEMO_SHARES.items())
-    assert tool_main(["upsample", "--inputs", corpus, "--output", str(tmp_path / "up.jsonl.zst"), "--shares", shares,
-                      "--total-tokens", "5e5", "--length-threshold", str(DEMO_LENGTH_THRESHOLD), "--tokenizer",
-                      str(tmp_path / "sp.model"), "--workers", "2"]) == 0
-    assert tool_main(["tokenize", "--inputs", str(tmp_path / "up.jsonl.zst"), "--output", str(tmp_path / "train"),
-                      "--tokenizer", str(tmp_path / "sp.model"), "--workers", "2"]) == 0
+    assert (
+        tool_main(
+            [
+                "upsample",
+                "--inputs",
+                corpus,
+                "--output",
+                str(tmp_path / "up.jsonl.zst"),
+                "--shares",
+                shares,
+                "--total-tokens",
+                "5e5",
+                "--length-threshold",
+                str(DEMO_LENGTH_THRESHOLD),
+                "--tokenizer",
+                str(tmp_path / "sp.model"),
+                "--workers",
+                "2",
+            ]
+        )
+        == 0
+    )
+    assert (
+        tool_main(
+            [
+                "tokenize",
+                "--inputs",
+                str(tmp_path / "up.jsonl.zst"),
+                "--output",
+                str(tmp_path / "train"),
+                "--tokenizer",
+                str(tmp_path / "sp.model"),
+                "--workers",
+                "2",
+            ]
+        )
+        == 0
+    )
     for suffix in (".bin", ".idx"):
         assert (tmp_path / f"train{suffix}").read_bytes() == (demo_dir / f"demo_text_document{suffix}").read_bytes()
-    assert tool_main(["tokenize", "--inputs", str(tmp_path / "up.jsonl.zst"), "--output", str(tmp_path / "train"),
-                      "--tokenizer", str(tmp_path / "sp.model")]) == 2  # exists: refused, nothing changed
+    assert (
+        tool_main(
+            [
+                "tokenize",
+                "--inputs",
+                str(tmp_path / "up.jsonl.zst"),
+                "--output",
+                str(tmp_path / "train"),
+                "--tokenizer",
+                str(tmp_path / "sp.model"),
+            ]
+        )
+        == 2
+    )  # exists: refused, nothing changed
 
 
 def test_training_samples_are_windows_of_the_packed_corpus(demo_dir):
@@ -107,8 +161,15 @@ def test_training_samples_are_windows_of_the_packed_corpus(demo_dir):
 
     tokenizer = load_tokenizer(demo_dir / "tokenizer.model")
     stream = np.concatenate(read_documents(demo_dir / "demo_text_document"))
-    dataset = build_gpt_dataset([str(demo_dir / "demo_text_document")], None, seq_length=1024, num_samples=64,
-                                seed=1234, tokenizer=tokenizer, reset_position_ids=True)
+    dataset = build_gpt_dataset(
+        [str(demo_dir / "demo_text_document")],
+        None,
+        seq_length=1024,
+        num_samples=64,
+        seed=1234,
+        tokenizer=tokenizer,
+        reset_position_ids=True,
+    )
     batch = next(micro_batches(dataset, micro_batch_size=4, global_batch_size=8, dp_rank=0, dp_size=2))
     assert batch["tokens"].shape == (4, 1024)
     for row in batch["tokens"].numpy():
@@ -125,8 +186,20 @@ def _tokenize_command(tmp_path: Path, name: str, *extra: str) -> list[str]:
         with open(tmp_path / "corpus.jsonl", "w") as handle:  # about 3 MB: several chunks, a bar that moves
             for index in range(6000):
                 handle.write(json.dumps({"text": " ".join(["get", str(index % 10)] * 120)}) + "\n")
-    return [sys.executable, str(TOOL), "tokenize", "--inputs", str(tmp_path / "corpus.jsonl"), "--tokenizer",
-            str(tokenizer), "--output", str(tmp_path / name), "--workers", "0", *extra]
+    return [
+        sys.executable,
+        str(TOOL),
+        "tokenize",
+        "--inputs",
+        str(tmp_path / "corpus.jsonl"),
+        "--tokenizer",
+        str(tokenizer),
+        "--output",
+        str(tmp_path / name),
+        "--workers",
+        "0",
+        *extra,
+    ]
 
 
 def _run_on_a_terminal(command: list[str]) -> str:

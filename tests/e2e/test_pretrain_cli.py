@@ -48,7 +48,10 @@ def test_multistage_plan_has_three_stages(capsys):
     assert "stage 0: seq 32768" in out and "stage 2: seq 131072" in out and "base 5e+06" in out
     # every stage keeps 4.2M tokens per step through its own global batch, so equal tokens are equal steps
     for stage, batch in ((0, 128), (1, 64), (2, 32)):
-        assert f"global batch {batch}, 4,194,304 tokens/step x 477 steps" in out.split(f"stage {stage}:")[1].splitlines()[0]
+        assert (
+            f"global batch {batch}, 4,194,304 tokens/step x 477 steps"
+            in out.split(f"stage {stage}:")[1].splitlines()[0]
+        )
 
 
 def test_stage_batch_size_must_split_over_data_parallel_ranks(tmp_path, capsys):
@@ -66,7 +69,10 @@ def test_stage_batch_size_must_split_over_data_parallel_ranks(tmp_path, capsys):
         (["--parallel.tensor", "3"], "parallel.tensor=3 does not divide"),
         (["--train.global_batch_size", "5"], "train.global_batch_size=5"),
         (["--model.attention_backend", "sdpa"], "parallel.cp_comm_type=p2p is Transformer Engine's"),
-        (["--model.attention_backend", "sdpa", "--parallel.cp_comm_type", "auto"], "parallel.sequence_parallel needs model.attention_backend: te"),
+        (
+            ["--model.attention_backend", "sdpa", "--parallel.cp_comm_type", "auto"],
+            "parallel.sequence_parallel needs model.attention_backend: te",
+        ),
         (["--parallel.cp_comm_type", "ring"], "parallel.cp_comm_type='ring' is not one of"),
         (["--trian.lr", "1"], "unknown config key"),
     ],
@@ -88,13 +94,40 @@ def test_tiny_cpu_run_logs_mfu_and_peak_memory(demo_data, tmp_path):
 
     repo = Path(__file__).parents[2]
     completed = subprocess.run(
-        [sys.executable, str(repo / "pretrain_harpe.py"), "--config", str(repo / "configs" / "demo_cpu.yaml"),
-         "--parallel.context", "1", "--data.seq_length", "128", "--model.max_position_embeddings", "128",
-         "--train.train_tokens", "4096", "--train.global_batch_size", "8", "--train.micro_batch_size", "4",
-         "--train.warmup_steps", "1", "--data.demo_workdir", str(demo_data.corpus.parent),
-         "--logging.log_interval", "1", "--logging.tensorboard_dir", str(tmp_path / "tb"), "--checkpoint.save", "null",
-         "--logging.peak_tflops", "1.0"],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+        [
+            sys.executable,
+            str(repo / "pretrain_harpe.py"),
+            "--config",
+            str(repo / "configs" / "demo_cpu.yaml"),
+            "--parallel.context",
+            "1",
+            "--data.seq_length",
+            "128",
+            "--model.max_position_embeddings",
+            "128",
+            "--train.train_tokens",
+            "4096",
+            "--train.global_batch_size",
+            "8",
+            "--train.micro_batch_size",
+            "4",
+            "--train.warmup_steps",
+            "1",
+            "--data.demo_workdir",
+            str(demo_data.corpus.parent),
+            "--logging.log_interval",
+            "1",
+            "--logging.tensorboard_dir",
+            str(tmp_path / "tb"),
+            "--checkpoint.save",
+            "null",
+            "--logging.peak_tflops",
+            "1.0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     lines = [line for line in completed.stdout.splitlines() if line.startswith("step 4/4")]

@@ -113,7 +113,11 @@ def test_multistage_runs_the_tokens_and_steps_of_one_stage_at_full_scale(method)
     tokens_per_step = single["global_batch_size"] * FULL.target_length
     steps = -(-single["train_tokens"] // tokens_per_step)
     stages = extension_config(method, FULL, data, "base", "out", seed=1)["stages"]
-    assert [stage["seq_length"] for stage in stages] == [FULL.target_length // 4, FULL.target_length // 2, FULL.target_length]
+    assert [stage["seq_length"] for stage in stages] == [
+        FULL.target_length // 4,
+        FULL.target_length // 2,
+        FULL.target_length,
+    ]
     if method == "harpe_multistage":  # the curriculum alone: HARPE's single-stage bases in every stage
         harpe = extension_config("harpe", FULL, data, "base", "out", seed=1)["position"]
         assert all(stage["position"] == harpe for stage in stages)
@@ -125,8 +129,19 @@ def test_multistage_runs_the_tokens_and_steps_of_one_stage_at_full_scale(method)
 def test_smoke_run_trains_and_evaluates_every_method(tmp_path):
     output, workdir = tmp_path / "results", tmp_path / "work"
     environment = dict(os.environ, OMP_NUM_THREADS="2", PYTHONWARNINGS="ignore")
-    command = [sys.executable, str(RUN), "--output", str(output), "--workdir", str(workdir), "--smoke", "--jobs", "0",
-               "--methods", ",".join(METHODS + DOCUMENT_MASKING)]
+    command = [
+        sys.executable,
+        str(RUN),
+        "--output",
+        str(output),
+        "--workdir",
+        str(workdir),
+        "--smoke",
+        "--jobs",
+        "0",
+        "--methods",
+        ",".join(METHODS + DOCUMENT_MASKING),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=environment, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     scale = json.loads((output / "scale.json").read_text())
@@ -139,8 +154,13 @@ def test_smoke_run_trains_and_evaluates_every_method(tmp_path):
         steps = int((checkpoint / "latest_checkpointed_iteration.txt").read_text())
         stages = config.get("stages") or [{"seq_length": target, "tokens": config["train"]["train_tokens"]}]
         batch = config["train"]["global_batch_size"]
-        assert steps == sum(
-            -(-stage["tokens"] // (stage.get("global_batch_size", batch) * stage["seq_length"])) for stage in stages) > 0
+        assert (
+            steps
+            == sum(
+                -(-stage["tokens"] // (stage.get("global_batch_size", batch) * stage["seq_length"])) for stage in stages
+            )
+            > 0
+        )
         steps_per_method[method] = steps
         assert config["data"]["loss_mask_prefixes"] == [str(workdir / "data" / "extension_answer_mask")]
         assert config["checkpoint"]["pretrained"] == str(workdir / "checkpoints" / "base_seed1")
@@ -163,7 +183,9 @@ def test_smoke_run_trains_and_evaluates_every_method(tmp_path):
     ratio = target / 131072
     harpe = yaml.safe_load((output / "configs" / "harpe_seed1.yaml").read_text())["position"]
     assert harpe["type"] == "harpe" and harpe["base_min"] == pytest.approx(1e6 * ratio)
-    assert yaml.safe_load((output / "configs" / "abf_seed1.yaml").read_text())["position"]["base"] == pytest.approx(5e6 * ratio)
+    assert yaml.safe_load((output / "configs" / "abf_seed1.yaml").read_text())["position"]["base"] == pytest.approx(
+        5e6 * ratio
+    )
     pi = yaml.safe_load((output / "configs" / "pi_seed1.yaml").read_text())["position"]
     assert pi["type"] == "pi" and pi["scaling_factor"] == target / base_length == 8
     stages = yaml.safe_load((output / "configs" / "abf_multistage_seed1.yaml").read_text())["stages"]
@@ -187,8 +209,12 @@ def test_smoke_run_trains_and_evaluates_every_method(tmp_path):
     assert len(heldout.read_text().splitlines()) == scale["heldout_documents"]
     perplexities = {}
     for name in ["base_seed1", *(f"{method}_seed1" for method in METHODS + DOCUMENT_MASKING)]:
-        ppl = json.loads((workdir / "eval" / f"{name}_ppl" / "results.json").read_text())["perplexity"][str(base_length)]
-        assert ppl["documents"] == scale["heldout_documents"] and ppl["tokens"] == scale["heldout_documents"] * (base_length - 1)
+        ppl = json.loads((workdir / "eval" / f"{name}_ppl" / "results.json").read_text())["perplexity"][
+            str(base_length)
+        ]
+        assert ppl["documents"] == scale["heldout_documents"] and ppl["tokens"] == scale["heldout_documents"] * (
+            base_length - 1
+        )
         perplexities[name] = ppl["ppl"]
     assert all(1.0 < value < 200 for value in perplexities.values()), perplexities  # a word-level vocabulary of ~90
     retention_section = table.split("Retention at the base length")[1]

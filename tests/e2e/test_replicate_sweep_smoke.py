@@ -41,8 +41,11 @@ def test_smoke_sweep_trains_every_cell_reports_and_resumes(tmp_path):
     assert scale["budgets"] == list(sweep.budgets) and scale["heads"] == list(sweep.heads)
     # the budget sweep at (32 wide, 4 heads); the heads comparison, 4 and 8 heads, at 64 wide
     assert sweep.models() == [(32, 4), (64, 4), (64, 8)] and scale["models"] == [[32, 4], [64, 4], [64, 8]]
-    assert scale["runs"] == len(sweep.runs()) == len(sweep.methods) * len(sweep.scale.seeds) * (
-        len(sweep.budgets) + len(sweep.heads))
+    assert (
+        scale["runs"]
+        == len(sweep.runs())
+        == len(sweep.methods) * len(sweep.scale.seeds) * (len(sweep.budgets) + len(sweep.heads))
+    )
 
     steps_by_budget: dict[tuple[int, int, int], set] = {}
     for hidden, heads, budget, method, seed in sweep.runs():
@@ -50,7 +53,11 @@ def test_smoke_sweep_trains_every_cell_reports_and_resumes(tmp_path):
         config = yaml.safe_load((output / "configs" / f"{name}.yaml").read_text())
         assert (config["model"]["hidden_size"], config["model"]["num_attention_heads"]) == (hidden, heads)
         assert config["model"]["ffn_hidden_size"] == sweep.scale.ffn_hidden_size * hidden // sweep.scale.hidden_size
-        tokens = sum(stage["tokens"] for stage in config["stages"]) if "stages" in config else config["train"]["train_tokens"]
+        tokens = (
+            sum(stage["tokens"] for stage in config["stages"])
+            if "stages" in config
+            else config["train"]["train_tokens"]
+        )
         assert tokens == budget
         steps = int((workdir / "checkpoints" / name / "latest_checkpointed_iteration.txt").read_text())
         steps_by_budget.setdefault((hidden, heads, budget), set()).add(steps)
@@ -69,8 +76,14 @@ def test_smoke_sweep_trains_every_cell_reports_and_resumes(tmp_path):
     assert "base_grammar" in scale and scale["base_grammar"]["query_share"] == sweep.base_grammar["query_share"]
 
     report = (output / "sweep.md").read_text()
-    for section in ("## Base models", "vs adaptation budget", "## Exact match minus abf_multistage's, paired by seed",
-                    "## Digit accuracy minus abf_multistage's, paired by seed", "## Trend", "## Model shapes at"):
+    for section in (
+        "## Base models",
+        "vs adaptation budget",
+        "## Exact match minus abf_multistage's, paired by seed",
+        "## Digit accuracy minus abf_multistage's, paired by seed",
+        "## Trend",
+        "## Model shapes at",
+    ):
         assert section in report
     assert "| 32 | 4 | 1 | 2 | 16,384 |" in report and "| 64 | 8 | 2 | 2 | 8,192 |" in report  # rounds, tokens
     for model in sweep.models():  # every shape in the comparison at heads_budget, with HARPE's paired difference
@@ -142,11 +155,17 @@ def test_fresh_queries_ask_each_value_once_and_only_after_its_needle():
 def test_paired_differences_compare_the_same_seed_on_either_score():
     from sweep_report import paired
 
-    cells = {(128, 8, 100, "harpe"): {1: {"exact": {512: 30.0}, "digits": {512: 60.0}},
-                                      2: {"exact": {512: 10.0}, "digits": {512: 50.0}}},
-             (128, 8, 100, "abf_multistage"): {2: {"exact": {512: 25.0}, "digits": {512: 45.0}},
-                                               3: {"exact": {512: 5.0}, "digits": {512: 20.0}}},
-             (256, 8, 100, "abf_multistage"): {1: {"exact": {512: 0.0}, "digits": {512: 0.0}}}}
+    cells = {
+        (128, 8, 100, "harpe"): {
+            1: {"exact": {512: 30.0}, "digits": {512: 60.0}},
+            2: {"exact": {512: 10.0}, "digits": {512: 50.0}},
+        },
+        (128, 8, 100, "abf_multistage"): {
+            2: {"exact": {512: 25.0}, "digits": {512: 45.0}},
+            3: {"exact": {512: 5.0}, "digits": {512: 20.0}},
+        },
+        (256, 8, 100, "abf_multistage"): {1: {"exact": {512: 0.0}, "digits": {512: 0.0}}},
+    }
     assert paired(cells, "harpe", "abf_multistage", (128, 8), 100, 512) == [-15.0]  # seed 2 only: both have it
     assert paired(cells, "harpe", "abf_multistage", (128, 8), 100, 512, "digits") == [5.0]
 
@@ -165,11 +184,18 @@ def test_extensions_of_a_passed_base_model_run_beside_the_next_base_round(tmp_pa
             self.phases.append((phase, [chain[0][0] for chain in chains]))
 
     # seed 1 of the budget sweep's model passes in round 1, everything else never does
-    monkeypatch.setattr(sweep_module, "exact_match_at",
-                        lambda eval_dir, length: 100.0 if eval_dir.name == "h4_base_seed1" else 0.0)
+    monkeypatch.setattr(
+        sweep_module, "exact_match_at", lambda eval_dir, length: 100.0 if eval_dir.name == "h4_base_seed1" else 0.0
+    )
     sweep, runner = sweep_module.SMOKE_SWEEP, RecordingRunner()
-    data = {"tokenizer": "t.json", "base_prefix": "b", "extension_prefix": "e", "base_mask": "bm",
-            "extension_mask": "em", "vocab_size": 128}
+    data = {
+        "tokenizer": "t.json",
+        "base_prefix": "b",
+        "extension_prefix": "e",
+        "base_mask": "bm",
+        "extension_mask": "em",
+        "vocab_size": 128,
+    }
     bases = sweep_module.train_and_extend(runner, sweep, data, data_dir := tmp_path / "out")
     (phase1, names1), (phase2, names2), (phase3, names3) = runner.phases
     assert phase1 == "base round 1" and len(names1) == 6  # 3 model shapes x 2 seeds
@@ -186,8 +212,11 @@ def test_extensions_of_a_passed_base_model_run_beside_the_next_base_round(tmp_pa
 def test_the_heads_comparison_is_chosen_on_the_command_line_and_checked(capsys):
     from sweep import build_parser, main, sweep_from_args
 
-    wide = sweep_from_args(build_parser().parse_args(
-        ["--output", "x", "--heads", "8", "16", "--heads-hidden", "256", "--heads-round-tokens", "1500000"]))
+    wide = sweep_from_args(
+        build_parser().parse_args(
+            ["--output", "x", "--heads", "8", "16", "--heads-hidden", "256", "--heads-round-tokens", "1500000"]
+        )
+    )
     assert wide.models() == [(128, 8), (256, 8), (256, 16)] and wide.round_tokens(256) == 1_500_000
     assert wide.round_tokens(128) == wide.base_round_tokens
     budget_runs = [run for run in wide.runs() if run[:2] == (128, 8)]
@@ -196,8 +225,9 @@ def test_the_heads_comparison_is_chosen_on_the_command_line_and_checked(capsys):
     assert wide.run_name(256, 16, 150_000, "harpe", 1) == "w256_h16_harpe_150k_seed1"
     default = sweep_from_args(build_parser().parse_args(["--output", "x"]))
     assert default.models() == [(128, 8), (128, 4)]
-    only = sweep_from_args(build_parser().parse_args(
-        ["--output", "x", "--heads", "8", "16", "--heads-hidden", "256", "--heads-only"]))
+    only = sweep_from_args(
+        build_parser().parse_args(["--output", "x", "--heads", "8", "16", "--heads-hidden", "256", "--heads-only"])
+    )
     assert only.models() == [(256, 8), (256, 16)]  # no 128-wide model, no budget sweep
     assert sorted({run[:3] for run in only.runs()}) == [(256, 8, 150_000), (256, 16, 150_000)]
     assert len(only.runs()) == 2 * 3 * 3
@@ -217,11 +247,18 @@ def test_a_heads_only_report_has_the_comparison_and_no_budget_tables():
     from sweep_report import markdown
 
     sweep = dataclasses.replace(SMOKE_SWEEP, heads_only=True)  # 4 and 8 heads at hidden 64
-    cells = {(64, heads, sweep.heads_budget, method): {
-        seed: {"exact": {64: 90.0, 256: score + seed}, "digits": {64: 95.0, 256: 50.0}} for seed in (1, 2)}
-        for heads in (4, 8) for method, score in (("harpe", 40.0 + heads), ("abf", 30.0), ("abf_multistage", 35.0))}
-    bases = {(64, heads, seed): {"rounds": 1, "tokens": 4096, "exact_match": 90.0, "passed": True}
-             for heads in (4, 8) for seed in (1, 2)}
+    cells = {
+        (64, heads, sweep.heads_budget, method): {
+            seed: {"exact": {64: 90.0, 256: score + seed}, "digits": {64: 95.0, 256: 50.0}} for seed in (1, 2)
+        }
+        for heads in (4, 8)
+        for method, score in (("harpe", 40.0 + heads), ("abf", 30.0), ("abf_multistage", 35.0))
+    }
+    bases = {
+        (64, heads, seed): {"rounds": 1, "tokens": 4096, "exact_match": 90.0, "passed": True}
+        for heads in (4, 8)
+        for seed in (1, 2)
+    }
     text, summary = markdown(cells, sweep, bases)
     assert "vs adaptation budget" not in text and "## Trend" not in text and "budgets" not in text
     assert "Heads per layer at equal width (hidden 64):" in text and "Rounds of 4,096 tokens until" in text

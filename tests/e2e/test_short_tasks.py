@@ -18,8 +18,8 @@ import subprocess
 import sys
 
 import pytest
-
 from lm_eval_tasks import SHORT_TASKS, TOLERANCE, assert_same_items, items, offline_environment, responses, write_tasks
+
 from megatron_harpe import parallel
 from megatron_harpe.eval.testing import save_tiny_llama, save_tiny_tokenizer
 
@@ -36,12 +36,30 @@ def setup(tmp_path_factory):
     save_tiny_tokenizer(hf_dir)
     save_tiny_llama(hf_dir, seed=3)
     megatron_dir = str(root / "megatron")
-    converted = subprocess.run([sys.executable, os.path.join(REPO, "tools", "convert_checkpoint.py"), "hf-to-megatron",
-                                "--input", hf_dir, "--output", megatron_dir], capture_output=True, text=True,
-                               cwd=REPO, env={**os.environ, **environment}, timeout=600)
+    converted = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO, "tools", "convert_checkpoint.py"),
+            "hf-to-megatron",
+            "--input",
+            hf_dir,
+            "--output",
+            megatron_dir,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, **environment},
+        timeout=600,
+    )
     assert converted.returncode == 0, converted.stderr[-3000:]
-    return {"root": root, "hf": hf_dir, "megatron": megatron_dir, "tasks": write_tasks(str(root / "tasks")),
-            "environment": environment}
+    return {
+        "root": root,
+        "hf": hf_dir,
+        "megatron": megatron_dir,
+        "tasks": write_tasks(str(root / "tasks")),
+        "environment": environment,
+    }
 
 
 def load_tool():
@@ -54,9 +72,22 @@ def hf_run(setup):
     """lm-eval's own Hugging Face model on the HF directory, through the tool in this process."""
     output = str(setup["root"] / "out_hf")
     tool = load_tool()
-    args = tool.build_parser().parse_args(["--model", setup["hf"], "--task", "short", "--short-tasks", SHORT_TASKS,
-                                           "--lm-eval-include", setup["tasks"], "--output-dir", output,
-                                           "--save-predictions", "--no-progress"])
+    args = tool.build_parser().parse_args(
+        [
+            "--model",
+            setup["hf"],
+            "--task",
+            "short",
+            "--short-tasks",
+            SHORT_TASKS,
+            "--lm-eval-include",
+            setup["tasks"],
+            "--output-dir",
+            output,
+            "--save-predictions",
+            "--no-progress",
+        ]
+    )
     from megatron_harpe.eval.evaluation import run_evaluation
 
     run_evaluation(args)
@@ -68,16 +99,39 @@ def megatron_run(setup, hf_run):
     """Our wrapper on the converted checkpoint, through the CLI, against the HF run as baseline."""
     output = str(setup["root"] / "out_megatron")
     completed = subprocess.run(
-        [sys.executable, TOOL, "--model", setup["megatron"], "--task", "short", "--short-tasks", SHORT_TASKS,
-         "--lm-eval-include", setup["tasks"], "--output-dir", output, "--save-predictions", "--baseline", hf_run],
-        capture_output=True, text=True, cwd=REPO, env={**os.environ, **setup["environment"]}, timeout=900)
+        [
+            sys.executable,
+            TOOL,
+            "--model",
+            setup["megatron"],
+            "--task",
+            "short",
+            "--short-tasks",
+            SHORT_TASKS,
+            "--lm-eval-include",
+            setup["tasks"],
+            "--output-dir",
+            output,
+            "--save-predictions",
+            "--baseline",
+            hf_run,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, **setup["environment"]},
+        timeout=900,
+    )
     assert completed.returncode == 0, completed.stderr[-3000:]
     return output, completed
 
 
 def test_both_paths_give_the_same_log_likelihoods_text_and_scores(hf_run, megatron_run):
     output, _ = megatron_run
-    reference, ours = items(os.path.join(hf_run, "short_samples.jsonl")), items(os.path.join(output, "short_samples.jsonl"))
+    reference, ours = (
+        items(os.path.join(hf_run, "short_samples.jsonl")),
+        items(os.path.join(output, "short_samples.jsonl")),
+    )
     assert {key[0] for key in reference} == {"harpe_tiny_mc", "harpe_tiny_gen", "harpe_tiny_text"}
     choices = [len(record["responses"]) for key, record in reference.items() if key[0] == "harpe_tiny_mc"]
     assert choices == [4] * 28  # every question's four choices scored
@@ -88,8 +142,11 @@ def test_both_paths_give_the_same_log_likelihoods_text_and_scores(hf_run, megatr
     for name, cell in hf_short["tasks"].items():
         theirs = megatron_short["tasks"][name]
         assert theirs["score"] == pytest.approx(cell["score"], rel=1e-6), name
-        assert (theirs["version"], theirs["num_fewshot"], theirs["samples"]) == (cell["version"], cell["num_fewshot"],
-                                                                                 cell["samples"])
+        assert (theirs["version"], theirs["num_fewshot"], theirs["samples"]) == (
+            cell["version"],
+            cell["num_fewshot"],
+            cell["samples"],
+        )
     assert hf_short["tasks"]["harpe_tiny_mc"]["num_fewshot"] == 2 and hf_short["tasks"]["harpe_tiny_mc"]["stderr"] > 0
     assert hf_short["harness"] == "lm-evaluation-harness 0.4.13"
 
@@ -107,8 +164,11 @@ def test_baseline_adds_a_retention_column_and_the_run_is_quiet(megatron_run):
     assert "| baseline | retention |" in table and "| harpe_tiny_mc | 2 | acc_norm |" in table
     assert "harpe_tiny_mc (2-shot acc_norm):" in completed.stdout  # printed when the task finished
     # lm-eval's logging, warnings, bars and `git describe` go to the log file, not the terminal
-    noise = [line for line in completed.stderr.splitlines()  # our own progress bar and GPU note are ours
-             if line.strip() and not line.startswith(("note: Transformer Engine", "short tasks: "))]
+    noise = [
+        line
+        for line in completed.stderr.splitlines()  # our own progress bar and GPU note are ours
+        if line.strip() and not line.startswith(("note: Transformer Engine", "short tasks: "))
+    ]
     assert not noise, noise
     assert os.path.getsize(os.path.join(output, "lm_eval.log")) > 0
 
@@ -140,17 +200,22 @@ def _wrapped_items(checkpoint: str, tasks: str, environment: dict[str, str]) -> 
     manager = TaskManager(include_path=tasks)
     found = {}
     for name, cls in (("wrapper", MegatronLM), ("dropped_bos", DroppedBos), ("shifted", ShiftedContinuation)):
-        output = lm_eval.simple_evaluate(model=cls(backend), tasks=["harpe_tiny_mc"], num_fewshot=2, limit=8,
-                                         task_manager=manager, verbosity="ERROR")
-        found[name] = {(s["doc_id"], json.dumps(s["arguments"])): [r[0][0] for r in s["resps"]]
-                       for s in output["samples"]["harpe_tiny_mc"]}
+        output = lm_eval.simple_evaluate(
+            model=cls(backend), tasks=["harpe_tiny_mc"], num_fewshot=2, limit=8, task_manager=manager, verbosity="ERROR"
+        )
+        found[name] = {
+            (s["doc_id"], json.dumps(s["arguments"])): [r[0][0] for r in s["resps"]]
+            for s in output["samples"]["harpe_tiny_mc"]
+        }
     return found
 
 
 def test_a_broken_wrapper_does_not_match(setup, hf_run):
-    reference = {(key[1], key[2]): [pair[0] for pair in responses(record)]
-                 for key, record in items(os.path.join(hf_run, "short_samples.jsonl")).items()
-                 if key[0] == "harpe_tiny_mc"}
+    reference = {
+        (key[1], key[2]): [pair[0] for pair in responses(record)]
+        for key, record in items(os.path.join(hf_run, "short_samples.jsonl")).items()
+        if key[0] == "harpe_tiny_mc"
+    }
     variants = parallel.run_on_ranks(_wrapped_items, 1, setup["megatron"], setup["tasks"], setup["environment"])[0]
 
     def largest_gap(found):
@@ -176,11 +241,20 @@ def _sharded_items(checkpoint: str, tasks: str, environment: dict[str, str]) -> 
     found = {}
     for name, tp, cp in (("tp2", 2, 1), ("cp2", 1, 2)):
         backend = load_backend(checkpoint, tensor_parallel=tp, context_parallel=cp)
-        output = lm_eval.simple_evaluate(model=MegatronLM(backend), tasks=["harpe_tiny_mc", "harpe_tiny_gen"],
-                                         num_fewshot=2, limit=4, task_manager=manager, verbosity="ERROR")
+        output = lm_eval.simple_evaluate(
+            model=MegatronLM(backend),
+            tasks=["harpe_tiny_mc", "harpe_tiny_gen"],
+            num_fewshot=2,
+            limit=4,
+            task_manager=manager,
+            verbosity="ERROR",
+        )
         if output is not None:
-            found[name] = {(task, s["doc_id"], json.dumps(s["arguments"])): {"responses": s["resps"]}
-                           for task in ("harpe_tiny_mc", "harpe_tiny_gen") for s in output["samples"][task]}
+            found[name] = {
+                (task, s["doc_id"], json.dumps(s["arguments"])): {"responses": s["resps"]}
+                for task in ("harpe_tiny_mc", "harpe_tiny_gen")
+                for s in output["samples"][task]
+            }
     return found
 
 

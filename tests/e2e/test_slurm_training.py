@@ -93,7 +93,10 @@ def test_launch_trains_then_requeue_resumes(tmp_path: Path, demo_workdir: Path) 
     assert find_latest_checkpoint(tmp_path / "checkpoints").name == "iter_0000004"
 
     job_dir = tmp_path / "runs" / "demo_cpu" / "slurm-31337"
-    assert {p.name for p in job_dir.glob("launch-*.json")} == {"launch-restart0-node0.json", "launch-restart1-node0.json"}
+    assert {p.name for p in job_dir.glob("launch-*.json")} == {
+        "launch-restart0-node0.json",
+        "launch-restart1-node0.json",
+    }
     rank_logs = list((job_dir / "restart-1" / "node-0").rglob("stdout.log"))
     assert len(rank_logs) == 2, "one log file per rank"
     assert any("resumed from" in path.read_text() for path in rank_logs)

@@ -33,23 +33,54 @@ pytestmark = [
 
 def run(*args: str) -> None:
     environment = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    completed = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=REPO,
-                               env=environment, timeout=7200)
+    completed = subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, cwd=REPO, env=environment, timeout=7200
+    )
     assert completed.returncode == 0, completed.stderr[-3000:]
 
 
 @pytest.mark.timeout(7200)
 def test_hf_and_megatron_backends_agree_cell_by_cell_on_smollm2(tmp_path):
     hf_dir, megatron_dir = tmp_path / "hf", tmp_path / "megatron"
-    run("-c", "import sys; from megatron_harpe.eval.testing import save_smollm2_hf; save_smollm2_hf(sys.argv[1])",
-        str(hf_dir))
-    run("tools/convert_checkpoint.py", "hf-to-megatron", "--input", str(hf_dir), "--output", str(megatron_dir),
-        "--verify")
-    common = ["--task", TASKS, "--lengths", "512", "--samples", "2", "--scoring", "teacher_forcing",
-              "--chat-template", "auto", "--save-predictions", "--no-progress"]
+    run(
+        "-c",
+        "import sys; from megatron_harpe.eval.testing import save_smollm2_hf; save_smollm2_hf(sys.argv[1])",
+        str(hf_dir),
+    )
+    run(
+        "tools/convert_checkpoint.py",
+        "hf-to-megatron",
+        "--input",
+        str(hf_dir),
+        "--output",
+        str(megatron_dir),
+        "--verify",
+    )
+    common = [
+        "--task",
+        TASKS,
+        "--lengths",
+        "512",
+        "--samples",
+        "2",
+        "--scoring",
+        "teacher_forcing",
+        "--chat-template",
+        "auto",
+        "--save-predictions",
+        "--no-progress",
+    ]
     run("tools/evaluate.py", "--model", str(hf_dir), *common, "--output-dir", str(tmp_path / "eval_hf"))
-    run("tools/evaluate.py", "--model", str(megatron_dir), "--tokenizer", str(hf_dir), *common,
-        "--output-dir", str(tmp_path / "eval_megatron"))
+    run(
+        "tools/evaluate.py",
+        "--model",
+        str(megatron_dir),
+        "--tokenizer",
+        str(hf_dir),
+        *common,
+        "--output-dir",
+        str(tmp_path / "eval_megatron"),
+    )
     hf = json.loads((tmp_path / "eval_hf" / "results.json").read_text())
     megatron = json.loads((tmp_path / "eval_megatron" / "results.json").read_text())
     assert hf["provenance"]["prompt"]["chat_template"] == "tokenizer"
@@ -60,6 +91,8 @@ def test_hf_and_megatron_backends_agree_cell_by_cell_on_smollm2(tmp_path):
             assert megatron["tasks"][task][length]["prompt_tokens_mean"] == cell["prompt_tokens_mean"]
     hf_outputs = [line for line in (tmp_path / "eval_hf" / "predictions.jsonl").read_text().splitlines()]
     megatron_outputs = [line for line in (tmp_path / "eval_megatron" / "predictions.jsonl").read_text().splitlines()]
-    assert [json.loads(line)["output"] for line in hf_outputs] == [json.loads(line)["output"] for line in megatron_outputs]
+    assert [json.loads(line)["output"] for line in hf_outputs] == [
+        json.loads(line)["output"] for line in megatron_outputs
+    ]
     # a pretrained model, not a random one: it finds single needles at 512 tokens
     assert hf["tasks"]["niah_single_1"]["512"]["score"] > 0

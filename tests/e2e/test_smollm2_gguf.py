@@ -35,8 +35,15 @@ MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 
 def _convert(*args: str) -> None:
     environment = dict(os.environ, OMP_NUM_THREADS="2")
-    result = subprocess.run([sys.executable, "tools/convert_checkpoint.py", *args], capture_output=True, text=True,
-                            cwd=REPO, env=environment, timeout=1800, stdin=subprocess.DEVNULL)
+    result = subprocess.run(
+        [sys.executable, "tools/convert_checkpoint.py", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=environment,
+        timeout=1800,
+        stdin=subprocess.DEVNULL,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -70,6 +77,7 @@ def test_smollm2_gguf_round_trip(tmp_path: Path) -> None:
 
     text = "The quick brown fox jumps over the lazy dog."
     megatron_ids, hf_ids, megatron_out, hf_out = parallel.run_on_ranks(
-        _generate, 1, str(checkpoint), str(export), text)[0]
+        _generate, 1, str(checkpoint), str(export), text
+    )[0]
     assert megatron_ids == hf_ids
     assert megatron_out == hf_out and len(megatron_out) > 0

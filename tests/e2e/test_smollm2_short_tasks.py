@@ -16,7 +16,6 @@ import subprocess
 import sys
 
 import pytest
-
 from lm_eval_tasks import SHORT_TASKS, assert_same_items, items, offline_environment, write_tasks
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -31,8 +30,14 @@ pytestmark = [
 
 
 def run(*args: str, environment: dict[str, str]) -> subprocess.CompletedProcess:
-    completed = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=REPO,
-                               env={**os.environ, **environment}, timeout=7200)
+    completed = subprocess.run(
+        [sys.executable, *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, **environment},
+        timeout=7200,
+    )
     assert completed.returncode == 0, completed.stderr[-3000:]
     return completed
 
@@ -42,16 +47,51 @@ def test_smollm2_gives_the_same_items_and_scores_through_both_paths(tmp_path):
     environment = offline_environment(str(tmp_path / "datasets_cache"))
     hf_dir, megatron_dir = tmp_path / "hf", tmp_path / "megatron"
     tasks = write_tasks(str(tmp_path / "tasks"))
-    run("-c", "import sys; from megatron_harpe.eval.testing import save_smollm2_hf; save_smollm2_hf(sys.argv[1])",
-        str(hf_dir), environment=environment)
-    run("tools/convert_checkpoint.py", "hf-to-megatron", "--input", str(hf_dir), "--output", str(megatron_dir),
-        environment=environment)
-    common = ["--task", "short", "--short-tasks", SHORT_TASKS, "--lm-eval-include", tasks, "--save-predictions",
-              "--no-progress"]
-    run("tools/evaluate.py", "--model", str(hf_dir), *common, "--output-dir", str(tmp_path / "hf_out"),
-        environment=environment)
-    run("tools/evaluate.py", "--model", str(megatron_dir), *common, "--output-dir", str(tmp_path / "megatron_out"),
-        "--baseline", str(tmp_path / "hf_out"), environment=environment)
+    run(
+        "-c",
+        "import sys; from megatron_harpe.eval.testing import save_smollm2_hf; save_smollm2_hf(sys.argv[1])",
+        str(hf_dir),
+        environment=environment,
+    )
+    run(
+        "tools/convert_checkpoint.py",
+        "hf-to-megatron",
+        "--input",
+        str(hf_dir),
+        "--output",
+        str(megatron_dir),
+        environment=environment,
+    )
+    common = [
+        "--task",
+        "short",
+        "--short-tasks",
+        SHORT_TASKS,
+        "--lm-eval-include",
+        tasks,
+        "--save-predictions",
+        "--no-progress",
+    ]
+    run(
+        "tools/evaluate.py",
+        "--model",
+        str(hf_dir),
+        *common,
+        "--output-dir",
+        str(tmp_path / "hf_out"),
+        environment=environment,
+    )
+    run(
+        "tools/evaluate.py",
+        "--model",
+        str(megatron_dir),
+        *common,
+        "--output-dir",
+        str(tmp_path / "megatron_out"),
+        "--baseline",
+        str(tmp_path / "hf_out"),
+        environment=environment,
+    )
     reference = items(str(tmp_path / "hf_out" / "short_samples.jsonl"))
     ours = items(str(tmp_path / "megatron_out" / "short_samples.jsonl"))
     assert_same_items(reference, ours, tolerance=2e-3)  # 30 layers of fp32 in two implementations

@@ -30,21 +30,56 @@ def harpe_dir(tmp_path_factory) -> str:
 
 def _run(*args: str) -> subprocess.CompletedProcess:
     environment = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=REPO, env=environment,
-                          stdin=subprocess.DEVNULL, timeout=600)
+    return subprocess.run(
+        [sys.executable, *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=environment,
+        stdin=subprocess.DEVNULL,
+        timeout=600,
+    )
 
 
 def test_evaluate_with_trust_remote_code_never_prompts(harpe_dir, tmp_path):
-    result = _run("tools/evaluate.py", "--model", harpe_dir, "--trust-remote-code", "--task", "passkey",
-                  "--lengths", "256", "--samples", "1", "--scoring", "teacher_forcing", "--no-progress",
-                  "--output-dir", str(tmp_path / "eval"))
+    result = _run(
+        "tools/evaluate.py",
+        "--model",
+        harpe_dir,
+        "--trust-remote-code",
+        "--task",
+        "passkey",
+        "--lengths",
+        "256",
+        "--samples",
+        "1",
+        "--scoring",
+        "teacher_forcing",
+        "--no-progress",
+        "--output-dir",
+        str(tmp_path / "eval"),
+    )
     assert result.returncode == 0, result.stderr
     assert PROMPT not in result.stdout + result.stderr
 
 
 def test_oracle_tokenizer_from_a_remote_code_directory_never_prompts(harpe_dir, tmp_path):
-    result = _run("tools/evaluate.py", "--model", "oracle", "--tokenizer", harpe_dir, "--trust-remote-code",
-                  "--task", "passkey", "--lengths", "256", "--samples", "1", "--no-progress",
-                  "--output-dir", str(tmp_path / "eval"))
+    result = _run(
+        "tools/evaluate.py",
+        "--model",
+        "oracle",
+        "--tokenizer",
+        harpe_dir,
+        "--trust-remote-code",
+        "--task",
+        "passkey",
+        "--lengths",
+        "256",
+        "--samples",
+        "1",
+        "--no-progress",
+        "--output-dir",
+        str(tmp_path / "eval"),
+    )
     assert result.returncode == 0, result.stderr
     assert PROMPT not in result.stdout + result.stderr

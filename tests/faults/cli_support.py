@@ -55,16 +55,20 @@ runpy.run_path(target, run_name="__main__")
 
 
 def environment(**extra: str) -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items()
-           if not key.startswith(("MEGATRON_HARPE_", "TORCHELASTIC")) and key not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("MEGATRON_HARPE_", "TORCHELASTIC")) and key not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+    }
     env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO), **extra)
     return env
 
 
 def run(*args: str, timeout: int = 600, **env: str) -> subprocess.CompletedProcess:
     """`python <args>` from the repository root."""
-    return subprocess.run([sys.executable, *args], cwd=REPO, env=environment(**env), capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, *args], cwd=REPO, env=environment(**env), capture_output=True, text=True, timeout=timeout
+    )
 
 
 def run_probing_imports(*args: str) -> tuple[subprocess.CompletedProcess, set[str]]:

@@ -40,8 +40,15 @@ def copy_dataset(prefix: str, target_dir: Path, name: str = "copy") -> str:
 def tiny_training_config(path: Path, prefix: str, tokenizer: str, **sections) -> Path:
     """A 2-layer config over `prefix` written to `path` (for --dry-run and short runs)."""
     tree = {
-        "model": dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128,
-                      vocab_size=4096, max_position_embeddings=64),
+        "model": dict(
+            num_layers=2,
+            hidden_size=64,
+            num_attention_heads=4,
+            num_query_groups=2,
+            ffn_hidden_size=128,
+            vocab_size=4096,
+            max_position_embeddings=64,
+        ),
         "position": {"type": "harpe", "bases": [300.0, 30000.0]},
         "data": {"prefixes": [prefix], "tokenizer": tokenizer, "seq_length": 64},
         "train": {"micro_batch_size": 1, "global_batch_size": 2, "train_tokens": 2 * 2 * 64, "lr": 3e-3},

@@ -36,8 +36,10 @@ def _tiny_model():
     from megatron_harpe.position.config import PositionConfig
 
     parallel.initialize(1, 1)
-    return build_model(ModelConfig(num_layers=1, hidden_size=32, num_attention_heads=2, ffn_hidden_size=64,
-                                   vocab_size=64), PositionConfig())
+    return build_model(
+        ModelConfig(num_layers=1, hidden_size=32, num_attention_heads=2, ffn_hidden_size=64, vocab_size=64),
+        PositionConfig(),
+    )
 
 
 def _save(model, save_dir: str, iteration: int) -> None:
@@ -80,13 +82,17 @@ def test_damaged_iterations_are_named_and_skipped_for_the_newest_intact_one(tmp_
 
     with caplog.at_level(logging.WARNING):
         assert find_latest_checkpoint(save_dir) == save_dir / "iter_0000001"
-    assert ("damaged checkpoint iter_0000003 (train_state.json is missing); iter_0000002 (dist/__0_0.distcp is "
-            "truncated") in caplog.text and "falling back to iter_0000001, the newest intact one" in caplog.text
+    assert (
+        "damaged checkpoint iter_0000003 (train_state.json is missing); iter_0000002 (dist/__0_0.distcp is truncated"
+    ) in caplog.text and "falling back to iter_0000001, the newest intact one" in caplog.text
 
     (save_dir / "iter_0000001" / "dist" / ".metadata").write_bytes(b"\x80\x04garbage")
-    with pytest.raises(ValueError, match=r"no intact checkpoint in .*: iter_0000003 \(train_state.json is missing\); "
-                                         r"iter_0000002 \(dist/__0_0.distcp is truncated \(100 of at least \d+ bytes\)\); "
-                                         r"iter_0000001 \(dist/.metadata is damaged"):
+    with pytest.raises(
+        ValueError,
+        match=r"no intact checkpoint in .*: iter_0000003 \(train_state.json is missing\); "
+        r"iter_0000002 \(dist/__0_0.distcp is truncated \(100 of at least \d+ bytes\)\); "
+        r"iter_0000001 \(dist/.metadata is damaged",
+    ):
         find_latest_checkpoint(save_dir)
     shutil.rmtree(save_dir)
     save_dir.mkdir()
@@ -121,8 +127,16 @@ def test_a_really_full_and_a_read_only_filesystem(tmp_path: Path) -> None:
     """)
     (tmp_path / "run.py").write_text(script)
     completed = subprocess.run(
-        ["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=4m tmpfs {mount} && {sys.executable} {tmp_path / 'run.py'}"],
-        capture_output=True, text=True, timeout=900,
+        [
+            "unshare",
+            "-rm",
+            "sh",
+            "-c",
+            f"mount -t tmpfs -o size=4m tmpfs {mount} && {sys.executable} {tmp_path / 'run.py'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     report = json.loads(completed.stdout.strip().splitlines()[-1])

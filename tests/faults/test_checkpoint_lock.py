@@ -50,8 +50,11 @@ def _dead_pid() -> int:
 
 def test_second_run_is_refused_with_the_holders_host_pid_and_job(other_run) -> None:
     save_dir, pid = other_run
-    with pytest.raises(CheckpointDirLocked, match=rf"{save_dir} is in use by another run \(host "
-                                                  rf"{socket.gethostname()} pid {pid} \(Slurm job 4242\)"):
+    with pytest.raises(
+        CheckpointDirLocked,
+        match=rf"{save_dir} is in use by another run \(host "
+        rf"{socket.gethostname()} pid {pid} \(Slurm job 4242\)",
+    ):
         RunLock(save_dir).acquire()
     with pytest.raises(CheckpointDirLocked, match=f"pid {pid}"):
         run_lock.check_not_locked_by_other(save_dir)  # what save_checkpoint asks first
@@ -62,8 +65,10 @@ def test_stale_lock_of_a_dead_process_on_this_host_is_taken_over(tmp_path: Path)
     (tmp_path / run_lock.LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": dead}))
     lock = RunLock(tmp_path).acquire()
     try:
-        assert lock.messages == [f"took over the stale lock of {tmp_path} from host {socket.gethostname()} pid {dead}, "
-                                 f"started ?: process {dead} on this host is gone"]
+        assert lock.messages == [
+            f"took over the stale lock of {tmp_path} from host {socket.gethostname()} pid {dead}, "
+            f"started ?: process {dead} on this host is gone"
+        ]
         assert json.loads((tmp_path / run_lock.LOCK_FILE).read_text())["pid"] == os.getpid()
         run_lock.check_not_locked_by_other(tmp_path)  # our own lock does not stop our saves
     finally:
@@ -113,7 +118,9 @@ def test_leftovers_of_killed_saves_are_removed_once_the_lock_is_held(tmp_path: P
     lines: list[str] = []
     with run_lock.hold_checkpoint_dir(tmp_path, Ctx(), lines.append):
         assert sorted(p.name for p in tmp_path.iterdir()) == [run_lock.LOCK_FILE, "iter_0000004"]
-    assert lines == [f"removed 2 leftover(s) of an interrupted save in {tmp_path}: iter_0000002.deleting, iter_0000006.tmp"]
+    assert lines == [
+        f"removed 2 leftover(s) of an interrupted save in {tmp_path}: iter_0000002.deleting, iter_0000006.tmp"
+    ]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000004"]
 
 
@@ -125,8 +132,10 @@ def _save_into_locked_dir(save_dir: str) -> str:
     from megatron_harpe.position.config import PositionConfig
 
     parallel.initialize(1, 1)
-    model = build_model(ModelConfig(num_layers=1, hidden_size=32, num_attention_heads=2, ffn_hidden_size=64,
-                                    vocab_size=64), PositionConfig())
+    model = build_model(
+        ModelConfig(num_layers=1, hidden_size=32, num_attention_heads=2, ffn_hidden_size=64, vocab_size=64),
+        PositionConfig(),
+    )
     try:
         save_checkpoint(save_dir, 7, model=model, config={}, train_state={})
     except CheckpointDirLocked as error:
@@ -160,7 +169,10 @@ def test_a_second_training_run_on_a_live_runs_checkpoint_dir_is_refused(tmp_path
         assert holder in _workers(process.pid)  # rank 0 of the live run holds the directory
         second = subprocess.run(
             [sys.executable, str(ROOT / "pretrain_harpe.py"), "--config", str(tmp_path / "run.yaml")],
-            capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)},
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
         )
     finally:
         os.killpg(process.pid, signals.SIGKILL)

@@ -38,8 +38,9 @@ def test_impossible_values_fail_the_dry_run_in_one_line(overrides, names):
 
 def test_missing_data_prefix_fails_before_launch(tmp_path):
     prefix = tmp_path / "nothing_here_text_document"
-    completed = run("pretrain_harpe.py", "--config", DEMO, "--dry-run", f"--data.prefixes=[{prefix}]",
-                    "--parallel.context", "1")
+    completed = run(
+        "pretrain_harpe.py", "--config", DEMO, "--dry-run", f"--data.prefixes=[{prefix}]", "--parallel.context", "1"
+    )
     assert completed.returncode == 2
     (line,) = error_lines(completed.stderr)
     assert "data.prefixes[0]" in line and f"{prefix}.bin" in line and "prepare_data.py" in line

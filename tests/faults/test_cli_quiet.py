@@ -52,10 +52,20 @@ def _only_our_lines(stderr: str) -> None:
 def test_prepare_data_is_quiet(demo_data, tmp_path):
     sample = tmp_path / "sample.jsonl"
     sample.write_text("".join(demo_data.corpus.read_text().splitlines(keepends=True)[:50]))
-    completed = run("tools/prepare_data.py", "tokenize", "--inputs", str(sample), "--tokenizer", str(demo_data.tokenizer),
-                    "--output", str(tmp_path / "out"), "--workers", "0")
+    completed = run(
+        "tools/prepare_data.py",
+        "tokenize",
+        "--inputs",
+        str(sample),
+        "--tokenizer",
+        str(demo_data.tokenizer),
+        "--output",
+        str(tmp_path / "out"),
+        "--workers",
+        "0",
+    )
     assert completed.returncode == 0, completed.stderr
-    assert json.loads(completed.stdout[completed.stdout.index("{"):])["documents"] == 50
+    assert json.loads(completed.stdout[completed.stdout.index("{") :])["documents"] == 50
     _only_our_lines(completed.stderr)
     assert NOTE not in completed.stderr  # data preparation does not care about GPU libraries
 
@@ -70,9 +80,22 @@ def tiny_checkpoint(tmp_path_factory):
     source.mkdir()
     save_tiny_tokenizer(str(source))
     save_tiny_llama(str(source), seed=0)
-    completed = run("tools/convert_checkpoint.py", "hf-to-megatron", "--input", str(source), "--output",
-                    str(root / "megatron"), "--position.type", "harpe", "--position.strategy", "uniform",
-                    "--position.base_min", "1000", "--position.base_max", "100000")
+    completed = run(
+        "tools/convert_checkpoint.py",
+        "hf-to-megatron",
+        "--input",
+        str(source),
+        "--output",
+        str(root / "megatron"),
+        "--position.type",
+        "harpe",
+        "--position.strategy",
+        "uniform",
+        "--position.base_min",
+        "1000",
+        "--position.base_max",
+        "100000",
+    )
     return completed, source, root / "megatron"
 
 
@@ -85,16 +108,37 @@ def test_conversion_is_quiet(tiny_checkpoint):
 
 def test_conversion_verbose_shows_the_third_party_warnings(tiny_checkpoint, tmp_path):
     _, source, _ = tiny_checkpoint
-    completed = run("tools/convert_checkpoint.py", "hf-to-megatron", "--verbose", "--input", str(source),
-                    "--output", str(tmp_path / "out"))
+    completed = run(
+        "tools/convert_checkpoint.py",
+        "hf-to-megatron",
+        "--verbose",
+        "--input",
+        str(source),
+        "--output",
+        str(tmp_path / "out"),
+    )
     assert completed.returncode == 0, completed.stderr
     assert any("megatron/core" in line and "UserWarning" in line for line in completed.stderr.splitlines())
 
 
 def test_evaluation_of_a_checkpoint_is_quiet(tiny_checkpoint, tmp_path):
     _, source, checkpoint = tiny_checkpoint
-    completed = run("tools/evaluate.py", "--model", str(checkpoint), "--tokenizer", str(source), "--task", "passkey",
-                    "--lengths", "256", "--samples", "1", "--no-progress", "--output-dir", str(tmp_path))
+    completed = run(
+        "tools/evaluate.py",
+        "--model",
+        str(checkpoint),
+        "--tokenizer",
+        str(source),
+        "--task",
+        "passkey",
+        "--lengths",
+        "256",
+        "--samples",
+        "1",
+        "--no-progress",
+        "--output-dir",
+        str(tmp_path),
+    )
     assert completed.returncode == 0, completed.stderr
     assert "| passkey |" in completed.stdout
     _only_our_lines(completed.stderr)
@@ -124,10 +168,15 @@ def test_transformers_progress_bars_are_off_unless_verbose():
     import subprocess
     import sys
 
-    probe = ("import megatron_harpe.cli; import transformers.utils.logging as l; "
-             "print(l.is_progress_bar_enabled())")
+    probe = "import megatron_harpe.cli; import transformers.utils.logging as l; print(l.is_progress_bar_enabled())"
     for extra_env, expected in (({}, "False"), ({"MEGATRON_HARPE_VERBOSE": "1"}, "True")):
         env = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"}
-        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO,
-                             env={**env, **extra_env}, check=True).stdout.split()
+        out = subprocess.run(
+            [sys.executable, "-c", probe],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            env={**env, **extra_env},
+            check=True,
+        ).stdout.split()
         assert out[-1] == expected, (extra_env, out)

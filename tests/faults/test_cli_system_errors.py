@@ -28,9 +28,20 @@ def test_prepare_data_into_an_unwritable_directory(demo_data, tmp_path, code, sa
     sample.write_text("".join(demo_data.corpus.read_text().splitlines(keepends=True)[:20]))
     output = tmp_path / "out"
     output.mkdir()
-    completed = run_with_failing_writes(code, output, "tools/prepare_data.py", "tokenize", "--inputs", str(sample),
-                                        "--tokenizer", str(demo_data.tokenizer), "--output",
-                                        str(output / "train"), "--workers", "0")
+    completed = run_with_failing_writes(
+        code,
+        output,
+        "tools/prepare_data.py",
+        "tokenize",
+        "--inputs",
+        str(sample),
+        "--tokenizer",
+        str(demo_data.tokenizer),
+        "--output",
+        str(output / "train"),
+        "--workers",
+        "0",
+    )
     assert completed.returncode == 2, completed.stderr
     (line,) = error_lines(completed.stderr)
     assert says in line and str(output) in line
@@ -61,13 +72,17 @@ def _damaged_copy(source, target, damage):
     "name,damage",
     [
         ("config.json", lambda d: (d / "config.json").write_text('{"hidden_size": 64,')),
-        ("model.safetensors", lambda d: os.truncate(d / "model.safetensors", (d / "model.safetensors").stat().st_size // 2)),
+        (
+            "model.safetensors",
+            lambda d: os.truncate(d / "model.safetensors", (d / "model.safetensors").stat().st_size // 2),
+        ),
     ],
 )
 def test_conversion_of_a_damaged_model_names_the_file(hf_model, tmp_path, name, damage):
     source = _damaged_copy(hf_model, tmp_path / "source", damage)
-    completed = run("tools/convert_checkpoint.py", "hf-to-megatron", "--input", str(source),
-                    "--output", str(tmp_path / "out"))
+    completed = run(
+        "tools/convert_checkpoint.py", "hf-to-megatron", "--input", str(source), "--output", str(tmp_path / "out")
+    )
     assert completed.returncode == 2, completed.stderr  # the README promises 2 for bad input
     (line,) = error_lines(completed.stderr)
     assert str(source / name) in line
@@ -120,8 +135,15 @@ def test_ctrl_c_stops_a_two_process_run_with_one_line(demo_data, tmp_path):
         "--data.demo_workdir", str(demo_data.corpus.parent), "--logging.log_interval", "1",
         "--logging.tensorboard_dir", "null",
     ]  # fmt: skip
-    process = subprocess.Popen(command, cwd=REPO, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, start_new_session=True)
+    process = subprocess.Popen(
+        command,
+        cwd=REPO,
+        env=environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     for line in process.stdout:
         if line.startswith("step 3/"):  # iteration 2 is saved
             os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in the terminal does

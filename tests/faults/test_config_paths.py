@@ -31,8 +31,11 @@ def test_relative_paths_in_a_config_follow_its_directory_and_overrides_the_curre
     (tmp_path / "configs").mkdir()
     (tmp_path / "elsewhere").mkdir()
     config = tmp_path / "configs" / "run.yaml"
-    config.write_text(yaml.safe_dump({"data": {"demo_workdir": "../runs/data", "tokenizer": "~/tok.model"},
-                                      "checkpoint": {"save": "ckpt"}}))
+    config.write_text(
+        yaml.safe_dump(
+            {"data": {"demo_workdir": "../runs/data", "tokenizer": "~/tok.model"}, "checkpoint": {"save": "ckpt"}}
+        )
+    )
     monkeypatch.chdir(tmp_path / "elsewhere")
     cfg = load_config(config, ["logging.tensorboard_dir=tb"])
     assert cfg.checkpoint.save == str(tmp_path / "configs" / "ckpt")
@@ -49,8 +52,11 @@ def test_a_relative_path_whose_meaning_changed_is_refused_naming_both_places(tmp
     config = tmp_path / "configs" / "run.yaml"
     config.write_text(yaml.safe_dump({"checkpoint": {"save": "runs/x"}}))
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ValueError, match=rf"checkpoint.save: 'runs/x' in {config} means {tmp_path}/configs/runs/x .* "
-                                         rf"but {tmp_path}/runs/x .* holds checkpoints of an earlier run"):
+    with pytest.raises(
+        ValueError,
+        match=rf"checkpoint.save: 'runs/x' in {config} means {tmp_path}/configs/runs/x .* "
+        rf"but {tmp_path}/runs/x .* holds checkpoints of an earlier run",
+    ):
         load_config(config)
     assert load_config(config, ["checkpoint.save=runs/x"]).checkpoint.save == str(tmp_path / "runs" / "x")
 
@@ -72,12 +78,23 @@ def _train_command(config: Path, *overrides: str) -> list[str]:
 
 def test_a_relative_checkpoint_save_resumes_from_another_directory(demo_data, tmp_path) -> None:
     (tmp_path / "configs").mkdir()
-    config = tiny_training_config(tmp_path / "configs" / "run.yaml", demo_data.prefix, str(demo_data.tokenizer),
-                                  checkpoint={"save": "ckpt"}, train={"train_tokens": 4 * 2 * 64})
+    config = tiny_training_config(
+        tmp_path / "configs" / "run.yaml",
+        demo_data.prefix,
+        str(demo_data.tokenizer),
+        checkpoint={"save": "ckpt"},
+        train={"train_tokens": 4 * 2 * 64},
+    )
     for directory, steps in (("first", "1"), ("second", "0")):
         (tmp_path / directory).mkdir()
-        completed = subprocess.run(_train_command(config, "--train.exit_after_steps", steps), cwd=tmp_path / directory,
-                                   env=environment(), capture_output=True, text=True, timeout=600)
+        completed = subprocess.run(
+            _train_command(config, "--train.exit_after_steps", steps),
+            cwd=tmp_path / directory,
+            env=environment(),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert completed.returncode == 0, completed.stderr
     assert f"resumed from {tmp_path / 'configs' / 'ckpt' / 'iter_0000001'} at step 1" in completed.stdout
     assert f"save: {tmp_path / 'configs' / 'ckpt'}" in completed.stdout  # the resolved path, printed and recorded
@@ -115,9 +132,15 @@ def test_rank_zero_failing_to_cache_stops_every_rank_at_once(demo_data, tmp_path
     """An unwritable cache (data.cache_dir under a file): rank 0 fails while building the indices
     alone, and rank 1 hears it at once instead of waiting in megatron's barrier for the timeout."""
     (tmp_path / "a_file").write_text("")
-    tree = yaml.safe_load(tiny_training_config(tmp_path / "run.yaml", demo_data.prefix, str(demo_data.tokenizer),
-                                               data={"cache_dir": str(tmp_path / "a_file" / "cache")},
-                                               parallel={"timeout_minutes": 10}).read_text())
+    tree = yaml.safe_load(
+        tiny_training_config(
+            tmp_path / "run.yaml",
+            demo_data.prefix,
+            str(demo_data.tokenizer),
+            data={"cache_dir": str(tmp_path / "a_file" / "cache")},
+            parallel={"timeout_minutes": 10},
+        ).read_text()
+    )
     first, second = parallel.run_on_ranks(_train, 2, tree, timeout=300)
     assert first.startswith("NotADirectoryError") and "a_file" in first
     assert second == "ValueError: the training data could not be prepared (rank 0 says why)"
@@ -134,18 +157,29 @@ def test_training_on_a_dataset_in_a_read_only_directory(demo_data, tmp_path) -> 
     shutil.copy2(demo_data.tokenizer, source / "tokenizer.model")
     mount = tmp_path / "ro"
     mount.mkdir()
-    config = tiny_training_config(tmp_path / "run.yaml", str(mount / "demo_text_document"), str(mount / "tokenizer.model"),
-                                  parallel={"timeout_minutes": 2})
+    config = tiny_training_config(
+        tmp_path / "run.yaml",
+        str(mount / "demo_text_document"),
+        str(mount / "tokenizer.model"),
+        parallel={"timeout_minutes": 2},
+    )
     script = textwrap.dedent(f"""
-        mount -t tmpfs -o size=64m tmpfs {mount} && cp {prefix}.* {source / 'tokenizer.model'} {mount}/ &&
+        mount -t tmpfs -o size=64m tmpfs {mount} && cp {prefix}.* {source / "tokenizer.model"} {mount}/ &&
         mount -o remount,ro {mount} &&
         {sys.executable} -m torch.distributed.run --nproc-per-node 2 --master-port {free_port()} pretrain_harpe.py \\
             --config {config}; echo "exit=$?"
     """)
-    completed = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=REPO,
-                               env=environment(XDG_CACHE_HOME=str(tmp_path / "user")), capture_output=True, text=True,
-                               timeout=900)
+    completed = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", script],
+        cwd=REPO,
+        env=environment(XDG_CACHE_HOME=str(tmp_path / "user")),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert "exit=0" in completed.stdout, completed.stdout[-2000:] + completed.stderr[-3000:]
-    assert f"note: {mount} is not writable: megatron's sample-index cache goes to {tmp_path / 'user'}" in completed.stderr
+    assert (
+        f"note: {mount} is not writable: megatron's sample-index cache goes to {tmp_path / 'user'}" in completed.stderr
+    )
     assert "step 2/2" in completed.stdout and "Traceback" not in completed.stderr
     assert list((tmp_path / "user" / "megatron_harpe" / "index_cache").glob("*-description.txt"))

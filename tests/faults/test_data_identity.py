@@ -88,8 +88,9 @@ def test_the_trainer_itself_refuses_another_tokenizer(demo_data, tmp_path: Path)
 
 
 def _tokenize(inputs, prefix, tokenizer, **options) -> dict:
-    return tokenize_corpus([inputs], prefix, str(tokenizer), fields=FieldSpec(source_field=None), workers=0,
-                           write_report=False, **options)
+    return tokenize_corpus(
+        [inputs], prefix, str(tokenizer), fields=FieldSpec(source_field=None), workers=0, write_report=False, **options
+    )
 
 
 def test_shards_of_a_tokenizer_retrained_to_the_same_path_are_not_reused(demo_data, tmp_path: Path) -> None:
@@ -111,8 +112,9 @@ def _samples(prefix: Path, tokenizer: str) -> list[np.ndarray]:
     from megatron_harpe.data.loader import build_gpt_dataset
     from megatron_harpe.data.tokenizer import load_tokenizer
 
-    dataset = build_gpt_dataset([str(prefix)], None, seq_length=32, num_samples=40, seed=3,
-                                tokenizer=load_tokenizer(tokenizer))
+    dataset = build_gpt_dataset(
+        [str(prefix)], None, seq_length=32, num_samples=40, seed=3, tokenizer=load_tokenizer(tokenizer)
+    )
     return [dataset[index]["tokens"].numpy() for index in range(len(dataset))]
 
 
@@ -125,10 +127,16 @@ def test_megatron_index_cache_does_not_outlive_tokenize_overwrite(demo_data, tmp
     legacy = data / "train" / "cache" / "GPTDataset_indices"
     legacy.mkdir(parents=True)  # where megatron-core caches them by default (the old code's place)
     (legacy / "stale-description.txt").write_text("{}")
-    _tokenize(sample_corpus(demo_data, tmp_path / "b.jsonl", 60, start=300), data / "train", demo_data.tokenizer,
-              overwrite=True)
+    _tokenize(
+        sample_corpus(demo_data, tmp_path / "b.jsonl", 60, start=300),
+        data / "train",
+        demo_data.tokenizer,
+        overwrite=True,
+    )
     assert not (data / "train").exists()  # --overwrite removed what it replaced
-    assert not [path for path in (data / "index_cache").glob("*-description.txt") if str(data / "train") in path.read_text()]
+    assert not [
+        path for path in (data / "index_cache").glob("*-description.txt") if str(data / "train") in path.read_text()
+    ]
     _tokenize(sample_corpus(demo_data, tmp_path / "b.jsonl", 60, start=300), tmp_path / "fresh", demo_data.tokenizer)
     reused, fresh = _samples(data / "train", demo_data.tokenizer), _samples(tmp_path / "fresh", demo_data.tokenizer)
     assert len(reused) == len(fresh) and all(np.array_equal(a, b) for a, b in zip(reused, fresh))

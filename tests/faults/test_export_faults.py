@@ -24,8 +24,9 @@ from cli_support import REPO, environment, error_lines, run, unshare_works
 
 from megatron_harpe import parallel
 
-TINY = dict(num_layers=1, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128, vocab_size=512,
-            max_position_embeddings=64)
+TINY = dict(
+    num_layers=1, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128, vocab_size=512, max_position_embeddings=64
+)
 
 
 def _save(save_dir: str, iterations: list[int]) -> None:
@@ -52,18 +53,25 @@ def saving(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("name", ["iter_0000003", "iter_0000003.tmp"])
-def test_an_iteration_still_being_written_names_the_newest_complete_one(saving: Path, tmp_path: Path, name: str) -> None:
-    completed = run("tools/convert_checkpoint.py", "megatron-to-hf", "--input", str(saving / name),
-                    "--output", str(tmp_path / "hf"))
+def test_an_iteration_still_being_written_names_the_newest_complete_one(
+    saving: Path, tmp_path: Path, name: str
+) -> None:
+    completed = run(
+        "tools/convert_checkpoint.py", "megatron-to-hf", "--input", str(saving / name), "--output", str(tmp_path / "hf")
+    )
     assert completed.returncode == 2, completed.stderr
     (line,) = error_lines(completed.stderr)
-    assert f"iter_0000003 is still being written by its run; the newest complete iteration in {saving} is iter_0000002" in line
+    assert (
+        f"iter_0000003 is still being written by its run; the newest complete iteration in {saving} is iter_0000002"
+        in line
+    )
     assert "Traceback" not in completed.stderr and not (tmp_path / "hf").exists()
 
 
 def test_a_save_dir_being_written_exports_its_newest_complete_iteration(saving: Path, tmp_path: Path) -> None:
-    completed = run("tools/convert_checkpoint.py", "megatron-to-hf", "--input", str(saving), "--output",
-                    str(tmp_path / "hf"))
+    completed = run(
+        "tools/convert_checkpoint.py", "megatron-to-hf", "--input", str(saving), "--output", str(tmp_path / "hf")
+    )
     assert completed.returncode == 0, completed.stderr
     assert f"(from {saving / 'iter_0000002'})" in completed.stdout
 
@@ -130,10 +138,16 @@ def test_a_really_full_disk_during_the_export(saving: Path, tmp_path: Path) -> N
     small.mkdir()
     command = textwrap.dedent(f"""
         mount -t tmpfs -o size=64k tmpfs {small} && {sys.executable} tools/convert_checkpoint.py megatron-to-hf \\
-            --input {saving} --output {small / 'hf'}; echo "exit=$?"
+            --input {saving} --output {small / "hf"}; echo "exit=$?"
     """)
-    completed = subprocess.run(["unshare", "-rm", "sh", "-c", command], cwd=REPO, env=environment(),
-                               capture_output=True, text=True, timeout=600)
+    completed = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", command],
+        cwd=REPO,
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert "exit=2" in completed.stdout, completed.stdout + completed.stderr
     (line,) = error_lines(completed.stderr)
     assert "the disk is full" in line and str(small) in line

@@ -35,8 +35,9 @@ def _count_lines(path: Path) -> int:
     return sum(len(chunk.lines) for chunk in read_line_chunks([path]))
 
 
-@pytest.mark.parametrize("suffix, compress", [(".zst", lambda d: zstandard.ZstdCompressor(level=3).compress(d)),
-                                              (".gz", gzip.compress)])
+@pytest.mark.parametrize(
+    "suffix, compress", [(".zst", lambda d: zstandard.ZstdCompressor(level=3).compress(d)), (".gz", gzip.compress)]
+)
 def test_truncated_compressed_jsonl_is_refused_with_file_and_line(tmp_path: Path, suffix, compress) -> None:
     data = _jsonl(4000)
     whole = compress(data)
@@ -75,20 +76,26 @@ def _patch(path: str, offset: int, data: bytes) -> None:
 
 def test_ff_bytes_in_the_lengths_table_are_refused(dataset: str) -> None:
     _patch(dataset + ".idx", HEADER_BYTES + 40, b"\xff" * 64)  # as tried on main: it trained on -1 lengths
-    with pytest.raises(ValueError, match=rf"dataset index {dataset}.idx gives sequence 10 a negative length -1.*prepare_data"):
+    with pytest.raises(
+        ValueError, match=rf"dataset index {dataset}.idx gives sequence 10 a negative length -1.*prepare_data"
+    ):
         validate_indexed_dataset(dataset)
 
 
 def test_a_length_that_disagrees_with_the_pointers_is_refused(dataset: str) -> None:
     _patch(dataset + ".idx", HEADER_BYTES + 4 * 7, np.int32(10_000).tobytes())
-    with pytest.raises(ValueError, match=r"corpus.idx has a sequence pointer that does not follow the lengths \(sequence 8"):
+    with pytest.raises(
+        ValueError, match=r"corpus.idx has a sequence pointer that does not follow the lengths \(sequence 8"
+    ):
         validate_indexed_dataset(dataset)
 
 
 def test_truncated_idx_and_bin_are_refused_naming_the_file(dataset: str) -> None:
     bin_path, idx_path = Path(dataset + ".bin"), Path(dataset + ".idx")
     bin_path.write_bytes(bin_path.read_bytes()[:-100])
-    with pytest.raises(ValueError, match=rf"dataset file {bin_path} is truncated: .*re-create it with tools/prepare_data.py"):
+    with pytest.raises(
+        ValueError, match=rf"dataset file {bin_path} is truncated: .*re-create it with tools/prepare_data.py"
+    ):
         validate_indexed_dataset(dataset)
     idx_path.write_bytes(idx_path.read_bytes()[:-16])
     with pytest.raises(ValueError, match=rf"dataset index {idx_path} is truncated"):

@@ -24,22 +24,27 @@ from megatron_harpe.data.jsonl import atomic_output
 
 def _killed_writer(code: str) -> int:
     """Run `code` in a process that SIGKILLs itself at the end, as a killed run; returns its pid."""
-    process = subprocess.run([sys.executable, "-c", code + "\nimport os, signal\nos.kill(os.getpid(), signal.SIGKILL)"],
-                             capture_output=True, text=True)
+    process = subprocess.run(
+        [sys.executable, "-c", code + "\nimport os, signal\nos.kill(os.getpid(), signal.SIGKILL)"],
+        capture_output=True,
+        text=True,
+    )
     assert process.returncode == -signal.SIGKILL, process.stderr
     return int(process.stdout.split()[0])
 
 
 def test_dataset_temporaries_of_a_killed_run_are_removed_by_the_next(tmp_path: Path, capsys) -> None:
     prefix = tmp_path / "corpus"
-    dead = _killed_writer(textwrap.dedent(f"""
+    dead = _killed_writer(
+        textwrap.dedent(f"""
         import os, numpy as np
         from megatron_harpe.data.indexed import DatasetWriter
         writer = DatasetWriter({str(prefix)!r}, vocab_size=100).__enter__()
         writer.add_documents(np.arange(50, dtype=np.uint16), np.array([20, 30]))
         writer._builder.data_file.flush()
         print(os.getpid(), flush=True)
-    """))
+    """)
+    )
     assert (tmp_path / f"corpus.tmp-{dead}.bin").is_file()
     live = tmp_path / f"corpus.tmp-{os.getppid()}.bin"  # a live writer's file is left alone
     live.write_bytes(b"")
@@ -47,7 +52,10 @@ def test_dataset_temporaries_of_a_killed_run_are_removed_by_the_next(tmp_path: P
         writer.add_documents(np.arange(10, dtype=np.uint16), np.array([10]))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.bin", "corpus.idx", live.name]
     assert [len(doc) for doc in read_documents(prefix)] == [10]
-    assert f"removed 1 leftover temporary file(s) of a killed run in {tmp_path}: corpus.tmp-{dead}.bin" in capsys.readouterr().err
+    assert (
+        f"removed 1 leftover temporary file(s) of a killed run in {tmp_path}: corpus.tmp-{dead}.bin"
+        in capsys.readouterr().err
+    )
 
 
 def test_jsonl_and_conversion_staging_leftovers_are_removed(tmp_path: Path, capsys) -> None:

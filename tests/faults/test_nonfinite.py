@@ -20,8 +20,15 @@ from data_support import tiny_training_config
 from megatron_harpe import parallel
 from megatron_harpe.convert.verify import VerifyReport
 
-TINY = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128,
-            vocab_size=4096, max_position_embeddings=64)
+TINY = dict(
+    num_layers=2,
+    hidden_size=64,
+    num_attention_heads=4,
+    num_query_groups=2,
+    ffn_hidden_size=128,
+    vocab_size=4096,
+    max_position_embeddings=64,
+)
 POISONED = "decoder.final_layernorm.weight"
 
 
@@ -32,8 +39,10 @@ def _save_with_nan(save_dir: str, tokenizer: str) -> None:
     from megatron_harpe.config import Config, from_dict
     from megatron_harpe.model import build_model
 
-    config = from_dict(Config, {"model": TINY, "position": {"type": "harpe", "bases": [300.0, 30000.0]},
-                                "data": {"tokenizer": tokenizer}})
+    config = from_dict(
+        Config,
+        {"model": TINY, "position": {"type": "harpe", "bases": [300.0, 30000.0]}, "data": {"tokenizer": tokenizer}},
+    )
     config.position.resolve(config.model)
     parallel.initialize(1, 1)
     gpt = build_model(config.model, config.position)
@@ -50,8 +59,14 @@ def nan_checkpoint(demo_data, tmp_path_factory) -> Path:
 
 
 def test_megatron_to_hf_refuses_nan_weights_by_name(nan_checkpoint, tmp_path: Path) -> None:
-    completed = run("tools/convert_checkpoint.py", "megatron-to-hf", "--input", str(nan_checkpoint),
-                    "--output", str(tmp_path / "hf"))
+    completed = run(
+        "tools/convert_checkpoint.py",
+        "megatron-to-hf",
+        "--input",
+        str(nan_checkpoint),
+        "--output",
+        str(tmp_path / "hf"),
+    )
     assert completed.returncode == 2, completed.stderr
     (line,) = error_lines(completed.stderr)
     assert f"{POISONED} (5 NaN/inf of 64)" in line and "--allow-nonfinite" in line
@@ -59,16 +74,30 @@ def test_megatron_to_hf_refuses_nan_weights_by_name(nan_checkpoint, tmp_path: Pa
 
 
 def test_verify_never_says_nan_logits_agree(nan_checkpoint, tmp_path: Path) -> None:
-    completed = run("tools/convert_checkpoint.py", "megatron-to-hf", "--input", str(nan_checkpoint), "--output",
-                    str(tmp_path / "hf"), "--allow-nonfinite", "--verify")
+    completed = run(
+        "tools/convert_checkpoint.py",
+        "megatron-to-hf",
+        "--input",
+        str(nan_checkpoint),
+        "--output",
+        str(tmp_path / "hf"),
+        "--allow-nonfinite",
+        "--verify",
+    )
     assert completed.returncode == 1, completed.stderr  # exported on purpose, then the check fails
     said = completed.stdout + completed.stderr
     assert "verify: FAILED" in said and "hold NaN/inf" in said and "agree" not in said
 
 
 def test_a_report_over_nan_logits_is_not_ok_and_says_why() -> None:
-    report = VerifyReport(max_abs_logit_diff=float("nan"), max_abs_logit=float("nan"), megatron_tokens=[0, 0],
-                          hf_tokens=[0, 0], prompt_length=8, nonfinite_logits=("megatron", "HF"))
+    report = VerifyReport(
+        max_abs_logit_diff=float("nan"),
+        max_abs_logit=float("nan"),
+        megatron_tokens=[0, 0],
+        hf_tokens=[0, 0],
+        prompt_length=8,
+        nonfinite_logits=("megatron", "HF"),
+    )
     assert not report.ok(1e-3) and not report.greedy_agree
     assert "agree" not in report.summary() and "megatron and HF hold NaN/inf" in report.summary()
 
@@ -85,22 +114,43 @@ def test_hf_to_megatron_refuses_nan_weights_by_name(tmp_path: Path) -> None:
     weights = load_file(source / "model.safetensors")
     weights["model.layers.1.mlp.up_proj.weight"][0, :3] = float("inf")
     save_file(weights, source / "model.safetensors", metadata={"format": "pt"})
-    completed = run("tools/convert_checkpoint.py", "hf-to-megatron", "--input", str(source), "--output",
-                    str(tmp_path / "ckpt"))
+    completed = run(
+        "tools/convert_checkpoint.py", "hf-to-megatron", "--input", str(source), "--output", str(tmp_path / "ckpt")
+    )
     assert completed.returncode == 2, completed.stderr
     (line,) = error_lines(completed.stderr)
     assert "model.layers.1.mlp.up_proj.weight (3 NaN/inf of" in line and "--allow-nonfinite" in line
     assert "Traceback" not in completed.stderr
     assert not (tmp_path / "ckpt").exists() or not any((tmp_path / "ckpt").iterdir())
-    allowed = run("tools/convert_checkpoint.py", "hf-to-megatron", "--input", str(source), "--output",
-                  str(tmp_path / "ckpt"), "--allow-nonfinite")
+    allowed = run(
+        "tools/convert_checkpoint.py",
+        "hf-to-megatron",
+        "--input",
+        str(source),
+        "--output",
+        str(tmp_path / "ckpt"),
+        "--allow-nonfinite",
+    )
     assert allowed.returncode == 0, allowed.stderr
 
 
 def test_evaluate_refuses_nan_weights(nan_checkpoint, demo_data, tmp_path: Path) -> None:
-    completed = run("tools/evaluate.py", "--model", str(nan_checkpoint), "--tokenizer", str(demo_data.tokenizer),
-                    "--task", "passkey", "--lengths", "128", "--samples", "1", "--output-dir", str(tmp_path / "eval"),
-                    "--no-progress")
+    completed = run(
+        "tools/evaluate.py",
+        "--model",
+        str(nan_checkpoint),
+        "--tokenizer",
+        str(demo_data.tokenizer),
+        "--task",
+        "passkey",
+        "--lengths",
+        "128",
+        "--samples",
+        "1",
+        "--output-dir",
+        str(tmp_path / "eval"),
+        "--no-progress",
+    )
     assert completed.returncode == 2, completed.stderr
     (line,) = error_lines(completed.stderr)
     assert line.startswith(f"error: model {nan_checkpoint} holds non-finite weights: {POISONED} (5 NaN/inf of 64)")
@@ -122,17 +172,28 @@ def _train(tree: dict) -> dict:
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("save_interval", [0, 1])
-def test_a_run_that_skips_every_step_stops_and_saves_no_nan_weights(nan_checkpoint, demo_data, tmp_path: Path,
-                                                                      save_interval: int) -> None:
-    tree = yaml.safe_load(tiny_training_config(
-        tmp_path / "run.yaml", demo_data.prefix, str(demo_data.tokenizer),
-        train={"on_nonfinite": "skip", "train_tokens": 40 * 2 * 64, "max_consecutive_skips": 3},
-        checkpoint={"pretrained": str(nan_checkpoint), "save": str(tmp_path / "ckpt"), "save_interval": save_interval},
-    ).read_text())
+def test_a_run_that_skips_every_step_stops_and_saves_no_nan_weights(
+    nan_checkpoint, demo_data, tmp_path: Path, save_interval: int
+) -> None:
+    tree = yaml.safe_load(
+        tiny_training_config(
+            tmp_path / "run.yaml",
+            demo_data.prefix,
+            str(demo_data.tokenizer),
+            train={"on_nonfinite": "skip", "train_tokens": 40 * 2 * 64, "max_consecutive_skips": 3},
+            checkpoint={
+                "pretrained": str(nan_checkpoint),
+                "save": str(tmp_path / "ckpt"),
+                "save_interval": save_interval,
+            },
+        ).read_text()
+    )
     (result,) = parallel.run_on_ranks(_train, 1, tree)
     assert result["saved"] == []
     if save_interval:  # the first save finds the weights not finite
-        assert result["outcome"].startswith(f"step 1: the weights hold NaN/inf ({POISONED} (5 of 64)), so they were not saved")
+        assert result["outcome"].startswith(
+            f"step 1: the weights hold NaN/inf ({POISONED} (5 of 64)), so they were not saved"
+        )
     else:
         assert result["outcome"].startswith("step 3: 3 optimizer steps in a row were skipped for a NaN/inf loss")
         assert f"The weights themselves hold NaN/inf ({POISONED})" in result["outcome"]

@@ -23,7 +23,6 @@ from data_support import sample_corpus
 from megatron_harpe.data.indexed import DatasetWriter, read_documents
 from megatron_harpe.data.jsonl import atomic_output
 
-
 _HOLD = """
 import sys
 from megatron_harpe.data.output_lock import output_lock
@@ -34,9 +33,26 @@ with output_lock(sys.argv[1], "dataset"):
 
 
 def _tokenize(corpus: Path, prefix: Path, tokenizer: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "tools/prepare_data.py", "tokenize", "--inputs", str(corpus), "--tokenizer",
-                           tokenizer, "--output", str(prefix), "--workers", "0"],
-                          cwd=REPO, env=environment(), capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [
+            sys.executable,
+            "tools/prepare_data.py",
+            "tokenize",
+            "--inputs",
+            str(corpus),
+            "--tokenizer",
+            tokenizer,
+            "--output",
+            str(prefix),
+            "--workers",
+            "0",
+        ],
+        cwd=REPO,
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def test_a_second_tokenize_into_the_same_prefix_is_refused_while_the_first_runs(demo_data, tmp_path: Path) -> None:
@@ -44,8 +60,14 @@ def test_a_second_tokenize_into_the_same_prefix_is_refused_while_the_first_runs(
     tokenize may finish before a second one has started)."""
     corpus = sample_corpus(demo_data, tmp_path / "corpus.jsonl", 30)
     prefix = tmp_path / "out" / "train"
-    first = subprocess.Popen([sys.executable, "-c", _HOLD, str(prefix)], cwd=REPO, env=environment(),
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, str(prefix)],
+        cwd=REPO,
+        env=environment(),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert first.stdout.readline() == "held\n"
         second = _tokenize(corpus, prefix, str(demo_data.tokenizer))
@@ -64,7 +86,9 @@ def test_a_second_tokenize_into_the_same_prefix_is_refused_while_the_first_runs(
 def test_a_finished_dataset_found_at_rename_time_is_kept(tmp_path: Path) -> None:
     """A writer that did not see the lock (another version, another tool) finished first."""
     prefix = tmp_path / "train"
-    with pytest.raises(ValueError, match="was written by another run while this one worked: nothing of this run was kept"):
+    with pytest.raises(
+        ValueError, match="was written by another run while this one worked: nothing of this run was kept"
+    ):
         with DatasetWriter(prefix, vocab_size=100) as late:
             late.add_document([1, 2, 3])
             early = DatasetWriter(prefix, vocab_size=100)

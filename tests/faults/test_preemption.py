@@ -23,10 +23,10 @@ import time
 from pathlib import Path
 
 import pytest
+from cli_support import REPO, environment
 
 from megatron_harpe.checkpointing.checkpoint import find_latest_checkpoint
 from megatron_harpe.parallel import free_port
-from cli_support import REPO, environment
 
 STEPS = 24
 TINY = [
@@ -109,7 +109,9 @@ def test_sigterm_between_checkpoints_saves_and_the_next_launch_resumes_exactly(d
     assert find_latest_checkpoint(save).name == f"iter_{second_stop:07d}", second[-3000:]
     assert not list(save.glob("*.tmp")), "a save was cut short"
 
-    last = subprocess.run(command, cwd=REPO, env=environment(PYTHONUNBUFFERED="1"), capture_output=True, text=True, timeout=600)
+    last = subprocess.run(
+        command, cwd=REPO, env=environment(PYTHONUNBUFFERED="1"), capture_output=True, text=True, timeout=600
+    )
     assert last.returncode == 0, last.stderr[-3000:]
     steps = {**_steps(first), **_steps(second), **_steps(last.stdout)}
     assert sorted(steps) == list(range(1, STEPS + 1))

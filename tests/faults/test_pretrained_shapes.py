@@ -21,8 +21,15 @@ from data_support import tiny_training_config
 
 from megatron_harpe import parallel
 
-TINY = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128,
-            vocab_size=4096, max_position_embeddings=64)
+TINY = dict(
+    num_layers=2,
+    hidden_size=64,
+    num_attention_heads=4,
+    num_query_groups=2,
+    ffn_hidden_size=128,
+    vocab_size=4096,
+    max_position_embeddings=64,
+)
 
 
 def _save_pretrained(models: dict[str, dict]) -> None:
@@ -44,13 +51,16 @@ def pretrained(tmp_path_factory) -> dict[str, Path]:
     """Checkpoints of the tiny model: as configured, with vocabulary 8000, with hidden size 96."""
     root = tmp_path_factory.mktemp("pretrained")
     changes = {"same": {}, "vocab8000": {"vocab_size": 8000}, "hidden96": {"hidden_size": 96}}
-    parallel.run_on_ranks(_save_pretrained, 1, {str(root / name): {**TINY, **change} for name, change in changes.items()})
+    parallel.run_on_ranks(
+        _save_pretrained, 1, {str(root / name): {**TINY, **change} for name, change in changes.items()}
+    )
     return {name: root / name for name in changes}
 
 
 def _dry_run(tmp_path: Path, demo_data, pretrained: Path):
-    config = tiny_training_config(tmp_path / "run.yaml", demo_data.prefix, str(demo_data.tokenizer),
-                                  checkpoint={"pretrained": str(pretrained)})
+    config = tiny_training_config(
+        tmp_path / "run.yaml", demo_data.prefix, str(demo_data.tokenizer), checkpoint={"pretrained": str(pretrained)}
+    )
     return run("pretrain_harpe.py", "--config", str(config), "--dry-run")
 
 
@@ -95,8 +105,11 @@ def test_a_config_that_lies_about_the_shapes_still_fails_in_one_line(demo_data, 
     saved = yaml.safe_load(config_file.read_text())
     saved["model"]["hidden_size"] = 64
     config_file.write_text(yaml.safe_dump(saved))
-    tree = yaml.safe_load(tiny_training_config(tmp_path / "run.yaml", demo_data.prefix, str(demo_data.tokenizer),
-                                               checkpoint={"pretrained": str(lying)}).read_text())
+    tree = yaml.safe_load(
+        tiny_training_config(
+            tmp_path / "run.yaml", demo_data.prefix, str(demo_data.tokenizer), checkpoint={"pretrained": str(lying)}
+        ).read_text()
+    )
     (message,) = parallel.run_on_ranks(_train, 1, tree)
     assert message.startswith(f"checkpoint.pretrained={lying} could not be loaded into the model built here: ")
     assert "\n" not in message
@@ -110,8 +123,16 @@ def _rows(save_dir: str) -> dict[str, torch.Tensor]:
 
 
 def _resize(source: Path, output: Path, size: int) -> None:
-    completed = run("tools/convert_checkpoint.py", "resize-vocab", "--input", str(source), "--output", str(output),
-                    "--vocab-size", str(size))
+    completed = run(
+        "tools/convert_checkpoint.py",
+        "resize-vocab",
+        "--input",
+        str(source),
+        "--output",
+        str(output),
+        "--vocab-size",
+        str(size),
+    )
     assert completed.returncode == 0, completed.stderr
 
 
@@ -129,8 +150,11 @@ def test_resize_vocab_keeps_rows_and_initialises_new_ones_as_megatron_does(pretr
         added = after[name][4096:]
         assert added.shape == (64, 64) and bool((added != 0).all())
         assert added.std().item() == pytest.approx(0.02, rel=0.15)  # model.init_method_std, as megatron draws them
-    assert all(torch.equal(after[name], before[name]) for name in before if "word_embeddings" not in name
-               and "output_layer" not in name)
+    assert all(
+        torch.equal(after[name], before[name])
+        for name in before
+        if "word_embeddings" not in name and "output_layer" not in name
+    )
 
 
 @pytest.mark.slow
@@ -139,6 +163,9 @@ def test_training_starts_from_a_checkpoint_resized_to_the_config(demo_data, pret
     cut = tmp_path / "cut"
     _resize(pretrained["vocab8000"], cut, 4096)
     assert _dry_run(tmp_path, demo_data, cut).returncode == 0  # the resized checkpoint is what the config builds
-    tree = yaml.safe_load(tiny_training_config(tmp_path / "run.yaml", demo_data.prefix, str(demo_data.tokenizer),
-                                               checkpoint={"pretrained": str(cut)}).read_text())
+    tree = yaml.safe_load(
+        tiny_training_config(
+            tmp_path / "run.yaml", demo_data.prefix, str(demo_data.tokenizer), checkpoint={"pretrained": str(cut)}
+        ).read_text()
+    )
     assert parallel.run_on_ranks(_train, 1, tree) == ["trained 2 steps"]

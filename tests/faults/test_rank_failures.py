@@ -30,10 +30,15 @@ ROOT = Path(__file__).parents[2]
 def test_guard_names_rank_and_phase_of_a_timed_out_collective() -> None:
     guard = CollectiveGuard(rank=3, timeout_minutes=2)
     guard.phase = "training step 12"
-    with pytest.raises(CollectiveFailed, match=r"^rank 3: a collective during training step 12 failed after waiting up "
-                                               r"to 2 min \(parallel.timeout_minutes\).*Timed out waiting 120000ms"):
+    with pytest.raises(
+        CollectiveFailed,
+        match=r"^rank 3: a collective during training step 12 failed after waiting up "
+        r"to 2 min \(parallel.timeout_minutes\).*Timed out waiting 120000ms",
+    ):
         with guard:
-            raise RuntimeError("[gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 120000ms for recv operation")
+            raise RuntimeError(
+                "[gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 120000ms for recv operation"
+            )
     with pytest.raises(RuntimeError, match="^an unrelated bug$"):  # other errors pass unchanged
         with guard:
             raise RuntimeError("an unrelated bug")
@@ -138,8 +143,15 @@ def test_a_worker_exits_when_its_launcher_is_killed(tmp_path: Path) -> None:
 
 def _start_torchrun(tmp_path: Path, demo_data, timeout_minutes: float) -> tuple[subprocess.Popen, Path]:
     config = {
-        "model": dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128,
-                      vocab_size=4096, max_position_embeddings=64),
+        "model": dict(
+            num_layers=2,
+            hidden_size=64,
+            num_attention_heads=4,
+            num_query_groups=2,
+            ffn_hidden_size=128,
+            vocab_size=4096,
+            max_position_embeddings=64,
+        ),
         "position": {"type": "harpe", "bases": [300.0, 30000.0]},
         "parallel": {"timeout_minutes": timeout_minutes},
         "data": {"prefixes": [demo_data.prefix], "tokenizer": str(demo_data.tokenizer), "seq_length": 64},
@@ -152,9 +164,22 @@ def _start_torchrun(tmp_path: Path, demo_data, timeout_minutes: float) -> tuple[
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     with open(log, "w") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(parallel.free_port()),
-             str(ROOT / "pretrain_harpe.py"), "--config", str(tmp_path / "run.yaml")],
-            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc-per-node",
+                "2",
+                "--master-port",
+                str(parallel.free_port()),
+                str(ROOT / "pretrain_harpe.py"),
+                "--config",
+                str(tmp_path / "run.yaml"),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
         )
     deadline = time.monotonic() + 600
     while "step 3/" not in log.read_text():
@@ -164,7 +189,9 @@ def _start_torchrun(tmp_path: Path, demo_data, timeout_minutes: float) -> tuple[
 
 
 def _workers(launcher: int) -> list[int]:
-    return [pid for pid in _children(launcher) if "pretrain_harpe.py" in (Path("/proc") / str(pid) / "cmdline").read_text()]
+    return [
+        pid for pid in _children(launcher) if "pretrain_harpe.py" in (Path("/proc") / str(pid) / "cmdline").read_text()
+    ]
 
 
 @pytest.mark.slow
@@ -187,7 +214,9 @@ def test_sigstop_on_one_rank_fails_the_job_in_minutes_with_a_clear_line(tmp_path
         os.killpg(process.pid, signal.SIGKILL) if process.poll() is None else None
     output = log.read_text()
     assert returncode != 0
-    assert "a collective during training step" in output and "failed after waiting up to 0.25 min" in output, output[-3000:]
+    assert "a collective during training step" in output and "failed after waiting up to 0.25 min" in output, output[
+        -3000:
+    ]
 
 
 @pytest.mark.slow

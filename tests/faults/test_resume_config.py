@@ -30,17 +30,23 @@ def _changed(**dotted) -> dict:
     return tree
 
 
-@pytest.mark.parametrize("change, key", [
-    (dict(position__bases=[10000.0, 400000.0]), "position.bases"),
-    (dict(data__seq_length=1024), "data.seq_length"),
-    (dict(train__global_batch_size=16), "train.global_batch_size"),
-    (dict(model__num_layers=3), "model.num_layers"),
-    (dict(data__prefixes=["other/corpus"]), "data.prefixes"),
-    (dict(data__seed=7), "data.seed"),
-])
+@pytest.mark.parametrize(
+    "change, key",
+    [
+        (dict(position__bases=[10000.0, 400000.0]), "position.bases"),
+        (dict(data__seq_length=1024), "data.seq_length"),
+        (dict(train__global_batch_size=16), "train.global_batch_size"),
+        (dict(model__num_layers=3), "model.num_layers"),
+        (dict(data__prefixes=["other/corpus"]), "data.prefixes"),
+        (dict(data__seed=7), "data.seed"),
+    ],
+)
 def test_changes_of_function_or_data_order_are_refused_with_the_diff(change, key) -> None:
-    with pytest.raises(ValueError, match=rf"changes the model or the data order: {key}: .* -> .*"
-                                         rf"--checkpoint.allow_config_change {key}"):
+    with pytest.raises(
+        ValueError,
+        match=rf"changes the model or the data order: {key}: .* -> .*"
+        rf"--checkpoint.allow_config_change {key}",
+    ):
         check_resume_config(SAVED, _changed(**change), log=lambda line: None)
 
 
@@ -48,7 +54,9 @@ def test_allowed_changes_pass_and_are_listed(capsys) -> None:
     lines: list[str] = []
     current = _changed(data__seq_length=1024, train__global_batch_size=16)
     check_resume_config(SAVED, current, allowed="data.seq_length, train", log=lines.append)
-    assert lines == ["config changes since the checkpoint: data.seq_length 512 -> 1024, train.global_batch_size 8 -> 16"]
+    assert lines == [
+        "config changes since the checkpoint: data.seq_length 512 -> 1024, train.global_batch_size 8 -> 16"
+    ]
     with pytest.raises(ValueError, match=r"data\.seq_length: 512 -> 1024\. "):
         check_resume_config(SAVED, current, allowed="train.global_batch_size", log=lines.append)
 
@@ -73,7 +81,9 @@ def test_identical_configs_say_nothing_and_new_keys_with_defaults_are_not_change
 
 
 def test_stage_changes_are_protected_but_a_longer_stage_is_not() -> None:
-    saved = from_dict(Config, {"stages": [{"seq_length": 64, "tokens": 100}, {"seq_length": 128, "tokens": 100}]}).to_dict()
+    saved = from_dict(
+        Config, {"stages": [{"seq_length": 64, "tokens": 100}, {"seq_length": 128, "tokens": 100}]}
+    ).to_dict()
     longer = copy.deepcopy(saved)
     longer["stages"][1]["tokens"] = 300
     check_resume_config(saved, longer, log=lambda line: None)
@@ -101,8 +111,9 @@ def _train_expecting(tree: dict) -> str:
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_trainer_refuses_other_bases_on_resume_unless_allowed(demo_data, tmp_path: Path) -> None:
-    from megatron_harpe import parallel
     from test_training import tiny_config
+
+    from megatron_harpe import parallel
 
     tree = tiny_config(demo_data, checkpoint={"save": str(tmp_path / "ckpt")}, train={"exit_after_steps": 2})
     assert parallel.run_on_ranks(_train_expecting, 1, tree) == ["trained"]

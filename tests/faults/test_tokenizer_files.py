@@ -39,11 +39,27 @@ def test_the_next_run_removes_a_killed_runs_temporary(tmp_path: Path) -> None:
     corpus.write_text("".join(f'{{"text": "{text}"}}\n' for text in TEXTS))
     leftover = tmp_path / "tok.model.tmp-999999999"  # a pid that cannot be running
     leftover.write_bytes(b"half a model")
-    completed = run("tools/prepare_data.py", "train-tokenizer", "--inputs", str(corpus), "--output",
-                    str(tmp_path / "tok"), "--vocab-size", "300")
+    completed = run(
+        "tools/prepare_data.py",
+        "train-tokenizer",
+        "--inputs",
+        str(corpus),
+        "--output",
+        str(tmp_path / "tok"),
+        "--vocab-size",
+        "300",
+    )
     assert completed.returncode == 0, completed.stderr
     assert "removed 1 leftover temporary file(s) of a killed run" in completed.stderr
     assert sorted(path.name for path in tmp_path.iterdir()) == ["corpus.jsonl", "tok.model"]
-    again = run("tools/prepare_data.py", "train-tokenizer", "--inputs", str(corpus), "--output",
-                str(tmp_path / "tok"), "--vocab-size", "300")
+    again = run(
+        "tools/prepare_data.py",
+        "train-tokenizer",
+        "--inputs",
+        str(corpus),
+        "--output",
+        str(tmp_path / "tok"),
+        "--vocab-size",
+        "300",
+    )
     assert again.returncode == 2 and "already exists: pass --overwrite" in error_lines(again.stderr)[0]

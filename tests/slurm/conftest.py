@@ -19,9 +19,8 @@ import os
 import shlex
 import shutil
 
-import pytest
-
 import local_slurm
+import pytest
 from slurm_jobs import Finished, Slurm, logged_steps, submit_dir, tiny_demo_args
 
 SITE_ENV = "MEGATRON_HARPE_SLURM"

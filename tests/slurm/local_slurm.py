@@ -175,7 +175,9 @@ FirstJobId={random.randint(1000, 900000)}
 NodeName={node} NodeAddr=127.0.0.1 {hardware} Gres=gpu:2 State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """)
-    (etc / "gres.conf").write_text(f"NodeName={node} Name=gpu File=/dev/null\nNodeName={node} Name=gpu File=/dev/zero\n")
+    (etc / "gres.conf").write_text(
+        f"NodeName={node} Name=gpu File=/dev/null\nNodeName={node} Name=gpu File=/dev/zero\n"
+    )
     return conf
 
 
@@ -228,8 +230,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {reason}", file=sys.stderr)
         return 2
     cluster = start()
-    print(f"a private Slurm runs under {cluster.root} (node {cluster.node}); in another shell:\n"
-          f"    export SLURM_CONF={cluster.env['SLURM_CONF']}\n    sinfo; sbatch ...\nCtrl-C stops it", flush=True)
+    print(
+        f"a private Slurm runs under {cluster.root} (node {cluster.node}); in another shell:\n"
+        f"    export SLURM_CONF={cluster.env['SLURM_CONF']}\n    sinfo; sbatch ...\nCtrl-C stops it",
+        flush=True,
+    )
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         while True:

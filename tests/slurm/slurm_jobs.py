@@ -121,10 +121,12 @@ class Job:
 
     def wait_until_finished(self, log: str, timeout: float = 400) -> dict[str, str]:
         """Until the job has ended and left the node (no COMPLETING); returns its info."""
+
         def ended(job: Job) -> bool:
             info = job.info()
             return info.get("JobState") in FINISHED and "COMPLETING" not in self.slurm.run(
                 "squeue", "-h", "-j", job.id, "-t", "all", "-o", "%T", check=False).stdout  # fmt: skip
+
         self.wait(ended, "the end of the job", log, timeout)
         return self.info()
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import re
 
 import pytest
-
 from slurm_jobs import assert_same_training, logged_steps, submit_dir, tiny_demo_args
+
 from megatron_harpe.checkpointing.checkpoint import find_latest_checkpoint
 
 pytestmark = pytest.mark.slurm

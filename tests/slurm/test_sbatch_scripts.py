@@ -13,8 +13,8 @@ import json
 import re
 
 import pytest
-
 from slurm_jobs import STEPS, assert_same_training, logged_steps, submit_dir, tiny_demo_args
+
 from megatron_harpe.checkpointing.checkpoint import find_latest_checkpoint
 
 pytestmark = pytest.mark.slurm
@@ -70,10 +70,13 @@ def test_7b_script_on_the_demo_saves_on_usr1_requeues_and_resumes_exactly(slurm,
     info = job.wait_until_finished(log)
     output = job.output(log)  # both attempts (--open-mode=append)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", output[-3000:]
-    assert f"requeued run, restart 1: resuming" in output and f"at step {saved}" in output
+    assert "requeued run, restart 1: resuming" in output and f"at step {saved}" in output
     assert_same_training(logged_steps(output), uninterrupted.steps, slurm.tolerance)
     job_logs = workdir / "runs" / "demo_cpu" / f"slurm-{job.id}"
-    assert {p.name for p in job_logs.glob("launch-*.json")} == {"launch-restart0-node0.json", "launch-restart1-node0.json"}
+    assert {p.name for p in job_logs.glob("launch-*.json")} == {
+        "launch-restart0-node0.json",
+        "launch-restart1-node0.json",
+    }
 
 
 TWO_NODES = """#!/usr/bin/env bash
@@ -99,7 +102,7 @@ def test_two_tasks_acting_as_two_nodes_train_together(slurm, demo_data, uninterr
     info = job.wait_until_finished(log)
     output = job.output(log)
     assert info["JobState"] == "COMPLETED", output[-3000:]
-    assert f"node 0/2" in output and "node 1/2" in output and "world size 2" in output
+    assert "node 0/2" in output and "node 1/2" in output and "world size 2" in output
     # one process per "node", context parallel across them: the same losses as 2 processes on 1 node
     assert_same_training(logged_steps(output), uninterrupted.steps, slurm.tolerance)
     job_logs = workdir / "runs" / "demo_cpu" / f"slurm-{job.id}"

@@ -105,6 +105,4 @@ def test_crash_debris_is_removed_but_complete_dirs_stay(tmp_path: Path) -> None:
 
 def test_saving_needs_a_process_group(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="parallel.initialize"):
-        checkpoint.save_checkpoint(
-            tmp_path, 1, model=torch.nn.Linear(2, 2), config={}, train_state={}
-        )
+        checkpoint.save_checkpoint(tmp_path, 1, model=torch.nn.Linear(2, 2), config={}, train_state={})

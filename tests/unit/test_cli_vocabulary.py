@@ -22,8 +22,15 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 COMMANDS = ("prepare_data", "convert_checkpoint", "evaluate", "plan_memory", "select_bases", "analyze_heads")
-RETIRED_FLAGS = {"--text-field", "--source-field", "--ppl-text-key", "--output-prefix", "--workdir", "--tensor",
-                 "--context"}
+RETIRED_FLAGS = {
+    "--text-field",
+    "--source-field",
+    "--ppl-text-key",
+    "--output-prefix",
+    "--workdir",
+    "--tensor",
+    "--context",
+}
 
 
 def _pretrain():
@@ -54,8 +61,12 @@ def _flags(parser: argparse.ArgumentParser):
 
 
 def test_every_flag_has_help():
-    missing = [f"{name}: {'/'.join(action.option_strings)}" for name, parser in _parsers()
-               for action in _flags(parser) if not action.help or action.help == argparse.SUPPRESS]
+    missing = [
+        f"{name}: {'/'.join(action.option_strings)}"
+        for name, parser in _parsers()
+        for action in _flags(parser)
+        if not action.help or action.help == argparse.SUPPRESS
+    ]
     assert not missing, "flags without help text:\n" + "\n".join(missing)
 
 
@@ -102,8 +113,9 @@ def test_console_scripts_reach_the_tools():
 def test_plan_memory_takes_overrides_like_pretrain():
     from megatron_harpe.commands import plan_memory
 
-    args, overrides = plan_memory.parse_args(["--config", "c.yaml", "--gpus", "8", "--tensor-parallel", "2",
-                                              "--train.lr", "1e-5", "parallel.context=2"])
+    args, overrides = plan_memory.parse_args(
+        ["--config", "c.yaml", "--gpus", "8", "--tensor-parallel", "2", "--train.lr", "1e-5", "parallel.context=2"]
+    )
     assert args.tensor_parallel == 2 and overrides == ["train.lr=1e-5", "parallel.context=2"]
     with pytest.raises(SystemExit):
         plan_memory.parse_args(["--config", "c.yaml", "--gpus", "8", "--train.lr"])  # a value is missing
@@ -111,12 +123,30 @@ def test_plan_memory_takes_overrides_like_pretrain():
 
 def test_pretrain_help_lists_config_keys_and_print_config_resolves(tmp_path):
     help_text = _pretrain().build_parser().format_help()
-    for expected in ("config keys", "  model:", "    num_layers (int, default 2)", "  position:", "  train:",
-                     "    micro_batch_size"):
+    for expected in (
+        "config keys",
+        "  model:",
+        "    num_layers (int, default 2)",
+        "  position:",
+        "  train:",
+        "    micro_batch_size",
+    ):
         assert expected in help_text, expected
-    completed = subprocess.run([sys.executable, str(REPO / "pretrain_harpe.py"), "--config",
-                                str(REPO / "configs" / "demo_cpu.yaml"), "--train.seed", "7", "--print-config"],
-                               capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    completed = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "pretrain_harpe.py"),
+            "--config",
+            str(REPO / "configs" / "demo_cpu.yaml"),
+            "--train.seed",
+            "7",
+            "--print-config",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert completed.returncode == 0, completed.stderr
     printed = yaml.safe_load(completed.stdout)
     assert printed["train"]["seed"] == 7 and printed["position"]["bases"], printed["position"]
@@ -130,8 +160,21 @@ def test_evaluate_refuses_a_non_empty_output_dir(tmp_path, capsys):
     output = tmp_path / "eval"
     output.mkdir()
     (output / "results.json").write_text("{}")
-    argv = ["--model", "oracle", "--tokenizer", str(tmp_path / "tok"), "--task", "passkey", "--lengths", "256",
-            "--samples", "1", "--output-dir", str(output), "--no-progress"]
+    argv = [
+        "--model",
+        "oracle",
+        "--tokenizer",
+        str(tmp_path / "tok"),
+        "--task",
+        "passkey",
+        "--lengths",
+        "256",
+        "--samples",
+        "1",
+        "--output-dir",
+        str(output),
+        "--no-progress",
+    ]
     assert evaluate.main(argv) == 2
     assert "is not empty: pass --overwrite" in capsys.readouterr().err
     assert (output / "results.json").read_text() == "{}"
@@ -151,10 +194,27 @@ def test_evaluate_hf_model_with_a_sentencepiece_tokenizer(tmp_path):
     texts = [" ".join(rng.choice(words) for _ in range(60)) for _ in range(300)]
     sentencepiece = train_sentencepiece(iter(texts), str(tmp_path / "sp"), 320)  # ids < the model's 512 rows
     completed = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "evaluate.py"), "--model", str(model), "--tokenizer", str(sentencepiece),
-         "--task", "passkey", "--lengths", "256", "--samples", "1", "--output-dir", str(tmp_path / "eval"),
-         "--no-progress"],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        [
+            sys.executable,
+            str(REPO / "tools" / "evaluate.py"),
+            "--model",
+            str(model),
+            "--tokenizer",
+            str(sentencepiece),
+            "--task",
+            "passkey",
+            "--lengths",
+            "256",
+            "--samples",
+            "1",
+            "--output-dir",
+            str(tmp_path / "eval"),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert completed.returncode == 0, completed.stderr[-2000:]
     assert "Traceback" not in completed.stderr and (tmp_path / "eval" / "results.json").is_file()

@@ -22,9 +22,24 @@ from megatron_harpe.parallel import run_on_ranks
 
 PACKAGE = Path(__file__).resolve().parents[2] / "megatron_harpe"
 TENSOR_COLLECTIVES = {
-    "all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "reduce", "reduce_scatter",
-    "reduce_scatter_tensor", "reduce_scatter_single", "gather", "scatter", "all_to_all", "all_to_all_single", "send", "recv",
-    "isend", "irecv", "batch_isend_irecv", "all_reduce_coalesced",
+    "all_reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "broadcast",
+    "reduce",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "reduce_scatter_single",
+    "gather",
+    "scatter",
+    "all_to_all",
+    "all_to_all_single",
+    "send",
+    "recv",
+    "isend",
+    "irecv",
+    "batch_isend_irecv",
+    "all_reduce_coalesced",
 }
 
 
@@ -106,8 +121,12 @@ def _exercise_wrappers() -> dict:
     stacked = torch.stack([torch.full((2,), float(rank + 1) * (i + 1)) for i in range(2)])
     scattered = collectives.reduce_scatter_sum(stacked)
     return {
-        "summed": summed, "same_object": returned is summed, "max": maximum, "sent": sent,
-        "gathered": gathered, "scattered": scattered,
+        "summed": summed,
+        "same_object": returned is summed,
+        "max": maximum,
+        "sent": sent,
+        "gathered": gathered,
+        "scattered": scattered,
     }
 
 

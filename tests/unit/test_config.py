@@ -30,7 +30,9 @@ def load(tmp_path, tree, overrides=None) -> Config:
 
 
 def test_valid_config_loads_and_round_trips(tmp_path):
-    cfg = load(tmp_path, config_tree(), ["train.lr=1e-5", "parallel.tensor=8", "parallel.context=4"]).validate(world_size=64)
+    cfg = load(tmp_path, config_tree(), ["train.lr=1e-5", "parallel.tensor=8", "parallel.context=4"]).validate(
+        world_size=64
+    )
     assert cfg.train.lr == 1e-5 and cfg.parallel.tensor == 8 and cfg.parallel.context == 4
     save_config(cfg, tmp_path / "saved.yaml")
     again = load_config(tmp_path / "saved.yaml").validate(world_size=64)
@@ -56,8 +58,14 @@ def test_valid_config_loads_and_round_trips(tmp_path):
         (["train.recompute=full", "train.recompute_method=block", "train.recompute_num_layers=33"], "between 1 and"),
         (["train.recompute=selective", "train.recompute_modules=[layernorm]"], "train.recompute_modules"),
         (["train.recompute=full", "train.recompute_modules=[mlp]"], "selective only"),
-        (["eval.interval=100", "data.tokenizer=t.model", "eval.tasks=[passkey, needles]"], "eval.tasks: unknown task 'needles'"),
-        (["eval.interval=100", "data.tokenizer=t.model", "eval.tasks=[ppl]"], "ppl need.* tools/evaluate.py --ppl-data"),
+        (
+            ["eval.interval=100", "data.tokenizer=t.model", "eval.tasks=[passkey, needles]"],
+            "eval.tasks: unknown task 'needles'",
+        ),
+        (
+            ["eval.interval=100", "data.tokenizer=t.model", "eval.tasks=[ppl]"],
+            "ppl need.* tools/evaluate.py --ppl-data",
+        ),
         (["eval.interval=100", "data.tokenizer=t.model", "eval.tasks=[qa_1]"], "qa_1 need.*--qa-squad"),
         (["eval.interval=100"], "eval.interval needs a tokenizer"),
         (["eval.interval=100", "data.tokenizer=t.model", "eval.max_new_tokens=0"], "eval.max_new_tokens=0"),
@@ -65,7 +73,9 @@ def test_valid_config_loads_and_round_trips(tmp_path):
     ],
 )
 def test_impossible_configs_name_the_key(tmp_path, overrides, message):
-    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("(", r"\(") if ".*" not in message else message):
+    with pytest.raises(
+        ValueError, match=message.replace("[", r"\[").replace("(", r"\(") if ".*" not in message else message
+    ):
         load(tmp_path, config_tree(), overrides).validate(world_size=32)
 
 

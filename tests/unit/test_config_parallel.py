@@ -34,10 +34,15 @@ def test_the_preset_asks_for_the_cuda_plan():
         ([*SDPA, "parallel.sequence_parallel=true"], "sequence_parallel needs model.attention_backend: te"),
         (["parallel.tensor=1", "parallel.context=4"], "parallel.sequence_parallel splits over tensor-parallel ranks"),
         (["parallel.cp_comm_type=a2a", "parallel.context=16"], "a2a splits the 8 k/v heads"),
-        (["parallel.distributed_optimizer=true"], "parallel.distributed_optimizer is no longer a setting: weights, "
-                                                    "gradients and AdamW states are always sharded"),
-        (["parallel.overlap_grad_reduce=false"], "parallel.overlap_grad_reduce is no longer a setting: .* always "
-                                                 "overlaps its gradient reduce-scatter"),
+        (
+            ["parallel.distributed_optimizer=true"],
+            "parallel.distributed_optimizer is no longer a setting: weights, "
+            "gradients and AdamW states are always sharded",
+        ),
+        (
+            ["parallel.overlap_grad_reduce=false"],
+            "parallel.overlap_grad_reduce is no longer a setting: .* always overlaps its gradient reduce-scatter",
+        ),
         (["data.seq_length=131064"], "131064 .stage 0. / parallel.context=4 is not divisible by parallel.tensor=4"),
     ],
 )

@@ -35,8 +35,8 @@ def test_reference_lists_every_key_the_config_accepts():
 
 
 def test_field_docs_reads_attribute_docstrings_and_nothing_else():
-    from megatron_harpe.config_reference import field_docs
     from megatron_harpe.config import TrainConfig
+    from megatron_harpe.config_reference import field_docs
 
     docs = field_docs(TrainConfig)
     assert docs["lr_schedule"] == "constant | cosine"

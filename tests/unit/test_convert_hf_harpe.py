@@ -1,6 +1,6 @@
 """The HF HARPE model: per-head rotary, parity with stock Llama, GQA key handling, KV cache.
 
-    python -m pytest tests/unit/test_convert_hf_harpe.py -q
+python -m pytest tests/unit/test_convert_hf_harpe.py -q
 """
 
 from __future__ import annotations

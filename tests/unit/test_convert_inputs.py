@@ -186,9 +186,12 @@ def test_weight_of_an_unreadable_dtype_is_rejected_before_writing(hf_dir: Path, 
     source.mkdir()
     for item in hf_dir.iterdir():
         (source / item.name).write_bytes(item.read_bytes())
-    shard = source / json.loads((hf_dir / "model.safetensors.index.json").read_text())["weight_map"][
-        "model.layers.1.mlp.down_proj.weight"
-    ]
+    shard = (
+        source
+        / json.loads((hf_dir / "model.safetensors.index.json").read_text())["weight_map"][
+            "model.layers.1.mlp.down_proj.weight"
+        ]
+    )
     tensors = load_file(shard)
     tensors["model.layers.1.mlp.down_proj.weight"] = tensors["model.layers.1.mlp.down_proj.weight"].to(
         torch.float8_e4m3fn

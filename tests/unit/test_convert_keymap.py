@@ -1,6 +1,6 @@
 """HF <-> megatron weight names and the QKV / gate-up layouts, on plain tensors.
 
-    python -m pytest tests/unit/test_convert_keymap.py -q
+python -m pytest tests/unit/test_convert_keymap.py -q
 """
 
 from __future__ import annotations

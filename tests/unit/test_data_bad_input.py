@@ -9,9 +9,9 @@ from __future__ import annotations
 import gzip
 import json
 from pathlib import Path
+from pydoc_data.topics import topics
 
 import pytest
-from pydoc_data.topics import topics
 
 from megatron_harpe.data.indexed import read_documents
 from megatron_harpe.data.jsonl import FieldSpec
@@ -46,7 +46,7 @@ def corpus_with_bad_lines(path: Path) -> tuple[Path, dict[str, int]]:
         lines += [good_line(2 * index), good_line(2 * index + 1)]
         lines.append(raw)
         where[kind] = len(lines)
-    lines += [b'{"text": "lone surrogate \\ud800 escape", "source": "Book"}\n', b"\n", b'[1, 2]\n', b'{"text": 5}\n']
+    lines += [b'{"text": "lone surrogate \\ud800 escape", "source": "Book"}\n', b"\n", b"[1, 2]\n", b'{"text": 5}\n']
     lines.append(good_line(11))
     path.write_bytes(b"".join(lines))
     return path, where
@@ -60,7 +60,13 @@ def test_bad_lines_are_skipped_reported_and_counted(tmp_path, tokenizer_path, ca
     corpus, where = corpus_with_bad_lines(tmp_path / "bad.jsonl")
     summary = tokenize_corpus([corpus], tmp_path / "out", tokenizer_path, workers=2)
     counts = summary["problems"]["skipped_by_kind"]
-    assert counts == {"malformed_json": 2, "missing_field": 2, "empty_document": 1, "invalid_utf8": 2, "token_out_of_vocabulary": 0}
+    assert counts == {
+        "malformed_json": 2,
+        "missing_field": 2,
+        "empty_document": 1,
+        "invalid_utf8": 2,
+        "token_out_of_vocabulary": 0,
+    }
     assert summary["problems"]["skipped_total"] == 7
     printed = capsys.readouterr().err
     for kind, line_number in where.items():
@@ -74,17 +80,34 @@ def test_bad_lines_are_skipped_reported_and_counted(tmp_path, tokenizer_path, ca
 
 def test_missing_source_field_is_reported_where_sources_are_needed(tmp_path):
     corpus = tmp_path / "c.jsonl"
-    corpus.write_bytes(good_line(0) + good_line(1) + good_line(2) + b'{"text": "no source here at all"}\n'
-                       + b'{"text": "nested", "meta": {}}\n')
+    corpus.write_bytes(
+        good_line(0)
+        + good_line(1)
+        + good_line(2)
+        + b'{"text": "no source here at all"}\n'
+        + b'{"text": "nested", "meta": {}}\n'
+    )
     config = UpsampleConfig(mode="per_source", total_tokens=10**6, length_threshold=0)
-    summary = upsample_corpus([corpus], tmp_path / "up.jsonl", config, length_measure="chars",
-                              fields=FieldSpec(source_field="source"), workers=0)
+    summary = upsample_corpus(
+        [corpus],
+        tmp_path / "up.jsonl",
+        config,
+        length_measure="chars",
+        fields=FieldSpec(source_field="source"),
+        workers=0,
+    )
     assert summary["problems"]["skipped_by_kind"]["missing_field"] == 2
     assert f"{corpus}:4: missing_field: no source field 'source'" in summary["problems"]["examples"][0]
     assert summary["documents_kept"] == 3
     # modes that ignore sources keep such documents (tools/prepare_data.py asks for it by mode)
-    kept = upsample_corpus([corpus], tmp_path / "none.jsonl", UpsampleConfig(mode="none"), length_measure="chars",
-                           fields=FieldSpec(source_field="source", source_optional=True), workers=0)
+    kept = upsample_corpus(
+        [corpus],
+        tmp_path / "none.jsonl",
+        UpsampleConfig(mode="none"),
+        length_measure="chars",
+        fields=FieldSpec(source_field="source", source_optional=True),
+        workers=0,
+    )
     assert kept["documents_kept"] == 5 and kept["problems"]["skipped_total"] == 0
 
 
@@ -96,7 +119,14 @@ def test_strict_mode_names_file_and_line_and_leaves_nothing_behind(tmp_path, tok
         tokenize_corpus([corpus], tmp_path / "out", tokenizer_path, workers=2, strict=True)
     assert no_outputs_left(tmp_path)
     with pytest.raises(ValueError, match=rf"{corpus}:1501: invalid_utf8"):
-        upsample_corpus([corpus], tmp_path / "up.jsonl.gz", UpsampleConfig(mode="none"), length_measure="chars", workers=2, strict=True)
+        upsample_corpus(
+            [corpus],
+            tmp_path / "up.jsonl.gz",
+            UpsampleConfig(mode="none"),
+            length_measure="chars",
+            workers=2,
+            strict=True,
+        )
     assert not list(tmp_path.glob("up.jsonl*"))
 
 
@@ -108,7 +138,9 @@ def test_token_ids_beyond_the_vocabulary_are_reported(tmp_path, tokenizer_path):
     assert 0 < len(expected_bad) < len(texts)
     corpus = tmp_path / "c.jsonl"
     corpus.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
-    summary = tokenize_corpus([corpus], tmp_path / "out", tokenizer_path, vocab_size=limit, add_bos=False, add_eos=False, workers=0)
+    summary = tokenize_corpus(
+        [corpus], tmp_path / "out", tokenizer_path, vocab_size=limit, add_bos=False, add_eos=False, workers=0
+    )
     assert summary["problems"]["skipped_by_kind"]["token_out_of_vocabulary"] == len(expected_bad)
     assert f"{corpus}:{expected_bad[0] + 1}: token_out_of_vocabulary" in summary["problems"]["examples"][0]
     written = [tokenizer.decode(doc.tolist()) for doc in read_documents(tmp_path / "out")]
@@ -147,7 +179,9 @@ def test_truncated_compressed_input_and_missing_inputs(tmp_path, tokenizer_path)
     with pytest.raises(ValueError, match="holds no"):
         tokenize_corpus([tmp_path / "empty_dir"], tmp_path / "out", tokenizer_path)
     (tmp_path / "only_bad.jsonl").write_bytes(BAD_LINES["missing_field"] * 3)
-    with pytest.raises(ValueError, match=r"only_bad.jsonl: 3 of 3 lines could not be used \(missing_field 3.*--text-key"):
+    with pytest.raises(
+        ValueError, match=r"only_bad.jsonl: 3 of 3 lines could not be used \(missing_field 3.*--text-key"
+    ):
         tokenize_corpus([tmp_path / "only_bad.jsonl"], tmp_path / "out", tokenizer_path, workers=0)
     assert no_outputs_left(tmp_path)
 
@@ -163,5 +197,7 @@ def test_tokenizer_without_bos_or_eos_needs_them_turned_off(tmp_path):
     corpus.write_bytes(good_line(0))
     with pytest.raises(ValueError, match=r"has no BOS token: disable it \(--no-bos\)"):
         tokenize_corpus([corpus], tmp_path / "out", str(tmp_path), workers=0)
-    summary = tokenize_corpus([corpus], tmp_path / "out", str(tmp_path), add_bos=False, add_eos=False, workers=0, write_report=False)
+    summary = tokenize_corpus(
+        [corpus], tmp_path / "out", str(tmp_path), add_bos=False, add_eos=False, workers=0, write_report=False
+    )
     assert summary["documents"] == 1

@@ -7,11 +7,11 @@ parallel slicing, and megatron-core GPTDataset / BlendedDataset built by `build_
 from __future__ import annotations
 
 import json
+from pydoc_data.topics import topics
 
 import numpy as np
 import pytest
 import torch
-from pydoc_data.topics import topics
 
 from megatron_harpe.data.loader import (
     SampleSchedule,
@@ -35,8 +35,12 @@ class IndexDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         tokens = torch.full((self.seq_length,), index, dtype=torch.long)
-        return {"tokens": tokens, "labels": tokens + 1, "loss_mask": torch.ones(self.seq_length),
-                "position_ids": torch.arange(self.seq_length)}
+        return {
+            "tokens": tokens,
+            "labels": tokens + 1,
+            "loss_mask": torch.ones(self.seq_length),
+            "position_ids": torch.arange(self.seq_length),
+        }
 
 
 def samples_seen(dataset, **kwargs) -> list[list[int]]:
@@ -47,8 +51,10 @@ def samples_seen(dataset, **kwargs) -> list[list[int]]:
 def test_dp_ranks_read_disjoint_samples_whose_union_is_the_single_rank_schedule(micro, global_batch, dp):
     dataset = IndexDataset(50)
     single = samples_seen(dataset, micro_batch_size=micro, global_batch_size=global_batch, dp_rank=0, dp_size=1)
-    per_rank = [samples_seen(dataset, micro_batch_size=micro, global_batch_size=global_batch, dp_rank=r, dp_size=dp)
-                for r in range(dp)]
+    per_rank = [
+        samples_seen(dataset, micro_batch_size=micro, global_batch_size=global_batch, dp_rank=r, dp_size=dp)
+        for r in range(dp)
+    ]
     flat = [[i for batch in batches for i in batch] for batches in per_rank]
     assert all(not set(a) & set(b) for k, a in enumerate(flat) for b in flat[k + 1 :])
     steps = len(single) * micro // global_batch
@@ -64,7 +70,9 @@ def test_resume_at_consumed_samples_continues_exactly():
     dataset = IndexDataset(64)
     full = samples_seen(dataset, micro_batch_size=2, global_batch_size=8, dp_rank=1, dp_size=2)
     accumulation = 2
-    resumed = samples_seen(dataset, micro_batch_size=2, global_batch_size=8, dp_rank=1, dp_size=2, consumed_samples=3 * 8)
+    resumed = samples_seen(
+        dataset, micro_batch_size=2, global_batch_size=8, dp_rank=1, dp_size=2, consumed_samples=3 * 8
+    )
     assert resumed == full[3 * accumulation :]
     schedule = SampleSchedule(2, 8, 1, 2, consumed_samples=3 * 8)
     assert schedule.accumulation_steps == accumulation and list(schedule.indices(64)) == resumed
@@ -82,8 +90,13 @@ def test_schedule_rejects_inconsistent_batch_layouts():
 @pytest.mark.parametrize("cp", [1, 2, 4])
 def test_context_parallel_slices_reassemble_the_sequence(cp):
     seq = 32
-    batch = {"tokens": torch.arange(2 * seq).view(2, seq), "labels": torch.arange(2 * seq).view(2, seq) + 1,
-             "loss_mask": torch.rand(2, seq), "position_ids": torch.arange(seq).expand(2, seq), "other": torch.tensor(7)}
+    batch = {
+        "tokens": torch.arange(2 * seq).view(2, seq),
+        "labels": torch.arange(2 * seq).view(2, seq) + 1,
+        "loss_mask": torch.rand(2, seq),
+        "position_ids": torch.arange(seq).expand(2, seq),
+        "other": torch.tensor(7),
+    }
     parts = [slice_for_context_parallel(batch, rank, cp) for rank in range(cp)]
     chunk = seq // (2 * cp)
     for key in ("tokens", "labels", "loss_mask", "position_ids"):
@@ -116,22 +129,32 @@ def packed(tmp_path_factory):
 
 def test_gpt_dataset_batches_resume_identically(packed):
     directory, tokenizer = packed
-    dataset = build_gpt_dataset([str(directory / "first")], None, seq_length=128, num_samples=64, seed=5, tokenizer=tokenizer)
+    dataset = build_gpt_dataset(
+        [str(directory / "first")], None, seq_length=128, num_samples=64, seed=5, tokenizer=tokenizer
+    )
     full = list(micro_batches(dataset, micro_batch_size=2, global_batch_size=8, dp_rank=0, dp_size=2))
-    again = build_gpt_dataset([str(directory / "first")], None, seq_length=128, num_samples=64, seed=5, tokenizer=tokenizer)
-    resumed = list(micro_batches(again, micro_batch_size=2, global_batch_size=8, dp_rank=0, dp_size=2, consumed_samples=16))
+    again = build_gpt_dataset(
+        [str(directory / "first")], None, seq_length=128, num_samples=64, seed=5, tokenizer=tokenizer
+    )
+    resumed = list(
+        micro_batches(again, micro_batch_size=2, global_batch_size=8, dp_rank=0, dp_size=2, consumed_samples=16)
+    )
     assert len(resumed) == len(full) - 4
     for a, b in zip(full[4:], resumed):
         assert all(torch.equal(a[key], b[key]) for key in ("tokens", "labels", "loss_mask", "position_ids"))
     assert full[0]["tokens"].shape == (2, 128) and "attention_mask" not in full[0]
-    other_seed = build_gpt_dataset([str(directory / "first")], None, seq_length=128, num_samples=64, seed=6, tokenizer=tokenizer)
+    other_seed = build_gpt_dataset(
+        [str(directory / "first")], None, seq_length=128, num_samples=64, seed=6, tokenizer=tokenizer
+    )
     assert not torch.equal(other_seed[0]["tokens"], dataset[0]["tokens"])
 
 
 def test_blends_follow_weights_and_default_to_token_counts(packed):
     directory, tokenizer = packed
     prefixes = [str(directory / "first"), str(directory / "second")]
-    blend = build_gpt_dataset(prefixes, [0.25, 0.75], seq_length=64, num_samples=400, seed=1, tokenizer=tokenizer.eos_id)
+    blend = build_gpt_dataset(
+        prefixes, [0.25, 0.75], seq_length=64, num_samples=400, seed=1, tokenizer=tokenizer.eos_id
+    )
     counts = np.bincount(np.asarray(blend.dataset_index[:400]), minlength=2)
     assert counts[1] / 400 == pytest.approx(0.75, abs=0.02)
     batch = next(micro_batches(blend, micro_batch_size=2, global_batch_size=4, dp_rank=1, dp_size=2))
@@ -168,8 +191,9 @@ def test_loss_mask_dataset_marks_the_same_tokens_in_every_sample_of_a_blend(pack
     for prefix, mask in zip(prefixes, masks):
         _write_parity_mask(prefix, mask)
     plain = build_gpt_dataset(prefixes, [0.5, 0.5], seq_length=64, num_samples=200, seed=3, tokenizer=tokenizer)
-    masked = build_gpt_dataset(prefixes, [0.5, 0.5], seq_length=64, num_samples=200, seed=3, tokenizer=tokenizer,
-                               loss_mask_prefixes=masks)
+    masked = build_gpt_dataset(
+        prefixes, [0.5, 0.5], seq_length=64, num_samples=200, seed=3, tokenizer=tokenizer, loss_mask_prefixes=masks
+    )
     for index in range(200):
         a, b = plain[index], masked[index]
         assert torch.equal(a["tokens"], b["tokens"]) and torch.equal(a["labels"], b["labels"])
@@ -181,8 +205,12 @@ def test_loss_mask_dataset_must_match_its_token_dataset(packed, tmp_path):
     directory, tokenizer = packed
     _write_parity_mask(str(directory / "second"), str(tmp_path / "wrong_mask"))
     with pytest.raises(ValueError, match="documents but .*write the mask from the same tokenized dataset"):
-        build_gpt_dataset([str(directory / "first")], None, 64, 10, 1, tokenizer, loss_mask_prefixes=[str(tmp_path / "wrong_mask")])
+        build_gpt_dataset(
+            [str(directory / "first")], None, 64, 10, 1, tokenizer, loss_mask_prefixes=[str(tmp_path / "wrong_mask")]
+        )
     with pytest.raises(ValueError, match="one loss-mask dataset per prefix"):
         build_gpt_dataset([str(directory / "first")], None, 64, 10, 1, tokenizer, loss_mask_prefixes=[])
     with pytest.raises(ValueError, match="loss-mask dataset .* not found"):
-        build_gpt_dataset([str(directory / "first")], None, 64, 10, 1, tokenizer, loss_mask_prefixes=[str(tmp_path / "none")])
+        build_gpt_dataset(
+            [str(directory / "first")], None, 64, 10, 1, tokenizer, loss_mask_prefixes=[str(tmp_path / "none")]
+        )

@@ -14,11 +14,11 @@ import pickle
 import random
 import re
 from pathlib import Path
+from pydoc_data.topics import topics
 
 import numpy as np
 import pytest
 import sentencepiece
-from pydoc_data.topics import topics
 
 from megatron_harpe.data import tokenizer as tokenizer_module
 from megatron_harpe.data.tokenizer import load_tokenizer, train_sentencepiece
@@ -45,12 +45,18 @@ def hf_tokenizer_dir(tmp_path_factory) -> Path:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=["<|begin|>", "<|end|>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=500,
+        special_tokens=["<|begin|>", "<|end|>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tokenizer.train_from_iterator(TRAINING_TEXTS, trainer)
     directory = tmp_path_factory.mktemp("hf")
     tokenizer.save(str(directory / "tokenizer.json"))
-    (directory / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|begin|>", "eos_token": {"content": "<|end|>"}}))
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<|begin|>", "eos_token": {"content": "<|end|>"}})
+    )
     return directory
 
 
@@ -94,7 +100,11 @@ def test_pickled_tokenizer_reloads_by_path(sentencepiece_model, hf_tokenizer_dir
         assert len(payload) < 500  # the path, not the model
         clone = pickle.loads(payload)
         assert clone.encode(AWKWARD_TEXTS[2]) == tokenizer.encode(AWKWARD_TEXTS[2])
-        assert (clone.vocab_size, clone.bos_id, clone.eos_id) == (tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id)
+        assert (clone.vocab_size, clone.bos_id, clone.eos_id) == (
+            tokenizer.vocab_size,
+            tokenizer.bos_id,
+            tokenizer.eos_id,
+        )
 
 
 def test_bad_tokenizer_paths_name_the_problem(tmp_path):
@@ -114,8 +124,14 @@ def test_bad_tokenizer_paths_name_the_problem(tmp_path):
 
 def _train_raw(tmp_path: Path, name: str, **options) -> Path:
     model = io.BytesIO()
-    sentencepiece.SentencePieceTrainer.Train(sentence_iterator=iter(TRAINING_TEXTS), model_writer=model, vocab_size=500,
-                                             minloglevel=2, num_threads=1, **options)
+    sentencepiece.SentencePieceTrainer.Train(
+        sentence_iterator=iter(TRAINING_TEXTS),
+        model_writer=model,
+        vocab_size=500,
+        minloglevel=2,
+        num_threads=1,
+        **options,
+    )
     path = tmp_path / f"{name}.model"
     path.write_bytes(model.getvalue())
     return path
@@ -134,8 +150,12 @@ CUT_EDGE_CASES = [
 
 def _cuttable_tokenizer(tmp_path: Path, kind: str):
     """A model whose settings allow exact cuts at spaces (identity normalization, ...)."""
-    options = {"model_type": "unigram" if kind == "unigram" else "bpe", "normalization_rule_name": "identity",
-               "remove_extra_whitespaces": False, "byte_fallback": True}
+    options = {
+        "model_type": "unigram" if kind == "unigram" else "bpe",
+        "normalization_rule_name": "identity",
+        "remove_extra_whitespaces": False,
+        "byte_fallback": True,
+    }
     if kind.startswith("llama_like"):
         options.update(allow_whitespace_only_pieces=True, split_digits=True)
     if kind == "llama_like_whitespace_pieces":
@@ -154,7 +174,7 @@ def test_long_texts_cut_at_safe_spaces_encode_exactly_like_whole_texts(kind, tmp
     for segment_chars in (1024, 16, 1):
         monkeypatch.setattr(tokenizer_module, "SEGMENT_CHARS", segment_chars)
         assert tokenizer.encode_batch(texts) == whole
-        assert [tokenizer.encode(text) for text in CUT_EDGE_CASES] == whole[len(TRAINING_TEXTS):]
+        assert [tokenizer.encode(text) for text in CUT_EDGE_CASES] == whole[len(TRAINING_TEXTS) :]
     assert len(tokenizer_module._cut_at_safe_spaces(TRAINING_TEXTS[0] * 3, tokenizer._unsafe_before_space)) > 1
 
 
@@ -207,26 +227,66 @@ def test_segment_cache_encodes_exactly_like_whole_texts(kind, tmp_path, monkeypa
 
 
 def test_encode_flat_without_the_cache_matches_encode_batch(tmp_path, hf_tokenizer_dir):
-    unigram = load_tokenizer(_train_raw(tmp_path, "nfkc_unigram", model_type="unigram"))  # cannot be cut: no segment cache
+    unigram = load_tokenizer(
+        _train_raw(tmp_path, "nfkc_unigram", model_type="unigram")
+    )  # cannot be cut: no segment cache
     for tokenizer in (unigram, load_tokenizer(hf_tokenizer_dir)):
         assert tokenizer._segment_pattern is None and tokenizer._normalize is None
         flat, counts = tokenizer.encode_flat(AWKWARD_TEXTS + CUT_EDGE_CASES)
-        assert (flat.tolist(), counts.tolist()) == _flat_reference(tokenizer.encode_batch(AWKWARD_TEXTS + CUT_EDGE_CASES))
+        assert (flat.tolist(), counts.tolist()) == _flat_reference(
+            tokenizer.encode_batch(AWKWARD_TEXTS + CUT_EDGE_CASES)
+        )
 
 
 ADVERSARIAL_TEXTS = [
-    "a  b   c    d", "  leading spaces", "trailing spaces  ", " ", "  ", "\t", "tab\tseparated\twords\t",
-    "new\nlines\n\n    indented\n", "crlf\r\nline \r\n", "\ufb01ne ligature \uff26\uff35\uff2c\uff2c width \u2460\u2461",
-    "e\u0301 combining, A\u030a", "digits 1234567890 3.14159 1e-10 0x1F", "emoji \U0001f600\U0001f44d\U0001f3fd and \U0001d518",
-    "\u4e2d\u6587\u5b57\u7b26 \u65e5\u672c\u8a9e \ud55c\uad6d\uc5b4", "literal \u2581 mark \u2581\u2581 x\u2581y \u2581",
-    "ideographic\u3000space", "nbsp\u00a0space", "zero\u200bwidth", "\x00nul \x01ctrl \x7f", "\u2581", " \u2581 ", "x", "",
+    "a  b   c    d",
+    "  leading spaces",
+    "trailing spaces  ",
+    " ",
+    "  ",
+    "\t",
+    "tab\tseparated\twords\t",
+    "new\nlines\n\n    indented\n",
+    "crlf\r\nline \r\n",
+    "\ufb01ne ligature \uff26\uff35\uff2c\uff2c width \u2460\u2461",
+    "e\u0301 combining, A\u030a",
+    "digits 1234567890 3.14159 1e-10 0x1F",
+    "emoji \U0001f600\U0001f44d\U0001f3fd and \U0001d518",
+    "\u4e2d\u6587\u5b57\u7b26 \u65e5\u672c\u8a9e \ud55c\uad6d\uc5b4",
+    "literal \u2581 mark \u2581\u2581 x\u2581y \u2581",
+    "ideographic\u3000space",
+    "nbsp\u00a0space",
+    "zero\u200bwidth",
+    "\x00nul \x01ctrl \x7f",
+    "\u2581",
+    " \u2581 ",
+    "x",
+    "",
     "    def f(x):\n        return x  # comment\n",
 ]
 
 
 def _random_texts(count: int, seed: int = 0) -> list[str]:
     """Short texts over an alphabet of separators, letters, digits, marks and unknown characters."""
-    alphabet = [" ", " ", " ", "\t", "\n", "a", "b", "e", "th", "\u2581", "1", "7", "\U0001f600", "\u00e9", "\ufb01", "\u3000", "*"]
+    alphabet = [
+        " ",
+        " ",
+        " ",
+        "\t",
+        "\n",
+        "a",
+        "b",
+        "e",
+        "th",
+        "\u2581",
+        "1",
+        "7",
+        "\U0001f600",
+        "\u00e9",
+        "\ufb01",
+        "\u3000",
+        "*",
+    ]
     generator = random.Random(seed)
     return ["".join(generator.choice(alphabet) for _ in range(generator.randint(0, 40))) for _ in range(count)]
 
@@ -239,7 +299,9 @@ def test_word_cache_is_used_only_when_every_space_is_an_exact_cut(sentencepiece_
     assert ours._cut_at_single_spaces and ours._word_start is not None
     llama_like = _cuttable_tokenizer(tmp_path, "llama_like")  # has "▁▁" pieces: runs of spaces are not cut
     assert llama_like._sp.PieceToId("\u2581\u2581") != llama_like._sp.unk_id()
-    assert not llama_like._cut_at_every_space and llama_like._cut_at_single_spaces and llama_like._word_start is not None
+    assert (
+        not llama_like._cut_at_every_space and llama_like._cut_at_single_spaces and llama_like._word_start is not None
+    )
     symbol = _cuttable_tokenizer(tmp_path, "llama_like_whitespace_pieces")  # a piece "x▁y": no cut after "x"
     assert symbol._segment_pattern is not None and not symbol._cut_at_single_spaces and symbol._word_start is None
     nfkc = load_tokenizer(_train_raw(tmp_path, "nfkc", model_type="bpe"))  # normalized first, then cut at every "▁"
@@ -253,10 +315,13 @@ def test_word_cache_encodes_adversarial_and_random_text_exactly(sentencepiece_mo
     texts: runs of spaces, tabs, newlines, text NFKC changes (kept by identity models, normalized
     first for nmt_nfkc ones), leading/trailing whitespace, digits, byte fallback or unknown
     characters, literal "▁", empty texts."""
-    tokenizers = [load_tokenizer(sentencepiece_model), _cuttable_tokenizer(tmp_path, "llama_like"),
-                  _cuttable_tokenizer(tmp_path, "llama_like_whitespace_pieces"),
-                  load_tokenizer(_train_raw(tmp_path, "nfkc_bytes", model_type="bpe", byte_fallback=True)),
-                  load_tokenizer(_train_raw(tmp_path, "nfkc_unknown", model_type="bpe"))]
+    tokenizers = [
+        load_tokenizer(sentencepiece_model),
+        _cuttable_tokenizer(tmp_path, "llama_like"),
+        _cuttable_tokenizer(tmp_path, "llama_like_whitespace_pieces"),
+        load_tokenizer(_train_raw(tmp_path, "nfkc_bytes", model_type="bpe", byte_fallback=True)),
+        load_tokenizer(_train_raw(tmp_path, "nfkc_unknown", model_type="bpe")),
+    ]
     assert tokenizers[3]._normalize is not None and tokenizers[4]._normalize is not None
     prose = [re.sub(" +", " ", text).strip(" ").replace("\u2581", "") for text in TRAINING_TEXTS]
     assert all(map(tokenizer_module._single_spaces_between_words, prose))  # str.split for Llama-like models too
@@ -293,4 +358,6 @@ def test_new_words_encoded_joined_equal_words_encoded_one_by_one(sentencepiece_m
     words = sorted({word for text in texts for word in text.split(" ") if word and "\u2581" not in word})
     one_by_one = [array.array("i", ids).tobytes() for ids in tokenizer._sp.Encode(words, out_type=int)]
     assert tokenizer._encode_words_joined(words, num_threads=1) == one_by_one
-    assert tokenizer._encode_words_joined(words + ["x\u2581y"], num_threads=1) is None  # a literal "▁" starts a piece too
+    assert (
+        tokenizer._encode_words_joined(words + ["x\u2581y"], num_threads=1) is None
+    )  # a literal "▁" starts a piece too

@@ -21,7 +21,9 @@ from megatron_harpe.data.upsample import (
 )
 
 
-def synthetic_stream(count: int, sources: list[str], long_fraction: float = 0.3, seed: int = 0) -> list[tuple[str, int]]:
+def synthetic_stream(
+    count: int, sources: list[str], long_fraction: float = 0.3, seed: int = 0
+) -> list[tuple[str, int]]:
     """(source, length) pairs: short documents 50..4095 tokens, long ones 4096..40000."""
     rng = random.Random(seed)
     stream = []
@@ -58,7 +60,9 @@ def test_budgets_are_met_per_source_and_shares_kept():
     for source, share in SLIMPAJAMA_SHARES.items():
         budget = share * total
         assert kept_by_source[source] >= budget, source
-        assert kept_by_source[source] - last_length[source] < budget, f"{source} took a document after its budget was met"
+        assert kept_by_source[source] - last_length[source] < budget, (
+            f"{source} took a document after its budget was met"
+        )
         # the overshoot is at most one document, so shares hold to within one long document
         assert kept_by_source[source] / total == pytest.approx(share, abs=40000 / total)
 
@@ -109,8 +113,15 @@ def test_global_and_none_modes_ignore_sources_and_stop_at_the_budget():
 def test_code_arxiv_book_mode_reweights_those_sources():
     shares = code_arxiv_book_shares()
     assert sum(shares.values()) == pytest.approx(1.0)
-    assert shares["Github"] == shares["ArXiv"] == shares["Book"] == pytest.approx(0.6 / (0.6 * 3 + 0.53374772 + 0.26609933 + 0.03402128 + 0.03169647))
-    assert shares["C4"] / shares["CommonCrawl"] == pytest.approx(SLIMPAJAMA_SHARES["C4"] / SLIMPAJAMA_SHARES["CommonCrawl"])
+    assert (
+        shares["Github"]
+        == shares["ArXiv"]
+        == shares["Book"]
+        == pytest.approx(0.6 / (0.6 * 3 + 0.53374772 + 0.26609933 + 0.03402128 + 0.03169647))
+    )
+    assert shares["C4"] / shares["CommonCrawl"] == pytest.approx(
+        SLIMPAJAMA_SHARES["C4"] / SLIMPAJAMA_SHARES["CommonCrawl"]
+    )
     sampler = LengthUpsampler(UpsampleConfig(mode="upsample_code_arxiv_book", total_tokens=1000))
     assert sampler.budget_report()["Book"]["budget"] == pytest.approx(1000 * shares["Book"])
 

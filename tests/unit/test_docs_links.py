@@ -35,7 +35,8 @@ def anchors(path: Path) -> set[str]:
 
 def test_github_anchor_rule():
     assert github_anchor("Check the preset's path on one node: `scripts/gpu_check.sh`") == (
-        "check-the-presets-path-on-one-node-scriptsgpu_checksh")
+        "check-the-presets-path-on-one-node-scriptsgpu_checksh"
+    )
     assert github_anchor("Short-context retention (`--task short`)") == "short-context-retention---task-short"
 
 
@@ -58,13 +59,17 @@ def test_every_relative_link_and_anchor_resolves():
 def test_readme_stays_short():
     size = (REPO / "README.md").stat().st_size
     assert size <= README_LIMIT_BYTES, (
-        f"README.md is {size} bytes, over {README_LIMIT_BYTES}: move detail to a page under docs/ and link it")
+        f"README.md is {size} bytes, over {README_LIMIT_BYTES}: move detail to a page under docs/ and link it"
+    )
 
 
 def test_docs_index_lists_every_page():
     index = (REPO / "docs" / "README.md").read_text(encoding="utf-8")
-    missing = [page.name for page in sorted((REPO / "docs").glob("*.md"))
-               if page.name != "README.md" and f"({page.name})" not in index]
+    missing = [
+        page.name
+        for page in sorted((REPO / "docs").glob("*.md"))
+        if page.name != "README.md" and f"({page.name})" not in index
+    ]
     assert not missing, f"docs/README.md does not link {missing}: add a line for each page"
 
 
@@ -75,11 +80,23 @@ SETUP_TESTS = 'pip install -c requirements/lock.txt torch==2.13.0 -e ".[dev]" &&
 def test_readme_keeps_the_two_setup_commands_that_ci_runs():
     lines = (REPO / "README.md").read_text(encoding="utf-8").splitlines()
     assert SETUP_DEMO in lines and SETUP_TESTS in lines, "the README's two set-up commands changed"
-    assert SETUP_TESTS in (REPO / ".ci" / "run").read_text(encoding="utf-8"), ".ci/run no longer runs the README's test command"
+    assert SETUP_TESTS in (REPO / ".ci" / "run").read_text(encoding="utf-8"), (
+        ".ci/run no longer runs the README's test command"
+    )
 
 
-PATH_ROOTS = ("megatron_harpe/", "tools/", "scripts/", "tests/", "benchmarks/", "configs/", "experiments/", "docs/",
-              ".ci/", "requirements/")
+PATH_ROOTS = (
+    "megatron_harpe/",
+    "tools/",
+    "scripts/",
+    "tests/",
+    "benchmarks/",
+    "configs/",
+    "experiments/",
+    "docs/",
+    ".ci/",
+    "requirements/",
+)
 OTHER_REPOSITORIES = {  # paths the pages cite in other projects' trees, by the project they name
     "tools/preprocess_data.py",  # Megatron-LM
     "tensor_parallel/mappings.py",  # megatron-core

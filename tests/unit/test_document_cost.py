@@ -36,7 +36,8 @@ def prefix(tmp_path_factory) -> str:
 
 def config(prefix: str, *overrides: str):
     return load_config(DEMO, [f"data.prefixes=[{prefix}]", "data.tokenizer=null", *overrides]).validate(
-        require_backend=False)
+        require_backend=False
+    )
 
 
 def test_off_costs_nothing_and_the_dry_run_says_so(prefix, capsys):
@@ -88,13 +89,26 @@ def test_sdpa_plans_its_block_masks_and_document_ids(prefix):
     selective, plain = (estimate_memory(c, Layout(micro_batch=4, recompute="selective"), device="cpu")
                         for c in (cfg, config(prefix)))  # fmt: skip
     assert selective.activations == plain.activations
-    full, plain = (estimate_memory(c, Layout(micro_batch=4, recompute="full"), device="cpu") for c in (cfg, config(prefix)))
+    full, plain = (
+        estimate_memory(c, Layout(micro_batch=4, recompute="full"), device="cpu") for c in (cfg, config(prefix))
+    )
     assert full.activations - plain.activations == int(4 * 512 * short_share * TILE * 4) + 4 * 512 * runs_output
 
 
 def test_dry_run_shows_the_masking_and_its_padding(prefix, capsys):
-    overrides = [f"--data.prefixes=[{prefix}]", "--data.reset_attention_mask", "true", "--data.reset_position_ids", "true",
-                 "--model.attention_backend", "te", "--parallel.context", "4", "--parallel.tensor", "2"]
+    overrides = [
+        f"--data.prefixes=[{prefix}]",
+        "--data.reset_attention_mask",
+        "true",
+        "--data.reset_position_ids",
+        "true",
+        "--model.attention_backend",
+        "te",
+        "--parallel.context",
+        "4",
+        "--parallel.tensor",
+        "2",
+    ]
     assert pretrain_harpe.main(["--config", DEMO, "--dry-run", "--world-size", "8", *overrides]) == 0
     out = capsys.readouterr().out
     assert "document masking: on, Transformer Engine THD" in out and "padded to a multiple of 8" in out
@@ -104,6 +118,11 @@ def test_dry_run_shows_the_masking_and_its_padding(prefix, capsys):
 @pytest.mark.parametrize("comm", ["all_gather", "a2a"])
 def test_te_document_masking_needs_p2p_context_parallelism(prefix, comm):
     with pytest.raises(ValueError, match="set parallel.cp_comm_type: p2p"):
-        config(prefix, "data.reset_attention_mask=true", "model.attention_backend=te", "parallel.context=2",
-               f"parallel.cp_comm_type={comm}")
+        config(
+            prefix,
+            "data.reset_attention_mask=true",
+            "model.attention_backend=te",
+            "parallel.context=2",
+            f"parallel.cp_comm_type={comm}",
+        )
     config(prefix, "data.reset_attention_mask=true", "model.attention_backend=te", "parallel.context=2")  # auto: p2p

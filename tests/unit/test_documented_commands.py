@@ -42,8 +42,12 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON_DIRS = ("tools/", "benchmarks/", "scripts/", "experiments/", "tests/")
-COMMAND_START = re.compile(r"^(\$ )?(python3? |torchrun |sbatch |bash scripts/|pip |nice |timeout |harpe-|[A-Z_][A-Z0-9_]*=\S* )")
-INLINE_COMMAND = re.compile(r"^(python3? (tools/|pretrain_harpe\.py|-m megatron_harpe|benchmarks/|scripts/|experiments/)|torchrun |harpe-)")
+COMMAND_START = re.compile(
+    r"^(\$ )?(python3? |torchrun |sbatch |bash scripts/|pip |nice |timeout |harpe-|[A-Z_][A-Z0-9_]*=\S* )"
+)
+INLINE_COMMAND = re.compile(
+    r"^(python3? (tools/|pretrain_harpe\.py|-m megatron_harpe|benchmarks/|scripts/|experiments/)|torchrun |harpe-)"
+)
 PLACEHOLDER = re.compile(r"\.\.\.|[{}\[\]<>]|\b[A-Z][A-Z0-9_]{1,}\b|\bX\.(py|yaml)\b")
 CONTROL = {"&&", "||", ";", "|"}
 
@@ -64,6 +68,7 @@ class CommandError(Exception):
 
 
 # --- finding the commands -------------------------------------------------------------------
+
 
 def documentation_files() -> list[Path]:
     return [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -143,6 +148,7 @@ def split_commands(text: str) -> list[list[str]]:
 
 # --- running a tool's parser ----------------------------------------------------------------
 
+
 class _Parsed(Exception):
     def __init__(self, namespace: argparse.Namespace, extras: list[str]):
         super().__init__()
@@ -166,6 +172,7 @@ def _stop_after_parse():
             if depth[0] == 0:
                 raise _Parsed(result, []) if strict else _Parsed(*result)
             return result
+
         return parse
 
     argparse.ArgumentParser.parse_known_args = wrap(original_known, strict=False)
@@ -196,7 +203,9 @@ def _load_script(relative: str) -> ModuleType:
     return _MODULES[relative]
 
 
-def run_parser(module: ModuleType, program: str, argv: list[str], entry=None) -> tuple[argparse.Namespace | None, list[str]]:
+def run_parser(
+    module: ModuleType, program: str, argv: list[str], entry=None
+) -> tuple[argparse.Namespace | None, list[str]]:
     """Parse `argv` the way `module` does (or its console-script function `entry`); returns
     (namespace, arguments left to the config), or (None, []) for --help. An argparse error
     raises CommandError with argparse's message."""
@@ -218,8 +227,12 @@ def run_parser(module: ModuleType, program: str, argv: list[str], entry=None) ->
     stderr, stdout = io.StringIO(), io.StringIO()
     saved_argv, saved_env = sys.argv, dict(os.environ)
     try:
-        with _stop_after_parse(), contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(stdout), \
-                warnings.catch_warnings():
+        with (
+            _stop_after_parse(),
+            contextlib.redirect_stderr(stderr),
+            contextlib.redirect_stdout(stdout),
+            warnings.catch_warnings(),
+        ):
             sys.argv = [program, *argv]
             entry(argv) if takes_argv else entry()
     except _Parsed as parsed:
@@ -292,7 +305,9 @@ def check_python(target: str, argv: list[str], torchrun_options: list[str] | Non
     if extras or isinstance(config, str):
         world_size = None
         if target in ("pretrain_harpe.py", "harpe-train"):
-            world_size = namespace.world_size or (_torchrun_world_size(torchrun_options) if torchrun_options is not None else 1)
+            world_size = namespace.world_size or (
+                _torchrun_world_size(torchrun_options) if torchrun_options is not None else 1
+            )
         check_config(config if isinstance(config, str) else None, extras, world_size)
 
 
@@ -308,10 +323,10 @@ def check_command(words: list[str]) -> None:
     elif program == "torchrun":
         for index, word in enumerate(rest):
             if word == "-m":
-                check_python(f"-m {rest[index + 1]}", rest[index + 2:], rest[:index])
+                check_python(f"-m {rest[index + 1]}", rest[index + 2 :], rest[:index])
                 return
             if word.endswith(".py"):
-                check_python(word, rest[index + 1:], rest[:index])
+                check_python(word, rest[index + 1 :], rest[:index])
                 return
         raise CommandError("torchrun without a script")
     elif program in console_scripts():
@@ -331,7 +346,7 @@ def check_command(words: list[str]) -> None:
         script = rest[scripts[0]]
         if not (REPO / script).is_file():
             raise CommandError(f"{script}: no such file")
-        arguments = rest[scripts[0] + 1:]
+        arguments = rest[scripts[0] + 1 :]
         if script.endswith("train.sbatch"):
             if not arguments:
                 raise CommandError("train.sbatch needs a config file")
@@ -376,17 +391,19 @@ def test_documented_command_parses(command: DocCommand, monkeypatch):
 
 
 def test_extraction_joins_continuations_and_finds_inline_commands():
-    text = "\n".join([
-        "Some prose with `python tools/select_bases.py --strategy paper --heads 32` inline,",
-        "and a placeholder `python tools/evaluate.py --model DIR ...` that is skipped.",
-        "",
-        "```bash",
-        "OMP_NUM_THREADS=1 python tools/prepare_data.py demo \\",
-        "    --workdir work/demo > log.txt 2>&1",
-        "```",
-        "",
-        "    $ nice -n -5 python benchmarks/rotary.py --repeats 5   # a comment",
-    ])
+    text = "\n".join(
+        [
+            "Some prose with `python tools/select_bases.py --strategy paper --heads 32` inline,",
+            "and a placeholder `python tools/evaluate.py --model DIR ...` that is skipped.",
+            "",
+            "```bash",
+            "OMP_NUM_THREADS=1 python tools/prepare_data.py demo \\",
+            "    --workdir work/demo > log.txt 2>&1",
+            "```",
+            "",
+            "    $ nice -n -5 python benchmarks/rotary.py --repeats 5   # a comment",
+        ]
+    )
     commands = extract_commands(text, "page.md")
     assert [(c.line, c.text) for c in commands] == [
         (1, "python tools/select_bases.py --strategy paper --heads 32"),
@@ -396,20 +413,32 @@ def test_extraction_joins_continuations_and_finds_inline_commands():
     assert split_commands(commands[1].text) == [["python", "tools/prepare_data.py", "demo", "--workdir", "work/demo"]]
     assert split_commands(commands[2].text) == [["python", "benchmarks/rotary.py", "--repeats", "5"]]
     assert split_commands("pip install -e . && bash scripts/demo_cpu.sh") == [
-        ["pip", "install", "-e", "."], ["bash", "scripts/demo_cpu.sh"]]
+        ["pip", "install", "-e", "."],
+        ["bash", "scripts/demo_cpu.sh"],
+    ]
 
 
-@pytest.mark.parametrize("text, complaint", [
-    ("python tools/convert_checkpoint.py hf-to-megatron --input hf --output ckpt --position configs/demo_cpu.yaml",
-     "unrecognised argument"),  # the README's old step 1: the flag is --config
-    ("python tools/evaluate.py --model oracle --tokenizer tok.model --task passkey --scoring guess", "invalid choice"),
-    ("torchrun --nproc-per-node 2 pretrain_harpe.py --config configs/demo_cpu.yaml --train.learning_rate 1e-3",
-     "learning_rate"),
-    ("python pretrain_harpe.py --config configs/demo_cpu.yaml --train.lr fast", "train.lr"),
-    ("python tools/plan_memory.py --config configs/no_such.yaml --gpus 8", "not found"),
-    ("python tools/no_such_tool.py --help", "no such file"),
-    ("sbatch scripts/slurm/train.sbatch configs/demo_cpu.yaml --parallel.tensr 2", "tensr"),
-])
+@pytest.mark.parametrize(
+    "text, complaint",
+    [
+        (
+            "python tools/convert_checkpoint.py hf-to-megatron --input hf --output ckpt --position configs/demo_cpu.yaml",
+            "unrecognised argument",
+        ),  # the README's old step 1: the flag is --config
+        (
+            "python tools/evaluate.py --model oracle --tokenizer tok.model --task passkey --scoring guess",
+            "invalid choice",
+        ),
+        (
+            "torchrun --nproc-per-node 2 pretrain_harpe.py --config configs/demo_cpu.yaml --train.learning_rate 1e-3",
+            "learning_rate",
+        ),
+        ("python pretrain_harpe.py --config configs/demo_cpu.yaml --train.lr fast", "train.lr"),
+        ("python tools/plan_memory.py --config configs/no_such.yaml --gpus 8", "not found"),
+        ("python tools/no_such_tool.py --help", "no such file"),
+        ("sbatch scripts/slurm/train.sbatch configs/demo_cpu.yaml --parallel.tensr 2", "tensr"),
+    ],
+)
 def test_a_wrong_command_fails_naming_file_and_line(text, complaint, monkeypatch):
     monkeypatch.chdir(REPO)
     with pytest.raises(AssertionError) as failure:
@@ -420,13 +449,21 @@ def test_a_wrong_command_fails_naming_file_and_line(text, complaint, monkeypatch
 
 def test_a_right_command_passes(monkeypatch):
     monkeypatch.chdir(REPO)
-    check_documented_command(DocCommand("docs/page.md", 1, "python tools/convert_checkpoint.py hf-to-megatron "
-                                        "--input hf --output ckpt --config configs/demo_cpu.yaml --position.base 5e5"))
+    check_documented_command(
+        DocCommand(
+            "docs/page.md",
+            1,
+            "python tools/convert_checkpoint.py hf-to-megatron "
+            "--input hf --output ckpt --config configs/demo_cpu.yaml --position.base 5e5",
+        )
+    )
 
 
 def test_console_scripts_parse_with_their_function(monkeypatch):
     monkeypatch.chdir(REPO)
-    monkeypatch.setattr(sys.modules[__name__], "console_scripts", lambda: {"harpe-gpu-check": "megatron_harpe.gpu_check:main"})
+    monkeypatch.setattr(
+        sys.modules[__name__], "console_scripts", lambda: {"harpe-gpu-check": "megatron_harpe.gpu_check:main"}
+    )
     check_documented_command(DocCommand("docs/page.md", 3, "harpe-gpu-check --help"))
     with pytest.raises(AssertionError, match=r"docs/page.md:4: harpe-gpu-check --bogus 1\n  -> .*bogus"):
         check_documented_command(DocCommand("docs/page.md", 4, "harpe-gpu-check --bogus 1"))

@@ -121,8 +121,12 @@ def test_thd_stream_holds_every_token_once_with_its_document_positions(cp_size, 
     rows = [stream([3, 9, 1, 12, 7]), stream([1, 30, 1], seed=1)]
     tokens = torch.stack(rows)
     ids = document_ids(tokens, EOD)
-    batch = {"tokens": tokens, "labels": tokens + 100, "loss_mask": torch.ones(tokens.shape),
-             "position_ids": torch.arange(32).expand(2, 32)}
+    batch = {
+        "tokens": tokens,
+        "labels": tokens + 100,
+        "loss_mask": torch.ones(tokens.shape),
+        "position_ids": torch.arange(32).expand(2, 32),
+    }
     parts = [pack_thd(batch, ids, cp_rank=rank, cp_size=cp_size, tp_split=tp_split, reset_positions=reset)
              for rank in range(cp_size)]  # fmt: skip
     lengths = [3, 9, 1, 12, 7, 1, 30, 1]

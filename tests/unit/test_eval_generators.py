@@ -11,7 +11,13 @@ import re
 import pytest
 
 from megatron_harpe.eval.backends.hf import HFTokenizer
-from megatron_harpe.eval.tasks.haystack import NOISE_PARAGRAPH, cycled, load_prose_sentences, split_sentences, wonderwords_lists
+from megatron_harpe.eval.tasks.haystack import (
+    NOISE_PARAGRAPH,
+    cycled,
+    load_prose_sentences,
+    split_sentences,
+    wonderwords_lists,
+)
 from megatron_harpe.eval.tasks.niah import NIAH_TASKS, build_niah_sample
 from megatron_harpe.eval.tasks.passkey import build_passkey_sample
 from megatron_harpe.eval.tasks.samples import DEPTHS, fit_units
@@ -76,14 +82,22 @@ def test_niah_needles_keys_and_answers(tokenizer, task_name):
     if task.value_kind == "numbers":
         assert all(re.fullmatch(r"\d{7}", answer) for answer in sample.answers)
     else:
-        assert all(re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", a)
-                   for a in sample.answers)
+        assert all(
+            re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", a)
+            for a in sample.answers
+        )
     if task.key_kind == "uuids":
         assert all(len(key) == 36 for key in keys)
     else:  # RULER's wonderwords "adjective-noun" keys (the words may hold hyphens or spaces)
         lists = wonderwords_lists()
-        assert all(any(key[:i] in lists["adjective"] and key[i + 1:] in lists["noun"]
-                       for i, char in enumerate(key) if char == "-") for key in keys)
+        assert all(
+            any(
+                key[:i] in lists["adjective"] and key[i + 1 :] in lists["noun"]
+                for i, char in enumerate(key)
+                if char == "-"
+            )
+            for key in keys
+        )
     singular = task.num_queries * task.num_values == 1
     assert sample.prompt.startswith("A special magic" if singular else "Some special magic")
     assert sample.prompt.endswith("in the provided text is" if singular else "in the provided text are")
@@ -178,8 +192,12 @@ def test_fit_units_finds_the_exact_maximum_with_few_measurements(with_cost_model
             approximate.append(approximate[-1] + cost * rng.uniform(0.95, 1.05))
         budget = rng.randint(10, totals[-1] + 5)
         calls: list[int] = []
-        found = fit_units(lambda n: calls.append(n) or totals[n], budget, max_units=len(costs),
-                          cumulative_cost=approximate.__getitem__ if with_cost_model else None)
+        found = fit_units(
+            lambda n: calls.append(n) or totals[n],
+            budget,
+            max_units=len(costs),
+            cumulative_cost=approximate.__getitem__ if with_cost_model else None,
+        )
         assert found == max(n for n, total in enumerate(totals) if total <= budget)
         most_calls = max(most_calls, len(set(calls)))
     assert most_calls <= (12 if with_cost_model else 30)
@@ -187,8 +205,13 @@ def test_fit_units_finds_the_exact_maximum_with_few_measurements(with_cost_model
 
 def test_sentence_splitting_keeps_abbreviations():
     text = "Use a list, e.g. Foo or Bar. Then stop!  Next one? Yes.\nLast (maybe) here."
-    assert split_sentences(text) == ["Use a list, e.g. Foo or Bar.", "Then stop!", "Next one?", "Yes.",
-                                     "Last (maybe) here."]
+    assert split_sentences(text) == [
+        "Use a list, e.g. Foo or Bar.",
+        "Then stop!",
+        "Next one?",
+        "Yes.",
+        "Last (maybe) here.",
+    ]
 
 
 def test_default_prose_is_real_text_and_custom_file_works(tmp_path):

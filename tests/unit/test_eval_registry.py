@@ -1,6 +1,6 @@
 """The task registry (eval/tasks/registry.py): every task's builder, budget and metric as registered.
 
-    pytest tests/unit/test_eval_registry.py
+pytest tests/unit/test_eval_registry.py
 """
 
 from __future__ import annotations
@@ -49,7 +49,15 @@ def test_the_registry_names_rulers_thirteen_and_every_other_task():
     assert ALL_TASKS == (*RULER_TASKS, "passkey", "synthetic_kv", "needle_grid", "ppl")
     assert "needle_grid" not in CELL_TASKS and set(CELL_TASKS) == set(TASKS) - {"needle_grid"}
     assert {task: spec.answer_budget for task, spec in TASKS.items() if not task.startswith("niah")} == {
-        "vt": 30, "cwe": 120, "fwe": 50, "qa_1": 32, "qa_2": 32, "passkey": 32, "synthetic_kv": 4, "needle_grid": 32}
+        "vt": 30,
+        "cwe": 120,
+        "fwe": 50,
+        "qa_1": 32,
+        "qa_2": 32,
+        "passkey": 32,
+        "synthetic_kv": 4,
+        "needle_grid": 32,
+    }
     assert all(TASKS[task].answer_budget == 128 for task in TASK_GROUPS["niah"])
     assert all(spec.metric in METRICS for spec in TASKS.values())
     assert expand_tasks(["niah", "niah_single_1", "ppl"]) == [*TASK_GROUPS["niah"], "ppl"]
@@ -70,8 +78,16 @@ def test_each_registered_builder_makes_a_sample_with_its_budget_and_metric(reque
     spec = TASKS[task]
     tokenizer = request.getfixturevalue("word_tokenizer" if task == "synthetic_kv" else "tokenizer")
     depth = 50 if spec.grid else None
-    make = sample_factory(task, tokenizer, seed=3, max_new_tokens=None, prose=load_prose_sentences(None),
-                          chat=PLAIN, qa_files=QA_FILES, fixed_depth=depth)
+    make = sample_factory(
+        task,
+        tokenizer,
+        seed=3,
+        max_new_tokens=None,
+        prose=load_prose_sentences(None),
+        chat=PLAIN,
+        qa_files=QA_FILES,
+        fixed_depth=depth,
+    )
     sample = make(LENGTH, 1)
     assert (sample.answer_budget, sample.metric) == (spec.answer_budget, spec.metric)
     assert (sample.length, sample.index) == (LENGTH, 1)

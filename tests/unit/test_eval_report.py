@@ -30,9 +30,17 @@ def oracle(tmp_path_factory) -> OracleBackend:
 @pytest.fixture(scope="module")
 def results(oracle) -> dict:
     document = oracle.tokenizer.encode("The grass is green. " * 200)
-    return run_eval_suite(oracle, ["niah_single_1", "passkey", "needle_grid", "ppl"], [512, 1024], samples=2,
-                          seed=0, grid_depths=(0, 50, 100), ppl_documents=[document], keep_records=True,
-                          progress=False)
+    return run_eval_suite(
+        oracle,
+        ["niah_single_1", "passkey", "needle_grid", "ppl"],
+        [512, 1024],
+        samples=2,
+        seed=0,
+        grid_depths=(0, 50, 100),
+        ppl_documents=[document],
+        keep_records=True,
+        progress=False,
+    )
 
 
 def test_results_structure(results, oracle):
@@ -64,9 +72,14 @@ def test_write_report_creates_complete_files(results, tmp_path):
 
 def test_markdown_shows_each_score_in_its_cell():
     results = {
-        "model": "m", "samples": 1, "seed": 0, "scoring": "generate", "lengths": [4096, 8192],
+        "model": "m",
+        "samples": 1,
+        "seed": 0,
+        "scoring": "generate",
+        "lengths": [4096, 8192],
         "tasks": {"passkey": {"4096": {"score": 90.0}, "8192": {"score": 40.0}}},
-        "per_length": {"4096": 90.0, "8192": 40.0}, "overall": 65.0,
+        "per_length": {"4096": 90.0, "8192": 40.0},
+        "overall": 65.0,
     }
     results["mean_over"] = ["passkey"]
     table = markdown_table(results)

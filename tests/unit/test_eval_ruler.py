@@ -62,15 +62,31 @@ def _make(task: str, tokenizer, chat=PLAIN, seed: int = 42, fill: str = "tight")
 
 @pytest.mark.parametrize("scoring", ["generate", "teacher_forcing"])
 def test_oracle_scores_100_and_random_about_0_on_all_13_tasks(tokenizer, scoring):
-    oracle = run_eval_suite(OracleBackend(tokenizer), ["ruler"], [2048, 3000], samples=4, seed=3, scoring=scoring,
-                            progress=False, qa_files=QA_FILES)
+    oracle = run_eval_suite(
+        OracleBackend(tokenizer),
+        ["ruler"],
+        [2048, 3000],
+        samples=4,
+        seed=3,
+        scoring=scoring,
+        progress=False,
+        qa_files=QA_FILES,
+    )
     assert list(oracle["tasks"]) == list(RULER_TASKS) and oracle["mean_label"] == "RULER-13 mean"
     for task, by_length in oracle["tasks"].items():
         for length, cell in by_length.items():
             assert cell["score"] == 100.0, (task, length, cell["scores"])
             assert cell["interval"][1] == 100.0 and cell["interval"][0] > 40
-    noise = run_eval_suite(RandomBackend(tokenizer, seed=1), ["ruler"], [2048], samples=4, seed=3, scoring=scoring,
-                           progress=False, qa_files=QA_FILES)
+    noise = run_eval_suite(
+        RandomBackend(tokenizer, seed=1),
+        ["ruler"],
+        [2048],
+        samples=4,
+        seed=3,
+        scoring=scoring,
+        progress=False,
+        qa_files=QA_FILES,
+    )
     for task, by_length in noise["tasks"].items():
         assert by_length["2048"]["score"] <= 5.0, (task, by_length["2048"]["scores"])
 
@@ -101,10 +117,14 @@ def test_keys_come_from_the_wonderwords_lists(tokenizer):
     lists = wonderwords_lists()
     assert len(lists["adjective"]) * len(lists["noun"]) > 6_000_000
     sample = build_niah_sample(NIAH_TASKS["niah_multikey_2"], tokenizer, 6000, index=0, seed=9)
-    keys = [line.split(" for ", 1)[1].split(" is: ")[0] for line in sample.prompt.split("\n") if line.startswith("One of")]
+    keys = [
+        line.split(" for ", 1)[1].split(" is: ")[0] for line in sample.prompt.split("\n") if line.startswith("One of")
+    ]
     assert len(keys) > 30
     adjectives, nouns = set(lists["adjective"]), set(lists["noun"])
-    assert all(any(key[:i] in adjectives and key[i + 1:] in nouns for i in range(len(key)) if key[i] == "-") for key in keys)
+    assert all(
+        any(key[:i] in adjectives and key[i + 1 :] in nouns for i in range(len(key)) if key[i] == "-") for key in keys
+    )
     # RULER's vocabulary is large: distractors rarely share a word with the queried key
     query = sample.prompt.split("special magic number for ")[-1].split(" mentioned")[0]
     assert sum(key.split("-")[0] == query.split("-")[0] for key in keys) <= 3
@@ -146,8 +166,10 @@ def test_string_match_part():
     assert string_match_part("no idea", ["copper", "tin"]) == 0.0
 
 
-CHAT = ("{% for message in messages %}<|user|>{{ message['content'] }}<|end|>{% endfor %}"
-        "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+CHAT = (
+    "{% for message in messages %}<|user|>{{ message['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 
 
 def test_chat_template_wraps_the_question_and_keeps_the_answer_prefix(tokenizer, tmp_path):
@@ -160,8 +182,14 @@ def test_chat_template_wraps_the_question_and_keeps_the_answer_prefix(tokenizer,
     assert sample.prompt.startswith("<|user|>A special magic number is hidden")
     assert "mentioned in the provided text?<|end|><|assistant|> The special magic number for " in sample.prompt
     assert sample.prompt.endswith("mentioned in the provided text is")
-    results = run_eval_suite(OracleBackend(tokenizer), ["niah_multivalue", "vt", "cwe"], [3000], samples=2,
-                             progress=False, chat_template=str(template))
+    results = run_eval_suite(
+        OracleBackend(tokenizer),
+        ["niah_multivalue", "vt", "cwe"],
+        [3000],
+        samples=2,
+        progress=False,
+        chat_template=str(template),
+    )
     assert all(by_length["3000"]["score"] == 100.0 for by_length in results["tasks"].values())
     prompt = results["provenance"]["prompt"]
     assert prompt["chat_template"] == str(template) and prompt["sha256"] == hashlib.sha256(CHAT.encode()).hexdigest()
@@ -251,8 +279,9 @@ def test_qa_samples_follow_ruler(tokenizer):
     assert len(squad.questions) == 12  # the 4 unanswerable questions are dropped
     sample = _make("qa_1", tokenizer)(2048, 0)
     assert sample.metric == "part" and sample.answers == ["copper", "copper market"]
-    assert "Document 1:\n" in sample.prompt and sample.prompt.endswith("Question: What trade did the market of "
-                                                                        "Varnholt deal in? Answer:")
+    assert "Document 1:\n" in sample.prompt and sample.prompt.endswith(
+        "Question: What trade did the market of Varnholt deal in? Answer:"
+    )
     gold = squad.documents[squad.questions[0].gold[0]]
     assert gold in sample.prompt
     hotpot = _make("qa_2", tokenizer)(1500, 2)
@@ -283,12 +312,16 @@ def test_ruler_chat_template_follows_the_model_family(tmp_path):
     save_tiny_tokenizer(str(tmp_path))
     tokenizer = HFTokenizer.from_pretrained(str(tmp_path))
     assert resolve_prompt_format(tokenizer, "ruler").name == "ruler:base"  # no chat template: a base model
-    tokenizer.hf_tokenizer.chat_template = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}"
-                                            "<|end_header_id|>\n\n{{ m['content'] }}<|eot_id|>{% endfor %}")
+    tokenizer.hf_tokenizer.chat_template = (
+        "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}"
+        "<|end_header_id|>\n\n{{ m['content'] }}<|eot_id|>{% endfor %}"
+    )
     llama3 = resolve_prompt_format(tokenizer, "ruler")
     assert llama3.name == "ruler:meta-llama3" and llama3.info["chat_template"] == "ruler:meta-llama3"
-    assert llama3("Q?", " A") == ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nQ?<|eot_id|>"
-                                  "<|start_header_id|>assistant<|end_header_id|>\n\n A")
+    assert llama3("Q?", " A") == (
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nQ?<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n A"
+    )
     # no date header, no system prompt: what the tokenizer's own template would have added is absent
     assert "Cutting Knowledge" not in llama3("Q?", "")
     lwm = resolve_prompt_format(tokenizer, "ruler:lwm-chat")

@@ -29,28 +29,43 @@ QA_FILES = {"qa_1": os.path.join(DATA, "qa_squad_tiny.json"), "qa_2": os.path.jo
 SEED = 42
 
 # RULER's constants.py at 4f6507e (the prompt texts, verbatim)
-NIAH_TEMPLATE = ("Some special magic {type_needle_v} are hidden within the following text. Make sure to memorize it. "
-                 "I will quiz you about the {type_needle_v} afterwards.\n{context}\nWhat are all the special magic "
-                 "{type_needle_v} for {query} mentioned in the provided text?")
+NIAH_TEMPLATE = (
+    "Some special magic {type_needle_v} are hidden within the following text. Make sure to memorize it. "
+    "I will quiz you about the {type_needle_v} afterwards.\n{context}\nWhat are all the special magic "
+    "{type_needle_v} for {query} mentioned in the provided text?"
+)
 NIAH_PREFIX = " The special magic {type_needle_v} for {query} mentioned in the provided text are"
-VT_TEMPLATE = ("Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n{context}\n"
-               "Question: Find all variables that are assigned the value {query} in the text above.")
-VT_PREFIX = (" Answer: According to the chain(s) of variable assignment in the text above, {num_v} variables are "
-             "assgined the value {query}, they are: ")
-CWE_TEMPLATE = ("Below is a numbered list of words. In these words, some appear more often than others. Memorize the "
-                "ones that appear most often.\n{context}\nQuestion: What are the 10 most common words in the above list?")
+VT_TEMPLATE = (
+    "Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n{context}\n"
+    "Question: Find all variables that are assigned the value {query} in the text above."
+)
+VT_PREFIX = (
+    " Answer: According to the chain(s) of variable assignment in the text above, {num_v} variables are "
+    "assgined the value {query}, they are: "
+)
+CWE_TEMPLATE = (
+    "Below is a numbered list of words. In these words, some appear more often than others. Memorize the "
+    "ones that appear most often.\n{context}\nQuestion: What are the 10 most common words in the above list?"
+)
 CWE_PREFIX = " Answer: The top 10 words that appear most often in the list are:"
-FWE_TEMPLATE = ("Read the following coded text and track the frequency of each coded word. Find the three most "
-                "frequently appeared coded words. {context}\nQuestion: Do not provide any explanation. Please ignore "
-                "the dots '....'. What are the three most frequently appeared words in the above coded text?")
+FWE_TEMPLATE = (
+    "Read the following coded text and track the frequency of each coded word. Find the three most "
+    "frequently appeared coded words. {context}\nQuestion: Do not provide any explanation. Please ignore "
+    "the dots '....'. What are the three most frequently appeared words in the above coded text?"
+)
 FWE_PREFIX = " Answer: According to the coded text above, the three most frequently appeared words are:"
-QA_TEMPLATE = ("Answer the question based on the given documents. Only give me the answer and do not output any other "
-               "words.\n\nThe following are given documents.\n\n{context}\n\nAnswer the question based on the given "
-               "documents. Only give me the answer and do not output any other words.\n\nQuestion: {query}")
+QA_TEMPLATE = (
+    "Answer the question based on the given documents. Only give me the answer and do not output any other "
+    "words.\n\nThe following are given documents.\n\n{context}\n\nAnswer the question based on the given "
+    "documents. Only give me the answer and do not output any other words.\n\nQuestion: {query}"
+)
 QA_PREFIX = " Answer:"
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
-MODEL_TEMPLATES = {"base": "{task_template}", "meta-chat": "[INST] {task_template} [/INST]",
-                   "lwm-chat": "You are a helpful assistant. USER: {task_template} ASSISTANT: "}
+MODEL_TEMPLATES = {
+    "base": "{task_template}",
+    "meta-chat": "[INST] {task_template} [/INST]",
+    "lwm-chat": "You are a helpful assistant. USER: {task_template} ASSISTANT: ",
+}
 
 
 def ruler_template(task_template: str, answer_prefix: str, model_template: str) -> str:
@@ -92,8 +107,11 @@ def build(task, tokenizer, length=2048, index=0, template="base", fill="tight"):
 def ruler_niah_text(task, draw, model_template):
     """niah.py generate_input_output for the sample's keys, values, depths/slots and haystack."""
     spec = NIAH_TASKS[task]
-    needles = [f"One of the special magic {spec.value_kind} for {key} is: {value}."
-               for key, key_values in zip(draw["keys"], draw["values"]) for value in key_values]
+    needles = [
+        f"One of the special magic {spec.value_kind} for {key} is: {value}."
+        for key, key_values in zip(draw["keys"], draw["values"])
+        for value in key_values
+    ]
     needles = shuffled(needles)
     assert draw["needles"] == needles  # RULER's fixed-seed shuffle of the needles
     if draw["haystack"] == "prose":
@@ -101,7 +119,7 @@ def ruler_niah_text(task, draw, model_template):
         positions = [0] + sorted(int(len(sentences) * (depth / 100)) for depth in draw["depths"]) + [len(sentences)]
         pieces = []
         for i in range(1, len(positions)):
-            pieces.append(" ".join(sentences[positions[i - 1]:positions[i]]))
+            pieces.append(" ".join(sentences[positions[i - 1] : positions[i]]))
             if i - 1 < len(needles):
                 pieces.append(needles[i - 1])
         context = " ".join(pieces)
@@ -115,8 +133,9 @@ def ruler_niah_text(task, draw, model_template):
     template = ruler_template(NIAH_TEMPLATE, NIAH_PREFIX, model_template)
     kind = spec.value_kind
     if spec.num_queries * spec.num_values == 1:
-        template = (template.replace("Some", "A").replace("are all", "is").replace("are", "is")
-                    .replace("answers", "answer"))
+        template = (
+            template.replace("Some", "A").replace("are all", "is").replace("are", "is").replace("answers", "answer")
+        )
         kind = kind[:-1]
     answers = [value for key in queries for value in draw["values"][draw["keys"].index(key)]]
     return template.format(type_needle_v=kind, context=context, query=query), answers
@@ -169,18 +188,31 @@ def test_vt_prompt_equals_rulers(tokenizer, template):
     # the in-context example's template: RULER cuts the model template away and drops the last word
     cutoff, cutoff_answer = full.index(VT_TEMPLATE[:20]), full.index(VT_PREFIX[:10])
     icl_template = " ".join(full[cutoff:cutoff_answer].split()[:-1]) + full[cutoff_answer:]
-    icl_input = icl_template.format(context=ruler_vt_context(draw["example_statements"], draw["example_noises"],
-                                                             draw["example_positions"]),
-                                    query=draw["example_value"], num_v=5)
+    icl_input = icl_template.format(
+        context=ruler_vt_context(draw["example_statements"], draw["example_noises"], draw["example_positions"]),
+        query=draw["example_value"],
+        num_v=5,
+    )
     icl_example = icl_input + " " + " ".join(draw["example_names"]) + "\n\n"
-    main = full.format(context=ruler_vt_context(draw["statements"], draw["noises"], draw["positions"]),
-                       query=draw["value"], num_v=5)
+    main = full.format(
+        context=ruler_vt_context(draw["statements"], draw["noises"], draw["positions"]), query=draw["value"], num_v=5
+    )
     assert sample.prompt == main[:cutoff] + " " + icl_example + "\n\n" + main[cutoff:]
     assert sample.answers == [statement.split()[1] for statement in draw["statements"]]
     # RULER sizes the example in steps of 5 paragraphs: prompt + its answer list + 30 tokens within 500
-    probe = lambda n: len(tokenizer.encode(icl_template.format(  # noqa: E731
-        context=ruler_vt_context(draw["example_statements"], n, [0] * 5), query=draw["example_value"], num_v=5)
-        + f" {draw['example_names']}")) + 30
+    probe = lambda n: (
+        len(
+            tokenizer.encode(
+                icl_template.format(  # noqa: E731
+                    context=ruler_vt_context(draw["example_statements"], n, [0] * 5),
+                    query=draw["example_value"],
+                    num_v=5,
+                )
+                + f" {draw['example_names']}"
+            )
+        )
+        + 30
+    )
     assert draw["example_noises"] % 5 == 0 and probe(draw["example_noises"]) <= 500 < probe(draw["example_noises"] + 5)
     if template == "base":
         assert " in the text Answer: According to" in sample.prompt  # RULER's example lost its "above."
@@ -192,12 +224,14 @@ def test_cwe_prompt_equals_rulers(tokenizer, length):
     draw = sample.draw
     common, uncommon = (3, 1) if length < 4096 else (10, 3)
     repeats = (6, 1) if length < 4096 else (30, 3)
-    for listed, answer, (many, few) in ((draw["example_listed"], draw["example_answer"], (common, uncommon)),
-                                        (draw["listed"], sample.answers, repeats)):
+    for listed, answer, (many, few) in (
+        (draw["example_listed"], draw["example_answer"], (common, uncommon)),
+        (draw["listed"], sample.answers, repeats),
+    ):
         original = unshuffled(listed)  # RULER: common * many + uncommon * few, then its fixed-seed shuffle
-        assert original[:10 * many] == answer * many
-        rare = original[10 * many: 10 * many + (len(original) - 10 * many) // few]
-        assert original[10 * many:] == rare * few and not set(rare) & set(answer)
+        assert original[: 10 * many] == answer * many
+        rare = original[10 * many : 10 * many + (len(original) - 10 * many) // few]
+        assert original[10 * many :] == rare * few and not set(rare) & set(answer)
 
     def numbered(words):
         return " ".join(f"{i + 1}. {word}" for i, word in enumerate(words))
@@ -221,7 +255,8 @@ def test_fwe_prompt_equals_rulers(tokenizer):
     counts = [count for _, count in runs]
     assert counts == sorted(counts, reverse=True) and counts[0] > 1.5 * counts[1]
     assert sample.prompt == ruler_template(FWE_TEMPLATE, FWE_PREFIX, "{task_template}").format(
-        context=" ".join(words), query="")
+        context=" ".join(words), query=""
+    )
 
 
 @pytest.mark.parametrize("task,length", [("qa_1", 500), ("qa_1", 1500), ("qa_2", 900), ("qa_2", 4000)])
@@ -241,19 +276,22 @@ def test_qa_prompt_equals_rulers(tokenizer, task, length):
             assert chosen[:gold] == list(item.gold)
             rest = chosen[gold:]
             if len(rest) > len(item.related):
-                assert rest[:len(item.related)] == list(item.related)  # all of them, in article order
-                assert not set(rest[len(item.related):]) & (set(item.gold) | set(item.related))
+                assert rest[: len(item.related)] == list(item.related)  # all of them, in article order
+                assert not set(rest[len(item.related) :]) & (set(item.gold) | set(item.related))
             else:
                 assert set(rest) <= set(item.related)
         context = "\n\n".join(f"Document {i + 1}:\n{dataset.documents[d]}" for i, d in enumerate(draw["documents"]))
         assert sample.prompt == ruler_template(QA_TEMPLATE, QA_PREFIX, "{task_template}").format(
-            context=context, query=item.question)
+            context=context, query=item.question
+        )
     assert length > 1000 or counts == {False}  # the short lengths exercise RULER's choice of documents
 
 
 def test_qa_gold_document_sits_where_rulers_fixed_shuffle_puts_it():
     """seed 42: at a given document count the gold paragraph has one place in every sample."""
-    depth = {count: round(100 * shuffled(list(range(count))).index(0) / (count - 1)) for count in (20, 25, 50, 100, 200)}
+    depth = {
+        count: round(100 * shuffled(list(range(count))).index(0) / (count - 1)) for count in (20, 25, 50, 100, 200)
+    }
     assert depth == {20: 95, 25: 92, 50: 39, 100: 71, 200: 28}
     from megatron_harpe.eval.tasks.qa import QaQuestion, ruler_documents
 
@@ -263,8 +301,10 @@ def test_qa_gold_document_sits_where_rulers_fixed_shuffle_puts_it():
         assert documents.index(7) == shuffled(list(range(50))).index(0) == 19
 
 
-@pytest.mark.parametrize("task,step", [("niah_single_2", 500), ("niah_single_1", 5), ("niah_multikey_2", 5),
-                                       ("vt", 10), ("cwe", 10), ("qa_1", 10)])
+@pytest.mark.parametrize(
+    "task,step",
+    [("niah_single_2", 500), ("niah_single_1", 5), ("niah_multikey_2", 5), ("vt", 10), ("cwe", 10), ("qa_1", 10)],
+)
 def test_ruler_fill_sizes_in_whole_steps_from_one_probe(tokenizer, task, step):
     samples = [build(task, tokenizer, length=2048, index=index, fill="ruler") for index in range(3)]
     tight = build(task, tokenizer, length=2048, index=0)

@@ -20,7 +20,6 @@ from megatron_harpe.eval.tasks.registry import RULER_TASKS
 from megatron_harpe.eval.tasks.samples import answer_continuation, join_values
 from megatron_harpe.eval.testing import save_tiny_tokenizer
 
-
 TOKENIZER_FIXTURES = {"byte_level_bpe": "tokenizer", "sentencepiece": "sentencepiece_tokenizer"}
 DATA = os.path.join(os.path.dirname(__file__), "..", "data")
 QA_FILES = {"qa_1": os.path.join(DATA, "qa_squad_tiny.json"), "qa_2": os.path.join(DATA, "qa_hotpot_tiny.json")}
@@ -101,8 +100,9 @@ def test_oracle_reads_answers_from_hand_written_prompts():
     assert read_answers_from_prompt(prompt) == ["1111111", "3333333"]
     multi = prompt.replace("for quiet-harbor mentioned", "for bold-lemon and quiet-harbor mentioned")
     assert read_answers_from_prompt(multi) == ["2222222", "1111111", "3333333"]
-    passkey = ("Find it.\nThe pass key is 48213. Remember it. 48213 is the pass key.\n"
-               "What is the pass key? The pass key is")
+    passkey = (
+        "Find it.\nThe pass key is 48213. Remember it. 48213 is the pass key.\nWhat is the pass key? The pass key is"
+    )
     assert read_answers_from_prompt(passkey) == ["48213"]
     assert read_answers_from_prompt("no question here") == []
 
@@ -111,8 +111,16 @@ def test_oracle_reads_answers_from_hand_written_prompts():
 @pytest.mark.parametrize("scoring", ["generate", "teacher_forcing"])
 def test_oracle_scores_100_on_every_retrieval_task(request, tokenizer_kind, scoring):
     tokenizer = request.getfixturevalue(TOKENIZER_FIXTURES[tokenizer_kind])
-    results = run_eval_suite(OracleBackend(tokenizer), ["ruler", "passkey"], [2048, 3000], samples=2, seed=3,
-                             scoring=scoring, progress=False, qa_files=QA_FILES)
+    results = run_eval_suite(
+        OracleBackend(tokenizer),
+        ["ruler", "passkey"],
+        [2048, 3000],
+        samples=2,
+        seed=3,
+        scoring=scoring,
+        progress=False,
+        qa_files=QA_FILES,
+    )
     assert set(results["tasks"]) == {*RULER_TASKS, "passkey"}
     for task, by_length in results["tasks"].items():
         for length, cell in by_length.items():
@@ -124,8 +132,16 @@ def test_oracle_scores_100_on_every_retrieval_task(request, tokenizer_kind, scor
 
 @pytest.mark.parametrize("scoring", ["generate", "teacher_forcing"])
 def test_random_backend_scores_near_zero(tokenizer, scoring):
-    results = run_eval_suite(RandomBackend(tokenizer, seed=1), ["ruler", "passkey"], [2048], samples=3, seed=3,
-                             scoring=scoring, progress=False, qa_files=QA_FILES)
+    results = run_eval_suite(
+        RandomBackend(tokenizer, seed=1),
+        ["ruler", "passkey"],
+        [2048],
+        samples=3,
+        seed=3,
+        scoring=scoring,
+        progress=False,
+        qa_files=QA_FILES,
+    )
     assert results["overall"] <= 5.0
     assert all(cell["score"] <= 10.0 for by_length in results["tasks"].values() for cell in by_length.values())
 
@@ -137,8 +153,9 @@ def test_oracle_with_a_truncated_answer_loses_points(tokenizer):
         def generate(self, prompt_ids, max_new_tokens):
             return super().generate(prompt_ids, max_new_tokens)[:4]
 
-    results = run_eval_suite(FirstTokensOracle(tokenizer), ["niah_multivalue"], [1024], samples=2, seed=0,
-                             progress=False)
+    results = run_eval_suite(
+        FirstTokensOracle(tokenizer), ["niah_multivalue"], [1024], samples=2, seed=0, progress=False
+    )
     assert results["overall"] < 50.0
 
 

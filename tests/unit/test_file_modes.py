@@ -40,8 +40,10 @@ def _plain_modes(directory: Path) -> tuple[int, int]:
     with open(directory / "plain-sibling", "w") as handle:
         handle.write("x")
     (directory / "plain-sibling-dir").mkdir()
-    modes = (stat.S_IMODE(os.stat(directory / "plain-sibling").st_mode),
-             stat.S_IMODE(os.stat(directory / "plain-sibling-dir").st_mode))
+    modes = (
+        stat.S_IMODE(os.stat(directory / "plain-sibling").st_mode),
+        stat.S_IMODE(os.stat(directory / "plain-sibling-dir").st_mode),
+    )
     os.remove(directory / "plain-sibling")
     os.rmdir(directory / "plain-sibling-dir")
     return modes
@@ -56,8 +58,11 @@ def _assert_plain_modes(root: Path, expect_files: list[str]) -> None:
         seen[str(path.relative_to(root))] = stat.S_IMODE(path.stat().st_mode)
     for name in expect_files:
         assert name in seen, f"{name} was not written (found {sorted(seen)})"
-    wrong = {name: oct(mode) for name, mode in seen.items()
-             if mode != (directory_mode if (root / name).is_dir() else file_mode)}
+    wrong = {
+        name: oct(mode)
+        for name, mode in seen.items()
+        if mode != (directory_mode if (root / name).is_dir() else file_mode)
+    }
     assert not wrong, f"modes differ from plain open() ({oct(file_mode)}) / mkdir() ({oct(directory_mode)}): {wrong}"
     assert not [name for name in seen if ".tmp" in name or ".incomplete" in name], sorted(seen)
 
@@ -77,27 +82,53 @@ def test_helper_modes(umask, tmp_path):
 
 def test_evaluation_results_report_and_plots(umask, tmp_path):
     from megatron_harpe.eval.backends.hf import HFTokenizer
+    from megatron_harpe.eval.backends.synthetic import OracleBackend
     from megatron_harpe.eval.report import write_report
     from megatron_harpe.eval.suite import run_eval_suite
-    from megatron_harpe.eval.backends.synthetic import OracleBackend
     from megatron_harpe.eval.testing import save_tiny_tokenizer
 
     save_tiny_tokenizer(str(tmp_path / "tokenizer"))
     oracle = OracleBackend(HFTokenizer.from_pretrained(str(tmp_path / "tokenizer")))
     document = oracle.tokenizer.encode("The grass is green. " * 100)
-    results = run_eval_suite(oracle, ["passkey", "ppl"], [256], samples=1, seed=0, ppl_documents=[document],
-                             keep_records=True, progress=False)
+    results = run_eval_suite(
+        oracle,
+        ["passkey", "ppl"],
+        [256],
+        samples=1,
+        seed=0,
+        ppl_documents=[document],
+        keep_records=True,
+        progress=False,
+    )
     write_report(results, str(tmp_path / "out"))
-    _assert_plain_modes(tmp_path / "out", ["results.json", "results.md", "predictions.jsonl", "retrieval.png",
-                                           "perplexity.png"])
+    _assert_plain_modes(
+        tmp_path / "out", ["results.json", "results.md", "predictions.jsonl", "retrieval.png", "perplexity.png"]
+    )
 
 
 def test_selected_bases_plot(umask, tmp_path):
     completed = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "select_bases.py"), "--strategy", "uniform", "--heads", "4",
-         "--head-dim", "16", "--base-min", "100", "--base-max", "1000", "--target-length", "512",
-         "--plot", str(tmp_path / "out" / "bases.png")],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            str(REPO / "tools" / "select_bases.py"),
+            "--strategy",
+            "uniform",
+            "--heads",
+            "4",
+            "--head-dim",
+            "16",
+            "--base-min",
+            "100",
+            "--base-max",
+            "1000",
+            "--target-length",
+            "512",
+            "--plot",
+            str(tmp_path / "out" / "bases.png"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert completed.returncode == 0, completed.stderr
     _assert_plain_modes(tmp_path / "out", ["bases.png"])
@@ -112,9 +143,17 @@ def test_hf_export_weights(umask, tmp_path):
         (staging / "config.json").write_text("{}")
     with staging_directory(tmp_path / "sharded") as staging:
         write_safetensors(iter(tensors), staging, max_shard_bytes=40)
-    _assert_plain_modes(tmp_path, ["single", "single/model.safetensors", "single/config.json", "sharded",
-                                   "sharded/model.safetensors.index.json",
-                                   "sharded/model-00001-of-00002.safetensors"])
+    _assert_plain_modes(
+        tmp_path,
+        [
+            "single",
+            "single/model.safetensors",
+            "single/config.json",
+            "sharded",
+            "sharded/model.safetensors.index.json",
+            "sharded/model-00001-of-00002.safetensors",
+        ],
+    )
 
 
 def test_prepared_dataset(umask, tmp_path):
@@ -129,24 +168,34 @@ def test_prepared_dataset(umask, tmp_path):
 
 
 def _save_tiny_checkpoint(directory: str, mask: int) -> None:
+    from megatron_harpe.checkpointing.checkpoint import save_checkpoint
     from megatron_harpe.config import ModelConfig
     from megatron_harpe.model import build_model
     from megatron_harpe.position.config import PositionConfig
-    from megatron_harpe.checkpointing.checkpoint import save_checkpoint
 
     os.umask(mask)
     parallel.initialize(1, 1)
-    model = build_model(ModelConfig(num_layers=1, hidden_size=32, num_attention_heads=2, ffn_hidden_size=48,
-                                    vocab_size=32), PositionConfig(type="rope"))
+    model = build_model(
+        ModelConfig(num_layers=1, hidden_size=32, num_attention_heads=2, ffn_hidden_size=48, vocab_size=32),
+        PositionConfig(type="rope"),
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    save_checkpoint(directory, 1, model=model, config={"model": {"num_layers": 1}}, train_state={"step": 1},
-                    optimizer=optimizer)
+    save_checkpoint(
+        directory, 1, model=model, config={"model": {"num_layers": 1}}, train_state={"step": 1}, optimizer=optimizer
+    )
 
 
 def test_checkpoint_files(umask, tmp_path):
     parallel.run_on_ranks(_save_tiny_checkpoint, 1, str(tmp_path / "ckpt"), umask)
-    _assert_plain_modes(tmp_path / "ckpt", ["iter_0000001", "iter_0000001/train_state.json",
-                                            "iter_0000001/config.yaml", "latest_checkpointed_iteration.txt"])
+    _assert_plain_modes(
+        tmp_path / "ckpt",
+        [
+            "iter_0000001",
+            "iter_0000001/train_state.json",
+            "iter_0000001/config.yaml",
+            "latest_checkpointed_iteration.txt",
+        ],
+    )
 
 
 def test_conversion_both_ways(umask, tmp_path):
@@ -162,12 +211,39 @@ def test_conversion_both_ways(umask, tmp_path):
         path.chmod(0o600)  # e.g. a download kept private: the copies we write still follow the umask
     out = tmp_path / "out"
     try:
-        assert convert_checkpoint.main(["hf-to-megatron", "--input", str(source), "--output", str(out / "megatron"),
-                                        "--position.type", "harpe", "--position.strategy", "uniform",
-                                        "--position.base_min", "1e3", "--position.base_max", "1e4"]) == 0
-        assert convert_checkpoint.main(["megatron-to-hf", "--input", str(out / "megatron"), "--output",
-                                        str(out / "hf")]) == 0
+        assert (
+            convert_checkpoint.main(
+                [
+                    "hf-to-megatron",
+                    "--input",
+                    str(source),
+                    "--output",
+                    str(out / "megatron"),
+                    "--position.type",
+                    "harpe",
+                    "--position.strategy",
+                    "uniform",
+                    "--position.base_min",
+                    "1e3",
+                    "--position.base_max",
+                    "1e4",
+                ]
+            )
+            == 0
+        )
+        assert (
+            convert_checkpoint.main(["megatron-to-hf", "--input", str(out / "megatron"), "--output", str(out / "hf")])
+            == 0
+        )
     finally:
         parallel.shutdown()  # the converter's one-process group: later tests expect none
-    _assert_plain_modes(out, ["megatron/latest_checkpointed_iteration.txt", "megatron/iter_0000000/config.yaml",
-                              "hf/model.safetensors", "hf/config.json", "hf/tokenizer.json"])
+    _assert_plain_modes(
+        out,
+        [
+            "megatron/latest_checkpointed_iteration.txt",
+            "megatron/iter_0000000/config.yaml",
+            "hf/model.safetensors",
+            "hf/config.json",
+            "hf/tokenizer.json",
+        ],
+    )

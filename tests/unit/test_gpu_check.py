@@ -75,7 +75,12 @@ def test_the_reduced_preset_keeps_its_path(tmp_path, monkeypatch):
     args.device, args.seq = "cuda", 16384  # what a GPU node runs
     tree = reduced_tree(args, overrides, tmp_path)
     model = tree["model"]
-    assert (model["num_layers"], model["hidden_size"], model["ffn_hidden_size"], model["attention_backend"]) == (2, 4096, 11008, "te")
+    assert (model["num_layers"], model["hidden_size"], model["ffn_hidden_size"], model["attention_backend"]) == (
+        2,
+        4096,
+        11008,
+        "te",
+    )
     assert tree["parallel"]["sequence_parallel"] and tree["parallel"]["cp_comm_type"] == "p2p"
     assert tree["train"]["precision"] == "bf16" and tree["train"]["recompute"] == "none"
     assert tree["train"]["train_tokens"] == 6 * 4 * 16384 and tree["data"]["seq_length"] == 16384
@@ -96,7 +101,9 @@ def test_the_reduced_preset_keeps_its_path(tmp_path, monkeypatch):
     assert not tiny["parallel"]["sequence_parallel"] and tiny["position"]["strategy"] == "uniform"
     assert tiny["train"]["recompute_num_layers"] == 2  # capped to the reduced model's layers
 
-    staged, staged_overrides = _args(["--device", "cpu", "--config", str(REPO / "configs" / "llama2_7b_128k_abf_multistage.yaml")])
+    staged, staged_overrides = _args(
+        ["--device", "cpu", "--config", str(REPO / "configs" / "llama2_7b_128k_abf_multistage.yaml")]
+    )
     staged.device = "cuda"
     multistage = reduced_tree(staged, staged_overrides, tmp_path)
     assert multistage["stages"] == [] and multistage["position"]["base"] == 5e6  # the last stage's encoding

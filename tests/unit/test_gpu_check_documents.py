@@ -9,7 +9,6 @@ reordering is checked here with token ids standing in for logits.
 from __future__ import annotations
 
 import pytest
-import torch
 
 from megatron_harpe import gpu_check_documents as documents_check
 from megatron_harpe.documents import document_ids

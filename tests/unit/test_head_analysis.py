@@ -142,13 +142,21 @@ def _capture_against_reference(gqa_bases: str) -> dict:
     from megatron_harpe.position.config import PositionConfig
 
     parallel.seed_everything(0)
-    model = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=96,
-                        vocab_size=128, max_position_embeddings=64)
+    model = ModelConfig(
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_query_groups=2,
+        ffn_hidden_size=96,
+        vocab_size=128,
+        max_position_embeddings=64,
+    )
     bases = [10.0, 1e4] if gqa_bases == "per_group" else [10.0, 100.0, 1e3, 1e4]
     position = PositionConfig(type="harpe", bases=bases, gqa_bases=gqa_bases).resolve(model)
     gpt = build_model(model, position).eval()
     seen: dict[int, tuple] = {}
     for index, layer in enumerate(gpt.decoder.layers):
+
         def keep(module, args, kwargs, output, index=index):
             seen[index] = (args[0].clone(), args[1].clone(), args[2].clone(), output.clone(), module.softmax_scale)
 
@@ -165,8 +173,13 @@ def _capture_against_reference(gqa_bases: str) -> dict:
             except _DecoderDone:
                 stopped = True
         logits_after = gpt(tokens, positions, None)
-    result = {"stopped": stopped, "logits_unchanged": torch.equal(plain_logits, logits_after),
-              "means": accumulator.means(), "reference": [], "output_error": []}
+    result = {
+        "stopped": stopped,
+        "logits_unchanged": torch.equal(plain_logits, logits_after),
+        "means": accumulator.means(),
+        "reference": [],
+        "output_error": [],
+    }
     for index in range(2):
         query, key, value, output, scale = seen[index]
         query, key, value = (t[:, 0].transpose(0, 1) for t in (query, key, value))  # [heads, s, d]
@@ -191,8 +204,9 @@ def test_megatron_capture_matches_softmax_of_the_layers_queries_and_keys():
             torch.testing.assert_close(means["mean_distance"][layer], reference["mean_distance"], **close)
             torch.testing.assert_close(means["first_token_mass"][layer], reference["first_token_mass"], **close)
             for threshold in (5, 30):
-                torch.testing.assert_close(means["share_beyond"][threshold][layer], reference["share_beyond"][threshold],
-                                           **close)
+                torch.testing.assert_close(
+                    means["share_beyond"][threshold][layer], reference["share_beyond"][threshold], **close
+                )
         # a random model is close to uniform: about (16 + 47) / 4 back, and heads do differ a little
         assert 10 < float(means["mean_distance"].mean()) < 22
         assert float(means["mean_distance"].std()) > 0
@@ -215,8 +229,9 @@ def test_hf_capture_matches_eager_attention_weights(tiny_harpe_dir):
 
     backend = load_backend(tiny_harpe_dir, trust_remote_code=True)
     ids = torch.randint(3, 500, (2, 64), generator=torch.Generator().manual_seed(2))
-    analysis = analyze_heads(backend, ids.tolist(), length=64, thresholds=(8, 40), min_query_position=24,
-                             max_elements=500)
+    analysis = analyze_heads(
+        backend, ids.tolist(), length=64, thresholds=(8, 40), min_query_position=24, max_elements=500
+    )
     assert backend.model.config._attn_implementation == "sdpa"  # restored after the analysis
     assert analysis.bases == [10.0, 100.0, 1e4, 1e4] and analysis.position == "harpe"
     backend.model.set_attn_implementation("eager")

@@ -89,9 +89,7 @@ def test_cached_greedy_equals_recomputation(export: Path) -> None:
         attention_mask=torch.ones_like(prompt),  # else generate() would mask the prompt's 0s as padding
     )  # fmt: skip
     with torch.no_grad():
-        cached = model.generate(
-            prompt, use_cache=True, return_dict_in_generate=True, output_logits=True, **settings
-        )
+        cached = model.generate(prompt, use_cache=True, return_dict_in_generate=True, output_logits=True, **settings)
         recomputed = model.generate(prompt, use_cache=False, **settings)
         full = model(cached.sequences[:, :-1]).logits[0, PROMPT - 1 :]
     tokens = cached.sequences[0, PROMPT:]

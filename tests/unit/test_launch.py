@@ -1,6 +1,6 @@
 """The Slurm launch logic without Slurm: node lists, Slurm variables, the torchrun command.
 
-    python -m pytest tests/unit/test_launch.py -q
+python -m pytest tests/unit/test_launch.py -q
 """
 
 from __future__ import annotations

@@ -86,8 +86,15 @@ def test_train_sbatch_runs_one_launcher_per_node(fake_slurm: dict[str, str], tmp
     assert {"--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=4", "--cpus-per-task=16"} <= set(args)
     launcher = args.index("-m")
     assert args[launcher : launcher + 5] == ["-m", "megatron_harpe.launch", "--nproc-per-node", "4", "--"]
-    assert args[launcher + 5 :] == ["pretrain_harpe.py", "--config", "configs/demo_cpu.yaml", "--checkpoint.stop_file",
-                                    str(REPO / ".harpe_stop_777"), "--train.lr", "1e-4"]
+    assert args[launcher + 5 :] == [
+        "pretrain_harpe.py",
+        "--config",
+        "configs/demo_cpu.yaml",
+        "--checkpoint.stop_file",
+        str(REPO / ".harpe_stop_777"),
+        "--train.lr",
+        "1e-4",
+    ]
     assert "2 node(s) x 4 GPU(s)" in result.stdout
 
 

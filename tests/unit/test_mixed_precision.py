@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from megatron_harpe.config import Config, TrainConfig, load_config
 from megatron_harpe.planner.memory import PRECISIONS, trainer_precision

@@ -34,8 +34,15 @@ class FakeClock:
 
 def test_log_line_has_every_field_with_measured_throughput_and_eta() -> None:
     clock, lines = FakeClock(), []
-    monitor = TrainingMonitor(total_steps=100, log_every=5, clock=clock, emit=lines.append, flops_per_token=1e6,
-                              peak_flops=1e10, memory=lambda: ("peak mem", 3 * 2**30))
+    monitor = TrainingMonitor(
+        total_steps=100,
+        log_every=5,
+        clock=clock,
+        emit=lines.append,
+        flops_per_token=1e6,
+        peak_flops=1e10,
+        memory=lambda: ("peak mem", 3 * 2**30),
+    )
     for step in range(1, 11):
         clock.now += 2.0 if step <= 5 else 4.0
         monitor.log_step(step, loss=2.5 - step * 0.01, lr=1.5e-5, grad_norm=0.8125, tokens=4096)
@@ -73,16 +80,18 @@ def test_last_step_always_logged_and_skips_counted() -> None:
     monitor = TrainingMonitor(total_steps=7, log_every=5, start_step=3, clock=clock, emit=lines.append)
     for step in range(4, 8):
         clock.now += 1.0
-        monitor.log_step(step, loss=math.nan if step == 6 else 1.0, lr=1e-4, grad_norm=0.5,
-                         tokens=10, skipped=step == 6)
+        monitor.log_step(
+            step, loss=math.nan if step == 6 else 1.0, lr=1e-4, grad_norm=0.5, tokens=10, skipped=step == 6
+        )
     assert [line.split(" | ")[0] for line in lines] == ["step 5/7", "step 7/7"]
     assert lines[-1].endswith("left 0:00:00 | skipped 1")
 
 
 def test_disabled_monitor_is_silent(tmp_path: Path) -> None:
     lines: list[str] = []
-    monitor = TrainingMonitor(total_steps=2, log_every=1, log_dir=str(tmp_path / "tb"), enabled=False,
-                              emit=lines.append)
+    monitor = TrainingMonitor(
+        total_steps=2, log_every=1, log_dir=str(tmp_path / "tb"), enabled=False, emit=lines.append
+    )
     assert monitor.log_step(1, loss=1.0, lr=1.0, grad_norm=1.0, tokens=1) is None
     monitor.add_scalars(1, {"ppl": 3.0})
     monitor.close()
@@ -92,8 +101,7 @@ def test_disabled_monitor_is_silent(tmp_path: Path) -> None:
 def test_tensorboard_events_are_written_and_readable(tmp_path: Path) -> None:
     clock, lines = FakeClock(), []
     log_dir = tmp_path / "tb"
-    with TrainingMonitor(total_steps=4, log_every=2, log_dir=str(log_dir), clock=clock,
-                         emit=lines.append) as monitor:
+    with TrainingMonitor(total_steps=4, log_every=2, log_dir=str(log_dir), clock=clock, emit=lines.append) as monitor:
         for step in range(1, 5):
             clock.now += 0.5
             monitor.log_step(step, loss=3.0 / step, lr=1e-4 * step, grad_norm=0.25 * step, tokens=100)
@@ -102,8 +110,14 @@ def test_tensorboard_events_are_written_and_readable(tmp_path: Path) -> None:
     events = EventAccumulator(str(log_dir))
     events.Reload()
     scalars = events.Tags()["scalars"]
-    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_second",
-            "eval/perplexity", "eval/passkey"} <= set(scalars)
+    assert {
+        "train/loss",
+        "train/lr",
+        "train/grad_norm",
+        "train/tokens_per_second",
+        "eval/perplexity",
+        "eval/passkey",
+    } <= set(scalars)
     losses = [(e.step, e.value) for e in events.Scalars("train/loss")]
     assert [s for s, _ in losses] == [1, 2, 3, 4]
     assert [v for _, v in losses] == pytest.approx([3.0, 1.5, 1.0, 0.75])

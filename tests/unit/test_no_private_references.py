@@ -22,8 +22,11 @@ def tracked_files() -> list[Path]:
         listed = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, text=True, check=True).stdout
         names = [name for name in listed.split("\0") if name]
     except (OSError, subprocess.CalledProcessError):  # not a git checkout (an unpacked archive)
-        names = [str(path.relative_to(REPO)) for path in REPO.rglob("*")
-                 if path.is_file() and not {".git", ".venv"} & set(path.relative_to(REPO).parts)]
+        names = [
+            str(path.relative_to(REPO))
+            for path in REPO.rglob("*")
+            if path.is_file() and not {".git", ".venv"} & set(path.relative_to(REPO).parts)
+        ]
     return [REPO / name for name in names if (REPO / name).is_file()]
 
 

@@ -23,7 +23,6 @@ Hand figures (Llama2-7B: h 4096, 32 layers, 32 heads of 128, FFN 11008, vocabula
 from __future__ import annotations
 
 import dataclasses
-import sys
 from pathlib import Path
 
 import pytest
@@ -140,7 +139,10 @@ def test_communication_of_the_paper_layout(preset) -> None:
     assert context.link == "infiniband" and context.seconds == pytest.approx(576 * GIB / 40e9)
     assert context.exposed_seconds == 0.0  # 15.5 s under the attention's share of 47.3 s
     # DP x CP = 8, FSDP2 every micro-batch: bf16 all-gathers forward (all) and backward (layers), fp32 reduce-scatter
-    gathers, reduces = items["data:FSDP2 weight all-gathers (bf16)"], items["data:FSDP2 gradient reduce-scatters (fp32)"]
+    gathers, reduces = (
+        items["data:FSDP2 weight all-gathers (bf16)"],
+        items["data:FSDP2 gradient reduce-scatters (fp32)"],
+    )
     first = items["data:first all-gather of each micro-batch (root + layer 1)"]
     assert first.sent_bytes == 16 * 7 / 8 * (ROOT + LAYER) * 2
     assert gathers.sent_bytes + first.sent_bytes == pytest.approx(16 * 7 / 8 * (PER_RANK + 32 * LAYER) * 2)
@@ -222,7 +224,9 @@ def test_selective_recomputation(llama) -> None:
     local_qkv = 32768 * (8 + 2 * 8) * 128 * 2  # the fused QKV output the value view keeps alive
     rotated_qk = 32768 * (8 + 8) * 128 * 2
     assert attention["attention q/k/v"] == 32 * (local_qkv + rotated_qk)
-    mlp = estimate_memory(llama, Layout(4, 4, 2, recompute="selective", recompute_modules=("mlp",))).activation_breakdown
+    mlp = estimate_memory(
+        llama, Layout(4, 4, 2, recompute="selective", recompute_modules=("mlp",))
+    ).activation_breakdown
     assert "mlp" not in mlp and mlp["norms"] == 32 * PER_LAYER["norms"]  # sdpa: the norms stay separate modules
 
 
@@ -267,7 +271,10 @@ def test_partial_recompute_is_the_fewest_layers_that_fit(preset) -> None:
     (block,) = plans
     fewer = dataclasses.replace(block.layout, recompute_num_layers=block.layout.recompute_num_layers - 1)
     assert not estimate_memory(preset, fewer, hardware=hardware).total <= 56 * GIB
-    assert not estimate_memory(preset, dataclasses.replace(block.layout, recompute="none"), hardware=hardware).total <= 56 * GIB
+    assert (
+        not estimate_memory(preset, dataclasses.replace(block.layout, recompute="none"), hardware=hardware).total
+        <= 56 * GIB
+    )
 
 
 def test_candidate_layouts_respect_the_model(llama) -> None:
@@ -287,7 +294,7 @@ def test_cli_plans_the_paper_run(capsys) -> None:
     assert "tensor 4 x context 4 x data 2" in out and "with the headroom: fits" in out
     assert "PyTorch FSDP2" in out and "8 ranks" in out  # the engine, named
     for item in ("CUDA context", "NCCL buffers (4 communicators", "allocator fragmentation (10% of the tensors)"):
-        assert f"headroom" in out and item in out, item
+        assert "headroom" in out and item in out, item
     assert "nccl#964" in out and "pytorch#107667" in out  # the figures' sources
     assert "layouts that fit with the headroom, fastest schedule first" in out
     assert "exposed communication" in out and "k/v ring (p2p)" in out and "InfiniBand 40 GB/s" in out

@@ -96,7 +96,9 @@ def test_context_parallel_rank_gets_its_two_chunks(cp_size):
     for rank in range(cp_size):
         local_table, _ = rotary_for(bases, cp_rank=rank, cp_size=cp_size)(seq)
         second = 2 * cp_size - 1 - rank
-        expected = torch.cat([full_table[rank * chunk : (rank + 1) * chunk], full_table[second * chunk : (second + 1) * chunk]])
+        expected = torch.cat(
+            [full_table[rank * chunk : (rank + 1) * chunk], full_table[second * chunk : (second + 1) * chunk]]
+        )
         torch.testing.assert_close(local_table, expected)
     ranks = [context_parallel_positions(seq, r, cp_size) for r in range(cp_size)]
     assert sorted(torch.cat(ranks).long().tolist()) == list(range(seq))
@@ -107,7 +109,14 @@ def test_tables_are_local_and_cached():
     position = PositionConfig(type="harpe", bases=[1e6 + 1e5 * h for h in range(32)]).resolve(llama)
     seq = 131072
     rotary = HeadwiseRotaryEmbedding(
-        position, position.query_head_bases(llama), position.key_head_bases(llama), 128, tp_rank=3, tp_size=8, cp_rank=1, cp_size=4
+        position,
+        position.query_head_bases(llama),
+        position.key_head_bases(llama),
+        128,
+        tp_rank=3,
+        tp_size=8,
+        cp_rank=1,
+        cp_size=4,
     )
     naive_bytes = seq * 32 * 128 * 4  # full fp32 table, 2 GiB
     assert naive_bytes == 2 * 1024**3
@@ -133,7 +142,12 @@ def test_yarn_matches_transformers_reference():
         hidden_size=64,
         num_attention_heads=4,
         max_position_embeddings=4096 * 8,
-        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0, "original_max_position_embeddings": 4096},
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 8.0,
+            "original_max_position_embeddings": 4096,
+        },
     )
     hf_inv_freq, attention_factor = ROPE_INIT_FUNCTIONS["yarn"](hf, "cpu")
     yarn = PositionConfig(type="yarn", base=10000.0, scaling_factor=8.0, original_max_position=4096)

@@ -40,8 +40,9 @@ def megatron_rotate(t: torch.Tensor, table: torch.Tensor, mscale: float = 1.0) -
 @pytest.mark.parametrize("dtype,mscale", [(torch.float32, 1.0), (torch.float32, 1.2), (torch.bfloat16, 1.0)])
 def test_cached_apply_equals_megatron_apply(layout, dtype, mscale):
     query_bases, key_bases, query_rows, key_rows = LAYOUTS[layout]
-    embedding = HeadwiseRotaryEmbedding(PositionConfig(type="harpe", bases=key_bases), query_bases, key_bases, HEAD_DIM,
-                                        cp_rank=1, cp_size=2)
+    embedding = HeadwiseRotaryEmbedding(
+        PositionConfig(type="harpe", bases=key_bases), query_bases, key_bases, HEAD_DIM, cp_rank=1, cp_size=2
+    )
     query_table, key_table = embedding(64)
     assert key_table is query_table  # the query table's distinct rows are the keys' rows
     for table, heads, rows in ((query_table, len(query_bases), query_rows), (key_table, len(key_bases), key_rows)):
@@ -61,14 +62,18 @@ def test_cached_apply_equals_megatron_apply(layout, dtype, mscale):
 
 
 def test_strided_query_views_and_fallbacks():
-    embedding = HeadwiseRotaryEmbedding(PositionConfig(type="harpe", bases=[10.0, 1e4]), [10.0, 1e4], [10.0, 1e4], HEAD_DIM)
+    embedding = HeadwiseRotaryEmbedding(
+        PositionConfig(type="harpe", bases=[10.0, 1e4]), [10.0, 1e4], [10.0, 1e4], HEAD_DIM
+    )
     table, _ = embedding(24)
     mixed = torch.randn(24, 3, 2, 3 * HEAD_DIM)  # megatron splits q/k/v out of one projection: strided views
     query = mixed[..., :HEAD_DIM]
     assert torch.equal(rotary.apply_rotary_pos_emb(query, table, CONFIG), megatron_rotate(query, table))
     plain = table.clone()  # no cos/sin attached: megatron's own path
     assert not hasattr(plain, "rotary_cos_sin")
-    assert torch.equal(rotary.apply_rotary_pos_emb(query, plain, CONFIG, cp_group=object()), megatron_rotate(query, plain))
+    assert torch.equal(
+        rotary.apply_rotary_pos_emb(query, plain, CONFIG, cp_group=object()), megatron_rotate(query, plain)
+    )
     assert rotary._row_repeat([1.0, 1.0, 2.0, 2.0]) == 2 and rotary._row_repeat([1.0, 2.0, 1.0, 2.0]) == 1
     assert rotary._row_repeat([3.0] * 4) == 4
 
@@ -84,8 +89,15 @@ def _model_step(route: bool, gqa_bases: str, position_type: str) -> dict:
     from megatron_harpe.model import build_model
 
     parallel.seed_everything(0)
-    model = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=96,
-                        vocab_size=128, max_position_embeddings=64)
+    model = ModelConfig(
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_query_groups=2,
+        ffn_hidden_size=96,
+        vocab_size=128,
+        max_position_embeddings=64,
+    )
     if position_type == "harpe":
         bases = [10.0, 1e4] if gqa_bases == "per_group" else [10.0, 100.0, 1e3, 1e4]
         position = PositionConfig(type="harpe", bases=bases, gqa_bases=gqa_bases)
@@ -94,7 +106,8 @@ def _model_step(route: bool, gqa_bases: str, position_type: str) -> dict:
     gpt = build_model(model, position.resolve(model))
     if not route:  # megatron's own apply, on the table with one row per head of q or k
         megatron_attention.apply_rotary_pos_emb = lambda t, freqs, **kwargs: rotary._megatron_apply_rotary_pos_emb(
-            t, rotary.fit_rows(freqs, t.size(-2)), **kwargs)
+            t, rotary.fit_rows(freqs, t.size(-2)), **kwargs
+        )
     calls = []
     original = megatron_attention.apply_rotary_pos_emb
     megatron_attention.apply_rotary_pos_emb = lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs)
@@ -109,8 +122,10 @@ def _compare_routes() -> list[tuple[dict, dict]]:
     from megatron_harpe import parallel
 
     parallel.initialize(1, 1)
-    return [(_model_step(True, mode, kind), _model_step(False, mode, kind))
-            for mode, kind in (("per_group", "harpe"), ("per_query_head", "harpe"), ("per_group", "yarn"))]
+    return [
+        (_model_step(True, mode, kind), _model_step(False, mode, kind))
+        for mode, kind in (("per_group", "harpe"), ("per_query_head", "harpe"), ("per_group", "yarn"))
+    ]
 
 
 def test_model_logits_and_gradients_equal_megatron_path():

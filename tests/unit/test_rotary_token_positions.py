@@ -19,7 +19,11 @@ from megatron_harpe.position.rotary import HeadwiseRotaryEmbedding
 HEAD_DIM = 16
 CONFIG = TransformerConfig(num_layers=1, hidden_size=64, num_attention_heads=4, apply_rope_fusion=False)
 LAYOUTS = {  # position block, query bases, key bases (per head, before TP)
-    "harpe_mha": (PositionConfig(type="harpe", bases=[10.0, 1e3, 1e5, 5e6]), [10.0, 1e3, 1e5, 5e6], [10.0, 1e3, 1e5, 5e6]),
+    "harpe_mha": (
+        PositionConfig(type="harpe", bases=[10.0, 1e3, 1e5, 5e6]),
+        [10.0, 1e3, 1e5, 5e6],
+        [10.0, 1e3, 1e5, 5e6],
+    ),
     "harpe_gqa_per_group": (PositionConfig(type="harpe", bases=[30.0, 3e4]), [30.0, 30.0, 3e4, 3e4], [30.0, 3e4]),
     "abf": (PositionConfig(type="abf", base=5e5), [5e5] * 4, [5e5] * 2),
     "pi": (PositionConfig(type="pi", base=1e4, scaling_factor=8.0), [1e4] * 4, [1e4] * 4),
@@ -78,8 +82,12 @@ def test_a_detached_alias_of_the_table_still_rotates_token_by_token(layout):
         assert torch.equal(rotary.apply_rotary_pos_emb(thd, table.detach(), CONFIG, cu_seqlens=cu_seqlens), want)
     own_bases, _ = HeadwiseRotaryEmbedding(position, key_bases, key_bases, HEAD_DIM).token_tables(positions)
     keys = torch.randn(8, len(key_bases), HEAD_DIM)
-    torch.testing.assert_close(rotary.apply_rotary_pos_emb(keys, table.detach(), CONFIG, cu_seqlens=cu_seqlens),
-                               rotary.apply_rotary_pos_emb(keys, own_bases, CONFIG, cu_seqlens=cu_seqlens), rtol=0, atol=0)
+    torch.testing.assert_close(
+        rotary.apply_rotary_pos_emb(keys, table.detach(), CONFIG, cu_seqlens=cu_seqlens),
+        rotary.apply_rotary_pos_emb(keys, own_bases, CONFIG, cu_seqlens=cu_seqlens),
+        rtol=0,
+        atol=0,
+    )
 
 
 def test_per_token_positions_must_be_batch_by_sequence():

@@ -20,9 +20,7 @@ def test_linear_warmup_from_zero_reaches_peak_on_last_warmup_step() -> None:
 
 
 def test_warmup_from_min_starts_above_min() -> None:
-    schedule = LearningRateSchedule(
-        peak_lr=1.0, warmup_steps=4, total_steps=10, min_lr=0.2, warmup_from="min"
-    )
+    schedule = LearningRateSchedule(peak_lr=1.0, warmup_steps=4, total_steps=10, min_lr=0.2, warmup_from="min")
     assert schedule.lr_at(0) == pytest.approx(0.2 + 0.8 * 1 / 4)
     assert schedule.lr_at(3) == pytest.approx(1.0)
 
@@ -34,9 +32,7 @@ def test_constant_after_warmup_ignores_min_lr() -> None:
 
 def test_cosine_endpoints_and_midpoint() -> None:
     peak, floor = 1e-3, 1e-4
-    schedule = LearningRateSchedule(
-        peak_lr=peak, warmup_steps=10, total_steps=110, style="cosine", min_lr=floor
-    )
+    schedule = LearningRateSchedule(peak_lr=peak, warmup_steps=10, total_steps=110, style="cosine", min_lr=floor)
     assert schedule.lr_at(10) == pytest.approx(peak)
     assert schedule.lr_at(60) == pytest.approx((peak + floor) / 2)
     assert schedule.lr_at(35) == pytest.approx(floor + (peak - floor) * (1 + math.cos(math.pi / 4)) / 2)

@@ -122,17 +122,42 @@ def test_kernel_takes_queries_at_scattered_positions_like_context_parallel_chunk
     rows = torch.cat([torch.arange(3, 6), torch.arange(18, 24)])  # two chunks, as a CP rank holds
     settings = SelfExtendSettings(window=4, group=3)
     frequencies = inverse_frequencies([100.0, 1e4], dim)
-    full = self_extend_attention(query, key, value, query_inv_freq=frequencies, key_inv_freq=frequencies,
-                                 query_positions=torch.arange(length), settings=settings, softmax_scale=0.3)
-    part = self_extend_attention(query[:, :, rows], key, value, query_inv_freq=frequencies, key_inv_freq=frequencies,
-                                 query_positions=rows, settings=settings, softmax_scale=0.3, rows_per_block=4)
+    full = self_extend_attention(
+        query,
+        key,
+        value,
+        query_inv_freq=frequencies,
+        key_inv_freq=frequencies,
+        query_positions=torch.arange(length),
+        settings=settings,
+        softmax_scale=0.3,
+    )
+    part = self_extend_attention(
+        query[:, :, rows],
+        key,
+        value,
+        query_inv_freq=frequencies,
+        key_inv_freq=frequencies,
+        query_positions=rows,
+        settings=settings,
+        softmax_scale=0.3,
+        rows_per_block=4,
+    )
     torch.testing.assert_close(part, full[:, :, rows], atol=1e-6, rtol=1e-5)
 
 
 # ------------------------------------------------------------------ Hugging Face models
 
-COMMON = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, initializer_range=0.3, max_position_embeddings=64)
+COMMON = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    initializer_range=0.3,
+    max_position_embeddings=64,
+)
 MODELS = {
     "llama_abf": lambda: LlamaForCausalLM(LlamaConfig(**COMMON, rope_parameters={"rope_type": "default", "rope_theta": 500.0})),
     "llama_pi": lambda: LlamaForCausalLM(LlamaConfig(
@@ -176,8 +201,9 @@ def reference_forward(settings, query_bases, key_bases, divisor):
                    .transpose(0, 1) for p in (self.q_proj, self.k_proj, self.v_proj))  # fmt: skip
         if len(key_bases) == q.size(0):  # keys rotated per query head
             k, v = k.repeat_interleave(q.size(0) // k.size(0), 0), v.repeat_interleave(q.size(0) // v.size(0), 0)
-        out = reference_self_extend(q, k, v, query_bases, key_bases, settings.window, settings.group,
-                                    self.scaling, divisor)
+        out = reference_self_extend(
+            q, k, v, query_bases, key_bases, settings.window, settings.group, self.scaling, divisor
+        )
         return self.o_proj(out.transpose(0, 1).reshape(1, length, -1).float()), None
 
     return forward
@@ -198,8 +224,9 @@ def test_model_logits_match_the_per_token_reference(name, query_bases, key_bases
     reference = copy.deepcopy(model)
     install_self_extend(model, settings)
     for layer in reference.model.layers:
-        layer.self_attn.forward = types.MethodType(reference_forward(settings, query_bases, key_bases, divisor),
-                                                   layer.self_attn)
+        layer.self_attn.forward = types.MethodType(
+            reference_forward(settings, query_bases, key_bases, divisor), layer.self_attn
+        )
     torch.testing.assert_close(logits(model), logits(reference), atol=5e-5, rtol=1e-4)
 
 
@@ -227,13 +254,31 @@ def test_unsupported_models_are_refused():
 
 def test_cli_rejects_bad_settings_and_the_synthetic_backends(tmp_path, capsys):
     import importlib
-    import os
 
     module = importlib.import_module("megatron_harpe.commands.evaluate")
     with pytest.raises(SystemExit) as exit_info:
-        module.main(["--model", "oracle", "--task", "passkey", "--lengths", "512", "--self-extend", "window=32,group=0"])
+        module.main(
+            ["--model", "oracle", "--task", "passkey", "--lengths", "512", "--self-extend", "window=32,group=0"]
+        )
     assert exit_info.value.code == 2
     assert "self-extend group must be a positive integer" in capsys.readouterr().err
-    assert module.main(["--model", "oracle", "--tokenizer", str(tmp_path), "--task", "passkey", "--lengths", "512",
-                        "--self-extend", "window=32,group=4", "--output-dir", str(tmp_path)]) == 2
+    assert (
+        module.main(
+            [
+                "--model",
+                "oracle",
+                "--tokenizer",
+                str(tmp_path),
+                "--task",
+                "passkey",
+                "--lengths",
+                "512",
+                "--self-extend",
+                "window=32,group=4",
+                "--output-dir",
+                str(tmp_path),
+            ]
+        )
+        == 2
+    )
     assert "--self-extend needs a model" in capsys.readouterr().err

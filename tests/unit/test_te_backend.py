@@ -99,7 +99,9 @@ def test_te_refuses_keys_expanded_per_query_head(tmp_path: Path, monkeypatch) ->
     _stand_in_transformer_engine(tmp_path, "", monkeypatch)
     gqa = ["model.num_query_groups=8", "position.strategy=uniform", "position.base_min=1e6", "position.base_max=5e6"]
     with pytest.raises(ValueError, match="per_query_head with model.attention_backend=te.*gqa_bases: per_group"):
-        load_config(LLAMA, [*gqa, "model.attention_backend=te", "position.gqa_bases=per_query_head"]).validate(world_size=32)
+        load_config(LLAMA, [*gqa, "model.attention_backend=te", "position.gqa_bases=per_query_head"]).validate(
+            world_size=32
+        )
     load_config(LLAMA, [*gqa, "model.attention_backend=te", "position.gqa_bases=per_group"]).validate(world_size=32)
     sdpa = ["model.attention_backend=sdpa", "parallel.sequence_parallel=false", "parallel.cp_comm_type=auto"]
     load_config(LLAMA, [*gqa, *sdpa, "position.gqa_bases=per_query_head"]).validate(world_size=32)

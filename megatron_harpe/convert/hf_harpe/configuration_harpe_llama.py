@@ -74,6 +74,7 @@ def check_transformers_version(installed: str | None = None) -> None:
             stacklevel=2,
         )
 
+
 # transformers >= 5.(late) builds configs as dataclasses (fields, then __post_init__); before, by __init__
 _DATACLASS_CONFIGS = dataclasses.is_dataclass(LlamaConfig)
 

@@ -52,7 +52,11 @@ class DistanceAccumulator:
         self.beyond = torch.zeros((len(self.thresholds), *shape), dtype=torch.float64)
 
     def add_probabilities(
-        self, layer: int, heads: slice, probabilities: torch.Tensor, query_positions: torch.Tensor,
+        self,
+        layer: int,
+        heads: slice,
+        probabilities: torch.Tensor,
+        query_positions: torch.Tensor,
         key_positions: torch.Tensor,
     ) -> None:
         """Add attention rows `probabilities` [h, nq, nk] (each row sums to 1, zero where a key
@@ -70,8 +74,14 @@ class DistanceAccumulator:
         self.queries[layer, heads] += probabilities.size(1)
 
     def add_query_key(
-        self, layer: int, query: torch.Tensor, key: torch.Tensor, scale: float, query_positions: torch.Tensor,
-        head_offset: int = 0, max_elements: int = DEFAULT_CHUNK_ELEMENTS,
+        self,
+        layer: int,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        scale: float,
+        query_positions: torch.Tensor,
+        head_offset: int = 0,
+        max_elements: int = DEFAULT_CHUNK_ELEMENTS,
     ) -> None:
         """Add the causal attention of post-RoPE `query` [hq, nq, d] at `query_positions` over
         `key` [hk, nk, d] at positions 0..nk-1; query head h reads key head h // (hq // hk)."""
@@ -90,8 +100,12 @@ class DistanceAccumulator:
             for start in range(0, query.size(1), rows):
                 positions = query_positions[start : start + rows]
                 visible = int(positions.max()) + 1
-                scores = torch.einsum("hqd,hkd->hqk", query[head_index, start : start + rows].float(),
-                                      block_keys[:, :visible]) * scale
+                scores = (
+                    torch.einsum(
+                        "hqd,hkd->hqk", query[head_index, start : start + rows].float(), block_keys[:, :visible]
+                    )
+                    * scale
+                )
                 scores.masked_fill_(key_positions[None, :visible] > positions[:, None], float("-inf"))
                 heads_here = slice(head_offset + first_head, head_offset + first_head + len(head_index))
                 self.add_probabilities(layer, heads_here, scores.softmax(dim=-1), positions, key_positions[:visible])
@@ -115,7 +129,9 @@ class DistanceAccumulator:
 
 
 def attention_distance_stats(
-    probabilities: torch.Tensor, thresholds: Sequence[int] = DEFAULT_THRESHOLDS, min_query_position: int = 0,
+    probabilities: torch.Tensor,
+    thresholds: Sequence[int] = DEFAULT_THRESHOLDS,
+    min_query_position: int = 0,
 ) -> dict[str, Any]:
     """The statistics of a full causal attention pattern [heads, s, s] (query q at row q, key k
     at column k), averaged over the queries at positions >= min_query_position; values [heads]."""
@@ -131,8 +147,9 @@ def attention_distance_stats(
         raise ValueError("attention rows must each sum to 1 (probabilities after softmax)")
     accumulator = DistanceAccumulator(1, probabilities.size(0), thresholds)
     positions = torch.arange(length)
-    accumulator.add_probabilities(0, slice(None), probabilities[:, min_query_position:], positions[min_query_position:],
-                                  positions)
+    accumulator.add_probabilities(
+        0, slice(None), probabilities[:, min_query_position:], positions[min_query_position:], positions
+    )
     means = accumulator.means()
     return {
         "mean_distance": means["mean_distance"][0],
@@ -179,7 +196,9 @@ def _softmax_scale(core_attention: torch.nn.Module) -> float:
 
 @contextlib.contextmanager
 def megatron_capture(
-    model: torch.nn.Module, accumulator: DistanceAccumulator, min_query_position: int,
+    model: torch.nn.Module,
+    accumulator: DistanceAccumulator,
+    min_query_position: int,
     max_elements: int = DEFAULT_CHUNK_ELEMENTS,
 ) -> Iterator[None]:
     """Within the block, a forward of the megatron GPTModel `model` (TP allowed, CP=1) adds every
@@ -198,8 +217,13 @@ def megatron_capture(
             selected = positions >= min_query_position
             for sample in range(query.size(1)):
                 accumulator.add_query_key(
-                    layer_index, query[selected, sample].transpose(0, 1), key[:, sample].transpose(0, 1), scale,
-                    positions[selected], head_offset=tp_rank * query.size(2), max_elements=max_elements,
+                    layer_index,
+                    query[selected, sample].transpose(0, 1),
+                    key[:, sample].transpose(0, 1),
+                    scale,
+                    positions[selected],
+                    head_offset=tp_rank * query.size(2),
+                    max_elements=max_elements,
                 )
 
         handles.append(core_attention.register_forward_pre_hook(record, with_kwargs=True))
@@ -225,20 +249,29 @@ def _recording_attention(module, query, key, value, attention_mask, scaling=None
         raise RuntimeError(f"attention implementation {HF_ATTENTION_NAME!r} is only usable inside hf_capture()")
     for option in ("sliding_window", "softcap", "s_aux"):
         if kwargs.get(option) is not None:
-            raise ValueError(f"this model's attention uses {option}: the head analysis measures plain causal "
-                             "softmax attention only")
+            raise ValueError(
+                f"this model's attention uses {option}: the head analysis measures plain causal softmax attention only"
+            )
     scale = scaling if scaling is not None else query.size(-1) ** -0.5
     positions = torch.arange(query.size(2), device=query.device)
     selected = positions >= recorder["min_query_position"]
     for sample in range(query.size(0)):  # query [b, heads, s, d], key [b, k/v heads, s, d]
-        recorder["accumulator"].add_query_key(module.layer_idx, query[sample][:, selected], key[sample], scale,
-                                              positions[selected], max_elements=recorder["max_elements"])
+        recorder["accumulator"].add_query_key(
+            module.layer_idx,
+            query[sample][:, selected],
+            key[sample],
+            scale,
+            positions[selected],
+            max_elements=recorder["max_elements"],
+        )
     return recorder["delegate"](module)(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
 
 
 @contextlib.contextmanager
 def hf_capture(
-    model: torch.nn.Module, accumulator: DistanceAccumulator, min_query_position: int,
+    model: torch.nn.Module,
+    accumulator: DistanceAccumulator,
+    min_query_position: int,
     max_elements: int = DEFAULT_CHUNK_ELEMENTS,
 ) -> Iterator[None]:
     """Within the block, forwards of the transformers model `model` add every layer's attention
@@ -251,8 +284,10 @@ def hf_capture(
 
     original = model.config._attn_implementation
     if original not in ("eager", "sdpa"):
-        raise ValueError(f"the head analysis wraps eager or sdpa attention, this model uses {original!r}: "
-                         "load it with attn_implementation='sdpa'")
+        raise ValueError(
+            f"the head analysis wraps eager or sdpa attention, this model uses {original!r}: "
+            "load it with attn_implementation='sdpa'"
+        )
 
     def delegate(module: torch.nn.Module):
         if original == "sdpa":
@@ -261,8 +296,9 @@ def hf_capture(
 
     AttentionInterface.register(HF_ATTENTION_NAME, _recording_attention)
     AttentionMaskInterface.register(HF_ATTENTION_NAME, ALL_MASK_ATTENTION_FUNCTIONS[original])
-    _active_hf_recorder["current"] = dict(accumulator=accumulator, min_query_position=min_query_position,
-                                          max_elements=max_elements, delegate=delegate)
+    _active_hf_recorder["current"] = dict(
+        accumulator=accumulator, min_query_position=min_query_position, max_elements=max_elements, delegate=delegate
+    )
     model.set_attn_implementation(HF_ATTENTION_NAME)
     try:
         yield
@@ -307,24 +343,43 @@ class HeadAnalysis:
 
     def to_dict(self) -> dict[str, Any]:
         layers, heads = self.mean_distance.shape
-        cells = [{"layer": layer, "head": head, "base": self.bases[head],
-                  "mean_distance": float(self.mean_distance[layer, head]),
-                  "share_beyond": {str(t): float(share[layer, head]) for t, share in self.share_beyond.items()},
-                  "first_token_mass": float(self.first_token_mass[layer, head])}
-                 for layer in range(layers) for head in range(heads)]
+        cells = [
+            {
+                "layer": layer,
+                "head": head,
+                "base": self.bases[head],
+                "mean_distance": float(self.mean_distance[layer, head]),
+                "share_beyond": {str(t): float(share[layer, head]) for t, share in self.share_beyond.items()},
+                "first_token_mass": float(self.first_token_mass[layer, head]),
+            }
+            for layer in range(layers)
+            for head in range(heads)
+        ]
         return {
-            "model": self.model, "position": self.position, "length": self.length, "documents": self.documents,
+            "model": self.model,
+            "position": self.position,
+            "length": self.length,
+            "documents": self.documents,
             "min_query_position": self.min_query_position,
             "queries_per_head": self.documents * (self.length - self.min_query_position),
-            "thresholds": list(self.thresholds), "layers": layers, "heads": heads, "bases": self.bases,
-            "correlation": self.correlation(), "by_base": self.by_base(), "cells": cells,
+            "thresholds": list(self.thresholds),
+            "layers": layers,
+            "heads": heads,
+            "bases": self.bases,
+            "correlation": self.correlation(),
+            "by_base": self.by_base(),
+            "cells": cells,
         }
 
 
 def _megatron_description(backend: Any) -> tuple[int, int, list[float], str]:
     config = backend.config
-    return (config.model.num_layers, config.model.num_attention_heads,
-            [float(b) for b in config.position.query_head_bases(config.model)], config.position.type)
+    return (
+        config.model.num_layers,
+        config.model.num_attention_heads,
+        [float(b) for b in config.position.query_head_bases(config.model)],
+        config.position.type,
+    )
 
 
 def _hf_description(backend: Any) -> tuple[int, int, list[float], str]:
@@ -335,8 +390,10 @@ def _hf_description(backend: Any) -> tuple[int, int, list[float], str]:
     parameters = getattr(config, "rope_parameters", None) or {}
     theta = parameters.get("rope_theta", getattr(config, "rope_theta", None))
     if theta is None:
-        raise ValueError(f"{backend.name}: its config has no rope_bases, rope_parameters.rope_theta or rope_theta; "
-                         "the head analysis needs a rotary model")
+        raise ValueError(
+            f"{backend.name}: its config has no rope_bases, rope_parameters.rope_theta or rope_theta; "
+            "the head analysis needs a rotary model"
+        )
     return config.num_hidden_layers, heads, [float(theta)] * heads, str(parameters.get("rope_type", "default"))
 
 
@@ -346,15 +403,22 @@ def check_request(length: int, min_query_position: int | None, thresholds: Seque
         raise ValueError(f"--length {length} is too short: attention distances need at least 2 tokens")
     min_query_position = length // 2 if min_query_position is None else min_query_position
     if not 0 <= min_query_position < length:
-        raise ValueError(f"--min-query-position {min_query_position} must lie in 0..{length - 1} (the length is {length})")
+        raise ValueError(
+            f"--min-query-position {min_query_position} must lie in 0..{length - 1} (the length is {length})"
+        )
     if any(t < 0 for t in thresholds):
         raise ValueError(f"--thresholds {list(thresholds)} must be non-negative distances in tokens")
     return min_query_position
 
 
 def analyze_heads(
-    backend: Any, documents: Sequence[Sequence[int]], length: int, thresholds: Sequence[int] = DEFAULT_THRESHOLDS,
-    min_query_position: int | None = None, max_elements: int = DEFAULT_CHUNK_ELEMENTS, progress: bool = False,
+    backend: Any,
+    documents: Sequence[Sequence[int]],
+    length: int,
+    thresholds: Sequence[int] = DEFAULT_THRESHOLDS,
+    min_query_position: int | None = None,
+    max_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    progress: bool = False,
 ) -> HeadAnalysis:
     """Measure every head of a `MegatronBackend` or `HFBackend` on the first `length` tokens of
     each document. Queries at positions >= min_query_position (default length // 2) count."""
@@ -365,19 +429,25 @@ def analyze_heads(
     min_query_position = check_request(length, min_query_position, thresholds)
     short = [len(ids) for ids in documents if len(ids) < length]
     if not documents or short:
-        raise ValueError(f"every document needs at least {length} tokens ({len(short)} of {len(documents)} are "
-                         "shorter): pass longer documents or a smaller --length")
+        raise ValueError(
+            f"every document needs at least {length} tokens ({len(short)} of {len(documents)} are "
+            "shorter): pass longer documents or a smaller --length"
+        )
     is_hf = isinstance(backend, HFBackend)
     if is_hf:
         num_layers, num_heads, bases, position = _hf_description(backend)
     elif hasattr(backend, "config") and hasattr(backend.model, "decoder"):
         if backend.cp_size != 1:
-            raise ValueError("the head analysis runs with --context-parallel 1 (each CP rank would see only part "
-                             "of the keys); split a large model with --tensor-parallel instead")
+            raise ValueError(
+                "the head analysis runs with --context-parallel 1 (each CP rank would see only part "
+                "of the keys); split a large model with --tensor-parallel instead"
+            )
         num_layers, num_heads, bases, position = _megatron_description(backend)
     else:
-        raise ValueError(f"{backend.name} is not a model: the head analysis needs a megatron_harpe checkpoint or "
-                         "a Hugging Face model directory")
+        raise ValueError(
+            f"{backend.name} is not a model: the head analysis needs a megatron_harpe checkpoint or "
+            "a Hugging Face model directory"
+        )
     accumulator = DistanceAccumulator(num_layers, num_heads, thresholds)
     capture = hf_capture if is_hf else megatron_capture
     with torch.no_grad(), capture(backend.model, accumulator, min_query_position, max_elements):
@@ -394,7 +464,14 @@ def analyze_heads(
         accumulator.all_reduce(parallel_state.get_tensor_model_parallel_group())
     means = accumulator.means()
     return HeadAnalysis(
-        model=backend.name, position=position, bases=bases, thresholds=accumulator.thresholds, length=length,
-        documents=len(documents), min_query_position=min_query_position, mean_distance=means["mean_distance"],
-        first_token_mass=means["first_token_mass"], share_beyond=means["share_beyond"],
+        model=backend.name,
+        position=position,
+        bases=bases,
+        thresholds=accumulator.thresholds,
+        length=length,
+        documents=len(documents),
+        min_query_position=min_query_position,
+        mean_distance=means["mean_distance"],
+        first_token_mass=means["first_token_mass"],
+        share_beyond=means["share_beyond"],
     )

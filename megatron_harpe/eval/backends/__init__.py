@@ -24,8 +24,7 @@ from megatron_harpe.eval.backends.tokenizer import load_tokenizer_any
 def is_megatron_checkpoint(path: str) -> bool:
     """A megatron_harpe checkpoint directory (as opposed to a Hugging Face model directory)."""
     return os.path.isdir(path) and any(
-        os.path.exists(os.path.join(path, marker))
-        for marker in ("latest_checkpointed_iteration.txt", "config.yaml")
+        os.path.exists(os.path.join(path, marker)) for marker in ("latest_checkpointed_iteration.txt", "config.yaml")
     )
 
 
@@ -53,13 +52,17 @@ def load_backend(path: str, **options: Any) -> ModelBackend:
             return OracleBackend(tokenizer)
         return RandomBackend(tokenizer, seed=int(options.get("seed", 0)))
     if not os.path.isdir(path):
-        raise ValueError(f"model path {path!r} is not a directory: pass a Hugging Face model "
-                         "directory, a megatron_harpe checkpoint directory, 'oracle' or 'random'")
+        raise ValueError(
+            f"model path {path!r} is not a directory: pass a Hugging Face model "
+            "directory, a megatron_harpe checkpoint directory, 'oracle' or 'random'"
+        )
     if is_megatron_checkpoint(path):
         return _load_megatron_backend(path, **options)
     if not os.path.exists(os.path.join(path, "config.json")):
-        raise ValueError(f"{path!r} holds neither config.json (Hugging Face model) nor "
-                         "latest_checkpointed_iteration.txt / config.yaml (megatron_harpe checkpoint)")
+        raise ValueError(
+            f"{path!r} holds neither config.json (Hugging Face model) nor "
+            "latest_checkpointed_iteration.txt / config.yaml (megatron_harpe checkpoint)"
+        )
     from megatron_harpe.eval.backends.hf import HFBackend
 
     return HFBackend.from_pretrained(

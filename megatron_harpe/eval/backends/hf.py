@@ -82,9 +82,7 @@ class HFBackend:
         )
         self._accepts_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         self._chunked_logprobs = (
-            not post_processed
-            and hasattr(model, "get_decoder")
-            and model.get_output_embeddings() is not None
+            not post_processed and hasattr(model, "get_decoder") and model.get_output_embeddings() is not None
         )
 
     @classmethod
@@ -102,8 +100,9 @@ class HFBackend:
         torch_dtype = cli.torch_dtype(dtype)  # a ValueError naming the choices
         if not trust_remote_code and needs_remote_code(path):
             # checked here: transformers would otherwise ask on an interactive terminal
-            raise ValueError(f"{path!r} ships its own modeling code (our HARPE export does): "
-                             "rerun with --trust-remote-code")
+            raise ValueError(
+                f"{path!r} ships its own modeling code (our HARPE export does): rerun with --trust-remote-code"
+            )
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
         model.to(torch.device(device))
         # --tokenizer takes what the other backends take: a sentencepiece .model or tokenizer.json file

@@ -89,15 +89,23 @@ class CachedCoreAttention(torch.nn.Module):
         # ours (SdpaCoreAttention) states it; otherwise (Transformer Engine) 1/sqrt(head dim)
         self.softmax_scale = getattr(inner, "softmax_scale", None)
 
-    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
-                packed_seq_params=None):
+    def forward(
+        self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None, packed_seq_params=None
+    ):
         cache = self.cache
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, h, s, d]
         if not cache.decoding:
             keep = cache.prefix_keep.to(k.device)
             cache.prefix[self.layer] = (k.index_select(2, keep), v.index_select(2, keep))
-            return self.inner(query, key, value, attention_mask, attn_mask_type=attn_mask_type,
-                              attention_bias=attention_bias, packed_seq_params=packed_seq_params)
+            return self.inner(
+                query,
+                key,
+                value,
+                attention_mask,
+                attn_mask_type=attn_mask_type,
+                attention_bias=attention_bias,
+                packed_seq_params=packed_seq_params,
+            )
         padded = q.size(2)
         if cache.tokens_per_step > 1:  # sequence-parallel padding after the new token: not cached, not attending
             q, k, v = q[:, :, :1], k[:, :, :1], v[:, :, :1]
@@ -174,13 +182,16 @@ class _AbsolutePositionRotary(torch.nn.Module):
         start = self.cache.length
         return self.inner.tables_at(torch.arange(start, start + max_seq_len, dtype=torch.float64))
 
-    def get_rotary_seq_len(self, inference_context, transformer, transformer_input, transformer_config,
-                           packed_seq_params=None) -> int:
+    def get_rotary_seq_len(
+        self, inference_context, transformer, transformer_input, transformer_config, packed_seq_params=None
+    ) -> int:
         if self.cache.decoding:  # this rank's decode tokens: all of them under sequence parallelism
-            return transformer_input.size(0) * (transformer_config.tensor_model_parallel_size
-                                                if transformer_config.sequence_parallel else 1)
-        return self.inner.get_rotary_seq_len(inference_context, transformer, transformer_input,
-                                             transformer_config, packed_seq_params)
+            return transformer_input.size(0) * (
+                transformer_config.tensor_model_parallel_size if transformer_config.sequence_parallel else 1
+            )
+        return self.inner.get_rotary_seq_len(
+            inference_context, transformer, transformer_input, transformer_config, packed_seq_params
+        )
 
 
 @contextlib.contextmanager

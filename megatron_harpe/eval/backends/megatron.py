@@ -67,9 +67,8 @@ class MegatronBackend:
         self_extend=None,
         **_unused,
     ) -> "MegatronBackend":
-        from megatron_harpe.eval.backends.tokenizer import load_tokenizer_any
-
         from megatron_harpe.convert.megatron_side import read_checkpoint_spec
+        from megatron_harpe.eval.backends.tokenizer import load_tokenizer_any
 
         spec = read_checkpoint_spec(path)  # a multi-stage run: the encoding of the stage saved in
         config = spec.config
@@ -90,8 +89,14 @@ class MegatronBackend:
         name = f"megatron:{Path(path).name}"
         # Self-Extend's attention (eval/self_extend/megatron.py) recomputes and keeps no cache
         use_cache = kv_cache and self_extend is None
-        backend = cls(model, config, load_tokenizer_any(str(tokenizer_path), trust_remote_code=trust_remote_code), name,
-                      generation if generation is not None else True, kv_cache=use_cache)
+        backend = cls(
+            model,
+            config,
+            load_tokenizer_any(str(tokenizer_path), trust_remote_code=trust_remote_code),
+            name,
+            generation if generation is not None else True,
+            kv_cache=use_cache,
+        )
         backend.self_extend = self_extend
         return backend
 

@@ -35,13 +35,14 @@ def _most_frequent(words: list[str], count: int) -> list[str]:
 
 
 def _read_vt(prompt: str) -> list[str]:
-    segment = prompt[prompt.rindex("Memorize and track the chain"):]
+    segment = prompt[prompt.rindex("Memorize and track the chain") :]
     value = _VT_QUERY.findall(segment)[-1]
     assignments = dict(_VT_STATEMENT.findall(segment))
     chain, holder = [], value
     while True:
-        following = [name for name, source in assignments.items() if source in (holder, f"VAR {holder}")
-                     and name not in chain]
+        following = [
+            name for name, source in assignments.items() if source in (holder, f"VAR {holder}") and name not in chain
+        ]
         if not following:
             return chain
         chain.append(following[0])
@@ -49,14 +50,14 @@ def _read_vt(prompt: str) -> list[str]:
 
 
 def _read_cwe(prompt: str) -> list[str]:
-    segment = prompt[prompt.rindex("Below is a numbered list of words."):]
+    segment = prompt[prompt.rindex("Below is a numbered list of words.") :]
     listing = segment[segment.index("\n") + 1 : segment.index("\nQuestion:")]
     return _most_frequent([word for word in _NUMBERED.split(listing) if word], 10)
 
 
 def _read_fwe(prompt: str) -> list[str]:
-    segment = prompt[prompt.rindex("Find the three most frequently appeared coded words. "):]
-    text = segment[len("Find the three most frequently appeared coded words. "): segment.index("\nQuestion:")]
+    segment = prompt[prompt.rindex("Find the three most frequently appeared coded words. ") :]
+    text = segment[len("Find the three most frequently appeared coded words. ") : segment.index("\nQuestion:")]
     return _most_frequent([word for word in text.split(" ") if word and word != "..."], 3)
 
 
@@ -71,7 +72,7 @@ def read_ideal_answer(prompt: str) -> tuple[list[str], str]:
     if "Find the three most frequently appeared coded words." in prompt:
         return _read_fwe(prompt), "words"
     if "Answer the question based on the given documents." in prompt:
-        asked = prompt[prompt.rindex("\n\nQuestion: ") + len("\n\nQuestion: "):]
+        asked = prompt[prompt.rindex("\n\nQuestion: ") + len("\n\nQuestion: ") :]
         question = asked[: asked.rindex("Answer:")].rstrip()
         for candidate in (question, question.split("<|")[0].rstrip()):
             answers = lookup_answers(candidate)

@@ -20,8 +20,9 @@ def load_tokenizer_any(path: str, trust_remote_code: bool = False) -> Tokenizer:
     from megatron_harpe.eval.backends.hf import HFTokenizer
 
     if not os.path.exists(path):
-        raise ValueError(f"tokenizer path {path!r} does not exist: pass a Hugging Face model "
-                         "directory or a tokenizer file")
+        raise ValueError(
+            f"tokenizer path {path!r} does not exist: pass a Hugging Face model directory or a tokenizer file"
+        )
     if os.path.isdir(path) and any(
         os.path.exists(os.path.join(path, name))
         for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -30,6 +31,8 @@ def load_tokenizer_any(path: str, trust_remote_code: bool = False) -> Tokenizer:
     try:
         from megatron_harpe.data.tokenizer import load_tokenizer
     except ImportError as error:
-        raise ValueError(f"cannot load a tokenizer from {path!r}: it is not a Hugging Face "
-                         "tokenizer directory and megatron_harpe.data.tokenizer is unavailable") from error
+        raise ValueError(
+            f"cannot load a tokenizer from {path!r}: it is not a Hugging Face "
+            "tokenizer directory and megatron_harpe.data.tokenizer is unavailable"
+        ) from error
     return load_tokenizer(path)

@@ -113,8 +113,9 @@ def rotate(x: torch.Tensor, inv_freq: torch.Tensor, positions: torch.Tensor, sca
 
 def _check_rows(inv_freq: torch.Tensor, heads: int, head_dim: int, what: str) -> None:
     if inv_freq.dim() != 2 or inv_freq.size(0) not in (1, heads) or 2 * inv_freq.size(1) != head_dim:
-        raise ValueError(f"{what} inverse frequencies have shape {tuple(inv_freq.shape)}; expected "
-                         f"[1 or {heads}, {head_dim // 2}]")
+        raise ValueError(
+            f"{what} inverse frequencies have shape {tuple(inv_freq.shape)}; expected [1 or {heads}, {head_dim // 2}]"
+        )
 
 
 def block_rows(batch: int, heads: int, keys: int, budget: int = SCORE_BLOCK_ELEMENTS) -> int:
@@ -186,7 +187,9 @@ def self_extend_attention(
         scores[..., far_end:] = near[..., mixed:]
         del near
         if low + 1 < visible:  # causal mask: only columns after the block's first query can be future
-            scores[..., low + 1 :].masked_fill_(positions[:, None] < key_positions[None, low + 1 : visible], float("-inf"))
+            scores[..., low + 1 :].masked_fill_(
+                positions[:, None] < key_positions[None, low + 1 : visible], float("-inf")
+            )
         # softmax in place (every query sees at least its own key, so no row is all -inf)
         scores.mul_(softmax_scale)
         scores.sub_(scores.amax(dim=-1, keepdim=True)).exp_()

@@ -35,22 +35,31 @@ def install_self_extend(model: Any, settings: SelfExtendSettings) -> None:
     config = model.config
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"--self-extend supports Llama-family models ({', '.join(SUPPORTED_MODEL_TYPES)}), "
-                         f"not model_type={model_type!r}")
+        raise ValueError(
+            f"--self-extend supports Llama-family models ({', '.join(SUPPORTED_MODEL_TYPES)}), "
+            f"not model_type={model_type!r}"
+        )
     if getattr(config, "sliding_window", None) is not None:
-        raise ValueError("--self-extend cannot combine with the model's sliding-window attention "
-                         f"(sliding_window={config.sliding_window})")
+        raise ValueError(
+            "--self-extend cannot combine with the model's sliding-window attention "
+            f"(sliding_window={config.sliding_window})"
+        )
     decoder = model.get_decoder()
     rotary = getattr(decoder, "rotary_emb", None)
     if rotary is None or not hasattr(rotary, "inv_freq"):
-        raise ValueError(f"{type(model).__name__} has no rotary embedding with `inv_freq`: "
-                         "--self-extend needs a RoPE model")
+        raise ValueError(
+            f"{type(model).__name__} has no rotary embedding with `inv_freq`: --self-extend needs a RoPE model"
+        )
     for layer in decoder.layers:
         attention = layer.self_attn
-        missing = [name for name in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim") if not hasattr(attention, name)]
+        missing = [
+            name for name in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim") if not hasattr(attention, name)
+        ]
         if missing or hasattr(attention, "q_norm"):
-            raise ValueError(f"--self-extend does not know the attention {type(attention).__name__} "
-                             "(expects Llama-style q/k/v/o projections without q/k norms)")
+            raise ValueError(
+                f"--self-extend does not know the attention {type(attention).__name__} "
+                "(expects Llama-style q/k/v/o projections without q/k norms)"
+            )
         attention.forward = types.MethodType(_make_forward(settings, rotary), attention)
     model.self_extend = settings
 

@@ -55,8 +55,9 @@ class SelfExtendCoreAttention(torch.nn.Module):
         self.settings = settings
         self.softmax_scale = config.softmax_scale or 1.0 / math.sqrt(config.kv_channels)
 
-    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
-                packed_seq_params=None) -> torch.Tensor:
+    def forward(
+        self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None, packed_seq_params=None
+    ) -> torch.Tensor:
         if packed_seq_params is not None or attention_bias is not None:
             raise ValueError("--self-extend does not support packed sequences or attention bias")
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, h, s, d]

@@ -24,7 +24,8 @@ import os
 from typing import Any, Callable
 
 from megatron_harpe.eval.backends.base import Tokenizer
-from megatron_harpe.eval.tasks.ruler_rules import RULER_TEMPLATES, family_of, singular as singular_wording
+from megatron_harpe.eval.tasks.ruler_rules import RULER_TEMPLATES, family_of
+from megatron_harpe.eval.tasks.ruler_rules import singular as singular_wording
 
 
 class PromptFormat:
@@ -32,8 +33,13 @@ class PromptFormat:
     `render_singular` (RULER's templates) renders a question that expects one value, whose
     template RULER rewords to the singular, its own words included."""
 
-    def __init__(self, name: str = "none", render: Callable[[str], str] | None = None, template: str | None = None,
-                 render_singular: Callable[[str], str] | None = None):
+    def __init__(
+        self,
+        name: str = "none",
+        render: Callable[[str], str] | None = None,
+        template: str | None = None,
+        render_singular: Callable[[str], str] | None = None,
+    ):
         self.name = name
         self.render = render
         self.template = template
@@ -70,7 +76,8 @@ def _render_with_jinja(template: str, tokenizer: Tokenizer) -> Callable[[str], s
 
     def render(question: str) -> str:
         return compiled.render(
-            messages=[{"role": "user", "content": question}], add_generation_prompt=True,
+            messages=[{"role": "user", "content": question}],
+            add_generation_prompt=True,
             bos_token=decode([tokenizer.bos_id]) if tokenizer.bos_id is not None else "",
             eos_token=decode([tokenizer.eos_id]) if tokenizer.eos_id is not None else "",
         )
@@ -81,12 +88,15 @@ def _render_with_jinja(template: str, tokenizer: Tokenizer) -> Callable[[str], s
 def ruler_prompt_format(name: str) -> PromptFormat:
     """RULER's model template `name` (ruler_rules.RULER_TEMPLATES); "base" is the plain format."""
     if name not in RULER_TEMPLATES:
-        raise ValueError(f"--chat-template ruler:{name}: RULER has no such template; choose one of "
-                         f"{', '.join(RULER_TEMPLATES)}")
+        raise ValueError(
+            f"--chat-template ruler:{name}: RULER has no such template; choose one of {', '.join(RULER_TEMPLATES)}"
+        )
     template = RULER_TEMPLATES[name]
     worded = singular_wording(template)
     return PromptFormat(
-        f"ruler:{name}", lambda question: template.replace("{task_template}", question), template,
+        f"ruler:{name}",
+        lambda question: template.replace("{task_template}", question),
+        template,
         render_singular=lambda question: worded.replace("{task_template}", question),
     )
 
@@ -101,7 +111,7 @@ def resolve_prompt_format(tokenizer: Tokenizer, spec: str) -> PromptFormat:
     if spec == "ruler" or spec.startswith("ruler:"):
         if spec == "ruler" and isinstance(own_template, dict):
             raise ValueError("the tokenizer has several named chat templates: pass --chat-template ruler:NAME")
-        return ruler_prompt_format(spec[len("ruler:"):] if ":" in spec else family_of(own_template))
+        return ruler_prompt_format(spec[len("ruler:") :] if ":" in spec else family_of(own_template))
     if spec == "none" or (spec == "auto" and not own_template):
         return PLAIN
     if spec == "auto":
@@ -116,11 +126,15 @@ def resolve_prompt_format(tokenizer: Tokenizer, spec: str) -> PromptFormat:
     if hf_tokenizer is None:
         render = _render_with_jinja(template, tokenizer)
     else:
+
         def render(question: str) -> str:
             return hf_tokenizer.apply_chat_template(
-                [{"role": "user", "content": question}], chat_template=template,
-                tokenize=False, add_generation_prompt=True,
+                [{"role": "user", "content": question}],
+                chat_template=template,
+                tokenize=False,
+                add_generation_prompt=True,
             )
+
     try:
         render("probe")
     except Exception as error:  # a template error surfaces here, not in the middle of a run

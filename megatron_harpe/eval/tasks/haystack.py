@@ -41,8 +41,9 @@ def wonderwords_lists() -> dict[str, tuple[str, ...]]:
     try:
         from wonderwords import assets
     except ImportError as error:
-        raise ValueError("the RULER tasks draw their words from the wonderwords package: "
-                         "pip install wonderwords") from error
+        raise ValueError(
+            "the RULER tasks draw their words from the wonderwords package: pip install wonderwords"
+        ) from error
     lists = {}
     for kind in ("noun", "adjective", "verb"):
         text = resources.files(assets).joinpath(f"{kind}list.txt").read_text(encoding="utf-8")
@@ -83,8 +84,10 @@ def _read_haystack_text(path: str | None) -> str:
         try:
             text = json.loads(text)["text"]
         except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise ValueError(f"haystack file {path!r} is not RULER's essay format (a JSON object with "
-                             "a 'text' field): pass that, or a plain UTF-8 text file") from error
+            raise ValueError(
+                f"haystack file {path!r} is not RULER's essay format (a JSON object with "
+                "a 'text' field): pass that, or a plain UTF-8 text file"
+            ) from error
     return text
 
 
@@ -94,8 +97,10 @@ def load_prose_sentences(path: str | None = None) -> tuple[str, ...]:
     text file, or RULER's `PaulGrahamEssays.json` at `path`."""
     sentences = split_sentences(_read_haystack_text(path))
     if len(sentences) < 20:
-        raise ValueError(f"haystack file {path!r} has only {len(sentences)} sentences: "
-                         "give a longer text (at least a few pages of prose)")
+        raise ValueError(
+            f"haystack file {path!r} has only {len(sentences)} sentences: "
+            "give a longer text (at least a few pages of prose)"
+        )
     return tuple(sentences)
 
 
@@ -105,7 +110,8 @@ def haystack_info(path: str | None = None) -> dict[str, object]:
     for the default), for results.json: the same hash means the same haystack."""
     text = _read_haystack_text(path)
     return {
-        "source": f"megatron_harpe/eval/tasks/data/{DEFAULT_HAYSTACK} (public domain)" if path is None
+        "source": f"megatron_harpe/eval/tasks/data/{DEFAULT_HAYSTACK} (public domain)"
+        if path is None
         else os.path.abspath(path),
         "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
         "characters": len(text),

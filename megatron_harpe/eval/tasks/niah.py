@@ -38,7 +38,13 @@ from typing import Callable
 
 from megatron_harpe.eval.backends.base import Tokenizer, encode_prompt
 from megatron_harpe.eval.tasks.chat import PLAIN, PromptFormat
-from megatron_harpe.eval.tasks.haystack import NOISE_PARAGRAPH, NeedleVocabulary, cycled, load_prose_sentences, split_sentences
+from megatron_harpe.eval.tasks.haystack import (
+    NOISE_PARAGRAPH,
+    NeedleVocabulary,
+    cycled,
+    load_prose_sentences,
+    split_sentences,
+)
 from megatron_harpe.eval.tasks.ruler_rules import fixed_shuffle, ruler_increment
 from megatron_harpe.eval.tasks.samples import (
     DEPTHS,
@@ -129,8 +135,9 @@ def query_text(queries: list[str]) -> str:
 def format_prompt(task: NiahTask, context: str, queries: list[str], chat: PromptFormat = PLAIN) -> str:
     if task.expected_values == 1:  # RULER's singular rewording (its template, the model's included)
         fields = {"kind": task.value_kind[:-1], "query": queries[0]}
-        return chat(SINGULAR_TEMPLATE.format(context=context, **fields), SINGULAR_ANSWER_PREFIX.format(**fields),
-                    singular=True)
+        return chat(
+            SINGULAR_TEMPLATE.format(context=context, **fields), SINGULAR_ANSWER_PREFIX.format(**fields), singular=True
+        )
     fields = {"kind": task.value_kind, "query": query_text(queries)}
     return chat(PLURAL_TEMPLATE.format(context=context, **fields), PLURAL_ANSWER_PREFIX.format(**fields))
 
@@ -165,8 +172,14 @@ def build_niah_sample(
     keys = [vocabulary.draw(task.key_kind) for _ in range(task.num_keys)]
     values = [[vocabulary.draw(task.value_kind) for _ in range(task.num_values)] for _ in keys]
     # RULER: needles in generation order, then its fixed-seed shuffle (the same permutation in every sample)
-    needles = fixed_shuffle([NEEDLE_TEMPLATE.format(kind=task.value_kind, key=key, value=value)
-                             for key, key_values in zip(keys, values) for value in key_values], seed)
+    needles = fixed_shuffle(
+        [
+            NEEDLE_TEMPLATE.format(kind=task.value_kind, key=key, value=value)
+            for key, key_values in zip(keys, values)
+            for value in key_values
+        ],
+        seed,
+    )
     if fixed_depth is not None:
         if len(needles) != 1 or task.haystack != "prose" or not 0 <= fixed_depth <= 100:
             raise ValueError("fixed_depth needs a single-needle prose task and a depth in [0, 100]")
@@ -196,11 +209,13 @@ def build_niah_sample(
 
         def units_of(n: int) -> list[str]:
             while len(distractors) < n:
-                distractors.append(NEEDLE_TEMPLATE.format(
-                    kind=task.value_kind,
-                    key=vocabulary.draw(task.key_kind),
-                    value=vocabulary.draw(task.value_kind),
-                ))
+                distractors.append(
+                    NEEDLE_TEMPLATE.format(
+                        kind=task.value_kind,
+                        key=vocabulary.draw(task.key_kind),
+                        value=vocabulary.draw(task.value_kind),
+                    )
+                )
             return distractors[:n]
     else:
         raise ValueError(f"unknown haystack type {task.haystack!r}")
@@ -214,11 +229,20 @@ def build_niah_sample(
     def prompt_for(n: int) -> str:
         return format_prompt(task, context_for(n), queries, chat)
 
-    step = RulerStep(length, index, ruler_increment(step_kind, length),
-                     lambda n: len(tokenizer.encode(prompt_for(n) + " ".join(answers))))
+    step = RulerStep(
+        length,
+        index,
+        ruler_increment(step_kind, length),
+        lambda n: len(tokenizer.encode(prompt_for(n) + " ".join(answers))),
+    )
     units, prompt, prompt_ids = sized_prompt(
-        prompt_for, functools.partial(encode_prompt, tokenizer), length - answer_budget, haystack_units, cost_model,
-        fill, step,
+        prompt_for,
+        functools.partial(encode_prompt, tokenizer),
+        length - answer_budget,
+        haystack_units,
+        cost_model,
+        fill,
+        step,
     )
     slots = None
     if task.haystack != "prose":
@@ -236,8 +260,16 @@ def build_niah_sample(
         haystack_units=units,
         answer_budget=answer_budget,
         slots=slots,
-        draw={"keys": keys, "values": values, "needles": needles, "depths": depths, "slots": slots,
-              "units": units_of(units), "queries": queries, "haystack": task.haystack},
+        draw={
+            "keys": keys,
+            "values": values,
+            "needles": needles,
+            "depths": depths,
+            "slots": slots,
+            "units": units_of(units),
+            "queries": queries,
+            "haystack": task.haystack,
+        },
     )
 
 
@@ -245,5 +277,14 @@ def sample_builder(task_name: str, setting: TaskSetting) -> SampleBuilder:
     """The registry's builder of a NIAH task (and of a needle-grid cell: `setting.fixed_depth`)."""
     task = NIAH_TASKS[task_name]
     return lambda length, index: build_niah_sample(
-        task, setting.tokenizer, length, index, setting.seed, answer_budget=setting.answer_budget,
-        prose=setting.prose, fixed_depth=setting.fixed_depth, chat=setting.chat, fill=setting.fill)
+        task,
+        setting.tokenizer,
+        length,
+        index,
+        setting.seed,
+        answer_budget=setting.answer_budget,
+        prose=setting.prose,
+        fixed_depth=setting.fixed_depth,
+        chat=setting.chat,
+        fill=setting.fill,
+    )

@@ -77,4 +77,5 @@ def build_passkey_sample(
 def sample_builder(setting: TaskSetting) -> SampleBuilder:
     """The registry's builder of passkey samples (its haystack is always sized tight)."""
     return lambda length, index: build_passkey_sample(
-        setting.tokenizer, length, index, setting.seed, setting.answer_budget, chat=setting.chat)
+        setting.tokenizer, length, index, setting.seed, setting.answer_budget, chat=setting.chat
+    )

@@ -85,13 +85,18 @@ def load_squad(path: str) -> QaDataset:
                 for qa in paragraph["qas"]:
                     if qa.get("is_impossible", False):
                         continue
-                    questions.append(QaQuestion(
-                        qa["question"], tuple(answer["text"] for answer in qa["answers"]), (own,),
-                        tuple(number for number in article_ids if number != own),
-                    ))
+                    questions.append(
+                        QaQuestion(
+                            qa["question"],
+                            tuple(answer["text"] for answer in qa["answers"]),
+                            (own,),
+                            tuple(number for number in article_ids if number != own),
+                        )
+                    )
     except (KeyError, TypeError) as error:
-        raise ValueError(f"{path!r} is not a SQuAD JSON file (data -> paragraphs -> context, qas): "
-                         f"missing {error}") from error
+        raise ValueError(
+            f"{path!r} is not a SQuAD JSON file (data -> paragraphs -> context, qas): missing {error}"
+        ) from error
     return QaDataset(tuple(questions), tuple(documents))
 
 
@@ -99,19 +104,24 @@ def load_squad(path: str) -> QaDataset:
 def load_hotpotqa(path: str) -> QaDataset:
     data = _read_json(path, "HotpotQA")
     try:
+
         def text(title: str, sentences: list[str]) -> str:
             return f"{title}\n{''.join(sentences)}"
 
         documents = sorted({text(title, sentences) for item in data for title, sentences in item["context"]})
         ids = {document: number for number, document in enumerate(documents)}
         questions = tuple(
-            QaQuestion(item["question"], (item["answer"],),
-                       tuple(ids[text(title, sentences)] for title, sentences in item["context"]))
+            QaQuestion(
+                item["question"],
+                (item["answer"],),
+                tuple(ids[text(title, sentences)] for title, sentences in item["context"]),
+            )
             for item in data
         )
     except (KeyError, TypeError, ValueError) as error:
-        raise ValueError(f"{path!r} is not a HotpotQA JSON file (a list of question, answer, context): "
-                         f"{error}") from error
+        raise ValueError(
+            f"{path!r} is not a HotpotQA JSON file (a list of question, answer, context): {error}"
+        ) from error
     return QaDataset(questions, tuple(documents))
 
 
@@ -172,8 +182,9 @@ def build_qa_sample(
 ) -> EvalSample:
     """Sample `index` of qa_1/qa_2: question `index` of the file with as many documents as fit."""
     if index >= len(dataset.questions):
-        raise ValueError(f"{task} has {len(dataset.questions)} answerable questions; asked for sample {index}: "
-                         "lower --samples")
+        raise ValueError(
+            f"{task} has {len(dataset.questions)} answerable questions; asked for sample {index}: lower --samples"
+        )
     if dataset not in _LOADED:
         _LOADED.append(dataset)
     item = dataset.questions[index]
@@ -185,22 +196,41 @@ def build_qa_sample(
         return tuple(ruler_documents(item, total, min(max(n, len(item.gold)), total), rng, seed))
 
     def prompt_for(n: int) -> str:
-        context = "\n\n".join(DOCUMENT_TEMPLATE.format(number=k + 1, document=dataset.documents[d])
-                              for k, d in enumerate(documents_for(n)))
+        context = "\n\n".join(
+            DOCUMENT_TEMPLATE.format(number=k + 1, document=dataset.documents[d])
+            for k, d in enumerate(documents_for(n))
+        )
         return chat(QA_TEMPLATE.format(context=context, query=item.question), QA_ANSWER_PREFIX)
 
     answers = list(dict.fromkeys(item.answers))
-    step = RulerStep(length, index, ruler_increment("qa", length),
-                     lambda n: len(tokenizer.encode(prompt_for(n) + f" {list(item.answers)}")))
+    step = RulerStep(
+        length,
+        index,
+        ruler_increment("qa", length),
+        lambda n: len(tokenizer.encode(prompt_for(n) + f" {list(item.answers)}")),
+    )
     units, prompt, prompt_ids = sized_prompt(
-        prompt_for, functools.partial(encode_prompt, tokenizer), length - answer_budget, haystack_units, fill=fill,
+        prompt_for,
+        functools.partial(encode_prompt, tokenizer),
+        length - answer_budget,
+        haystack_units,
+        fill=fill,
         step=step,
     )
     documents = documents_for(units)
     return EvalSample(
-        task=task, length=length, index=index, prompt=prompt, prompt_ids=prompt_ids, answers=answers,
-        continuation=format_answer("plain", answers), depths=[], haystack_units=len(documents),
-        answer_budget=answer_budget, metric="part", answer_style="plain",
+        task=task,
+        length=length,
+        index=index,
+        prompt=prompt,
+        prompt_ids=prompt_ids,
+        answers=answers,
+        continuation=format_answer("plain", answers),
+        depths=[],
+        haystack_units=len(documents),
+        answer_budget=answer_budget,
+        metric="part",
+        answer_style="plain",
         draw={"documents": list(documents), "gold": list(item.gold), "question": item.question},
     )
 
@@ -211,5 +241,13 @@ def sample_builder(task: str, setting: TaskSetting) -> SampleBuilder:
         raise ValueError(f"{task} needs its data file ({QA_TASKS[task]} JSON)")
     dataset = load_qa_dataset(task, setting.data_file)
     return lambda length, index: build_qa_sample(
-        task, dataset, setting.tokenizer, length, index, setting.seed, setting.answer_budget, chat=setting.chat,
-        fill=setting.fill)
+        task,
+        dataset,
+        setting.tokenizer,
+        length,
+        index,
+        setting.seed,
+        setting.answer_budget,
+        chat=setting.chat,
+        fill=setting.fill,
+    )

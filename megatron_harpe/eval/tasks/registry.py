@@ -46,8 +46,9 @@ class TaskSpec:
 
 
 def _niah(name: str) -> TaskSpec:
-    return TaskSpec(name, functools.partial(niah.sample_builder, name), niah.NIAH_ANSWER_BUDGET, "all",
-                    groups=("ruler", "niah"))
+    return TaskSpec(
+        name, functools.partial(niah.sample_builder, name), niah.NIAH_ANSWER_BUDGET, "all", groups=("ruler", "niah")
+    )
 
 
 def _register(*specs: TaskSpec) -> dict[str, TaskSpec]:
@@ -64,10 +65,24 @@ TASKS: dict[str, TaskSpec] = _register(
     TaskSpec("vt", variable_tracking.sample_builder, variable_tracking.VT_ANSWER_BUDGET, "all", groups=("ruler",)),
     TaskSpec("cwe", word_extraction.cwe_sample_builder, word_extraction.CWE_ANSWER_BUDGET, "all", groups=("ruler",)),
     TaskSpec("fwe", word_extraction.fwe_sample_builder, word_extraction.FWE_ANSWER_BUDGET, "all", groups=("ruler",)),
-    TaskSpec("qa_1", functools.partial(qa.sample_builder, "qa_1"), qa.QA_ANSWER_BUDGET, "part", groups=("ruler",),
-             data_flag="--qa-squad", data_format=qa.QA_TASKS["qa_1"]),
-    TaskSpec("qa_2", functools.partial(qa.sample_builder, "qa_2"), qa.QA_ANSWER_BUDGET, "part", groups=("ruler",),
-             data_flag="--qa-hotpot", data_format=qa.QA_TASKS["qa_2"]),
+    TaskSpec(
+        "qa_1",
+        functools.partial(qa.sample_builder, "qa_1"),
+        qa.QA_ANSWER_BUDGET,
+        "part",
+        groups=("ruler",),
+        data_flag="--qa-squad",
+        data_format=qa.QA_TASKS["qa_1"],
+    ),
+    TaskSpec(
+        "qa_2",
+        functools.partial(qa.sample_builder, "qa_2"),
+        qa.QA_ANSWER_BUDGET,
+        "part",
+        groups=("ruler",),
+        data_flag="--qa-hotpot",
+        data_format=qa.QA_TASKS["qa_2"],
+    ),
     TaskSpec("passkey", passkey.sample_builder, passkey.PASSKEY_ANSWER_BUDGET, "all"),
     # the CPU replication's word-level key/value task: needs its own tokenizer (synthetic_kv.write_tokenizer)
     TaskSpec("synthetic_kv", synthetic_kv.sample_builder, synthetic_kv.ANSWER_BUDGET, "all"),
@@ -109,8 +124,10 @@ def resolve_data_files(
         spec = TASKS.get(task)
         if spec is not None and spec.data_flag and not data_files.get(task):
             if task in requested:
-                raise ValueError(f"{task} needs its data file: pass {spec.data_flag} FILE "
-                                 f"({spec.data_format} JSON; nothing is downloaded)")
+                raise ValueError(
+                    f"{task} needs its data file: pass {spec.data_flag} FILE "
+                    f"({spec.data_format} JSON; nothing is downloaded)"
+                )
             skipped[task] = f"no {spec.data_flag} file given"
             continue
         kept.append(task)

@@ -44,16 +44,16 @@ RULER_TEMPLATES = {
     "base": "{task_template}",
     "meta-chat": "[INST] {task_template} [/INST]",
     "vicuna-chat": "A chat between a curious user and an artificial intelligence assistant. The assistant gives "
-                   "helpful, detailed, and polite answers to the user's questions. USER: {task_template} ASSISTANT:",
+    "helpful, detailed, and polite answers to the user's questions. USER: {task_template} ASSISTANT:",
     "lwm-chat": "You are a helpful assistant. USER: {task_template} ASSISTANT: ",
     "command-r-chat": "<BOS_TOKEN><|START_OF_TURN_TOKEN|><|USER_TOKEN|>{task_template}<|END_OF_TURN_TOKEN|>"
-                      "<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>",
+    "<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>",
     "chatglm-chat": "[gMASK]sop<|user|> \n {task_template}<|assistant|> \n ",
     "RWKV": "User: hi\n\nAssistant: Hi. I am your assistant and I will provide expert full response in full details. "
-            "Please feel free to ask any question and I will always answer it\n\nUser: {task_template}\n\nAssistant:",
+    "Please feel free to ask any question and I will always answer it\n\nUser: {task_template}\n\nAssistant:",
     "Phi3": "<|user|>\n{task_template}<|end|>\n<|assistant|>\n",
     "meta-llama3": "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{task_template}<|eot_id|>"
-                   "<|start_header_id|>assistant<|end_header_id|>\n\n",
+    "<|start_header_id|>assistant<|end_header_id|>\n\n",
     "jamba": "<|startoftext|><|bom|><|system|> <|eom|><|bom|><|user|> {task_template}<|eom|><|bom|><|assistant|>",
     "nemotron5-instruct": "<SPECIAL_10>System\n\n<SPECIAL_11>User\n{task_template}\n<SPECIAL_11>Assistant\n",
 }
@@ -94,8 +94,10 @@ def family_of(chat_template: str | None) -> str:
     for marker, name in FAMILY_MARKERS:
         if marker in chat_template:
             return name
-    raise ValueError("RULER has no template for this model's chat format (its templates: "
-                     f"{', '.join(RULER_TEMPLATES)}): pass --chat-template ruler:NAME, auto, none or a Jinja file")
+    raise ValueError(
+        "RULER has no template for this model's chat format (its templates: "
+        f"{', '.join(RULER_TEMPLATES)}): pass --chat-template ruler:NAME, auto, none or a Jinja file"
+    )
 
 
 def ruler_increment(haystack: str, length: int) -> int:

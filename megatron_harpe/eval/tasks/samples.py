@@ -104,7 +104,7 @@ def essay_context(sentences: list[str], needles: list[str], depths: list[int]) -
     positions = [0] + [int(len(sentences) * (depth / 100)) for depth in depths] + [len(sentences)]
     pieces: list[str] = []
     for number in range(1, len(positions)):
-        pieces.append(" ".join(sentences[positions[number - 1]:positions[number]]))
+        pieces.append(" ".join(sentences[positions[number - 1] : positions[number]]))
         if number - 1 < len(needles):
             pieces.append(needles[number - 1])
     return " ".join(pieces)
@@ -197,8 +197,12 @@ class Fill:
         if length not in self.starts:
             if index != 0:
                 raise AssertionError("RULER's fill is sized on sample 0: build it first")
-            steps = fit_units(lambda k: probe_tokens(first + k * increment), limit,
-                              max_units=2 * limit // max(increment, 1) + 2, allow_none=True)
+            steps = fit_units(
+                lambda k: probe_tokens(first + k * increment),
+                limit,
+                max_units=2 * limit // max(increment, 1) + 2,
+                allow_none=True,
+            )
             self.starts[length] = 0 if steps is None else first + steps * increment
         units = self.starts[length]
         while prompt_tokens(units) > limit and units > increment:
@@ -206,8 +210,10 @@ class Fill:
         if prompt_tokens(units) > limit:
             if units > 0 and prompt_tokens(0) <= limit:
                 return 0
-            raise ValueError(f"the prompt without any haystack already needs {prompt_tokens(0)} tokens, more than the "
-                             f"{limit} available: evaluate at a longer length or reduce the answer budget")
+            raise ValueError(
+                f"the prompt without any haystack already needs {prompt_tokens(0)} tokens, more than the "
+                f"{limit} available: evaluate at a longer length or reduce the answer budget"
+            )
         return units
 
 
@@ -236,8 +242,9 @@ def sized_prompt(
     if units is None and fill.mode == "ruler":
         if step is None:
             raise AssertionError("RULER's fill needs the task's RulerStep")
-        units = fill.ruler_units(step.length, step.index, prompt_tokens, step.probe_tokens, budget, step.increment,
-                                 step.first)
+        units = fill.ruler_units(
+            step.length, step.index, prompt_tokens, step.probe_tokens, budget, step.increment, step.first
+        )
     elif units is None:
         units = fit_units(prompt_tokens, budget, max_units=max(budget, 0), cumulative_cost=cumulative_cost)
     prompt = prompt_for(units)

@@ -210,8 +210,15 @@ def build_synthetic_kv_sample(
         )
     answer = " ".join(values[asked])
     return EvalSample(
-        task=TASK_NAME, length=length, index=index, prompt=prompt, prompt_ids=prompt_ids,
-        answers=[answer], continuation=f" {answer} .", depths=[depth], haystack_units=filler_count,
+        task=TASK_NAME,
+        length=length,
+        index=index,
+        prompt=prompt,
+        prompt_ids=prompt_ids,
+        answers=[answer],
+        continuation=f" {answer} .",
+        depths=[depth],
+        haystack_units=filler_count,
         answer_budget=answer_budget,
     )
 
@@ -219,4 +226,5 @@ def build_synthetic_kv_sample(
 def sample_builder(setting: TaskSetting) -> SampleBuilder:
     """The registry's builder of synthetic_kv samples (plain prompts in its own word-level vocabulary)."""
     return lambda length, index: build_synthetic_kv_sample(
-        setting.tokenizer, length, index, setting.seed, answer_budget=setting.answer_budget)
+        setting.tokenizer, length, index, setting.seed, answer_budget=setting.answer_budget
+    )

@@ -60,7 +60,9 @@ VT_ANSWER_PREFIX = (  # "assgined": RULER's spelling until May 2025
 )
 
 
-def _chain(rng: random.Random, letters: int, hops: int, avoid_value: int | None = None) -> tuple[list[str], list[str], int]:
+def _chain(
+    rng: random.Random, letters: int, hops: int, avoid_value: int | None = None
+) -> tuple[list[str], list[str], int]:
     """(variables, assignment statements, value) of one chain of `hops` hops."""
     names: list[str] = []
     while len(names) < hops + 1:
@@ -125,8 +127,12 @@ def build_vt_sample(
 
     # RULER's example size: steps of 5 paragraphs while prompt + answer list (as Python writes
     # it) + 30 tokens stay within 500, counted without BOS
-    steps = fit_units(lambda k: len(tokenizer.encode(example_for(VT_EXAMPLE_STEP * (k + 1)) + f" {example_names}")),
-                      VT_EXAMPLE_TOKENS - VT_ANSWER_BUDGET, max_units=VT_EXAMPLE_TOKENS, allow_none=True)
+    steps = fit_units(
+        lambda k: len(tokenizer.encode(example_for(VT_EXAMPLE_STEP * (k + 1)) + f" {example_names}")),
+        VT_EXAMPLE_TOKENS - VT_ANSWER_BUDGET,
+        max_units=VT_EXAMPLE_TOKENS,
+        allow_none=True,
+    )
     example_noises = VT_EXAMPLE_STEP * (steps + 1) if steps is not None else VT_EXAMPLE_STEP
     example = example_for(example_noises) + " " + " ".join(example_names) + "\n\n"
     names, statements, value = _chain(rng, letters=5, hops=VT_HOPS, avoid_value=example_value)
@@ -137,25 +143,45 @@ def build_vt_sample(
         main = _fill(full, noise_context(statements, slot_seed, n), value, VT_HOPS)
         return main[:cut] + " " + example + "\n\n" + main[cut:]
 
-    step = RulerStep(length, index, ruler_increment("vt", length),
-                     lambda n: len(tokenizer.encode(prompt_for(n) + f" {names}")))
-    units, prompt, prompt_ids = sized_prompt(prompt_for, encode, length - answer_budget, haystack_units, fill=fill,
-                                             step=step)
+    step = RulerStep(
+        length, index, ruler_increment("vt", length), lambda n: len(tokenizer.encode(prompt_for(n) + f" {names}"))
+    )
+    units, prompt, prompt_ids = sized_prompt(
+        prompt_for, encode, length - answer_budget, haystack_units, fill=fill, step=step
+    )
     unit_count = len(noise_units(units, len(statements)))
     slots = random_slots(slot_seed, unit_count, len(statements))
     return EvalSample(
-        task="vt", length=length, index=index, prompt=prompt, prompt_ids=prompt_ids, answers=names,
-        continuation=format_answer("spaced", names), depths=[round(100 * s / max(unit_count, 1)) for s in slots],
-        haystack_units=units, answer_budget=answer_budget, slots=slots, answer_style="spaced",
-        draw={"statements": statements, "value": value, "noises": units, "positions": slots,
-              "example_statements": example_statements, "example_value": example_value, "example_names": example_names,
-              "example_noises": example_noises,
-              "example_positions": random_slots(example_seed, len(noise_units(example_noises, len(example_statements))),
-                                                len(example_statements))},
+        task="vt",
+        length=length,
+        index=index,
+        prompt=prompt,
+        prompt_ids=prompt_ids,
+        answers=names,
+        continuation=format_answer("spaced", names),
+        depths=[round(100 * s / max(unit_count, 1)) for s in slots],
+        haystack_units=units,
+        answer_budget=answer_budget,
+        slots=slots,
+        answer_style="spaced",
+        draw={
+            "statements": statements,
+            "value": value,
+            "noises": units,
+            "positions": slots,
+            "example_statements": example_statements,
+            "example_value": example_value,
+            "example_names": example_names,
+            "example_noises": example_noises,
+            "example_positions": random_slots(
+                example_seed, len(noise_units(example_noises, len(example_statements))), len(example_statements)
+            ),
+        },
     )
 
 
 def sample_builder(setting: TaskSetting) -> SampleBuilder:
     """The registry's builder of vt samples."""
     return lambda length, index: build_vt_sample(
-        setting.tokenizer, length, index, setting.seed, setting.answer_budget, chat=setting.chat, fill=setting.fill)
+        setting.tokenizer, length, index, setting.seed, setting.answer_budget, chat=setting.chat, fill=setting.fill
+    )

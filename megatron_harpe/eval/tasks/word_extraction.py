@@ -73,7 +73,9 @@ def _numbered(words: list[str]) -> str:
     return " ".join(f"{number}. {word}" for number, word in enumerate(words, start=1))
 
 
-def _word_list(rng: random.Random, count: int, common_repeats: int, rare_repeats: int, seed: int) -> tuple[list[str], list[str]]:
+def _word_list(
+    rng: random.Random, count: int, common_repeats: int, rare_repeats: int, seed: int
+) -> tuple[list[str], list[str]]:
     """(the listed words in order, the common words) of `count` distinct words: RULER's draw and
     its fixed-seed shuffle of the list."""
     chosen = rng.sample(cwe_words(), count)
@@ -108,18 +110,34 @@ def build_cwe_sample(
     def prompt_for(n: int) -> str:
         return example + "\n" + chat(CWE_TEMPLATE.format(context=_numbered(words_for(n)[0])), CWE_ANSWER_PREFIX)
 
-    step = RulerStep(length, index, ruler_increment("cwe", length),
-                     lambda n: len(tokenizer.encode(prompt_for(n) + " " + _numbered(words_for(n)[1]))))
+    step = RulerStep(
+        length,
+        index,
+        ruler_increment("cwe", length),
+        lambda n: len(tokenizer.encode(prompt_for(n) + " " + _numbered(words_for(n)[1]))),
+    )
     units, prompt, prompt_ids = sized_prompt(
-        prompt_for, functools.partial(encode_prompt, tokenizer), length - answer_budget, haystack_units, fill=fill,
+        prompt_for,
+        functools.partial(encode_prompt, tokenizer),
+        length - answer_budget,
+        haystack_units,
+        fill=fill,
         step=step,
     )
     listed, common = words_for(units)
     units = min(max(units, CWE_COMMON_WORDS), len(cwe_words()))
     return EvalSample(
-        task="cwe", length=length, index=index, prompt=prompt, prompt_ids=prompt_ids, answers=common,
-        continuation=format_answer("numbered", common), depths=[], haystack_units=units,
-        answer_budget=answer_budget, answer_style="numbered",
+        task="cwe",
+        length=length,
+        index=index,
+        prompt=prompt,
+        prompt_ids=prompt_ids,
+        answers=common,
+        continuation=format_answer("numbered", common),
+        depths=[],
+        haystack_units=units,
+        answer_budget=answer_budget,
+        answer_style="numbered",
         draw={"listed": listed, "example_listed": example_list, "example_answer": example_answer},
     )
 
@@ -135,8 +153,9 @@ def _coded_text(rng: random.Random, vocabulary_size: int, draws: int, seed: int)
     ordered = fixed_shuffle(sorted(vocabulary), seed)
     ordered[0] = "..."  # the most frequent "word" is noise, as in RULER
     zeta = math.pi**2 / 6  # zeta(2), RULER's alpha
-    text_words = [word for rank, word in enumerate(ordered, start=1)
-                  for _ in range(int(draws * rank**-FWE_ALPHA / zeta))]
+    text_words = [
+        word for rank, word in enumerate(ordered, start=1) for _ in range(int(draws * rank**-FWE_ALPHA / zeta))
+    ]
     return fixed_shuffle(text_words, seed), ordered[1:4]
 
 
@@ -162,26 +181,47 @@ def build_fwe_sample(
         return chat(FWE_TEMPLATE.format(context=" ".join(text_for(n)[0])), FWE_ANSWER_PREFIX)
 
     limit = length - answer_budget
-    step = RulerStep(length, index, max(limit // 32, 1), lambda n: len(tokenizer.encode(prompt_for(n))),
-                     first=max(limit // FWE_WORD_LENGTH, 1))
+    step = RulerStep(
+        length,
+        index,
+        max(limit // 32, 1),
+        lambda n: len(tokenizer.encode(prompt_for(n))),
+        first=max(limit // FWE_WORD_LENGTH, 1),
+    )
     units, prompt, prompt_ids = sized_prompt(
-        prompt_for, functools.partial(encode_prompt, tokenizer), limit, haystack_units, fill=fill, step=step,
+        prompt_for,
+        functools.partial(encode_prompt, tokenizer),
+        limit,
+        haystack_units,
+        fill=fill,
+        step=step,
     )
     words, answers = text_for(units)
     return EvalSample(
-        task="fwe", length=length, index=index, prompt=prompt, prompt_ids=prompt_ids, answers=answers,
-        continuation=format_answer("words", answers), depths=[], haystack_units=units,
-        answer_budget=answer_budget, answer_style="words", draw={"words": words},
+        task="fwe",
+        length=length,
+        index=index,
+        prompt=prompt,
+        prompt_ids=prompt_ids,
+        answers=answers,
+        continuation=format_answer("words", answers),
+        depths=[],
+        haystack_units=units,
+        answer_budget=answer_budget,
+        answer_style="words",
+        draw={"words": words},
     )
 
 
 def cwe_sample_builder(setting: TaskSetting) -> SampleBuilder:
     """The registry's builder of cwe samples."""
     return lambda length, index: build_cwe_sample(
-        setting.tokenizer, length, index, setting.seed, setting.answer_budget, chat=setting.chat, fill=setting.fill)
+        setting.tokenizer, length, index, setting.seed, setting.answer_budget, chat=setting.chat, fill=setting.fill
+    )
 
 
 def fwe_sample_builder(setting: TaskSetting) -> SampleBuilder:
     """The registry's builder of fwe samples."""
     return lambda length, index: build_fwe_sample(
-        setting.tokenizer, length, index, setting.seed, setting.answer_budget, chat=setting.chat, fill=setting.fill)
+        setting.tokenizer, length, index, setting.seed, setting.answer_budget, chat=setting.chat, fill=setting.fill
+    )
