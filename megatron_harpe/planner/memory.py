@@ -463,7 +463,7 @@ def estimate_step(cfg: Config, layout: Layout, hardware: Hardware, precision: Pr
     precision = precision or trainer_precision(cfg)
     stage = stage or longest_stage(cfg)
     backend = backend or cfg.model.attention_backend
-    seq_length, model = stage.seq_length, cfg.model
+    seq_length = stage.seq_length
     attention = forward_flops_per_token(cfg, seq_length)[1]
     model_flops = model_flops_per_token(cfg, seq_length)
     extra = recompute_flops_per_token(cfg, layout, seq_length)
