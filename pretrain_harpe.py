@@ -15,7 +15,7 @@
 
 Quiet by default; --verbose shows third-party warnings, --debug tracebacks. Exit codes: 0 done,
 2 a config or input error (one line, before any process group starts), 130 interrupted.
-"""
+"""  # noqa: E501 - each example stays on one line in --help (tests/unit/test_cli_vocabulary.py)
 
 from __future__ import annotations
 

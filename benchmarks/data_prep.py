@@ -151,7 +151,8 @@ def main() -> None:
     try:
         corpus = Path(args.input) if args.input else build_source_corpus(scratch / "corpus.jsonl", args.megabytes)
         print(
-            f"input {corpus.stat().st_size / 1e6:.1f} MB ({corpus}), tokenizer {tokenizer_path}, workers {args.workers}, "
+            f"input {corpus.stat().st_size / 1e6:.1f} MB ({corpus}), tokenizer {tokenizer_path}, "
+            f"workers {args.workers}, "
             f"{args.repeats} interleaved repeats, load average {os.getloadavg()[0]:.2f} at start"
         )
         seconds: dict[tuple[str, int], list[float]] = {}
@@ -176,7 +177,8 @@ def main() -> None:
                             os.remove(reference + suffix)
                             os.remove(prefix + suffix)
         print(
-            f"output identical to Megatron-LM's loop in every run ({tokens:,} tokens); load average now {os.getloadavg()[0]:.2f}"
+            f"output identical to Megatron-LM's loop in every run ({tokens:,} tokens); "
+            f"load average now {os.getloadavg()[0]:.2f}"
         )
         first = args.workers[0]
         for workers in args.workers:
@@ -188,7 +190,8 @@ def main() -> None:
                 print(
                     f"{workers} workers {name:>28}: {rates[name][0] / 1e6:6.3f} M tokens/s fastest, "
                     f"{rates[name][1] / 1e6:6.3f} median (runs {', '.join(f'{s:.2f}s' for s in runs)}; "
-                    f"x{scaling:.2f} of {first} worker(s)); CPU s (all processes) {', '.join(f'{s:.2f}' for s in cpu[(name, workers)])}"
+                    f"x{scaling:.2f} of {first} worker(s)); CPU s (all processes) "
+                    f"{', '.join(f'{s:.2f}' for s in cpu[(name, workers)])}"
                 )
             ours, theirs = rates["megatron_harpe"], rates["Megatron-LM preprocess_data"]
             print(

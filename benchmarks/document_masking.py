@@ -12,8 +12,9 @@ tables), for three document-length profiles of the packed sequence:
 - short: documents of 32 .. 256 tokens (many runs, merged into block-diagonal tiles).
 Step time is the best of --steps training steps (forward, backward, AdamW; masked and unmasked
 steps interleaved, so a change of machine load hits both) on the slowest rank, as wall time and
-as the process's CPU time (steadier on a shared machine); activations are the distinct storages autograd saves for backward in one forward
-(`torch.autograd.graph.saved_tensors_hooks`). Each layout runs in fresh gloo processes.
+as the process's CPU time (steadier on a shared machine); activations are the distinct storages
+autograd saves for backward in one forward (`torch.autograd.graph.saved_tensors_hooks`). Each
+layout runs in fresh gloo processes.
 """
 
 from __future__ import annotations
@@ -128,14 +129,15 @@ def main() -> None:
     for context in args.context:
         per_rank = parallel.run_on_ranks(measure, context, context, args.seq, args.steps)
         for profile in PROFILES:
-            plain, masked = ({key: max(r[(profile, m)][key] for r in per_rank) for key in ("step_s", "cpu_s", "saved_mib")}
-                             for m in (False, True))  # fmt: skip
+            plain, masked = ({key: max(r[(profile, m)][key] for r in per_rank)
+                              for key in ("step_s", "cpu_s", "saved_mib")} for m in (False, True))  # fmt: skip
             documents = per_rank[0][(profile, True)]["documents"]
             print(
                 f"{context:>3} {profile + f' ({documents:.0f})':>12} "
                 f"{plain['step_s']:>6.2f}/{masked['step_s']:<6.2f} {masked['step_s'] / plain['step_s']:>11.2f} "
                 f"{plain['cpu_s']:>6.2f}/{masked['cpu_s']:<6.2f} {masked['cpu_s'] / plain['cpu_s']:>10.2f} "
-                f"{plain['saved_mib']:>7.1f}/{masked['saved_mib']:<7.1f} {masked['saved_mib'] / plain['saved_mib']:>13.2f}"
+                f"{plain['saved_mib']:>7.1f}/{masked['saved_mib']:<7.1f} "
+                f"{masked['saved_mib'] / plain['saved_mib']:>13.2f}"
             )
 
 

@@ -10,7 +10,7 @@ the tokenizer wants one), so prompt plus answer fill `length`. Each backend gene
 times, alternating, in one process (fp32, CPU); the best time of each is reported, so a busy
 machine distorts the ratio less. `--recompute` also times the megatron backend without its
 cache (one full forward per new token).
-"""
+"""  # noqa: E501 - each example stays on one line in --help
 
 from __future__ import annotations
 

@@ -166,7 +166,8 @@ def main() -> None:
         expected = expected_peak(estimate)
         peak_ratios.append(peak / expected)
         print(
-            f"{case.name:28s} {case.tensor}x{case.context:<3d} | {saved / 2**20:17.1f} MiB {estimate.activations / 2**20:5.1f} MiB"
+            f"{case.name:28s} {case.tensor}x{case.context:<3d} | {saved / 2**20:17.1f} MiB "
+            f"{estimate.activations / 2**20:5.1f} MiB"
             f" {saved / estimate.activations:6.3f} | {peak / 2**20:10.1f} MiB {expected / 2**20:5.1f} MiB "
             f"{peak / expected:6.3f}"
         )

@@ -70,7 +70,8 @@ def main() -> None:
     args = parser.parse_args()
     print(f"Self-Extend window={args.window} group={args.group} vs plain SDPA, one decoder forward, 1 thread")
     print(
-        f"{'tokens':>7} | {'plain s':>8} | {'S-E s':>8} | {'time x':>6} | {'plain MiB':>9} | {'S-E MiB':>8} | {'mem x':>6}"
+        f"{'tokens':>7} | {'plain s':>8} | {'S-E s':>8} | {'time x':>6} | "
+        f"{'plain MiB':>9} | {'S-E MiB':>8} | {'mem x':>6}"
     )
     for length in (int(value) for value in args.lengths.split(",")):
         plain = run(length, None, args.group, args.repeats)

@@ -6,16 +6,17 @@ runs on CPU and GPU and plugs into megatron's `SelfAttention` through the layer 
 
 Context parallelism (all-gather flavour): each CP rank holds chunks r and 2*CP-1-r of the
 sequence (load-balanced causal work). Keys and values are all-gathered over the CP group by an
-autograd function whose backward reduce-scatters gradients to their owners; each local query chunk c then attends to the keys of chunks 0..c with a causal mask
-aligned to the lower right (the chunk's last query sees every gathered key). On GPU, SDPA's
-kernels take that mask without materialising it; on CPU the queries are left-padded instead
-(see `_lower_right`), trading up to 2x attention compute for memory linear in the sequence.
+autograd function whose backward reduce-scatters gradients to their owners; each local query
+chunk c then attends to the keys of chunks 0..c with a causal mask aligned to the lower right
+(the chunk's last query sees every gathered key). On GPU, SDPA's kernels take that mask without
+materialising it; on CPU the queries are left-padded instead (see `_lower_right`), trading up to
+2x attention compute for memory linear in the sequence.
 
 Document masking (`data.reset_attention_mask`): megatron's `attention_mask` argument carries the
 document ids of a `documents.DocumentMask` (a tensor, which megatron's recompute can save), and
-each sequence's local queries run in the calls of its plan (`documents.py`: whole documents causal, merged short ones block-diagonal,
-the document a chunk starts in lower-right causal against the keys from its start), with or
-without context parallelism.
+each sequence's local queries run in the calls of its plan (`documents.py`: whole documents
+causal, merged short ones block-diagonal, the document a chunk starts in lower-right causal
+against the keys from its start), with or without context parallelism.
 """
 
 from __future__ import annotations

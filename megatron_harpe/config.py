@@ -118,7 +118,8 @@ class ParallelConfig:
             )
         if self.sequence_parallel and self.tensor == 1:
             raise ValueError(
-                "parallel.sequence_parallel splits over tensor-parallel ranks: set parallel.tensor > 1 or sequence_parallel: false"
+                "parallel.sequence_parallel splits over tensor-parallel ranks: set parallel.tensor > 1 "
+                "or sequence_parallel: false"
             )
 
 
@@ -264,7 +265,8 @@ class TrainConfig:
         unknown = sorted(set(self.recompute_modules) - set(RECOMPUTE_MODULES))
         if unknown or not self.recompute_modules:
             raise ValueError(
-                f"train.recompute_modules={self.recompute_modules}: choose one or more of {', '.join(RECOMPUTE_MODULES)}"
+                f"train.recompute_modules={self.recompute_modules}: choose one or more of "
+                f"{', '.join(RECOMPUTE_MODULES)}"
             )
         if self.recompute != "selective" and self.recompute_modules != ["core_attn"]:
             raise ValueError(

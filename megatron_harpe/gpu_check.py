@@ -99,7 +99,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         parser.error(str(error))
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error(
-            "--device cuda: no CUDA device is visible here (check the driver / CUDA_VISIBLE_DEVICES), or use --device cpu"
+            "--device cuda: no CUDA device is visible here (check the driver / CUDA_VISIBLE_DEVICES), "
+            "or use --device cpu"
         )
     if args.steps < 2 or args.steps % 2:
         parser.error(f"--steps {args.steps}: give an even number >= 2 (the resume check saves at half)")
@@ -335,8 +336,10 @@ def run_checks(args: argparse.Namespace, overrides: list[str], workdir: Path) ->
             results += check_parity(args, layout_name(layout), ranks, reference[0])
         if extra:
             scalars = ranks[0]["eval"]
-            results.append(CheckResult(f"evaluation: in training on {layout_name(layout)}", "PASS" if scalars else "FAIL",
-                                       f"logged {', '.join(scalars[0])}" if scalars else "no evaluation ran"))  # fmt: skip
+            results.append(CheckResult(f"evaluation: in training on {layout_name(layout)}",
+                                       "PASS" if scalars else "FAIL",
+                                       f"logged {', '.join(scalars[0])}" if scalars else
+                                       "no evaluation ran"))  # fmt: skip
     if not layouts:
         for check in ("parity", "evaluation"):
             if check in wanted:
@@ -358,8 +361,8 @@ def check_resume(args, runs: Runs, tree: dict, layouts: list, reference: dict) -
     saver = layouts[1] if len(layouts) > 1 else first
     save = {"save": str(Path(tree["checkpoint"]["pretrained"]).parent / "resume_checkpoints"), "keep_last": 1}
     half = args.steps // 2
-    runs.train(with_layout(tree, saver, checkpoint=save, train={"exit_after_steps": half}), saver[0] * saver[1] * saver[2],
-               f"resume save {layout_name(saver)}")  # fmt: skip
+    runs.train(with_layout(tree, saver, checkpoint=save, train={"exit_after_steps": half}),
+               saver[0] * saver[1] * saver[2], f"resume save {layout_name(saver)}")  # fmt: skip
     resumed = runs.train(with_layout(tree, first, checkpoint=save), first[0] * first[1] * first[2],
                          f"resume load {layout_name(first)}")[0]["history"]  # fmt: skip
     name = f"resume: saved on {layout_name(saver)} at step {half}, resumed on {layout_name(first)}"

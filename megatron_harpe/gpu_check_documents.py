@@ -148,7 +148,8 @@ def check_document_masking(args, workdir: Path) -> list[CheckResult]:
     results += [compare("documents: te THD packed = alone", te["packed"], te["alone"], *gpu_tolerance),
                 compare("documents: te THD packed vs cpu", te["packed"], cpu["alone"], *gpu_tolerance)]  # fmt: skip
     mismatches = te["partition_mismatches"]
-    results.append(CheckResult("documents: THD split = TE's thd_get_partitioned_indices", "FAIL" if mismatches else "PASS",
+    results.append(CheckResult("documents: THD split = TE's thd_get_partitioned_indices",
+                               "FAIL" if mismatches else "PASS",
                                f"{mismatches} indices differ (CP 2 and 4, every rank)"))  # fmt: skip
     if args.gpus < 2:
         return results + [CheckResult("documents: te THD context parallel 2", "SKIP", "needs 2 GPUs")]

@@ -314,7 +314,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--runs-dir", default="runs", help="parent of the per-run log directories")
     parser.add_argument("--max-restarts", type=int, default=0, help="torchrun restarts inside one allocation")
     parser.add_argument("--shutdown-timeout", type=int, default=DEFAULT_SHUTDOWN_TIMEOUT,
-                        help="seconds the ranks get to save and exit after SIGTERM before torchrun kills them")  # fmt: skip
+                        help="seconds the ranks get to save and exit after SIGTERM "
+                             "before torchrun kills them")  # fmt: skip
     parser.add_argument("--no-rank-logs", action="store_true", help="do not write per-rank log files")
     parser.add_argument("--print-only", action="store_true", help="print the torchrun command and exit")
     cli.add_common_flags(parser)  # before the '--': they reach the ranks through the environment

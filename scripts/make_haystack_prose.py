@@ -10,8 +10,9 @@ Workshop on Electronic Texts, 1992, a US government work released by Project Gut
 Milton, Paradise Lost, 1667; only the poem, from "Book I" on, one verse paragraph a line).
 The Project Gutenberg header/trailer and preface, tables of contents, addresses and other
 non-prose blocks are dropped; each kept paragraph becomes one line (whitespace collapsed,
-Carroll's `quotes' written with plain apostrophes, list bullets removed). The result is written xz-compressed; the haystack's hash is taken over the
-decompressed text, so it does not depend on the compressor.
+Carroll's `quotes' written with plain apostrophes, list bullets removed). The result is written
+xz-compressed; the haystack's hash is taken over the decompressed text, so it does not depend on
+the compressor.
 """
 
 from __future__ import annotations

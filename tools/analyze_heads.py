@@ -1,4 +1,5 @@
-"""`python tools/analyze_heads.py ...` is `harpe-analyze-heads ...`: the tool lives in megatron_harpe/commands/analyze_heads.py."""
+"""`python tools/analyze_heads.py ...` is `harpe-analyze-heads ...`: the tool lives in
+megatron_harpe/commands/analyze_heads.py."""
 
 import sys
 from pathlib import Path

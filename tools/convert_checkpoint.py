@@ -1,4 +1,5 @@
-"""`python tools/convert_checkpoint.py ...` is `harpe-convert ...`: the tool lives in megatron_harpe/commands/convert_checkpoint.py."""
+"""`python tools/convert_checkpoint.py ...` is `harpe-convert ...`: the tool lives in
+megatron_harpe/commands/convert_checkpoint.py."""
 
 import sys
 from pathlib import Path

@@ -1,4 +1,5 @@
-"""`python tools/plan_memory.py ...` is `harpe-plan-memory ...`: the tool lives in megatron_harpe/commands/plan_memory.py."""
+"""`python tools/plan_memory.py ...` is `harpe-plan-memory ...`: the tool lives in
+megatron_harpe/commands/plan_memory.py."""
 
 import sys
 from pathlib import Path

@@ -1,4 +1,5 @@
-"""`python tools/prepare_data.py ...` is `harpe-prepare-data ...`: the tool lives in megatron_harpe/commands/prepare_data.py."""
+"""`python tools/prepare_data.py ...` is `harpe-prepare-data ...`: the tool lives in
+megatron_harpe/commands/prepare_data.py."""
 
 import sys
 from pathlib import Path

@@ -1,4 +1,5 @@
-"""`python tools/select_bases.py ...` is `harpe-select-bases ...`: the tool lives in megatron_harpe/commands/select_bases.py."""
+"""`python tools/select_bases.py ...` is `harpe-select-bases ...`: the tool lives in
+megatron_harpe/commands/select_bases.py."""
 
 import sys
 from pathlib import Path

@@ -9,7 +9,7 @@ target_length / 131072 (the same ratio of target length to base range):
 |------------------|-------------------------------------------------|-------------------------------|
 | harpe            | per-head bases, peak-valley search in [1e6, 5e6] x r (stride 3e4 x r) | one stage at target |
 | abf              | one base 5e6 x r                                | one stage at target           |
-| abf_multistage   | base 1e6 x r, 2e6 x r, 5e6 x r                  | target/4, /2, /1; tokens split in thirds, batch 4x, 2x, 1x |
+| abf_multistage   | base 1e6 x r, 2e6 x r, 5e6 x r | target/4, /2, /1; tokens split in thirds, batch 4x, 2x, 1x |
 | pi               | base 10000, positions / (target / base_length)  | one stage at target           |
 | none             | base 10000 (unchanged)                          | one stage at target           |
 

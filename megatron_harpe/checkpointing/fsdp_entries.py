@@ -1,7 +1,7 @@
 """Checkpoint entries of an FSDP2-sharded model and its AdamW, as the global tensors an unsharded
 model saves (training/sharding.py shards; checkpointing/checkpoint.py writes and reads).
 
-    entries = model_entries(model)                                  # {"decoder.layers.0...weight": [ShardedTensor, ...]}
+    entries = model_entries(model)  # {"decoder.layers.0...weight": [ShardedTensor, ...]}
     moments = optimizer_entries(model, optimizer, placeholders=None)  # optimizer.state.exp_avg.<key> ...
 
 megatron's `sharded_state_dict()` of a TP-only model says where each TP-local tensor sits in the

@@ -19,7 +19,7 @@ skipped. Writes head_analysis.json (per layer x head: base, mean distance, share
 mass; correlations), distance_vs_base.png and distance_heatmap.png to --output-dir, and prints
 a table per base with the Pearson (log base) / Spearman correlation of base and mean distance.
 Tensor parallelism is supported under torchrun; context parallelism is not (use 1).
-"""
+"""  # noqa: E501 - each example stays on one line in --help (tests/unit/test_cli_vocabulary.py)
 
 from __future__ import annotations
 

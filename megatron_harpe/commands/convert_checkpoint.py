@@ -16,9 +16,10 @@
     # compare logits and greedy continuations of a checkpoint and an HF model
     harpe-convert verify --megatron runs/demo_cpu/checkpoints --hf runs/demo_cpu/hf
 
-(`python tools/convert_checkpoint.py` is the same command.) Runs as one process (no torchrun): checkpoints are loaded at TP=1 whatever their layout.
+(`python tools/convert_checkpoint.py` is the same command.) Runs as one process (no torchrun):
+checkpoints are loaded at TP=1 whatever their layout.
 Exit codes: 0 ok, 1 verification failed, 2 bad input (nothing written).
-"""
+"""  # noqa: E501 - each example stays on one line in --help (tests/unit/test_cli_vocabulary.py)
 
 from __future__ import annotations
 

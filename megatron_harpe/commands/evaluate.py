@@ -22,7 +22,7 @@ sample is kept in samples.jsonl, so an interrupted run keeps its work and --resu
 At the end: results.json, results.md, PNG plots and the Markdown table. Under torchrun (a
 checkpoint sharded with --tensor-parallel / --context-parallel) every rank evaluates and rank 0
 writes the results.
-"""
+"""  # noqa: E501 - each example stays on one line in --help (tests/unit/test_cli_vocabulary.py)
 
 from __future__ import annotations
 

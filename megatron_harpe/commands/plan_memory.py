@@ -25,7 +25,7 @@ attention, MLP, both), full recompute, and the fewest leading layers whose recom
 (`recompute_method: block`); the fastest that fits is recommended, with the `train:` and
 `parallel:` keys that select it. The step time adds to compute the communication compute does not
 hide (TP, CP, the engine's DP x CP traffic over NVLink inside a node and InfiniBand between nodes).
-"""
+"""  # noqa: E501 - each example stays on one line in --help (tests/unit/test_cli_vocabulary.py)
 
 from __future__ import annotations
 
@@ -172,7 +172,8 @@ def describe(cfg: Config, plan: LayoutPlan, hardware: Hardware, backend: str) ->
         + (", sequence parallel" if layout.sequence_parallel else ""),
         f"  engine            {ENGINE}: {layout.data * layout.context} ranks; {memory.precision.name}",
         f"  sharded state     {gib(sum(memory.sharded.values()))}   {memory.parameters / 1e9:.3f}B parameters per TP "
-        f"rank / {layout.data * layout.context}: " + ", ".join(f"{kind} {gib(value).strip()}" for kind, value in memory.sharded.items()),
+        f"rank / {layout.data * layout.context}: "
+        + ", ".join(f"{kind} {gib(value).strip()}" for kind, value in memory.sharded.items()),
         f"  engine buffers    {gib(sum(memory.unit_buffers.values()))}",
     ]  # fmt: skip
     for kind, value in memory.unit_buffers.items():
@@ -297,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     layers = cfg.model.num_layers
     print(
-        f"layouts that fit with the headroom, fastest schedule first ({len(plans)} of them; top {min(args.top, len(plans))}):"
+        f"layouts that fit with the headroom, fastest schedule first ({len(plans)} of them; "
+        f"top {min(args.top, len(plans))}):"
     )
     print(f"  {'#':>2s} {'TP':>3s} {'CP':>3s} {'DP':>3s} {'mbs':>3s} {'recompute':>18s} {'memory/GPU':>11s} "
           f"{'step s':>8s} {'hours':>7s} {'sent/GPU/step':>13s}")  # fmt: skip
@@ -312,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     same = best.layout == layout
     print(f"\nrecommended: #1, {best.step.step_seconds:.1f} s per step ({best.schedule_seconds / 3600:.1f} h in all), "
           f"{gib(best.memory.total).strip()} per GPU with the "
-          f"headroom ({'the config already runs it' if same else 'the config runs another layout'}):\n  {config_keys(best.layout)}")  # fmt: skip
+          f"headroom ({'the config already runs it' if same else 'the config runs another layout'}):\n"
+          f"  {config_keys(best.layout)}")  # fmt: skip
     return 0
 
 

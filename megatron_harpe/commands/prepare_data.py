@@ -23,7 +23,7 @@ PREFIX.idx, PREFIX.summary.json and PREFIX.report.png. Progress (with an ETA) sh
 
 Bad lines (malformed JSON, missing fields, empty text, non-UTF-8 bytes, ids beyond the
 vocabulary) are skipped, printed with file:line and counted; `--strict` stops at the first.
-"""
+"""  # noqa: E501 - each example stays on one line in --help (tests/unit/test_cli_vocabulary.py)
 
 from __future__ import annotations
 
@@ -52,7 +52,9 @@ def _add_input_options(parser: argparse.ArgumentParser, source_default: str | No
     parser.add_argument(
         "--source-key",
         default=source_default,
-        help=f"jsonl field holding the source label, e.g. meta.redpajama_set_name (default: {source_default or 'none'})",
+        help=(
+            f"jsonl field holding the source label, e.g. meta.redpajama_set_name (default: {source_default or 'none'})"
+        ),
     )
     parser.add_argument(
         "--workers", type=int, default=None, help="tokenizer processes (default: all cores; 0 = in this process)"

@@ -13,7 +13,7 @@ coverage score. `--compare` runs every strategy on the same range and ranks them
     harpe-select-bases --compare --heads 32 --target-length 131072 --plot compare.png
 
 (`python tools/select_bases.py` is the same command.)
-"""
+"""  # noqa: E501 - each example stays on one line in --help (tests/unit/test_cli_vocabulary.py)
 
 from __future__ import annotations
 

@@ -169,11 +169,12 @@ def convert_hf_to_megatron(
     progress: bool = False,
 ) -> Path:
     """Convert and return the output directory (`source_name`: what `converted_from` records,
-    default the resolved `hf_dir`; a GGUF conversion names its file, not its temporary directory). Every check (architecture, shards, shapes,
-    TP divisibility, empty output) runs before anything is written; a source weight holding
-    NaN/inf stops the conversion by name (nothing is kept) unless `allow_nonfinite`. `overwrite`
-    replaces an earlier model in `output_dir` once the new one is complete; `progress` draws a
-    bar with an ETA over the bytes of the source weights."""
+    default the resolved `hf_dir`; a GGUF conversion names its file, not its temporary
+    directory). Every check (architecture, shards, shapes, TP divisibility, empty output) runs
+    before anything is written; a source weight holding NaN/inf stops the conversion by name
+    (nothing is kept) unless `allow_nonfinite`. `overwrite` replaces an earlier model in
+    `output_dir` once the new one is complete; `progress` draws a bar with an ETA over the bytes
+    of the source weights."""
     hf = read_hf_config(hf_dir)
     config = build_conversion_config(hf, config_path=config_path, overrides=overrides, tensor_parallel=tensor_parallel)
     weights = HFWeights(hf_dir)

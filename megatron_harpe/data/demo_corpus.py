@@ -80,7 +80,7 @@ def _stdlib_dir() -> Path:
 def _stdlib_modules(stdlib: Path) -> list[tuple[str, Path]]:
     """(dotted module name, path) of stdlib .py files outside the excluded packages, sorted."""
     paths = []
-    for directory, subdirectories, files in os.walk(stdlib):
+    for directory, subdirectories, file_names in os.walk(stdlib):
         relative = Path(directory).relative_to(stdlib)
         # prune before descending: site-packages alone can hold hundreds of thousands of files
         subdirectories[:] = [
@@ -91,7 +91,7 @@ def _stdlib_modules(stdlib: Path) -> list[tuple[str, Path]]:
         ]
         paths += [
             Path(directory) / name
-            for name in files
+            for name in file_names
             if name.endswith(".py") and not (relative == Path(".") and name in _EXCLUDED_TOP_LEVEL)
         ]
     modules = []

@@ -69,7 +69,10 @@ def same_tokenizer(first: dict[str, Any], second: dict[str, Any]) -> bool:
 
 
 def describe_tokenizer(identity: dict[str, Any]) -> str:
-    return f"{identity.get('path', '?')} (sha256 {str(identity.get('sha256', '?'))[:12]}, {identity.get('vocab_size', '?')} tokens)"
+    return (
+        f"{identity.get('path', '?')} (sha256 {str(identity.get('sha256', '?'))[:12]}, "
+        f"{identity.get('vocab_size', '?')} tokens)"
+    )
 
 
 def file_identity(prefix: str | Path) -> dict[str, int]:
@@ -158,9 +161,9 @@ def check_training_data(
         recorded = (summary or {}).get("tokenizer_identity")
         if expected is not None and isinstance(recorded, dict) and not same_tokenizer(recorded, expected):
             raise ValueError(
-                f"data.prefixes[{index}]={prefix} was tokenized with {describe_tokenizer(recorded)}, but data.tokenizer "
-                f"is {describe_tokenizer(expected)}: tokenize the data again with data.tokenizer, or set data.tokenizer "
-                "to the tokenizer that made it"
+                f"data.prefixes[{index}]={prefix} was tokenized with {describe_tokenizer(recorded)}, "
+                f"but data.tokenizer is {describe_tokenizer(expected)}: tokenize the data again with "
+                "data.tokenizer, or set data.tokenizer to the tokenizer that made it"
             )
         if expected is not None and not isinstance(recorded, dict):
             notes.append(

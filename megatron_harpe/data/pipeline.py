@@ -316,7 +316,8 @@ def tokenize_corpus(
         limit = vocab_size or loaded.vocab_size
         if limit < loaded.vocab_size:
             print(
-                f"note: ids >= --vocab-size {limit} (tokenizer has {loaded.vocab_size}) are reported as out of vocabulary"
+                f"note: ids >= --vocab-size {limit} (tokenizer has {loaded.vocab_size}) "
+                "are reported as out of vocabulary"
             )
         options = EncodeOptions(
             fields=fields, tokenizer_path=loaded.path, add_bos=add_bos, add_eos=add_eos, vocab_limit=limit

@@ -49,7 +49,8 @@ def evaluate_during_training(cfg, model, step: int, seq_length: int) -> dict[str
     backend = MegatronBackend(model, cfg, load_tokenizer_any(cfg.data.tokenizer), f"step {step}", generation=True)
     try:
         results = run_eval_suite(backend, cfg.eval.tasks, eval_lengths(cfg, seq_length), cfg.eval.samples,
-                                 seed=cfg.train.seed, max_new_tokens=cfg.eval.max_new_tokens, progress=False)  # fmt: skip
+                                 seed=cfg.train.seed, max_new_tokens=cfg.eval.max_new_tokens,
+                                 progress=False)  # fmt: skip
     finally:
         model.train()
     return {name.removeprefix("eval/"): value for name, value in scalars_for_logging(results).items()}

@@ -74,8 +74,8 @@ def _read_jsonl_texts(path: str, text_key: str) -> Iterator[str]:
             record = json.loads(line)
             if text_key not in record:
                 raise ValueError(
-                    f"{path}:{line_number} has no {text_key!r} field: choose the text field with the tool's text-key option "
-                    f"with one of {sorted(record)}"
+                    f"{path}:{line_number} has no {text_key!r} field: choose the text field with the tool's "
+                    f"text-key option with one of {sorted(record)}"
                 )
             yield record[text_key]
 

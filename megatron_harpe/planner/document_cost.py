@@ -154,7 +154,8 @@ def document_masking_lines(cfg: Config, cp: int, tp: int) -> list[str]:
                 "(data.reset_attention_mask: true masks them, see docs/document-masking.md)"]  # fmt: skip
     cost = document_cost(cfg, cp, tp)
     te = cfg.model.attention_backend == "te"
-    how = ("Transformer Engine THD (cu_seqlens per document" + (f", each padded to a multiple of {2 * cp})" if cp > 1 else ")")
+    how = ("Transformer Engine THD (cu_seqlens per document"
+           + (f", each padded to a multiple of {2 * cp})" if cp > 1 else ")")
            if te else f"sdpa block-diagonal causal runs (no padding, no [S, S] mask; documents under {_tile()} "
            f"tokens merged into calls with at most a {_tile()} x {_tile()} block mask)")  # fmt: skip
     positions = "restart per document" if data.reset_position_ids else "run on (attention is masked: the same logits)"

@@ -86,7 +86,8 @@ def headroom(figures: Headroom, tensor: int, context: int, data: int, tensor_byt
         "CUDA context, kernels, library workspaces": int(figures.cuda_context_gib * GIB),
         f"NCCL buffers ({len(groups)} communicators: {', '.join(groups) or 'none'})":
             int(len(groups) * figures.nccl_gib_per_group * GIB),
-        f"allocator fragmentation ({figures.fragmentation:.0%} of the tensors)": int(figures.fragmentation * tensor_bytes),
+        f"allocator fragmentation ({figures.fragmentation:.0%} of the tensors)":
+            int(figures.fragmentation * tensor_bytes),
     }  # fmt: skip
 
 

@@ -108,7 +108,8 @@ class Layout:
     def train_keys(self) -> TrainConfig:
         """The `train.recompute*` keys of this layout (validated like a config's)."""
         return TrainConfig(recompute=self.recompute, recompute_method=self.recompute_method,
-                           recompute_num_layers=self.recompute_num_layers, recompute_modules=list(self.recompute_modules))  # fmt: skip
+                           recompute_num_layers=self.recompute_num_layers,
+                           recompute_modules=list(self.recompute_modules))  # fmt: skip
 
     def recomputed_layers(self, num_layers: int) -> int:
         return self.train_keys().recomputed_layers(num_layers)
@@ -317,7 +318,8 @@ def transient_buffers(
     if e < 4:
         buffers["logits before fp32 loss"] = s * b * (model.vocab_size // tp) * e
     layer = {kind: value for kind, value in activation_breakdown(cfg, dataclasses.replace(layout, recompute="none"),
-             seq_length, position, element_bytes, backend).items() if kind not in ("final norm", "logits (fp32 softmax)", "document block masks")}  # fmt: skip
+             seq_length, position, element_bytes, backend).items()
+             if kind not in ("final norm", "logits (fp32 softmax)", "document block masks")}  # fmt: skip
     buffers["one layer's backward (gradients of its activations)"] = sum(layer.values()) // model.num_layers
     return buffers
 
@@ -353,8 +355,9 @@ def unit_parameters(cfg: Config, tp: int) -> tuple[int, int]:
     return layer, total - model.num_layers * layer
 
 
-def estimate_memory(cfg: Config, layout: Layout, precision: Precision | None = None, *, stage: StageConfig | None = None,
-                    backend: str | None = None, device: str = "gpu", hardware: Hardware | None = None) -> MemoryEstimate:  # fmt: skip
+def estimate_memory(cfg: Config, layout: Layout, precision: Precision | None = None, *,
+                    stage: StageConfig | None = None, backend: str | None = None, device: str = "gpu",
+                    hardware: Hardware | None = None) -> MemoryEstimate:  # fmt: skip
     """Peak memory of one rank: the engine's sharded state and unsharded units, one micro-batch of
     activations, rotary tables, the largest transient buffer (an upper bound: gradients fill up
     while activations drain during backward), and on GPUs the headroom of `hardware`."""
@@ -371,7 +374,8 @@ def estimate_memory(cfg: Config, layout: Layout, precision: Precision | None = N
 
     breakdown = activations_with()
     by_recompute = {"none": sum(activations_with(recompute="none").values()),
-                    "full": sum(activations_with(recompute="full", recompute_method="uniform", recompute_num_layers=None).values()),
+                    "full": sum(activations_with(recompute="full", recompute_method="uniform",
+                                                 recompute_num_layers=None).values()),
                     layout.recompute_label(cfg.model.num_layers): sum(breakdown.values())}  # fmt: skip
     memory = MemoryEstimate(
         layout=layout,
@@ -459,7 +463,7 @@ def estimate_step(cfg: Config, layout: Layout, hardware: Hardware, precision: Pr
     precision = precision or trainer_precision(cfg)
     stage = stage or longest_stage(cfg)
     backend = backend or cfg.model.attention_backend
-    seq_length, model = stage.seq_length, cfg.model
+    seq_length = stage.seq_length
     attention = forward_flops_per_token(cfg, seq_length)[1]
     model_flops = model_flops_per_token(cfg, seq_length)
     extra = recompute_flops_per_token(cfg, layout, seq_length)
@@ -563,7 +567,8 @@ def rank_layouts(cfg: Config, hardware: Hardware, gpus: int, precision: Precisio
     layers = cfg.model.num_layers
 
     def plan(layout: Layout) -> LayoutPlan:
-        return LayoutPlan(layout, estimate_memory(cfg, layout, precision, backend=backend, device=device, hardware=hardware),
+        return LayoutPlan(layout,
+                          estimate_memory(cfg, layout, precision, backend=backend, device=device, hardware=hardware),
                           estimate_step(cfg, layout, hardware, precision, backend=backend))  # fmt: skip
 
     plans = []

@@ -78,8 +78,9 @@ def execution_lines(cfg: Config, tp: int, cp: int, dp: int) -> list[str]:
     return [
         f"attention: {attention}; sequence parallel {'on' if parallel.sequence_parallel else 'off'}",
         f"precision: {precision}",
-        f"sharding engine: {ENGINE}, {dp * cp} ranks: fp32 weights, gradients and AdamW moments sharded; each layer "
-        f"all-gathered in {gathered} for forward and backward, its gradients reduce-scattered in fp32 every micro-batch",
+        f"sharding engine: {ENGINE}, {dp * cp} ranks: fp32 weights, gradients and AdamW moments sharded; "
+        f"each layer all-gathered in {gathered} for forward and backward, its gradients reduce-scattered "
+        "in fp32 every micro-batch",
         f"recompute: {layout.recompute_label(model.num_layers)} (megatron-core's; train.recompute*)",
         f"per GPU (tools/plan_memory.py for the rest): sharded state {sum(memory.sharded.values()) / GIB:.2f} GiB, "
         f"activations {memory.activations / GIB:.2f} GiB, {memory.total / GIB:.1f} GiB in all with the headroom "

@@ -11,7 +11,8 @@ config (`position.strategy`) and by `tools/select_bases.py`:
     constant     one value for every head (ABF as a degenerate HARPE)
     explicit     a given list, checked for length and positivity
 
-    python -c "from megatron_harpe.position.bases import select_bases; print(select_bases('uniform', 4, base_min=1e4, base_max=1e5))"
+    python -c "from megatron_harpe.position.bases import select_bases; \\
+        print(select_bases('uniform', 4, base_min=1e4, base_max=1e5))"
 """
 
 from __future__ import annotations

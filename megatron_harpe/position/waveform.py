@@ -26,7 +26,8 @@ mean over distances 0..max_distance (the smoothing grid) of the spread of the sm
 waveforms across heads, `max_h A_h(D) - min_h A_h(D)`, divided by `A(0) = sqrt(d)`. It is
 0 when all heads share one base and grows as heads complement each other at every distance.
 
-    python -c "from megatron_harpe.position.waveform import attention_waveform; print(attention_waveform(1e6, 128, [0, 1, 4096]))"
+    python -c "from megatron_harpe.position.waveform import attention_waveform; \\
+        print(attention_waveform(1e6, 128, [0, 1, 4096]))"
 """
 
 from __future__ import annotations

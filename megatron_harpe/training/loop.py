@@ -164,7 +164,8 @@ def _train(cfg: Config, ctx: ParallelContext, log, guard: CollectiveGuard,
                     exiting = stop_file or stop_signal
             if exiting:
                 reason = (f"{signals.name(stop_signal)} received" if stop_signal else
-                          f"{cfg.checkpoint.stop_file} appeared" if stop_file else "train.exit_after_steps")  # fmt: skip
+                          f"{cfg.checkpoint.stop_file} appeared" if stop_file else
+                          "train.exit_after_steps")  # fmt: skip
                 log(
                     f"stopping after step {state.iteration} ({reason})"
                     + ("; the next launch resumes" if cfg.checkpoint.save else "; no checkpoint.save, nothing saved")

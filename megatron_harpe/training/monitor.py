@@ -1,9 +1,10 @@
 """Watching a training run: periodic log lines, TensorBoard scalars and the NaN/inf policy.
 
 `TrainingMonitor` is driven by the loop once per optimizer step. It measures the wall time
-between consecutive calls itself, and every `log_every` steps (and at the last step) prints::
+between consecutive calls itself, and every `log_every` steps (and at the last step) prints (one line, wrapped here)::
 
-    step 120/5000 | loss 2.3456 | lr 1.50e-05 | grad norm 0.812 | 12,345 tok/s | MFU 41.2% | peak mem 61.3 GiB | elapsed 0:12:34 | left 8:19:10
+    step 120/5000 | loss 2.3456 | lr 1.50e-05 | grad norm 0.812 | 12,345 tok/s | MFU 41.2% |
+    peak mem 61.3 GiB | elapsed 0:12:34 | left 8:19:10
 
 tokens/s covers the steps since the previous line; "left" (ETA) is the mean duration of the
 last `eta_window` steps times the steps remaining, so a slow first step (warm-up, allocator)

@@ -149,8 +149,8 @@ def test_evaluate_cli_gives_the_same_scores_on_both_backends(checkpoints, tmp_pa
     hf_dir, megatron_dir = f"{checkpoints}/harpe/hf", f"{checkpoints}/harpe/megatron"
     runs = {
         "hf": _run_tool("--model", hf_dir, "--trust-remote-code", "--output-dir", str(tmp_path / "hf"), *common),
-        "megatron": _run_tool("--model", megatron_dir, "--tokenizer", hf_dir, "--output-dir", str(tmp_path / "megatron"),
-                              *common),
+        "megatron": _run_tool("--model", megatron_dir, "--tokenizer", hf_dir,
+                              "--output-dir", str(tmp_path / "megatron"), *common),
     }  # fmt: skip
     results, outputs = {}, {}
     for backend, completed in runs.items():

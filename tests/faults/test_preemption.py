@@ -53,8 +53,8 @@ def _steps(log: str) -> dict[int, str]:
 @pytest.fixture(scope="module")
 def reference(demo_data) -> dict[int, str]:
     """The losses, learning rates and gradient norms of a run that is never stopped."""
-    result = subprocess.run(_command(demo_data, "null"), cwd=REPO, env=environment(PYTHONUNBUFFERED="1"), capture_output=True, text=True,
-                            timeout=600)  # fmt: skip
+    result = subprocess.run(_command(demo_data, "null"), cwd=REPO, env=environment(PYTHONUNBUFFERED="1"),
+                            capture_output=True, text=True, timeout=600)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     steps = _steps(result.stdout)
     assert sorted(steps) == list(range(1, STEPS + 1))
@@ -63,8 +63,8 @@ def reference(demo_data) -> dict[int, str]:
 
 def _interrupt(command: list[str], after_step: int, every_process: bool) -> tuple[int, str]:
     """Start the run, SIGTERM it once step `after_step` is logged; returns (exit code, output)."""
-    run = subprocess.Popen(command, cwd=REPO, env=environment(PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                           text=True, start_new_session=True)  # fmt: skip
+    run = subprocess.Popen(command, cwd=REPO, env=environment(PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
     output = []
     for line in run.stdout:
         output.append(line)
@@ -189,7 +189,10 @@ def test_a_rank_saving_after_sigterm_outlives_its_launcher(tmp_path):
             time.sleep(2)  # the save, during which the launcher dies
             open(sys.argv[1], "w").close()
     """)
-    launcher = f"import subprocess, sys, time\nsubprocess.Popen([sys.executable, '-c', {worker!r}, sys.argv[1]])\ntime.sleep(120)"
+    launcher = (
+        f"import subprocess, sys, time\nsubprocess.Popen([sys.executable, '-c', {worker!r}, sys.argv[1]])\n"
+        "time.sleep(120)"
+    )
     log, saved = tmp_path / "worker.log", tmp_path / "saved"
     with open(log, "w") as out:
         process = subprocess.Popen([sys.executable, "-c", launcher, str(saved)], stdout=out, stderr=subprocess.STDOUT,

@@ -48,7 +48,10 @@ def unavailable_reason() -> str | None:
     try:
         socket.gethostbyname(host)
     except OSError:
-        return f"this host's name {host!r} does not resolve (the launcher's rendezvous uses node names): add it to /etc/hosts"
+        return (
+            f"this host's name {host!r} does not resolve (the launcher's rendezvous uses node names): "
+            "add it to /etc/hosts"
+        )
     return None
 
 
@@ -68,8 +71,9 @@ def _node_line() -> tuple[str, str]:
     """This host's node name and hardware as slurmd detects them (`slurmd -C`)."""
     detected = subprocess.run(["slurmd", "-C"], capture_output=True, text=True, check=True).stdout.splitlines()[0]
     fields = dict(item.split("=", 1) for item in detected.split())
-    hardware = " ".join(f"{key}={fields[key]}" for key in
-                        ("CPUs", "Boards", "SocketsPerBoard", "CoresPerSocket", "ThreadsPerCore") if key in fields)  # fmt: skip
+    hardware = " ".join(f"{key}={fields[key]}"
+                        for key in ("CPUs", "Boards", "SocketsPerBoard", "CoresPerSocket", "ThreadsPerCore")
+                        if key in fields)  # fmt: skip
     return fields["NodeName"], hardware
 
 
@@ -206,7 +210,8 @@ def start(root: Path | None = None, kill_wait: int = KILL_WAIT) -> LocalSlurm:
         for name, command in commands.items():
             output = open(root / "log" / f"{name}.stdout", "wb")  # noqa: SIM115 - the daemon keeps it
             cluster.processes[name] = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT,
-                                                       stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)  # fmt: skip
+                                                       stdin=subprocess.DEVNULL,
+                                                       preexec_fn=_die_with_parent)  # fmt: skip
             if name == "munged":
                 _wait_for(root / "munge" / "munge.socket", cluster)
         cluster.wait_until_ready()

@@ -77,7 +77,8 @@ class Slurm:
     def job_env(self, **extra: str) -> dict[str, str]:
         """The submitting shell's environment: sbatch exports it to the job."""
         env = {key: value for key, value in self.env.items()
-               if not key.startswith(("MEGATRON_HARPE_", "TORCHELASTIC", "PYTEST")) and key not in ("RANK", "WORLD_SIZE")}  # fmt: skip
+               if not key.startswith(("MEGATRON_HARPE_", "TORCHELASTIC", "PYTEST"))
+               and key not in ("RANK", "WORLD_SIZE")}  # fmt: skip
         env.update(PYTHON=sys.executable, GPUS_PER_NODE="2", OMP_NUM_THREADS="1", **extra)
         return env
 
@@ -113,7 +114,8 @@ class Job:
         while not condition(self):
             if time.monotonic() > deadline:
                 raise AssertionError(f"job {self.id}: {what} did not happen within {timeout:g} s; "
-                                     f"{self.info()}\n--- {log}\n{self.output(log)[-5000:]}\n{self.slurm.describe()}")  # fmt: skip
+                                     f"{self.info()}\n--- {log}\n{self.output(log)[-5000:]}\n"
+                                     f"{self.slurm.describe()}")  # fmt: skip
             time.sleep(0.5)
 
     def wait_for_line(self, log: str, text: str, timeout: float = 300) -> None:

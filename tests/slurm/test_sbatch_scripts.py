@@ -39,7 +39,8 @@ def test_train_sbatch_trains_checkpoints_and_logs_where_it_says(uninterrupted) -
 def test_a_wrong_config_fails_the_job_with_one_line(slurm, demo_data, tmp_path) -> None:
     workdir = submit_dir(tmp_path)
     job = slurm.submit(workdir, "scripts/slurm/train.sbatch",
-                       ["configs/demo_cpu.yaml", *tiny_demo_args(demo_data, workdir / "ckpt"), "--parallel.tensor", "3"])  # fmt: skip
+                       ["configs/demo_cpu.yaml", *tiny_demo_args(demo_data, workdir / "ckpt"),
+                        "--parallel.tensor", "3"])  # fmt: skip
     log = f"slurm-harpe-{job.id}.out"
     info = job.wait_until_finished(log)
     output = job.output(log)
@@ -55,7 +56,8 @@ def test_7b_script_on_the_demo_saves_on_usr1_requeues_and_resumes_exactly(slurm,
     sends the same thing now. The script makes the trainer save through its stop file and requeues
     the job; the requeued job resumes from that step."""
     workdir = submit_dir(tmp_path)
-    job = slurm.submit(workdir, "scripts/slurm/llama2_7b_128k_harpe.sbatch", tiny_demo_args(demo_data, workdir / "ckpt"),
+    job = slurm.submit(workdir, "scripts/slurm/llama2_7b_128k_harpe.sbatch",
+                       tiny_demo_args(demo_data, workdir / "ckpt"),
                        options=["--nodes=1"], HARPE_CONFIG="configs/demo_cpu.yaml")  # fmt: skip
     log = f"slurm-llama2_7b_128k_harpe-{job.id}.out"  # where the script's --output says
     job.wait_for_line(log, "step 3/")
@@ -88,7 +90,8 @@ TWO_NODES = """#!/usr/bin/env bash
 set -euo pipefail
 srun --ntasks=2 --gpus-per-node=2 bash -c 'export SLURM_NNODES=2 SLURM_NODEID=$SLURM_PROCID \\
     SLURM_JOB_NODELIST="$SLURMD_NODENAME,$SLURMD_NODENAME" CUDA_VISIBLE_DEVICES=$SLURM_LOCALID
-  exec "$PYTHON" -m megatron_harpe.launch --nproc-per-node 1 -- pretrain_harpe.py --config configs/demo_cpu.yaml "$@"' \\
+  exec "$PYTHON" -m megatron_harpe.launch --nproc-per-node 1 -- \
+pretrain_harpe.py --config configs/demo_cpu.yaml "$@"' \\
   two-nodes "$@"
 """
 

@@ -422,7 +422,10 @@ def test_extraction_joins_continuations_and_finds_inline_commands():
     "text, complaint",
     [
         (
-            "python tools/convert_checkpoint.py hf-to-megatron --input hf --output ckpt --position configs/demo_cpu.yaml",
+            (
+                "python tools/convert_checkpoint.py hf-to-megatron --input hf --output ckpt "
+                "--position configs/demo_cpu.yaml"
+            ),
             "unrecognised argument",
         ),  # the README's old step 1: the flag is --config
         (

@@ -199,20 +199,14 @@ def test_vt_prompt_equals_rulers(tokenizer, template):
     )
     assert sample.prompt == main[:cutoff] + " " + icl_example + "\n\n" + main[cutoff:]
     assert sample.answers == [statement.split()[1] for statement in draw["statements"]]
+
     # RULER sizes the example in steps of 5 paragraphs: prompt + its answer list + 30 tokens within 500
-    probe = lambda n: (
-        len(
-            tokenizer.encode(
-                icl_template.format(  # noqa: E731
-                    context=ruler_vt_context(draw["example_statements"], n, [0] * 5),
-                    query=draw["example_value"],
-                    num_v=5,
-                )
-                + f" {draw['example_names']}"
-            )
+    def probe(n: int) -> int:
+        example = icl_template.format(
+            context=ruler_vt_context(draw["example_statements"], n, [0] * 5), query=draw["example_value"], num_v=5
         )
-        + 30
-    )
+        return len(tokenizer.encode(example + f" {draw['example_names']}")) + 30
+
     assert draw["example_noises"] % 5 == 0 and probe(draw["example_noises"]) <= 500 < probe(draw["example_noises"] + 5)
     if template == "base":
         assert " in the text Answer: According to" in sample.prompt  # RULER's example lost its "above."

@@ -44,8 +44,10 @@ def test_arguments(capsys):
     args, overrides = parse_args(["--device", "cpu", "--train.recompute", "full"])
     assert (args.device, args.gpus, args.steps, args.seq, args.layers) == ("cpu", 4, 6, 256, 2)
     assert overrides == ["train.recompute=full"]
-    for bad, message in ((["--device", "cpu", "--steps", "3"], "even number"), (["--device", "cpu", "--gpus", "5"], "between 1 and"),
-                         (["--only", "speed"], "invalid choice"), (["--device", "cpu", "oops"], "unrecognised argument")):  # fmt: skip
+    for bad, message in ((["--device", "cpu", "--steps", "3"], "even number"),
+                         (["--device", "cpu", "--gpus", "5"], "between 1 and"),
+                         (["--only", "speed"], "invalid choice"),
+                         (["--device", "cpu", "oops"], "unrecognised argument")):  # fmt: skip
         with pytest.raises(SystemExit):
             parse_args(bad)
         assert message in capsys.readouterr().err
@@ -123,8 +125,9 @@ def test_help_lists_the_preset_path_checks():
     out = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), "--help"], capture_output=True, text=True,
                          env=env, check=True).stdout  # fmt: skip
     for words in ("preset's own training path", "parallel:", "sequence parallelism", "p2p ring", "recompute",
-                  "sharding engine", "TP4 x CP2 and\nTP2 x CP2 x DP2", "parity <layout>", "resume", "in-training evaluation",
-                  "memory <layout>", "planner", "throughput <layout>", "documents: packed", "Tolerances, bf16", "--device cpu"):  # fmt: skip
+                  "sharding engine", "TP4 x CP2 and\nTP2 x CP2 x DP2", "parity <layout>", "resume",
+                  "in-training evaluation", "memory <layout>", "planner", "throughput <layout>", "documents: packed",
+                  "Tolerances, bf16", "--device cpu"):  # fmt: skip
         assert words in out, words
 
 
@@ -133,7 +136,8 @@ def test_help_lists_the_preset_path_checks():
 def test_the_whole_check_runs_on_cpu(tmp_path, capsys):
     """The preset's path at tiny widths on 4 gloo processes, with a partial recompute on top."""
     code = gpu_check.main(["--device", "cpu", "--steps", "4", "--workdir", str(tmp_path),
-                           "--train.recompute", "full", "--train.recompute_method", "block", "--train.recompute_num_layers", "1"])  # fmt: skip
+                           "--train.recompute", "full", "--train.recompute_method", "block",
+                           "--train.recompute_num_layers", "1"])  # fmt: skip
     out = capsys.readouterr().out
     assert code == 0, out
     for row in ("logits: equal bases = stock RoPE (cpu)", "logits: sdpa on cpu vs cpu", "reference: TP1 x CP1",

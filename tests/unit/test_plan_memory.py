@@ -129,11 +129,13 @@ def test_communication_of_the_paper_layout(preset) -> None:
     step = estimate_step(preset, layout, Hardware())
     items = {item.dimension + ":" + item.what.split(",")[0]: item for item in step.communication}
     compute = 32 * 131072 * 142_721_679_360 / (32 * 989e12 * 0.4)
-    # TP: 2 all-gathers + 2 reduce-scatters of s*h*e per layer and pass, 3/4 of it sent, 2 passes, 32 layers x 16 micro-batches
+    # TP: 2 all-gathers + 2 reduce-scatters of s*h*e per layer and pass, 3/4 of it sent, 2 passes,
+    # 32 layers x 16 micro-batches
     tensor = items["tensor:layer outputs"]
     assert tensor.sent_bytes == 2 * 4 * 0.75 * 32768 * 4096 * 2 * 32 * 16 == 768 * GIB
     assert tensor.link == "nvlink" and tensor.exposed_seconds == pytest.approx(768 * GIB / 360e9)
-    # CP p2p: 3 ring steps of local k/v (2 x 32768 x 8 heads x 128 x 2 B) per layer, 3 rounds (forward, backward k/v + grads)
+    # CP p2p: 3 ring steps of local k/v (2 x 32768 x 8 heads x 128 x 2 B) per layer, 3 rounds
+    # (forward, backward k/v + grads)
     context = items["context:k/v ring (p2p)"]
     assert context.sent_bytes == 3 * 3 * 2 * 32768 * 8 * 128 * 2 * 32 * 16 == 576 * GIB
     assert context.link == "infiniband" and context.seconds == pytest.approx(576 * GIB / 40e9)
@@ -267,7 +269,8 @@ def test_partial_recompute_is_the_fewest_layers_that_fit(preset) -> None:
     layers (block) whose recompute makes it fit, and one fewer does not fit."""
     hardware = Hardware(memory_gib=56)
     plans = [plan for plan in rank_layouts(preset, hardware, gpus=32)
-             if (plan.layout.tensor, plan.layout.context) == (4, 4) and plan.layout.recompute_method == "block"]  # fmt: skip
+             if (plan.layout.tensor, plan.layout.context) == (4, 4)
+             and plan.layout.recompute_method == "block"]  # fmt: skip
     (block,) = plans
     fewer = dataclasses.replace(block.layout, recompute_num_layers=block.layout.recompute_num_layers - 1)
     assert not estimate_memory(preset, fewer, hardware=hardware).total <= 56 * GIB

@@ -159,13 +159,16 @@ COMMON = dict(
     max_position_embeddings=64,
 )
 MODELS = {
-    "llama_abf": lambda: LlamaForCausalLM(LlamaConfig(**COMMON, rope_parameters={"rope_type": "default", "rope_theta": 500.0})),
+    "llama_abf": lambda: LlamaForCausalLM(LlamaConfig(
+        **COMMON, rope_parameters={"rope_type": "default", "rope_theta": 500.0})),
     "llama_pi": lambda: LlamaForCausalLM(LlamaConfig(
         **COMMON, rope_parameters={"rope_type": "linear", "rope_theta": 100.0, "factor": 4.0})),
     "llama_yarn": lambda: LlamaForCausalLM(LlamaConfig(**COMMON, rope_parameters={
         "rope_type": "yarn", "rope_theta": 100.0, "factor": 4.0, "original_max_position_embeddings": 16})),
-    "harpe_per_group": lambda: HarpeLlamaForCausalLM(HarpeLlamaConfig(**COMMON, rope_bases=[10.0, 10.0, 3000.0, 3000.0])),
-    "harpe_per_query_head": lambda: HarpeLlamaForCausalLM(HarpeLlamaConfig(**COMMON, rope_bases=[10.0, 200.0, 3000.0, 9e4])),
+    "harpe_per_group": lambda: HarpeLlamaForCausalLM(HarpeLlamaConfig(
+        **COMMON, rope_bases=[10.0, 10.0, 3000.0, 3000.0])),
+    "harpe_per_query_head": lambda: HarpeLlamaForCausalLM(HarpeLlamaConfig(
+        **COMMON, rope_bases=[10.0, 200.0, 3000.0, 9e4])),
     "mistral": lambda: MistralForCausalLM(MistralConfig(**COMMON, sliding_window=None)),
 }  # fmt: skip
 IDS = torch.randint(0, 64, (1, 18), generator=torch.Generator().manual_seed(11))

@@ -65,7 +65,8 @@ def check_transformers_version(installed: str | None = None) -> None:
     if not is_supported(installed):
         raise UnsupportedTransformersVersion(
             f"this HARPE model (per-head RoPE bases) does not run correctly on transformers {installed}; supported: "
-            f"transformers {supported_range()}. Install one, e.g. pip install 'transformers=={TRANSFORMERS_TESTED_UP_TO}'"
+            f"transformers {supported_range()}. Install one, e.g. "
+            f"pip install 'transformers=={TRANSFORMERS_TESTED_UP_TO}'"
         )
     if version.release[:2] > Version(TRANSFORMERS_TESTED_UP_TO).release[:2]:  # a newer minor release
         warnings.warn(

@@ -47,7 +47,8 @@ CWE_ANSWER_BUDGET = 120
 CWE_COMMON_WORDS = 10
 CWE_TEMPLATE = (
     "Below is a numbered list of words. In these words, some appear more often than others. "
-    "Memorize the ones that appear most often.\n{context}\nQuestion: What are the 10 most common words in the above list?"
+    "Memorize the ones that appear most often.\n{context}\n"
+    "Question: What are the 10 most common words in the above list?"
 )
 CWE_ANSWER_PREFIX = " Answer: The top 10 words that appear most often in the list are:"
 
