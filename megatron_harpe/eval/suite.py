@@ -35,6 +35,7 @@ from typing import Any, Callable
 
 from tqdm import tqdm
 
+from megatron_harpe import cli
 from megatron_harpe.eval.backends.base import ModelBackend, Tokenizer
 from megatron_harpe.eval.cells import DEFAULT_GRID_DEPTHS, CellPlan, first_sample_or_build, plan_cells
 from megatron_harpe.eval.perplexity import DEFAULT_STRIDE, perplexity_by_length
@@ -305,12 +306,12 @@ def run_eval_suite(
         results["self_extend"] = backend.self_extend.as_dict()
     if setup.skipped:
         results["skipped"] = setup.skipped
-        if progress:
-            print(
-                f"note: {', '.join(setup.skipped)} skipped ({'; '.join(setup.skipped.values())}): the headline is "
-                "not RULER-13",
-                file=sys.stderr,
-            )
+        note = (
+            f"note: {', '.join(setup.skipped)} skipped ({'; '.join(setup.skipped.values())}): the headline is "
+            "not RULER-13"
+        )
+        if progress or (announce is not None and cli.is_rank_zero()):  # said with or without a progress bar
+            print(note, file=sys.stderr)
     plan = setup.plan
     if plan.unfit:
         results["unfit_cells"] = {}
