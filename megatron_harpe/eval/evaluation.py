@@ -19,6 +19,7 @@ Under torchrun every rank computes; rank 0 writes and prints.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 from typing import Any
@@ -59,7 +60,19 @@ def option_errors(args: Any) -> str | None:
 
 
 def run_evaluation(args: Any) -> dict[str, Any]:
-    """Run what `args` asks for (see the module docstring); returns the results written."""
+    """Run what `args` asks for (see the module docstring); returns the results written. A run
+    that fails leaves no empty output directory behind (the preflight creates it to probe it)."""
+    existed = os.path.isdir(args.output_dir)
+    try:
+        return _run_evaluation(args)
+    except BaseException:
+        if not existed and cli.is_rank_zero():
+            with contextlib.suppress(OSError):  # not empty (something was written), or already gone
+                os.rmdir(args.output_dir)
+        raise
+
+
+def _run_evaluation(args: Any) -> dict[str, Any]:
     from megatron_harpe.eval.report import write_report
 
     problem = option_errors(args)

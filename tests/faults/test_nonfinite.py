@@ -154,7 +154,7 @@ def test_evaluate_refuses_nan_weights(nan_checkpoint, demo_data, tmp_path: Path)
     assert completed.returncode == 2, completed.stderr
     (line,) = error_lines(completed.stderr)
     assert line.startswith(f"error: model {nan_checkpoint} holds non-finite weights: {POISONED} (5 NaN/inf of 64)")
-    assert not (tmp_path / "eval").exists() or not any((tmp_path / "eval").iterdir())  # the preflight's empty dir
+    assert not (tmp_path / "eval").exists()
 
 
 def _train(tree: dict) -> dict:
