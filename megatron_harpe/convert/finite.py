@@ -19,6 +19,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 FLAG = "--allow-nonfinite"
+_CHUNK_ELEMENTS = 1 << 20
 _LISTED = 4
 
 
@@ -33,7 +34,11 @@ def count_nonfinite(tensor: torch.Tensor) -> int:
         tensor = tensor.to_local()
     if not (tensor.is_floating_point() or tensor.is_complex()):
         return 0
-    return int(tensor.numel() - torch.isfinite(tensor).sum().item())
+    # in chunks: torch.isfinite makes temporaries as large as its input (|x| and two masks), which
+    # would double the peak memory of a conversion that otherwise holds one weight at a time
+    flat = tensor.reshape(-1)
+    finite = sum(int(torch.isfinite(chunk).sum().item()) for chunk in flat.split(_CHUNK_ELEMENTS))
+    return flat.numel() - finite
 
 
 def nonfinite_counts(named: Iterable[tuple[str, torch.Tensor]]) -> dict[str, tuple[int, int]]:
