@@ -30,6 +30,7 @@ def run_sweep(output: Path, workdir: Path) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=environment, timeout=600)
 
 
+@pytest.mark.slow  # ~100 s; the replication smoke run stays in the default suite
 def test_smoke_sweep_trains_every_cell_reports_and_resumes(tmp_path):
     from sweep import SMOKE_SWEEP
 

@@ -60,6 +60,7 @@ def test_requeue_and_scancel_without_warning_save_and_resume_exactly(slurm, demo
     assert_same_training(steps, uninterrupted.steps, slurm.tolerance)
 
 
+@pytest.mark.slow  # ~90 s; requeue/scancel and the USR1 warning stay in the default suite
 def test_time_limit_without_warning_loses_no_finished_step(slurm, demo_data, tmp_path) -> None:
     workdir = submit_dir(tmp_path)
     args = ["configs/demo_cpu.yaml", *tiny_demo_args(demo_data, workdir / "ckpt", steps=20000)]  # longer than a minute

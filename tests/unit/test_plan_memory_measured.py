@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import plan_memory_check as check  # noqa: E402
 
 
-@pytest.mark.parametrize("name", ["harpe gqa 8q/2kv", "harpe block 2/4",
+@pytest.mark.parametrize("name", ["harpe gqa 8q/2kv", pytest.param("harpe block 2/4", marks=pytest.mark.slow),
                                   pytest.param("harpe selective mlp", marks=pytest.mark.slow),
                                   pytest.param("harpe cp2", marks=pytest.mark.slow)])  # fmt: skip
 def test_measured_memory_matches_the_planner(name: str, monkeypatch) -> None:
