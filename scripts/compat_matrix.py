@@ -3,8 +3,8 @@
 Each transformers version gets a venv under the cache dir, layered on the environment running
 this script (the locked set of `requirements/lock.txt`): a `.pth` file makes that environment's
 packages visible, and only transformers (plus whatever that version needs in other versions, e.g.
-huggingface_hub) is installed on top, from pip's wheel cache after the first time. The version
-already installed here runs in place. Versions the HARPE export refuses
+huggingface_hub, and the `kernels` its release names) is installed on top, from pip's wheel cache
+after the first time. The version already installed here runs in place. Versions the HARPE export refuses
 (`megatron_harpe/convert/hf_harpe/configuration_harpe_llama.py`: below the minimum or excluded)
 run only the tests proving that loading an export there fails with a message naming the version
 and the supported range.
@@ -137,9 +137,13 @@ def resolve_versions(names: list[str]) -> list[str]:
     return resolved
 
 
+def _requirement(version: str) -> str:
+    return f"transformers[kernels]=={version}"
+
+
 def _stamp(version: str) -> str:
     lock = hashlib.sha256(LOCK.read_bytes()).hexdigest()[:16] if LOCK.is_file() else "no-lock"
-    return json.dumps({"transformers": version, "base": sys.prefix, "lock": lock})
+    return json.dumps({"requirement": _requirement(version), "base": sys.prefix, "lock": lock})
 
 
 def layered_env(version: str, cache_dir: Path) -> Path:
@@ -159,7 +163,9 @@ def layered_env(version: str, cache_dir: Path) -> Path:
     # site.addsitedir (not a bare path) so the parent's own .pth files (editable installs) apply too
     lines = [f"import site; site.addsitedir({site!r})" for site in parent_sites]
     Path(child_site, "zz_compat_parent.pth").write_text("\n".join(lines) + "\n")
-    install = [str(python), "-m", "pip", "install", "-qq", "--disable-pip-version-check", f"transformers=={version}"]
+    # with the `kernels` its release names: the locked transformers pulls in a newer kernels, whose
+    # API older releases fail on at import ("Either a revision or a version must be specified")
+    install = [str(python), "-m", "pip", "install", "-qq", "--disable-pip-version-check", _requirement(version)]
     subprocess.run(install, check=True)
     stamp.write_text(_stamp(version))
     return env

@@ -55,6 +55,7 @@ def _backend_outputs(path, tp, cp, ids, answer):
     }
 
 
+@pytest.mark.slow  # CI time; evaluation under TP/SP/CP stays in test_eval_layouts
 def test_sharded_backends_match_one_process(trained):
     path = str(trained / "ckpt")
     ids = torch.randint(0, 4000, (37,), generator=torch.Generator().manual_seed(0)).tolist()

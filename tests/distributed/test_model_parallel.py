@@ -49,7 +49,7 @@ def assert_same(result: dict, reference: dict, atol: float = 2e-5) -> None:
         torch.testing.assert_close(result["grads"][name], grad, atol=atol, rtol=1e-4, msg=name)
 
 
-@pytest.mark.parametrize("name", ["mha", "gqa", "gqa_per_query_head"])
+@pytest.mark.parametrize("name", [pytest.param("mha", marks=pytest.mark.slow), "gqa", "gqa_per_query_head"])
 def test_tensor_parallel_matches_single_process(name):
     model, position, weights, tokens, reference = case(name)
     assert_same(run_step(2, 1, model, position, weights, tokens), reference)

@@ -103,6 +103,7 @@ def test_resume_continues_exactly(demo_data, reference, tmp_path):
     assert saved["position"]["bases"] == [300.0, 30000.0]  # the bases travel with the checkpoint
 
 
+@pytest.mark.slow  # CI time; the stop file is exercised by the Slurm USR1 tests and preemption tests
 def test_stop_file_saves_and_exits_then_the_next_launch_continues(demo_data, reference, tmp_path):
     stop_file = tmp_path / "STOP"
     stop_file.touch()  # as if the Slurm script had seen USR1 before the first step ended
@@ -152,6 +153,7 @@ def _resave_unsharded(tree: dict, path: str) -> int:
     return state["iteration"]
 
 
+@pytest.mark.slow  # CI time; checkpoints of the pre-FSDP2 layout
 def test_resume_from_a_checkpoint_in_the_unsharded_layout(demo_data, reference, tmp_path):
     """Three steps on the engine at DP2; the checkpoint rewritten by an unsharded TP2 model in
     megatron's own layout (regular TP shards, no DP split); three more steps at DP2 from it."""

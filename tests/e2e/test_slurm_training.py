@@ -78,6 +78,7 @@ def _logged_steps(log: str, total: int) -> list[int]:
     return [int(step) for step in re.findall(rf"step (\d+)/{total} \|", log)]
 
 
+@pytest.mark.slow  # CI time; tests/slurm requeue the real sbatch scripts
 def test_launch_trains_then_requeue_resumes(tmp_path: Path, demo_workdir: Path) -> None:
     # a 2-step job that checkpoints at its end (each save starts a writer process: keep them few)
     first = _run(_command(tmp_path, demo_workdir, steps=2, save_interval=0), 0, tmp_path)

@@ -95,6 +95,7 @@ def _export_while_the_run_moves_on(save_dir: str, output: str) -> str:
     return str(export.convert_megatron_to_hf(save_dir, output))
 
 
+@pytest.mark.slow  # CI time; the in-progress iteration test stays
 @pytest.mark.distributed
 def test_an_iteration_deleted_while_read_is_replaced_by_the_newest(tmp_path: Path, capfd) -> None:
     save_dir = tmp_path / "ckpt"
